@@ -1,0 +1,42 @@
+# make run   -> set up .venv if missing, then train jobs/quickstart.yaml on an embedded local Ray
+# make test  -> set up .venv if missing, then run the whole test suite
+#
+# TORCH selects the torch build. The default is 2.13.0 taken from pip's configured indexes; on a
+# machine whose PyPI would serve a CUDA build, ask for the CPU one explicitly:
+#   make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# GPU users name their CUDA build instead, e.g.
+#   make run TORCH_INDEX=https://download.pytorch.org/whl/cu128
+
+PYTHON ?= python3.11
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+JOB ?= jobs/quickstart.yaml
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.elastune-installed
+
+.PHONY: run test setup bench clean
+
+run: $(STAMP)
+	$(BIN)/elastune run $(JOB)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or pass PYTHON=/path/to/python3.11"; exit 2; }
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(BIN)/python tests/bench/bench_vs_torchrun.py
+
+clean:
+	rm -rf $(VENV) runs .elastune

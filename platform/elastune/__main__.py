@@ -1,0 +1,5 @@
+import sys
+
+from elastune.cli.main import main
+
+sys.exit(main())

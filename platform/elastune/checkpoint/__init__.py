@@ -1,0 +1,1 @@
+"""Universal checkpoints: JSON manifest + safetensors payloads on any pyarrow filesystem."""

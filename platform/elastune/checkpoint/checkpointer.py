@@ -1,0 +1,162 @@
+"""Save and load universal checkpoints from any number of ranks (replicated layout).
+
+Save: every rank holds the same replicated state; `assign_owners` splits the tensors so each
+rank writes a share, in parallel, nothing twice. Rank 0 gathers the fragment entries and writes
+the manifest last. Load: the newest checkpoint whose manifest parses and whose fragments pass
+their checksums; a corrupt one is reported by file and tensor, and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from typing import Callable
+
+import torch
+
+from elastune.checkpoint.format import (
+    MANIFEST,
+    Manifest,
+    assign_owners,
+    decode_fragment,
+    encode_payload,
+    parse_step_dir,
+    payload_file,
+    step_dir,
+    tensor_entry,
+)
+from elastune.checkpoint.storage import Storage
+from elastune.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 100 * 2**20
+
+Gather = Callable[[str], list[str]]  # every rank's string, in rank order (an all-gather)
+
+
+def _single(payload: str) -> list[str]:
+    return [payload]
+
+
+class Checkpointer:
+    def __init__(self, uri: str, keep_last: int = 3):
+        self.storage = Storage.from_uri(uri)
+        self.keep_last = keep_last
+
+    @property
+    def uri(self) -> str:
+        return self.storage.uri
+
+    # ------------------------------------------------------------------ save
+
+    def save(
+        self,
+        manifest: Manifest,
+        tensors: dict[str, torch.Tensor],
+        rank: int = 0,
+        world_size: int = 1,
+        gather: Gather = _single,
+    ) -> Manifest | None:
+        """Write this rank's share; rank 0 commits the manifest and returns it (others: None)."""
+        folder = step_dir(manifest.step)
+        owners = assign_owners({n: t.numel() * t.element_size() for n, t in tensors.items()}, world_size)
+        mine = {n: t.detach().cpu() for n, t in tensors.items() if owners[n] == rank}
+        file = payload_file(rank, world_size)
+        entries = {}
+        if mine:
+            data, frags = encode_payload(mine)
+            self.storage.write_bytes(f"{folder}/{file}", data)
+            entries = {n: tensor_entry(mine[n], file, frags[n]) for n in mine}
+        everyone = gather(json.dumps(entries))
+        if rank != 0:
+            return None
+        for part in everyone:
+            manifest.tensors.update(json.loads(part))
+        missing = set(tensors) - set(manifest.tensors)
+        if missing:
+            raise CheckpointError(f"checkpoint step {manifest.step}: no rank wrote {sorted(missing)[:3]}")
+        manifest.layout = {"kind": "replicated", "world_size": world_size}
+        self.storage.commit_bytes(f"{folder}/{MANIFEST}", manifest.to_json())
+        self.prune()
+        return manifest
+
+    def prune(self) -> list[int]:
+        """Keep the newest `keep_last` committed checkpoints; delete older ones, manifest first."""
+        committed = self.committed_steps()
+        doomed = committed[: max(0, len(committed) - self.keep_last)]
+        for step in doomed:
+            # Removing the manifest first means a half-deleted checkpoint never loads as valid.
+            self.storage.delete(f"{step_dir(step)}/{MANIFEST}")
+            self.storage.delete(step_dir(step))
+        return doomed
+
+    def clear(self) -> int:
+        """Delete every checkpoint here (for --fresh); returns how many committed ones went."""
+        steps = self.committed_steps()
+        for name in self.storage.list_dirs():
+            if parse_step_dir(name) is not None:
+                self.storage.delete(f"{name}/{MANIFEST}")
+                self.storage.delete(name)
+        return len(steps)
+
+    # ------------------------------------------------------------------ load
+
+    def committed_steps(self) -> list[int]:
+        steps = [s for s in map(parse_step_dir, self.storage.list_dirs()) if s is not None]
+        return [s for s in sorted(steps) if self.storage.exists(f"{step_dir(s)}/{MANIFEST}")]
+
+    def read_manifest(self, step: int) -> Manifest:
+        where = f"{self.uri}/{step_dir(step)}"
+        return Manifest.from_json(self.storage.read_bytes(f"{step_dir(step)}/{MANIFEST}"), where)
+
+    def latest(self) -> Manifest | None:
+        """Newest checkpoint whose manifest parses (payload checks happen in `load`)."""
+        for step in reversed(self.committed_steps()):
+            try:
+                return self.read_manifest(step)
+            except CheckpointError as exc:
+                log.warning("Skipping checkpoint: %s; trying the previous one", exc)
+        return None
+
+    def load(self, manifest: Manifest, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        folder = step_dir(manifest.step)
+        where = f"{self.uri}/{folder}"
+        out: dict[str, torch.Tensor] = {}
+        checked: set[str] = set()
+        for name in names if names is not None else sorted(manifest.tensors):
+            entry = manifest.tensors.get(name)
+            if entry is None:
+                raise CheckpointError(f"{where}: has no tensor {name!r}; it was saved from a different model or optimizer")
+            (frag,) = entry["fragments"]  # replicated layout: one fragment per tensor
+            if frag["file"] not in checked:
+                self._check_header(f"{folder}/{frag['file']}", where)
+                checked.add(frag["file"])
+            raw = self.storage.read_range(f"{folder}/{frag['file']}", frag["offset"], frag["length"])
+            try:
+                out[name] = decode_fragment(raw, entry, frag, where)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc} (tensor {name!r})") from None
+        return out
+
+    def load_latest_valid(self, names: list[str] | None = None) -> tuple[Manifest, dict[str, torch.Tensor]] | None:
+        """Newest checkpoint that loads completely; corrupt ones are skipped with a loud warning."""
+        for step in reversed(self.committed_steps()):
+            try:
+                manifest = self.read_manifest(step)
+                return manifest, self.load(manifest, names)
+            except (CheckpointError, OSError) as exc:
+                log.warning("CHECKPOINT CORRUPT, falling back to the previous one: %s", exc)
+        return None
+
+
+    def _check_header(self, path: str, where: str) -> None:
+        """Refuse anything that is not a safetensors payload (a pickle, say) before reading data."""
+        try:
+            (n,) = struct.unpack("<Q", self.storage.read_range(path, 0, 8))
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"header length {n} is implausible")
+            json.loads(self.storage.read_range(path, 8, n))
+        except (CheckpointError, ValueError, struct.error) as exc:
+            raise CheckpointError(f"{where}: {path.rsplit('/', 1)[-1]} is not a safetensors payload ({exc}); refusing to load it") from None

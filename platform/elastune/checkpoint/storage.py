@@ -1,0 +1,92 @@
+"""Storage seam for checkpoints: str URIs through pyarrow.fs (local, file://, s3://, gs://, hdfs://).
+
+URIs stay strings end to end (a Path would mangle `s3://`). Credentials come from the
+environment or pyarrow's usual providers, never from specs or manifests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from elastune.errors import CheckpointError
+
+
+@dataclass
+class Storage:
+    """A root folder on some filesystem; every method takes paths relative to the root."""
+
+    fs: pafs.FileSystem
+    root: str
+    uri: str
+
+    @classmethod
+    def from_uri(cls, uri: str) -> "Storage":
+        target = uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+        try:
+            fs, root = pafs.FileSystem.from_uri(target)
+        except (pafs.ArrowInvalid, ValueError, OSError) as exc:  # type: ignore[attr-defined]
+            raise CheckpointError(
+                f"checkpoint.path {uri!r} is not a usable location ({exc}); give a local path or a "
+                f"file://, s3://, gs:// or hdfs:// URI"
+            ) from None
+        return cls(fs=fs, root=root.rstrip("/"), uri=uri)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def _full(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        full = self._full(rel)
+        if self.is_local:
+            # fsync so a committed checkpoint also survives a machine crash, not only a process kill.
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(full, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return
+        self.fs.create_dir(os.path.dirname(full), recursive=True)
+        with self.fs.open_output_stream(full) as f:
+            f.write(data)
+
+    def commit_bytes(self, rel: str, data: bytes) -> None:
+        """Write so that readers see the old state or the whole new file, never a torn one."""
+        if self.is_local:
+            tmp = rel + ".tmp"
+            self.write_bytes(tmp, data)
+            os.replace(self._full(tmp), self._full(rel))
+            return
+        self.write_bytes(rel, data)  # an object-store PUT is atomic
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_file(self._full(rel)) as f:
+            return f.read()
+
+    def read_range(self, rel: str, offset: int, length: int) -> bytes:
+        with self.fs.open_input_file(self._full(rel)) as f:
+            data = f.read_at(length, offset)
+        if len(data) != length:
+            raise CheckpointError(f"{self.uri}/{rel}: wanted {length} bytes at offset {offset}, file holds fewer")
+        return data
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self._full(rel)).type != pafs.FileType.NotFound
+
+    def list_dirs(self) -> list[str]:
+        """Names of folders directly under the root."""
+        info = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return sorted(i.base_name for i in info if i.type == pafs.FileType.Directory)
+
+    def delete(self, rel: str) -> None:
+        full = self._full(rel)
+        kind = self.fs.get_file_info(full).type
+        if kind == pafs.FileType.Directory:
+            self.fs.delete_dir(full)
+        elif kind == pafs.FileType.File:
+            self.fs.delete_file(full)

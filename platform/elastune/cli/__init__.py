@@ -1,0 +1,1 @@
+"""The `elastune` command line: parse, delegate, render. Nothing imports this package."""

@@ -1,0 +1,147 @@
+"""`elastune run | validate | schema | data prepare`.
+
+Exit codes: 0 success, 1 training failed, 2 bad input (spec, arguments, files). User mistakes
+print their explanation and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from elastune.errors import ElastuneError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 already; keep its usage line, drop nothing
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="elastune", description="Elastic PyTorch training on Ray with an exact global batch at any world size.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="train a job (embedded local Ray, or --address)", description="Train a job spec. Resumes from the newest checkpoint at checkpoint.path unless --fresh.")
+    run.add_argument("job", help="job spec YAML")
+    run.add_argument("--workers", type=_positive, help="fixed number of workers (sets scaling.min_workers = max_workers)")
+    run.add_argument("--max-steps", type=_positive, help="stop after this many steps in all (sets stop.max_steps)")
+    run.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
+    run.add_argument("--fresh", action="store_true", help="delete this job's checkpoints and start over")
+    run.add_argument("--verbose", action="store_true", help="show Ray's own and the workers' logs")
+    run.set_defaults(handler=cmd_run)
+
+    validate = sub.add_parser("validate", help="check a job spec without running it")
+    validate.add_argument("job", help="job spec YAML")
+    validate.set_defaults(handler=cmd_validate)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of job specs")
+    schema.set_defaults(handler=cmd_schema)
+
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    prep = data_sub.add_parser("prepare", help="turn text, JSONL or Parquet into a token-window dataset", description="Prepare a byte-token window dataset (Arrow + manifest.json).")
+    src = prep.add_mutually_exclusive_group(required=True)
+    src.add_argument("--source", nargs="+", help="'stdlib' or files, folders, globs of .txt/.jsonl/.parquet")
+    src.add_argument("--job", help="prepare what this job spec's data section says")
+    prep.add_argument("--output", help="dataset folder (required with --source)")
+    prep.add_argument("--window", type=_positive, default=65, help="tokens per sample (default 65)")
+    prep.add_argument("--format", choices=["auto", "text", "jsonl", "parquet"], default="auto")
+    prep.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
+    prep.add_argument("--max-bytes", type=_positive, help="read at most this many bytes of source")
+    prep.set_defaults(handler=cmd_data_prepare)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; give a whole number >= 1")
+    return value
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from elastune.recipes import spec_dir_of
+    from elastune.spec import load_spec
+    from elastune.train.driver import run_job
+
+    overrides: dict = {}
+    if args.workers is not None:
+        overrides |= {"scaling.min_workers": args.workers, "scaling.max_workers": args.workers}
+    if args.max_steps is not None:
+        overrides |= {"stop.max_steps": args.max_steps, "stop.max_samples": None}
+    spec = load_spec(args.job, overrides)
+    console = Console(soft_wrap=True)
+    outcome = run_job(spec, spec_dir_of(args.job), address=args.address, fresh=args.fresh, console=console, verbose=args.verbose)
+    if outcome.status == "succeeded":
+        loss = f"{outcome.final_loss:.4f}" if outcome.final_loss is not None else "n/a"
+        console.print(f"Done: step {outcome.steps}, {outcome.samples_seen:,} samples, loss {loss}, {outcome.seconds:.1f} s. Run directory: {outcome.run_dir}", highlight=False)
+        return EXIT_OK
+    console.print(f"[red]Training failed[/red]: {outcome.error}\nRun directory: {outcome.run_dir}", highlight=False)
+    return EXIT_FAILED
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from elastune.spec import load_spec
+    from elastune.train.batch_plan import batch_plan
+
+    spec = load_spec(args.job)
+    low = batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, spec.scaling.min_workers)
+    high = batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, spec.scaling.max_workers)
+    print(f"{args.job}: valid job '{spec.name}'")
+    print(f"  {low.describe()}")
+    if high.world_size != low.world_size:
+        print(f"  {high.describe()}")
+    print(f"  stops after {spec.max_steps} steps ({spec.budget_samples:,} samples); schedule {spec.schedule.name} over {spec.horizon_samples:,} samples")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from elastune.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from elastune.data.prepare import prepare
+    from elastune.spec import load_spec
+
+    if args.job:
+        data = load_spec(args.job).data
+        if data.source is None:
+            raise ElastuneError(f"{args.job}: data.source is not set, so there is nothing to prepare; set data.source or use --source")
+        source, output, window, fmt, field, max_bytes = data.source, data.path, data.window, data.format, data.text_field, data.max_bytes
+    else:
+        if not args.output:
+            raise ElastuneError("--output is required with --source; give the dataset folder to write")
+        source = args.source[0] if args.source == ["stdlib"] else args.source
+        output, window, fmt, field, max_bytes = args.output, args.window, args.format, args.text_field, args.max_bytes
+    manifest = prepare(source, output, window, fmt, field, max_bytes)
+    print(f"Prepared {manifest.count:,} samples of {manifest.window} tokens at {output} (content sha256 {manifest.content_hash[:16]}...)")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ElastuneError as exc:
+        print(f"error: {exc.message}" if exc.user_error else f"failed: {exc.message}", file=sys.stderr)
+        return EXIT_BAD_INPUT if exc.user_error else EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

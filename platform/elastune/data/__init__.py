@@ -1,0 +1,1 @@
+"""Datasets: preparation into Arrow token windows, memory-mapped access, the elastic sampler."""

@@ -1,0 +1,95 @@
+"""A prepared token-window dataset: Arrow IPC file, memory-mapped, random access by index.
+
+Layout of a prepared dataset folder:
+  tokens.arrow     Arrow IPC file, one column `tokens`: fixed_size_list<uint8|uint16|uint32>[window]
+  manifest.json    format, source, tokenizer, window, count, dtype, content_hash
+
+Reading maps the file; `take(indices)` touches only the pages holding those windows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from elastune.errors import DataError
+
+FORMAT = "elastune.token-windows/1"
+TOKENS_FILE = "tokens.arrow"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class DatasetManifest:
+    source: str
+    tokenizer: str
+    window: int
+    count: int
+    dtype: str
+    content_hash: str
+    format: str = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True) + "\n"
+
+
+def read_manifest(path: str | Path) -> DatasetManifest:
+    folder = Path(path)
+    file = folder / MANIFEST_FILE
+    if not file.is_file():
+        raise DataError(
+            f"No prepared dataset at {folder} ({MANIFEST_FILE} missing); run `elastune data prepare` "
+            f"or give data.source in the job spec so the run prepares it"
+        )
+    try:
+        raw = json.loads(file.read_text())
+        manifest = DatasetManifest(**raw)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"Dataset manifest {file} is malformed ({exc}); prepare the dataset again") from None
+    if manifest.format != FORMAT:
+        raise DataError(f"Dataset {folder} has format {manifest.format!r}, expected {FORMAT!r}; prepare it again")
+    return manifest
+
+
+class TokenWindows:
+    """Memory-mapped fixed-length token windows; `take` returns a LongTensor [len(indices), window]."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        reader = pa.ipc.open_file(pa.memory_map(str(self.path / TOKENS_FILE), "r"))
+        chunks, starts, total = [], [], 0
+        for i in range(reader.num_record_batches):
+            column = reader.get_batch(i).column(0)
+            # Zero-copy view of the mapped values: [rows, window].
+            values = column.values.to_numpy(zero_copy_only=True).reshape(len(column), self.manifest.window)
+            chunks.append(values)
+            starts.append(total)
+            total += len(column)
+        if total != self.manifest.count:
+            raise DataError(
+                f"Dataset {self.path} holds {total} windows but its manifest says {self.manifest.count}; prepare it again"
+            )
+        self._chunks = chunks
+        self._starts = np.asarray(starts, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.manifest.count
+
+    @property
+    def window(self) -> int:
+        return self.manifest.window
+
+    def take(self, indices: np.ndarray) -> torch.Tensor:
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.window), dtype=np.int64)
+        which = np.searchsorted(self._starts, indices, side="right") - 1
+        for chunk in np.unique(which):
+            sel = which == chunk
+            out[sel] = self._chunks[chunk][indices[sel] - self._starts[chunk]]
+        return torch.from_numpy(out)

@@ -1,0 +1,172 @@
+"""Turn text, JSONL or Parquet sources into a token-window dataset (see dataset.py).
+
+Tokens are bytes of UTF-8 text (vocabulary 256). Documents are joined with a 0 byte between
+them and cut into non-overlapping windows of `window` tokens; the tail shorter than a window is
+dropped. The source is streamed: memory stays bounded by one chunk of windows.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from elastune.data.dataset import MANIFEST_FILE, TOKENS_FILE, DatasetManifest, read_manifest
+from elastune.errors import DataError
+
+STDLIB = "stdlib"
+CHUNK_WINDOWS = 8192
+DOC_SEPARATOR = b"\x00"
+
+
+def stdlib_files() -> list[Path]:
+    """This interpreter's standard library sources, test suites and site-packages left out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = [p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts)]
+    return sorted(files)
+
+
+def resolve_sources(source: str | list[str]) -> list[Path]:
+    if source == STDLIB:
+        return stdlib_files()
+    patterns = [source] if isinstance(source, str) else list(source)
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matches:
+            raise DataError(f"data.source {pattern!r} matches no file; give an existing path or glob, or 'stdlib'")
+        for m in matches:
+            p = Path(m)
+            files.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
+    return files
+
+
+def _format_of(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
+    return "text"
+
+
+def iter_documents(files: list[Path], fmt: str, text_field: str) -> Iterator[bytes]:
+    for path in files:
+        kind = _format_of(path, fmt)
+        if kind == "text":
+            yield path.read_bytes()
+        elif kind == "jsonl":
+            with path.open("rb") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                        text = record[text_field]
+                    except (ValueError, KeyError, TypeError):
+                        raise DataError(
+                            f"{path}:{lineno} is not a JSON object with a string field {text_field!r}; "
+                            f"fix the line or set data.text_field to the field that holds the text"
+                        ) from None
+                    yield str(text).encode("utf-8")
+        else:
+            pf = pq.ParquetFile(path)
+            if text_field not in pf.schema_arrow.names:
+                raise DataError(
+                    f"{path} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+                    f"set data.text_field to the text column"
+                )
+            for batch in pf.iter_batches(columns=[text_field]):
+                for text in batch.column(0).to_pylist():
+                    if text is not None:
+                        yield text.encode("utf-8")
+
+
+def _windows(documents: Iterable[bytes], window: int, max_bytes: int | None) -> Iterator[np.ndarray]:
+    """Yield uint8 arrays [rows, window] of at most CHUNK_WINDOWS rows."""
+    buffer = bytearray()
+    taken = 0
+    chunk_bytes = CHUNK_WINDOWS * window
+    for doc in documents:
+        if max_bytes is not None:
+            doc = doc[: max(0, max_bytes - taken)]
+        buffer += doc + DOC_SEPARATOR
+        taken += len(doc)
+        while len(buffer) >= chunk_bytes:
+            yield np.frombuffer(bytes(buffer[:chunk_bytes]), dtype=np.uint8).reshape(-1, window)
+            del buffer[:chunk_bytes]
+        if max_bytes is not None and taken >= max_bytes:
+            break
+    rows = len(buffer) // window
+    if rows:
+        yield np.frombuffer(bytes(buffer[: rows * window]), dtype=np.uint8).reshape(rows, window)
+
+
+def prepare(
+    source: str | list[str],
+    output: str | Path,
+    window: int,
+    fmt: str = "auto",
+    text_field: str = "text",
+    max_bytes: int | None = None,
+) -> DatasetManifest:
+    """Prepare the dataset into `output`; written to a temporary folder and renamed, so never torn."""
+    files = resolve_sources(source)
+    if not files:
+        raise DataError(f"data.source {source!r} holds no files")
+    output = Path(output)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([pa.field("tokens", pa.list_(pa.uint8(), window))])
+    digest = hashlib.sha256()
+    count = 0
+    with pa.OSFile(str(tmp / TOKENS_FILE), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for rows in _windows(iter_documents(files, fmt, text_field), window, max_bytes):
+            digest.update(rows.tobytes())
+            count += len(rows)
+            flat = pa.array(rows.reshape(-1), type=pa.uint8())
+            writer.write_batch(pa.record_batch([pa.FixedSizeListArray.from_arrays(flat, window)], schema=schema))
+    if count == 0:
+        raise DataError(f"data.source {source!r} has fewer than {window} bytes: not one window; add text or lower data.window")
+    described = STDLIB if source == STDLIB else f"{len(files)} file(s): {', '.join(str(f) for f in files[:3])}{' ...' if len(files) > 3 else ''}"
+    manifest = DatasetManifest(
+        source=described, tokenizer="bytes", window=window, count=count, dtype="uint8", content_hash=digest.hexdigest()
+    )
+    (tmp / MANIFEST_FILE).write_text(manifest.to_json())
+    if output.exists():
+        import shutil
+
+        shutil.rmtree(output)
+    tmp.rename(output)
+    return manifest
+
+
+def ensure_prepared(data) -> tuple[DatasetManifest, bool]:
+    """Prepare `data` (a DataSpec) at data.path when missing or stale; returns (manifest, prepared_now)."""
+    path = Path(data.path)
+    if (path / MANIFEST_FILE).is_file():
+        manifest = read_manifest(path)
+        if manifest.window == data.window:
+            return manifest, False
+        if data.source is None:
+            raise DataError(
+                f"Dataset {path} has window {manifest.window} but data.window is {data.window}; "
+                f"prepare it again with --window {data.window} or set data.source so the run re-prepares it"
+            )
+    elif data.source is None:
+        raise DataError(
+            f"No prepared dataset at {path}; run `elastune data prepare --source ... --output {path}` "
+            f"or set data.source in the job spec"
+        )
+    return prepare(data.source, path, data.window, data.format, data.text_field, data.max_bytes), True

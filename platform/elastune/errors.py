@@ -1,0 +1,53 @@
+"""One error hierarchy for everything a user can get wrong or a run can hit.
+
+Messages state what is wrong, the value, the rule and the fix. Errors cross Ray process
+boundaries (a worker raises, the driver reports), so each one pickles by its message.
+"""
+
+from __future__ import annotations
+
+
+class ElastuneError(Exception):
+    """Base of every error Elastune raises on purpose.
+
+    `user_error` marks mistakes in input (spec, arguments, files): the CLI prints the message
+    alone and exits with code 2. Other errors are failures of a run (exit code 1).
+    """
+
+    user_error = True
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):
+        # Ray pickles exceptions across processes; keep only the message so subclasses with
+        # other constructor signatures still round-trip.
+        return (type(self), (self.message,))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SpecError(ElastuneError):
+    """The job spec is invalid: a field breaks a rule."""
+
+
+class BatchPlanError(ElastuneError):
+    """The global batch cannot be split over this world size."""
+
+
+class DataError(ElastuneError):
+    """A dataset is missing, malformed or does not match its manifest."""
+
+
+class CheckpointError(ElastuneError):
+    """A checkpoint cannot be written or read."""
+
+    user_error = False
+
+
+class TrainingError(ElastuneError):
+    """A training run failed."""
+
+    user_error = False

@@ -1,0 +1,78 @@
+"""A small byte-level GPT: vocabulary 256, pre-norm blocks, tied embeddings, dropout."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from elastune.recipes import Recipe
+from elastune.spec.models import ByteGPTOptions
+
+VOCAB = 256
+
+
+class Block(nn.Module):
+    def __init__(self, o: ByteGPTOptions):
+        super().__init__()
+        self.num_heads = o.num_heads
+        self.dropout = o.dropout
+        self.ln1 = nn.LayerNorm(o.width)
+        self.qkv = nn.Linear(o.width, 3 * o.width)
+        self.proj = nn.Linear(o.width, o.width)
+        self.ln2 = nn.LayerNorm(o.width)
+        self.mlp = nn.Sequential(nn.Linear(o.width, 4 * o.width), nn.GELU(), nn.Linear(4 * o.width, o.width))
+        self.drop = nn.Dropout(o.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.num_heads, c // self.num_heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class ByteGPT(nn.Module):
+    def __init__(self, o: ByteGPTOptions):
+        super().__init__()
+        self.context = o.context
+        self.tok = nn.Embedding(VOCAB, o.width)
+        self.pos = nn.Embedding(o.context, o.width)
+        self.drop = nn.Dropout(o.dropout)
+        self.blocks = nn.ModuleList(Block(o) for _ in range(o.num_layers))
+        self.ln = nn.LayerNorm(o.width)
+        self.head = nn.Linear(o.width, VOCAB, bias=False)
+        self.head.weight = self.tok.weight  # tied
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * o.num_layers))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        x = self.drop(self.tok(tokens) + self.pos(torch.arange(t, device=tokens.device)))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
+def sample_losses(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy of each window: shape [batch]."""
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    logits = model(inputs)
+    per_token = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), reduction="none")
+    return per_token.view(targets.shape).mean(dim=1)
+
+
+def recipe(options: ByteGPTOptions) -> Recipe:
+    return Recipe(build_model=lambda: ByteGPT(options), sample_losses=sample_losses)

@@ -1,0 +1,315 @@
+"""Job spec models: the typed, validated form of a job YAML.
+
+Every model rejects unknown keys and is frozen once built. Counts are `num_*` or plain
+integers with their unit in the name (`*_samples`, `*_steps`); sizes say their unit.
+The JSON Schema of `JobSpec` is the single source of truth for tools built on the spec
+(`elastune schema`, the Kubernetes CRD).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+NAME_RULE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ByteGPTOptions(Strict):
+    """Options of the built-in byte-level GPT recipe (`recipe: byte_gpt`)."""
+
+    num_layers: int = Field(2, ge=1, le=96)
+    width: int = Field(64, ge=8, description="Embedding width; a multiple of num_heads.")
+    num_heads: int = Field(4, ge=1)
+    context: int = Field(64, ge=2, description="Tokens a sample predicts from; data.window must be context + 1.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ByteGPTOptions":
+        if self.width % self.num_heads:
+            raise ValueError(
+                f"width ({self.width}) must be a multiple of num_heads ({self.num_heads}); "
+                f"use width {self.num_heads * max(1, round(self.width / self.num_heads))} or change num_heads"
+            )
+        return self
+
+
+FACTORY_RULE = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+
+
+class RecipeModel(Strict):
+    """A built-in recipe: `recipe: byte_gpt` with its typed options."""
+
+    recipe: Literal["byte_gpt"]
+    options: ByteGPTOptions = Field(default_factory=ByteGPTOptions)
+
+
+class FactoryModel(Strict):
+    """A user model: `factory: "pkg.module:function"` returning an elastune.recipes.Recipe (see jobs/custom-model)."""
+
+    factory: str = Field(pattern=FACTORY_RULE, description="'pkg.module:function'; the spec's folder is importable.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
+
+
+def _model_kind(value: Any) -> str:
+    keys = value if isinstance(value, dict) else value.__dict__
+    return "factory" if "factory" in keys and "recipe" not in keys else "recipe"
+
+
+ModelSpec = Annotated[
+    Union[Annotated[RecipeModel, Tag("recipe")], Annotated[FactoryModel, Tag("factory")]],
+    Discriminator(_model_kind),
+]
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataSpec(Strict):
+    """A prepared token-window dataset at `path`, prepared from `source` on first use when given."""
+
+    path: str = Field(description="Folder of the prepared dataset (Arrow file + manifest.json).")
+    source: str | list[str] | None = Field(
+        None, description="'stdlib' (this Python's standard library sources) or file paths/globs of .txt, .jsonl, .parquet."
+    )
+    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
+    text_field: str = Field("text", description="Field holding the text in JSONL records or Parquet columns.")
+    window: int = Field(65, ge=2, le=1_048_576, description="Tokens per sample (context + 1 for next-token models).")
+    max_bytes: int | None = Field(None, ge=1, description="Stop reading the source after this many bytes.")
+
+
+# --------------------------------------------------------------------------- batch
+
+
+class BatchSpec(Strict):
+    global_batch_size: int = Field(ge=1, description="Samples per optimizer step, at every world size.")
+    micro_batch_size: int = Field(ge=1, description="Most samples in one forward/backward pass.")
+
+    @property
+    def num_micro_batches(self) -> int:
+        return math.ceil(self.global_batch_size / self.micro_batch_size)
+
+    @model_validator(mode="after")
+    def _micro_fits(self) -> "BatchSpec":
+        if self.micro_batch_size > self.global_batch_size:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) exceeds global_batch_size ({self.global_batch_size}); "
+                f"set micro_batch_size <= {self.global_batch_size}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+class AdamWSpec(Strict):
+    name: Literal["adamw"]
+    lr: float = Field(gt=0, description="Peak learning rate; the schedule multiplies it.")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip_norm: float | None = Field(None, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each beta must be in [0, 1); got {list(v)}; use e.g. [0.9, 0.95]")
+        return v
+
+
+class SGDSpec(Strict):
+    name: Literal["sgd"]
+    lr: float = Field(gt=0, description="Peak learning rate; the schedule multiplies it.")
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    grad_clip_norm: float | None = Field(None, gt=0)
+
+
+OptimizerSpec = Annotated[Union[AdamWSpec, SGDSpec], Field(discriminator="name")]
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+class _Schedule(Strict):
+    warmup_samples: int = Field(0, ge=0, description="Linear warmup from 0 to the peak over this many samples.")
+    horizon_samples: int | None = Field(
+        None, ge=1, description="Samples the schedule spans; default: the stop budget. Set it to stop early without bending the schedule."
+    )
+
+
+class ConstantSchedule(_Schedule):
+    name: Literal["constant"]
+
+
+class CosineSchedule(_Schedule):
+    name: Literal["cosine"]
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class LinearSchedule(_Schedule):
+    name: Literal["linear"]
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class WSDSchedule(_Schedule):
+    name: Literal["wsd"]
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="Share of the horizon spent decaying, at its end.")
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class InverseSqrtSchedule(_Schedule):
+    name: Literal["inverse_sqrt"]
+    timescale_samples: int | None = Field(None, ge=1, description="Decay as sqrt(timescale / samples); default: warmup_samples.")
+
+
+class CyclicalSchedule(_Schedule):
+    name: Literal["cyclical"]
+    cycle_samples: int = Field(ge=2, description="Samples in one triangle (up and back down).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+
+class RexSchedule(_Schedule):
+    name: Literal["rex"]
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+ScheduleSpec = Annotated[
+    Union[ConstantSchedule, CosineSchedule, LinearSchedule, WSDSchedule, InverseSqrtSchedule, CyclicalSchedule, RexSchedule],
+    Field(discriminator="name"),
+]
+
+
+# --------------------------------------------------------------------------- scaling, checkpoint, stop
+
+
+class ScalingSpec(Strict):
+    min_workers: int = Field(1, ge=1)
+    max_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="0 trains on CPU with gloo; >0 on CUDA with NCCL.")
+    torch_threads: int | None = Field(None, ge=1, description="Intra-op threads per worker; default: cpus_per_worker.")
+    max_failures: int = Field(3, ge=-1, description="Worker-group restarts before the run fails; -1 never gives up.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ScalingSpec":
+        if self.max_workers < self.min_workers:
+            raise ValueError(
+                f"max_workers ({self.max_workers}) is below min_workers ({self.min_workers}); "
+                f"set max_workers >= {self.min_workers}"
+            )
+        return self
+
+
+class CheckpointSpec(Strict):
+    path: str | None = Field(None, description="Directory or URI (file://, s3://, gs://, hdfs://); default runs/<name>/checkpoints.")
+    every_steps: int = Field(100, ge=1)
+    keep_last: int = Field(3, ge=1)
+
+
+class StopSpec(Strict):
+    max_steps: int | None = Field(None, ge=1)
+    max_samples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> "StopSpec":
+        if self.max_steps is None and self.max_samples is None:
+            raise ValueError("set stop.max_steps or stop.max_samples (or both: the run stops at the first reached)")
+        return self
+
+
+# --------------------------------------------------------------------------- job
+
+
+class JobSpec(Strict):
+    """A training job: what to train, on what, with which batch, optimizer and schedule."""
+
+    name: str = Field(pattern=NAME_RULE, description="Lower-case letters, digits and '-', at most 63 characters.")
+    seed: int = Field(0, ge=0)
+    model: ModelSpec
+    data: DataSpec
+    batch: BatchSpec
+    optimizer: OptimizerSpec
+    schedule: ScheduleSpec = Field(default_factory=lambda: ConstantSchedule(name="constant"))
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    stop: StopSpec
+    output_dir: str = Field("runs", description="Run directories go to <output_dir>/<name>/<run-id>/.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobSpec":
+        k = self.batch.num_micro_batches
+        if self.scaling.max_workers > k:
+            raise ValueError(
+                f"scaling.max_workers ({self.scaling.max_workers}) exceeds the number of micro-batches ({k} = "
+                f"ceil(global_batch_size {self.batch.global_batch_size} / micro_batch_size {self.batch.micro_batch_size})); "
+                f"set max_workers <= {k} or lower batch.micro_batch_size"
+            )
+        if isinstance(self.model, RecipeModel):
+            ctx = self.model.options.context
+            if self.data.window != ctx + 1:
+                raise ValueError(
+                    f"data.window ({self.data.window}) must be model.options.context + 1 ({ctx + 1}) for byte_gpt; "
+                    f"set data.window: {ctx + 1}"
+                )
+        horizon = self.horizon_samples
+        if self.schedule.warmup_samples >= horizon:
+            raise ValueError(
+                f"schedule.warmup_samples ({self.schedule.warmup_samples}) must be below the schedule horizon "
+                f"({horizon} samples); lower warmup_samples or raise the horizon"
+            )
+        return self
+
+    @property
+    def budget_samples(self) -> int:
+        """Samples the run trains before it stops."""
+        limits = []
+        if self.stop.max_steps is not None:
+            limits.append(self.stop.max_steps * self.batch.global_batch_size)
+        if self.stop.max_samples is not None:
+            limits.append(self.stop.max_samples)
+        return min(limits)
+
+    @property
+    def max_steps(self) -> int:
+        return math.ceil(self.budget_samples / self.batch.global_batch_size)
+
+    @property
+    def horizon_samples(self) -> int:
+        return self.schedule.horizon_samples or self.budget_samples
+
+    @property
+    def checkpoint_path(self) -> str:
+        return self.checkpoint.path or f"{self.output_dir.rstrip('/')}/{self.name}/checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def fingerprint(self, *sections: str) -> str:
+        """Short sha256 of the named sections (all when none), canonical JSON."""
+        data = self.to_dict()
+        if sections:
+            data = {k: data.get(k) for k in sections}
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def json_schema() -> dict[str, Any]:
+    schema = JobSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Elastune JobSpec"
+    return schema
+

@@ -1,0 +1,225 @@
+"""The Ray Train driver: prepare data, find the newest checkpoint, launch workers, watch them.
+
+`run_job` is what `elastune run` calls. It starts an embedded local Ray (or joins the address
+given, or RAY_ADDRESS), creates the run sink, runs a TorchTrainer with
+ScalingConfig(num_workers=(min, max)) and a FailureConfig, and turns the sink's rows and events
+into the run directory and the live progress view.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from rich.console import Console
+
+from elastune.checkpoint.checkpointer import Checkpointer
+from elastune.data.prepare import ensure_prepared
+from elastune.errors import ElastuneError, TrainingError
+from elastune.recipes import load_recipe
+from elastune.spec.load import validate_spec
+from elastune.spec.models import JobSpec
+from elastune.train.batch_plan import batch_plan
+from elastune.train.loop import WorkerConfig, run_worker
+from elastune.train.progress import ProgressView, describe_event
+from elastune.train.run_dir import RunDir, new_run_id
+from elastune.train.sink import RunSink, sink_name
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.25
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    status: str  # "succeeded" | "failed"
+    steps: int
+    samples_seen: int
+    final_loss: float | None
+    seconds: float
+    error: str | None = None
+
+
+def resolve_paths(spec: JobSpec) -> JobSpec:
+    """Make every local path absolute (workers run in other folders)."""
+    raw = spec.to_dict()
+    raw["data"]["path"] = os.path.abspath(spec.data.path)
+    raw["output_dir"] = os.path.abspath(spec.output_dir)
+    ckpt = spec.checkpoint_path
+    raw["checkpoint"]["path"] = ckpt if "://" in ckpt else os.path.abspath(ckpt)
+    return validate_spec(raw)
+
+
+def run_job(
+    spec: JobSpec,
+    spec_dir: str,
+    *,
+    address: str | None = None,
+    fresh: bool = False,
+    console: Console | None = None,
+    verbose: bool = False,
+) -> RunOutcome:
+    console = console or Console()
+    spec = resolve_paths(spec)
+    recipe = load_recipe(spec.model, spec_dir)  # import errors surface here, before any worker starts
+    batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, spec.scaling.min_workers)
+    run_id = new_run_id()
+    run_dir = RunDir.create(spec.output_dir, spec.name, run_id)
+    run_dir.write_spec(spec.to_dict())
+    events: list[dict[str, Any]] = []
+
+    def note(kind: str, message: str, **fields: Any) -> None:
+        console.print(message, highlight=False)
+        events.append({"time": time.time(), "kind": kind, **fields})
+
+    if recipe.dataset is None:  # the recipe reads prepared token windows
+        manifest, prepared_now = ensure_prepared(spec.data)
+        if prepared_now:
+            note("data_prepared", f"Prepared {manifest.count:,} samples of {manifest.window} tokens at {spec.data.path}.",
+                 count=manifest.count, content_hash=manifest.content_hash)  # fmt: skip
+    ckpt = Checkpointer(spec.checkpoint_path, spec.checkpoint.keep_last)
+    if fresh:
+        removed = ckpt.clear()
+        if removed:
+            note("fresh", f"--fresh: deleted {removed} checkpoint(s) at {ckpt.uri}; starting over.", deleted=removed)
+    latest = ckpt.latest()
+    if latest is not None:
+        note("resume", f"Resuming from checkpoint step {latest.step} ({latest.samples_seen:,} samples) at {ckpt.uri}; "
+             f"pass --fresh to start over.", step=latest.step, samples_seen=latest.samples_seen)  # fmt: skip
+    run_dir.append_events(events)
+    console.print(f"Run directory: {run_dir.path}", highlight=False)
+
+    started_ray = connect_ray(spec, address, console, verbose)
+    try:
+        return _train(spec, spec_dir, run_id, run_dir, console, latest.step if latest else 0)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _drop_auth_default_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def connect_ray(spec: JobSpec, address: str | None, console: Console, verbose: bool) -> bool:
+    """Join `address` (or RAY_ADDRESS), or start an embedded local Ray; True when we started it."""
+    if ray.is_initialized():
+        return False
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        # Token authentication stays on for the embedded cluster, as Ray 2.60 defaults for local
+        # clusters: Ray creates ~/.ray/auth_token once and every process of this run uses it.
+        # RAY_AUTH_MODE=disabled opts out. Ray's own warning about the default is replaced by
+        # the one line printed below; the token itself is never printed.
+        logging.getLogger(RAY_AUTH_LOGGER).addFilter(_drop_auth_default_warning)
+        needed = spec.scaling.max_workers * spec.scaling.cpus_per_worker
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+        )
+        auth = "on" if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token" else "off (RAY_AUTH_MODE)"
+        console.print(f"Started an embedded local Ray on 127.0.0.1 (token authentication {auth}).", highlight=False)
+        return True
+    ray.init(address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
+    console.print(f"Joined Ray at {address or os.environ['RAY_ADDRESS']}.", highlight=False)
+    return False
+
+
+def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: Console, start_step: int) -> RunOutcome:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    sink = RunSink.options(name=sink_name(run_id)).remote()
+    scaling = spec.scaling
+    workers = scaling.min_workers if scaling.min_workers == scaling.max_workers else (scaling.min_workers, scaling.max_workers)
+    trainer = TorchTrainer(
+        run_worker,
+        train_loop_config=WorkerConfig(spec=spec.to_dict(), spec_dir=spec_dir, sink_name=sink_name(run_id), run_id=run_id).__dict__,
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=scaling.gpus_per_worker > 0,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {})},
+        ),
+        run_config=RunConfig(
+            name=f"{spec.name}-{run_id}",
+            storage_path=str(run_dir.path / "ray"),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+        ),
+    )
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except Exception as exc:  # reported below, on the main thread
+            outcome["error"] = exc
+
+    view = ProgressView(console, spec.max_steps)
+    started = time.time()
+    last: dict[str, Any] = {"step": start_step, "samples_seen": 0, "loss": None}
+    thread = threading.Thread(target=fit, name="elastune-fit", daemon=True)
+    thread.start()
+    try:
+        while True:
+            alive = thread.is_alive()
+            rows, events = ray.get(sink.drain.remote())
+            run_dir.append_metrics(rows)
+            run_dir.append_events(events)
+            for event in events:
+                if (line := describe_event(event)) is not None:
+                    view.say(line)
+            for row in rows:
+                view.update(row)
+                last = row
+            if not alive:
+                break
+            thread.join(POLL_S)
+    finally:
+        view.close()
+    error = outcome.get("error")
+    result = RunOutcome(
+        run_dir=run_dir.path,
+        status="failed" if error else "succeeded",
+        steps=last["step"],
+        samples_seen=last["samples_seen"],
+        final_loss=last["loss"],
+        seconds=round(time.time() - started, 3),
+        error=_reason(error) if error else None,
+    )
+    run_dir.write_result(result.__dict__ | {"run_dir": str(run_dir.path)})
+    run_dir.append_events([{"time": time.time(), "kind": "end", "status": result.status, "error": result.error}])
+    ray.kill(sink)
+    return result
+
+
+def _reason(error: BaseException) -> str:
+    """The user-facing cause of a failed fit: our own error's message when a worker raised one."""
+    seen: set[int] = set()
+    stack = [error]
+    while stack:
+        exc = stack.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, ElastuneError):
+            return exc.message
+        stack.extend(e for e in (exc.__cause__, exc.__context__, getattr(exc, "worker_failures", None)) if isinstance(e, BaseException))
+        for inner in (getattr(exc, "worker_failures", None) or {}).values() if isinstance(getattr(exc, "worker_failures", None), dict) else []:
+            stack.append(inner)
+    return f"{type(error).__name__}: {error}"
+
+
+__all__ = ["RunOutcome", "TrainingError", "run_job"]

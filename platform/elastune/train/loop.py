@@ -1,0 +1,148 @@
+"""The worker loop: every (re)start of every Ray Train worker runs `run_worker`.
+
+restore -> plan -> (set lr, step, record, checkpoint)* ; all state that matters is global
+(samples_seen, named tensors), so the same code resumes at any world size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from elastune.checkpoint.checkpointer import Checkpointer
+from elastune.checkpoint.format import Manifest
+from elastune.data.dataset import TokenWindows
+from elastune.recipes import Recipe, SampleSource, load_recipe
+from elastune.spec.models import JobSpec
+from elastune.train.batch_plan import BatchPlan, batch_plan
+from elastune.train.optim import build_optimizer, set_lr
+from elastune.train.schedules import lr_multiplier
+from elastune.train.state import Progress, load_state, state_tensors
+from elastune.train.step import GradBuffer, train_step
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the driver hands every worker (plain data: it crosses process boundaries)."""
+
+    spec: dict[str, Any]
+    spec_dir: str
+    sink_name: str
+    run_id: str
+
+
+def run_worker(config: dict[str, Any]) -> None:
+    job = WorkerConfig(**config)
+    spec = JobSpec.model_validate(job.spec)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(spec.scaling.torch_threads or max(1, int(spec.scaling.cpus_per_worker)))
+    sink = ray.get_actor(job.sink_name)
+    emit = _emitter(sink, rank)
+
+    recipe = load_recipe(spec.model, job.spec_dir)
+    source = open_source(recipe, spec)
+    torch.manual_seed(spec.seed)  # identical initial parameters on every rank
+    model = recipe.build_model().to(ray.train.torch.get_device())
+    optimizer = build_optimizer(model, spec.optimizer)
+    grads = GradBuffer(model)
+    ckpt = Checkpointer(spec.checkpoint_path, spec.checkpoint.keep_last)
+    progress, restored = restore(ckpt, model, optimizer)
+    plan = batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, world)
+    emit("start", world_size=world, plan=plan.describe(), micro_batches=plan.counts(), **restored)
+
+    while progress.step < spec.max_steps:
+        lr = spec.optimizer.lr * lr_multiplier(spec.schedule, progress.samples_seen, spec.horizon_samples)
+        set_lr(optimizer, lr)
+        started = time.perf_counter()
+        result = train_step(
+            model, optimizer, grads, recipe, source, plan, rank,
+            progress.step, progress.samples_seen, spec.seed, spec.optimizer.grad_clip_norm,
+        )  # fmt: skip
+        progress = progress.advance(plan.global_batch_size)
+        seconds = time.perf_counter() - started
+        if rank == 0:
+            sink.record.remote(metrics_row(progress, result, lr, plan, seconds))
+        if progress.step % spec.checkpoint.every_steps == 0 or progress.step == spec.max_steps:
+            save(ckpt, spec, progress, model, optimizer, rank, world, emit)
+    emit("finish", step=progress.step, samples_seen=progress.samples_seen)
+
+
+def open_source(recipe: Recipe, spec: JobSpec) -> SampleSource:
+    return recipe.dataset(spec.data) if recipe.dataset is not None else TokenWindows(spec.data.path)
+
+
+def restore(ckpt: Checkpointer, model, optimizer) -> tuple[Progress, dict[str, Any]]:
+    found = ckpt.load_latest_valid()
+    if found is None:
+        return Progress(), {"resumed_from_step": None}
+    manifest, tensors = found
+    load_state(model, optimizer, tensors, f"{ckpt.uri} step {manifest.step}")
+    saved_world = manifest.layout.get("world_size")
+    return Progress(manifest.step, manifest.samples_seen), {
+        "resumed_from_step": manifest.step,
+        "resumed_samples_seen": manifest.samples_seen,
+        "saved_world_size": saved_world,
+    }
+
+
+def save(ckpt: Checkpointer, spec: JobSpec, progress: Progress, model, optimizer, rank: int, world: int, emit) -> None:
+    started = time.perf_counter()
+    manifest = Manifest(
+        step=progress.step,
+        samples_seen=progress.samples_seen,
+        spec_hash=spec.fingerprint(),
+        layout={},
+        tensors={},
+        meta={
+            "job": spec.name,
+            "model_hash": spec.fingerprint("model"),
+            "optimizer": spec.to_dict()["optimizer"],
+            "schedule": {**spec.to_dict()["schedule"], "horizon_samples": spec.horizon_samples},
+            "rng": {"seed": spec.seed, "scheme": "torch.manual_seed(sha256(seed, step, micro_batch_index)) per micro-batch"},
+            "batch": spec.to_dict()["batch"],
+        },
+    )
+    committed = ckpt.save(manifest, state_tensors(model, optimizer), rank, world, _all_gather)
+    if committed is not None:
+        nbytes = sum(f["length"] for e in committed.tensors.values() for f in e["fragments"])
+        emit("checkpoint", step=progress.step, uri=ckpt.uri, bytes=nbytes, seconds=round(time.perf_counter() - started, 4))
+
+
+def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds: float) -> dict[str, Any]:
+    return {
+        "time": time.time(),
+        "step": progress.step,
+        "samples_seen": progress.samples_seen,
+        "loss": result.loss,
+        "lr": lr,
+        "grad_norm": result.grad_norm,
+        "world_size": plan.world_size,
+        "global_batch_size": plan.global_batch_size,
+        "micro_batches": plan.counts(),
+        "step_seconds": seconds,
+        "samples_per_s": plan.global_batch_size / seconds if seconds > 0 else None,
+    }
+
+
+def _all_gather(payload: str) -> list[str]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [payload]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, payload)
+    return out
+
+
+def _emitter(sink, rank: int):
+    def emit(kind: str, **fields: Any) -> None:
+        if rank == 0:
+            sink.event.remote({"time": time.time(), "kind": kind, **fields})
+
+    return emit

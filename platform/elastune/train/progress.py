@@ -1,0 +1,72 @@
+"""The driver's live view of a run: a progress bar on a terminal, periodic lines elsewhere."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class ProgressView:
+    def __init__(self, console: Console, total_steps: int, every_s: float = 5.0):
+        self.console = console
+        self.total = total_steps
+        self.every_s = every_s
+        self._last_line = 0.0
+        self._bar: Progress | None = None
+        if console.is_terminal:
+            self._bar = Progress(
+                TextColumn("[bold]step"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            self._task = self._bar.add_task("train", total=total_steps, stats="starting workers...")
+            self._bar.start()
+
+    def update(self, row: dict[str, Any]) -> None:
+        stats = describe_row(row)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=row["step"], stats=stats)
+            return
+        now = time.monotonic()
+        if now - self._last_line >= self.every_s or row["step"] == self.total:
+            self._last_line = now
+            self.console.print(f"step {row['step']}/{self.total}  {stats}", highlight=False, soft_wrap=True)
+
+    def say(self, message: str) -> None:
+        self.console.print(message, highlight=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def describe_row(row: dict[str, Any]) -> str:
+    sps = row.get("samples_per_s")
+    return (
+        f"loss {row['loss']:.4f}  lr {row['lr']:.3g}  "
+        f"{sps:,.0f} samples/s  world {row['world_size']}" if sps else f"loss {row['loss']:.4f}  lr {row['lr']:.3g}  world {row['world_size']}"
+    )
+
+
+def describe_event(event: dict[str, Any]) -> str | None:
+    """A sentence for the events a user should see; None for the rest."""
+    kind = event["kind"]
+    if kind == "start":
+        line = f"Worker group up: {event['world_size']} worker(s); {event['plan']}"
+        if event.get("resumed_from_step") is not None:
+            line += (
+                f"; resumed at step {event['resumed_from_step']} ({event['resumed_samples_seen']} samples), "
+                f"checkpoint saved by {event['saved_world_size']} worker(s)"
+            )
+        return line + "."
+    if kind == "checkpoint":
+        return f"Checkpoint step {event['step']}: {event['bytes'] / 1e6:.2f} MB in {event['seconds']:.2f} s -> {event['uri']}"
+    return None

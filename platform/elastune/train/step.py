@@ -1,0 +1,105 @@
+"""One optimizer step with an exact global batch, at any world size.
+
+Each rank runs its micro-batches of the plan, backpropagating `sum(sample losses) / G` (G the
+global batch size), then one SUM all-reduce makes every rank's gradient
+    sum over the global batch of per-sample gradients / G,
+whatever the split. A rank with no micro-batch contributes zeros but still joins the reduction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from elastune.data.sampler import positions, sample_indices
+from elastune.recipes import Recipe, SampleSource, to_device
+from elastune.train.batch_plan import BatchPlan
+from elastune.train.optim import named_params
+
+
+def micro_batch_seed(seed: int, step: int, micro_batch: int) -> int:
+    """Seed of one micro-batch's randomness (dropout, augmentation): the same on every rank."""
+    digest = hashlib.sha256(f"elastune-rng:{seed}:{step}:{micro_batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # mean per-sample loss over the global batch
+    grad_norm: float  # of the applied (all-reduced, pre-clip) gradient
+
+
+class GradBuffer:
+    """One flat gradient buffer per dtype; parameters' .grad are views into it.
+
+    Backward accumulates straight into the buffer and the all-reduce runs on it in place: no
+    per-step gather or scatter of gradients. The last slot of the first buffer carries the loss sum.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.params = [p for _, p in named_params(model)]
+        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in self.params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        self.flats: list[torch.Tensor] = []
+        for i, (dtype, params) in enumerate(by_dtype.items()):
+            extra = 1 if i == 0 else 0
+            flat = torch.zeros(sum(p.numel() for p in params) + extra, dtype=dtype, device=params[0].device)
+            offset = 0
+            for p in params:
+                p.grad = flat[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+            self.flats.append(flat)
+
+    def zero(self) -> None:
+        for flat in self.flats:
+            flat.zero_()
+
+    def add_loss(self, loss_sum: torch.Tensor) -> None:
+        self.flats[0][-1] += loss_sum.to(self.flats[0].dtype)
+
+    def loss_sum(self) -> float:
+        return float(self.flats[0][-1])
+
+    def all_reduce(self) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for flat in self.flats:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grads: GradBuffer,
+    recipe: Recipe,
+    source: SampleSource,
+    plan: BatchPlan,
+    rank: int,
+    step: int,
+    samples_seen: int,
+    seed: int,
+    grad_clip_norm: float | None = None,
+) -> StepResult:
+    """Run this rank's share of the step and apply the update (the lr is already set)."""
+    model.train()
+    grads.zero()
+    device = grads.flats[0].device
+    for mb in plan.for_rank(rank):
+        batch = to_device(source.take(sample_indices(positions(samples_seen, mb.start, mb.size), len(source), seed)), device)
+        torch.manual_seed(micro_batch_seed(seed, step, mb.index))
+        losses = recipe.sample_losses(model, batch)
+        total = losses.sum()
+        # Each backward adds a gradient sum into the buffer; dividing by the global batch here
+        # (not by the micro-batch or the world size) makes the all-reduced SUM the exact mean.
+        (total / plan.global_batch_size).backward()
+        grads.add_loss(total.detach())
+    grads.all_reduce()
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads.params]))
+    if grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(grads.params, grad_clip_norm, foreach=True)
+    optimizer.step()
+    return StepResult(loss=grads.loss_sum() / plan.global_batch_size, grad_norm=float(norm))
