@@ -20,7 +20,9 @@ class Block(nn.Module):
         self.num_heads = o.num_heads
         self.dropout = o.dropout
         self.ln1 = nn.LayerNorm(o.width)
-        self.qkv = nn.Linear(o.width, 3 * o.width)
+        # No bias on q/k/v: a key bias gets an exactly-zero gradient (softmax ignores a shift shared
+        # by all keys), and Adam turns the rounding noise in that zero into full-size updates.
+        self.qkv = nn.Linear(o.width, 3 * o.width, bias=False)
         self.proj = nn.Linear(o.width, o.width)
         self.ln2 = nn.LayerNorm(o.width)
         self.mlp = nn.Sequential(nn.Linear(o.width, 4 * o.width), nn.GELU(), nn.Linear(4 * o.width, o.width))

@@ -116,26 +116,33 @@ def connect_ray(spec: JobSpec, address: str | None, console: Console, verbose: b
     if ray.is_initialized():
         return False
     if address is None and not os.environ.get("RAY_ADDRESS"):
-        # Token authentication stays on for the embedded cluster, as Ray 2.60 defaults for local
-        # clusters: Ray creates ~/.ray/auth_token once and every process of this run uses it.
-        # RAY_AUTH_MODE=disabled opts out. Ray's own warning about the default is replaced by
-        # the one line printed below; the token itself is never printed.
-        logging.getLogger(RAY_AUTH_LOGGER).addFilter(_drop_auth_default_warning)
         needed = spec.scaling.max_workers * spec.scaling.cpus_per_worker
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
-            log_to_driver=verbose,
-            logging_level=logging.INFO if verbose else logging.WARNING,
-        )
+        start_local_ray(max(os.cpu_count() or 1, int(needed + 0.999)), verbose)
         auth = "on" if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token" else "off (RAY_AUTH_MODE)"
         console.print(f"Started an embedded local Ray on 127.0.0.1 (token authentication {auth}).", highlight=False)
         return True
     ray.init(address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
     console.print(f"Joined Ray at {address or os.environ['RAY_ADDRESS']}.", highlight=False)
     return False
+
+
+def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
+    """An embedded single-node Ray bound to 127.0.0.1, dashboard included (loopback only).
+
+    Token authentication stays on, as Ray 2.60 defaults for local clusters: Ray creates
+    ~/.ray/auth_token once and every process of the cluster uses it; RAY_AUTH_MODE=disabled opts
+    out. Ray's warning about that default is replaced by the line `connect_ray` prints; the
+    token itself is never printed.
+    """
+    logging.getLogger(RAY_AUTH_LOGGER).addFilter(_drop_auth_default_warning)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+    )
 
 
 def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: Console, start_step: int) -> RunOutcome:

@@ -1,0 +1,31 @@
+"""Test tiers by folder: unit/ (pure), dist/ (gloo processes), ray/ (one local Ray per session), e2e/ (the CLI)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TIERS = ("unit", "dist", "ray", "e2e")
+
+# Tests never reach a cluster they did not start.
+os.environ.pop("RAY_ADDRESS", None)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        tier = Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session")
+def stdlib_dataset(tmp_path_factory) -> Path:
+    """A small prepared byte dataset (window 17) from the stdlib sources, shared by a session."""
+    from elastune.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "stdlib-w17"
+    prepare("stdlib", out, window=17, max_bytes=400_000)
+    return out

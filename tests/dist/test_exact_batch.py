@@ -1,0 +1,87 @@
+"""The exact global batch with real gloo process groups: any world size, divisor or not,
+gives the single-process full-batch update (global batch 24 in micro-batches of 4 = 6)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from elastune.data.sampler import positions, sample_indices
+from elastune.recipes import Recipe
+from elastune.recipes.byte_gpt import sample_losses
+from elastune.spec.models import SGDSpec
+from elastune.train.batch_plan import batch_plan
+from elastune.train.optim import build_optimizer, set_lr
+from elastune.train.step import GradBuffer, train_step
+from tests.helpers import TINY, RandomTokens, reference_sgd_update, rel_err, tiny_model
+
+G, M, LR, SEED = 24, 4, 0.5, 11
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str, dropout: float) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        options = TINY.model_copy(update={"dropout": dropout})
+        model = tiny_model(options)
+        opt = build_optimizer(model, SGDSpec(name="sgd", lr=LR, momentum=0.0))
+        set_lr(opt, LR)
+        recipe = Recipe(build_model=lambda: model, sample_losses=sample_losses)
+        result = train_step(model, opt, GradBuffer(model), recipe, RandomTokens(), batch_plan(G, M, world), rank, 0, 0, SEED)
+        tensors = {n: p.detach().clone() for n, p in model.named_parameters()}
+        tensors["loss"] = torch.tensor([result.loss])
+        save_file(tensors, os.path.join(out, f"w{world}-r{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(world: int, out: str, dropout: float = 0.0) -> list[dict[str, torch.Tensor]]:
+    mp.start_processes(_worker, args=(world, _free_port(), out, dropout), nprocs=world, start_method="spawn")
+    return [load_file(os.path.join(out, f"w{world}-r{r}.safetensors")) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    source = RandomTokens()
+    idx = sample_indices(positions(0, 0, G), len(source), SEED)
+    model = tiny_model()
+    expected = reference_sgd_update(model, source, idx, LR)
+    with torch.no_grad():
+        loss = float(sample_losses(tiny_model(), source.take(idx)).mean())
+    return expected, loss
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
+def test_update_equals_single_process_full_batch(tmp_path, reference, world):
+    expected, loss = reference
+    ranks = _run(world, str(tmp_path))
+    for rank, got in enumerate(ranks):
+        for name, want in expected.items():
+            err = rel_err(got[name], want)
+            assert err <= 1e-6, f"world {world} rank {rank} {name}: relative error {err:.2e}"
+        assert float(got["loss"]) == pytest.approx(loss, rel=1e-6)
+    # The step really moved the parameters (the comparison above is not vacuous).
+    assert rel_err(ranks[0]["tok.weight"], tiny_model().tok.weight.detach()) > 1e-3
+
+
+def test_dropout_randomness_belongs_to_micro_batches_not_ranks(tmp_path, reference):
+    one = _run(1, str(tmp_path), dropout=0.2)[0]
+    three = _run(3, str(tmp_path), dropout=0.2)
+    expected, _ = reference
+    for name in expected:
+        for rank in range(3):
+            assert rel_err(three[rank][name], one[name]) <= 1e-6, f"{name} rank {rank}"
+    # Dropout was on: the update differs from the dropout-free one.
+    assert rel_err(one["blocks.0.mlp.0.weight"], expected["blocks.0.mlp.0.weight"]) > 1e-4

@@ -1,0 +1,89 @@
+"""Resume at another world size: 2 workers to step 20, then 3 workers to step 40, tracks an
+uninterrupted 2-worker run step for step (loss within 1e-5 relative, final parameters too)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from elastune.checkpoint.checkpointer import Checkpointer
+from elastune.spec import validate_spec
+from elastune.train.driver import run_job
+from elastune.train.run_dir import read_jsonl
+from tests.helpers import rel_err
+
+STEPS = 40
+
+
+def spec_for(tmp: Path, data: Path, name: str, workers: int, max_steps: int):
+    return validate_spec(
+        {
+            "name": name,
+            "seed": 5,
+            "model": {"recipe": "byte_gpt", "options": {"num_layers": 1, "width": 16, "num_heads": 2, "context": 16, "dropout": 0.1}},
+            "data": {"path": str(data), "window": 17},
+            "batch": {"global_batch_size": 12, "micro_batch_size": 2},
+            "optimizer": {"name": "adamw", "lr": 0.01, "weight_decay": 0.1},
+            # A fixed horizon: stopping at step 20 must not bend the schedule.
+            "schedule": {"name": "cosine", "warmup_samples": 48, "horizon_samples": 12 * STEPS, "min_lr_ratio": 0.1},
+            "scaling": {"min_workers": workers, "max_workers": workers},
+            "checkpoint": {"path": str(tmp / name / "ckpt"), "every_steps": 10},
+            "stop": {"max_steps": max_steps},
+            "output_dir": str(tmp / "runs"),
+        }
+    )
+
+
+def run(spec, **kw):
+    outcome = run_job(spec, os.getcwd(), console=Console(width=200), **kw)
+    assert outcome.status == "succeeded", outcome.error
+    return outcome, read_jsonl(outcome.run_dir / "metrics.jsonl"), read_jsonl(outcome.run_dir / "events.jsonl")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, stdlib_dataset):
+    tmp = tmp_path_factory.mktemp("resume")
+    _, reference, _ = run(spec_for(tmp, stdlib_dataset, "reference", 2, STEPS))
+    _, first, _ = run(spec_for(tmp, stdlib_dataset, "elastic", 2, 20))
+    _, second, events = run(spec_for(tmp, stdlib_dataset, "elastic", 3, STEPS))
+    return tmp, reference, first + second, events
+
+
+def test_resumed_run_continues_at_the_exact_step(runs):
+    _, _, rows, events = runs
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["world_size"] for r in rows] == [2] * 20 + [3] * 20
+    assert [r["samples_seen"] for r in rows] == [12 * s for s in range(1, STEPS + 1)]
+    start = next(e for e in events if e["kind"] == "start")
+    assert start["resumed_from_step"] == 20 and start["saved_world_size"] == 2 and start["micro_batches"] == [2, 2, 2]
+    assert any(e["kind"] == "resume" and e["step"] == 20 for e in events)
+
+
+def test_loss_curve_matches_uninterrupted_run(runs):
+    _, reference, rows, _ = runs
+    assert len(reference) == STEPS
+    for ref, got in zip(reference, rows):
+        assert got["lr"] == pytest.approx(ref["lr"], rel=1e-12)
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), f"step {got['step']}"
+    assert rows[-1]["loss"] < rows[0]["loss"]  # it trained
+
+
+def test_final_parameters_match_uninterrupted_run(runs):
+    tmp, _, _, _ = runs
+    ref = Checkpointer(str(tmp / "reference" / "ckpt")).load_latest_valid()
+    got = Checkpointer(str(tmp / "elastic" / "ckpt")).load_latest_valid()
+    assert ref[0].step == got[0].step == STEPS
+    assert got[0].layout["world_size"] == 3
+    for name, want in ref[1].items():
+        if want.is_floating_point():
+            assert rel_err(got[1][name], want) <= 1e-5, name
+
+
+def test_fresh_starts_over(runs, stdlib_dataset):
+    tmp = runs[0]
+    _, rows, events = run(spec_for(tmp, stdlib_dataset, "elastic", 1, 2), fresh=True)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert any(e["kind"] == "fresh" for e in events)

@@ -1,0 +1,142 @@
+"""Universal checkpoint v1: N ranks save, M load, bit-exact; never torn, never unpickled."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from elastune.checkpoint.checkpointer import Checkpointer
+from elastune.checkpoint.format import Manifest, assign_owners, step_dir
+from elastune.errors import CheckpointError
+from elastune.spec.models import AdamWSpec
+from elastune.train.optim import build_optimizer
+from elastune.train.state import load_state, state_tensors
+from tests.helpers import tiny_model
+
+
+def trained_state(seed=0):
+    model = tiny_model(seed=seed)
+    opt = build_optimizer(model, AdamWSpec(name="adamw", lr=1e-2))
+    for _ in range(2):
+        model(torch.randint(0, 256, (2, 8))).sum().backward()
+        opt.step()
+    return model, opt
+
+
+def save_from_ranks(ckpt: Checkpointer, step: int, tensors, world: int) -> Manifest:
+    """Run a save as `world` ranks would: ranks 1.. first, then rank 0 gathers their entries."""
+    parts: dict[int, str] = {}
+    for rank in range(world - 1, 0, -1):
+        ckpt.save(Manifest(step, step * 10, "h", {}, {}), tensors, rank, world, gather=lambda s, r=rank: parts.setdefault(r, s) and [])
+    return ckpt.save(
+        Manifest(step, step * 10, "h", {}, {}), tensors, 0, world, gather=lambda s: [s] + [parts[r] for r in range(1, world)]
+    )
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_save_from_n_ranks_loads_bit_exact(tmp_path, world):
+    model, opt = trained_state()
+    tensors = state_tensors(model, opt)
+    assert any(k.endswith("/exp_avg") for k in tensors) and any(k.endswith("/step") for k in tensors)
+    ckpt = Checkpointer(str(tmp_path))
+    manifest = save_from_ranks(ckpt, 5, tensors, world)
+    assert manifest.layout == {"kind": "replicated", "world_size": world}
+    files = {f["file"] for e in manifest.tensors.values() for f in e["fragments"]}
+    assert len(files) == min(world, len(tensors))  # each rank wrote a share, nothing twice
+    fresh_model, fresh_opt = trained_state(seed=1)
+    got = ckpt.load(ckpt.latest())
+    load_state(fresh_model, fresh_opt, got, "test")
+    for name, t in state_tensors(fresh_model, fresh_opt).items():
+        assert torch.equal(t.cpu(), tensors[name].cpu()), name
+
+
+def test_owner_split_balances_bytes():
+    owners = assign_owners({"a": 100, "b": 60, "c": 50, "d": 10}, 2)
+    load = [sum(s for n, s in {"a": 100, "b": 60, "c": 50, "d": 10}.items() if owners[n] == r) for r in (0, 1)]
+    assert load == [110, 110]  # a | b+c, then d to the lighter rank
+
+
+def test_uncommitted_checkpoint_is_invisible(tmp_path):
+    model, opt = trained_state()
+    ckpt = Checkpointer(str(tmp_path))
+    save_from_ranks(ckpt, 1, state_tensors(model, opt), 1)
+    (tmp_path / step_dir(2)).mkdir()
+    (tmp_path / step_dir(2) / "rank-00000-of-00001.safetensors").write_bytes(b"partial")
+    assert ckpt.latest().step == 1
+
+
+def test_retention_keeps_last_k(tmp_path):
+    model, opt = trained_state()
+    ckpt = Checkpointer(str(tmp_path), keep_last=2)
+    for step in (1, 2, 3, 4):
+        save_from_ranks(ckpt, step, state_tensors(model, opt), 2)
+    assert ckpt.committed_steps() == [3, 4]
+    assert not (tmp_path / step_dir(1)).exists()
+
+
+def test_pickled_payload_is_refused_and_previous_is_used(tmp_path, caplog):
+    model, opt = trained_state()
+    tensors = state_tensors(model, opt)
+    ckpt = Checkpointer(str(tmp_path))
+    save_from_ranks(ckpt, 1, tensors, 1)
+    m2 = save_from_ranks(ckpt, 2, tensors, 1)
+    payload = tmp_path / step_dir(2) / m2.tensors["model/tok.weight"]["fragments"][0]["file"]
+    torch.save({"model/tok.weight": torch.zeros(3)}, payload)  # a pickle where safetensors should be
+    with pytest.raises(CheckpointError, match="not a safetensors payload"):
+        ckpt.load(ckpt.read_manifest(2))
+    with caplog.at_level(logging.WARNING):
+        manifest, _ = ckpt.load_latest_valid()
+    assert manifest.step == 1 and "CHECKPOINT CORRUPT" in caplog.text
+
+
+def test_corrupt_bytes_name_file_and_tensor(tmp_path, caplog):
+    model, opt = trained_state()
+    ckpt = Checkpointer(str(tmp_path))
+    save_from_ranks(ckpt, 1, state_tensors(model, opt), 1)
+    m2 = save_from_ranks(ckpt, 2, state_tensors(model, opt), 1)
+    frag = m2.tensors["model/tok.weight"]["fragments"][0]
+    path = tmp_path / step_dir(2) / frag["file"]
+    data = bytearray(path.read_bytes())
+    data[frag["offset"] + 5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"checksum mismatch in rank-00000-of-00001.safetensors .*tensor 'model/tok.weight'"):
+        ckpt.load(ckpt.read_manifest(2))
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.load_latest_valid()[0].step == 1
+
+
+def test_manifest_is_plain_json_with_what_every_byte_is(tmp_path):
+    model, opt = trained_state()
+    ckpt = Checkpointer(str(tmp_path))
+    save_from_ranks(ckpt, 3, state_tensors(model, opt), 2)
+    raw = json.loads((tmp_path / step_dir(3) / "manifest.json").read_text())
+    entry = raw["tensors"]["model/tok.weight"]
+    assert raw["format"] == "elastune.checkpoint/1" and raw["samples_seen"] == 30
+    assert entry["dtype"] == "F32" and entry["shape"] == [256, 16]
+    assert set(entry["fragments"][0]) == {"file", "offset", "length", "sha256", "index"}
+
+
+def test_safetensors_payloads_open_with_the_safetensors_library(tmp_path):
+    from safetensors.torch import load_file
+
+    model, opt = trained_state()
+    tensors = state_tensors(model, opt)
+    ckpt = Checkpointer(str(tmp_path))
+    save_from_ranks(ckpt, 1, tensors, 2)
+    loaded = {}
+    for f in (tmp_path / step_dir(1)).glob("*.safetensors"):
+        loaded |= load_file(f)
+    assert set(loaded) == set(tensors)
+    assert torch.equal(loaded["model/tok.weight"], tensors["model/tok.weight"])
+
+
+def test_different_model_is_refused_with_advice(tmp_path):
+    from tests.helpers import TINY
+
+    model, opt = trained_state()
+    ckpt = Checkpointer(str(tmp_path))
+    save_from_ranks(ckpt, 1, state_tensors(model, opt), 1)
+    other = tiny_model(TINY.model_copy(update={"num_layers": 2}))
+    with pytest.raises(CheckpointError, match="different model .*--fresh"):
+        load_state(other, build_optimizer(other, AdamWSpec(name="adamw", lr=1e-2)), ckpt.load(ckpt.latest()), "ckpt")
