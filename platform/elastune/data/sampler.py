@@ -9,6 +9,7 @@ rank ever materialises or stores an epoch's order, and resuming at any world siz
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
@@ -17,9 +18,10 @@ _ROUNDS = 4
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def _round_keys(seed: int, epoch: int) -> list[np.uint64]:
+@functools.lru_cache(maxsize=64)
+def _round_keys(seed: int, epoch: int) -> tuple[np.uint64, ...]:
     digest = hashlib.sha256(f"elastune-perm:{seed}:{epoch}".encode()).digest()
-    return [np.uint64(int.from_bytes(digest[8 * i : 8 * i + 8], "little")) for i in range(_ROUNDS)]
+    return tuple(np.uint64(int.from_bytes(digest[8 * i : 8 * i + 8], "little")) for i in range(_ROUNDS))
 
 
 def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
@@ -60,6 +62,8 @@ def sample_indices(positions: np.ndarray, num_samples: int, seed: int) -> np.nda
     """Dataset indices for global positions (any mix of epochs)."""
     positions = np.asarray(positions, dtype=np.int64)
     epochs, offsets = np.divmod(positions, num_samples)
+    if len(positions) and epochs[0] == epochs[-1]:  # the usual case: positions inside one epoch
+        return permute(offsets, num_samples, seed, int(epochs[0]))
     out = np.empty_like(positions)
     for epoch in np.unique(epochs):
         sel = epochs == epoch

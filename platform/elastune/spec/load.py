@@ -112,16 +112,16 @@ def explain(err: dict[str, Any]) -> tuple[str, str, str, str]:
         return field, value, msg.lower(), "use one of the listed values"
     if kind.endswith("_parsing") or kind.endswith("_type"):
         return field, value, msg.lower(), f"give {field} a value of that type"
-    # Our own validators write "<rule>; <fix>"; cross-field rules start with the field they blame:
-    # "scaling.max_workers (8) exceeds ...".
+    # Our own validators write "<rule>; <fix>", and rules over several fields start with the one
+    # they blame, relative to where the validator sits: "micro_batch_size (16) exceeds ...".
     rule, _, fix = msg.partition("; ")
     blamed = _BLAMED.match(rule)
-    if blamed and not loc:
-        return blamed["field"], blamed["value"], rule, fix
+    if blamed:
+        return ".".join(loc + [blamed["field"]]), blamed["value"], rule, fix
     return field, value, rule, fix
 
 
-_BLAMED = re.compile(r"^(?P<field>[a-z_]+(\.[a-z_]+)+) \((?P<value>[^)]*)\) ")
+_BLAMED = re.compile(r"^(?P<field>[a-z_]+(\.[a-z_]+)*) \((?P<value>[^)]*)\) ")
 
 
 def _pattern_fix(field: str) -> str:

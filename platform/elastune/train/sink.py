@@ -17,8 +17,8 @@ class RunSink:
         self._rows: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
 
-    def record(self, row: dict[str, Any]) -> None:
-        self._rows.append(row)
+    def record(self, rows: list[dict[str, Any]]) -> None:
+        self._rows.extend(rows)
 
     def event(self, event: dict[str, Any]) -> None:
         self._events.append(event)

@@ -88,8 +88,12 @@ def train_step(
     model.train()
     grads.zero()
     device = grads.flats[0].device
-    for mb in plan.for_rank(rank):
-        batch = to_device(source.take(sample_indices(positions(samples_seen, mb.start, mb.size), len(source), seed)), device)
+    micro_batches = plan.for_rank(rank)
+    if micro_batches:  # this rank's micro-batches are contiguous positions: index them in one call
+        first = micro_batches[0].start
+        indices = sample_indices(positions(samples_seen, first, sum(mb.size for mb in micro_batches)), len(source), seed)
+    for mb in micro_batches:
+        batch = to_device(source.take(indices[mb.start - first : mb.start - first + mb.size]), device)
         torch.manual_seed(micro_batch_seed(seed, step, mb.index))
         losses = recipe.sample_losses(model, batch)
         total = losses.sum()
@@ -98,8 +102,8 @@ def train_step(
         (total / plan.global_batch_size).backward()
         grads.add_loss(total.detach())
     grads.all_reduce()
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads.params]))
+    norm = torch.nn.utils.get_total_norm([p.grad for p in grads.params], foreach=True)
     if grad_clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(grads.params, grad_clip_norm, foreach=True)
+        torch.nn.utils.clip_grads_with_norm_(grads.params, grad_clip_norm, norm, foreach=True)
     optimizer.step()
     return StepResult(loss=grads.loss_sum() / plan.global_batch_size, grad_norm=float(norm))

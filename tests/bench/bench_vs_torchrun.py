@@ -1,0 +1,67 @@
+"""Steady-state samples/s of `elastune run` against plain torchrun DDP (gloo), back to back.
+
+Same model, data, global batch (32), micro-batch (8) and world size (2): the quickstart job.
+Both measure wall time between consecutive optimizer steps after a warmup, so per-step overhead
+(metrics, lr, the all-reduce) counts on both sides; process and Ray start-up do not.
+
+    .venv/bin/python tests/bench/bench_vs_torchrun.py [--steps 300] [--warmup 50] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB = ROOT / "jobs" / "quickstart.yaml"
+
+
+def torchrun(steps: int, warmup: int) -> float:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", "29533", str(Path(__file__).with_name("torchrun_ddp.py")), str(JOB), str(steps), str(warmup)]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])["samples_per_s"]
+
+
+def elastune(steps: int, warmup: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job.yaml"
+        import yaml
+
+        spec = yaml.safe_load(JOB.read_text())
+        spec["data"]["path"] = str(ROOT / spec["data"]["path"])
+        spec["output_dir"] = str(Path(tmp) / "runs")
+        spec["checkpoint"] = {"every_steps": 10**9}  # only the final checkpoint, as the anchor saves none mid-run
+        spec["stop"] = {"max_steps": steps}
+        job.write_text(yaml.safe_dump(spec))
+        subprocess.run([sys.executable, "-m", "elastune", "run", str(job), "--fresh"], cwd=tmp, check=True, capture_output=True)
+        (metrics,) = Path(tmp, "runs", spec["name"]).glob("*/metrics.jsonl")
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    window = [r["time"] for r in rows[warmup:]]
+    return rows[0]["global_batch_size"] * (len(window) - 1) / (window[-1] - window[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    subprocess.run([sys.executable, "-m", "elastune", "data", "prepare", "--job", str(JOB)], cwd=ROOT, check=True, capture_output=True)
+    ddp, ours = [], []
+    for r in range(args.rounds):  # alternate, so drift in machine load hits both
+        ddp.append(torchrun(args.steps, args.warmup))
+        ours.append(elastune(args.steps, args.warmup))
+        print(f"round {r + 1}: torchrun DDP {ddp[-1]:.0f} samples/s, elastune {ours[-1]:.0f} samples/s, ratio {ours[-1] / ddp[-1]:.3f}")
+    a, b = statistics.median(ddp), statistics.median(ours)
+    print(f"median: torchrun DDP {a:.0f} samples/s, elastune {b:.0f} samples/s, ratio {b / a:.3f} (target >= 0.97)")
+
+
+if __name__ == "__main__":
+    main()

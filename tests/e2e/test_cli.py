@@ -1,0 +1,109 @@
+"""The CLI as a user runs it: exit codes, messages without tracebacks, a real embedded-Ray run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def elastune(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(
+        [sys.executable, "-m", "elastune", *args], cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_bad_spec_exits_2_with_field_value_rule_fix_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "name": "x",
+                "model": {"recipe": "byte_gpt"},
+                "data": {"path": "d"},
+                "batch": {"global_batch_size": 8, "micro_batch_size": 16},
+                "optimizer": {"name": "adamw", "lr": 0.1, "momentum": 0.9},
+                "stop": {"max_steps": 1},
+            }
+        )
+    )
+    for command in ("validate", "run"):
+        result = elastune(command, str(bad))
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+        assert "optimizer.momentum = 0.9" in result.stderr
+        assert "batch.micro_batch_size = 16" in result.stderr and "set micro_batch_size <= 8" in result.stderr
+
+
+def test_bad_arguments_exit_2():
+    result = elastune("run", "jobs/quickstart.yaml", "--workers", "0")
+    assert result.returncode == 2 and "give a whole number >= 1" in result.stderr
+    result = elastune("run", "jobs/quickstart.yaml", "--workers", "9")
+    assert result.returncode == 2 and "scaling.max_workers = 9" in result.stderr and "Traceback" not in result.stderr
+    result = elastune("run", "no/such.yaml")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_help_on_every_command():
+    for args in (["--help"], ["run", "--help"], ["validate", "--help"], ["schema", "--help"], ["data", "prepare", "--help"]):
+        result = elastune(*args)
+        assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_schema_prints_the_json_schema():
+    result = elastune("schema")
+    schema = json.loads(result.stdout)
+    assert result.returncode == 0 and schema["title"] == "Elastune JobSpec"
+
+
+def test_data_prepare_from_files(tmp_path):
+    (tmp_path / "a.txt").write_text("hello elastic world " * 20)
+    result = elastune("data", "prepare", "--source", str(tmp_path / "a.txt"), "--output", str(tmp_path / "ds"), "--window", "9")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert manifest["window"] == 9 and manifest["count"] == (20 * 20 + 1) // 9
+    missing = elastune("data", "prepare", "--source", str(tmp_path / "none*.txt"), "--output", str(tmp_path / "x"))
+    assert missing.returncode == 2 and "matches no file" in missing.stderr
+
+
+@pytest.fixture(scope="module")
+def quick_job(tmp_path_factory, stdlib_dataset) -> Path:
+    """The quickstart with a smaller model and data already prepared, in its own folder."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    spec = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
+    spec["model"]["options"] |= {"num_layers": 1, "width": 16, "num_heads": 2, "context": 16}
+    spec["data"] = {"path": str(stdlib_dataset), "window": 17}
+    spec["schedule"]["warmup_samples"] = 64
+    spec["checkpoint"]["every_steps"] = 10
+    spec["stop"] = {"max_steps": 20}
+    (tmp / "job.yaml").write_text(yaml.safe_dump(spec))
+    return tmp / "job.yaml"
+
+
+def test_run_trains_resumes_and_leaves_a_run_directory(quick_job):
+    cwd = quick_job.parent
+    first = elastune("run", str(quick_job), cwd=cwd)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "token authentication on" in first.stdout
+    assert "WARNING" not in first.stderr and "Token authentication is enabled" not in first.stdout + first.stderr
+    assert "Worker group up: 2 worker(s)" in first.stdout and "world 2" in first.stdout
+    run_dirs = sorted((cwd / "runs" / "quickstart").glob("2*"))
+    assert len(run_dirs) == 1
+    rows = [json.loads(line) for line in (run_dirs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    for key in ("step", "samples_seen", "loss", "lr", "world_size", "global_batch_size", "step_seconds"):
+        assert key in rows[0]
+    assert (run_dirs[0] / "spec.yaml").is_file() and json.loads((run_dirs[0] / "result.json").read_text())["status"] == "succeeded"
+
+    second = elastune("run", str(quick_job), "--workers", "1", "--max-steps", "25", cwd=cwd)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Resuming from checkpoint step 20 (640 samples)" in second.stdout
+    assert "Done: step 25" in second.stdout
