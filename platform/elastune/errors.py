@@ -46,8 +46,3 @@ class CheckpointError(ElastuneError):
 
     user_error = False
 
-
-class TrainingError(ElastuneError):
-    """A training run failed."""
-
-    user_error = False

@@ -60,6 +60,8 @@ def test_resumed_run_continues_at_the_exact_step(runs):
     start = next(e for e in events if e["kind"] == "start")
     assert start["resumed_from_step"] == 20 and start["saved_world_size"] == 2 and start["micro_batches"] == [2, 2, 2]
     assert any(e["kind"] == "resume" and e["step"] == 20 for e in events)
+    resize = next(e for e in events if e["kind"] == "resize")
+    assert (resize["world_size_before"], resize["world_size_after"], resize["step"]) == (2, 3, 20)
 
 
 def test_loss_curve_matches_uninterrupted_run(runs):

@@ -1,7 +1,7 @@
 """A prepared token-window dataset: Arrow IPC file, memory-mapped, random access by index.
 
 Layout of a prepared dataset folder:
-  tokens.arrow     Arrow IPC file, one column `tokens`: fixed_size_list<uint8|uint16|uint32>[window]
+  tokens.arrow     Arrow IPC file, one column `tokens`: fixed_size_list<uint8>[window] (byte tokens)
   manifest.json    format, source, tokenizer, window, count, dtype, content_hash
 
 Reading maps the file; `take(indices)` touches only the pages holding those windows.

@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -145,8 +146,6 @@ def prepare(
     )
     (tmp / MANIFEST_FILE).write_text(manifest.to_json())
     if output.exists():
-        import shutil
-
         shutil.rmtree(output)
     tmp.rename(output)
     return manifest

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.data.prepare import ensure_prepared
-from elastune.errors import ElastuneError, TrainingError
+from elastune.errors import ElastuneError
 from elastune.recipes import load_recipe
 from elastune.spec.load import validate_spec
 from elastune.spec.models import JobSpec
@@ -98,7 +98,8 @@ def run_job(
 
     started_ray = connect_ray(spec, address, console, verbose)
     try:
-        return _train(spec, spec_dir, run_id, run_dir, console, latest.step if latest else 0)
+        start = {"step": latest.step, "samples_seen": latest.samples_seen} if latest else {"step": 0, "samples_seen": 0}
+        return _train(spec, spec_dir, run_id, run_dir, console, start)
     finally:
         if started_ray:
             ray.shutdown()
@@ -145,7 +146,7 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
     )
 
 
-def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: Console, start_step: int) -> RunOutcome:
+def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: Console, start: dict[str, int]) -> RunOutcome:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -176,7 +177,7 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
 
     view = ProgressView(console, spec.max_steps)
     started = time.time()
-    last: dict[str, Any] = {"step": start_step, "samples_seen": 0, "loss": None}
+    last: dict[str, Any] = {**start, "loss": None}
     thread = threading.Thread(target=fit, name="elastune-fit", daemon=True)
     thread.start()
     try:
@@ -213,20 +214,15 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
 
 
 def _reason(error: BaseException) -> str:
-    """The user-facing cause of a failed fit: our own error's message when a worker raised one."""
-    seen: set[int] = set()
-    stack = [error]
-    while stack:
-        exc = stack.pop()
-        if id(exc) in seen:
-            continue
-        seen.add(id(exc))
+    """The user-facing cause of a failed fit: our own error's message when a worker raised one.
+
+    Ray Train's WorkerGroupError keeps each rank's exception in `worker_failures`.
+    """
+    pending: list[BaseException] = [error]
+    while pending:
+        exc = pending.pop(0)
         if isinstance(exc, ElastuneError):
             return exc.message
-        stack.extend(e for e in (exc.__cause__, exc.__context__, getattr(exc, "worker_failures", None)) if isinstance(e, BaseException))
-        for inner in (getattr(exc, "worker_failures", None) or {}).values() if isinstance(getattr(exc, "worker_failures", None), dict) else []:
-            stack.append(inner)
+        pending += [e for e in (exc.__cause__, exc.__context__) if e is not None]
+        pending += list(getattr(exc, "worker_failures", {}).values())
     return f"{type(error).__name__}: {error}"
-
-
-__all__ = ["RunOutcome", "TrainingError", "run_job"]

@@ -58,6 +58,9 @@ def run_worker(config: dict[str, Any]) -> None:
     progress, restored = restore(ckpt, model, optimizer)
     plan = batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, world)
     emit("start", world_size=world, plan=plan.describe(), micro_batches=plan.counts(), **restored)
+    if restored.get("saved_world_size") not in (None, world):
+        emit("resize", step=progress.step, world_size_before=restored["saved_world_size"], world_size_after=world,
+             global_batch_size=plan.global_batch_size, micro_batches=plan.counts())  # fmt: skip
 
     while progress.step < spec.max_steps:
         lr = spec.optimizer.lr * lr_multiplier(spec.schedule, progress.samples_seen, spec.horizon_samples)
@@ -100,6 +103,7 @@ def restore(ckpt: Checkpointer, model, optimizer) -> tuple[Progress, dict[str, A
 
 def save(ckpt: Checkpointer, spec: JobSpec, progress: Progress, model, optimizer, rank: int, world: int, emit) -> None:
     started = time.perf_counter()
+    sections = spec.to_dict()
     manifest = Manifest(
         step=progress.step,
         samples_seen=progress.samples_seen,
@@ -109,10 +113,10 @@ def save(ckpt: Checkpointer, spec: JobSpec, progress: Progress, model, optimizer
         meta={
             "job": spec.name,
             "model_hash": spec.fingerprint("model"),
-            "optimizer": spec.to_dict()["optimizer"],
-            "schedule": {**spec.to_dict()["schedule"], "horizon_samples": spec.horizon_samples},
+            "optimizer": sections["optimizer"],
+            "schedule": {**sections["schedule"], "horizon_samples": spec.horizon_samples},
             "rng": {"seed": spec.seed, "scheme": "torch.manual_seed(sha256(seed, step, micro_batch_index)) per micro-batch"},
-            "batch": spec.to_dict()["batch"],
+            "batch": sections["batch"],
         },
     )
     committed = ckpt.save(manifest, state_tensors(model, optimizer), rank, world, _all_gather)

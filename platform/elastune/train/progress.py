@@ -67,6 +67,12 @@ def describe_event(event: dict[str, Any]) -> str | None:
                 f"checkpoint saved by {event['saved_world_size']} worker(s)"
             )
         return line + "."
+    if kind == "resize":
+        counts = ",".join(map(str, event["micro_batches"]))
+        return (
+            f"Resized {event['world_size_before']} -> {event['world_size_after']} workers at step {event['step']}; "
+            f"micro-batches per rank {counts}; global batch stays {event['global_batch_size']}."
+        )
     if kind == "checkpoint":
         return f"Checkpoint step {event['step']}: {event['bytes'] / 1e6:.2f} MB in {event['seconds']:.2f} s -> {event['uri']}"
     return None

@@ -1,0 +1,48 @@
+"""Elastune's training step alone, in plain gloo processes (no Ray): separates the step's own
+cost from running under Ray, for the throughput comparison in BENCHMARKS.md.
+
+    .venv/bin/python -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 \
+        tests/bench/step_without_ray.py jobs/quickstart.yaml 300 50
+"""
+
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from elastune.data.dataset import TokenWindows
+from elastune.recipes import load_recipe
+from elastune.spec import load_spec
+from elastune.train.batch_plan import batch_plan
+from elastune.train.optim import build_optimizer, set_lr
+from elastune.train.step import GradBuffer, train_step
+
+
+def main(job: str, steps: int, warmup: int) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    spec = load_spec(job)
+    recipe = load_recipe(spec.model)
+    torch.manual_seed(spec.seed)
+    model = recipe.build_model()
+    opt = build_optimizer(model, spec.optimizer)
+    grads = GradBuffer(model)
+    source = TokenWindows(os.path.abspath(spec.data.path))
+    g = spec.batch.global_batch_size
+    plan = batch_plan(g, spec.batch.micro_batch_size, world)
+    stamps = []
+    for step in range(steps):
+        set_lr(opt, spec.optimizer.lr)
+        train_step(model, opt, grads, recipe, source, plan, rank, step, step * g, spec.seed, spec.optimizer.grad_clip_norm)
+        stamps.append(time.perf_counter())
+    if rank == 0:
+        window = stamps[warmup:]
+        print(f"elastune step without Ray: {g * (len(window) - 1) / (window[-1] - window[0]):.0f} samples/s")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
