@@ -128,7 +128,8 @@ def connect_ray(spec: JobSpec, address: str | None, console: Console, verbose: b
 
 
 def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
-    """An embedded single-node Ray bound to 127.0.0.1, dashboard included (loopback only).
+    """An embedded single-node Ray bound to 127.0.0.1, dashboard included (loopback only), whose
+    workers run at normal priority.
 
     Token authentication stays on, as Ray 2.60 defaults for local clusters: Ray creates
     ~/.ray/auth_token once and every process of the cluster uses it; RAY_AUTH_MODE=disabled opts
@@ -138,6 +139,10 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
     logging.getLogger(RAY_AUTH_LOGGER).addFilter(_drop_auth_default_warning)
     ray.init(
         num_cpus=num_cpus,
+        # Ray starts workers at nice 15 so its own daemons win every contested core; here the
+        # workers are the job, and on a small machine that priority cost about a quarter of the
+        # throughput (BENCHMARKS.md). Same priority as the daemons, then.
+        _system_config={"worker_niceness": 0},
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
