@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train a job (embedded local Ray, or --address)", description="Train a job spec. Resumes from the newest checkpoint at checkpoint.path unless --fresh.")
     run.add_argument("job", help="job spec YAML")
     run.add_argument("--workers", type=_positive, help="fixed number of workers (sets scaling.min_workers = max_workers)")
-    run.add_argument("--max-steps", type=_positive, help="stop after this many steps in all (sets stop.max_steps)")
+    run.add_argument("--max-steps", type=_positive, help="stop after this many steps in all; the schedule keeps the spec's horizon")
     run.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     run.add_argument("--fresh", action="store_true", help="delete this job's checkpoints and start over")
     run.add_argument("--verbose", action="store_true", help="show Ray's own and the workers' logs")
@@ -78,7 +78,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers is not None:
         overrides |= {"scaling.min_workers": args.workers, "scaling.max_workers": args.workers}
     if args.max_steps is not None:
-        overrides |= {"stop.max_steps": args.max_steps, "stop.max_samples": None}
+        # Stopping early must not bend the schedule: it keeps spanning the spec's own budget, so a
+        # run cut short and resumed later follows the same lr curve as one that never stopped.
+        horizon = load_spec(args.job).horizon_samples
+        overrides |= {"stop.max_steps": args.max_steps, "stop.max_samples": None, "schedule.horizon_samples": horizon}
     spec = load_spec(args.job, overrides)
     console = Console(soft_wrap=True)
     outcome = run_job(spec, spec_dir_of(args.job), address=args.address, fresh=args.fresh, console=console, verbose=args.verbose)
