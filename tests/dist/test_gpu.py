@@ -30,3 +30,25 @@ def test_cuda_step_matches_cpu_reference():
         assert p.device.type == "cuda"
         # TF32 and other kernels differ from the CPU's; 1e-4 still catches a wrong scale or split.
         assert rel_err(p.detach().cpu(), expected[name]) <= 1e-4, name
+
+
+def test_checkpoint_from_cuda_loads_on_cpu_and_back(tmp_path):
+    from elastune.checkpoint.checkpointer import Checkpointer
+    from elastune.checkpoint.format import Manifest
+    from elastune.spec.models import AdamWSpec
+    from elastune.train.state import load_state, state_tensors
+
+    model = tiny_model().cuda()
+    opt = build_optimizer(model, AdamWSpec(name="adamw", lr=1e-2))
+    model(torch.randint(0, 256, (2, 8), device="cuda")).sum().backward()
+    opt.step()
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(Manifest(1, 24, "h", {}, {}), state_tensors(model, opt))
+    saved = {k: v.detach().cpu() for k, v in state_tensors(model, opt).items()}
+    for device in ("cpu", "cuda"):
+        other = tiny_model(seed=9).to(device)
+        other_opt = build_optimizer(other, AdamWSpec(name="adamw", lr=1e-2))
+        load_state(other, other_opt, ckpt.load(ckpt.latest()), "ckpt")
+        for name, t in state_tensors(other, other_opt).items():
+            assert torch.equal(t.detach().cpu(), saved[name]), (device, name)
+        other_opt.step()  # optimizer state landed where the optimizer can use it
