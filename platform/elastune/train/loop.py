@@ -46,7 +46,7 @@ def run_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(spec.scaling.torch_threads or max(1, int(spec.scaling.cpus_per_worker)))
     sink = ray.get_actor(job.sink_name)
     emit = _emitter(sink, rank)
-    rows = RowBuffer(sink) if rank == 0 else None
+    rows = RowBuffer(sink if rank == 0 else None)
 
     recipe = load_recipe(spec.model, job.spec_dir)
     source = open_source(recipe, spec)
@@ -57,10 +57,7 @@ def run_worker(config: dict[str, Any]) -> None:
     ckpt = Checkpointer(spec.checkpoint_path, spec.checkpoint.keep_last)
     progress, restored = restore(ckpt, model, optimizer)
     plan = batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, world)
-    emit("start", world_size=world, plan=plan.describe(), micro_batches=plan.counts(), **restored)
-    if restored.get("saved_world_size") not in (None, world):
-        emit("resize", step=progress.step, world_size_before=restored["saved_world_size"], world_size_after=world,
-             global_batch_size=plan.global_batch_size, micro_batches=plan.counts())  # fmt: skip
+    announce(emit, plan, progress, restored, dataset_identity(source))
 
     while progress.step < spec.max_steps:
         lr = spec.optimizer.lr * lr_multiplier(spec.schedule, progress.samples_seen, spec.horizon_samples)
@@ -72,19 +69,35 @@ def run_worker(config: dict[str, Any]) -> None:
         )  # fmt: skip
         progress = progress.advance(plan.global_batch_size)
         seconds = time.perf_counter() - started
-        if rows is not None:
-            rows.add(metrics_row(progress, result, lr, plan, seconds))
+        rows.add(metrics_row(progress, result, lr, plan, seconds))
         if progress.step % spec.checkpoint.every_steps == 0 or progress.step == spec.max_steps:
-            save(ckpt, spec, progress, model, optimizer, rank, world, emit)
-            if rows is not None:
-                rows.flush()
-    if rows is not None:
-        rows.flush()
+            save(ckpt, spec, progress, model, optimizer, rank, world, emit, dataset_identity(source))
+            rows.flush()
+    rows.flush()
     emit("finish", step=progress.step, samples_seen=progress.samples_seen)
 
 
 def open_source(recipe: Recipe, spec: JobSpec) -> SampleSource:
     return recipe.dataset(spec.data) if recipe.dataset is not None else TokenWindows(spec.data.path)
+
+
+def dataset_identity(source: SampleSource) -> dict[str, Any]:
+    """What identifies the data a checkpoint's positions refer to (count, and content hash if known)."""
+    manifest = getattr(source, "manifest", None)
+    return {"count": len(source), "content_hash": getattr(manifest, "content_hash", None)}
+
+
+def announce(emit, plan: BatchPlan, progress: Progress, restored: dict[str, Any], dataset: dict[str, Any]) -> None:
+    emit("start", world_size=plan.world_size, plan=plan.describe(), micro_batches=plan.counts(),
+         **{k: v for k, v in restored.items() if k != "dataset"})  # fmt: skip
+    if restored.get("saved_world_size") not in (None, plan.world_size):
+        emit("resize", step=progress.step, world_size_before=restored["saved_world_size"], world_size_after=plan.world_size,
+             global_batch_size=plan.global_batch_size, micro_batches=plan.counts())  # fmt: skip
+    saved = restored.get("dataset")
+    if saved and saved != dataset:
+        # Positions still resume exactly, but they now name other samples: say so loudly.
+        emit("warning", message=f"the dataset changed since the checkpoint (then {saved}, now {dataset}); "
+             f"samples_seen continues, but the epoch's order is over different data")  # fmt: skip
 
 
 def restore(ckpt: Checkpointer, model, optimizer) -> tuple[Progress, dict[str, Any]]:
@@ -98,10 +111,11 @@ def restore(ckpt: Checkpointer, model, optimizer) -> tuple[Progress, dict[str, A
         "resumed_from_step": manifest.step,
         "resumed_samples_seen": manifest.samples_seen,
         "saved_world_size": saved_world,
+        "dataset": manifest.meta.get("dataset"),
     }
 
 
-def save(ckpt: Checkpointer, spec: JobSpec, progress: Progress, model, optimizer, rank: int, world: int, emit) -> None:
+def save(ckpt: Checkpointer, spec: JobSpec, progress: Progress, model, optimizer, rank: int, world: int, emit, dataset) -> None:
     started = time.perf_counter()
     sections = spec.to_dict()
     manifest = Manifest(
@@ -117,6 +131,7 @@ def save(ckpt: Checkpointer, spec: JobSpec, progress: Progress, model, optimizer
             "schedule": {**sections["schedule"], "horizon_samples": spec.horizon_samples},
             "rng": {"seed": spec.seed, "scheme": "torch.manual_seed(sha256(seed, step, micro_batch_index)) per micro-batch"},
             "batch": sections["batch"],
+            "dataset": dataset,
         },
     )
     committed = ckpt.save(manifest, state_tensors(model, optimizer), rank, world, _all_gather)
@@ -156,17 +171,19 @@ class RowBuffer:
     FLUSH_S = 0.5
 
     def __init__(self, sink):
-        self.sink = sink
+        self.sink = sink  # None on ranks other than 0: they record nothing
         self.rows: list[dict[str, Any]] = []
         self.flushed = time.monotonic()
 
     def add(self, row: dict[str, Any]) -> None:
+        if self.sink is None:
+            return
         self.rows.append(row)
         if time.monotonic() - self.flushed >= self.FLUSH_S:
             self.flush()
 
     def flush(self) -> None:
-        if self.rows:
+        if self.rows and self.sink is not None:
             self.sink.record.remote(self.rows)
             self.rows = []
         self.flushed = time.monotonic()

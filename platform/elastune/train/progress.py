@@ -73,6 +73,8 @@ def describe_event(event: dict[str, Any]) -> str | None:
             f"Resized {event['world_size_before']} -> {event['world_size_after']} workers at step {event['step']}; "
             f"micro-batches per rank {counts}; global batch stays {event['global_batch_size']}."
         )
+    if kind == "warning":
+        return f"[yellow]Warning[/yellow]: {event['message']}"
     if kind == "checkpoint":
         return f"Checkpoint step {event['step']}: {event['bytes'] / 1e6:.2f} MB in {event['seconds']:.2f} s -> {event['uri']}"
     return None

@@ -1,0 +1,32 @@
+"""What a worker group says when it starts: resizes and changed datasets become events."""
+
+from elastune.train.batch_plan import batch_plan
+from elastune.train.loop import announce
+from elastune.train.progress import describe_event
+from elastune.train.state import Progress
+
+
+def collect(restored, dataset, world=3):
+    events = []
+    announce(lambda kind, **f: events.append({"kind": kind, **f}), batch_plan(24, 4, world), Progress(20, 480), restored, dataset)
+    return events
+
+
+DATA = {"count": 100, "content_hash": "abc"}
+
+
+def test_fresh_start_is_just_a_start():
+    assert [e["kind"] for e in collect({"resumed_from_step": None}, DATA)] == ["start"]
+
+
+def test_resume_at_another_world_size_is_a_resize_that_keeps_the_batch():
+    events = collect({"resumed_from_step": 20, "resumed_samples_seen": 480, "saved_world_size": 2, "dataset": DATA}, DATA)
+    resize = next(e for e in events if e["kind"] == "resize")
+    assert describe_event(resize) == "Resized 2 -> 3 workers at step 20; micro-batches per rank 2,2,2; global batch stays 24."
+    assert "dataset" not in events[0]
+
+
+def test_changed_dataset_is_a_loud_warning():
+    events = collect({"resumed_from_step": 20, "resumed_samples_seen": 480, "saved_world_size": 3, "dataset": DATA}, {"count": 90, "content_hash": "def"})
+    assert [e["kind"] for e in events] == ["start", "warning"]
+    assert "dataset changed since the checkpoint" in describe_event(events[1])
