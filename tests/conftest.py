@@ -1,4 +1,5 @@
-"""Test tiers by folder: unit/ (pure), dist/ (gloo processes), ray/ (one local Ray per session), e2e/ (the CLI)."""
+"""Test tiers by folder: unit/ (pure), dist/ (gloo processes), ray/ (one local Ray per session),
+e2e/ (the CLI and real outside parts: an S3-protocol server)."""
 
 from __future__ import annotations
 
