@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import time
 from typing import Callable
 
 import torch
@@ -38,6 +39,13 @@ Gather = Callable[[str], list[str]]  # every rank's string, in rank order (an al
 
 def _single(payload: str) -> list[str]:
     return [payload]
+
+
+def locate(uri: str) -> tuple[str, int | None]:
+    """Split 'ROOT/step-000000120' into (ROOT, 120); a bare root gives (ROOT, None)."""
+    head, _, last = uri.rstrip("/").rpartition("/")
+    step = parse_step_dir(last)
+    return (head, step) if step is not None and head else (uri, None)
 
 
 class Checkpointer:
@@ -78,6 +86,7 @@ class Checkpointer:
         if missing:
             raise CheckpointError(f"checkpoint step {manifest.step}: no rank wrote {sorted(missing)[:3]}")
         manifest.layout = {"kind": "replicated", "world_size": world_size}
+        manifest.meta.setdefault("created", time.time())
         self.storage.commit_bytes(f"{folder}/{MANIFEST}", manifest.to_json())
         self.prune()
         return manifest

@@ -1,4 +1,4 @@
-"""`elastune run | validate | schema | data prepare`.
+"""`elastune run | validate | schema | data prepare | ckpt ...`.
 
 Exit codes: 0 success, 1 training failed, 2 bad input (spec, arguments, files). User mistakes
 print their explanation and no traceback.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
     prep.add_argument("--max-bytes", type=_positive, help="read at most this many bytes of source")
     prep.set_defaults(handler=cmd_data_prepare)
+
+    from elastune.cli import ckpt
+
+    ckpt.add_parser(sub)
     return parser
 
 
@@ -141,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ElastuneError as exc:
         print(f"error: {exc.message}" if exc.user_error else f"failed: {exc.message}", file=sys.stderr)
         return EXIT_BAD_INPUT if exc.user_error else EXIT_FAILED
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        sys.stdout = open(os.devnull, "w")
+        return EXIT_OK
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

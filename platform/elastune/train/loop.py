@@ -129,7 +129,7 @@ def save(ckpt: Checkpointer, spec: JobSpec, progress: Progress, model, optimizer
             "model_hash": spec.fingerprint("model"),
             "optimizer": sections["optimizer"],
             "schedule": {**sections["schedule"], "horizon_samples": spec.horizon_samples},
-            "rng": {"seed": spec.seed, "scheme": "torch.manual_seed(sha256(seed, step, micro_batch_index)) per micro-batch"},
+            "rng": {"seed": spec.seed, "scheme": "each micro-batch seeds the device generators with sha256(seed, step, micro_batch_index)"},
             "batch": sections["batch"],
             "dataset": dataset,
         },

@@ -1,0 +1,112 @@
+"""`elastune ckpt ls | show | verify | prune`: look at and look after checkpoints at any URI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from elastune.checkpoint.checkpointer import Checkpointer, locate
+from elastune.checkpoint.format import MANIFEST, Manifest, step_dir
+from elastune.errors import CheckpointError, ElastuneError
+
+EXIT_VALID, EXIT_CORRUPT, EXIT_NOT_A_CHECKPOINT = 0, 1, 2
+
+
+def add_parser(sub) -> None:
+    ckpt = sub.add_parser("ckpt", help="list, show, verify and prune checkpoints")
+    cmds = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=sub._parser_class)
+    ls = cmds.add_parser("ls", help="table of the checkpoints under a URI")
+    ls.add_argument("uri", help="checkpoint root: a path or file://, s3://, gs://, hdfs:// URI")
+    ls.set_defaults(handler=cmd_ls)
+    show = cmds.add_parser("show", help="what a checkpoint holds (newest under a root, or ROOT/step-N)")
+    show.add_argument("ckpt")
+    show.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    show.set_defaults(handler=cmd_show)
+    verify = cmds.add_parser("verify", help="read every byte and check it: exit 0 valid, 1 corrupt, 2 not a checkpoint")
+    verify.add_argument("ckpt")
+    verify.set_defaults(handler=cmd_verify)
+    prune = cmds.add_parser("prune", help="delete all but the newest K committed checkpoints")
+    prune.add_argument("uri")
+    prune.add_argument("--keep-last", type=int, required=True, help="how many newest checkpoints to keep (>= 1)")
+    prune.set_defaults(handler=cmd_prune)
+
+
+def _open(ckpt_uri: str) -> tuple[Checkpointer, Manifest]:
+    root, step = locate(ckpt_uri)
+    ckpt = Checkpointer(root)
+    if step is None:
+        steps = ckpt.committed_steps()
+        if not steps:
+            raise ElastuneError(f"{ckpt_uri} holds no committed checkpoint (no step-*/{MANIFEST}); give a checkpoint root or ROOT/step-N")
+        step = steps[-1]
+    elif not ckpt.storage.exists(f"{step_dir(step)}/{MANIFEST}"):
+        raise ElastuneError(f"{ckpt_uri} is not a committed checkpoint: {MANIFEST} is missing (an interrupted save leaves exactly this)")
+    return ckpt, ckpt.read_manifest(step)
+
+
+def _size(manifest: Manifest) -> int:
+    return sum(f["length"] for e in manifest.tensors.values() for f in e["fragments"])
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    ckpt = Checkpointer(args.uri)
+    table = Table(title=f"checkpoints at {args.uri}")
+    for column in ("step", "samples", "time", "size", "layout", "valid"):
+        table.add_column(column, justify="right" if column in ("step", "samples", "size") else "left")
+    for step in ckpt.committed_steps():
+        try:
+            m = ckpt.read_manifest(step)
+        except CheckpointError as exc:
+            table.add_row(str(step), "?", "?", "?", "?", f"no: {exc}")
+            continue
+        created = m.meta.get("created")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if created else "?"
+        files_ok = all(ckpt.storage.exists(f"{step_dir(step)}/{f}") for f in {fr["file"] for e in m.tensors.values() for fr in e["fragments"]})
+        layout = f"{m.layout.get('kind')} x{m.layout.get('world_size')}"
+        table.add_row(str(m.step), f"{m.samples_seen:,}", when, f"{_size(m) / 1e6:.2f} MB", layout, "yes" if files_ok else "no: payload missing")
+    Console(soft_wrap=True).print(table)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    ckpt, m = _open(args.ckpt)
+    if args.json:
+        print(m.to_json().decode(), end="")
+        return 0
+    print(f"checkpoint {ckpt.uri}/{step_dir(m.step)}")
+    print(f"  step {m.step}, samples_seen {m.samples_seen:,}, spec hash {m.spec_hash}, layout {json.dumps(m.layout)}")
+    for key in ("job", "optimizer", "schedule", "batch", "rng", "dataset"):
+        if key in m.meta:
+            print(f"  {key}: {json.dumps(m.meta[key], sort_keys=True)}")
+    print(f"  {len(m.tensors)} tensors, {_size(m) / 1e6:.2f} MB")
+    for name in sorted(m.tensors):
+        e = m.tensors[name]
+        print(f"    {name}  {e['dtype']} {e['shape']}  in {', '.join(f['file'] for f in e['fragments'])}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        ckpt, m = _open(args.ckpt)
+    except (ElastuneError, OSError) as exc:
+        print(f"not a checkpoint: {exc}")
+        return EXIT_NOT_A_CHECKPOINT
+    try:
+        tensors = ckpt.load(m)
+    except (CheckpointError, OSError) as exc:
+        print(f"CORRUPT: {exc}")
+        return EXIT_CORRUPT
+    print(f"valid: {ckpt.uri}/{step_dir(m.step)}: {len(tensors)} tensors, {_size(m):,} bytes, every checksum matches")
+    return EXIT_VALID
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    if args.keep_last < 1:
+        raise ElastuneError(f"--keep-last {args.keep_last} would delete every checkpoint; give a number >= 1")
+    deleted = Checkpointer(args.uri, keep_last=args.keep_last).prune()
+    print(f"deleted {len(deleted)} checkpoint(s){': steps ' + ', '.join(map(str, deleted)) if deleted else ''}; kept the newest {args.keep_last}")
+    return 0
