@@ -56,9 +56,14 @@ def test_verify_exit_codes(root, tmp_path):
     assert elastune("ckpt", "verify", f"{root}/{step_dir(50)}").returncode == 2
 
 
-def test_prune_keeps_the_newest(root):
+def test_prune_keeps_the_newest_and_the_pinned(root):
+    assert elastune("ckpt", "pin", f"{root}/{step_dir(10)}").returncode == 0
+    assert "replicated x1, pinned" in elastune("ckpt", "ls", str(root)).stdout
     out = elastune("ckpt", "prune", str(root), "--keep-last", "1")
-    assert out.returncode == 0 and "steps 10, 20" in out.stdout
+    assert out.returncode == 0 and "steps 20" in out.stdout
+    assert Checkpointer(str(root)).committed_steps() == [10, 30]
+    assert elastune("ckpt", "pin", f"{root}/{step_dir(10)}", "--unpin").returncode == 0
+    assert elastune("ckpt", "prune", str(root), "--keep-last", "1").returncode == 0
     assert Checkpointer(str(root)).committed_steps() == [30]
     refused = elastune("ckpt", "prune", str(root), "--keep-last", "0")
     assert refused.returncode == 2 and "would delete every checkpoint" in refused.stderr

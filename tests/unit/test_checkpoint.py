@@ -140,3 +140,45 @@ def test_different_model_is_refused_with_advice(tmp_path):
     other = tiny_model(TINY.model_copy(update={"num_layers": 2}))
     with pytest.raises(CheckpointError, match="different model .*--fresh"):
         load_state(other, build_optimizer(other, AdamWSpec(name="adamw", lr=1e-2)), ckpt.load(ckpt.latest()), "ckpt")
+
+
+def test_clone_copies_no_bytes_loads_the_same_and_protects_its_source(tmp_path):
+    model, opt = trained_state()
+    tensors = state_tensors(model, opt)
+    ckpt = Checkpointer(str(tmp_path / "a"), keep_last=1)
+    save_from_ranks(ckpt, 10, tensors, 2)
+    before = sorted(p.name for p in (tmp_path / "a").rglob("*.safetensors"))
+    clone = ckpt.clone(10, dst_step=11, meta={"note": "exploit"})
+    assert sorted(p.name for p in (tmp_path / "a").rglob("*.safetensors")) == before  # nothing copied
+    assert not list((tmp_path / "a" / step_dir(11)).glob("*.safetensors"))
+    assert clone.meta["cloned_from"]["step"] == 10
+    got = ckpt.load(ckpt.read_manifest(11))
+    assert all(torch.equal(got[n], t) for n, t in tensors.items())
+    # keep_last=1 keeps step 11, and step 10 because 11 references it.
+    assert ckpt.prune() == [] and ckpt.committed_steps() == [10, 11]
+    assert ckpt.info(11).references == frozenset({10})
+
+
+def test_clone_into_another_root_references_across_roots(tmp_path):
+    model, opt = trained_state()
+    tensors = state_tensors(model, opt)
+    donor = Checkpointer(str(tmp_path / "donor"))
+    save_from_ranks(donor, 5, tensors, 1)
+    recipient = Checkpointer(str(tmp_path / "recipient"))
+    donor.clone(5, dst=recipient, dst_step=7)
+    manifest, got = recipient.load_latest_valid()
+    assert manifest.step == 7 and all(torch.equal(got[n], t) for n, t in tensors.items())
+    frag = manifest.tensors["model/tok.weight"]["fragments"][0]["file"]
+    assert frag.startswith("../../donor/step-000000005/")
+
+
+def test_pinned_checkpoints_survive_prune(tmp_path):
+    model, opt = trained_state()
+    ckpt = Checkpointer(str(tmp_path), keep_last=1)
+    save_from_ranks(ckpt, 1, state_tensors(model, opt), 1)
+    ckpt.pin(1)
+    for step in (2, 3):
+        save_from_ranks(ckpt, step, state_tensors(model, opt), 1)
+    assert ckpt.committed_steps() == [1, 3]
+    ckpt.pin(1, pinned=False)
+    assert ckpt.prune() == [1]

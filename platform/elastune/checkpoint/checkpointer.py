@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import struct
 import time
 from typing import Callable
@@ -27,12 +28,14 @@ from elastune.checkpoint.format import (
     step_dir,
     tensor_entry,
 )
+from elastune.checkpoint.retention import CheckpointInfo, RetentionPolicy, decide_retention
 from elastune.checkpoint.storage import Storage
 from elastune.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 100 * 2**20
+PINNED = "PINNED"
 
 Gather = Callable[[str], list[str]]  # every rank's string, in rank order (an all-gather)
 
@@ -49,9 +52,9 @@ def locate(uri: str) -> tuple[str, int | None]:
 
 
 class Checkpointer:
-    def __init__(self, uri: str, keep_last: int = 3):
+    def __init__(self, uri: str, keep_last: int = 3, policy: RetentionPolicy | None = None):
         self.storage = Storage.from_uri(uri)
-        self.keep_last = keep_last
+        self.policy = policy or RetentionPolicy(keep_last=keep_last)
 
     @property
     def uri(self) -> str:
@@ -92,14 +95,70 @@ class Checkpointer:
         return manifest
 
     def prune(self) -> list[int]:
-        """Keep the newest `keep_last` committed checkpoints; delete older ones, manifest first."""
-        committed = self.committed_steps()
-        doomed = committed[: max(0, len(committed) - self.keep_last)]
-        for step in doomed:
+        """Apply the retention policy (retention.py); delete the rest, manifest first."""
+        decision = decide_retention([self.info(step) for step in self.committed_steps()], self.policy)
+        for step in decision.delete:
             # Removing the manifest first means a half-deleted checkpoint never loads as valid.
             self.storage.delete(f"{step_dir(step)}/{MANIFEST}")
             self.storage.delete(step_dir(step))
-        return doomed
+        return list(decision.delete)
+
+    def info(self, step: int) -> CheckpointInfo:
+        """What retention needs to know of a checkpoint; an unreadable manifest counts as plain."""
+        pinned = self.storage.exists(f"{step_dir(step)}/{PINNED}")
+        try:
+            manifest = self.read_manifest(step)
+        except CheckpointError:
+            return CheckpointInfo(step, pinned=pinned)
+        refs = set()
+        for entry in manifest.tensors.values():
+            for frag in entry["fragments"]:
+                parts = posixpath.normpath(f"{step_dir(step)}/{frag['file']}").split("/")
+                if len(parts) == 2 and (ref := parse_step_dir(parts[0])) is not None and ref != step:
+                    refs.add(ref)
+        metrics = {k: float(v) for k, v in manifest.meta.get("metrics", {}).items()}
+        return CheckpointInfo(step, metrics=metrics, pinned=pinned, references=frozenset(refs))
+
+    def pin(self, step: int, pinned: bool = True) -> None:
+        """Pinned checkpoints survive every prune (a `PINNED` marker beside the manifest)."""
+        if pinned:
+            self.storage.write_bytes(f"{step_dir(step)}/{PINNED}", b"")
+        else:
+            self.storage.delete(f"{step_dir(step)}/{PINNED}")
+
+    def clone(self, step: int, dst: "Checkpointer | None" = None, dst_step: int | None = None, meta: dict | None = None) -> Manifest:
+        """A new checkpoint in `dst` (default: here) whose fragments point at this one's payloads.
+
+        No payload byte is copied: the new manifest's fragment files are paths relative to its own
+        folder ("../step-000000120/rank-00000-of-00002.safetensors"). Retention here keeps a
+        source while a clone in the same root references it.
+        """
+        dst = dst or self
+        if type(dst.storage.fs) is not type(self.storage.fs):
+            raise CheckpointError(f"cannot clone {self.uri} into {dst.uri}: a clone across filesystems would copy bytes")
+        src = self.read_manifest(step)
+        target = dst_step if dst_step is not None else step
+        if dst is self and target == step:
+            raise CheckpointError(f"clone of step {step} into the same root needs another dst_step")
+        src_folder = self.storage.full_path(step_dir(step))
+        dst_folder = dst.storage.full_path(step_dir(target))
+        tensors = {
+            name: {**entry, "fragments": [
+                {**f, "file": posixpath.relpath(posixpath.normpath(f"{src_folder}/{f['file']}"), dst_folder)}
+                for f in entry["fragments"]
+            ]}
+            for name, entry in src.tensors.items()
+        }  # fmt: skip
+        clone = Manifest(
+            step=target,
+            samples_seen=src.samples_seen,
+            spec_hash=src.spec_hash,
+            layout=src.layout,
+            tensors=tensors,
+            meta={**src.meta, **(meta or {}), "cloned_from": {"uri": self.uri, "step": step}, "created": time.time()},
+        )
+        dst.storage.commit_bytes(f"{step_dir(target)}/{MANIFEST}", clone.to_json())
+        return clone
 
     def clear(self) -> int:
         """Delete every checkpoint here (for --fresh); returns how many committed ones went."""

@@ -7,6 +7,7 @@ environment or pyarrow's usual providers, never from specs or manifests.
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -39,7 +40,12 @@ class Storage:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
     def _full(self, rel: str) -> str:
-        return f"{self.root}/{rel}" if rel else self.root
+        # normpath resolves a clone's "../step-N/file" references (object stores would not).
+        return posixpath.normpath(f"{self.root}/{rel}") if rel else self.root
+
+    def full_path(self, rel: str) -> str:
+        """Path of `rel` inside the filesystem (not a URI): for relative references between roots."""
+        return self._full(rel)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         full = self._full(rel)

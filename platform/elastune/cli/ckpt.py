@@ -29,7 +29,11 @@ def add_parser(sub) -> None:
     verify = cmds.add_parser("verify", help="read every byte and check it: exit 0 valid, 1 corrupt, 2 not a checkpoint")
     verify.add_argument("ckpt")
     verify.set_defaults(handler=cmd_verify)
-    prune = cmds.add_parser("prune", help="delete all but the newest K committed checkpoints")
+    pin = cmds.add_parser("pin", help="keep a checkpoint through every prune (or --unpin)")
+    pin.add_argument("ckpt", help="ROOT/step-N, or a root for its newest checkpoint")
+    pin.add_argument("--unpin", action="store_true")
+    pin.set_defaults(handler=cmd_pin)
+    prune = cmds.add_parser("prune", help="delete all but the newest K committed checkpoints (pinned and referenced ones stay)")
     prune.add_argument("uri")
     prune.add_argument("--keep-last", type=int, required=True, help="how many newest checkpoints to keep (>= 1)")
     prune.set_defaults(handler=cmd_prune)
@@ -67,8 +71,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if created else "?"
         files_ok = all(ckpt.storage.exists(f"{step_dir(step)}/{f}") for f in {fr["file"] for e in m.tensors.values() for fr in e["fragments"]})
         layout = f"{m.layout.get('kind')} x{m.layout.get('world_size')}"
+        if ckpt.info(step).pinned:
+            layout += ", pinned"
         table.add_row(str(m.step), f"{m.samples_seen:,}", when, f"{_size(m) / 1e6:.2f} MB", layout, "yes" if files_ok else "no: payload missing")
-    Console(soft_wrap=True).print(table)
+    console = Console()
+    if not console.is_terminal:  # piped: do not fold cells to a guessed 80 columns
+        console = Console(width=200)
+    console.print(table)
     return 0
 
 
@@ -102,6 +111,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_CORRUPT
     print(f"valid: {ckpt.uri}/{step_dir(m.step)}: {len(tensors)} tensors, {_size(m):,} bytes, every checksum matches")
     return EXIT_VALID
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    ckpt, m = _open(args.ckpt)
+    ckpt.pin(m.step, pinned=not args.unpin)
+    print(f"{'unpinned' if args.unpin else 'pinned'} {ckpt.uri}/{step_dir(m.step)}")
+    return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

@@ -217,7 +217,10 @@ class ScalingSpec(Strict):
 class CheckpointSpec(Strict):
     path: str | None = Field(None, description="Directory or URI (file://, s3://, gs://, hdfs://); default runs/<name>/checkpoints.")
     every_steps: int = Field(100, ge=1)
-    keep_last: int = Field(3, ge=1)
+    keep_last: int = Field(3, ge=1, description="Keep the newest this many checkpoints.")
+    keep_best: int = Field(0, ge=0, description="Also keep the best this many by best_metric.")
+    best_metric: Literal["loss"] = Field("loss", description="Metric recorded with each checkpoint that ranks them.")
+    best_mode: Literal["min", "max"] = "min"
 
 
 class StopSpec(Strict):

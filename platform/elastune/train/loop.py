@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.format import Manifest
+from elastune.checkpoint.retention import RetentionPolicy
 from elastune.data.dataset import TokenWindows
 from elastune.recipes import Recipe, SampleSource, load_recipe
 from elastune.spec.models import JobSpec
@@ -54,7 +55,8 @@ def run_worker(config: dict[str, Any]) -> None:
     model = recipe.build_model().to(ray.train.torch.get_device())
     optimizer = build_optimizer(model, spec.optimizer)
     grads = GradBuffer(model)
-    ckpt = Checkpointer(spec.checkpoint_path, spec.checkpoint.keep_last)
+    c = spec.checkpoint
+    ckpt = Checkpointer(spec.checkpoint_path, policy=RetentionPolicy(c.keep_last, c.keep_best, c.best_metric, c.best_mode))
     progress, restored = restore(ckpt, model, optimizer)
     plan = batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, world)
     announce(emit, plan, progress, restored, dataset_identity(source))
@@ -71,7 +73,7 @@ def run_worker(config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - started
         rows.add(metrics_row(progress, result, lr, plan, seconds))
         if progress.step % spec.checkpoint.every_steps == 0 or progress.step == spec.max_steps:
-            save(ckpt, spec, progress, model, optimizer, rank, world, emit, dataset_identity(source))
+            save(ckpt, spec, progress, model, optimizer, rank, world, emit, dataset_identity(source), {"loss": result.loss})
             rows.flush()
     rows.flush()
     emit("finish", step=progress.step, samples_seen=progress.samples_seen)
@@ -115,7 +117,7 @@ def restore(ckpt: Checkpointer, model, optimizer) -> tuple[Progress, dict[str, A
     }
 
 
-def save(ckpt: Checkpointer, spec: JobSpec, progress: Progress, model, optimizer, rank: int, world: int, emit, dataset) -> None:
+def save(ckpt: Checkpointer, spec: JobSpec, progress: Progress, model, optimizer, rank: int, world: int, emit, dataset, metrics) -> None:
     started = time.perf_counter()
     sections = spec.to_dict()
     manifest = Manifest(
@@ -132,6 +134,7 @@ def save(ckpt: Checkpointer, spec: JobSpec, progress: Progress, model, optimizer
             "rng": {"seed": spec.seed, "scheme": "each micro-batch seeds the device generators with sha256(seed, step, micro_batch_index)"},
             "batch": sections["batch"],
             "dataset": dataset,
+            "metrics": metrics,  # ranks checkpoints for keep_best
         },
     )
     committed = ckpt.save(manifest, state_tensors(model, optimizer), rank, world, _all_gather)
