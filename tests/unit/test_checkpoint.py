@@ -182,3 +182,23 @@ def test_pinned_checkpoints_survive_prune(tmp_path):
     assert ckpt.committed_steps() == [1, 3]
     ckpt.pin(1, pinned=False)
     assert ckpt.prune() == [1]
+
+
+def test_export_safetensors_and_torch(tmp_path):
+    from safetensors import safe_open
+
+    from elastune.checkpoint.export import export
+
+    model, opt = trained_state()
+    ckpt = Checkpointer(str(tmp_path / "c"))
+    save_from_ranks(ckpt, 4, state_tensors(model, opt), 2)
+    manifest = ckpt.latest()
+    export(ckpt, manifest, "safetensors", str(tmp_path / "model.safetensors"))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.metadata()["elastune_step"] == "4"
+        assert set(f.keys()) == set(model.state_dict()) - {"head.weight"}  # tied: saved once
+        assert torch.equal(f.get_tensor("tok.weight"), model.tok.weight.detach())
+    export(ckpt, manifest, "torch", str(tmp_path / "state.pt"))
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)  # plain tensors and dicts only
+    assert loaded["step"] == 4 and torch.equal(loaded["model"]["tok.weight"], model.tok.weight.detach())
+    assert torch.equal(loaded["optimizer_state"]["tok.weight"]["exp_avg"], opt.state[model.tok.weight]["exp_avg"])

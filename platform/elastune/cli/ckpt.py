@@ -1,4 +1,4 @@
-"""`elastune ckpt ls | show | verify | prune`: look at and look after checkpoints at any URI."""
+"""`elastune ckpt ls | show | verify | export | pin | prune`: look at and look after checkpoints at any URI."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ def add_parser(sub) -> None:
     verify = cmds.add_parser("verify", help="read every byte and check it: exit 0 valid, 1 corrupt, 2 not a checkpoint")
     verify.add_argument("ckpt")
     verify.set_defaults(handler=cmd_verify)
+    export = cmds.add_parser("export", help="write a checkpoint as one safetensors model file or a torch file")
+    export.add_argument("ckpt", help="ROOT/step-N, or a root for its newest checkpoint")
+    export.add_argument("--format", choices=["safetensors", "torch"], required=True)
+    export.add_argument("out", help="file to write")
+    export.set_defaults(handler=cmd_export)
     pin = cmds.add_parser("pin", help="keep a checkpoint through every prune (or --unpin)")
     pin.add_argument("ckpt", help="ROOT/step-N, or a root for its newest checkpoint")
     pin.add_argument("--unpin", action="store_true")
@@ -111,6 +116,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_CORRUPT
     print(f"valid: {ckpt.uri}/{step_dir(m.step)}: {len(tensors)} tensors, {_size(m):,} bytes, every checksum matches")
     return EXIT_VALID
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from elastune.checkpoint.export import export
+
+    ckpt, m = _open(args.ckpt)
+    counts = export(ckpt, m, args.format, args.out)
+    print(f"exported step {m.step} ({counts['model']} model, {counts['optimizer']} optimizer tensors) to {args.out} as {args.format}")
+    return 0
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
