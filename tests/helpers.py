@@ -42,3 +42,14 @@ def reference_sgd_update(model, source, indices: np.ndarray, lr: float) -> dict[
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Norm-wise relative error |a - b| / |b| (elementwise relative error is meaningless near 0)."""
     return float(torch.linalg.vector_norm((a - b).double()) / torch.linalg.vector_norm(b.double()).clamp_min(1e-30))
+
+
+def save_from_ranks(ckpt, manifest_args: tuple, tensors: dict[str, torch.Tensor], world: int):
+    """Save as `world` ranks would, in one process: ranks 1.. write first, then rank 0 gathers
+    their entries and commits. Returns rank 0's SaveReport."""
+    from elastune.checkpoint.format import Manifest
+
+    parts: dict[int, str] = {}
+    for rank in range(world - 1, 0, -1):
+        ckpt.save(Manifest(*manifest_args, {}, {}), tensors, rank, world, gather=lambda s, r=rank: parts.setdefault(r, s) and [])
+    return ckpt.save(Manifest(*manifest_args, {}, {}), tensors, 0, world, gather=lambda s: [s] + [parts[r] for r in range(1, world)])

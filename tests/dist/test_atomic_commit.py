@@ -16,7 +16,8 @@ import time
 import torch
 
 from elastune.checkpoint.checkpointer import Checkpointer
-from elastune.checkpoint.format import Manifest, step_dir
+from elastune.checkpoint.format import step_dir
+from tests.helpers import save_from_ranks
 
 KILLS = 60
 
@@ -26,14 +27,8 @@ def state(step: int) -> dict[str, torch.Tensor]:
     return {f"t{i}": torch.randn(64, 1024, generator=g) for i in range(12)}  # 3 MB
 
 
-def save(root: str, step: int, world: int = 3) -> None:
-    """Save as `world` ranks would, in one process: ranks 1.. write, then rank 0 commits."""
-    ckpt = Checkpointer(root, keep_last=1)
-    parts = {}
-    tensors = state(step)
-    for rank in range(world - 1, 0, -1):
-        ckpt.save(Manifest(step, step, "h", {}, {}), tensors, rank, world, gather=lambda s, r=rank: parts.setdefault(r, s) and [])
-    ckpt.save(Manifest(step, step, "h", {}, {}), tensors, 0, world, gather=lambda s: [s] + [parts[r] for r in range(1, world)])
+def save(root: str, step: int) -> None:
+    save_from_ranks(Checkpointer(root, keep_last=1), (step, step, "h"), state(step), world=3)
 
 
 def test_kill_at_random_points_never_tears(tmp_path):

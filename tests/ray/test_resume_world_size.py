@@ -59,6 +59,10 @@ def test_resumed_run_continues_at_the_exact_step(runs):
     assert [r["samples_seen"] for r in rows] == [12 * s for s in range(1, STEPS + 1)]
     start = next(e for e in events if e["kind"] == "start")
     assert start["resumed_from_step"] == 20 and start["saved_world_size"] == 2 and start["micro_batches"] == [2, 2, 2]
+    assert start["load_bytes"] > 0 and start["load_seconds"] >= 0
+    saves = [e for e in events if e["kind"] == "checkpoint"]
+    assert [e["step"] for e in saves] == [30, 40]
+    assert all(len(e["stall_seconds"]) == len(e["rank_bytes"]) == 3 and sum(e["rank_bytes"]) == e["bytes"] for e in saves)
     assert any(e["kind"] == "resume" and e["step"] == 20 for e in events)
     resize = next(e for e in events if e["kind"] == "resize")
     assert (resize["world_size_before"], resize["world_size_after"], resize["step"]) == (2, 3, 20)

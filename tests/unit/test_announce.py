@@ -20,7 +20,9 @@ def test_fresh_start_is_just_a_start():
 
 
 def test_resume_at_another_world_size_is_a_resize_that_keeps_the_batch():
-    events = collect({"resumed_from_step": 20, "resumed_samples_seen": 480, "saved_world_size": 2, "dataset": DATA}, DATA)
+    events = collect({"resumed_from_step": 20, "resumed_samples_seen": 480, "saved_world_size": 2, "dataset": DATA,
+                      "load_seconds": 0.5, "load_bytes": 2_000_000}, DATA)  # fmt: skip
+    assert describe_event(events[0]).endswith("checkpoint saved by 2 worker(s), 2.00 MB loaded in 0.50 s.")
     resize = next(e for e in events if e["kind"] == "resize")
     assert describe_event(resize) == "Resized 2 -> 3 workers at step 20; micro-batches per rank 2,2,2; global batch stays 24."
     assert "dataset" not in events[0]

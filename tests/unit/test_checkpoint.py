@@ -12,6 +12,7 @@ from elastune.errors import CheckpointError
 from elastune.spec.models import AdamWSpec
 from elastune.train.optim import build_optimizer
 from elastune.train.state import load_state, state_tensors
+from tests import helpers
 from tests.helpers import tiny_model
 
 
@@ -25,13 +26,7 @@ def trained_state(seed=0):
 
 
 def save_from_ranks(ckpt: Checkpointer, step: int, tensors, world: int) -> Manifest:
-    """Run a save as `world` ranks would: ranks 1.. first, then rank 0 gathers their entries."""
-    parts: dict[int, str] = {}
-    for rank in range(world - 1, 0, -1):
-        ckpt.save(Manifest(step, step * 10, "h", {}, {}), tensors, rank, world, gather=lambda s, r=rank: parts.setdefault(r, s) and [])
-    return ckpt.save(
-        Manifest(step, step * 10, "h", {}, {}), tensors, 0, world, gather=lambda s: [s] + [parts[r] for r in range(1, world)]
-    )
+    return helpers.save_from_ranks(ckpt, (step, step * 10, "h"), tensors, world).manifest
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -40,8 +35,11 @@ def test_save_from_n_ranks_loads_bit_exact(tmp_path, world):
     tensors = state_tensors(model, opt)
     assert any(k.endswith("/exp_avg") for k in tensors) and any(k.endswith("/step") for k in tensors)
     ckpt = Checkpointer(str(tmp_path))
-    manifest = save_from_ranks(ckpt, 5, tensors, world)
+    report = helpers.save_from_ranks(ckpt, (5, 50, "h"), tensors, world)
+    manifest = report.manifest
     assert manifest.layout == {"kind": "replicated", "world_size": world}
+    payload_bytes = sum(p.stat().st_size for p in (tmp_path / step_dir(5)).glob("*.safetensors"))
+    assert len(report.rank_bytes) == len(report.rank_seconds) == world and sum(report.rank_bytes) == payload_bytes
     files = {f["file"] for e in manifest.tensors.values() for f in e["fragments"]}
     assert len(files) == min(world, len(tensors))  # each rank wrote a share, nothing twice
     fresh_model, fresh_opt = trained_state(seed=1)

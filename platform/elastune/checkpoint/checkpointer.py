@@ -13,6 +13,7 @@ import logging
 import posixpath
 import struct
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -51,6 +52,17 @@ def locate(uri: str) -> tuple[str, int | None]:
     return (head, step) if step is not None and head else (uri, None)
 
 
+@dataclass(frozen=True)
+class SaveReport:
+    """What a save cost: bytes and seconds each rank spent writing its share (its stall, as saves
+    are synchronous in this version) and the seconds until rank 0 committed the manifest."""
+
+    manifest: Manifest
+    rank_bytes: list[int]
+    rank_seconds: list[float]
+    commit_seconds: float
+
+
 class Checkpointer:
     def __init__(self, uri: str, keep_last: int = 3, policy: RetentionPolicy | None = None):
         self.storage = Storage.from_uri(uri)
@@ -69,30 +81,38 @@ class Checkpointer:
         rank: int = 0,
         world_size: int = 1,
         gather: Gather = _single,
-    ) -> Manifest | None:
-        """Write this rank's share; rank 0 commits the manifest and returns it (others: None)."""
+    ) -> SaveReport | None:
+        """Write this rank's share; rank 0 commits the manifest and reports (others: None)."""
+        started = time.perf_counter()
         folder = step_dir(manifest.step)
         owners = assign_owners({n: t.numel() * t.element_size() for n, t in tensors.items()}, world_size)
         mine = {n: t.detach().cpu() for n, t in tensors.items() if owners[n] == rank}
         file = payload_file(rank, world_size)
-        entries = {}
+        entries, written = {}, 0
         if mine:
             data, frags = encode_payload(mine)
             self.storage.write_bytes(f"{folder}/{file}", data)
-            entries = {n: tensor_entry(mine[n], file, frags[n]) for n in mine}
-        everyone = gather(json.dumps(entries))
+            entries, written = {n: tensor_entry(mine[n], file, frags[n]) for n in mine}, len(data)
+        mine_report = {"entries": entries, "bytes": written, "seconds": time.perf_counter() - started}
+        everyone = [json.loads(part) for part in gather(json.dumps(mine_report))]
         if rank != 0:
             return None
         for part in everyone:
-            manifest.tensors.update(json.loads(part))
+            manifest.tensors.update(part["entries"])
         missing = set(tensors) - set(manifest.tensors)
         if missing:
             raise CheckpointError(f"checkpoint step {manifest.step}: no rank wrote {sorted(missing)[:3]}")
         manifest.layout = {"kind": "replicated", "world_size": world_size}
         manifest.meta.setdefault("created", time.time())
         self.storage.commit_bytes(f"{folder}/{MANIFEST}", manifest.to_json())
+        committed_s = time.perf_counter() - started
         self.prune()
-        return manifest
+        return SaveReport(
+            manifest=manifest,
+            rank_bytes=[part["bytes"] for part in everyone],
+            rank_seconds=[round(part["seconds"], 6) for part in everyone],
+            commit_seconds=round(committed_s, 6),
+        )
 
     def prune(self) -> list[int]:
         """Apply the retention policy (retention.py); delete the rest, manifest first."""

@@ -103,10 +103,12 @@ def announce(emit, plan: BatchPlan, progress: Progress, restored: dict[str, Any]
 
 
 def restore(ckpt: Checkpointer, model, optimizer) -> tuple[Progress, dict[str, Any]]:
+    started = time.perf_counter()
     found = ckpt.load_latest_valid()
     if found is None:
         return Progress(), {"resumed_from_step": None}
     manifest, tensors = found
+    load_seconds = round(time.perf_counter() - started, 4)
     load_state(model, optimizer, tensors, f"{ckpt.uri} step {manifest.step}")
     saved_world = manifest.layout.get("world_size")
     return Progress(manifest.step, manifest.samples_seen), {
@@ -114,6 +116,8 @@ def restore(ckpt: Checkpointer, model, optimizer) -> tuple[Progress, dict[str, A
         "resumed_samples_seen": manifest.samples_seen,
         "saved_world_size": saved_world,
         "dataset": manifest.meta.get("dataset"),
+        "load_seconds": load_seconds,
+        "load_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
     }
 
 
@@ -137,10 +141,10 @@ def save(ckpt: Checkpointer, spec: JobSpec, progress: Progress, model, optimizer
             "metrics": metrics,  # ranks checkpoints for keep_best
         },
     )
-    committed = ckpt.save(manifest, state_tensors(model, optimizer), rank, world, _all_gather)
-    if committed is not None:
-        nbytes = sum(f["length"] for e in committed.tensors.values() for f in e["fragments"])
-        emit("checkpoint", step=progress.step, uri=ckpt.uri, bytes=nbytes, seconds=round(time.perf_counter() - started, 4))
+    report = ckpt.save(manifest, state_tensors(model, optimizer), rank, world, _all_gather)
+    if report is not None:
+        emit("checkpoint", step=progress.step, uri=ckpt.uri, bytes=sum(report.rank_bytes), rank_bytes=report.rank_bytes,
+             stall_seconds=report.rank_seconds, seconds=round(time.perf_counter() - started, 4))  # fmt: skip
 
 
 def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds: float) -> dict[str, Any]:

@@ -64,7 +64,8 @@ def describe_event(event: dict[str, Any]) -> str | None:
         if event.get("resumed_from_step") is not None:
             line += (
                 f"; resumed at step {event['resumed_from_step']} ({event['resumed_samples_seen']} samples), "
-                f"checkpoint saved by {event['saved_world_size']} worker(s)"
+                f"checkpoint saved by {event['saved_world_size']} worker(s), "
+                f"{event['load_bytes'] / 1e6:.2f} MB loaded in {event['load_seconds']:.2f} s"
             )
         return line + "."
     if kind == "resize":
@@ -76,5 +77,9 @@ def describe_event(event: dict[str, Any]) -> str | None:
     if kind == "warning":
         return f"[yellow]Warning[/yellow]: {event['message']}"
     if kind == "checkpoint":
-        return f"Checkpoint step {event['step']}: {event['bytes'] / 1e6:.2f} MB in {event['seconds']:.2f} s -> {event['uri']}"
+        stalls = ", ".join(f"{x:.2f}" for x in event["stall_seconds"])
+        return (
+            f"Checkpoint step {event['step']}: {event['bytes'] / 1e6:.2f} MB in {event['seconds']:.2f} s "
+            f"(per-rank stall {stalls} s) -> {event['uri']}"
+        )
     return None
