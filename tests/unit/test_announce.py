@@ -32,3 +32,10 @@ def test_changed_dataset_is_a_loud_warning():
     events = collect({"resumed_from_step": 20, "resumed_samples_seen": 480, "saved_world_size": 3, "dataset": DATA}, {"count": 90, "content_hash": "def"})
     assert [e["kind"] for e in events] == ["start", "warning"]
     assert "dataset changed since the checkpoint" in describe_event(events[1])
+
+
+def test_corrupt_checkpoints_passed_over_are_reported():
+    events = collect({"resumed_from_step": 10, "resumed_samples_seen": 240, "saved_world_size": 3, "dataset": DATA,
+                      "load_seconds": 0.1, "load_bytes": 10, "skipped_checkpoints": ["step 20: checksum mismatch"]}, DATA)  # fmt: skip
+    assert [e["kind"] for e in events] == ["start", "warning"]
+    assert describe_event(events[1]).endswith("CHECKPOINT CORRUPT, used an older one: step 20: checksum mismatch")

@@ -102,6 +102,7 @@ def test_corrupt_bytes_name_file_and_tensor(tmp_path, caplog):
         ckpt.load(ckpt.read_manifest(2))
     with caplog.at_level(logging.WARNING):
         assert ckpt.load_latest_valid()[0].step == 1
+    assert len(ckpt.skipped) == 1 and "checksum mismatch" in ckpt.skipped[0]
 
 
 def test_manifest_is_plain_json_with_what_every_byte_is(tmp_path):

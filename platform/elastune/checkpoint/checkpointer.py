@@ -67,6 +67,7 @@ class Checkpointer:
     def __init__(self, uri: str, keep_last: int = 3, policy: RetentionPolicy | None = None):
         self.storage = Storage.from_uri(uri)
         self.policy = policy or RetentionPolicy(keep_last=keep_last)
+        self.skipped: list[str] = []  # corrupt checkpoints the last load_latest_valid passed over
 
     @property
     def uri(self) -> str:
@@ -229,15 +230,17 @@ class Checkpointer:
         return out
 
     def load_latest_valid(self, names: list[str] | None = None) -> tuple[Manifest, dict[str, torch.Tensor]] | None:
-        """Newest checkpoint that loads completely; corrupt ones are skipped with a loud warning."""
+        """Newest checkpoint that loads completely; corrupt ones are skipped with a loud warning,
+        and their reasons kept in `self.skipped` for the caller to report where users look."""
+        self.skipped = []
         for step in reversed(self.committed_steps()):
             try:
                 manifest = self.read_manifest(step)
                 return manifest, self.load(manifest, names)
             except (CheckpointError, OSError) as exc:
                 log.warning("CHECKPOINT CORRUPT, falling back to the previous one: %s", exc)
+                self.skipped.append(str(exc))
         return None
-
 
     def _check_header(self, path: str, where: str) -> None:
         """Refuse anything that is not a safetensors payload (a pickle, say) before reading data."""

@@ -91,7 +91,9 @@ def dataset_identity(source: SampleSource) -> dict[str, Any]:
 
 def announce(emit, plan: BatchPlan, progress: Progress, restored: dict[str, Any], dataset: dict[str, Any]) -> None:
     emit("start", world_size=plan.world_size, plan=plan.describe(), micro_batches=plan.counts(),
-         **{k: v for k, v in restored.items() if k != "dataset"})  # fmt: skip
+         **{k: v for k, v in restored.items() if k not in ("dataset", "skipped_checkpoints")})  # fmt: skip
+    for reason in restored.get("skipped_checkpoints", []):
+        emit("warning", message=f"CHECKPOINT CORRUPT, used an older one: {reason}")
     if restored.get("saved_world_size") not in (None, plan.world_size):
         emit("resize", step=progress.step, world_size_before=restored["saved_world_size"], world_size_after=plan.world_size,
              global_batch_size=plan.global_batch_size, micro_batches=plan.counts())  # fmt: skip
@@ -106,7 +108,7 @@ def restore(ckpt: Checkpointer, model, optimizer) -> tuple[Progress, dict[str, A
     started = time.perf_counter()
     found = ckpt.load_latest_valid()
     if found is None:
-        return Progress(), {"resumed_from_step": None}
+        return Progress(), {"resumed_from_step": None, "skipped_checkpoints": ckpt.skipped}
     manifest, tensors = found
     load_seconds = round(time.perf_counter() - started, 4)
     load_state(model, optimizer, tensors, f"{ckpt.uri} step {manifest.step}")
@@ -118,6 +120,7 @@ def restore(ckpt: Checkpointer, model, optimizer) -> tuple[Progress, dict[str, A
         "dataset": manifest.meta.get("dataset"),
         "load_seconds": load_seconds,
         "load_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "skipped_checkpoints": ckpt.skipped,
     }
 
 
