@@ -119,10 +119,13 @@ class Checkpointer:
         """Apply the retention policy (retention.py); delete the rest, manifest first."""
         decision = decide_retention([self.info(step) for step in self.committed_steps()], self.policy)
         for step in decision.delete:
-            # Removing the manifest first means a half-deleted checkpoint never loads as valid.
-            self.storage.delete(f"{step_dir(step)}/{MANIFEST}")
-            self.storage.delete(step_dir(step))
+            self._delete(step_dir(step))
         return list(decision.delete)
+
+    def _delete(self, folder: str) -> None:
+        # Removing the manifest first means a half-deleted checkpoint never loads as valid.
+        self.storage.delete(f"{folder}/{MANIFEST}")
+        self.storage.delete(folder)
 
     def info(self, step: int) -> CheckpointInfo:
         """What retention needs to know of a checkpoint; an unreadable manifest counts as plain."""
@@ -161,8 +164,8 @@ class Checkpointer:
         target = dst_step if dst_step is not None else step
         if dst is self and target == step:
             raise CheckpointError(f"clone of step {step} into the same root needs another dst_step")
-        src_folder = self.storage.full_path(step_dir(step))
-        dst_folder = dst.storage.full_path(step_dir(target))
+        src_folder = self.storage.path(step_dir(step))
+        dst_folder = dst.storage.path(step_dir(target))
         tensors = {
             name: {**entry, "fragments": [
                 {**f, "file": posixpath.relpath(posixpath.normpath(f"{src_folder}/{f['file']}"), dst_folder)}
@@ -186,8 +189,7 @@ class Checkpointer:
         steps = self.committed_steps()
         for name in self.storage.list_dirs():
             if parse_step_dir(name) is not None:
-                self.storage.delete(f"{name}/{MANIFEST}")
-                self.storage.delete(name)
+                self._delete(name)
         return len(steps)
 
     # ------------------------------------------------------------------ load

@@ -39,16 +39,15 @@ class Storage:
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
-    def _full(self, rel: str) -> str:
-        # normpath resolves a clone's "../step-N/file" references (object stores would not).
+    def path(self, rel: str) -> str:
+        """Path of `rel` inside the filesystem (not a URI).
+
+        normpath resolves a clone's "../step-N/file" references, which object stores would not.
+        """
         return posixpath.normpath(f"{self.root}/{rel}") if rel else self.root
 
-    def full_path(self, rel: str) -> str:
-        """Path of `rel` inside the filesystem (not a URI): for relative references between roots."""
-        return self._full(rel)
-
     def write_bytes(self, rel: str, data: bytes) -> None:
-        full = self._full(rel)
+        full = self.path(rel)
         if self.is_local:
             # fsync so a committed checkpoint also survives a machine crash, not only a process kill.
             os.makedirs(os.path.dirname(full), exist_ok=True)
@@ -66,23 +65,23 @@ class Storage:
         if self.is_local:
             tmp = rel + ".tmp"
             self.write_bytes(tmp, data)
-            os.replace(self._full(tmp), self._full(rel))
+            os.replace(self.path(tmp), self.path(rel))
             return
         self.write_bytes(rel, data)  # an object-store PUT is atomic
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open_input_file(self._full(rel)) as f:
+        with self.fs.open_input_file(self.path(rel)) as f:
             return f.read()
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
-        with self.fs.open_input_file(self._full(rel)) as f:
+        with self.fs.open_input_file(self.path(rel)) as f:
             data = f.read_at(length, offset)
         if len(data) != length:
             raise CheckpointError(f"{self.uri}/{rel}: wanted {length} bytes at offset {offset}, file holds fewer")
         return data
 
     def exists(self, rel: str) -> bool:
-        return self.fs.get_file_info(self._full(rel)).type != pafs.FileType.NotFound
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
 
     def list_dirs(self) -> list[str]:
         """Names of folders directly under the root."""
@@ -90,7 +89,7 @@ class Storage:
         return sorted(i.base_name for i in info if i.type == pafs.FileType.Directory)
 
     def delete(self, rel: str) -> None:
-        full = self._full(rel)
+        full = self.path(rel)
         kind = self.fs.get_file_info(full).type
         if kind == pafs.FileType.Directory:
             self.fs.delete_dir(full)

@@ -18,7 +18,7 @@ EXIT_VALID, EXIT_CORRUPT, EXIT_NOT_A_CHECKPOINT = 0, 1, 2
 
 def add_parser(sub) -> None:
     ckpt = sub.add_parser("ckpt", help="list, show, verify and prune checkpoints")
-    cmds = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=sub._parser_class)
+    cmds = ckpt.add_subparsers(dest="ckpt_command", required=True)
     ls = cmds.add_parser("ls", help="table of the checkpoints under a URI")
     ls.add_argument("uri", help="checkpoint root: a path or file://, s3://, gs://, hdfs:// URI")
     ls.set_defaults(handler=cmd_ls)

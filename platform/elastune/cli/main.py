@@ -17,15 +17,9 @@ from elastune.errors import ElastuneError
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 already; keep its usage line, drop nothing
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="elastune", description="Elastic PyTorch training on Ray with an exact global batch at any world size.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = argparse.ArgumentParser(prog="elastune", description="Elastic PyTorch training on Ray with an exact global batch at any world size.")
+    sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train a job (embedded local Ray, or --address)", description="Train a job spec. Resumes from the newest checkpoint at checkpoint.path unless --fresh.")
     run.add_argument("job", help="job spec YAML")
@@ -44,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(handler=cmd_schema)
 
     data = sub.add_parser("data", help="dataset tools")
-    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    data_sub = data.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser("prepare", help="turn text, JSONL or Parquet into a token-window dataset", description="Prepare a byte-token window dataset (Arrow + manifest.json).")
     src = prep.add_mutually_exclusive_group(required=True)
     src.add_argument("--source", nargs="+", help="'stdlib' or files, folders, globs of .txt/.jsonl/.parquet")
