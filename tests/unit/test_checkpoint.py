@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from elastune.checkpoint.checkpointer import Checkpointer
-from elastune.checkpoint.format import Manifest, assign_owners, step_dir
+from elastune.checkpoint.format import Manifest, step_dir
+from elastune.checkpoint.layout import assign_owners
 from elastune.errors import CheckpointError
 from elastune.spec.models import AdamWSpec
 from elastune.train.optim import build_optimizer
@@ -111,9 +112,15 @@ def test_manifest_is_plain_json_with_what_every_byte_is(tmp_path):
     save_from_ranks(ckpt, 3, state_tensors(model, opt), 2)
     raw = json.loads((tmp_path / step_dir(3) / "manifest.json").read_text())
     entry = raw["tensors"]["model/tok.weight"]
-    assert raw["format"] == "elastune.checkpoint/1" and raw["samples_seen"] == 30
+    assert raw["format"] == "elastune.checkpoint/2" and raw["samples_seen"] == 30
     assert entry["dtype"] == "F32" and entry["shape"] == [256, 16]
-    assert set(entry["fragments"][0]) == {"file", "offset", "length", "sha256", "index"}
+    (frag,) = entry["fragments"]
+    assert set(frag) == {"file", "offset", "length", "elements", "block_bytes", "sha256"}
+    assert frag["elements"] == [0, 256 * 16] and frag["length"] == 256 * 16 * 4 and len(frag["sha256"]) == 1
+    with open(tmp_path / step_dir(3) / frag["file"], "rb") as f:  # the byte range is the tensor's raw data
+        f.seek(frag["offset"])
+        assert torch.equal(torch.frombuffer(bytearray(f.read(frag["length"])), dtype=torch.float32).reshape(256, 16),
+                           model.tok.weight.detach())  # fmt: skip
 
 
 def test_safetensors_payloads_open_with_the_safetensors_library(tmp_path):

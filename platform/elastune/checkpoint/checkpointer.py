@@ -1,9 +1,10 @@
-"""Save and load universal checkpoints from any number of ranks (replicated layout).
+"""Durable (tier 1) checkpoints: save from any ranks and layout, load any slices, keep, clone, prune.
 
-Save: every rank holds the same replicated state; `assign_owners` splits the tensors so each
-rank writes a share, in parallel, nothing twice. Rank 0 gathers the fragment entries and writes
-the manifest last. Load: the newest checkpoint whose manifest parses and whose fragments pass
-their checksums; a corrupt one is reported by file and tensor, and the previous one is used.
+Save: each rank writes what it holds and owns (layout.pieces_to_write: replicated tensors split
+among ranks, sharded slices by their holder), in parallel, nothing twice; rank 0 gathers the
+fragment entries and commits the manifest last. Load: the newest checkpoint whose manifest parses
+and whose blocks pass their checksums; a corrupt one is reported by file and tensor, and the
+previous one is used.
 """
 
 from __future__ import annotations
@@ -11,38 +12,46 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-import struct
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from elastune.checkpoint.format import (
+    BLOCK_BYTES,
     MANIFEST,
     Manifest,
-    assign_owners,
-    decode_fragment,
-    encode_payload,
+    PayloadPlan,
+    Piece,
+    merge_entries,
+    numel,
     parse_step_dir,
     payload_file,
     step_dir,
-    tensor_entry,
 )
+from elastune.checkpoint.layout import pieces_to_write
+from elastune.checkpoint.payload import StorageSource, digests_of, read_pieces
 from elastune.checkpoint.retention import CheckpointInfo, RetentionPolicy, decide_retention
 from elastune.checkpoint.storage import Storage
 from elastune.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-MAX_HEADER_BYTES = 100 * 2**20
 PINNED = "PINNED"
 
 Gather = Callable[[str], list[str]]  # every rank's string, in rank order (an all-gather)
+ReadPieces = Callable[[dict[str, tuple[int, int]]], dict[str, torch.Tensor]]  # wanted ranges -> flat tensors
 
 
-def _single(payload: str) -> list[str]:
-    return [payload]
+def all_gather(payload: str) -> list[str]:
+    """Every rank's string over the default process group; just this one without one."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [payload]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, payload)
+    return out
 
 
 def locate(uri: str) -> tuple[str, int | None]:
@@ -78,42 +87,47 @@ class Checkpointer:
     def save(
         self,
         manifest: Manifest,
-        tensors: dict[str, torch.Tensor],
+        state: dict[str, Piece | torch.Tensor],
         rank: int = 0,
         world_size: int = 1,
-        gather: Gather = _single,
+        gather: Gather = all_gather,
     ) -> SaveReport | None:
-        """Write this rank's share; rank 0 commits the manifest and reports (others: None)."""
+        """Write this rank's share synchronously; rank 0 commits the manifest and reports (others: None).
+
+        `state` is what this rank holds: Pieces (see format.py), or plain tensors meaning whole
+        replicated ones. `manifest.layout["kind"]` names the training layout; world_size is added.
+        """
         started = time.perf_counter()
-        folder = step_dir(manifest.step)
-        owners = assign_owners({n: t.numel() * t.element_size() for n, t in tensors.items()}, world_size)
-        mine = {n: t.detach().cpu() for n, t in tensors.items() if owners[n] == rank}
+        held = {n: v if isinstance(v, Piece) else Piece.whole(v) for n, v in state.items()}
+        mine = pieces_to_write(held, rank, world_size)
         file = payload_file(rank, world_size)
         entries, written = {}, 0
         if mine:
-            data, frags = encode_payload(mine)
-            self.storage.write_bytes(f"{folder}/{file}", data)
-            entries, written = {n: tensor_entry(mine[n], file, frags[n]) for n in mine}, len(data)
+            plan, buffer = pack(mine)
+            entries = seal(plan, mine, buffer, file)
+            self.storage.write_bytes(f"{step_dir(manifest.step)}/{file}", buffer.numpy())
+            written = plan.size
         mine_report = {"entries": entries, "bytes": written, "seconds": time.perf_counter() - started}
         everyone = [json.loads(part) for part in gather(json.dumps(mine_report))]
         if rank != 0:
             return None
-        for part in everyone:
-            manifest.tensors.update(part["entries"])
-        missing = set(tensors) - set(manifest.tensors)
-        if missing:
-            raise CheckpointError(f"checkpoint step {manifest.step}: no rank wrote {sorted(missing)[:3]}")
-        manifest.layout = {"kind": "replicated", "world_size": world_size}
-        manifest.meta.setdefault("created", time.time())
-        self.storage.commit_bytes(f"{folder}/{MANIFEST}", manifest.to_json())
+        self.commit(manifest, [part["entries"] for part in everyone], world_size)
         committed_s = time.perf_counter() - started
-        self.prune()
         return SaveReport(
             manifest=manifest,
             rank_bytes=[part["bytes"] for part in everyone],
             rank_seconds=[round(part["seconds"], 6) for part in everyone],
             commit_seconds=round(committed_s, 6),
         )
+
+    def commit(self, manifest: Manifest, parts: list[dict], world_size: int) -> None:
+        """Make a checkpoint exist once every rank's payload is written: its manifest goes last."""
+        where = f"{self.uri}/{step_dir(manifest.step)}"
+        manifest.tensors = merge_entries(parts, where)
+        manifest.layout = {"kind": manifest.layout.get("kind", "replicated"), "world_size": world_size}
+        manifest.meta.setdefault("created", time.time())
+        self.storage.commit_bytes(f"{step_dir(manifest.step)}/{MANIFEST}", manifest.to_json())
+        self.prune()
 
     def prune(self) -> list[int]:
         """Apply the retention policy (retention.py); delete the rest, manifest first."""
@@ -212,44 +226,51 @@ class Checkpointer:
         return None
 
     def load(self, manifest: Manifest, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-        folder = step_dir(manifest.step)
-        where = f"{self.uri}/{folder}"
-        out: dict[str, torch.Tensor] = {}
-        checked: set[str] = set()
-        for name in names if names is not None else sorted(manifest.tensors):
-            entry = manifest.tensors.get(name)
-            if entry is None:
-                raise CheckpointError(f"{where}: has no tensor {name!r}; it was saved from a different model or optimizer")
-            (frag,) = entry["fragments"]  # replicated layout: one fragment per tensor
-            if frag["file"] not in checked:
-                self._check_header(f"{folder}/{frag['file']}", where)
-                checked.add(frag["file"])
-            raw = self.storage.read_range(f"{folder}/{frag['file']}", frag["offset"], frag["length"])
-            try:
-                out[name] = decode_fragment(raw, entry, frag, where)
-            except CheckpointError as exc:
-                raise CheckpointError(f"{exc} (tensor {name!r})") from None
-        return out
+        """Whole tensors in their global shapes (all of them unless `names` says which)."""
+        names = sorted(manifest.tensors) if names is None else names
+        wanted = {n: (0, _numel(manifest, n)) for n in names}
+        flat = self.load_pieces(manifest, wanted)
+        return {n: t.reshape(manifest.tensors[n]["shape"]) for n, t in flat.items()}
 
-    def load_latest_valid(self, names: list[str] | None = None) -> tuple[Manifest, dict[str, torch.Tensor]] | None:
-        """Newest checkpoint that loads completely; corrupt ones are skipped with a loud warning,
-        and their reasons kept in `self.skipped` for the caller to report where users look."""
+    def load_pieces(self, manifest: Manifest, wanted: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """Flat element ranges of tensors, reading only the byte ranges they need."""
+        folder = step_dir(manifest.step)
+        return read_pieces(manifest, StorageSource(self.storage.read_range, folder), wanted, f"{self.uri}/{folder}")
+
+    def restore_latest(self, apply: Callable[[Manifest, ReadPieces], None]) -> Manifest | None:
+        """Call `apply(manifest, read)` on the newest checkpoint it succeeds on; corrupt ones are
+        skipped with a loud warning, their reasons kept in `self.skipped` for the caller to report
+        where users look. `read(wanted)` returns flat element ranges, verified."""
         self.skipped = []
         for step in reversed(self.committed_steps()):
             try:
                 manifest = self.read_manifest(step)
-                return manifest, self.load(manifest, names)
+                apply(manifest, lambda wanted, m=manifest: self.load_pieces(m, wanted))
+                return manifest
             except (CheckpointError, OSError) as exc:
                 log.warning("CHECKPOINT CORRUPT, falling back to the previous one: %s", exc)
                 self.skipped.append(str(exc))
         return None
 
-    def _check_header(self, path: str, where: str) -> None:
-        """Refuse anything that is not a safetensors payload (a pickle, say) before reading data."""
-        try:
-            (n,) = struct.unpack("<Q", self.storage.read_range(path, 0, 8))
-            if n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"header length {n} is implausible")
-            json.loads(self.storage.read_range(path, 8, n))
-        except (CheckpointError, ValueError, struct.error) as exc:
-            raise CheckpointError(f"{where}: {path.rsplit('/', 1)[-1]} is not a safetensors payload ({exc}); refusing to load it") from None
+    def load_latest_valid(self, names: list[str] | None = None) -> tuple[Manifest, dict[str, torch.Tensor]] | None:
+        """The newest checkpoint that loads completely, as whole tensors."""
+        out: dict[str, torch.Tensor] = {}
+        manifest = self.restore_latest(lambda m, _read: out.update(self.load(m, names)))
+        return None if manifest is None else (manifest, out)
+
+def _numel(manifest: Manifest, name: str) -> int:
+    entry = manifest.tensors.get(name)
+    return 0 if entry is None else numel(entry["shape"])
+
+
+def pack(pieces: dict[str, Piece]) -> tuple[PayloadPlan, torch.Tensor]:
+    """One payload's bytes in a fresh host buffer (header, then every piece)."""
+    plan = PayloadPlan.of(pieces)
+    buffer = torch.empty(plan.size, dtype=torch.uint8)
+    plan.fill(buffer, pieces)
+    return plan, buffer
+
+
+def seal(plan: PayloadPlan, pieces: dict[str, Piece], buffer: torch.Tensor, file: str) -> dict[str, dict]:
+    """Manifest entries of a packed payload, with its block checksums."""
+    return plan.entries(pieces, file, digests_of(plan.offsets, memoryview(buffer.numpy()), BLOCK_BYTES))

@@ -1,19 +1,20 @@
-"""The universal checkpoint format, version 1.
+"""The universal checkpoint format, version 2.
 
 A checkpoint is a folder `step-<step:09d>/` holding payload files and `manifest.json`:
 
-  rank-<r>-of-<W>.safetensors   tensors rank r owned at save (safetensors: a JSON header, raw bytes)
+  rank-<r>-of-<W>.safetensors   the pieces rank r wrote (safetensors: a JSON header, raw bytes)
   manifest.json                 written last; a checkpoint without it does not exist
 
-The manifest says what every byte is: for each tensor its dtype, global shape and fragments
-(file, byte offset and length of the raw data, sha256, and the global index range the fragment
-covers), plus step, samples_seen, spec hash, layout at save, optimizer, schedule and RNG scheme.
-Readers read only the byte ranges they need and never unpickle anything.
+Every tensor is logical and global (`model/<name>`, `optim/<param>/<key>`, its full shape),
+whatever layout saved it. Its bytes are stored as fragments, each a flat element range
+[lo, hi) of the row-major tensor: a replicated layout writes one fragment per tensor, a sharded
+optimizer (ZeRO-1) writes one per rank slice. A fragment records its file, byte offset and
+length, and a sha256 per `block_bytes` block, so a loader can read any sub-range and still verify
+every byte it reads. Readers never unpickle anything.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
@@ -23,8 +24,10 @@ import torch
 
 from elastune.errors import CheckpointError
 
-FORMAT = "elastune.checkpoint/1"
+FORMAT = "elastune.checkpoint/2"
+FORMATS_READ = (FORMAT, "elastune.checkpoint/1")
 MANIFEST = "manifest.json"
+BLOCK_BYTES = 4 * 2**20  # checksum granularity: the most a sub-range read over-reads at each end
 
 _DTYPES = {
     torch.float64: "F64",
@@ -41,6 +44,17 @@ _DTYPES = {
 _TORCH = {v: k for k, v in _DTYPES.items()}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPES[dtype]
+
+
+def torch_dtype(name: str, where: str) -> torch.dtype:
+    dtype = _TORCH.get(name)
+    if dtype is None:
+        raise CheckpointError(f"{where}: unknown dtype {name!r}")
+    return dtype
+
+
 def step_dir(step: int) -> str:
     return f"step-{step:09d}"
 
@@ -55,60 +69,97 @@ def payload_file(rank: int, world_size: int) -> str:
     return f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
 
 
-def assign_owners(sizes: dict[str, int], world_size: int) -> dict[str, int]:
-    """Split replicated tensors among ranks so each writes about the same bytes, nothing twice.
+def numel(shape: list[int] | tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
-    Greedy: largest tensor first to the least-loaded rank (ties: lower rank, then name order).
-    Pure and deterministic, so every rank computes the same answer without talking.
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements [lo, hi) of the flattened logical tensor of global `shape`, as one rank holds them.
+
+    `replicated`: every rank holds this same piece (the whole tensor), so a save divides such
+    pieces among ranks instead of writing each W times.
     """
-    load = [0] * world_size
-    owners: dict[str, int] = {}
-    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
-        rank = min(range(world_size), key=lambda r: (load[r], r))
-        owners[name] = rank
-        load[rank] += sizes[name]
-    return owners
+
+    data: torch.Tensor  # hi - lo elements, any device
+    lo: int
+    hi: int
+    shape: tuple[int, ...]
+    replicated: bool = False
+
+    @classmethod
+    def whole(cls, t: torch.Tensor, replicated: bool = True) -> "Piece":
+        return cls(t.detach(), 0, t.numel(), tuple(t.shape), replicated)
+
+    @property
+    def nbytes(self) -> int:
+        return (self.hi - self.lo) * self.data.element_size()
 
 
-def encode_payload(tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, dict[str, Any]]]:
-    """Safetensors bytes for `tensors` (on CPU) and each tensor's fragment entry (offset, length, sha256)."""
-    header: dict[str, Any] = {}
-    chunks: list[bytes] = []
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # safetensors aligns the data area to 8 bytes
-    base = 8 + len(head)
-    entries = {}
-    for name, raw in zip(sorted(tensors), chunks):
-        begin, end = header[name]["data_offsets"]
-        entries[name] = {"offset": base + begin, "length": end - begin, "sha256": hashlib.sha256(raw).hexdigest()}
-    return struct.pack("<Q", len(head)) + head + b"".join(chunks), entries
+@dataclass(frozen=True)
+class PayloadPlan:
+    """Where each piece's bytes go in one safetensors payload (pure: names, dtypes, sizes)."""
+
+    header: bytes  # the 8-byte length and the JSON header, padded to 8 bytes
+    offsets: dict[str, tuple[int, int]]  # name -> (file offset, byte length)
+    size: int
+
+    @classmethod
+    def of(cls, pieces: dict[str, Piece]) -> "PayloadPlan":
+        header: dict[str, Any] = {}
+        offset = 0
+        for name in sorted(pieces):
+            p = pieces[name]
+            # A whole tensor keeps its shape, so plain safetensors readers see the real tensor.
+            shape = list(p.shape) if (p.lo, p.hi) == (0, numel(p.shape)) else [p.hi - p.lo]
+            header[name] = {"dtype": _DTYPES[p.data.dtype], "shape": shape, "data_offsets": [offset, offset + p.nbytes]}
+            offset += p.nbytes
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)  # safetensors aligns the data area to 8 bytes
+        base = 8 + len(head)
+        offsets = {n: (base + h["data_offsets"][0], h["data_offsets"][1] - h["data_offsets"][0]) for n, h in header.items()}
+        return cls(struct.pack("<Q", len(head)) + head, offsets, base + offset)
+
+    def fill(self, buffer: torch.Tensor, pieces: dict[str, Piece]) -> None:
+        """Copy the header and every piece into `buffer` (uint8, `size` bytes; pinned if pieces are
+        on a GPU, where the copies are asynchronous until the caller synchronises)."""
+        buffer[: len(self.header)].copy_(torch.frombuffer(bytearray(self.header), dtype=torch.uint8))
+        for name, (offset, length) in self.offsets.items():
+            if length:
+                src = pieces[name].data.reshape(-1)
+                buffer[offset : offset + length].view(src.dtype).copy_(src, non_blocking=True)
+
+    def entries(self, pieces: dict[str, Piece], file: str, digests: dict[str, list[str]] | None) -> dict[str, dict[str, Any]]:
+        """Manifest entries of these pieces (each a one-fragment tensor entry, merged across ranks
+        later). Without digests (an in-memory snapshot) the checksums are filled in when persisted."""
+        out = {}
+        for name, (offset, length) in self.offsets.items():
+            p = pieces[name]
+            frag = {"file": file, "offset": offset, "length": length, "elements": [p.lo, p.hi],
+                    "block_bytes": BLOCK_BYTES, "sha256": digests[name] if digests else None}  # fmt: skip
+            out[name] = {"dtype": _DTYPES[p.data.dtype], "shape": list(p.shape), "fragments": [frag]}
+        return out
 
 
-def tensor_entry(t: torch.Tensor, file: str, frag: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "dtype": _DTYPES[t.dtype],
-        "shape": list(t.shape),
-        "fragments": [{"file": file, **frag, "index": [[0, n] for n in t.shape]}],
-    }
-
-
-def decode_fragment(raw: bytes, entry: dict[str, Any], frag: dict[str, Any], where: str) -> torch.Tensor:
-    if hashlib.sha256(raw).hexdigest() != frag["sha256"]:
-        raise CheckpointError(f"{where}: checksum mismatch in {frag['file']} (bytes {frag['offset']}..{frag['offset'] + frag['length']})")
-    dtype = _TORCH.get(entry["dtype"])
-    if dtype is None:
-        raise CheckpointError(f"{where}: unknown dtype {entry['dtype']!r}")
-    shape = [hi - lo for lo, hi in frag["index"]]
-    if not raw:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+def merge_entries(parts: list[dict[str, dict[str, Any]]], where: str) -> dict[str, dict[str, Any]]:
+    """Join every rank's entries into one per tensor; its fragments must tile it exactly."""
+    merged: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for name, entry in part.items():
+            merged.setdefault(name, {**entry, "fragments": []})["fragments"].extend(entry["fragments"])
+    for name, entry in merged.items():
+        entry["fragments"].sort(key=lambda f: f["elements"][0])
+        edge = 0
+        for frag in entry["fragments"]:
+            if frag["elements"][0] != edge:
+                raise CheckpointError(f"{where}: {name} fragments do not tile the tensor (gap or overlap at element {edge})")
+            edge = frag["elements"][1]
+        if edge != numel(entry["shape"]):
+            raise CheckpointError(f"{where}: {name} fragments cover {edge} of {numel(entry['shape'])} elements")
+    return merged
 
 
 @dataclass
@@ -124,12 +175,33 @@ class Manifest:
     def to_json(self) -> bytes:
         return (json.dumps(self.__dict__, indent=1, sort_keys=True) + "\n").encode()
 
+    @property
+    def nbytes(self) -> int:
+        return sum(f["length"] for e in self.tensors.values() for f in e["fragments"])
+
+    @property
+    def shapes(self) -> dict[str, list[int]]:
+        return {n: e["shape"] for n, e in self.tensors.items()}
+
     @classmethod
     def from_json(cls, data: bytes, where: str) -> "Manifest":
         try:
             raw = json.loads(data)
-            if raw.get("format") != FORMAT:
-                raise CheckpointError(f"{where}: format {raw.get('format')!r} is not {FORMAT!r}")
+            if raw.get("format") not in FORMATS_READ:
+                raise CheckpointError(f"{where}: format {raw.get('format')!r} is not one of {FORMATS_READ}")
+            if raw["format"] != FORMAT:
+                raw = _upgrade_v1(raw)
             return cls(**raw)
-        except (ValueError, TypeError, AttributeError) as exc:
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
             raise CheckpointError(f"{where}: manifest is malformed ({exc})") from None
+
+
+def _upgrade_v1(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 had one whole-tensor fragment per tensor with a single sha256: one block."""
+    for entry in raw["tensors"].values():
+        for frag in entry["fragments"]:
+            frag.pop("index", None)
+            frag["elements"] = [0, numel(entry["shape"])]
+            frag["block_bytes"] = max(frag["length"], 1)
+            frag["sha256"] = [frag["sha256"]]
+    return {**raw, "format": FORMAT}

@@ -6,6 +6,7 @@ environment or pyarrow's usual providers, never from specs or manifests.
 
 from __future__ import annotations
 
+import mmap
 import os
 import posixpath
 from dataclasses import dataclass
@@ -46,15 +47,12 @@ class Storage:
         """
         return posixpath.normpath(f"{self.root}/{rel}") if rel else self.root
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
+    def write_bytes(self, rel: str, data) -> None:
+        """Write a whole file (bytes or any buffer); on local disks, durable once this returns."""
         full = self.path(rel)
         if self.is_local:
-            # fsync so a committed checkpoint also survives a machine crash, not only a process kill.
             os.makedirs(os.path.dirname(full), exist_ok=True)
-            with open(full, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            write_local(full, memoryview(data).cast("B"))
             return
         self.fs.create_dir(os.path.dirname(full), recursive=True)
         with self.fs.open_output_stream(full) as f:
@@ -95,3 +93,57 @@ class Storage:
             self.fs.delete_dir(full)
         elif kind == pafs.FileType.File:
             self.fs.delete_file(full)
+
+
+DIRECT_CHUNK = 16 * 2**20
+_ALIGN = 4096
+
+
+def write_local(path: str, data: memoryview) -> None:
+    """Write and fsync a local file, bypassing the page cache (O_DIRECT) where the filesystem allows.
+
+    Buffered writes of large payloads ran at a fifth of the disk's direct-I/O bandwidth here: the
+    page cache's writeback throttles the writer. O_DIRECT needs aligned memory, offsets and
+    lengths, so data goes through a page-aligned bounce buffer and the padded tail is truncated.
+    Filesystems without O_DIRECT (tmpfs) and small files take the buffered path.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    if len(data) >= DIRECT_CHUNK and hasattr(os, "O_DIRECT"):
+        try:
+            fd = os.open(path, flags | os.O_DIRECT, 0o644)
+        except OSError:
+            fd = None
+        if fd is not None:
+            try:
+                _write_direct(fd, data)
+                os.fsync(fd)
+                return
+            except OSError:
+                pass  # EINVAL from a filesystem that accepted the flag but not the I/O: go buffered
+            finally:
+                os.close(fd)
+    fd = os.open(path, flags, 0o644)
+    try:
+        view, done = data, 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+        os.fsync(fd)  # so a committed checkpoint also survives a machine crash, not only a kill
+    finally:
+        os.close(fd)
+
+
+def _write_direct(fd: int, data: memoryview) -> None:
+    bounce = mmap.mmap(-1, DIRECT_CHUNK)  # anonymous mappings are page-aligned
+    try:
+        for start in range(0, len(data), DIRECT_CHUNK):
+            chunk = data[start : start + DIRECT_CHUNK]
+            bounce[: len(chunk)] = chunk
+            padded = -(-len(chunk) // _ALIGN) * _ALIGN
+            view = memoryview(bounce)[:padded]
+            done = 0
+            while done < padded:
+                done += os.pwrite(fd, view[done:], start + done)
+            view.release()
+        os.ftruncate(fd, len(data))
+    finally:
+        bounce.close()

@@ -57,10 +57,6 @@ def _open(ckpt_uri: str) -> tuple[Checkpointer, Manifest]:
     return ckpt, ckpt.read_manifest(step)
 
 
-def _size(manifest: Manifest) -> int:
-    return sum(f["length"] for e in manifest.tensors.values() for f in e["fragments"])
-
-
 def cmd_ls(args: argparse.Namespace) -> int:
     ckpt = Checkpointer(args.uri)
     table = Table(title=f"checkpoints at {args.uri}")
@@ -78,7 +74,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         layout = f"{m.layout.get('kind')} x{m.layout.get('world_size')}"
         if ckpt.info(step).pinned:
             layout += ", pinned"
-        table.add_row(str(m.step), f"{m.samples_seen:,}", when, f"{_size(m) / 1e6:.2f} MB", layout, "yes" if files_ok else "no: payload missing")
+        table.add_row(str(m.step), f"{m.samples_seen:,}", when, f"{m.nbytes / 1e6:.2f} MB", layout, "yes" if files_ok else "no: payload missing")
     console = Console()
     if not console.is_terminal:  # piped: do not fold cells to a guessed 80 columns
         console = Console(width=200)
@@ -96,7 +92,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     for key in ("job", "optimizer", "schedule", "batch", "rng", "dataset"):
         if key in m.meta:
             print(f"  {key}: {json.dumps(m.meta[key], sort_keys=True)}")
-    print(f"  {len(m.tensors)} tensors, {_size(m) / 1e6:.2f} MB")
+    print(f"  {len(m.tensors)} tensors, {m.nbytes / 1e6:.2f} MB")
     for name in sorted(m.tensors):
         e = m.tensors[name]
         print(f"    {name}  {e['dtype']} {e['shape']}  in {', '.join(f['file'] for f in e['fragments'])}")
@@ -114,7 +110,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except (CheckpointError, OSError) as exc:
         print(f"CORRUPT: {exc}")
         return EXIT_CORRUPT
-    print(f"valid: {ckpt.uri}/{step_dir(m.step)}: {len(tensors)} tensors, {_size(m):,} bytes, every checksum matches")
+    print(f"valid: {ckpt.uri}/{step_dir(m.step)}: {len(tensors)} tensors, {m.nbytes:,} bytes, every checksum matches")
     return EXIT_VALID
 
 

@@ -203,6 +203,10 @@ class ScalingSpec(Strict):
     gpus_per_worker: float = Field(0.0, ge=0, description="0 trains on CPU with gloo; >0 on CUDA with NCCL.")
     torch_threads: int | None = Field(None, ge=1, description="Intra-op threads per worker; default: cpus_per_worker.")
     max_failures: int = Field(3, ge=-1, description="Worker-group restarts before the run fails; -1 never gives up.")
+    layout: Literal["replicated", "zero1"] = Field(
+        "replicated",
+        description="replicated: every worker holds all optimizer state (DDP); zero1: each holds a 1/W slice of it (ZeRO-1).",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> "ScalingSpec":
@@ -216,7 +220,10 @@ class ScalingSpec(Strict):
 
 class CheckpointSpec(Strict):
     path: str | None = Field(None, description="Directory or URI (file://, s3://, gs://, hdfs://); default runs/<name>/checkpoints.")
-    every_steps: int = Field(100, ge=1)
+    every_steps: int = Field(100, ge=1, description="Steps between durable checkpoints (tier 1, written in the background).")
+    snapshot_every_steps: int | None = Field(
+        1, ge=1, description="Steps between in-memory snapshots (tier 0) a restart resumes from; null turns them off."
+    )
     keep_last: int = Field(3, ge=1, description="Keep the newest this many checkpoints.")
     keep_best: int = Field(0, ge=0, description="Also keep the best this many by best_metric.")
     best_metric: Literal["loss"] = Field("loss", description="Metric recorded with each checkpoint that ranks them.")

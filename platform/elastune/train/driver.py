@@ -20,6 +20,8 @@ import ray
 from rich.console import Console
 
 from elastune.checkpoint.checkpointer import Checkpointer
+from elastune.checkpoint.retention import RetentionPolicy
+from elastune.checkpoint.service import service_name, start_service
 from elastune.data.prepare import ensure_prepared
 from elastune.errors import ElastuneError
 from elastune.recipes import load_recipe
@@ -156,11 +158,15 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     from ray.train.torch import TorchTrainer
 
     sink = RunSink.options(name=sink_name(run_id)).remote()
+    c = spec.checkpoint
+    policy = RetentionPolicy(c.keep_last, c.keep_best, c.best_metric, c.best_mode)
+    service = start_service(run_id, spec.checkpoint_path, policy, sink_name(run_id))
     scaling = spec.scaling
     workers = scaling.min_workers if scaling.min_workers == scaling.max_workers else (scaling.min_workers, scaling.max_workers)
     trainer = TorchTrainer(
         run_worker,
-        train_loop_config=WorkerConfig(spec=spec.to_dict(), spec_dir=spec_dir, sink_name=sink_name(run_id), run_id=run_id).__dict__,
+        train_loop_config=WorkerConfig(spec=spec.to_dict(), spec_dir=spec_dir, sink_name=sink_name(run_id),
+                                       service_name=service_name(run_id), run_id=run_id).__dict__,
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=scaling.gpus_per_worker > 0,
@@ -179,6 +185,8 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
             trainer.fit()
         except Exception as exc:  # reported below, on the main thread
             outcome["error"] = exc
+        finally:  # the run is over once its durable checkpoints are committed
+            ray.get(service.flush.remote())
 
     view = ProgressView(console, spec.max_steps)
     started = time.time()
@@ -215,6 +223,7 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     run_dir.write_result(result.__dict__ | {"run_dir": str(run_dir.path)})
     run_dir.append_events([{"time": time.time(), "kind": "end", "status": result.status, "error": result.error}])
     ray.kill(sink)
+    ray.kill(service)
     return result
 
 

@@ -14,19 +14,20 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.format import Manifest
-from elastune.checkpoint.retention import RetentionPolicy
+from elastune.checkpoint.payload import BufferSource, read_pieces
+from elastune.checkpoint.snapshot import Snapshotter
 from elastune.data.dataset import TokenWindows
 from elastune.recipes import Recipe, SampleSource, load_recipe
 from elastune.spec.models import JobSpec
 from elastune.train.batch_plan import BatchPlan, batch_plan
 from elastune.train.optim import build_optimizer, set_lr
 from elastune.train.schedules import lr_multiplier
-from elastune.train.state import Progress, load_state, state_tensors
+from elastune.train.state import Progress, layout_of, restore_state, state_pieces
 from elastune.train.step import GradBuffer, train_step
+from elastune.train.zero import ZeroOptimizer
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class WorkerConfig:
     spec: dict[str, Any]
     spec_dir: str
     sink_name: str
+    service_name: str
     run_id: str
 
 
@@ -53,13 +55,17 @@ def run_worker(config: dict[str, Any]) -> None:
     source = open_source(recipe, spec)
     torch.manual_seed(spec.seed)  # identical initial parameters on every rank
     model = recipe.build_model().to(ray.train.torch.get_device())
-    optimizer = build_optimizer(model, spec.optimizer)
+    if spec.scaling.layout == "zero1":
+        optimizer = ZeroOptimizer(model, spec.optimizer, rank, world)
+    else:
+        optimizer = build_optimizer(model, spec.optimizer)
     grads = GradBuffer(model)
-    c = spec.checkpoint
-    ckpt = Checkpointer(spec.checkpoint_path, policy=RetentionPolicy(c.keep_last, c.keep_best, c.best_metric, c.best_mode))
-    progress, restored = restore(ckpt, model, optimizer)
+    service = ray.get_actor(job.service_name)
+    progress, restored = restore(service, Checkpointer(spec.checkpoint_path), model, optimizer)
     plan = batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, world)
     announce(emit, plan, progress, restored, dataset_identity(source))
+    snapshots = Snapshotter(service, rank, world)
+    c = spec.checkpoint
 
     while progress.step < spec.max_steps:
         lr = spec.optimizer.lr * lr_multiplier(spec.schedule, progress.samples_seen, spec.horizon_samples)
@@ -71,10 +77,13 @@ def run_worker(config: dict[str, Any]) -> None:
         )  # fmt: skip
         progress = progress.advance(plan.global_batch_size)
         seconds = time.perf_counter() - started
-        rows.add(metrics_row(progress, result, lr, plan, seconds))
-        if progress.step % spec.checkpoint.every_steps == 0 or progress.step == spec.max_steps:
-            save(ckpt, spec, progress, model, optimizer, rank, world, emit, dataset_identity(source), {"loss": result.loss})
-            rows.flush()
+        durable = progress.step % c.every_steps == 0 or progress.step == spec.max_steps
+        stall = None
+        if durable or (c.snapshot_every_steps and progress.step % c.snapshot_every_steps == 0):
+            header = snapshot_header(spec, progress, layout_of(optimizer), durable, dataset_identity(source), {"loss": result.loss})
+            stall = snapshots.take(header, state_pieces(model, optimizer))
+        rows.add(metrics_row(progress, result, lr, plan, seconds, stall))
+    snapshots.wait()  # the last step is with the service before this worker reports done
     rows.flush()
     emit("finish", step=progress.step, samples_seen=progress.samples_seen)
 
@@ -104,36 +113,50 @@ def announce(emit, plan: BatchPlan, progress: Progress, restored: dict[str, Any]
              f"samples_seen continues, but the epoch's order is over different data")  # fmt: skip
 
 
-def restore(ckpt: Checkpointer, model, optimizer) -> tuple[Progress, dict[str, Any]]:
+def restore(service, ckpt: Checkpointer, model, optimizer) -> tuple[Progress, dict[str, Any]]:
+    """Newest state from the service's in-memory snapshot (tier 0) when it is the newest there is,
+    else from the newest valid durable checkpoint (tier 1); only the ranges this layout needs."""
     started = time.perf_counter()
-    found = ckpt.load_latest_valid()
-    if found is None:
+    loaded: dict[str, Any] = {}
+
+    def apply(manifest: Manifest, read, where: str) -> None:
+        loaded["bytes"] = restore_state(model, optimizer, manifest.shapes, read, where)
+
+    snap = ray.get(service.snapshot.remote())
+    if snap is not None:
+        manifest = Manifest.from_json(snap["manifest"].encode(), "in-memory snapshot")
+        where = f"in-memory snapshot of step {manifest.step}"
+        source = BufferSource(lambda file: ray.get(snap["payloads"][file]))
+        apply(manifest, lambda wanted: read_pieces(manifest, source, wanted, where), where)
+        tier = 0
+    else:
+        manifest = ckpt.restore_latest(lambda m, read: apply(m, read, f"{ckpt.uri} step {m.step}"))
+        tier = 1
+    if manifest is None:
         return Progress(), {"resumed_from_step": None, "skipped_checkpoints": ckpt.skipped}
-    manifest, tensors = found
-    load_seconds = round(time.perf_counter() - started, 4)
-    load_state(model, optimizer, tensors, f"{ckpt.uri} step {manifest.step}")
-    saved_world = manifest.layout.get("world_size")
     return Progress(manifest.step, manifest.samples_seen), {
         "resumed_from_step": manifest.step,
         "resumed_samples_seen": manifest.samples_seen,
-        "saved_world_size": saved_world,
+        "resumed_from_tier": tier,
+        "saved_world_size": manifest.layout.get("world_size"),
+        "saved_layout": manifest.layout.get("kind"),
         "dataset": manifest.meta.get("dataset"),
-        "load_seconds": load_seconds,
-        "load_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "load_seconds": round(time.perf_counter() - started, 4),
+        "load_bytes": loaded["bytes"],
         "skipped_checkpoints": ckpt.skipped,
     }
 
 
-def save(ckpt: Checkpointer, spec: JobSpec, progress: Progress, model, optimizer, rank: int, world: int, emit, dataset, metrics) -> None:
-    started = time.perf_counter()
+def snapshot_header(spec: JobSpec, progress: Progress, layout: str, durable: bool, dataset, metrics) -> dict[str, Any]:
+    """What a snapshot's manifest says besides its tensors (the service adds the world size)."""
     sections = spec.to_dict()
-    manifest = Manifest(
-        step=progress.step,
-        samples_seen=progress.samples_seen,
-        spec_hash=spec.fingerprint(),
-        layout={},
-        tensors={},
-        meta={
+    return {
+        "step": progress.step,
+        "samples_seen": progress.samples_seen,
+        "spec_hash": spec.fingerprint(),
+        "layout": layout,
+        "durable": durable,
+        "meta": {
             "job": spec.name,
             "model_hash": spec.fingerprint("model"),
             "optimizer": sections["optimizer"],
@@ -143,14 +166,10 @@ def save(ckpt: Checkpointer, spec: JobSpec, progress: Progress, model, optimizer
             "dataset": dataset,
             "metrics": metrics,  # ranks checkpoints for keep_best
         },
-    )
-    report = ckpt.save(manifest, state_tensors(model, optimizer), rank, world, _all_gather)
-    if report is not None:
-        emit("checkpoint", step=progress.step, uri=ckpt.uri, bytes=sum(report.rank_bytes), rank_bytes=report.rank_bytes,
-             stall_seconds=report.rank_seconds, seconds=round(time.perf_counter() - started, 4))  # fmt: skip
+    }
 
 
-def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds: float) -> dict[str, Any]:
+def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds: float, stall: float | None) -> dict[str, Any]:
     return {
         "time": time.time(),
         "step": progress.step,
@@ -163,15 +182,8 @@ def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds:
         "micro_batches": plan.counts(),
         "step_seconds": seconds,
         "samples_per_s": plan.global_batch_size / seconds if seconds > 0 else None,
+        "snapshot_stall_seconds": stall,  # rank 0's; every rank's is in the checkpoint events
     }
-
-
-def _all_gather(payload: str) -> list[str]:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [payload]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, payload)
-    return out
 
 
 class RowBuffer:

@@ -14,13 +14,18 @@ def named_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def build_optimizer(model: nn.Module, spec: AdamWSpec | SGDSpec) -> torch.optim.Optimizer:
-    # Weight decay applies to matrices and embeddings only, not to biases and norm gains.
-    params = named_params(model)
-    decay = [p for _, p in params if p.ndim >= 2]
-    no_decay = [p for _, p in params if p.ndim < 2]
+    return optimizer_for(spec, [(p, p.ndim >= 2) for _, p in named_params(model)])
+
+
+def optimizer_for(spec: AdamWSpec | SGDSpec, params: list[tuple[torch.Tensor, bool]]) -> torch.optim.Optimizer:
+    """The spec's optimizer over (tensor, decays) pairs.
+
+    Weight decay applies to matrices and embeddings only, not to biases and norm gains; the caller
+    says which is which, because a ZeRO-1 slice is flat whatever its parameter's shape.
+    """
     groups = [
-        {"params": decay, "weight_decay": spec.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [t for t, decays in params if decays], "weight_decay": spec.weight_decay},
+        {"params": [t for t, decays in params if not decays], "weight_decay": 0.0},
     ]
     if isinstance(spec, AdamWSpec):
         # foreach: one fused kernel per group on CPU and GPU alike.
@@ -31,3 +36,11 @@ def build_optimizer(model: nn.Module, spec: AdamWSpec | SGDSpec) -> torch.optim.
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def by_dtype(params: list[tuple[str, nn.Parameter]]) -> list[list[tuple[str, nn.Parameter]]]:
+    """Parameters grouped by dtype, in order of first appearance (one flat buffer per group)."""
+    groups: dict[torch.dtype, list[tuple[str, nn.Parameter]]] = {}
+    for name, p in params:
+        groups.setdefault(p.dtype, []).append((name, p))
+    return list(groups.values())

@@ -1,21 +1,26 @@
 """Training state as named tensors: what a checkpoint holds and how it goes back in.
 
-Names are universal (independent of world size and parameter order):
+Names are universal (independent of world size, layout and parameter order):
   model/<parameter or buffer name>
   optim/<parameter name>/<state key>      e.g. optim/blocks.0.qkv.weight/exp_avg
-Progress (step, samples_seen) lives in the manifest. Randomness has no state to save: every
-micro-batch reseeds from (seed, step, micro-batch index).
+A rank holds them as Pieces (checkpoint.format): whole replicated tensors, or under ZeRO-1 its
+flat slice of each optimizer tensor. Progress (step, samples_seen) lives in the manifest.
+Randomness has no state to save: every micro-batch reseeds from (seed, step, micro-batch index).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from elastune.checkpoint.checkpointer import ReadPieces
+from elastune.checkpoint.format import Piece, numel
 from elastune.errors import CheckpointError
 from elastune.train.optim import named_params
+from elastune.train.zero import ZeroOptimizer
+
+Optimizer = torch.optim.Optimizer | ZeroOptimizer
 
 
 @dataclass(frozen=True)
@@ -27,14 +32,25 @@ class Progress:
         return Progress(self.step + 1, self.samples_seen + global_batch_size)
 
 
-def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def layout_of(optimizer: Optimizer) -> str:
+    return "zero1" if isinstance(optimizer, ZeroOptimizer) else "replicated"
+
+
+def state_pieces(model: nn.Module, optimizer: Optimizer) -> dict[str, Piece]:
     aliases = tied_aliases(model)
-    out = {f"model/{n}": t for n, t in model.state_dict().items() if n not in aliases}
+    out = {f"model/{n}": Piece.whole(t) for n, t in model.state_dict().items() if n not in aliases}
+    if isinstance(optimizer, ZeroOptimizer):
+        return out | optimizer.pieces()
     for name, p in named_params(model):
         for key, value in optimizer.state.get(p, {}).items():
             if isinstance(value, torch.Tensor):
-                out[f"optim/{name}/{key}"] = value
+                out[f"optim/{name}/{key}"] = Piece.whole(value)
     return out
+
+
+def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The whole state of a replicated layout as plain tensors."""
+    return {n: p.data.reshape(p.shape) for n, p in state_pieces(model, optimizer).items()}
 
 
 def tied_aliases(model: nn.Module) -> set[str]:
@@ -43,28 +59,47 @@ def tied_aliases(model: nn.Module) -> set[str]:
     return every - {n for n, _ in model.named_parameters()}
 
 
-def load_state(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], where: str) -> None:
-    device = next(model.parameters()).device
-    model_part = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+def restore_state(model: nn.Module, optimizer: Optimizer, shapes: dict[str, list[int]], read: ReadPieces, where: str) -> int:
+    """Load saved tensors of these `shapes` into model and optimizer, reading through `read` only
+    the ranges this rank's layout needs. Returns the bytes read."""
     own = set(model.state_dict()) - tied_aliases(model)
-    if set(model_part) != own:
-        missing, extra = sorted(own - set(model_part)), sorted(set(model_part) - own)
+    saved = {k[len("model/") :] for k in shapes if k.startswith("model/")}
+    if saved != own:
+        missing, extra = sorted(own - saved), sorted(saved - own)
         raise CheckpointError(
             f"{where} was saved from a different model (missing {missing[:3]}, unexpected {extra[:3]}); "
             f"point checkpoint.path elsewhere or run with --fresh"
         )
+    wanted = {f"model/{n}": (0, numel(shapes[f"model/{n}"])) for n in own}
+    optim_shapes = {k: v for k, v in shapes.items() if k.startswith("optim/")}
+    if isinstance(optimizer, ZeroOptimizer):
+        wanted |= optimizer.wanted(optim_shapes)
+    else:
+        wanted |= {k: (0, numel(v)) for k, v in optim_shapes.items()}
+    flat = read(wanted)
     with torch.no_grad():
         for name, t in model.state_dict(keep_vars=True).items():
-            if name in model_part:
-                if t.shape != model_part[name].shape:
+            if name in own:
+                if list(t.shape) != shapes[f"model/{name}"]:
                     raise CheckpointError(
-                        f"{where}: {name} has shape {list(model_part[name].shape)} but the model's is {list(t.shape)}; "
+                        f"{where}: {name} has shape {shapes[f'model/{name}']} but the model's is {list(t.shape)}; "
                         f"the model changed since the checkpoint; run with --fresh or restore the model options"
                     )
-                t.copy_(model_part[name])
-    for name, p in named_params(model):
-        prefix = f"optim/{name}/"
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if state:
-            # Optimizer step counters stay on CPU (torch keeps `step` there unless capturable).
-            optimizer.state[p] = {k: (v if k == "step" else v.to(device)) for k, v in state.items()}
+                t.copy_(flat[f"model/{name}"].view(t.shape))
+    if isinstance(optimizer, ZeroOptimizer):
+        optimizer.load({k: v for k, v in flat.items() if k.startswith("optim/")}, shapes)
+    else:
+        device = next(model.parameters()).device
+        for name, p in named_params(model):
+            prefix = f"optim/{name}/"
+            state = {k[len(prefix) :]: v.view(shapes[k]) for k, v in flat.items() if k.startswith(prefix)}
+            if state:
+                # Optimizer step counters stay on CPU (torch keeps `step` there unless capturable).
+                optimizer.state[p] = {k: (v if k == "step" else v.to(device)) for k, v in state.items()}
+    return sum(t.numel() * t.element_size() for t in flat.values())
+
+
+def load_state(model: nn.Module, optimizer: Optimizer, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Load whole tensors (as `Checkpointer.load` returns them)."""
+    shapes = {n: list(t.shape) for n, t in tensors.items()}
+    restore_state(model, optimizer, shapes, lambda wanted: {n: tensors[n].reshape(-1)[lo:hi] for n, (lo, hi) in wanted.items()}, where)

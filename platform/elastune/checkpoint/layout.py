@@ -1,0 +1,52 @@
+"""Who writes what at save, and who owns which slice under ZeRO-1: pure rules, no I/O.
+
+Two training layouts exist (`scaling.layout`):
+  replicated  every rank holds all parameters and all optimizer state (DDP);
+  zero1       every rank holds all parameters, but only its slice of the optimizer state: the
+              trainable parameters of each dtype, flattened in order, split into W even ranges.
+Every rank computes the same answers from the same inputs, so nobody has to talk to agree.
+"""
+
+from __future__ import annotations
+
+from elastune.checkpoint.format import Piece
+
+LAYOUTS = ("replicated", "zero1")
+
+
+def assign_owners(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+    """Split replicated tensors among ranks so each writes about the same bytes, nothing twice.
+
+    Greedy: largest tensor first to the least-loaded rank (ties: lower rank, then name order).
+    """
+    load = [0] * world_size
+    owners: dict[str, int] = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += sizes[name]
+    return owners
+
+
+def pieces_to_write(held: dict[str, Piece], rank: int, world_size: int) -> dict[str, Piece]:
+    """What this rank writes: its share of the replicated pieces, and all its sharded ones."""
+    owners = assign_owners({n: p.nbytes for n, p in held.items() if p.replicated}, world_size)
+    return {n: p for n, p in held.items() if not p.replicated or owners[n] == rank}
+
+
+def even_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank's range of `total` elements split into W contiguous ranges differing by at most one."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def zero1_slices(sizes: list[int], rank: int, world_size: int) -> list[tuple[int, int, int]]:
+    """(index, lo, hi) of each tensor whose elements [lo, hi) fall in this rank's range of the
+    concatenation of `sizes` (one dtype's trainable parameters, in order)."""
+    start, stop = even_range(sum(sizes), rank, world_size)
+    out, offset = [], 0
+    for i, n in enumerate(sizes):
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            out.append((i, lo - offset, hi - offset))
+        offset += n
+    return out

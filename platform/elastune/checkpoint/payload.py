@@ -1,0 +1,166 @@
+"""Payload bytes in and out: block checksums on write, verified sub-range reads on load.
+
+A load asks for element ranges of logical tensors; `read_pieces` turns them into byte ranges of
+fragments, widens each to whole checksum blocks, merges neighbouring ranges of a file into one
+read, reads files in parallel, verifies every block it read, and copies the elements out. The
+bytes come from a `Source`: payload files on storage (tier 1) or buffers in memory (tier 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from elastune.checkpoint.format import Manifest, numel, torch_dtype
+from elastune.errors import CheckpointError
+
+MAX_HEADER_BYTES = 100 * 2**20
+MERGE_GAP = 1 * 2**20  # read across gaps this small rather than issue another request
+_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="elastune-payload")  # hashlib and pyarrow release the GIL
+
+
+def block_digests(data: memoryview, offset: int, length: int, block: int) -> list[str]:
+    return [hashlib.sha256(data[o : min(o + block, offset + length)]).hexdigest() for o in range(offset, offset + length, block)] or [
+        hashlib.sha256(b"").hexdigest()
+    ]
+
+
+def digests_of(offsets: dict[str, tuple[int, int]], buffer: memoryview, block: int) -> dict[str, list[str]]:
+    """Block checksums of each (offset, length) range of a payload, hashed in parallel."""
+    futures = {name: _POOL.submit(block_digests, buffer, off, n, block) for name, (off, n) in offsets.items()}
+    return {name: f.result() for name, f in futures.items()}
+
+
+class Source(Protocol):
+    def read(self, file: str, offset: int, length: int) -> memoryview: ...
+
+
+def check_header(source: Source, file: str, where: str) -> None:
+    """Refuse anything that is not a safetensors payload (a pickle, say) before using its data."""
+    try:
+        (n,) = struct.unpack("<Q", bytes(source.read(file, 0, 8)))
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"header length {n} is implausible")
+        json.loads(bytes(source.read(file, 8, n)))
+    except (CheckpointError, ValueError, struct.error) as exc:
+        raise CheckpointError(f"{where}: {file.rsplit('/', 1)[-1]} is not a safetensors payload ({exc}); refusing to load it") from None
+
+
+@dataclass
+class _Want:
+    name: str
+    frag: dict[str, Any]
+    first_block: int
+    last_block: int  # exclusive
+    elements: tuple[int, int]  # absolute element range to copy out
+    out_lo: int  # element offset in the output piece
+
+    def byte_range(self) -> tuple[int, int]:
+        f, b = self.frag, self.frag["block_bytes"]
+        return f["offset"] + self.first_block * b, f["offset"] + min(self.last_block * b, f["length"])
+
+
+def read_pieces(manifest: Manifest, source: Source, wanted: dict[str, tuple[int, int]], where: str) -> dict[str, torch.Tensor]:
+    """Elements [lo, hi) of each wanted tensor as a flat tensor, verified block by block."""
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[str, list[_Want]] = {}
+    for name, (lo, hi) in wanted.items():
+        entry = manifest.tensors.get(name)
+        if entry is None:
+            raise CheckpointError(f"{where}: has no tensor {name!r}; it was saved from a different model or optimizer")
+        dtype = torch_dtype(entry["dtype"], where)
+        if not 0 <= lo <= hi <= numel(entry["shape"]):
+            raise CheckpointError(f"{where}: {name} has {numel(entry['shape'])} elements, not [{lo}, {hi})")
+        out[name] = torch.empty(hi - lo, dtype=dtype)
+        size = out[name].element_size()
+        for frag in entry["fragments"]:
+            flo, fhi = frag["elements"]
+            a, b = max(lo, flo), min(hi, fhi)
+            if a >= b:
+                continue
+            block = frag["block_bytes"]
+            first, last = (a - flo) * size // block, -(-((b - flo) * size) // block)
+            by_file.setdefault(frag["file"], []).append(_Want(name, frag, first, last, (a, b), a - lo))
+    futures = [_POOL.submit(_read_file, source, file, wants, out, where) for file, wants in sorted(by_file.items())]
+    for f in futures:
+        f.result()
+    return out
+
+
+def _read_file(source: Source, file: str, wants: list[_Want], out: dict[str, torch.Tensor], where: str) -> None:
+    check_header(source, file, where)
+    wants.sort(key=lambda w: w.byte_range())
+    runs: list[list[_Want]] = []
+    end = -1
+    for w in wants:  # merge byte ranges that overlap or nearly touch into one read
+        start, stop = w.byte_range()
+        if runs and start <= end + MERGE_GAP:
+            runs[-1].append(w)
+            end = max(end, stop)
+        else:
+            runs.append([w])
+            end = stop
+    verified: set[tuple[int, int]] = set()
+    for run in runs:
+        start = run[0].byte_range()[0]
+        stop = max(w.byte_range()[1] for w in run)
+        data = source.read(file, start, stop - start)
+        for w in run:
+            _verify(w, data, start, verified, file, where)
+            _copy_out(w, data, start, out[w.name])
+
+
+def _verify(w: _Want, data: memoryview, start: int, verified: set, file: str, where: str) -> None:
+    f, b = w.frag, w.frag["block_bytes"]
+    for k in range(w.first_block, w.last_block):
+        if (f["offset"], k) in verified:
+            continue
+        lo = f["offset"] + k * b - start
+        hi = f["offset"] + min((k + 1) * b, f["length"]) - start
+        if f["sha256"] is not None and hashlib.sha256(data[lo:hi]).hexdigest() != f["sha256"][k]:
+            raise CheckpointError(
+                f"{where}: checksum mismatch in {file} (tensor {w.name!r}, bytes {lo + start}..{hi + start}); the payload is corrupt"
+            )
+        verified.add((f["offset"], k))
+
+
+def _copy_out(w: _Want, data: memoryview, start: int, target: torch.Tensor) -> None:
+    a, b = w.elements
+    size = target.element_size()
+    begin = w.frag["offset"] + (a - w.frag["elements"][0]) * size - start
+    dst = target.view(torch.uint8).numpy() if target.dtype != torch.bool else target.numpy().view(np.uint8)
+    dst[w.out_lo * size : (w.out_lo + b - a) * size] = np.frombuffer(data, dtype=np.uint8, count=(b - a) * size, offset=begin)
+
+
+@dataclass(frozen=True)
+class StorageSource:
+    """Payload files of one checkpoint folder on storage (tier 1)."""
+
+    read_range: Callable[[str, int, int], bytes]
+    folder: str
+
+    def read(self, file: str, offset: int, length: int) -> memoryview:
+        return memoryview(self.read_range(f"{self.folder}/{file}", offset, length))
+
+
+class BufferSource:
+    """Payload files held in memory (tier 0), each fetched once on first use by `fetch(file)`."""
+
+    def __init__(self, fetch: Callable[[str], Any]):
+        self.fetch = fetch
+        self.buffers: dict[str, memoryview] = {}
+
+    def read(self, file: str, offset: int, length: int) -> memoryview:
+        if file not in self.buffers:
+            self.buffers[file] = memoryview(self.fetch(file)).cast("B")
+        data = self.buffers[file][offset : offset + length]
+        if len(data) != length:
+            raise CheckpointError(f"in-memory payload {file}: wanted {length} bytes at offset {offset}, it holds fewer")
+        return data

@@ -1,0 +1,181 @@
+"""The checkpoint service: one Ray actor per run holding tier 0 and writing tier 1.
+
+Workers hand it their payloads (snapshot.Snapshotter): each rank's share of a step, already laid
+out as the safetensors file it will become. The service puts every part into the object store
+under its own ownership, so a part outlives the worker process that made it. Once all W parts of a
+step are in, that step is the newest in-memory snapshot (tier 0) that restarted workers resume
+from. Durable steps are queued for a background thread that checksums the parts, writes them and
+commits the manifest (tier 1), then applies retention; workers never wait for storage.
+
+Tier 0 lives in the object store of the workers' nodes (Ray keeps an object where it was put);
+losing a node loses the snapshots on it, and a restart then falls back to the newest durable
+checkpoint (docs/checkpoints.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from elastune.checkpoint.checkpointer import Checkpointer
+from elastune.checkpoint.format import BLOCK_BYTES, Manifest, merge_entries, step_dir
+from elastune.checkpoint.payload import digests_of
+from elastune.checkpoint.retention import RetentionPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Part:
+    file: str | None  # None: this rank owned nothing at this step
+    entries: dict[str, dict[str, Any]]
+    ref: Any  # ObjectRef of the payload bytes, owned by the service
+    nbytes: int
+    stall_seconds: float
+
+
+@dataclass
+class Snapshot:
+    header: dict[str, Any]  # step, samples_seen, spec_hash, layout, world_size, durable, meta
+    parts: dict[int, Part] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return self.header["step"]
+
+    def manifest(self, parts_entries: list[dict] | None = None) -> Manifest:
+        h = self.header
+        entries = parts_entries if parts_entries is not None else [p.entries for p in self.parts.values()]
+        return Manifest(
+            step=h["step"],
+            samples_seen=h["samples_seen"],
+            spec_hash=h["spec_hash"],
+            layout={"kind": h["layout"], "world_size": h["world_size"]},
+            tensors=merge_entries(entries, f"snapshot step {h['step']}"),
+            meta=dict(h["meta"]),
+        )
+
+
+def service_name(run_id: str) -> str:
+    return f"elastune-checkpoints-{run_id}"
+
+
+class CheckpointService:
+    def __init__(self, uri: str, policy: dict[str, Any], sink_name: str | None = None):
+        self.ckpt = Checkpointer(uri, policy=RetentionPolicy(**policy))
+        self.sink_name = sink_name
+        self.cv = threading.Condition()
+        self.partial: dict[tuple[int, int], Snapshot] = {}
+        self.tier0: Snapshot | None = None
+        self.queue: list[Snapshot] = []
+        self.busy = False
+        self.reports: list[dict[str, Any]] = []
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="elastune-persist")
+        threading.Thread(target=self._persist_loop, name="elastune-persist", daemon=True).start()
+
+    # ------------------------------------------------------------------ tier 0
+
+    def stage(self, header: dict[str, Any], rank: int, file: str | None, entries: dict, payload: Any, stall_seconds: float) -> None:
+        """Take one rank's part of a step; a step whose W parts are all in becomes tier 0."""
+        # The service's own copy: an object the worker put would die with the worker.
+        ref = ray.put(payload) if payload is not None else None
+        nbytes = 0 if payload is None else len(payload)
+        key = (header["step"], header["world_size"])
+        with self.cv:
+            snap = self.partial.setdefault(key, Snapshot(header))
+            snap.parts[rank] = Part(file, entries, ref, nbytes, stall_seconds)
+            if len(snap.parts) < header["world_size"]:
+                return
+            del self.partial[key]
+            self.partial = {k: s for k, s in self.partial.items() if k[0] > snap.step}  # older ones can never complete
+            if self.tier0 is None or snap.step >= self.tier0.step:
+                self.tier0 = snap
+            if header["durable"]:
+                self.queue.append(snap)
+                self.cv.notify_all()
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """The newest complete in-memory snapshot when it is newer than every durable checkpoint:
+        {"manifest": JSON text, "payloads": {file: ObjectRef}}; else None (restore from tier 1).
+
+        Only a restarting worker group asks, before any of its ranks stages: parts still
+        incomplete belong to the group that died and are dropped.
+        """
+        with self.cv:
+            self.partial.clear()
+            snap = self.tier0
+        if snap is None:
+            return None
+        durable = self.ckpt.committed_steps()
+        if durable and durable[-1] >= snap.step:
+            return None
+        return {"manifest": snap.manifest().to_json().decode(), "payloads": {p.file: p.ref for p in snap.parts.values() if p.file}}
+
+    # ------------------------------------------------------------------ tier 1
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Wait until every queued durable checkpoint is committed; their reports."""
+        with self.cv:
+            self.cv.wait_for(lambda: not self.queue and not self.busy)
+            return list(self.reports)
+
+    def _persist_loop(self) -> None:
+        while True:
+            with self.cv:
+                self.cv.wait_for(lambda: bool(self.queue))
+                snap = self.queue.pop(0)
+                self.busy = True
+            try:
+                report = self._persist(snap)
+                self._emit({"kind": "checkpoint", **report})
+            except Exception as exc:  # a failed write must not stop later ones; users see why
+                log.exception("persisting step %s failed", snap.step)
+                report = {"step": snap.step, "error": f"{type(exc).__name__}: {exc}"}
+                self._emit({"kind": "warning", "message": f"durable checkpoint of step {snap.step} failed: {report['error']}"})
+            with self.cv:
+                self.reports.append(report)
+                self.busy = False
+                self.cv.notify_all()
+
+    def _persist(self, snap: Snapshot) -> dict[str, Any]:
+        started = time.perf_counter()
+        folder = step_dir(snap.step)
+
+        def write(part: Part) -> dict:
+            if part.file is None:
+                return {}
+            data = memoryview(ray.get(part.ref)).cast("B")
+            offsets = {n: (e["fragments"][0]["offset"], e["fragments"][0]["length"]) for n, e in part.entries.items()}
+            digests = digests_of(offsets, data, BLOCK_BYTES)
+            self.ckpt.storage.write_bytes(f"{folder}/{part.file}", data)
+            return {n: {**e, "fragments": [{**e["fragments"][0], "sha256": digests[n]}]} for n, e in part.entries.items()}
+
+        ranks = sorted(snap.parts)
+        entries = list(self.pool.map(write, [snap.parts[r] for r in ranks]))
+        manifest = snap.manifest(entries)
+        self.ckpt.commit(manifest, entries, snap.header["world_size"])
+        return {
+            "step": snap.step,
+            "uri": self.ckpt.uri,
+            "bytes": sum(snap.parts[r].nbytes for r in ranks),
+            "rank_bytes": [snap.parts[r].nbytes for r in ranks],
+            "stall_seconds": [round(snap.parts[r].stall_seconds, 6) for r in ranks],
+            "seconds": round(time.perf_counter() - started, 4),
+        }
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self.sink_name:
+            # Waited for, so the event is in the sink before `flush` returns and the driver drains.
+            ray.get(ray.get_actor(self.sink_name).event.remote({"time": time.time(), **event}))
+
+
+def start_service(run_id: str, uri: str, policy: RetentionPolicy, sink_name: str | None = None):
+    """The run's service actor (created, or found if it exists: restarted drivers rejoin it)."""
+    actor = ray.remote(num_cpus=0, max_concurrency=32)(CheckpointService)
+    return actor.options(name=service_name(run_id), get_if_exists=True).remote(uri, policy.__dict__, sink_name)

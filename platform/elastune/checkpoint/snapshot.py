@@ -1,0 +1,62 @@
+"""Worker side of the checkpoint service: hand this rank's state over without holding up the step.
+
+`take` is the only part the training loop waits for: it copies the pieces this rank owns
+(layout.pieces_to_write) into one host buffer laid out as their safetensors payload
+(device-to-host copies are asynchronous on GPUs). A background thread then waits for the copy,
+hands the buffer to the service (Ray copies it into the object store) and frees it for the next
+snapshot. If that hand-off is still running when the next snapshot is due, `take` waits for it:
+that wait is counted as stall.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import ray
+import torch
+
+from elastune.checkpoint.format import PayloadPlan, Piece, payload_file
+from elastune.checkpoint.layout import pieces_to_write
+
+
+class Snapshotter:
+    def __init__(self, service, rank: int, world_size: int):
+        self.service = service
+        self.rank, self.world_size = rank, world_size
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elastune-snapshot")
+        self.pending: Future | None = None
+        self.buffer: torch.Tensor | None = None
+
+    def take(self, header: dict[str, Any], held: dict[str, Piece]) -> float:
+        """Snapshot this rank's share of `held`; returns the seconds the caller was held up."""
+        started = time.perf_counter()
+        self.wait()
+        mine = pieces_to_write(held, self.rank, self.world_size)
+        file = payload_file(self.rank, self.world_size) if mine else None
+        plan = PayloadPlan.of(mine)
+        on_gpu = any(p.data.is_cuda for p in mine.values())
+        if self.buffer is None or self.buffer.numel() != plan.size:
+            self.buffer = torch.empty(plan.size, dtype=torch.uint8, pin_memory=on_gpu)
+        plan.fill(self.buffer, mine)
+        copied = torch.cuda.Event() if on_gpu else None
+        if copied is not None:
+            copied.record()
+        entries = plan.entries(mine, file, None) if file else {}
+        stall = time.perf_counter() - started
+        header = {**header, "world_size": self.world_size}
+        self.pending = self.pool.submit(self._hand_off, header, file, entries, copied, stall)
+        return stall
+
+    def _hand_off(self, header: dict[str, Any], file: str | None, entries: dict, copied, stall: float) -> None:
+        if copied is not None:
+            copied.synchronize()
+        payload = self.buffer.numpy() if file else None
+        ray.get(self.service.stage.remote(header, self.rank, file, entries, payload, stall))
+
+    def wait(self) -> None:
+        """Block until the last hand-off is done (and raise what it raised)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
