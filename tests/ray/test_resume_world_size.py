@@ -1,5 +1,6 @@
-"""Resume at another world size: 2 workers to step 20, then 3 workers to step 40, tracks an
-uninterrupted 2-worker run step for step (loss within 1e-5 relative, final parameters too)."""
+"""Resume at another world size and layout: 2 replicated workers to step 20, then 3 ZeRO-1
+workers to step 40, tracks an uninterrupted 2-worker run step for step (loss within 1e-5
+relative, final parameters too)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.helpers import rel_err
 STEPS = 40
 
 
-def spec_for(tmp: Path, data: Path, name: str, workers: int, max_steps: int):
+def spec_for(tmp: Path, data: Path, name: str, workers: int, max_steps: int, layout: str = "replicated"):
     return validate_spec(
         {
             "name": name,
@@ -29,7 +30,7 @@ def spec_for(tmp: Path, data: Path, name: str, workers: int, max_steps: int):
             "optimizer": {"name": "adamw", "lr": 0.01, "weight_decay": 0.1},
             # A fixed horizon: stopping at step 20 must not bend the schedule.
             "schedule": {"name": "cosine", "warmup_samples": 48, "horizon_samples": 12 * STEPS, "min_lr_ratio": 0.1},
-            "scaling": {"min_workers": workers, "max_workers": workers},
+            "scaling": {"min_workers": workers, "max_workers": workers, "layout": layout},
             "checkpoint": {"path": str(tmp / name / "ckpt"), "every_steps": 10},
             "stop": {"max_steps": max_steps},
             "output_dir": str(tmp / "runs"),
@@ -48,7 +49,7 @@ def runs(tmp_path_factory, stdlib_dataset):
     tmp = tmp_path_factory.mktemp("resume")
     _, reference, _ = run(spec_for(tmp, stdlib_dataset, "reference", 2, STEPS))
     _, first, _ = run(spec_for(tmp, stdlib_dataset, "elastic", 2, 20))
-    _, second, events = run(spec_for(tmp, stdlib_dataset, "elastic", 3, STEPS))
+    _, second, events = run(spec_for(tmp, stdlib_dataset, "elastic", 3, STEPS, layout="zero1"))
     return tmp, reference, first + second, events
 
 
@@ -59,6 +60,7 @@ def test_resumed_run_continues_at_the_exact_step(runs):
     assert [r["samples_seen"] for r in rows] == [12 * s for s in range(1, STEPS + 1)]
     start = next(e for e in events if e["kind"] == "start")
     assert start["resumed_from_step"] == 20 and start["saved_world_size"] == 2 and start["micro_batches"] == [2, 2, 2]
+    assert start["saved_layout"] == "replicated" and start["resumed_from_tier"] == 1  # a new run: its service starts empty
     assert start["load_bytes"] > 0 and start["load_seconds"] >= 0
     saves = [e for e in events if e["kind"] == "checkpoint"]
     assert [e["step"] for e in saves] == [30, 40]

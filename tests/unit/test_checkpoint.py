@@ -208,3 +208,34 @@ def test_export_safetensors_and_torch(tmp_path):
     loaded = torch.load(tmp_path / "state.pt", weights_only=True)  # plain tensors and dicts only
     assert loaded["step"] == 4 and torch.equal(loaded["model"]["tok.weight"], model.tok.weight.detach())
     assert torch.equal(loaded["optimizer_state"]["tok.weight"]["exp_avg"], opt.state[model.tok.weight]["exp_avg"])
+
+
+@pytest.mark.parametrize("size", [10, 8 * 2**20, 8 * 2**20 + 4095, 3 * 8 * 2**20 + 4097])
+def test_local_writes_keep_every_byte_direct_or_not(tmp_path, size):
+    from elastune.checkpoint.storage import Storage
+
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(size)).numpy()
+    Storage.from_uri(str(tmp_path)).write_bytes("sub/payload.bin", data)
+    assert (tmp_path / "sub" / "payload.bin").read_bytes() == data.tobytes()
+
+
+def test_sub_range_reads_verify_only_the_blocks_they_read(tmp_path, monkeypatch):
+    """A ZeRO-1 rank reads a slice: the bytes outside it are neither read nor checked, and a
+    corrupt block inside it is still caught."""
+    import elastune.checkpoint.format as fmt
+
+    monkeypatch.setattr(fmt, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr("elastune.checkpoint.checkpointer.BLOCK_BYTES", 4096)
+    big = torch.arange(10_000, dtype=torch.float32)  # 40,000 bytes: 10 blocks
+    ckpt = Checkpointer(str(tmp_path))
+    m = ckpt.save(Manifest(1, 1, "h", {}, {}), {"optim/w/exp_avg": big}).manifest
+    (frag,) = m.tensors["optim/w/exp_avg"]["fragments"]
+    assert len(frag["sha256"]) == 10
+    path = tmp_path / step_dir(1) / frag["file"]
+    raw = bytearray(path.read_bytes())
+    raw[frag["offset"] + 9 * 4096 + 5] ^= 0xFF  # corrupt the last block
+    path.write_bytes(bytes(raw))
+    got = ckpt.load_pieces(m, {"optim/w/exp_avg": (1000, 5000)})["optim/w/exp_avg"]
+    assert torch.equal(got, big[1000:5000])
+    with pytest.raises(CheckpointError, match=r"checksum mismatch in rank-00000-of-00001.safetensors \(tensor 'optim/w/exp_avg'"):
+        ckpt.load_pieces(m, {"optim/w/exp_avg": (9500, 9600)})

@@ -1,4 +1,5 @@
-"""Export a universal checkpoint for other tools: one safetensors model file, or a torch file.
+"""Export a universal checkpoint for other tools: one safetensors model file, a torch file, or a
+torch.distributed.checkpoint folder (dcp.py).
 
 Exports are written for others to read; Elastune itself never loads them back (its own load path
 reads manifests and safetensors payloads only, never a pickle).
@@ -15,7 +16,7 @@ from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.format import Manifest
 from elastune.errors import ElastuneError
 
-FORMATS = ("safetensors", "torch")
+FORMATS = ("safetensors", "torch", "dcp")
 
 
 def export(ckpt: Checkpointer, manifest: Manifest, fmt: str, out: str) -> dict[str, int]:
@@ -23,6 +24,11 @@ def export(ckpt: Checkpointer, manifest: Manifest, fmt: str, out: str) -> dict[s
     if fmt not in FORMATS:
         raise ElastuneError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     tensors = ckpt.load(manifest)
+    if fmt == "dcp":
+        from elastune.checkpoint.dcp import export_dcp
+
+        export_dcp(tensors, manifest, out)
+        return {"model": sum(k.startswith("model/") for k in tensors), "optimizer": sum(k.startswith("optim/") for k in tensors)}
     model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     optim = {k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

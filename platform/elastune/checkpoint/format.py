@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from elastune.errors import CheckpointError
@@ -126,11 +127,17 @@ class PayloadPlan:
     def fill(self, buffer: torch.Tensor, pieces: dict[str, Piece]) -> None:
         """Copy the header and every piece into `buffer` (uint8, `size` bytes; pinned if pieces are
         on a GPU, where the copies are asynchronous until the caller synchronises)."""
-        buffer[: len(self.header)].copy_(torch.frombuffer(bytearray(self.header), dtype=torch.uint8))
+        host = buffer.numpy()
+        host[: len(self.header)] = np.frombuffer(self.header, dtype=np.uint8)
         for name, (offset, length) in self.offsets.items():
             if length:
                 src = pieces[name].data.reshape(-1)
-                buffer[offset : offset + length].view(src.dtype).copy_(src, non_blocking=True)
+                if src.device.type == "cpu":
+                    # numpy's copy: as fast as torch's here, and it never enters torch's OpenMP
+                    # pool, which deadlocks in a forked child of a process that used it.
+                    host[offset : offset + length] = src.view(torch.uint8).numpy()
+                else:
+                    buffer[offset : offset + length].view(src.dtype).copy_(src, non_blocking=True)
 
     def entries(self, pieces: dict[str, Piece], file: str, digests: dict[str, list[str]] | None) -> dict[str, dict[str, Any]]:
         """Manifest entries of these pieces (each a one-fragment tensor entry, merged across ranks

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +24,20 @@ from elastune.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 2**20
 MERGE_GAP = 1 * 2**20  # read across gaps this small rather than issue another request
-_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="elastune-payload")  # hashlib and pyarrow release the GIL
+READ_BYTES = 8 * 2**20  # the most one read request asks for (larger ranges are split)
+
+
+def _new_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="elastune-payload")  # hashlib and pyarrow release the GIL
+
+
+def _reset_pool() -> None:
+    global _POOL
+    _POOL = _new_pool()  # a forked child inherits the pool but not its threads: work would never run
+
+
+_POOL = _new_pool()
+os.register_at_fork(after_in_child=_reset_pool)
 
 
 def block_digests(data: memoryview, offset: int, length: int, block: int) -> list[str]:
@@ -87,34 +101,44 @@ def read_pieces(manifest: Manifest, source: Source, wanted: dict[str, tuple[int,
                 continue
             block = frag["block_bytes"]
             first, last = (a - flo) * size // block, -(-((b - flo) * size) // block)
-            by_file.setdefault(frag["file"], []).append(_Want(name, frag, first, last, (a, b), a - lo))
-    futures = [_POOL.submit(_read_file, source, file, wants, out, where) for file, wants in sorted(by_file.items())]
-    for f in futures:
+            # One want per few blocks, so reading, checking and copying overlap across threads.
+            step = max(1, READ_BYTES // block)
+            for k in range(first, last, step):
+                ea = max(a, flo + k * block // size)
+                eb = min(b, flo + min(k + step, last) * block // size)
+                by_file.setdefault(frag["file"], []).append(_Want(name, frag, k, min(k + step, last), (ea, eb), ea - lo))
+    for f in [_POOL.submit(check_header, source, file, where) for file in sorted(by_file)]:
+        f.result()
+    runs = [run for file, wants in sorted(by_file.items()) for run in _runs(file, wants)]
+    for f in [_POOL.submit(_read_run, source, file, run, out, where) for file, run in runs]:
         f.result()
     return out
 
 
-def _read_file(source: Source, file: str, wants: list[_Want], out: dict[str, torch.Tensor], where: str) -> None:
-    check_header(source, file, where)
+def _runs(file: str, wants: list[_Want]) -> list[tuple[str, list[_Want]]]:
+    """Merge byte ranges of one file that overlap or nearly touch into reads of at most READ_BYTES."""
     wants.sort(key=lambda w: w.byte_range())
     runs: list[list[_Want]] = []
-    end = -1
-    for w in wants:  # merge byte ranges that overlap or nearly touch into one read
+    begin = end = -1
+    for w in wants:
         start, stop = w.byte_range()
-        if runs and start <= end + MERGE_GAP:
+        if runs and start <= end + MERGE_GAP and max(end, stop) - begin <= READ_BYTES:
             runs[-1].append(w)
             end = max(end, stop)
         else:
             runs.append([w])
-            end = stop
+            begin, end = start, stop
+    return [(file, run) for run in runs]
+
+
+def _read_run(source: Source, file: str, run: list[_Want], out: dict[str, torch.Tensor], where: str) -> None:
+    start = run[0].byte_range()[0]
+    stop = max(w.byte_range()[1] for w in run)
+    data = source.read(file, start, stop - start)
     verified: set[tuple[int, int]] = set()
-    for run in runs:
-        start = run[0].byte_range()[0]
-        stop = max(w.byte_range()[1] for w in run)
-        data = source.read(file, start, stop - start)
-        for w in run:
-            _verify(w, data, start, verified, file, where)
-            _copy_out(w, data, start, out[w.name])
+    for w in run:
+        _verify(w, data, start, verified, file, where)
+        _copy_out(w, data, start, out[w.name])
 
 
 def _verify(w: _Want, data: memoryview, start: int, verified: set, file: str, where: str) -> None:

@@ -76,7 +76,7 @@ class CheckpointService:
         self.queue: list[Snapshot] = []
         self.busy = False
         self.reports: list[dict[str, Any]] = []
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="elastune-persist")
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="elastune-persist")
         threading.Thread(target=self._persist_loop, name="elastune-persist", daemon=True).start()
 
     # ------------------------------------------------------------------ tier 0
@@ -152,8 +152,9 @@ class CheckpointService:
                 return {}
             data = memoryview(ray.get(part.ref)).cast("B")
             offsets = {n: (e["fragments"][0]["offset"], e["fragments"][0]["length"]) for n, e in part.entries.items()}
-            digests = digests_of(offsets, data, BLOCK_BYTES)
+            hashing = self.pool.submit(digests_of, offsets, data, BLOCK_BYTES)  # overlaps the write
             self.ckpt.storage.write_bytes(f"{folder}/{part.file}", data)
+            digests = hashing.result()
             return {n: {**e, "fragments": [{**e["fragments"][0], "sha256": digests[n]}]} for n, e in part.entries.items()}
 
         ranks = sorted(snap.parts)

@@ -1,4 +1,4 @@
-"""`elastune ckpt ls | show | verify | export | pin | prune`: look at and look after checkpoints at any URI."""
+"""`elastune ckpt ls | show | verify | export | import | pin | prune`: look at and look after checkpoints at any URI."""
 
 from __future__ import annotations
 
@@ -29,11 +29,15 @@ def add_parser(sub) -> None:
     verify = cmds.add_parser("verify", help="read every byte and check it: exit 0 valid, 1 corrupt, 2 not a checkpoint")
     verify.add_argument("ckpt")
     verify.set_defaults(handler=cmd_verify)
-    export = cmds.add_parser("export", help="write a checkpoint as one safetensors model file or a torch file")
+    export = cmds.add_parser("export", help="write a checkpoint as one safetensors model file, a torch file or a DCP folder")
     export.add_argument("ckpt", help="ROOT/step-N, or a root for its newest checkpoint")
-    export.add_argument("--format", choices=["safetensors", "torch"], required=True)
-    export.add_argument("out", help="file to write")
+    export.add_argument("--format", choices=["safetensors", "torch", "dcp"], required=True)
+    export.add_argument("out", help="file to write (a folder for dcp)")
     export.set_defaults(handler=cmd_export)
+    imp = cmds.add_parser("import", help="turn a torch.distributed.checkpoint folder into a universal checkpoint")
+    imp.add_argument("dcp_dir", help="a DCP folder (holding .metadata)")
+    imp.add_argument("out", help="checkpoint root to write into: a path or file://, s3://, gs://, hdfs:// URI")
+    imp.set_defaults(handler=cmd_import)
     pin = cmds.add_parser("pin", help="keep a checkpoint through every prune (or --unpin)")
     pin.add_argument("ckpt", help="ROOT/step-N, or a root for its newest checkpoint")
     pin.add_argument("--unpin", action="store_true")
@@ -120,6 +124,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     ckpt, m = _open(args.ckpt)
     counts = export(ckpt, m, args.format, args.out)
     print(f"exported step {m.step} ({counts['model']} model, {counts['optimizer']} optimizer tensors) to {args.out} as {args.format}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from elastune.checkpoint.dcp import import_dcp
+
+    out = Checkpointer(args.out, keep_last=10**9)  # importing never prunes what is already there
+    manifest, skipped = import_dcp(args.dcp_dir, out)
+    note = f"; skipped {skipped} non-tensor entr{'y' if skipped == 1 else 'ies'} (pickled values are never loaded)" if skipped else ""
+    print(f"imported {len(manifest.tensors)} tensors as {out.uri}/{step_dir(manifest.step)} (step {manifest.step}){note}")
     return 0
 
 
