@@ -9,6 +9,7 @@ import torch
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.format import Manifest, step_dir
 from elastune.checkpoint.layout import assign_owners
+from elastune.checkpoint.retention import RetentionPolicy
 from elastune.errors import CheckpointError
 from elastune.spec.models import AdamWSpec
 from elastune.train.optim import build_optimizer
@@ -176,6 +177,13 @@ def test_clone_into_another_root_references_across_roots(tmp_path):
     assert manifest.step == 7 and all(torch.equal(got[n], t) for n, t in tensors.items())
     frag = manifest.tensors["model/tok.weight"]["fragments"][0]["file"]
     assert frag.startswith("../../donor/step-000000005/")
+    # The donor's own retention keeps step 5 while the recipient's clone lives, then lets it go.
+    donor.policy = RetentionPolicy(keep_last=1)
+    save_from_ranks(donor, 6, tensors, 1)
+    assert donor.committed_steps() == [5, 6] and "recipient" in donor.info(5).referenced_elsewhere
+    recipient.clear()
+    save_from_ranks(donor, 8, tensors, 1)
+    assert donor.committed_steps() == [8]
 
 
 def test_pinned_checkpoints_survive_prune(tmp_path):

@@ -9,6 +9,7 @@ previous one is used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import posixpath
@@ -40,6 +41,7 @@ from elastune.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 PINNED = "PINNED"
+REFERRERS = "referrers"
 
 Gather = Callable[[str], list[str]]  # every rank's string, in rank order (an all-gather)
 ReadPieces = Callable[[dict[str, tuple[int, int]]], dict[str, torch.Tensor]]  # wanted ranges -> flat tensors
@@ -63,8 +65,9 @@ def locate(uri: str) -> tuple[str, int | None]:
 
 @dataclass(frozen=True)
 class SaveReport:
-    """What a save cost: bytes and seconds each rank spent writing its share (its stall, as saves
-    are synchronous in this version) and the seconds until rank 0 committed the manifest."""
+    """What a synchronous save cost: bytes and seconds each rank spent writing its share and the
+    seconds until rank 0 committed the manifest. (Training saves through the checkpoint service,
+    service.py, where workers only wait for an in-memory copy.)"""
 
     manifest: Manifest
     rank_bytes: list[int]
@@ -155,7 +158,22 @@ class Checkpointer:
                 if len(parts) == 2 and (ref := parse_step_dir(parts[0])) is not None and ref != step:
                     refs.add(ref)
         metrics = {k: float(v) for k, v in manifest.meta.get("metrics", {}).items()}
-        return CheckpointInfo(step, metrics=metrics, pinned=pinned, references=frozenset(refs))
+        return CheckpointInfo(step, metrics=metrics, pinned=pinned, references=frozenset(refs), referenced_elsewhere=self._live_referrer(step))
+
+    def _live_referrer(self, step: int) -> str | None:
+        """A clone in another root that still exists and reads this checkpoint's payloads.
+
+        Clones across roots leave a marker in the source (`referrers/<id>.json`: the clone's
+        root and step); a marker whose clone is gone no longer protects anything.
+        """
+        for name in self.storage.list_files(f"{step_dir(step)}/{REFERRERS}"):
+            try:
+                ref = json.loads(self.storage.read_bytes(f"{step_dir(step)}/{REFERRERS}/{name}"))
+                if Storage.from_uri(ref["uri"]).exists(f"{step_dir(ref['step'])}/{MANIFEST}"):
+                    return f"{ref['uri']}/{step_dir(ref['step'])}"
+            except (ValueError, KeyError, OSError, CheckpointError):
+                continue  # an unreadable marker: the clone it named cannot be proven alive
+        return None
 
     def pin(self, step: int, pinned: bool = True) -> None:
         """Pinned checkpoints survive every prune (a `PINNED` marker beside the manifest)."""
@@ -168,8 +186,8 @@ class Checkpointer:
         """A new checkpoint in `dst` (default: here) whose fragments point at this one's payloads.
 
         No payload byte is copied: the new manifest's fragment files are paths relative to its own
-        folder ("../step-000000120/rank-00000-of-00002.safetensors"). Retention here keeps a
-        source while a clone in the same root references it.
+        folder ("../step-000000120/rank-00000-of-00002.safetensors"). Retention keeps a source
+        while a clone references it, in the same root or (through a marker) in another.
         """
         dst = dst or self
         if type(dst.storage.fs) is not type(self.storage.fs):
@@ -195,6 +213,10 @@ class Checkpointer:
             tensors=tensors,
             meta={**src.meta, **(meta or {}), "cloned_from": {"uri": self.uri, "step": step}, "created": time.time()},
         )
+        if dst.storage.path("") != self.storage.path(""):
+            # The source's retention cannot see the other root: leave it a marker first.
+            marker = hashlib.sha256(f"{dst.uri}|{target}".encode()).hexdigest()[:16]
+            self.storage.commit_bytes(f"{step_dir(step)}/{REFERRERS}/{marker}.json", json.dumps({"uri": dst.uri, "step": target}).encode())
         dst.storage.commit_bytes(f"{step_dir(target)}/{MANIFEST}", clone.to_json())
         return clone
 

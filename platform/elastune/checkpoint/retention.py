@@ -1,8 +1,9 @@
 """Which checkpoints to keep: a pure decision, applied by Checkpointer.prune.
 
 Kept: the newest `keep_last`; the best `keep_best` by `best_metric` (lower is better unless
-`best_mode` is "max"); every pinned one; and every checkpoint whose payloads a kept checkpoint
-references (clones point at their source's files, so deleting the source would break them).
+`best_mode` is "max"); every pinned one; every checkpoint whose payloads a kept checkpoint
+references (clones point at their source's files, so deleting the source would break them); and
+every checkpoint a live clone in another root references.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class CheckpointInfo:
     metrics: dict[str, float] = field(default_factory=dict)
     pinned: bool = False
     references: frozenset[int] = frozenset()  # steps whose payload files this checkpoint reads
+    referenced_elsewhere: str | None = None  # a live checkpoint in another root reads our payloads
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ def decide_retention(checkpoints: list[CheckpointInfo], policy: RetentionPolicy)
     for c in checkpoints:
         if c.pinned:
             reasons.setdefault(c.step, "pinned")
+        if c.referenced_elsewhere:
+            reasons.setdefault(c.step, f"referenced by {c.referenced_elsewhere}")
     pending = list(reasons)
     while pending:  # keep what kept checkpoints reference, transitively
         step = pending.pop()

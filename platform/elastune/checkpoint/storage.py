@@ -87,6 +87,11 @@ class Storage:
         info = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         return sorted(i.base_name for i in info if i.type == pafs.FileType.Directory)
 
+    def list_files(self, rel: str) -> list[str]:
+        """Names of files directly under a folder (none if it does not exist)."""
+        info = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
+        return sorted(i.base_name for i in info if i.type == pafs.FileType.File)
+
     def delete(self, rel: str) -> None:
         full = self.path(rel)
         kind = self.fs.get_file_info(full).type
