@@ -103,12 +103,14 @@ def main() -> None:
     service = start_service("bench", str(root / "ours"), RetentionPolicy(keep_last=1))
     snapshots = Snapshotter(service, 0, 1)
     held = {name: Piece.whole(t) for name, t in state.items()}
-    stalls, busy_stalls, persists = [], [], []
+    stalls, busy_stalls, persists, parts = [], [], [], []
     for step in range(1, args.repeats + 2):  # the first take allocates the staging buffer: not counted
         header = {"step": step, "samples_seen": step, "spec_hash": "h", "layout": "replicated", "durable": True, "meta": {}}
         stalls.append(snapshots.take(header, held))  # quiet machine: the copy alone
         snapshots.wait()
-        persists.append(ray.get(service.flush.remote())[-1]["seconds"])  # nothing else running
+        report = ray.get(service.flush.remote())[-1]  # nothing else running
+        persists.append(report["seconds"])
+        parts.append((report["write_seconds"], report["commit_seconds"]))
         snapshots.take({**header, "step": 100 + step}, held)
         snapshots.wait()
         busy_stalls.append(snapshots.take({**header, "step": 200 + step}, held))  # while the previous one persists
@@ -124,12 +126,13 @@ def main() -> None:
           f"dcp.async_save {block:.3f} s -> elastune / dcp.save = {ours / sync:.3f} ({busy / sync:.3f}) (target <= 0.10)")  # fmt: skip
     print(f"durable write: dd direct {write_bw / MB:.0f} MB/s; service persist {nbytes / persist / MB:.0f} MB/s "
           f"-> {nbytes / persist / write_bw:.2f} of the disk (target >= 0.80); bare payload write {plan.size / raw_write / MB:.0f} MB/s "
-          f"-> {plan.size / raw_write / write_bw:.2f}")  # fmt: skip
+          f"-> {plan.size / raw_write / write_bw:.2f}; persist = write {statistics.median(p[0] for p in parts[1:]):.3f} s "
+          f"+ commit {statistics.median(p[1] for p in parts[1:]):.3f} s")  # fmt: skip
     ray.shutdown()
 
     save_from_ranks(Checkpointer(str(root / "resh"), keep_last=1), (1, 1, "h"), state, 4)
     dropped = drop_caches()
-    read_bw = dd([f"if={root}/dd.bin", "of=/dev/null", "bs=8M", "iflag=direct"])
+    read_bws = []
     whole = {n: (0, t.numel()) for n, t in state.items()}
     zero1 = {n: (0, t.numel()) if n.startswith("model/") else even_range(t.numel(), 1, 3) for n, t in state.items()}
     zero1_bytes = sum((hi - lo) * 4 for lo, hi in zero1.values())
@@ -137,6 +140,7 @@ def main() -> None:
     for _ in range(args.repeats):
         ckpt = Checkpointer(str(root / "resh"))
         manifest = ckpt.latest()
+        read_bws.append(dd([f"if={root}/dd.bin", "of=/dev/null", "bs=8M", "iflag=direct"]))
         drop_caches()
         ours_load.append(timed(lambda: ckpt.load_pieces(manifest, whole)))
         drop_caches()
@@ -144,7 +148,7 @@ def main() -> None:
         target = {k: torch.empty_like(v) for k, v in state.items()}
         drop_caches()
         dcp_load.append(timed(lambda: dcp.load(target, checkpoint_id=str(root / "dcp0"))))
-    ol, oz, dl = map(statistics.median, (ours_load, ours_zero1, dcp_load))
+    ol, oz, dl, read_bw = map(statistics.median, (ours_load, ours_zero1, dcp_load, read_bws))
     print(f"reshard load 4 -> rank 1 of 3: replicated elastune {ol:.3f} s ({nbytes / ol / MB:.0f} MB/s) vs dcp.load {dl:.3f} s "
           f"-> {dl / ol:.2f}x dcp's speed, {nbytes / ol / read_bw:.2f} of dd direct read {read_bw / MB:.0f} MB/s; "
           f"zero1 slice elastune {oz:.3f} s ({zero1_bytes / MB:.0f} MB, {zero1_bytes / oz / MB:.0f} MB/s); page cache dropped: {dropped}")  # fmt: skip

@@ -116,6 +116,7 @@ class Checkpointer:
             return None
         self.commit(manifest, [part["entries"] for part in everyone], world_size)
         committed_s = time.perf_counter() - started
+        self.prune()
         return SaveReport(
             manifest=manifest,
             rank_bytes=[part["bytes"] for part in everyone],
@@ -124,13 +125,13 @@ class Checkpointer:
         )
 
     def commit(self, manifest: Manifest, parts: list[dict], world_size: int) -> None:
-        """Make a checkpoint exist once every rank's payload is written: its manifest goes last."""
+        """Make a checkpoint exist once every rank's payload is written: its manifest goes last.
+        (Retention is the caller's next step: `prune`.)"""
         where = f"{self.uri}/{step_dir(manifest.step)}"
         manifest.tensors = merge_entries(parts, where)
         manifest.layout = {"kind": manifest.layout.get("kind", "replicated"), "world_size": world_size}
         manifest.meta.setdefault("created", time.time())
         self.storage.commit_bytes(f"{step_dir(manifest.step)}/{MANIFEST}", manifest.to_json())
-        self.prune()
 
     def prune(self) -> list[int]:
         """Apply the retention policy (retention.py); delete the rest, manifest first."""
