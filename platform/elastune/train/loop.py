@@ -65,6 +65,7 @@ def run_worker(config: dict[str, Any]) -> None:
     plan = batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, world)
     announce(emit, plan, progress, restored, dataset_identity(source))
     snapshots = Snapshotter(service, rank, world)
+    base = snapshot_base(spec, layout_of(optimizer), dataset_identity(source))
     c = spec.checkpoint
 
     while progress.step < spec.max_steps:
@@ -80,7 +81,8 @@ def run_worker(config: dict[str, Any]) -> None:
         durable = progress.step % c.every_steps == 0 or progress.step == spec.max_steps
         stall = None
         if durable or (c.snapshot_every_steps and progress.step % c.snapshot_every_steps == 0):
-            header = snapshot_header(spec, progress, layout_of(optimizer), durable, dataset_identity(source), {"loss": result.loss})
+            header = {**base, "step": progress.step, "samples_seen": progress.samples_seen, "durable": durable,
+                      "meta": {**base["meta"], "metrics": {"loss": result.loss}}}  # metrics rank checkpoints for keep_best
             stall = snapshots.take(header, state_pieces(model, optimizer))
         rows.add(metrics_row(progress, result, lr, plan, seconds, stall))
     snapshots.wait()  # the last step is with the service before this worker reports done
@@ -147,15 +149,13 @@ def restore(service, ckpt: Checkpointer, model, optimizer) -> tuple[Progress, di
     }
 
 
-def snapshot_header(spec: JobSpec, progress: Progress, layout: str, durable: bool, dataset, metrics) -> dict[str, Any]:
-    """What a snapshot's manifest says besides its tensors (the service adds the world size)."""
+def snapshot_base(spec: JobSpec, layout: str, dataset: dict[str, Any]) -> dict[str, Any]:
+    """What every snapshot's manifest says besides progress and tensors (the service adds the
+    world size): computed once per worker, not per step."""
     sections = spec.to_dict()
     return {
-        "step": progress.step,
-        "samples_seen": progress.samples_seen,
         "spec_hash": spec.fingerprint(),
         "layout": layout,
-        "durable": durable,
         "meta": {
             "job": spec.name,
             "model_hash": spec.fingerprint("model"),
@@ -164,7 +164,6 @@ def snapshot_header(spec: JobSpec, progress: Progress, layout: str, durable: boo
             "rng": {"seed": spec.seed, "scheme": "each micro-batch seeds the device generators with sha256(seed, step, micro_batch_index)"},
             "batch": sections["batch"],
             "dataset": dataset,
-            "metrics": metrics,  # ranks checkpoints for keep_best
         },
     }
 
