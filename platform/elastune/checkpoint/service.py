@@ -44,6 +44,7 @@ class Part:
 class Snapshot:
     header: dict[str, Any]  # step, samples_seen, spec_hash, layout, world_size, durable, meta
     parts: dict[int, Part] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # metrics rows delivered when complete
 
     @property
     def step(self) -> int:
@@ -73,6 +74,8 @@ class CheckpointService:
         self.cv = threading.Condition()
         self.partial: dict[tuple[int, int], Snapshot] = {}
         self.tier0: Snapshot | None = None
+        self.high_water: int | None = None  # newest step any rank handed over: its update happened
+        self.last_staged_at: float | None = None
         self.queue: list[Snapshot] = []
         self.busy = False
         self.reports: list[dict[str, Any]] = []
@@ -87,9 +90,13 @@ class CheckpointService:
         ref = ray.put(payload) if payload is not None else None
         nbytes = 0 if payload is None else len(payload)
         key = (header["step"], header["world_size"])
+        rows = header.pop("rows", [])
         with self.cv:
+            self.high_water = max(self.high_water or 0, header["step"])  # this step's update happened
+            self.last_staged_at = time.time()
             snap = self.partial.setdefault(key, Snapshot(header))
             snap.parts[rank] = Part(file, entries, ref, nbytes, stall_seconds)
+            snap.rows += rows
             if len(snap.parts) < header["world_size"]:
                 return
             del self.partial[key]
@@ -99,23 +106,26 @@ class CheckpointService:
             if header["durable"]:
                 self.queue.append(snap)
                 self.cv.notify_all()
+        if snap.rows and self.sink_name:
+            ray.get_actor(self.sink_name).record.remote(snap.rows)
 
-    def snapshot(self) -> dict[str, Any] | None:
-        """The newest complete in-memory snapshot when it is newer than every durable checkpoint:
-        {"manifest": JSON text, "payloads": {file: ObjectRef}}; else None (restore from tier 1).
+    def snapshot(self) -> dict[str, Any]:
+        """What a (re)starting worker group resumes from: {"tier0": the newest complete in-memory
+        snapshot when it is newer than every durable checkpoint ({"manifest": JSON text,
+        "payloads": {file: ObjectRef}}) or None (restore from tier 1), "high_water": the newest
+        step any rank got to (to count lost steps), "last_staged_at": when that was}.
 
-        Only a restarting worker group asks, before any of its ranks stages: parts still
+        Only a starting worker group asks, before any of its ranks stages: parts still
         incomplete belong to the group that died and are dropped.
         """
         with self.cv:
             self.partial.clear()
             snap = self.tier0
-        if snap is None:
-            return None
+            out: dict[str, Any] = {"tier0": None, "high_water": self.high_water, "last_staged_at": self.last_staged_at}
         durable = self.ckpt.committed_steps()
-        if durable and durable[-1] >= snap.step:
-            return None
-        return {"manifest": snap.manifest().to_json().decode(), "payloads": {p.file: p.ref for p in snap.parts.values() if p.file}}
+        if snap is not None and not (durable and durable[-1] >= snap.step):
+            out["tier0"] = {"manifest": snap.manifest().to_json().decode(), "payloads": {p.file: p.ref for p in snap.parts.values() if p.file}}
+        return out
 
     # ------------------------------------------------------------------ tier 1
 

@@ -29,8 +29,13 @@ class Snapshotter:
         self.pending: Future | None = None
         self.buffer: torch.Tensor | None = None
 
-    def take(self, header: dict[str, Any], held: dict[str, Piece]) -> float:
-        """Snapshot this rank's share of `held`; returns the seconds the caller was held up."""
+    def take(self, header: dict[str, Any], held: dict[str, Piece], rows: list[dict[str, Any]] | None = None) -> float:
+        """Snapshot this rank's share of `held`; returns the seconds the caller was held up.
+
+        `rows`: metrics rows of the steps up to this one (rank 0). They travel with the snapshot and
+        reach the run's sink only when the step is complete in tier 0, so after a failure the run
+        directory holds exactly the steps training resumes after; the last row gets this stall.
+        """
         started = time.perf_counter()
         self.wait()
         mine = pieces_to_write(held, self.rank, self.world_size)
@@ -45,7 +50,9 @@ class Snapshotter:
             copied.record()
         entries = plan.entries(mine, file, None) if file else {}
         stall = time.perf_counter() - started
-        header = {**header, "world_size": self.world_size}
+        if rows:
+            rows[-1]["snapshot_stall_seconds"] = stall
+        header = {**header, "world_size": self.world_size, "rows": rows or []}
         self.pending = self.pool.submit(self._hand_off, header, file, entries, copied, stall)
         return stall
 

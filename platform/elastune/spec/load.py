@@ -100,10 +100,11 @@ def explain(err: dict[str, Any]) -> tuple[str, str, str, str]:
         return field, value, "unknown key", fix + f"allowed keys here: {', '.join(allowed)}"
     if kind == "missing":
         return field, "(missing)", "required field", f"add {field}"
+    tag = str(ctx.get("discriminator", "'name'")).strip("'")  # "name" for optimizers and schedules, "action" for faults
     if kind == "union_tag_invalid":
-        return f"{field}.name", _show(ctx.get("tag")), f"unknown name; expected one of {ctx.get('expected_tags')}", "use one of those names"
+        return f"{field}.{tag}", _show(ctx.get("tag")), f"unknown {tag}; expected one of {ctx.get('expected_tags')}", f"use one of those {tag}s"
     if kind == "union_tag_not_found":
-        return field, value, "needs a 'name' that picks its kind", f"add {field}.name"
+        return field, value, f"needs a '{tag}' that picks its kind", f"add {field}.{tag}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return field, value, msg.lower(), f"set {field} to a value that {msg.lower().replace('input should be', 'is')}"
     if kind == "string_pattern_mismatch":
@@ -121,7 +122,7 @@ def explain(err: dict[str, Any]) -> tuple[str, str, str, str]:
     return field, value, rule, fix
 
 
-_BLAMED = re.compile(r"^(?P<field>[a-z_]+(\.[a-z_]+)*) \((?P<value>[^)]*)\) ")
+_BLAMED = re.compile(r"^(?P<field>[a-z_]+(\.([a-z_]+|\d+))*) \((?P<value>[^)]*)\) ")
 
 
 def _pattern_fix(field: str) -> str:

@@ -241,6 +241,32 @@ class StopSpec(Strict):
         return self
 
 
+# --------------------------------------------------------------------------- faults
+
+
+class KillRank(Strict):
+    """SIGKILL the worker of `rank` during step `at_step` (once per run)."""
+
+    action: Literal["kill_rank"]
+    rank: int = Field(ge=0)
+    at_step: int = Field(ge=1)
+    point: Literal["start", "mid"] = Field(
+        "mid", description="start: before the step's first micro-batch; mid: after its backward, before the all-reduce."
+    )
+
+
+class DelayRank(Strict):
+    """Stall the worker of `rank` for `seconds` during step `at_step` (a straggler; once per run)."""
+
+    action: Literal["delay_rank"]
+    rank: int = Field(ge=0)
+    at_step: int = Field(ge=1)
+    seconds: float = Field(gt=0, le=3600)
+
+
+Fault = Annotated[Union[KillRank, DelayRank], Field(discriminator="action")]
+
+
 # --------------------------------------------------------------------------- job
 
 
@@ -258,6 +284,9 @@ class JobSpec(Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     stop: StopSpec
     output_dir: str = Field("runs", description="Run directories go to <output_dir>/<name>/<run-id>/.")
+    faults: list[Fault] = Field(
+        default_factory=list, description="Failures to rehearse (tests, benchmarks, drills); none unless listed."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
@@ -274,6 +303,12 @@ class JobSpec(Strict):
                 raise ValueError(
                     f"data.window ({self.data.window}) must be model.options.context + 1 ({ctx + 1}) for byte_gpt; "
                     f"set data.window: {ctx + 1}"
+                )
+        for i, fault in enumerate(self.faults):
+            if fault.rank >= self.scaling.max_workers:
+                raise ValueError(
+                    f"faults.{i}.rank ({fault.rank}) names no worker: ranks run 0..{self.scaling.max_workers - 1} "
+                    f"(scaling.max_workers {self.scaling.max_workers}); pick a rank in that range"
                 )
         horizon = self.horizon_samples
         if self.schedule.warmup_samples >= horizon:

@@ -191,12 +191,14 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     view = ProgressView(console, spec.max_steps)
     started = time.time()
     last: dict[str, Any] = {**start, "loss": None}
+    recoveries = RecoveryTracker(spec.batch.global_batch_size)
     thread = threading.Thread(target=fit, name="elastune-fit", daemon=True)
     thread.start()
     try:
         while True:
             alive = thread.is_alive()
             rows, events = ray.get(sink.drain.remote())
+            events += recoveries.observe(events, rows)
             run_dir.append_metrics(rows)
             run_dir.append_events(events)
             for event in events:
@@ -225,6 +227,43 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     ray.kill(sink)
     ray.kill(service)
     return result
+
+
+class RecoveryTracker:
+    """Turns a worker group's restart into one `recovery` event: cause, world size before and
+    after, lost steps and samples, detection seconds (failure to the new group's start) and MTTR
+    (failure to the first step completed after it). The failure time is the injected fault's when
+    there is one, else the last snapshot any rank handed over (so the MTTR is an upper bound)."""
+
+    def __init__(self, global_batch_size: int):
+        self.global_batch_size = global_batch_size
+        self.last_start: dict[str, Any] | None = None
+        self.last_fault: dict[str, Any] | None = None
+        self.pending: dict[str, Any] | None = None
+
+    def observe(self, events: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for event in events:
+            if event["kind"] == "fault" and event["action"] == "kill_rank":
+                self.last_fault = event
+            if event["kind"] == "start":
+                if self.last_start is not None:
+                    fault, self.last_fault = self.last_fault, None
+                    failed_at = fault["time"] if fault else event.get("last_staged_at") or event["time"]
+                    cause = f"fault: kill rank {fault['rank']} at step {fault['step']} ({fault['point']})" if fault else "worker group restarted"
+                    self.pending = {
+                        "kind": "recovery", "cause": cause, "failed_at": failed_at,
+                        "world_size_before": self.last_start["world_size"], "world_size_after": event["world_size"],
+                        "resumed_from_step": event["resumed_from_step"], "resumed_from_tier": event.get("resumed_from_tier"),
+                        "lost_steps": event["lost_steps"], "lost_samples": event["lost_steps"] * self.global_batch_size,
+                        "detection_seconds": round(event["time"] - failed_at, 3),
+                    }  # fmt: skip
+                self.last_start = event
+        done = next((r for r in rows if self.pending and r["time"] >= self.last_start["time"]), None)
+        if done is not None:  # the first step the new group completed
+            out.append({**self.pending, "time": done["time"], "mttr_seconds": round(done["time"] - self.pending["failed_at"], 3)})
+            self.pending = None
+        return out
 
 
 def _reason(error: BaseException) -> str:

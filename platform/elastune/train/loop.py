@@ -23,6 +23,7 @@ from elastune.data.dataset import TokenWindows
 from elastune.recipes import Recipe, SampleSource, load_recipe
 from elastune.spec.models import JobSpec
 from elastune.train.batch_plan import BatchPlan, batch_plan
+from elastune.train.faults import FaultInjector
 from elastune.train.optim import build_optimizer, set_lr
 from elastune.train.schedules import lr_multiplier
 from elastune.train.state import Progress, layout_of, restore_state, state_pieces
@@ -49,7 +50,10 @@ def run_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(spec.scaling.torch_threads or max(1, int(spec.scaling.cpus_per_worker)))
     sink = ray.get_actor(job.sink_name)
     emit = _emitter(sink, rank)
-    rows = RowBuffer(sink if rank == 0 else None)
+    c = spec.checkpoint
+    # With snapshots on, rows travel with them (Snapshotter.take); otherwise straight to the sink.
+    rows = RowBuffer(sink if rank == 0 else None, every_s=None if c.snapshot_every_steps else RowBuffer.FLUSH_S)
+    faults = FaultInjector(spec.faults, rank, lambda key: ray.get(sink.claim.remote(key)), lambda e: ray.get(sink.event.remote(e)))
 
     recipe = load_recipe(spec.model, job.spec_dir)
     source = open_source(recipe, spec)
@@ -66,25 +70,24 @@ def run_worker(config: dict[str, Any]) -> None:
     announce(emit, plan, progress, restored, dataset_identity(source))
     snapshots = Snapshotter(service, rank, world)
     base = snapshot_base(spec, layout_of(optimizer), dataset_identity(source))
-    c = spec.checkpoint
 
     while progress.step < spec.max_steps:
         lr = spec.optimizer.lr * lr_multiplier(spec.schedule, progress.samples_seen, spec.horizon_samples)
         set_lr(optimizer, lr)
         started = time.perf_counter()
+        faults.at(progress.step + 1, "start")
         result = train_step(
-            model, optimizer, grads, recipe, source, plan, rank,
-            progress.step, progress.samples_seen, spec.seed, spec.optimizer.grad_clip_norm,
+            model, optimizer, grads, recipe, source, plan, rank, progress.step, progress.samples_seen,
+            spec.seed, spec.optimizer.grad_clip_norm, before_reduce=lambda: faults.at(progress.step + 1, "mid"),
         )  # fmt: skip
         progress = progress.advance(plan.global_batch_size)
         seconds = time.perf_counter() - started
         durable = progress.step % c.every_steps == 0 or progress.step == spec.max_steps
-        stall = None
+        rows.add(metrics_row(progress, result, lr, plan, seconds))
         if durable or (c.snapshot_every_steps and progress.step % c.snapshot_every_steps == 0):
             header = {**base, "step": progress.step, "samples_seen": progress.samples_seen, "durable": durable,
                       "meta": {**base["meta"], "metrics": {"loss": result.loss}}}  # metrics rank checkpoints for keep_best
-            stall = snapshots.take(header, state_pieces(model, optimizer))
-        rows.add(metrics_row(progress, result, lr, plan, seconds, stall))
+            snapshots.take(header, state_pieces(model, optimizer), rows.take() if c.snapshot_every_steps else None)
     snapshots.wait()  # the last step is with the service before this worker reports done
     rows.flush()
     emit("finish", step=progress.step, samples_seen=progress.samples_seen)
@@ -124,7 +127,8 @@ def restore(service, ckpt: Checkpointer, model, optimizer) -> tuple[Progress, di
     def apply(manifest: Manifest, read, where: str) -> None:
         loaded["bytes"] = restore_state(model, optimizer, manifest.shapes, read, where)
 
-    snap = ray.get(service.snapshot.remote())
+    found = ray.get(service.snapshot.remote())
+    snap = found["tier0"]
     if snap is not None:
         manifest = Manifest.from_json(snap["manifest"].encode(), "in-memory snapshot")
         where = f"in-memory snapshot of step {manifest.step}"
@@ -134,9 +138,13 @@ def restore(service, ckpt: Checkpointer, model, optimizer) -> tuple[Progress, di
     else:
         manifest = ckpt.restore_latest(lambda m, read: apply(m, read, f"{ckpt.uri} step {m.step}"))
         tier = 1
+    high_water = found["high_water"]
     if manifest is None:
-        return Progress(), {"resumed_from_step": None, "skipped_checkpoints": ckpt.skipped}
+        return Progress(), {"resumed_from_step": None, "skipped_checkpoints": ckpt.skipped, "lost_steps": high_water or 0}
     return Progress(manifest.step, manifest.samples_seen), {
+        # Updates this run made past the resumed step and lost with the group that made them.
+        "lost_steps": max(0, (high_water or 0) - manifest.step),
+        "last_staged_at": found["last_staged_at"],
         "resumed_from_step": manifest.step,
         "resumed_samples_seen": manifest.samples_seen,
         "resumed_from_tier": tier,
@@ -168,7 +176,7 @@ def snapshot_base(spec: JobSpec, layout: str, dataset: dict[str, Any]) -> dict[s
     }
 
 
-def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds: float, stall: float | None) -> dict[str, Any]:
+def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds: float) -> dict[str, Any]:
     return {
         "time": time.time(),
         "step": progress.step,
@@ -181,18 +189,20 @@ def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds:
         "micro_batches": plan.counts(),
         "step_seconds": seconds,
         "samples_per_s": plan.global_batch_size / seconds if seconds > 0 else None,
-        "snapshot_stall_seconds": stall,  # rank 0's; every rank's is in the checkpoint events
+        "snapshot_stall_seconds": None,  # rank 0's, set by Snapshotter.take; every rank's is in checkpoint events
     }
 
 
 class RowBuffer:
-    """Metrics rows go to the sink in batches, at most every FLUSH_S: one actor call per step
-    costs the worker and the sink measurable CPU on a small machine."""
+    """Rank 0's metrics rows on their way to the sink: handed over in batches, by `take` (with a
+    snapshot) or every `every_s` seconds (one actor call per step costs the worker and the sink
+    measurable CPU on a small machine)."""
 
     FLUSH_S = 0.5
 
-    def __init__(self, sink):
+    def __init__(self, sink, every_s: float | None = FLUSH_S):
         self.sink = sink  # None on ranks other than 0: they record nothing
+        self.every_s = every_s
         self.rows: list[dict[str, Any]] = []
         self.flushed = time.monotonic()
 
@@ -200,13 +210,16 @@ class RowBuffer:
         if self.sink is None:
             return
         self.rows.append(row)
-        if time.monotonic() - self.flushed >= self.FLUSH_S:
+        if self.every_s is not None and time.monotonic() - self.flushed >= self.every_s:
             self.flush()
+
+    def take(self) -> list[dict[str, Any]]:
+        rows, self.rows = self.rows, []
+        return rows
 
     def flush(self) -> None:
         if self.rows and self.sink is not None:
-            self.sink.record.remote(self.rows)
-            self.rows = []
+            self.sink.record.remote(self.take())
         self.flushed = time.monotonic()
 
 

@@ -74,6 +74,15 @@ def describe_event(event: dict[str, Any]) -> str | None:
             f"Resized {event['world_size_before']} -> {event['world_size_after']} workers at step {event['step']}; "
             f"micro-batches per rank {counts}; global batch stays {event['global_batch_size']}."
         )
+    if kind == "fault":
+        what = f"killing rank {event['rank']}" if event["action"] == "kill_rank" else f"delaying rank {event['rank']} {event['seconds']} s"
+        return f"[yellow]Fault[/yellow] (spec faults.{event['index']}): {what} at step {event['step']}."
+    if kind == "recovery":
+        return (
+            f"Recovered from {event['cause']}: {event['world_size_before']} -> {event['world_size_after']} workers, "
+            f"resumed at step {event['resumed_from_step']} (tier {event['resumed_from_tier']}), lost {event['lost_steps']} step(s), "
+            f"detected in {event['detection_seconds']:.1f} s, training again {event['mttr_seconds']:.1f} s after the failure."
+        )
     if kind == "warning":
         return f"[yellow]Warning[/yellow]: {event['message']}"
     if kind == "checkpoint":

@@ -16,12 +16,19 @@ class RunSink:
     def __init__(self) -> None:
         self._rows: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
+        self._claimed: set[str] = set()
 
     def record(self, rows: list[dict[str, Any]]) -> None:
         self._rows.extend(rows)
 
     def event(self, event: dict[str, Any]) -> None:
         self._events.append(event)
+
+    def claim(self, key: str) -> bool:
+        """True for the first caller of `key` in this run, False after (e.g. a fault already fired)."""
+        first = key not in self._claimed
+        self._claimed.add(key)
+        return first
 
     def drain(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         rows, events = self._rows, self._events

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -94,8 +95,10 @@ def train_step(
     samples_seen: int,
     seed: int,
     grad_clip_norm: float | None = None,
+    before_reduce: Callable[[], None] | None = None,
 ) -> StepResult:
-    """Run this rank's share of the step and apply the update (the lr is already set)."""
+    """Run this rank's share of the step and apply the update (the lr is already set).
+    `before_reduce` runs between the backward passes and the all-reduce (fault rehearsal)."""
     model.train()
     grads.zero()
     device = grads.flats[0].device
@@ -112,6 +115,8 @@ def train_step(
         # (not by the micro-batch or the world size) makes the all-reduced SUM the exact mean.
         (total / plan.global_batch_size).backward()
         grads.add_loss(total.detach())
+    if before_reduce is not None:
+        before_reduce()
     grads.all_reduce()
     norm = torch.nn.utils.get_total_norm([p.grad for p in grads.params], foreach=True)
     if grad_clip_norm is not None:

@@ -1,0 +1,40 @@
+"""Failures on purpose: the spec's `faults:` happen at the rank, step and point they name, once per run.
+
+Used by tests, benchmarks and users rehearsing failures; nothing here runs unless the spec lists a
+fault. "Once" is per run, not per worker group: the run's sink grants each fault to the first
+worker that claims it, so a restarted group that redoes the step does not fail again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any, Callable
+
+from elastune.spec.models import DelayRank, Fault, KillRank
+
+
+def due(faults: list[Fault], rank: int, step: int, point: str) -> list[int]:
+    """Indexes of the faults that fire on `rank` during `step` at `point` ("start" or "mid")."""
+    return [
+        i for i, f in enumerate(faults)
+        if f.rank == rank and f.at_step == step and (f.point if isinstance(f, KillRank) else "start") == point
+    ]  # fmt: skip
+
+
+class FaultInjector:
+    def __init__(self, faults: list[Fault], rank: int, claim: Callable[[str], bool], record: Callable[[dict[str, Any]], None]):
+        self.faults, self.rank, self.claim, self.record = faults, rank, claim, record
+
+    def at(self, step: int, point: str) -> None:
+        for i in due(self.faults, self.rank, step, point):
+            if not self.claim(f"fault-{i}"):
+                continue  # already happened in this run
+            fault = self.faults[i]
+            event = {"time": time.time(), "kind": "fault", "index": i, "step": step, "point": point, "rank": self.rank, **fault.model_dump()}
+            self.record(event)  # before acting: a killed worker says nothing afterwards
+            if isinstance(fault, DelayRank):
+                time.sleep(fault.seconds)
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)

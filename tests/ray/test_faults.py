@@ -1,0 +1,42 @@
+"""A worker SIGKILLed in the middle of a step (spec `faults:`): the run goes on from the in-memory
+snapshot of the step before, loses no step, and tracks the uninterrupted run step for step."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.ray.test_resume_world_size import run, spec_for
+from tests.helpers import rel_err
+
+STEPS = 16
+
+
+def with_faults(spec, faults):
+    return spec.model_validate({**spec.to_dict(), "faults": faults})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, stdlib_dataset):
+    tmp = tmp_path_factory.mktemp("faults")
+    _, reference, _ = run(spec_for(tmp, stdlib_dataset, "clean", 3, STEPS))
+    faulty = with_faults(spec_for(tmp, stdlib_dataset, "killed", 3, STEPS), [{"action": "kill_rank", "rank": 1, "at_step": 7, "point": "mid"}])
+    _, rows, events = run(faulty)
+    return reference, rows, events
+
+
+def test_every_step_once_and_the_same_losses(runs):
+    reference, rows, _ = runs
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # nothing lost, nothing twice
+    for want, got in zip(reference, rows):
+        assert abs(got["loss"] - want["loss"]) <= 1e-5 * abs(want["loss"]), (got["step"], got["loss"], want["loss"])
+
+
+def test_recovery_resumes_from_the_step_before_with_no_loss(runs):
+    _, _, events = runs
+    fault = [e for e in events if e["kind"] == "fault"]
+    assert len(fault) == 1 and (fault[0]["rank"], fault[0]["step"]) == (1, 7)  # once, though step 7 ran twice
+    (recovery,) = [e for e in events if e["kind"] == "recovery"]
+    assert recovery["resumed_from_step"] == 6 and recovery["resumed_from_tier"] == 0
+    assert recovery["lost_steps"] == 0 and recovery["lost_samples"] == 0
+    assert (recovery["world_size_before"], recovery["world_size_after"]) == (3, 3)
+    assert 0 < recovery["detection_seconds"] <= recovery["mttr_seconds"]
