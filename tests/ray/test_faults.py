@@ -39,4 +39,4 @@ def test_recovery_resumes_from_the_step_before_with_no_loss(runs):
     assert recovery["resumed_from_step"] == 6 and recovery["resumed_from_tier"] == 0
     assert recovery["lost_steps"] == 0 and recovery["lost_samples"] == 0
     assert (recovery["world_size_before"], recovery["world_size_after"]) == (3, 3)
-    assert 0 < recovery["detection_seconds"] <= recovery["mttr_seconds"]
+    assert 0 < recovery["restart_seconds"] <= recovery["mttr_seconds"]

@@ -39,5 +39,5 @@ def test_restart_becomes_one_recovery_event():
     assert tracker.observe([fault, restart], []) == []  # recovered only once a step completes
     (event,) = tracker.observe([], [{"step": 7, "time": 35.5}])
     assert event["cause"] == "fault: kill rank 1 at step 7 (mid)" and (event["world_size_before"], event["world_size_after"]) == (3, 2)
-    assert (event["lost_steps"], event["lost_samples"], event["detection_seconds"], event["mttr_seconds"]) == (1, 12, 12.0, 15.5)
+    assert (event["lost_steps"], event["lost_samples"], event["restart_seconds"], event["mttr_seconds"]) == (1, 12, 12.0, 15.5)
     assert tracker.observe([], [{"step": 8, "time": 36.0}]) == []

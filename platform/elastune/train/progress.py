@@ -81,7 +81,7 @@ def describe_event(event: dict[str, Any]) -> str | None:
         return (
             f"Recovered from {event['cause']}: {event['world_size_before']} -> {event['world_size_after']} workers, "
             f"resumed at step {event['resumed_from_step']} (tier {event['resumed_from_tier']}), lost {event['lost_steps']} step(s), "
-            f"detected in {event['detection_seconds']:.1f} s, training again {event['mttr_seconds']:.1f} s after the failure."
+            f"new workers up in {event['restart_seconds']:.1f} s, training again {event['mttr_seconds']:.1f} s after the failure."
         )
     if kind == "warning":
         return f"[yellow]Warning[/yellow]: {event['message']}"
