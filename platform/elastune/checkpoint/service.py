@@ -106,8 +106,8 @@ class CheckpointService:
             if header["durable"]:
                 self.queue.append(snap)
                 self.cv.notify_all()
-        if snap.rows and self.sink_name:
-            ray.get_actor(self.sink_name).record.remote(snap.rows)
+            if snap.rows and self.sink_name:  # under the lock: steps reach the sink in order
+                ray.get_actor(self.sink_name).record.remote(snap.rows)
 
     def snapshot(self) -> dict[str, Any]:
         """What a (re)starting worker group resumes from: {"tier0": the newest complete in-memory
