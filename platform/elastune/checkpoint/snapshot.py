@@ -28,6 +28,11 @@ class Snapshotter:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elastune-snapshot")
         self.pending: Future | None = None
         self.buffer: torch.Tensor | None = None
+        self.layout: tuple = ()  # what the cached plan below was made for
+        self.names: list[str] = []
+        self.plan = PayloadPlan.of({})
+        self.file: str | None = None
+        self.entries: dict[str, Any] = {}
 
     def take(self, header: dict[str, Any], held: dict[str, Piece], rows: list[dict[str, Any]] | None = None) -> float:
         """Snapshot this rank's share of `held`; returns the seconds the caller was held up.
@@ -38,22 +43,28 @@ class Snapshotter:
         """
         started = time.perf_counter()
         self.wait()
-        mine = pieces_to_write(held, self.rank, self.world_size)
-        file = payload_file(self.rank, self.world_size) if mine else None
-        plan = PayloadPlan.of(mine)
+        # Which pieces this rank writes, and where, depend only on names, dtypes and ranges: worked
+        # out once, not every step.
+        layout = tuple((n, p.data.dtype, p.lo, p.hi, p.shape, p.replicated) for n, p in held.items())
+        if layout != self.layout:
+            names = sorted(pieces_to_write(held, self.rank, self.world_size))
+            mine = {n: held[n] for n in names}
+            self.layout, self.names, self.plan = layout, names, PayloadPlan.of(mine)
+            self.file = payload_file(self.rank, self.world_size) if names else None
+            self.entries = self.plan.entries(mine, self.file, None) if names else {}
+        mine = {n: held[n] for n in self.names}
         on_gpu = any(p.data.is_cuda for p in mine.values())
-        if self.buffer is None or self.buffer.numel() != plan.size:
-            self.buffer = torch.empty(plan.size, dtype=torch.uint8, pin_memory=on_gpu)
-        plan.fill(self.buffer, mine)
+        if self.buffer is None or self.buffer.numel() != self.plan.size:
+            self.buffer = torch.empty(self.plan.size, dtype=torch.uint8, pin_memory=on_gpu)
+        self.plan.fill(self.buffer, mine)
         copied = torch.cuda.Event() if on_gpu else None
         if copied is not None:
             copied.record()
-        entries = plan.entries(mine, file, None) if file else {}
         stall = time.perf_counter() - started
         if rows:
             rows[-1]["snapshot_stall_seconds"] = stall
         header = {**header, "world_size": self.world_size, "rows": rows or []}
-        self.pending = self.pool.submit(self._hand_off, header, file, entries, copied, stall)
+        self.pending = self.pool.submit(self._hand_off, header, self.file, self.entries, copied, stall)
         return stall
 
     def _hand_off(self, header: dict[str, Any], file: str | None, entries: dict, copied, stall: float) -> None:

@@ -9,7 +9,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from elastune.checkpoint.checkpointer import Checkpointer, locate
+from elastune.checkpoint.checkpointer import PINNED, Checkpointer, locate
 from elastune.checkpoint.format import MANIFEST, Manifest, step_dir
 from elastune.errors import CheckpointError, ElastuneError
 
@@ -76,7 +76,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if created else "?"
         files_ok = all(ckpt.storage.exists(f"{step_dir(step)}/{f}") for f in {fr["file"] for e in m.tensors.values() for fr in e["fragments"]})
         layout = f"{m.layout.get('kind')} x{m.layout.get('world_size')}"
-        if ckpt.info(step).pinned:
+        if ckpt.storage.exists(f"{step_dir(step)}/{PINNED}"):
             layout += ", pinned"
         table.add_row(str(m.step), f"{m.samples_seen:,}", when, f"{m.nbytes / 1e6:.2f} MB", layout, "yes" if files_ok else "no: payload missing")
     console = Console()
