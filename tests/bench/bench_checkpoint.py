@@ -101,19 +101,19 @@ def main() -> None:
 
     start_local_ray(num_cpus=2)
     service = start_service("bench", str(root / "ours"), RetentionPolicy(keep_last=1))
-    snapshots = Snapshotter(service, 0, 1)
+    snapshots = Snapshotter(service)
     held = {name: Piece.whole(t) for name, t in state.items()}
     stalls, busy_stalls, persists, parts = [], [], [], []
     for step in range(1, args.repeats + 2):  # the first take allocates the staging buffer: not counted
         header = {"step": step, "samples_seen": step, "spec_hash": "h", "layout": "replicated", "durable": True, "meta": {}}
-        stalls.append(snapshots.take(header, held))  # quiet machine: the copy alone
+        stalls.append(snapshots.take(header, held, 0, 1))  # quiet machine: the copy alone
         snapshots.wait()
         report = ray.get(service.flush.remote())[-1]  # nothing else running
         persists.append(report["seconds"])
         parts.append((report["write_seconds"], report["commit_seconds"]))
-        snapshots.take({**header, "step": 100 + step}, held)
+        snapshots.take({**header, "step": 100 + step}, held, 0, 1)
         snapshots.wait()
-        busy_stalls.append(snapshots.take({**header, "step": 200 + step}, held))  # while the previous one persists
+        busy_stalls.append(snapshots.take({**header, "step": 200 + step}, held, 0, 1))  # while the previous one persists
         snapshots.wait()
         ray.get(service.flush.remote())
     persists = persists[1:]

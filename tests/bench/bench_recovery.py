@@ -1,16 +1,26 @@
-"""Recovery after one worker SIGKILL: elastune vs a plain Ray Train loop, in one invocation.
+"""Recovery after one worker SIGKILL, in one invocation, on the same job.
 
-Both train the quickstart model and data with 2 workers, global batch 32, and lose rank 1 in
-the middle of step 10 (before the gradients are all-reduced) on the first attempt.
-  (a) elastune: `faults: [{action: kill_rank, rank: 1, at_step: 10}]`, tier-0 snapshots every step;
-      MTTR and lost steps from the run's `recovery` event.
+The quickstart model and data, 2 workers, global batch 32; rank 1 dies in the middle of step 10
+(elastune and torchft: before the gradients are reduced; the plain loop: before backward, where
+DDP reduces) on the first attempt.
+  (a) elastune, `recovery: restart`: Ray Train restarts the worker group, which resumes from the
+      tier-0 snapshot. (a') elastune, `recovery: live` (min_workers 1): the survivor carries on
+      alone with the whole global batch while Ray Train replaces rank 1, which heals back in.
+      Both rehearse the kill with `faults:`; MTTR and lost steps from the run's `recovery` event.
   (b) plain Ray Train: TorchTrainer, DDP, `ray.train.report` with a checkpoint every 5 steps,
       FailureConfig(max_failures=1), Ray's default restart from the last reported checkpoint.
-MTTR = kill to the first step completed after it (wall clock); lost steps = steps completed
-before the kill minus the step resumed from. Whole-job timings on a shared machine: compare the
-two figures of one invocation, not across invocations.
+  (c) Ray Train with torchft replica groups, as Ray's own torchft example writes it
+      (TorchftConfig(lighthouse_kwargs={"min_replicas": 1}), torchft DDP and Optimizer wrappers,
+      PGTransport), rank 1 killed once before backward (where torchft's DDP reduces) and once
+      between steps 9 and 10: the survivor goes on with its own per-worker batch, i.e. half the
+      global batch.
+Convergence deviation: mean relative |loss difference| against the same loop run uninterrupted,
+over the 30 steps from the failed one, for elastune live and for (c), the naive elastic loop that
+keeps the per-worker batch. MTTR = kill to the first step completed after it (wall clock); lost
+steps = steps completed before the kill minus the step resumed from. Whole-job timings on a
+shared machine: compare the figures of one invocation, not across invocations.
 
-    .venv/bin/python tests/bench/bench_recovery.py [--steps 20]
+    .venv/bin/python tests/bench/bench_recovery.py [--steps 40]
 """
 
 from __future__ import annotations
@@ -42,17 +52,25 @@ def quickstart(tmp: Path, steps: int) -> dict:
     return spec
 
 
-def elastune_run(tmp: Path, steps: int) -> dict:
+def elastune_run(tmp: Path, steps: int, recovery: str | None, kill: bool = True) -> dict:
     from rich.console import Console
 
     from elastune.spec import validate_spec
     from elastune.train.driver import run_job
     from elastune.train.run_dir import read_jsonl
 
-    raw = quickstart(tmp, steps) | {"faults": [{"action": "kill_rank", "rank": 1, "at_step": KILL_STEP, "point": "mid"}]}
+    raw = quickstart(tmp, steps)
+    if recovery == "live":
+        raw["scaling"] = {**raw.get("scaling", {}), "min_workers": 1, "max_workers": 2, "recovery": "live"}
+    if kill:
+        raw["faults"] = [{"action": "kill_rank", "rank": 1, "at_step": KILL_STEP, "point": "mid"}]
     outcome = run_job(validate_spec(raw), str(ROOT), console=Console(quiet=True))
-    (recovery,) = [e for e in read_jsonl(outcome.run_dir / "events.jsonl") if e["kind"] == "recovery"]
-    return {"mttr_s": recovery["mttr_seconds"], "lost_steps": recovery["lost_steps"], "restart_s": recovery["restart_seconds"]}
+    losses = {r["step"]: r["loss"] for r in read_jsonl(outcome.run_dir / "metrics.jsonl")}
+    if not kill:
+        return {"losses": losses}
+    (recovery_event,) = [e for e in read_jsonl(outcome.run_dir / "events.jsonl") if e["kind"] == "recovery"]
+    return {"mttr_s": recovery_event["mttr_seconds"], "lost_steps": recovery_event["lost_steps"],
+            "restart_s": recovery_event["restart_seconds"], "losses": losses}  # fmt: skip
 
 
 def plain_loop(config: dict) -> None:
@@ -124,23 +142,121 @@ def plain_run(tmp: Path, steps: int) -> dict:
             "resumed_from": after["resumed_from"], "reported": reported}  # fmt: skip
 
 
+def torchft_loop(config: dict) -> None:
+    """Ray's torchft example pattern on the quickstart model: each worker its own replica group,
+    torchft's DDP and Optimizer wrappers, a per-worker batch of global/world samples."""
+    from datetime import timedelta
+
+    import ray.train
+    import torch
+    from torchft import DistributedDataParallel, Manager, Optimizer, ProcessGroupGloo
+    from torchft.checkpointing.pg_transport import PGTransport
+
+    from elastune.data.dataset import TokenWindows
+    from elastune.recipes import load_recipe
+    from elastune.spec import validate_spec
+
+    spec = validate_spec(config["spec"])
+    recipe = load_recipe(spec.model, str(ROOT))
+    data = TokenWindows(spec.data.path)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(0)
+    model = recipe.build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.optimizer.lr)
+    pg = ProcessGroupGloo(timeout=timedelta(seconds=30))
+    manager = Manager(
+        pg=pg, min_replica_size=1, world_size=1, rank=0, replica_id=f"bench_{rank}", timeout=timedelta(seconds=60),
+        load_state_dict=lambda sd: (model.load_state_dict(sd["model"]), opt.load_state_dict(sd["optim"])),
+        state_dict=lambda: {"model": model.state_dict(), "optim": opt.state_dict()},
+        checkpoint_transport=PGTransport(pg, timeout=timedelta(seconds=30), device=torch.device("cpu")),
+    )  # fmt: skip
+    ddp, ft_opt = DistributedDataParallel(manager, model), Optimizer(manager, opt)
+    per_rank = spec.batch.global_batch_size // world
+    marks = Path(config["marks"])
+    while manager.current_step() < config["steps"]:
+        step = manager.current_step() + 1
+        dies = config["kill"] is not None and step == KILL_STEP and rank == 1 and not (marks / "killed").exists()
+        if dies and config["kill"] == "between":  # after step 9 committed, before asking for quorum 10
+            (marks / "killed").write_text(json.dumps({"time": time.time(), "completed": step - 1}))
+            os.kill(os.getpid(), signal.SIGKILL)
+        ft_opt.zero_grad()  # starts the quorum
+        g = torch.Generator().manual_seed(step * 1000 + rank)
+        batch = data.take(torch.randint(0, len(data), (per_rank,), generator=g).numpy())
+        loss = recipe.sample_losses(ddp, batch).mean()
+        if dies:  # "mid": before backward, where torchft's DDP reduces
+            (marks / "killed").write_text(json.dumps({"time": time.time(), "completed": step - 1}))
+            os.kill(os.getpid(), signal.SIGKILL)
+        loss.backward()  # torchft's DDP all-reduces (averages over the quorum) here
+        ft_opt.step()
+        if rank == 0 and manager.current_step() == step:  # committed
+            with open(marks / "steps.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "time": time.time(), "loss": float(loss), "participants": manager.num_participants()}) + "\n")
+    manager.shutdown()
+
+
+def torchft_run(tmp: Path, steps: int, kill: str | None) -> dict:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.torch.torchft_config import TorchftConfig
+
+    marks = tmp / "marks"
+    marks.mkdir(parents=True)
+    TorchTrainer(
+        torchft_loop,
+        train_loop_config={"spec": quickstart(tmp, steps), "steps": steps, "marks": str(marks), "kill": kill},
+        scaling_config=ScalingConfig(num_workers=2),
+        torch_config=TorchftConfig(backend="gloo", lighthouse_kwargs={"min_replicas": 1}),
+        run_config=RunConfig(name="torchft", storage_path=str(tmp / "ray"), failure_config=FailureConfig(max_failures=1)),
+    ).fit()
+    rows = [json.loads(line) for line in (marks / "steps.jsonl").read_text().splitlines()]
+    out = {"losses": {r["step"]: r["loss"] for r in rows}}
+    if kill:
+        killed = json.loads((marks / "killed").read_text())
+        after = next(r for r in rows if r["time"] > killed["time"])
+        alone = [r["step"] for r in rows if r["participants"] == 1 and r["step"] >= KILL_STEP]
+        out |= {"mttr_s": round(after["time"] - killed["time"], 3), "lost_steps": killed["completed"] - (after["step"] - 1),
+                "half_batch_steps": len(alone)}  # fmt: skip
+    return out
+
+
+def deviation(losses: dict[int, float], reference: dict[int, float], first: int, count: int = 30) -> float:
+    """Mean relative |loss difference| over `count` steps from `first`."""
+    steps = [s for s in range(first, first + count) if s in losses and s in reference]
+    return sum(abs(losses[s] - reference[s]) / abs(reference[s]) for s in steps) / len(steps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     from elastune.data.prepare import ensure_prepared
     from elastune.spec import validate_spec
     from elastune.train.driver import start_local_ray
 
     with tempfile.TemporaryDirectory() as tmp:
-        ensure_prepared(validate_spec(quickstart(Path(tmp), args.steps)).data)
+        root = Path(tmp)
+        ensure_prepared(validate_spec(quickstart(root, args.steps)).data)
         start_local_ray(num_cpus=2)
-        ours = elastune_run(Path(tmp) / "a", args.steps)
-        plain = plain_run(Path(tmp) / "b", args.steps)
-    print(f"elastune:          MTTR {ours['mttr_s']:.1f} s (new workers up {ours['restart_s']:.1f} s), lost steps {ours['lost_steps']}")
-    print(f"plain Ray Train:   MTTR {plain['mttr_s']:.1f} s, lost steps {plain['lost_steps']} "
+        restart = elastune_run(root / "a", args.steps, "restart")
+        live = elastune_run(root / "a-live", args.steps, "live")
+        clean = elastune_run(root / "a-clean", args.steps, "live", kill=False)
+        plain = plain_run(root / "b", args.steps)
+        ft = torchft_run(root / "c", args.steps, kill="mid")
+        ft_between = torchft_run(root / "c-between", args.steps, kill="between")
+        ft_clean = torchft_run(root / "c-clean", args.steps, kill=None)
+    ours_dev = deviation(live["losses"], clean["losses"], KILL_STEP)
+    ft_dev = deviation(ft_between["losses"], ft_clean["losses"], KILL_STEP)
+    print(f"elastune restart:  MTTR {restart['mttr_s']:.2f} s (new workers up {restart['restart_s']:.1f} s), lost steps {restart['lost_steps']}")
+    print(f"elastune live:     MTTR {live['mttr_s']:.2f} s, lost steps {live['lost_steps']}")
+    print(f"plain Ray Train:   MTTR {plain['mttr_s']:.2f} s, lost steps {plain['lost_steps']} "
           f"(resumed from step {plain['resumed_from']}; checkpoints reported before the kill: steps {plain['reported']})")
-    print(f"MTTR elastune / plain = {ours['mttr_s'] / plain['mttr_s']:.2f} (target <= 0.30)")
+    for name, arm in (("mid-step", ft), ("between steps", ft_between)):
+        print(f"torchft (Ray's example), kill {name}: MTTR {arm['mttr_s']:.2f} s, lost steps {arm['lost_steps']}, "
+              f"{arm['half_batch_steps']} step(s) on half the global batch")
+    print(f"MTTR elastune live / plain = {live['mttr_s'] / plain['mttr_s']:.3f}, restart / plain = {restart['mttr_s'] / plain['mttr_s']:.2f} (target <= 0.30)")
+    print(f"convergence deviation over {min(30, args.steps - KILL_STEP + 1)} steps from step {KILL_STEP}: elastune live {ours_dev:.2e}, "
+          f"torchft naive (kill between steps) {ft_dev:.2e}; elastune is {100 * (1 - ours_dev / ft_dev):.2f}% below (target >= 99%)")
 
 
 if __name__ == "__main__":

@@ -42,13 +42,13 @@ def worker(service, rank: int, last_step: int, die: bool):
     """One rank: snapshots steps 1..last_step (durable every 2nd), then exits like a killed process."""
     from elastune.checkpoint.snapshot import Snapshotter
 
-    snapshots = Snapshotter(service, rank, WORLD)
+    snapshots = Snapshotter(service)
     stalls = []
     for step in range(1, last_step + 1):
         model, opt = trained(step)
         header = {"step": step, "samples_seen": 8 * step, "spec_hash": "h", "layout": "replicated", "durable": step % 2 == 0,
                   "meta": {"metrics": {"loss": 1.0 / step}}}  # fmt: skip
-        stalls.append(snapshots.take(header, state_pieces(model, opt)))
+        stalls.append(snapshots.take(header, state_pieces(model, opt), rank, WORLD))
     snapshots.wait()
     if die:
         os._exit(9)  # no cleanup, no goodbye: what SIGKILL leaves

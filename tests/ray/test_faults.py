@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from tests.ray.test_resume_world_size import run, spec_for
-from tests.helpers import rel_err
 
 STEPS = 16
 

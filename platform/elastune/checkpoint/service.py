@@ -62,6 +62,10 @@ class Snapshot:
             meta=dict(h["meta"]),
         )
 
+    def handle(self) -> dict[str, Any]:
+        """What a worker restores this snapshot from: the manifest and one object per payload."""
+        return {"manifest": self.manifest().to_json().decode(), "payloads": {p.file: p.ref for p in self.parts.values() if p.file}}
+
 
 def service_name(run_id: str) -> str:
     return f"elastune-checkpoints-{run_id}"
@@ -103,29 +107,40 @@ class CheckpointService:
             self.partial = {k: s for k, s in self.partial.items() if k[0] > snap.step}  # older ones can never complete
             if self.tier0 is None or snap.step >= self.tier0.step:
                 self.tier0 = snap
+                self.cv.notify_all()
             if header["durable"]:
                 self.queue.append(snap)
                 self.cv.notify_all()
             if snap.rows and self.sink_name:  # under the lock: steps reach the sink in order
                 ray.get_actor(self.sink_name).record.remote(snap.rows)
 
-    def snapshot(self) -> dict[str, Any]:
-        """What a (re)starting worker group resumes from: {"tier0": the newest complete in-memory
+    def snapshot(self, keep_partial: bool = False) -> dict[str, Any]:
+        """What a (re)starting worker resumes from: {"tier0": the newest complete in-memory
         snapshot when it is newer than every durable checkpoint ({"manifest": JSON text,
         "payloads": {file: ObjectRef}}) or None (restore from tier 1), "high_water": the newest
         step any rank got to (to count lost steps), "last_staged_at": when that was}.
 
-        Only a starting worker group asks, before any of its ranks stages: parts still
-        incomplete belong to the group that died and are dropped.
+        A restarting worker group asks before any of its ranks stages: parts still incomplete
+        belong to the group that died and are dropped. A worker joining a live group keeps them
+        (`keep_partial`): they are the survivors' steps in flight.
         """
         with self.cv:
-            self.partial.clear()
+            if not keep_partial:
+                self.partial.clear()
             snap = self.tier0
             out: dict[str, Any] = {"tier0": None, "high_water": self.high_water, "last_staged_at": self.last_staged_at}
         durable = self.ckpt.committed_steps()
         if snap is not None and not (durable and durable[-1] >= snap.step):
-            out["tier0"] = {"manifest": snap.manifest().to_json().decode(), "payloads": {p.file: p.ref for p in snap.parts.values() if p.file}}
+            out["tier0"] = snap.handle()
         return out
+
+    def tier0_at(self, step: int, timeout_s: float) -> dict[str, Any] | None:
+        """The complete in-memory snapshot of exactly `step` once there is one (a live group's
+        joiner heals from it), or None after `timeout_s` or if tier 0 moved past `step`."""
+        with self.cv:
+            self.cv.wait_for(lambda: self.tier0 is not None and self.tier0.step >= step, timeout=timeout_s)
+            snap = self.tier0
+        return snap.handle() if snap is not None and snap.step == step else None
 
     # ------------------------------------------------------------------ tier 1
 

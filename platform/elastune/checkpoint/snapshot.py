@@ -22,9 +22,8 @@ from elastune.checkpoint.layout import pieces_to_write
 
 
 class Snapshotter:
-    def __init__(self, service, rank: int, world_size: int):
+    def __init__(self, service):
         self.service = service
-        self.rank, self.world_size = rank, world_size
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elastune-snapshot")
         self.pending: Future | None = None
         self.buffer: torch.Tensor | None = None
@@ -34,8 +33,9 @@ class Snapshotter:
         self.file: str | None = None
         self.entries: dict[str, Any] = {}
 
-    def take(self, header: dict[str, Any], held: dict[str, Piece], rows: list[dict[str, Any]] | None = None) -> float:
-        """Snapshot this rank's share of `held`; returns the seconds the caller was held up.
+    def take(self, header: dict[str, Any], held: dict[str, Piece], rank: int, world_size: int, rows: list[dict[str, Any]] | None = None) -> float:
+        """Snapshot this rank's share of `held` (of `world_size` ranks that snapshot this step);
+        returns the seconds the caller was held up.
 
         `rows`: metrics rows of the steps up to this one (rank 0). They travel with the snapshot and
         reach the run's sink only when the step is complete in tier 0, so after a failure the run
@@ -43,14 +43,14 @@ class Snapshotter:
         """
         started = time.perf_counter()
         self.wait()
-        # Which pieces this rank writes, and where, depend only on names, dtypes and ranges: worked
-        # out once, not every step.
-        layout = tuple((n, p.data.dtype, p.lo, p.hi, p.shape, p.replicated) for n, p in held.items())
+        # Which pieces this rank writes, and where, depend only on names, dtypes, ranges and the
+        # rank's place: worked out when those change, not every step.
+        layout = (rank, world_size, *((n, p.data.dtype, p.lo, p.hi, p.shape, p.replicated) for n, p in held.items()))
         if layout != self.layout:
-            names = sorted(pieces_to_write(held, self.rank, self.world_size))
+            names = sorted(pieces_to_write(held, rank, world_size))
             mine = {n: held[n] for n in names}
             self.layout, self.names, self.plan = layout, names, PayloadPlan.of(mine)
-            self.file = payload_file(self.rank, self.world_size) if names else None
+            self.file = payload_file(rank, world_size) if names else None
             self.entries = self.plan.entries(mine, self.file, None) if names else {}
         mine = {n: held[n] for n in self.names}
         on_gpu = any(p.data.is_cuda for p in mine.values())
@@ -63,15 +63,15 @@ class Snapshotter:
         stall = time.perf_counter() - started
         if rows:
             rows[-1]["snapshot_stall_seconds"] = stall
-        header = {**header, "world_size": self.world_size, "rows": rows or []}
-        self.pending = self.pool.submit(self._hand_off, header, self.file, self.entries, copied, stall)
+        header = {**header, "world_size": world_size, "rows": rows or []}
+        self.pending = self.pool.submit(self._hand_off, header, rank, self.file, self.entries, copied, stall)
         return stall
 
-    def _hand_off(self, header: dict[str, Any], file: str | None, entries: dict, copied, stall: float) -> None:
+    def _hand_off(self, header: dict[str, Any], rank: int, file: str | None, entries: dict, copied, stall: float) -> None:
         if copied is not None:
             copied.synchronize()
         payload = self.buffer.numpy() if file else None
-        ray.get(self.service.stage.remote(header, self.rank, file, entries, payload, stall))
+        ray.get(self.service.stage.remote(header, rank, file, entries, payload, stall))
 
     def wait(self) -> None:
         """Block until the last hand-off is done (and raise what it raised)."""

@@ -74,3 +74,12 @@ def sample_indices(positions: np.ndarray, num_samples: int, seed: int) -> np.nda
 def positions(samples_seen: int, start: int, size: int) -> np.ndarray:
     """Global positions [samples_seen + start, samples_seen + start + size)."""
     return np.arange(samples_seen + start, samples_seen + start + size, dtype=np.int64)
+
+
+def tally(indices: np.ndarray) -> tuple[int, int, int]:
+    """What a step read, in three sums that add up across ranks: (samples, sum of indices, sum of
+    hashed indices). Equal tallies mean the same multiset with overwhelming probability; every
+    sum stays below 2^53, so float64 all-reduces carry them exactly (for under 2^22 samples a step)."""
+    idx = np.asarray(indices, dtype=np.uint64)
+    hashed = (idx * np.uint64(2654435761)) & np.uint64(0x7FFFFFFF)  # Knuth's multiplicative hash, 31 bits
+    return len(idx), int(idx.sum()), int(hashed.sum())

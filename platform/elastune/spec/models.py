@@ -207,6 +207,15 @@ class ScalingSpec(Strict):
         "replicated",
         description="replicated: every worker holds all optimizer state (DDP); zero1: each holds a 1/W slice of it (ZeRO-1).",
     )
+    recovery: Literal["restart", "live"] = Field(
+        "restart",
+        description=(
+            "restart: a failed worker restarts the worker group (Ray Train), which resumes from the in-memory snapshot; "
+            "resizes between min_workers and max_workers as capacity comes and goes. live: the survivors carry on at "
+            "once with the same global batch while Ray Train replaces the failed worker, which rejoins at a step "
+            "boundary (torchft replica groups; max_workers are started, training continues while >= min_workers live)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> "ScalingSpec":
@@ -214,6 +223,11 @@ class ScalingSpec(Strict):
             raise ValueError(
                 f"max_workers ({self.max_workers}) is below min_workers ({self.min_workers}); "
                 f"set max_workers >= {self.min_workers}"
+            )
+        if self.recovery == "live" and self.layout != "replicated":
+            raise ValueError(
+                f"recovery live needs layout replicated (got layout {self.layout}): survivors take over a lost "
+                f"worker's share only if each holds the whole optimizer state; set layout: replicated or recovery: restart"
             )
         return self
 

@@ -162,11 +162,24 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     policy = RetentionPolicy(c.keep_last, c.keep_best, c.best_metric, c.best_mode)
     service = start_service(run_id, spec.checkpoint_path, policy, sink_name(run_id))
     scaling = spec.scaling
-    workers = scaling.min_workers if scaling.min_workers == scaling.max_workers else (scaling.min_workers, scaling.max_workers)
+    if scaling.recovery == "live":
+        # Every worker its own replica group; Ray Train replaces a dead one alone and the rest go on
+        # (train.live). Ray Train keeps max_workers started; the quorum trains with those alive.
+        from ray.train.v2.torch.torchft_config import TorchftConfig
+
+        from elastune.train.live import LIGHTHOUSE
+
+        workers: int | tuple[int, int] = scaling.max_workers
+        backend = "nccl" if scaling.gpus_per_worker > 0 else "gloo"
+        torch_config = TorchftConfig(backend=backend, lighthouse_kwargs={"min_replicas": scaling.min_workers, **LIGHTHOUSE})
+    else:
+        workers = scaling.min_workers if scaling.min_workers == scaling.max_workers else (scaling.min_workers, scaling.max_workers)
+        torch_config = None
     trainer = TorchTrainer(
         run_worker,
         train_loop_config=WorkerConfig(spec=spec.to_dict(), spec_dir=spec_dir, sink_name=sink_name(run_id),
                                        service_name=service_name(run_id), run_id=run_id).__dict__,
+        torch_config=torch_config,
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=scaling.gpus_per_worker > 0,
@@ -248,6 +261,8 @@ class RecoveryTracker:
         for event in events:
             if event["kind"] == "fault" and event["action"] == "kill_rank":
                 self.last_fault = event
+            if event["kind"] == "recovery" and event.get("recovery") == "live":
+                self._narrow(event)
             if event["kind"] == "start":
                 if self.last_start is not None:
                     fault, self.last_fault = self.last_fault, None
@@ -266,6 +281,19 @@ class RecoveryTracker:
             out.append({**self.pending, "time": done["time"], "mttr_seconds": round(done["time"] - self.pending["failed_at"], 3)})
             self.pending = None
         return out
+
+
+    def _narrow(self, event: dict[str, Any]) -> None:
+        """A live group's recovery, as its survivors saw it: their failure time is the failed
+        step's start; an injected fault's time, when there is one, is closer to the crash."""
+        fault, self.last_fault = self.last_fault, None
+        if fault is not None and event["failed_at"] <= fault["time"] <= event["time"]:
+            if event["detection_seconds"] is not None:
+                detected_at = event["failed_at"] + event["detection_seconds"]
+                event["detection_seconds"] = round(max(0.0, detected_at - fault["time"]), 3)
+            event["cause"] = f"fault: kill rank {fault['rank']} at step {fault['step']} ({fault['point']})"
+            event["failed_at"] = fault["time"]
+            event["mttr_seconds"] = round(event["time"] - fault["time"], 3)
 
 
 def _reason(error: BaseException) -> str:

@@ -24,6 +24,7 @@ from elastune.recipes import Recipe, SampleSource, load_recipe
 from elastune.spec.models import JobSpec
 from elastune.train.batch_plan import BatchPlan, batch_plan
 from elastune.train.faults import FaultInjector
+from elastune.train.group import Membership, StaticGroup
 from elastune.train.optim import build_optimizer, set_lr
 from elastune.train.schedules import lr_multiplier
 from elastune.train.state import Progress, layout_of, restore_state, state_pieces
@@ -46,51 +47,67 @@ def run_worker(config: dict[str, Any]) -> None:
     job = WorkerConfig(**config)
     spec = JobSpec.model_validate(job.spec)
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    replica, workers = ctx.get_world_rank(), ctx.get_world_size()  # this worker's slot; a replacement takes it over
+    live = spec.scaling.recovery == "live"
     torch.set_num_threads(spec.scaling.torch_threads or max(1, int(spec.scaling.cpus_per_worker)))
-    sink = ray.get_actor(job.sink_name)
-    emit = _emitter(sink, rank)
-    c = spec.checkpoint
-    # With snapshots on, rows travel with them (Snapshotter.take); otherwise straight to the sink.
-    rows = RowBuffer(sink if rank == 0 else None, every_s=None if c.snapshot_every_steps else RowBuffer.FLUSH_S)
-    faults = FaultInjector(spec.faults, rank, lambda key: ray.get(sink.claim.remote(key)), lambda e: ray.get(sink.event.remote(e)))
+    sink, service = ray.get_actor(job.sink_name), ray.get_actor(job.service_name)
+    c, G = spec.checkpoint, spec.batch.global_batch_size
+    report = Reporter(sink, replica, live, G, with_snapshots=c.snapshot_every_steps is not None)
+    faults = FaultInjector(spec.faults, replica, lambda key: ray.get(sink.claim.remote(key)), lambda e: ray.get(sink.event.remote(e)))
 
     recipe = load_recipe(spec.model, job.spec_dir)
     source = open_source(recipe, spec)
     torch.manual_seed(spec.seed)  # identical initial parameters on every rank
     model = recipe.build_model().to(ray.train.torch.get_device())
     if spec.scaling.layout == "zero1":
-        optimizer = ZeroOptimizer(model, spec.optimizer, rank, world)
+        optimizer = ZeroOptimizer(model, spec.optimizer, replica, workers)
     else:
         optimizer = build_optimizer(model, spec.optimizer)
     grads = GradBuffer(model)
-    service = ray.get_actor(job.service_name)
-    progress, restored = restore(service, Checkpointer(spec.checkpoint_path), model, optimizer)
-    plan = batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, world)
-    announce(emit, plan, progress, restored, dataset_identity(source))
-    snapshots = Snapshotter(service, rank, world)
+    progress, restored = restore(service, Checkpointer(spec.checkpoint_path), model, optimizer, keep_partial=live)
+    if not live or ray.get(sink.claim.remote("start")):  # a live group's replacements only join
+        announce(report.emit, batch_plan(G, spec.batch.micro_batch_size, workers), progress, restored, dataset_identity(source))
+    report.emit("join", replica=replica, step=progress.step, **{k: restored.get(k) for k in ("resumed_from_tier", "load_seconds")})
     base = snapshot_base(spec, layout_of(optimizer), dataset_identity(source))
 
+    def header(p: Progress, durable: bool = False, loss: float | None = None) -> dict[str, Any]:
+        meta = {**base["meta"], "metrics": {"loss": loss}} if loss is not None else base["meta"]  # loss ranks checkpoints for keep_best
+        return {**base, "step": p.step, "samples_seen": p.samples_seen, "durable": durable, "meta": meta}
+
+    if live:
+        from elastune.train.live import LiveGroup, start_together  # torchft is imported only by live groups
+
+        group = LiveGroup(replica, spec.scaling.min_workers, service, header, lambda: (progress, state_pieces(model, optimizer)),
+                          lambda found: progress_of(load_snapshot(found, model, optimizer)[0]), progress, spec.scaling.gpus_per_worker > 0)  # fmt: skip
+        start_together(sink, workers)
+    else:
+        group = StaticGroup(replica, workers)
+    snapshots = Snapshotter(service)
     while progress.step < spec.max_steps:
+        progress, rank, world = group.begin(progress)  # live: this step's quorum; a worker behind heals here
+        if progress.step >= spec.max_steps:
+            break
+        plan = batch_plan(G, spec.batch.micro_batch_size, world)
         lr = spec.optimizer.lr * lr_multiplier(spec.schedule, progress.samples_seen, spec.horizon_samples)
         set_lr(optimizer, lr)
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         faults.at(progress.step + 1, "start")
         result = train_step(
-            model, optimizer, grads, recipe, source, plan, rank, progress.step, progress.samples_seen,
-            spec.seed, spec.optimizer.grad_clip_norm, before_reduce=lambda: faults.at(progress.step + 1, "mid"),
+            model, optimizer, grads, recipe, source, plan, rank, progress.step, progress.samples_seen, spec.seed,
+            spec.optimizer.grad_clip_norm, before_reduce=lambda: faults.at(progress.step + 1, "mid"), reduce=group.reduce,
         )  # fmt: skip
-        progress = progress.advance(plan.global_batch_size)
-        seconds = time.perf_counter() - started
+        if result is None:  # a peer was lost mid-step: nothing applied anywhere; the next quorum runs the step again
+            report.failed(progress.step + 1, world, started_at, group.error())
+            continue
+        progress = progress.advance(G)
         durable = progress.step % c.every_steps == 0 or progress.step == spec.max_steps
-        rows.add(metrics_row(progress, result, lr, plan, seconds))
+        report.committed(metrics_row(progress, result, lr, plan, time.perf_counter() - started), plan)
         if durable or (c.snapshot_every_steps and progress.step % c.snapshot_every_steps == 0):
-            header = {**base, "step": progress.step, "samples_seen": progress.samples_seen, "durable": durable,
-                      "meta": {**base["meta"], "metrics": {"loss": result.loss}}}  # metrics rank checkpoints for keep_best
-            snapshots.take(header, state_pieces(model, optimizer), rows.take() if c.snapshot_every_steps else None)
+            snapshots.take(header(progress, durable, result.loss), state_pieces(model, optimizer), rank, world, report.rows_for_snapshot())
     snapshots.wait()  # the last step is with the service before this worker reports done
-    rows.flush()
-    emit("finish", step=progress.step, samples_seen=progress.samples_seen)
+    report.flush()
+    report.emit("finish", key="finish", step=progress.step, samples_seen=progress.samples_seen)
+    group.close()
 
 
 def open_source(recipe: Recipe, spec: JobSpec) -> SampleSource:
@@ -118,30 +135,26 @@ def announce(emit, plan: BatchPlan, progress: Progress, restored: dict[str, Any]
              f"samples_seen continues, but the epoch's order is over different data")  # fmt: skip
 
 
-def restore(service, ckpt: Checkpointer, model, optimizer) -> tuple[Progress, dict[str, Any]]:
+def restore(service, ckpt: Checkpointer, model, optimizer, keep_partial: bool = False) -> tuple[Progress, dict[str, Any]]:
     """Newest state from the service's in-memory snapshot (tier 0) when it is the newest there is,
-    else from the newest valid durable checkpoint (tier 1); only the ranges this layout needs."""
+    else from the newest valid durable checkpoint (tier 1); only the ranges this layout needs.
+    `keep_partial`: a worker joining a live group leaves the survivors' snapshots in flight alone."""
     started = time.perf_counter()
-    loaded: dict[str, Any] = {}
-
-    def apply(manifest: Manifest, read, where: str) -> None:
-        loaded["bytes"] = restore_state(model, optimizer, manifest.shapes, read, where)
-
-    found = ray.get(service.snapshot.remote())
-    snap = found["tier0"]
-    if snap is not None:
-        manifest = Manifest.from_json(snap["manifest"].encode(), "in-memory snapshot")
-        where = f"in-memory snapshot of step {manifest.step}"
-        source = BufferSource(lambda file: ray.get(snap["payloads"][file]))
-        apply(manifest, lambda wanted: read_pieces(manifest, source, wanted, where), where)
-        tier = 0
+    found = ray.get(service.snapshot.remote(keep_partial))
+    if found["tier0"] is not None:
+        (manifest, nbytes), tier = load_snapshot(found["tier0"], model, optimizer), 0
     else:
-        manifest = ckpt.restore_latest(lambda m, read: apply(m, read, f"{ckpt.uri} step {m.step}"))
-        tier = 1
+        loaded: dict[str, int] = {}
+
+        def apply(m: Manifest, read) -> None:
+            loaded["bytes"] = restore_state(model, optimizer, m.shapes, read, f"{ckpt.uri} step {m.step}")
+
+        manifest, tier = ckpt.restore_latest(apply), 1
+        nbytes = loaded.get("bytes")
     high_water = found["high_water"]
     if manifest is None:
         return Progress(), {"resumed_from_step": None, "skipped_checkpoints": ckpt.skipped, "lost_steps": high_water or 0}
-    return Progress(manifest.step, manifest.samples_seen), {
+    return progress_of(manifest), {
         # Updates this run made past the resumed step and lost with the group that made them.
         "lost_steps": max(0, (high_water or 0) - manifest.step),
         "last_staged_at": found["last_staged_at"],
@@ -152,9 +165,23 @@ def restore(service, ckpt: Checkpointer, model, optimizer) -> tuple[Progress, di
         "saved_layout": manifest.layout.get("kind"),
         "dataset": manifest.meta.get("dataset"),
         "load_seconds": round(time.perf_counter() - started, 4),
-        "load_bytes": loaded["bytes"],
+        "load_bytes": nbytes,
         "skipped_checkpoints": ckpt.skipped,
     }
+
+
+def progress_of(manifest: Manifest) -> Progress:
+    return Progress(manifest.step, manifest.samples_seen)
+
+
+def load_snapshot(snap: dict[str, Any], model, optimizer) -> tuple[Manifest, int]:
+    """Load an in-memory snapshot the service handed out ({"manifest", "payloads"}); returns its
+    manifest and the bytes read."""
+    manifest = Manifest.from_json(snap["manifest"].encode(), "in-memory snapshot")
+    where = f"in-memory snapshot of step {manifest.step}"
+    source = BufferSource(lambda file: ray.get(snap["payloads"][file]))
+    nbytes = restore_state(model, optimizer, manifest.shapes, lambda wanted: read_pieces(manifest, source, wanted, where), where)
+    return manifest, nbytes
 
 
 def snapshot_base(spec: JobSpec, layout: str, dataset: dict[str, Any]) -> dict[str, Any]:
@@ -190,42 +217,57 @@ def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds:
         "step_seconds": seconds,
         "samples_per_s": plan.global_batch_size / seconds if seconds > 0 else None,
         "snapshot_stall_seconds": None,  # rank 0's, set by Snapshotter.take; every rank's is in checkpoint events
+        "sample_tally": list(result.tally),  # data.sampler.tally of what all ranks read: proves each sample once
     }
 
 
-class RowBuffer:
-    """Rank 0's metrics rows on their way to the sink: handed over in batches, by `take` (with a
-    snapshot) or every `every_s` seconds (one actor call per step costs the worker and the sink
-    measurable CPU on a small machine)."""
+class Reporter:
+    """Where a worker's metrics rows and events go.
+
+    restart: rank 0 reports. Its rows travel with its snapshots and reach the sink only when the
+    step is complete in tier 0, so after a failure the run directory holds exactly the steps the
+    run resumes after (without snapshots they go every FLUSH_S).
+    live: every participant reports, straight to the sink, which keeps each step's first row and
+    each event's first report: the worker that would have reported may be the one that died, and a
+    committed step never runs again. Rows go in batches (one actor call per step costs the worker
+    and the sink measurable CPU on a small machine).
+    """
 
     FLUSH_S = 0.5
 
-    def __init__(self, sink, every_s: float | None = FLUSH_S):
-        self.sink = sink  # None on ranks other than 0: they record nothing
-        self.every_s = every_s
+    def __init__(self, sink, replica: int, live: bool, global_batch_size: int, with_snapshots: bool):
+        self.sink, self.live = sink, live
+        self.speaks = live or replica == 0
+        self.with_snapshots = with_snapshots and not live
+        self.membership = Membership(global_batch_size) if live else None
         self.rows: list[dict[str, Any]] = []
         self.flushed = time.monotonic()
 
-    def add(self, row: dict[str, Any]) -> None:
-        if self.sink is None:
+    def emit(self, kind: str, key: str | None = None, **fields: Any) -> None:
+        if self.speaks:
+            self.sink.event.remote({"time": time.time(), "kind": kind, **fields}, key)
+
+    def failed(self, step: int, world: int, started_at: float, error: str | None) -> None:
+        self.membership.failed(step, world, started_at, error)
+
+    def committed(self, row: dict[str, Any], plan: BatchPlan) -> None:
+        if not self.speaks:
             return
         self.rows.append(row)
-        if self.every_s is not None and time.monotonic() - self.flushed >= self.every_s:
+        if self.membership is not None:
+            for event in self.membership.committed(row["step"], plan.world_size, plan.counts()):
+                self.sink.event.remote(event, f"{event['kind']}-{event['step']}")
+        if not self.with_snapshots and time.monotonic() - self.flushed >= self.FLUSH_S:
             self.flush()
 
-    def take(self) -> list[dict[str, Any]]:
+    def rows_for_snapshot(self) -> list[dict[str, Any]] | None:
+        if not self.with_snapshots:
+            return None
         rows, self.rows = self.rows, []
         return rows
 
     def flush(self) -> None:
-        if self.rows and self.sink is not None:
-            self.sink.record.remote(self.take())
+        if self.rows:
+            self.sink.record.remote(self.rows, self.live)
+            self.rows = []
         self.flushed = time.monotonic()
-
-
-def _emitter(sink, rank: int):
-    def emit(kind: str, **fields: Any) -> None:
-        if rank == 0:
-            sink.event.remote({"time": time.time(), "kind": kind, **fields})
-
-    return emit

@@ -77,6 +77,13 @@ def describe_event(event: dict[str, Any]) -> str | None:
     if kind == "fault":
         what = f"killing rank {event['rank']}" if event["action"] == "kill_rank" else f"delaying rank {event['rank']} {event['seconds']} s"
         return f"[yellow]Fault[/yellow] (spec faults.{event['index']}): {what} at step {event['step']}."
+    if kind == "recovery" and event.get("recovery") == "live":
+        counts = ",".join(map(str, event["micro_batches"]))
+        return (
+            f"Recovered from {event['cause']}: the {event['world_size_after']} survivor(s) of {event['world_size_before']} "
+            f"carried on at step {event['resumed_from_step'] + 1} with the same global batch ({counts} micro-batches per rank), "
+            f"lost 0 steps, training again {event['mttr_seconds']:.2f} s after the failure; a replacement is on its way."
+        )
     if kind == "recovery":
         return (
             f"Recovered from {event['cause']}: {event['world_size_before']} -> {event['world_size_after']} workers, "

@@ -17,18 +17,36 @@ class RunSink:
         self._rows: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
         self._claimed: set[str] = set()
+        self._last_step = 0
+        self._arrived: dict[str, int] = {}
 
-    def record(self, rows: list[dict[str, Any]]) -> None:
+    def record(self, rows: list[dict[str, Any]], once: bool = False) -> None:
+        """Append metrics rows. `once`: several workers send the same steps (a live group's
+        participants all do); keep each step's first row, in step order."""
+        if once:
+            rows = [r for r in rows if r["step"] > self._last_step]
+        if rows:
+            self._last_step = max(self._last_step, rows[-1]["step"])
         self._rows.extend(rows)
 
-    def event(self, event: dict[str, Any]) -> None:
-        self._events.append(event)
+    def event(self, event: dict[str, Any], key: str | None = None) -> None:
+        """Append an event; one with a `key` only the first time that key is given in this run."""
+        if key is None or self.claim(key):
+            self._events.append(event)
 
     def claim(self, key: str) -> bool:
         """True for the first caller of `key` in this run, False after (e.g. a fault already fired)."""
         first = key not in self._claimed
         self._claimed.add(key)
         return first
+
+    def arrive(self, key: str) -> int:
+        """Count one more arrival at `key`; returns how many have arrived (this one included)."""
+        self._arrived[key] = self._arrived.get(key, 0) + 1
+        return self._arrived[key]
+
+    def arrived(self, key: str) -> int:
+        return self._arrived.get(key, 0)
 
     def drain(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         rows, events = self._rows, self._events

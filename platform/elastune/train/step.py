@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from elastune.data.sampler import positions, sample_indices
+from elastune.data.sampler import positions, sample_indices, tally
 from elastune.recipes import Recipe, SampleSource, to_device
 from elastune.train.batch_plan import BatchPlan
 from elastune.train.optim import named_params
@@ -43,13 +43,15 @@ def seed_device(seed: int, device: torch.device) -> None:
 class StepResult:
     loss: float  # mean per-sample loss over the global batch
     grad_norm: float  # of the applied (all-reduced, pre-clip) gradient
+    tally: tuple[int, int, int]  # data.sampler.tally of every sample every rank read this step
 
 
 class GradBuffer:
     """One flat gradient buffer per dtype; parameters' .grad are views into it.
 
     Backward accumulates straight into the buffer and the all-reduce runs on it in place: no
-    per-step gather or scatter of gradients. The last slot of the first buffer carries the loss sum.
+    per-step gather or scatter of gradients. The last slot of the first buffer carries the loss sum;
+    a small float64 buffer carries the tally of the samples read (exact sums of integers).
     """
 
     def __init__(self, model: nn.Module):
@@ -66,10 +68,16 @@ class GradBuffer:
                 p.grad = flat[offset : offset + p.numel()].view_as(p)
                 offset += p.numel()
             self.flats.append(flat)
+        self.tally = torch.zeros(3, dtype=torch.float64, device=self.flats[0].device)
+
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        """Everything one step reduces, in order."""
+        return [*self.flats, self.tally]
 
     def zero(self) -> None:
-        for flat in self.flats:
-            flat.zero_()
+        for buffer in self.buffers:
+            buffer.zero_()
 
     def add_loss(self, loss_sum: torch.Tensor) -> None:
         self.flats[0][-1] += loss_sum.to(self.flats[0].dtype)
@@ -77,10 +85,16 @@ class GradBuffer:
     def loss_sum(self) -> float:
         return float(self.flats[0][-1])
 
-    def all_reduce(self) -> None:
+    def read(self, counts: tuple[int, int, int]) -> None:
+        self.tally += torch.tensor(counts, dtype=torch.float64, device=self.tally.device)
+
+    def all_reduce(self) -> bool:
+        """SUM over the worker group's process group; True: the step may apply (a reduction that
+        fails raises)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for flat in self.flats:
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            for buffer in self.buffers:
+                dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+        return True
 
 
 def train_step(
@@ -96,9 +110,14 @@ def train_step(
     seed: int,
     grad_clip_norm: float | None = None,
     before_reduce: Callable[[], None] | None = None,
-) -> StepResult:
+    reduce: Callable[[GradBuffer], bool] = GradBuffer.all_reduce,
+) -> StepResult | None:
     """Run this rank's share of the step and apply the update (the lr is already set).
-    `before_reduce` runs between the backward passes and the all-reduce (fault rehearsal)."""
+
+    `before_reduce` runs between the backward passes and the all-reduce (fault rehearsal).
+    `reduce` sums the buffers over the step's participants and says whether the step may apply;
+    when it says no (a live group lost a peer mid-step), nothing is applied and None is returned:
+    the caller runs the step again."""
     model.train()
     grads.zero()
     device = grads.flats[0].device
@@ -106,6 +125,7 @@ def train_step(
     if micro_batches:  # this rank's micro-batches are contiguous positions: index them in one call
         first = micro_batches[0].start
         indices = sample_indices(positions(samples_seen, first, sum(mb.size for mb in micro_batches)), len(source), seed)
+        grads.read(tally(indices))
     for mb in micro_batches:
         batch = to_device(source.take(indices[mb.start - first : mb.start - first + mb.size]), device)
         seed_device(micro_batch_seed(seed, step, mb.index), device)
@@ -117,9 +137,11 @@ def train_step(
         grads.add_loss(total.detach())
     if before_reduce is not None:
         before_reduce()
-    grads.all_reduce()
+    if not reduce(grads):
+        return None
     norm = torch.nn.utils.get_total_norm([p.grad for p in grads.params], foreach=True)
     if grad_clip_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(grads.params, grad_clip_norm, norm, foreach=True)
     optimizer.step()
-    return StepResult(loss=grads.loss_sum() / plan.global_batch_size, grad_norm=float(norm))
+    counts = tuple(int(v) for v in grads.tally.tolist())
+    return StepResult(loss=grads.loss_sum() / plan.global_batch_size, grad_norm=float(norm), tally=counts)

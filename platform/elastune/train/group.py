@@ -1,0 +1,78 @@
+"""The worker group a step runs in, and the account of who trained each step.
+
+`StaticGroup` is the group Ray Train made (`recovery: restart`); `train.live.LiveGroup` is a
+torchft quorum per step (`recovery: live`). Both give the loop (progress, rank, world size) at
+the start of a step and reduce its gradients.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from elastune.train.state import Progress
+from elastune.train.step import GradBuffer
+
+
+class StaticGroup:
+    """The worker group as Ray Train made it (`recovery: restart`): fixed rank and size; a failure
+    ends the group and Ray Train restarts it."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def begin(self, progress: Progress) -> tuple[Progress, int, int]:
+        return progress, self.rank, self.world_size
+
+    @staticmethod
+    def reduce(grads: GradBuffer) -> bool:
+        return grads.all_reduce()
+
+    def error(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class Membership:
+    """Who trained each step, as events: a step that failed, or a quorum smaller than the last,
+    is a `recovery` once a step commits again; a larger quorum is a `resize` (a worker joined).
+
+    Every participant keeps one and reports what it saw; the run's sink keeps the first report of
+    each event (the worker that would have been the one to report may be the one that died).
+    The failure time is the failed step's start, or the last commit when a worker left between
+    steps: the crash came after it, so MTTR here is an upper bound (the driver narrows it to the
+    injected fault's time when there is one).
+    """
+
+    def __init__(self, global_batch_size: int):
+        self.global_batch_size = global_batch_size
+        self.world: int | None = None
+        self.last_commit = time.time()
+        self.failure: dict[str, Any] | None = None
+
+    def failed(self, step: int, world: int, started_at: float, error: str | None) -> None:
+        if self.failure is None:
+            self.failure = {"step": step, "world": world, "at": started_at, "detected": time.time(), "error": error}
+
+    def committed(self, step: int, world: int, micro_batches: list[int]) -> list[dict[str, Any]]:
+        now, before = time.time(), self.world
+        events = []
+        if self.failure is not None or (before is not None and world < before):
+            f = self.failure or {"step": step, "world": before, "at": self.last_commit, "detected": None, "error": None}
+            cause = f"worker lost during step {f['step']}" if self.failure else f"worker left before step {step}"
+            events.append({
+                "kind": "recovery", "time": now, "step": step, "recovery": "live",
+                "cause": cause + (f" ({f['error']})" if f["error"] else ""),
+                "world_size_before": f["world"], "world_size_after": world,
+                "resumed_from_step": step - 1, "resumed_from_tier": None, "lost_steps": 0, "lost_samples": 0,
+                "failed_at": f["at"], "restart_seconds": None,
+                "detection_seconds": None if f["detected"] is None else round(f["detected"] - f["at"], 3),
+                "mttr_seconds": round(now - f["at"], 3), "micro_batches": micro_batches,
+            })  # fmt: skip
+        elif before is not None and world > before:
+            events.append({"kind": "resize", "time": now, "step": step - 1, "world_size_before": before, "world_size_after": world,
+                           "global_batch_size": self.global_batch_size, "micro_batches": micro_batches})  # fmt: skip
+        self.world, self.last_commit, self.failure = world, now, None
+        return events

@@ -1,0 +1,96 @@
+"""The rules of live recovery that need no processes: how quorum changes and failed steps become
+events, how the driver narrows a recovery to the injected fault's time, how the sink keeps one
+row per step and one report per event, what the spec refuses, and the sample tally."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from elastune.data.sampler import positions, sample_indices, tally
+from elastune.errors import SpecError
+from elastune.spec import validate_spec
+from elastune.train.driver import RecoveryTracker
+from elastune.train.group import Membership
+from elastune.train.progress import describe_event
+from elastune.train.sink import RunSink
+
+QUICKSTART = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs" / "quickstart.yaml").read_text())
+
+
+def test_a_failed_step_then_a_commit_is_one_live_recovery(monkeypatch):
+    clock = iter([100.0, 103.5, 104.2])
+    monkeypatch.setattr("elastune.train.group.time.time", lambda: next(clock))
+    m = Membership(global_batch_size=12)  # created at t=100
+    assert m.committed(9, 3, [2, 2, 2]) == []  # t=103.5: first step seen
+    m.failed(10, 3, started_at=103.6, error="Connection closed by peer")  # detected at t=104.2
+    monkeypatch.setattr("elastune.train.group.time.time", lambda: 105.0)
+    (event,) = m.committed(10, 2, [3, 3])
+    assert event["kind"] == "recovery" and event["recovery"] == "live" and event["step"] == 10
+    assert event["cause"] == "worker lost during step 10 (Connection closed by peer)"
+    assert (event["world_size_before"], event["world_size_after"], event["resumed_from_step"]) == (3, 2, 9)
+    assert (event["lost_steps"], event["lost_samples"], event["micro_batches"]) == (0, 0, [3, 3])
+    assert event["detection_seconds"] == pytest.approx(0.6) and event["mttr_seconds"] == pytest.approx(1.4)
+    assert "carried on at step 10 with the same global batch (3,3 micro-batches per rank)" in describe_event(event)
+    assert m.committed(11, 2, [3, 3]) == []  # one event per failure
+
+
+def test_a_worker_gone_between_steps_is_a_recovery_and_a_joiner_is_a_resize(monkeypatch):
+    monkeypatch.setattr("elastune.train.group.time.time", lambda: 50.0)
+    m = Membership(global_batch_size=12)
+    m.committed(4, 3, [2, 2, 2])
+    monkeypatch.setattr("elastune.train.group.time.time", lambda: 51.5)
+    (lost,) = m.committed(5, 2, [3, 3])  # nobody failed a step: the quorum was just smaller
+    assert lost["kind"] == "recovery" and lost["cause"] == "worker left before step 5"
+    assert lost["failed_at"] == 50.0 and lost["detection_seconds"] is None and lost["mttr_seconds"] == 1.5
+    (joined,) = m.committed(6, 3, [2, 2, 2])
+    assert joined["kind"] == "resize" and (joined["world_size_before"], joined["world_size_after"], joined["step"]) == (2, 3, 5)
+    assert describe_event(joined) == "Resized 2 -> 3 workers at step 5; micro-batches per rank 2,2,2; global batch stays 12."
+
+
+def test_a_worker_that_starts_late_reports_no_change():
+    m = Membership(global_batch_size=12)
+    assert m.committed(20, 3, [2, 2, 2]) == []  # a replacement knows no earlier quorum
+
+
+def test_the_driver_narrows_a_live_recovery_to_the_fault_time():
+    tracker = RecoveryTracker(global_batch_size=12)
+    fault = {"kind": "fault", "action": "kill_rank", "time": 20.3, "rank": 1, "step": 10, "point": "mid"}
+    recovery = {"kind": "recovery", "recovery": "live", "time": 21.4, "failed_at": 20.0, "detection_seconds": 0.5,
+                "mttr_seconds": 1.4, "cause": "worker lost during step 10"}  # fmt: skip
+    assert tracker.observe([fault, recovery], []) == []  # changed in place, nothing added
+    assert recovery["cause"] == "fault: kill rank 1 at step 10 (mid)"
+    assert (recovery["failed_at"], recovery["detection_seconds"], recovery["mttr_seconds"]) == (20.3, 0.2, 1.1)
+
+
+def test_the_sink_keeps_each_step_once_and_each_keyed_event_once():
+    sink = RunSink.__ray_actor_class__()
+    sink.record([{"step": 1}, {"step": 2}], True)
+    sink.record([{"step": 1}, {"step": 2}, {"step": 3}], True)  # another participant's copy
+    sink.event({"kind": "recovery"}, "recovery-10")
+    sink.event({"kind": "recovery"}, "recovery-10")
+    sink.event({"kind": "warning"})
+    sink.event({"kind": "warning"})
+    rows, events = sink.drain()
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [e["kind"] for e in events] == ["recovery", "warning", "warning"]
+    assert [sink.arrive("go"), sink.arrive("go"), sink.arrived("go"), sink.arrived("other")] == [1, 2, 2, 0]
+
+
+def test_live_recovery_needs_the_replicated_layout():
+    raw = {**QUICKSTART, "scaling": {"min_workers": 1, "max_workers": 2, "layout": "zero1", "recovery": "live"}}
+    with pytest.raises(SpecError, match="recovery live needs layout replicated"):
+        validate_spec(raw)
+
+
+def test_tally_adds_up_across_any_split_and_tells_samples_apart():
+    idx = sample_indices(positions(240, 0, 24), 1000, seed=3)
+    whole = tally(idx)
+    for cut in (0, 5, 11, 24):  # what two ranks read, added
+        a, b = tally(idx[:cut]), tally(idx[cut:])
+        assert tuple(x + y for x, y in zip(a, b)) == whole
+    assert whole[0] == 24 and whole[1] == int(idx.sum())
+    twice = np.concatenate([idx[:-1], idx[:1]])  # one sample read twice, another never
+    assert tally(twice) != whole
+    assert tally(np.array([], dtype=np.int64)) == (0, 0, 0)
