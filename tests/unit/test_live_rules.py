@@ -94,3 +94,12 @@ def test_tally_adds_up_across_any_split_and_tells_samples_apart():
     twice = np.concatenate([idx[:-1], idx[:1]])  # one sample read twice, another never
     assert tally(twice) != whole
     assert tally(np.array([], dtype=np.int64)) == (0, 0, 0)
+
+
+def test_a_finished_live_run_stops_waiting_for_a_replacement_that_cannot_be_placed():
+    from elastune.train.driver import FINISH_GRACE_S, stranded
+
+    assert not stranded("live", None, now=1000.0)  # still training
+    assert not stranded("live", 100.0, now=100.0 + FINISH_GRACE_S - 1)  # Ray Train gets its grace
+    assert stranded("live", 100.0, now=100.0 + FINISH_GRACE_S)
+    assert not stranded("restart", 100.0, now=10_000.0)  # a restart-mode run ends with its group

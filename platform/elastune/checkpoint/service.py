@@ -207,7 +207,12 @@ class CheckpointService:
             ray.get(ray.get_actor(self.sink_name).event.remote({"time": time.time(), **event}))
 
 
-def start_service(run_id: str, uri: str, policy: RetentionPolicy, sink_name: str | None = None):
-    """The run's service actor (created, or found if it exists: restarted drivers rejoin it)."""
+def start_service(run_id: str, uri: str, policy: RetentionPolicy, sink_name: str | None = None, scheduling_strategy=None):
+    """The run's service actor (created, or found if it exists: restarted drivers rejoin it).
+    The driver places it on its own node (`scheduling_strategy`): tier 0 lives in that node's
+    object store."""
     actor = ray.remote(num_cpus=0, max_concurrency=32)(CheckpointService)
-    return actor.options(name=service_name(run_id), get_if_exists=True).remote(uri, policy.__dict__, sink_name)
+    options = {"name": service_name(run_id), "get_if_exists": True}
+    if scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
+    return actor.options(**options).remote(uri, policy.__dict__, sink_name)

@@ -269,6 +269,19 @@ class KillRank(Strict):
     )
 
 
+class KillNode(Strict):
+    """Kill the Ray node the worker of `rank` runs on, with every worker there, during step
+    `at_step` (once per run): its raylet is SIGKILLed, as when a machine disappears. Never the
+    driver's node (the run itself lives there): the fault is then skipped, with an event."""
+
+    action: Literal["kill_node"]
+    rank: int = Field(ge=0)
+    at_step: int = Field(ge=1)
+    point: Literal["start", "mid"] = Field(
+        "mid", description="start: before the step's first micro-batch; mid: after its backward, before the all-reduce."
+    )
+
+
 class DelayRank(Strict):
     """Stall the worker of `rank` for `seconds` during step `at_step` (a straggler; once per run)."""
 
@@ -278,7 +291,7 @@ class DelayRank(Strict):
     seconds: float = Field(gt=0, le=3600)
 
 
-Fault = Annotated[Union[KillRank, DelayRank], Field(discriminator="action")]
+Fault = Annotated[Union[KillRank, KillNode, DelayRank], Field(discriminator="action")]
 
 
 # --------------------------------------------------------------------------- job

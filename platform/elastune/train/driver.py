@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
 from elastune.checkpoint.checkpointer import Checkpointer
@@ -157,10 +158,14 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    sink = RunSink.options(name=sink_name(run_id)).remote()
+    # The run's actors live on the driver's node: the in-memory snapshots (objects the service
+    # put) outlive any worker node, and the driver's node going means the run goes anyway.
+    driver_node = ray.get_runtime_context().get_node_id()
+    here = NodeAffinitySchedulingStrategy(node_id=driver_node, soft=False)
+    sink = RunSink.options(name=sink_name(run_id), scheduling_strategy=here).remote()
     c = spec.checkpoint
     policy = RetentionPolicy(c.keep_last, c.keep_best, c.best_metric, c.best_mode)
-    service = start_service(run_id, spec.checkpoint_path, policy, sink_name(run_id))
+    service = start_service(run_id, spec.checkpoint_path, policy, sink_name(run_id), scheduling_strategy=here)
     scaling = spec.scaling
     if scaling.recovery == "live":
         # Every worker its own replica group; Ray Train replaces a dead one alone and the rest go on
@@ -178,7 +183,7 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     trainer = TorchTrainer(
         run_worker,
         train_loop_config=WorkerConfig(spec=spec.to_dict(), spec_dir=spec_dir, sink_name=sink_name(run_id),
-                                       service_name=service_name(run_id), run_id=run_id).__dict__,
+                                       service_name=service_name(run_id), run_id=run_id, driver_node=driver_node).__dict__,
         torch_config=torch_config,
         scaling_config=ScalingConfig(
             num_workers=workers,
@@ -207,11 +212,21 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     recoveries = RecoveryTracker(spec.batch.global_batch_size)
     thread = threading.Thread(target=fit, name="elastune-fit", daemon=True)
     thread.start()
+    finished_at: float | None = None
     try:
         while True:
             alive = thread.is_alive()
             rows, events = ray.get(sink.drain.remote())
             events += recoveries.observe(events, rows)
+            if finished_at is None and any(e["kind"] == "finish" for e in events):
+                finished_at = time.monotonic()
+            if alive and stranded(scaling.recovery, finished_at):
+                # A live group finished while Ray Train still waits to place a lost worker's
+                # replacement (no capacity came back): the run is done; do not wait for Ray Train.
+                ray.get(service.flush.remote())
+                events.append({"time": time.time(), "kind": "warning", "message": "training finished while Ray Train was still "
+                               "replacing a lost worker (no capacity for it); the run is complete, not waiting for it"})  # fmt: skip
+                alive = False
             run_dir.append_metrics(rows)
             run_dir.append_events(events)
             for event in events:
@@ -242,6 +257,19 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     return result
 
 
+FINISH_GRACE_S = 20.0  # after the last step, how long a live group's Ray Train run may take to end
+
+
+def stranded(recovery: str, finished_at: float | None, now: float | None = None) -> bool:
+    """Whether a live run whose workers finished training has waited long enough for Ray Train.
+
+    Ray Train ends a run when every replica group is done; a live group that lost a node and got
+    no capacity back has one group Ray Train cannot place, and would wait for it forever."""
+    if recovery != "live" or finished_at is None:
+        return False
+    return (time.monotonic() if now is None else now) - finished_at >= FINISH_GRACE_S
+
+
 class RecoveryTracker:
     """Turns a worker group's restart into one `recovery` event: cause, world size before and
     after, lost steps and samples, restart seconds (failure to the new group's start: Ray Train
@@ -259,7 +287,7 @@ class RecoveryTracker:
     def observe(self, events: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
         for event in events:
-            if event["kind"] == "fault" and event["action"] == "kill_rank":
+            if event["kind"] == "fault" and event["action"] in ("kill_rank", "kill_node") and not event.get("skipped"):
                 self.last_fault = event
             if event["kind"] == "recovery" and event.get("recovery") == "live":
                 self._narrow(event)
@@ -267,7 +295,7 @@ class RecoveryTracker:
                 if self.last_start is not None:
                     fault, self.last_fault = self.last_fault, None
                     failed_at = fault["time"] if fault else event.get("last_staged_at") or event["time"]
-                    cause = f"fault: kill rank {fault['rank']} at step {fault['step']} ({fault['point']})" if fault else "worker group restarted"
+                    cause = fault_cause(fault) if fault else "worker group restarted"
                     self.pending = {
                         "kind": "recovery", "cause": cause, "failed_at": failed_at,
                         "world_size_before": self.last_start["world_size"], "world_size_after": event["world_size"],
@@ -291,9 +319,14 @@ class RecoveryTracker:
             if event["detection_seconds"] is not None:
                 detected_at = event["failed_at"] + event["detection_seconds"]
                 event["detection_seconds"] = round(max(0.0, detected_at - fault["time"]), 3)
-            event["cause"] = f"fault: kill rank {fault['rank']} at step {fault['step']} ({fault['point']})"
+            event["cause"] = fault_cause(fault)
             event["failed_at"] = fault["time"]
             event["mttr_seconds"] = round(event["time"] - fault["time"], 3)
+
+
+def fault_cause(fault: dict[str, Any]) -> str:
+    what = "kill rank" if fault["action"] == "kill_rank" else "kill the node of rank"
+    return f"fault: {what} {fault['rank']} at step {fault['step']} ({fault['point']})"
 
 
 def _reason(error: BaseException) -> str:

@@ -12,20 +12,24 @@ import signal
 import time
 from typing import Any, Callable
 
-from elastune.spec.models import DelayRank, Fault, KillRank
+from elastune.spec.models import DelayRank, Fault, KillNode
 
 
 def due(faults: list[Fault], rank: int, step: int, point: str) -> list[int]:
     """Indexes of the faults that fire on `rank` during `step` at `point` ("start" or "mid")."""
     return [
         i for i, f in enumerate(faults)
-        if f.rank == rank and f.at_step == step and (f.point if isinstance(f, KillRank) else "start") == point
+        if f.rank == rank and f.at_step == step and (f.point if hasattr(f, "point") else "start") == point
     ]  # fmt: skip
 
 
 class FaultInjector:
-    def __init__(self, faults: list[Fault], rank: int, claim: Callable[[str], bool], record: Callable[[dict[str, Any]], None]):
+    """`on_driver_node`: whether this worker shares the driver's node (a node kill is skipped there)."""
+
+    def __init__(self, faults: list[Fault], rank: int, claim: Callable[[str], bool], record: Callable[[dict[str, Any]], None],
+                 on_driver_node: bool = False):  # fmt: skip
         self.faults, self.rank, self.claim, self.record = faults, rank, claim, record
+        self.on_driver_node = on_driver_node
 
     def at(self, step: int, point: str) -> None:
         for i in due(self.faults, self.rank, step, point):
@@ -33,8 +37,27 @@ class FaultInjector:
                 continue  # already happened in this run
             fault = self.faults[i]
             event = {"time": time.time(), "kind": "fault", "index": i, "step": step, "point": point, "rank": self.rank, **fault.model_dump()}
+            raylet = None
+            if isinstance(fault, KillNode):
+                raylet = None if self.on_driver_node else node_process()
+                if raylet is None:
+                    event["skipped"] = "the worker runs on the driver's node" if self.on_driver_node else "no raylet above this worker"
             self.record(event)  # before acting: a killed worker says nothing afterwards
             if isinstance(fault, DelayRank):
                 time.sleep(fault.seconds)
+            elif isinstance(fault, KillNode) and raylet is None:
+                continue
             else:
+                if raylet is not None:
+                    os.kill(raylet, signal.SIGKILL)  # the node: its workers follow their raylet
                 os.kill(os.getpid(), signal.SIGKILL)
+
+
+def node_process() -> int | None:
+    """PID of the raylet this worker process was started by (Ray workers are its children)."""
+    try:
+        ppid = os.getppid()
+        with open(f"/proc/{ppid}/comm") as f:
+            return ppid if f.read().strip() == "raylet" else None
+    except OSError:
+        return None

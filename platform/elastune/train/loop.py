@@ -41,6 +41,7 @@ class WorkerConfig:
     sink_name: str
     service_name: str
     run_id: str
+    driver_node: str  # Ray node id of the driver's node (where the run's actors live)
 
 
 def run_worker(config: dict[str, Any]) -> None:
@@ -53,7 +54,8 @@ def run_worker(config: dict[str, Any]) -> None:
     sink, service = ray.get_actor(job.sink_name), ray.get_actor(job.service_name)
     c, G = spec.checkpoint, spec.batch.global_batch_size
     report = Reporter(sink, replica, live, G, with_snapshots=c.snapshot_every_steps is not None)
-    faults = FaultInjector(spec.faults, replica, lambda key: ray.get(sink.claim.remote(key)), lambda e: ray.get(sink.event.remote(e)))
+    faults = FaultInjector(spec.faults, replica, lambda key: ray.get(sink.claim.remote(key)), lambda e: ray.get(sink.event.remote(e)),
+                           on_driver_node=ray.get_runtime_context().get_node_id() == job.driver_node)  # fmt: skip
 
     recipe = load_recipe(spec.model, job.spec_dir)
     source = open_source(recipe, spec)

@@ -75,7 +75,13 @@ def describe_event(event: dict[str, Any]) -> str | None:
             f"micro-batches per rank {counts}; global batch stays {event['global_batch_size']}."
         )
     if kind == "fault":
-        what = f"killing rank {event['rank']}" if event["action"] == "kill_rank" else f"delaying rank {event['rank']} {event['seconds']} s"
+        what = {
+            "kill_rank": f"killing rank {event['rank']}",
+            "kill_node": f"killing the node of rank {event['rank']}",
+            "delay_rank": f"delaying rank {event['rank']} {event.get('seconds')} s",
+        }[event["action"]]
+        if event.get("skipped"):
+            return f"[yellow]Fault skipped[/yellow] (spec faults.{event['index']}): {what} at step {event['step']}: {event['skipped']}."
         return f"[yellow]Fault[/yellow] (spec faults.{event['index']}): {what} at step {event['step']}."
     if kind == "recovery" and event.get("recovery") == "live":
         counts = ",".join(map(str, event["micro_batches"]))

@@ -1,0 +1,53 @@
+"""What the live-recovery and node-loss runs share: the job, and the checks against the
+uninterrupted 3-worker run (conftest's `uninterrupted` fixture)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from elastune.checkpoint.checkpointer import Checkpointer
+from elastune.data.dataset import TokenWindows
+from elastune.data.sampler import positions, sample_indices, tally
+from tests.helpers import rel_err
+from tests.ray.test_resume_world_size import spec_for
+
+STEPS = 28
+G = 12  # spec_for's global batch
+
+
+def job(tmp: Path, data: Path, name: str, faults: list[dict] | None = None, recovery: str = "live"):
+    """3 workers, at least 2 (live) and a schedule horizon of exactly STEPS."""
+    raw = spec_for(tmp, data, name, 3, STEPS).to_dict()
+    raw["schedule"]["horizon_samples"] = G * STEPS
+    if recovery == "live":
+        raw["scaling"] |= {"min_workers": 2, "max_workers": 3, "recovery": "live"}
+    raw["faults"] = faults or []
+    return spec_for(tmp, data, name, 3, STEPS).model_validate(raw)
+
+
+def assert_tracks(reference: list[dict], rows: list[dict]) -> None:
+    """Every step once, in order, at the same lr and (1e-5 relative) loss as the reference."""
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all(r["global_batch_size"] == G for r in rows)
+    for want, got in zip(reference, rows):
+        assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), f"step {got['step']}"
+
+
+def assert_read_once(rows: list[dict], data: Path, seed: int) -> None:
+    """Each step read exactly the samples the stateless sampler puts at its positions."""
+    n = len(TokenWindows(data))
+    for r in rows:
+        want = tally(sample_indices(positions(r["samples_seen"] - G, 0, G), n, seed))
+        assert tuple(r["sample_tally"]) == want, f"step {r['step']}: read {r['sample_tally']}, the sampler says {want}"
+
+
+def assert_same_final_state(reference_spec, spec) -> None:
+    want_manifest, want = Checkpointer(reference_spec.checkpoint_path).load_latest_valid()
+    got_manifest, got = Checkpointer(spec.checkpoint_path).load_latest_valid()
+    assert got_manifest.step == want_manifest.step == STEPS
+    assert set(got) == set(want)
+    for name in want:
+        assert rel_err(got[name], want[name]) <= 1e-5, name
