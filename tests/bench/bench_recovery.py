@@ -213,10 +213,13 @@ def torchft_run(tmp: Path, steps: int, kill: str | None) -> dict:
     out = {"losses": {r["step"]: r["loss"] for r in rows}}
     if kill:
         killed = json.loads((marks / "killed").read_text())
-        after = next(r for r in rows if r["time"] > killed["time"])
+        # The survivor may still be writing its row of step 9 as rank 1 dies: the recovery is the
+        # first step past the killed one's last; lost steps are those committed again after the kill.
+        after = next(r for r in rows if r["time"] > killed["time"] and r["step"] >= KILL_STEP)
+        before = {r["step"] for r in rows if r["time"] <= killed["time"]}
+        redone = {r["step"] for r in rows if r["time"] > killed["time"] and r["step"] in before}
         alone = [r["step"] for r in rows if r["participants"] == 1 and r["step"] >= KILL_STEP]
-        out |= {"mttr_s": round(after["time"] - killed["time"], 3), "lost_steps": killed["completed"] - (after["step"] - 1),
-                "half_batch_steps": len(alone)}  # fmt: skip
+        out |= {"mttr_s": round(after["time"] - killed["time"], 3), "lost_steps": len(redone), "half_batch_steps": len(alone)}
     return out
 
 

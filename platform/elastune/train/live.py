@@ -101,10 +101,13 @@ class LiveGroup:
         self.healed = self.load(found)
 
     def reduce(self, grads: GradBuffer) -> bool:
-        """SUM over this step's quorum; True only if every participant's reduction went through."""
-        works = [self.manager.allreduce(b, reduce_op=ReduceOp.SUM) for b in grads.buffers]
-        for work in works:
-            work.wait()
+        """SUM over this step's quorum; True only if every participant's reduction went through.
+
+        One reduction at a time: once one fails, the Manager turns the rest into no-ops. Issued
+        together, a reduction already in flight when a peer died waited out the full collective
+        timeout (30 s, measured) for a survivor that had given up on it."""
+        for buffer in grads.buffers:
+            self.manager.allreduce(buffer, reduce_op=ReduceOp.SUM).wait()
         return self.manager.should_commit()
 
     def error(self) -> str | None:
