@@ -19,7 +19,7 @@ from elastune.train.run_dir import read_jsonl
 from tests.ray.live_cases import STEPS, assert_read_once, assert_same_final_state, assert_tracks, job
 
 KILL_AT, HOLD_AT = 10, 20
-SCRIPT = Path(__file__).with_name("node_loss_job.py")
+SCRIPT = Path(__file__).with_name("cluster_job.py")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def node_loss(tmp_path_factory, stdlib_dataset):
     # 2 CPUs a worker, so that no worker fits on the 1-CPU head; one thread, as the reference's.
     spec = spec.model_validate({**spec.to_dict(), "scaling": {**spec.to_dict()["scaling"], "cpus_per_worker": 2, "torch_threads": 1}})
     (tmp / "spec.json").write_text(json.dumps(spec.to_dict()))
-    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp / "spec.json"), str(tmp / "out.json")],
+    done = subprocess.run([sys.executable, str(SCRIPT), "node-loss", str(tmp / "spec.json"), str(tmp / "out.json")],
                           capture_output=True, text=True, timeout=420)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     out = json.loads((tmp / "out.json").read_text())

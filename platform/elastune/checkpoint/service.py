@@ -83,13 +83,15 @@ class CheckpointService:
         self.queue: list[Snapshot] = []
         self.busy = False
         self.reports: list[dict[str, Any]] = []
+        self.draining: set[str] = set()  # node ids with a preemption notice
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="elastune-persist")
         threading.Thread(target=self._persist_loop, name="elastune-persist", daemon=True).start()
 
     # ------------------------------------------------------------------ tier 0
 
-    def stage(self, header: dict[str, Any], rank: int, file: str | None, entries: dict, payload: Any, stall_seconds: float) -> None:
-        """Take one rank's part of a step; a step whose W parts are all in becomes tier 0."""
+    def stage(self, header: dict[str, Any], rank: int, file: str | None, entries: dict, payload: Any, stall_seconds: float) -> list[str]:
+        """Take one rank's part of a step; a step whose W parts are all in becomes tier 0.
+        Returns the ids of the nodes being drained (preemption notices): workers on them leave."""
         # The service's own copy: an object the worker put would die with the worker.
         ref = ray.put(payload) if payload is not None else None
         nbytes = 0 if payload is None else len(payload)
@@ -102,7 +104,7 @@ class CheckpointService:
             snap.parts[rank] = Part(file, entries, ref, nbytes, stall_seconds)
             snap.rows += rows
             if len(snap.parts) < header["world_size"]:
-                return
+                return sorted(self.draining)
             del self.partial[key]
             self.partial = {k: s for k, s in self.partial.items() if k[0] > snap.step}  # older ones can never complete
             if self.tier0 is None or snap.step >= self.tier0.step:
@@ -113,6 +115,21 @@ class CheckpointService:
                 self.cv.notify_all()
             if snap.rows and self.sink_name:  # under the lock: steps reach the sink in order
                 ray.get_actor(self.sink_name).record.remote(snap.rows)
+            return sorted(self.draining)
+
+    def drain(self, nodes: list[str]) -> int | None:
+        """A preemption notice for `nodes`: make the newest complete step durable now (the
+        service holds it; no worker is involved) and tell workers on those nodes, at their next
+        hand-over, to leave. Returns the step being persisted (None: nothing newer to persist)."""
+        with self.cv:
+            self.draining |= set(nodes)
+            snap = self.tier0
+            if snap is None or snap.header["durable"] or any(q is snap for q in self.queue):
+                return None
+            snap.header = {**snap.header, "durable": True, "reason": "preemption"}
+            self.queue.append(snap)
+            self.cv.notify_all()
+            return snap.step
 
     def snapshot(self, keep_partial: bool = False) -> dict[str, Any]:
         """What a (re)starting worker resumes from: {"tier0": the newest complete in-memory
@@ -194,6 +211,7 @@ class CheckpointService:
             "commit_seconds": round(committed - written, 4),  # the manifest
             "prune_seconds": round(time.perf_counter() - committed, 4),  # retention, after the checkpoint exists
             "step": snap.step,
+            "reason": snap.header.get("reason", "every_steps"),
             "uri": self.ckpt.uri,
             "bytes": sum(snap.parts[r].nbytes for r in ranks),
             "rank_bytes": [snap.parts[r].nbytes for r in ranks],

@@ -26,6 +26,7 @@ class Snapshotter:
         self.service = service
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elastune-snapshot")
         self.pending: Future | None = None
+        self.draining: frozenset[str] = frozenset()  # nodes with a preemption notice, as of the last hand-over
         self.buffer: torch.Tensor | None = None
         self.layout: tuple = ()  # what the cached plan below was made for
         self.names: list[str] = []
@@ -71,7 +72,7 @@ class Snapshotter:
         if copied is not None:
             copied.synchronize()
         payload = self.buffer.numpy() if file else None
-        ray.get(self.service.stage.remote(header, rank, file, entries, payload, stall))
+        self.draining = frozenset(ray.get(self.service.stage.remote(header, rank, file, entries, payload, stall)))
 
     def wait(self) -> None:
         """Block until the last hand-off is done (and raise what it raised)."""

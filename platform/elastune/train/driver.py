@@ -203,8 +203,10 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
             trainer.fit()
         except Exception as exc:  # reported below, on the main thread
             outcome["error"] = exc
-        finally:  # the run is over once its durable checkpoints are committed
-            ray.get(service.flush.remote())
+        except SystemExit:  # Ray disconnected under a fit the driver stopped waiting for (stranded)
+            return
+        # The run is over once its durable checkpoints are committed.
+        ray.get(service.flush.remote())
 
     view = ProgressView(console, spec.max_steps)
     started = time.time()
@@ -213,6 +215,7 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     thread = threading.Thread(target=fit, name="elastune-fit", daemon=True)
     thread.start()
     finished_at: float | None = None
+    notices = DrainWatch(service)
     try:
         while True:
             alive = thread.is_alive()
@@ -220,6 +223,7 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
             events += recoveries.observe(events, rows)
             if finished_at is None and any(e["kind"] == "finish" for e in events):
                 finished_at = time.monotonic()
+            events += notices.poll()
             if alive and stranded(scaling.recovery, finished_at):
                 # A live group finished while Ray Train still waits to place a lost worker's
                 # replacement (no capacity came back): the run is done; do not wait for Ray Train.
@@ -257,6 +261,33 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     return result
 
 
+class DrainWatch:
+    """Preemption notices: nodes Ray's GCS reports as draining (a cloud autoscaler's notice, with
+    a deadline), polled every POLL_S. Each new one becomes a `preemption` event, and the service
+    makes its newest in-memory step durable at once and tells the workers there to leave."""
+
+    POLL_S = 1.0
+
+    def __init__(self, service):
+        self.service = service
+        self.seen: set[str] = set()
+        self.polled = 0.0
+
+    def poll(self) -> list[dict[str, Any]]:
+        if time.monotonic() - self.polled < self.POLL_S:
+            return []
+        self.polled = time.monotonic()
+        draining = ray._private.state.state.get_draining_nodes()  # {node id: deadline ms, 0 = none}; Ray Train polls the same
+        new = sorted(set(draining) - self.seen)
+        if not new:
+            return []
+        self.seen |= set(new)
+        step = ray.get(self.service.drain.remote(new))
+        deadlines = [draining[n] / 1000 for n in new if draining[n]]
+        return [{"time": time.time(), "kind": "preemption", "nodes": new, "deadline": min(deadlines) if deadlines else None,
+                 "persisted_step": step}]  # fmt: skip
+
+
 FINISH_GRACE_S = 20.0  # after the last step, how long a live group's Ray Train run may take to end
 
 
@@ -283,12 +314,15 @@ class RecoveryTracker:
         self.last_start: dict[str, Any] | None = None
         self.last_fault: dict[str, Any] | None = None
         self.pending: dict[str, Any] | None = None
+        self.last_leave: dict[str, Any] | None = None
 
     def observe(self, events: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
         for event in events:
             if event["kind"] == "fault" and event["action"] in ("kill_rank", "kill_node") and not event.get("skipped"):
                 self.last_fault = event
+            if event["kind"] == "leave":
+                self.last_leave = event
             if event["kind"] == "recovery" and event.get("recovery") == "live":
                 self._narrow(event)
             if event["kind"] == "start":
@@ -314,6 +348,12 @@ class RecoveryTracker:
     def _narrow(self, event: dict[str, Any]) -> None:
         """A live group's recovery, as its survivors saw it: their failure time is the failed
         step's start; an injected fault's time, when there is one, is closer to the crash."""
+        leave, self.last_leave = self.last_leave, None
+        if leave is not None and event["detection_seconds"] is None:  # no step failed: a worker left
+            event["cause"] = f"rank {leave['replica']} left: {leave['reason']}"
+            event["failed_at"] = leave["time"]
+            event["mttr_seconds"] = round(event["time"] - leave["time"], 3)
+            return
         fault, self.last_fault = self.last_fault, None
         if fault is not None and event["failed_at"] <= fault["time"] <= event["time"]:
             if event["detection_seconds"] is not None:

@@ -69,7 +69,8 @@ def run_worker(config: dict[str, Any]) -> None:
     progress, restored = restore(service, Checkpointer(spec.checkpoint_path), model, optimizer, keep_partial=live)
     if not live or ray.get(sink.claim.remote("start")):  # a live group's replacements only join
         announce(report.emit, batch_plan(G, spec.batch.micro_batch_size, workers), progress, restored, dataset_identity(source))
-    report.emit("join", replica=replica, step=progress.step, **{k: restored.get(k) for k in ("resumed_from_tier", "load_seconds")})
+    node = ray.get_runtime_context().get_node_id()
+    report.emit("join", replica=replica, node=node, step=progress.step, **{k: restored.get(k) for k in ("resumed_from_tier", "load_seconds")})
     base = snapshot_base(spec, layout_of(optimizer), dataset_identity(source))
 
     def header(p: Progress, durable: bool = False, loss: float | None = None) -> dict[str, Any]:
@@ -106,9 +107,13 @@ def run_worker(config: dict[str, Any]) -> None:
         report.committed(metrics_row(progress, result, lr, plan, time.perf_counter() - started), plan)
         if durable or (c.snapshot_every_steps and progress.step % c.snapshot_every_steps == 0):
             snapshots.take(header(progress, durable, result.loss), state_pieces(model, optimizer), rank, world, report.rows_for_snapshot())
+        if live and node in snapshots.draining:  # a preemption notice for this node: leave at this step boundary
+            report.emit("leave", replica=replica, node=node, step=progress.step, reason="its node is draining (preemption notice)")
+            break
     snapshots.wait()  # the last step is with the service before this worker reports done
     report.flush()
-    report.emit("finish", key="finish", step=progress.step, samples_seen=progress.samples_seen)
+    if progress.step >= spec.max_steps:
+        report.emit("finish", key="finish", step=progress.step, samples_seen=progress.samples_seen)
     group.close()
 
 

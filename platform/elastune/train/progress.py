@@ -88,7 +88,7 @@ def describe_event(event: dict[str, Any]) -> str | None:
         return (
             f"Recovered from {event['cause']}: the {event['world_size_after']} survivor(s) of {event['world_size_before']} "
             f"carried on at step {event['resumed_from_step'] + 1} with the same global batch ({counts} micro-batches per rank), "
-            f"lost 0 steps, training again {event['mttr_seconds']:.2f} s after the failure; a replacement is on its way."
+            f"lost 0 steps, training again {event['mttr_seconds']:.2f} s after it."
         )
     if kind == "recovery":
         return (
@@ -96,6 +96,12 @@ def describe_event(event: dict[str, Any]) -> str | None:
             f"resumed at step {event['resumed_from_step']} (tier {event['resumed_from_tier']}), lost {event['lost_steps']} step(s), "
             f"new workers up in {event['restart_seconds']:.1f} s, training again {event['mttr_seconds']:.1f} s after the failure."
         )
+    if kind == "preemption":
+        when = f", deadline in {event['deadline'] - event['time']:.0f} s" if event.get("deadline") else ""
+        saved = f"; making step {event['persisted_step']} durable now" if event.get("persisted_step") is not None else ""
+        return f"[yellow]Preemption notice[/yellow] for node(s) {', '.join(n[:12] for n in event['nodes'])}{when}{saved}."
+    if kind == "leave":
+        return f"Rank {event['replica']} left after step {event['step']}: {event['reason']}."
     if kind == "warning":
         return f"[yellow]Warning[/yellow]: {event['message']}"
     if kind == "checkpoint":
