@@ -14,6 +14,9 @@ DDP reduces) on the first attempt.
       PGTransport), rank 1 killed once before backward (where torchft's DDP reduces) and once
       between steps 9 and 10: the survivor goes on with its own per-worker batch, i.e. half the
       global batch.
+  (d) node loss, elastune live: tests/ray/cluster_job.py's node-loss scenario (a head and three
+      1-worker nodes on this machine, the node of rank 1 killed mid-step 10 by the `kill_node`
+      fault), MTTR from its `recovery` event.
 Convergence deviation: mean relative |loss difference| against the same loop run uninterrupted,
 over the 30 steps from the failed one, for elastune live and for (c), the naive elastic loop that
 keeps the per-worker batch. MTTR = kill to the first step completed after it (wall clock); lost
@@ -73,11 +76,11 @@ def elastune_run(tmp: Path, steps: int, recovery: str | None, kill: bool = True)
             "restart_s": recovery_event["restart_seconds"], "losses": losses}  # fmt: skip
 
 
-def plain_loop(config: dict) -> None:
-    """A Ray Train loop as its docs write one: DDP, report a checkpoint every 5 steps."""
+def worker_setup(config: dict):
+    """What the comparison loops share: the spec, recipe, data, this worker's rank and world size,
+    and the model, seeded alike on every worker."""
     import ray.train
     import torch
-    from ray.train import Checkpoint
 
     from elastune.data.dataset import TokenWindows
     from elastune.recipes import load_recipe
@@ -85,11 +88,19 @@ def plain_loop(config: dict) -> None:
 
     spec = validate_spec(config["spec"])
     recipe = load_recipe(spec.model, str(ROOT))
-    data = TokenWindows(spec.data.path)
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(0)
-    model = ray.train.torch.prepare_model(recipe.build_model())
+    return spec, recipe, TokenWindows(spec.data.path), ctx.get_world_rank(), ctx.get_world_size(), recipe.build_model()
+
+
+def plain_loop(config: dict) -> None:
+    """A Ray Train loop as its docs write one: DDP, report a checkpoint every 5 steps."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    spec, recipe, data, rank, world, model = worker_setup(config)
+    model = ray.train.torch.prepare_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.optimizer.lr)
     start = 0
     ckpt = ray.train.get_checkpoint()
@@ -147,22 +158,11 @@ def torchft_loop(config: dict) -> None:
     torchft's DDP and Optimizer wrappers, a per-worker batch of global/world samples."""
     from datetime import timedelta
 
-    import ray.train
     import torch
     from torchft import DistributedDataParallel, Manager, Optimizer, ProcessGroupGloo
     from torchft.checkpointing.pg_transport import PGTransport
 
-    from elastune.data.dataset import TokenWindows
-    from elastune.recipes import load_recipe
-    from elastune.spec import validate_spec
-
-    spec = validate_spec(config["spec"])
-    recipe = load_recipe(spec.model, str(ROOT))
-    data = TokenWindows(spec.data.path)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(0)
-    model = recipe.build_model()
+    spec, recipe, data, rank, world, model = worker_setup(config)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.optimizer.lr)
     pg = ProcessGroupGloo(timeout=timedelta(seconds=30))
     manager = Manager(
@@ -223,6 +223,24 @@ def torchft_run(tmp: Path, steps: int, kill: str | None) -> dict:
     return out
 
 
+def node_loss_run(tmp: Path, steps: int) -> dict:
+    """The node-loss scenario of the tests, in a process of its own (its own Ray cluster)."""
+    import subprocess
+
+    from elastune.spec import validate_spec
+    from elastune.train.run_dir import read_jsonl
+
+    raw = quickstart(tmp, steps) | {"faults": [{"action": "kill_node", "rank": 1, "at_step": KILL_STEP, "point": "mid"}]}
+    raw["scaling"] = {"min_workers": 2, "max_workers": 3, "recovery": "live", "cpus_per_worker": 2, "torch_threads": 1}
+    tmp.mkdir(parents=True)
+    (tmp / "spec.json").write_text(json.dumps(validate_spec(raw).to_dict()))
+    subprocess.run([sys.executable, str(ROOT / "tests" / "ray" / "cluster_job.py"), "node-loss", str(tmp / "spec.json"), str(tmp / "out.json")],
+                   check=True, capture_output=True, timeout=600)  # fmt: skip
+    out = json.loads((tmp / "out.json").read_text())
+    (event,) = [e for e in read_jsonl(Path(out["run_dir"]) / "events.jsonl") if e["kind"] == "recovery"]
+    return {"mttr_s": event["mttr_seconds"], "lost_steps": event["lost_steps"], "world": (event["world_size_before"], event["world_size_after"])}
+
+
 def deviation(losses: dict[int, float], reference: dict[int, float], first: int, count: int = 30) -> float:
     """Mean relative |loss difference| over `count` steps from `first`."""
     steps = [s for s in range(first, first + count) if s in losses and s in reference]
@@ -235,6 +253,8 @@ def main() -> None:
     args = parser.parse_args()
     from elastune.data.prepare import ensure_prepared
     from elastune.spec import validate_spec
+    import ray
+
     from elastune.train.driver import start_local_ray
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -248,6 +268,8 @@ def main() -> None:
         ft = torchft_run(root / "c", args.steps, kill="mid")
         ft_between = torchft_run(root / "c-between", args.steps, kill="between")
         ft_clean = torchft_run(root / "c-clean", args.steps, kill=None)
+        ray.shutdown()  # the node-loss run brings its own cluster
+        node = node_loss_run(root / "d", args.steps)
     ours_dev = deviation(live["losses"], clean["losses"], KILL_STEP)
     ft_dev = deviation(ft_between["losses"], ft_clean["losses"], KILL_STEP)
     print(f"elastune restart:  MTTR {restart['mttr_s']:.2f} s (new workers up {restart['restart_s']:.1f} s), lost steps {restart['lost_steps']}")
@@ -257,6 +279,7 @@ def main() -> None:
     for name, arm in (("mid-step", ft), ("between steps", ft_between)):
         print(f"torchft (Ray's example), kill {name}: MTTR {arm['mttr_s']:.2f} s, lost steps {arm['lost_steps']}, "
               f"{arm['half_batch_steps']} step(s) on half the global batch")
+    print(f"node loss, elastune live (3 -> {node['world'][1]} workers): MTTR {node['mttr_s']:.2f} s, lost steps {node['lost_steps']} (target < 10 s)")
     print(f"MTTR elastune live / plain = {live['mttr_s'] / plain['mttr_s']:.3f}, restart / plain = {restart['mttr_s'] / plain['mttr_s']:.2f} (target <= 0.30)")
     print(f"convergence deviation over {min(30, args.steps - KILL_STEP + 1)} steps from step {KILL_STEP}: elastune live {ours_dev:.2e}, "
           f"torchft naive (kill between steps) {ft_dev:.2e}; elastune is {100 * (1 - ours_dev / ft_dev):.2f}% below (target >= 99%)")

@@ -8,18 +8,11 @@ kept on the driver's node, outlive the lost node."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from elastune.train.run_dir import read_jsonl
-from tests.ray.live_cases import STEPS, assert_read_once, assert_same_final_state, assert_tracks, job
+from tests.ray.live_cases import STEPS, assert_read_once, assert_same_final_state, assert_tracks, job, on_cluster
 
 KILL_AT, HOLD_AT = 10, 20
-SCRIPT = Path(__file__).with_name("cluster_job.py")
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +23,8 @@ def node_loss(tmp_path_factory, stdlib_dataset):
         {"action": "delay_rank", "rank": 0, "at_step": HOLD_AT, "seconds": 25},
     ]
     spec = job(tmp, stdlib_dataset, "node-loss", faults)
-    # 2 CPUs a worker, so that no worker fits on the 1-CPU head; one thread, as the reference's.
-    spec = spec.model_validate({**spec.to_dict(), "scaling": {**spec.to_dict()["scaling"], "cpus_per_worker": 2, "torch_threads": 1}})
-    (tmp / "spec.json").write_text(json.dumps(spec.to_dict()))
-    done = subprocess.run([sys.executable, str(SCRIPT), "node-loss", str(tmp / "spec.json"), str(tmp / "out.json")],
-                          capture_output=True, text=True, timeout=420)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    out = json.loads((tmp / "out.json").read_text())
-    assert out["status"] == "succeeded", out["error"]
-    run_dir = Path(out["run_dir"])
-    return spec, read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "events.jsonl"), out
+    rows, events, out = on_cluster("node-loss", tmp, spec)
+    return spec, rows, events, out
 
 
 def test_shrinks_at_once_and_grows_back_with_the_uninterrupted_losses(uninterrupted, node_loss):

@@ -6,17 +6,9 @@ the uninterrupted run exactly."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from elastune.train.run_dir import read_jsonl
-from tests.ray.live_cases import assert_read_once, assert_same_final_state, assert_tracks, job
-
-SCRIPT = Path(__file__).with_name("cluster_job.py")
+from tests.ray.live_cases import assert_read_once, assert_same_final_state, assert_tracks, job, on_cluster
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +22,8 @@ def preempted(tmp_path_factory, stdlib_dataset):
         {"action": "delay_rank", "rank": 0, "at_step": 20, "seconds": 8},
     ]
     spec = job(tmp, stdlib_dataset, "preemption", faults)
-    spec = spec.model_validate({**spec.to_dict(), "scaling": {**spec.to_dict()["scaling"], "cpus_per_worker": 2, "torch_threads": 1}})
-    (tmp / "spec.json").write_text(json.dumps(spec.to_dict()))
-    done = subprocess.run([sys.executable, str(SCRIPT), "preemption", str(tmp / "spec.json"), str(tmp / "out.json")],
-                          capture_output=True, text=True, timeout=420)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    out = json.loads((tmp / "out.json").read_text())
-    assert out["status"] == "succeeded", out["error"]
-    run_dir = Path(out["run_dir"])
-    return spec, read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "events.jsonl"), out
+    rows, events, out = on_cluster("preemption", tmp, spec)
+    return spec, rows, events, out
 
 
 def test_durable_checkpoint_and_a_clean_leave_before_the_deadline(preempted):

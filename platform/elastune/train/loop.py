@@ -49,13 +49,14 @@ def run_worker(config: dict[str, Any]) -> None:
     spec = JobSpec.model_validate(job.spec)
     ctx = ray.train.get_context()
     replica, workers = ctx.get_world_rank(), ctx.get_world_size()  # this worker's slot; a replacement takes it over
+    node = ray.get_runtime_context().get_node_id()
     live = spec.scaling.recovery == "live"
     torch.set_num_threads(spec.scaling.torch_threads or max(1, int(spec.scaling.cpus_per_worker)))
     sink, service = ray.get_actor(job.sink_name), ray.get_actor(job.service_name)
     c, G = spec.checkpoint, spec.batch.global_batch_size
     report = Reporter(sink, replica, live, G, with_snapshots=c.snapshot_every_steps is not None)
     faults = FaultInjector(spec.faults, replica, lambda key: ray.get(sink.claim.remote(key)), lambda e: ray.get(sink.event.remote(e)),
-                           on_driver_node=ray.get_runtime_context().get_node_id() == job.driver_node)  # fmt: skip
+                           on_driver_node=node == job.driver_node)  # fmt: skip
 
     recipe = load_recipe(spec.model, job.spec_dir)
     source = open_source(recipe, spec)
@@ -69,7 +70,6 @@ def run_worker(config: dict[str, Any]) -> None:
     progress, restored = restore(service, Checkpointer(spec.checkpoint_path), model, optimizer, keep_partial=live)
     if not live or ray.get(sink.claim.remote("start")):  # a live group's replacements only join
         announce(report.emit, batch_plan(G, spec.batch.micro_batch_size, workers), progress, restored, dataset_identity(source))
-    node = ray.get_runtime_context().get_node_id()
     report.emit("join", replica=replica, node=node, step=progress.step, **{k: restored.get(k) for k in ("resumed_from_tier", "load_seconds")})
     base = snapshot_base(spec, layout_of(optimizer), dataset_identity(source))
 
