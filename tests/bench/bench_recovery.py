@@ -176,16 +176,18 @@ def torchft_loop(config: dict) -> None:
     marks = Path(config["marks"])
     while manager.current_step() < config["steps"]:
         step = manager.current_step() + 1
-        dies = config["kill"] is not None and step == KILL_STEP and rank == 1 and not (marks / "killed").exists()
+        # At step 10, or the first step rank 1 trains after it: with min_replicas 1 the first
+        # quorums may form before rank 1 is up, and it heals into the run some steps later.
+        dies = config["kill"] is not None and step >= KILL_STEP and rank == 1 and not (marks / "killed").exists()
         if dies and config["kill"] == "between":  # after step 9 committed, before asking for quorum 10
-            (marks / "killed").write_text(json.dumps({"time": time.time(), "completed": step - 1}))
+            (marks / "killed").write_text(json.dumps({"time": time.time(), "step": step}))
             os.kill(os.getpid(), signal.SIGKILL)
         ft_opt.zero_grad()  # starts the quorum
         g = torch.Generator().manual_seed(step * 1000 + rank)
         batch = data.take(torch.randint(0, len(data), (per_rank,), generator=g).numpy())
         loss = recipe.sample_losses(ddp, batch).mean()
         if dies:  # "mid": before backward, where torchft's DDP reduces
-            (marks / "killed").write_text(json.dumps({"time": time.time(), "completed": step - 1}))
+            (marks / "killed").write_text(json.dumps({"time": time.time(), "step": step}))
             os.kill(os.getpid(), signal.SIGKILL)
         loss.backward()  # torchft's DDP all-reduces (averages over the quorum) here
         ft_opt.step()
@@ -215,7 +217,7 @@ def torchft_run(tmp: Path, steps: int, kill: str | None) -> dict:
         killed = json.loads((marks / "killed").read_text())
         # The survivor may still be writing its row of step 9 as rank 1 dies: the recovery is the
         # first step past the killed one's last; lost steps are those committed again after the kill.
-        after = next(r for r in rows if r["time"] > killed["time"] and r["step"] >= KILL_STEP)
+        after = next(r for r in rows if r["time"] > killed["time"] and r["step"] >= killed["step"])
         before = {r["step"] for r in rows if r["time"] <= killed["time"]}
         redone = {r["step"] for r in rows if r["time"] > killed["time"] and r["step"] in before}
         alone = [r["step"] for r in rows if r["participants"] == 1 and r["step"] >= KILL_STEP]
