@@ -37,21 +37,21 @@ class FaultInjector:
                 continue  # already happened in this run
             fault = self.faults[i]
             event = {"time": time.time(), "kind": "fault", "index": i, "step": step, "point": point, "rank": self.rank, **fault.model_dump()}
+            if isinstance(fault, DelayRank):
+                self.record(event)
+                time.sleep(fault.seconds)
+                continue
             raylet = None
             if isinstance(fault, KillNode):
                 raylet = None if self.on_driver_node else node_process()
                 if raylet is None:
                     event["skipped"] = "the worker runs on the driver's node" if self.on_driver_node else "no raylet above this worker"
+                    self.record(event)
+                    continue
             self.record(event)  # before acting: a killed worker says nothing afterwards
-            if isinstance(fault, DelayRank):
-                time.sleep(fault.seconds)
-            elif isinstance(fault, KillNode) and raylet is None:
-                continue
-            else:
-                if raylet is not None:
-                    os.kill(raylet, signal.SIGKILL)  # the node: its workers follow their raylet
-                os.kill(os.getpid(), signal.SIGKILL)
-
+            if raylet is not None:
+                os.kill(raylet, signal.SIGKILL)  # the node: its workers follow their raylet
+            os.kill(os.getpid(), signal.SIGKILL)
 
 def node_process() -> int | None:
     """PID of the raylet this worker process was started by (Ray workers are its children)."""
