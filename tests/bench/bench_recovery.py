@@ -23,7 +23,7 @@ keeps the per-worker batch. MTTR = kill to the first step completed after it (wa
 steps = steps completed before the kill minus the step resumed from. Whole-job timings on a
 shared machine: compare the figures of one invocation, not across invocations.
 
-    .venv/bin/python tests/bench/bench_recovery.py [--steps 40]
+    .venv/bin/python tests/bench/bench_recovery.py [--steps 40] [--node-loss-runs K] [--node-loss-only]
 """
 
 from __future__ import annotations
@@ -243,6 +243,11 @@ def node_loss_run(tmp: Path, steps: int) -> dict:
     return {"mttr_s": event["mttr_seconds"], "lost_steps": event["lost_steps"], "world": (event["world_size_before"], event["world_size_after"])}
 
 
+def node_loss_report(runs: list[dict]) -> None:
+    for node in runs:
+        print(f"node loss, elastune live (3 -> {node['world'][1]} workers): MTTR {node['mttr_s']:.2f} s, lost steps {node['lost_steps']} (target < 10 s)")
+
+
 def deviation(losses: dict[int, float], reference: dict[int, float], first: int, count: int = 30) -> float:
     """Mean relative |loss difference| over `count` steps from `first`."""
     steps = [s for s in range(first, first + count) if s in losses and s in reference]
@@ -252,7 +257,13 @@ def deviation(losses: dict[int, float], reference: dict[int, float], first: int,
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--node-loss-runs", type=int, default=1, help="repeat arm (d) this many times")
+    parser.add_argument("--node-loss-only", action="store_true", help="run arm (d) only (its target is absolute)")
     args = parser.parse_args()
+    if args.node_loss_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            node_loss_report([node_loss_run(Path(tmp) / f"d{i}", args.steps) for i in range(args.node_loss_runs)])
+        return
     from elastune.data.prepare import ensure_prepared
     from elastune.spec import validate_spec
     import ray
@@ -271,7 +282,7 @@ def main() -> None:
         ft_between = torchft_run(root / "c-between", args.steps, kill="between")
         ft_clean = torchft_run(root / "c-clean", args.steps, kill=None)
         ray.shutdown()  # the node-loss run brings its own cluster
-        node = node_loss_run(root / "d", args.steps)
+        nodes = [node_loss_run(root / f"d{i}", args.steps) for i in range(args.node_loss_runs)]
     ours_dev = deviation(live["losses"], clean["losses"], KILL_STEP)
     ft_dev = deviation(ft_between["losses"], ft_clean["losses"], KILL_STEP)
     print(f"elastune restart:  MTTR {restart['mttr_s']:.2f} s (new workers up {restart['restart_s']:.1f} s), lost steps {restart['lost_steps']}")
@@ -281,7 +292,7 @@ def main() -> None:
     for name, arm in (("mid-step", ft), ("between steps", ft_between)):
         print(f"torchft (Ray's example), kill {name}: MTTR {arm['mttr_s']:.2f} s, lost steps {arm['lost_steps']}, "
               f"{arm['half_batch_steps']} step(s) on half the global batch")
-    print(f"node loss, elastune live (3 -> {node['world'][1]} workers): MTTR {node['mttr_s']:.2f} s, lost steps {node['lost_steps']} (target < 10 s)")
+    node_loss_report(nodes)
     print(f"MTTR elastune live / plain = {live['mttr_s'] / plain['mttr_s']:.3f}, restart / plain = {restart['mttr_s'] / plain['mttr_s']:.2f} (target <= 0.30)")
     print(f"convergence deviation over {min(30, args.steps - KILL_STEP + 1)} steps from step {KILL_STEP}: elastune live {ours_dev:.2e}, "
           f"torchft naive (kill between steps) {ft_dev:.2e}; elastune is {100 * (1 - ours_dev / ft_dev):.2f}% below (target >= 99%)")

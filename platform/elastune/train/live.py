@@ -18,6 +18,7 @@ transports unpickle what a peer sends).
 
 from __future__ import annotations
 
+import gc
 import time
 from datetime import timedelta
 from typing import Any, Callable
@@ -70,9 +71,9 @@ class LiveGroup:
                  progress: Progress, on_gpu: bool = False):  # fmt: skip
         self.load, self.healed = load, None
         self.transport = ServiceTransport(service, header, state)
-        pg = ProcessGroupNCCL(timeout=TIMEOUT) if on_gpu else ProcessGroupGloo(timeout=TIMEOUT)
+        self.pg = ProcessGroupNCCL(timeout=TIMEOUT) if on_gpu else ProcessGroupGloo(timeout=TIMEOUT)
         self.manager = Manager(
-            pg=pg,
+            pg=self.pg,
             load_state_dict=self._heal,
             state_dict=lambda: None,  # the transport reads the state itself, as format pieces
             min_replica_size=min_workers,
@@ -103,11 +104,19 @@ class LiveGroup:
     def reduce(self, grads: GradBuffer) -> bool:
         """SUM over this step's quorum; True only if every participant's reduction went through.
 
-        One reduction at a time: once one fails, the Manager turns the rest into no-ops. Issued
-        together, a reduction already in flight when a peer died waited out the full collective
-        timeout (30 s, measured) for a survivor that had given up on it."""
+        A participant that fails gives up on the step and closes this quorum's connections at
+        once: a peer may be waiting for data from it rather than from the dead worker, and would
+        otherwise learn only by the collective timeout (30 s, measured after a node loss; tests/
+        dist/test_live_abandon.py). Reductions go one at a time for the same reason: once one
+        fails, the Manager turns the rest into no-ops instead of leaving them in flight."""
         for buffer in grads.buffers:
             self.manager.allreduce(buffer, reduce_op=ReduceOp.SUM).wait()
+            if self.manager.errored() is not None:
+                # The next quorum configures a new process group anyway; dropping this one now
+                # (torchft's abort releases it) closes its sockets, so every peer fails at once.
+                self.pg.abort()
+                gc.collect()  # a failed work and its futures may still hold them (reference cycles)
+                break
         return self.manager.should_commit()
 
     def error(self) -> str | None:
