@@ -1,11 +1,14 @@
-"""A live job on a multi-node local cluster (ray.cluster_utils.Cluster: several raylets on this
-machine), for what only several nodes can show. Two scenarios:
+"""A job on a multi-node local cluster (ray.cluster_utils.Cluster: several raylets on this
+machine), for what only several nodes can show. Three scenarios:
 
   node-loss:   the job's own `kill_node` fault takes the node of rank 1 mid-run; a fresh node is
                added as soon as the run records the kill (capacity returns).
   preemption:  as the job's first straggler fault fires, the node of rank 1 is drained the way
                a cloud provider's preemption notice drains it (GCS DrainNode, reason preemption,
                deadline in DRAIN_NOTICE_S), and removed at the deadline; a fresh node follows.
+  resize:      the cluster starts with two worker nodes; a third is added as the job's first
+               straggler fault fires (capacity for one more worker). A `kill_node` fault in the
+               job then takes a node for good.
 
 Run by tests/ray/test_node_loss.py and test_preemption.py in a process of their own (a second
 Ray instance cannot share the test session's process):
@@ -13,7 +16,7 @@ Ray instance cannot share the test session's process):
     python tests/ray/cluster_job.py SCENARIO SPEC_JSON OUT_JSON
 
 Head node: 1 CPU, which Ray Train's torchft lighthouse actor needs to be scheduled there (the
-driver, Ray Train's controller and the run's actors live there too); three worker nodes of 2 CPUs,
+driver, Ray Train's controller and the run's actors live there too); worker nodes of 2 CPUs,
 one worker each (the job asks 2 CPUs a worker, so none fits on the head). Prints nothing; writes
 {"status", "error", "run_dir", "nodes_added", "drained"} to OUT_JSON.
 """
@@ -48,7 +51,7 @@ def main(scenario: str, spec_path: str, out_path: str) -> None:
         "num_cpus": 1, "include_dashboard": False,
         "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
     })  # fmt: skip
-    for _ in range(3):
+    for _ in range(2 if scenario == "resize" else 3):
         cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address, log_to_driver=False)  # run_job finds Ray connected
     outcome: dict = {}
@@ -62,6 +65,9 @@ def main(scenario: str, spec_path: str, out_path: str) -> None:
             events = read_all(spec.output_dir, "events.jsonl")
             if scenario == "node-loss" and not added and any(e["kind"] == "fault" and e["action"] == "kill_node" for e in events):
                 cluster.add_node(num_cpus=2)  # capacity returns
+                added.append(time.time())
+            if scenario == "resize" and not added and any(e["kind"] == "fault" and e["action"] == "delay_rank" for e in events):
+                cluster.add_node(num_cpus=2)
                 added.append(time.time())
             if scenario == "preemption":
                 if not drained and any(e["kind"] == "fault" and e["action"] == "delay_rank" for e in events):

@@ -1,5 +1,5 @@
 """Fault rehearsal rules: which fault fires where, how the spec refuses a fault that names no
-worker, and how a restart becomes one recovery event."""
+worker, and how each start of a worker group becomes at most one recovery or resize event."""
 
 from pathlib import Path
 
@@ -11,6 +11,7 @@ from elastune.spec import validate_spec
 from elastune.spec.models import DelayRank, KillRank
 from elastune.train.driver import RecoveryTracker
 from elastune.train.faults import due
+from elastune.train.progress import describe_event
 
 QUICKSTART = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs" / "quickstart.yaml").read_text())
 
@@ -41,3 +42,39 @@ def test_restart_becomes_one_recovery_event():
     assert event["cause"] == "fault: kill rank 1 at step 7 (mid)" and (event["world_size_before"], event["world_size_after"]) == (3, 2)
     assert (event["lost_steps"], event["lost_samples"], event["restart_seconds"], event["mttr_seconds"]) == (1, 12, 12.0, 15.5)
     assert tracker.observe([], [{"step": 8, "time": 36.0}]) == []
+
+
+def test_a_group_restarted_bigger_without_a_fault_is_a_resize_with_its_cost():
+    # Ray Train's elastic policy saw capacity for a third worker and restarted the group at 3.
+    tracker = RecoveryTracker(global_batch_size=12)
+    tracker.observe([{"kind": "start", "time": 10.0, "world_size": 2, "resumed_from_step": None, "micro_batches": [3, 3]}], [{"step": 1, "time": 11.0}])
+    bigger = {"kind": "start", "time": 40.0, "world_size": 3, "resumed_from_step": 7, "resumed_from_tier": 0, "lost_steps": 0,
+              "last_staged_at": 30.0, "micro_batches": [2, 2, 2]}  # fmt: skip
+    assert tracker.observe([bigger], []) == []
+    (event,) = tracker.observe([], [{"step": 8, "time": 42.5}])
+    assert event["kind"] == "resize" and event["cause"].startswith("capacity for 3 workers")
+    assert (event["world_size_before"], event["world_size_after"], event["step"]) == (2, 3, 7)
+    assert (event["lost_steps"], event["lost_samples"], event["restart_seconds"], event["mttr_seconds"]) == (0, 0, 10.0, 12.5)
+    assert describe_event(event) == ("Resized 2 -> 3 workers at step 7; micro-batches per rank 2,2,2; global batch stays 12. "
+                                     "Lost 0 step(s); training again 12.5 s after the old group stopped.")
+
+
+def test_a_group_restarted_smaller_without_a_fault_is_a_recovery():
+    tracker = RecoveryTracker(global_batch_size=12)
+    tracker.observe([{"kind": "start", "time": 10.0, "world_size": 3, "resumed_from_step": None, "micro_batches": [2, 2, 2]}], [])
+    smaller = {"kind": "start", "time": 40.0, "world_size": 2, "resumed_from_step": 9, "resumed_from_tier": 0, "lost_steps": 0,
+               "last_staged_at": 30.0, "micro_batches": [3, 3]}  # fmt: skip
+    tracker.observe([smaller], [])
+    (event,) = tracker.observe([], [{"step": 10, "time": 41.0}])
+    assert event["kind"] == "recovery" and event["cause"] == "worker group restarted"
+    assert (event["world_size_before"], event["world_size_after"]) == (3, 2)
+
+
+def test_a_run_resumed_at_another_world_size_starts_with_a_resize():
+    tracker = RecoveryTracker(global_batch_size=24)
+    start = {"kind": "start", "time": 5.0, "world_size": 3, "resumed_from_step": 20, "resumed_from_tier": 1, "saved_world_size": 2,
+             "micro_batches": [2, 2, 2]}  # fmt: skip
+    (event,) = tracker.observe([start], [])
+    assert describe_event(event) == "Resized 2 -> 3 workers at step 20; micro-batches per rank 2,2,2; global batch stays 24."
+    same = {**start, "saved_world_size": 3}
+    assert RecoveryTracker(global_batch_size=24).observe([same], []) == []

@@ -217,6 +217,16 @@ class ScalingSpec(Strict):
         ),
     )
 
+    resize_check_seconds: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "recovery restart with min_workers < max_workers: how often Ray Train's elastic policy looks for capacity "
+            "for more workers while training (it restarts the group at the larger size, resuming from the in-memory "
+            "snapshot). Ray Train's own default is 60."
+        ),
+    )
+
     @model_validator(mode="after")
     def _ordered(self) -> "ScalingSpec":
         if self.max_workers < self.min_workers:

@@ -187,6 +187,7 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
         torch_config=torch_config,
         scaling_config=ScalingConfig(
             num_workers=workers,
+            elastic_resize_monitor_interval_s=scaling.resize_check_seconds,
             use_gpu=scaling.gpus_per_worker > 0,
             resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {})},
         ),
@@ -302,12 +303,16 @@ def stranded(recovery: str, finished_at: float | None, now: float | None = None)
 
 
 class RecoveryTracker:
-    """Turns a worker group's restart into one `recovery` event: cause, world size before and
-    after, lost steps and samples, restart seconds (failure to the new group's start: Ray Train
-    notices a dead worker within its 2 s health check; the rest is tearing down and starting the
-    group) and MTTR (failure to the first step completed after it). The failure time is the
-    injected fault's when there is one, else the last snapshot any rank handed over (so the MTTR
-    is an upper bound)."""
+    """What each start of a worker group means, as one event once its first step completes.
+
+    The run's first start: a `resize` if it resumed a checkpoint saved at another world size.
+    A later start (Ray Train restarted the group): a `resize` when the group grew and no fault
+    was injected (Ray Train's elastic policy found capacity), else a `recovery`. Both carry the
+    cause, world size before and after, lost steps and samples, restart seconds (end of the old
+    group to the new group's start: Ray Train notices a dead worker within its 2 s health check;
+    the rest is tearing down and starting the group) and MTTR (to the first step completed after).
+    The old group's end is the injected fault's time when there is one, else the last snapshot
+    any rank handed over (so both figures are upper bounds)."""
 
     def __init__(self, global_batch_size: int):
         self.global_batch_size = global_batch_size
@@ -326,17 +331,10 @@ class RecoveryTracker:
             if event["kind"] == "recovery" and event.get("recovery") == "live":
                 self._narrow(event)
             if event["kind"] == "start":
-                if self.last_start is not None:
-                    fault, self.last_fault = self.last_fault, None
-                    failed_at = fault["time"] if fault else event.get("last_staged_at") or event["time"]
-                    cause = fault_cause(fault) if fault else "worker group restarted"
-                    self.pending = {
-                        "kind": "recovery", "cause": cause, "failed_at": failed_at,
-                        "world_size_before": self.last_start["world_size"], "world_size_after": event["world_size"],
-                        "resumed_from_step": event["resumed_from_step"], "resumed_from_tier": event.get("resumed_from_tier"),
-                        "lost_steps": event["lost_steps"], "lost_samples": event["lost_steps"] * self.global_batch_size,
-                        "restart_seconds": round(event["time"] - failed_at, 3),
-                    }  # fmt: skip
+                if self.last_start is None:
+                    out += self._resumed_resized(event)
+                else:
+                    self.pending = self._restarted(event, self.last_start["world_size"])
                 self.last_start = event
         done = next((r for r in rows if self.pending and r["time"] >= self.last_start["time"]), None)
         if done is not None:  # the first step the new group completed
@@ -344,6 +342,32 @@ class RecoveryTracker:
             self.pending = None
         return out
 
+    def _resumed_resized(self, start: dict[str, Any]) -> list[dict[str, Any]]:
+        saved = start.get("saved_world_size")
+        if saved in (None, start["world_size"]):
+            return []
+        return [{"time": start["time"], "kind": "resize", "cause": f"resumed a checkpoint saved by {saved} worker(s)",
+                 "step": start["resumed_from_step"], "world_size_before": saved, "world_size_after": start["world_size"],
+                 "global_batch_size": self.global_batch_size, "micro_batches": start["micro_batches"]}]  # fmt: skip
+
+    def _restarted(self, start: dict[str, Any], before: int) -> dict[str, Any]:
+        fault, self.last_fault = self.last_fault, None
+        failed_at = fault["time"] if fault else start.get("last_staged_at") or start["time"]
+        grew = fault is None and start["world_size"] > before
+        if fault:
+            kind, cause = "recovery", fault_cause(fault)
+        elif grew:
+            kind, cause = "resize", f"capacity for {start['world_size']} workers (Ray Train's elastic policy restarted the group)"
+        else:
+            kind, cause = "recovery", "worker group restarted"
+        return {
+            "kind": kind, "cause": cause, "failed_at": failed_at, "step": start["resumed_from_step"],
+            "world_size_before": before, "world_size_after": start["world_size"],
+            "global_batch_size": self.global_batch_size, "micro_batches": start.get("micro_batches"),
+            "resumed_from_step": start["resumed_from_step"], "resumed_from_tier": start.get("resumed_from_tier"),
+            "lost_steps": start["lost_steps"], "lost_samples": start["lost_steps"] * self.global_batch_size,
+            "restart_seconds": round(start["time"] - failed_at, 3),
+        }  # fmt: skip
 
     def _narrow(self, event: dict[str, Any]) -> None:
         """A live group's recovery, as its survivors saw it: their failure time is the failed

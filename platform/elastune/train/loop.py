@@ -132,9 +132,6 @@ def announce(emit, plan: BatchPlan, progress: Progress, restored: dict[str, Any]
          **{k: v for k, v in restored.items() if k not in ("dataset", "skipped_checkpoints")})  # fmt: skip
     for reason in restored.get("skipped_checkpoints", []):
         emit("warning", message=f"CHECKPOINT CORRUPT, used an older one: {reason}")
-    if restored.get("saved_world_size") not in (None, plan.world_size):
-        emit("resize", step=progress.step, world_size_before=restored["saved_world_size"], world_size_after=plan.world_size,
-             global_batch_size=plan.global_batch_size, micro_batches=plan.counts())  # fmt: skip
     saved = restored.get("dataset")
     if saved and saved != dataset:
         # Positions still resume exactly, but they now name other samples: say so loudly.

@@ -70,10 +70,13 @@ def describe_event(event: dict[str, Any]) -> str | None:
         return line + "."
     if kind == "resize":
         counts = ",".join(map(str, event["micro_batches"]))
-        return (
+        line = (
             f"Resized {event['world_size_before']} -> {event['world_size_after']} workers at step {event['step']}; "
             f"micro-batches per rank {counts}; global batch stays {event['global_batch_size']}."
         )
+        if "mttr_seconds" in event:  # Ray Train restarted the group to resize it
+            line += f" Lost {event['lost_steps']} step(s); training again {event['mttr_seconds']:.1f} s after the old group stopped."
+        return line
     if kind == "fault":
         what = {
             "kill_rank": f"killing rank {event['rank']}",
