@@ -103,3 +103,31 @@ def test_a_finished_live_run_stops_waiting_for_a_replacement_that_cannot_be_plac
     assert not stranded("live", 100.0, now=100.0 + FINISH_GRACE_S - 1)  # Ray Train gets its grace
     assert stranded("live", 100.0, now=100.0 + FINISH_GRACE_S)
     assert not stranded("restart", 100.0, now=10_000.0)  # a restart-mode run ends with its group
+
+
+def test_losing_every_live_worker_at_once_is_one_recovery_and_a_replacement_is_none():
+    from elastune.train.driver import RecoveryTracker
+
+    def row(step, t, world=3):
+        return {"step": step, "time": t, "world_size": world, "micro_batches": [2] * world}
+
+    def join(replica, t, step):
+        return {"kind": "join", "time": t, "replica": replica, "step": step, "resumed_from_tier": 0}
+
+    tracker = RecoveryTracker(global_batch_size=12, live=True)
+    starting = [join(r, 1.0, 0) for r in range(3)]
+    assert tracker.observe(starting, [row(1, 2.0), row(2, 2.5)]) == []  # the first step: everyone is new
+    # One replacement while two survivors train: not a loss of the group.
+    assert tracker.observe([join(1, 3.0, 2)], [row(3, 3.5), row(4, 4.0)]) == []
+    kills = [{"kind": "fault", "action": "kill_rank", "time": 4.2 + r / 100, "rank": r, "step": 5, "point": "mid"} for r in range(3)]
+    assert tracker.observe(kills, []) == []
+    # Ray Train starts a whole new group; two of it train the first step, the third heals in later.
+    (event,) = tracker.observe([join(0, 15.0, 4), join(2, 15.2, 4)], [row(5, 16.0, world=2)])
+    assert event["kind"] == "recovery" and event["cause"].startswith("fault: kill rank 0 at step 5 (mid); fault: kill rank 1")
+    assert (event["world_size_before"], event["world_size_after"], event["resumed_from_step"], event["resumed_from_tier"]) == (3, 2, 4, 0)
+    assert (event["lost_steps"], event["failed_at"], event["restart_seconds"], event["mttr_seconds"]) == (0, 4.2, 10.8, 11.8)
+    assert tracker.observe([join(1, 16.5, 5)], [row(6, 17.0)]) == []
+    # Lost two steps past the newest complete snapshot, with no fault to name: the lost steps count
+    # (the sink keeps the first row of steps 5 and 6; the first new one is 7).
+    (event,) = tracker.observe([join(r, 30.0, 4) for r in range(3)], [row(7, 31.0)])
+    assert event["cause"] == "every worker of the live group was lost" and event["lost_steps"] == 2 and event["failed_at"] == 17.0

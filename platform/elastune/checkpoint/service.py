@@ -96,8 +96,11 @@ class CheckpointService:
         ref = ray.put(payload) if payload is not None else None
         nbytes = 0 if payload is None else len(payload)
         key = (header["step"], header["world_size"])
-        rows = header.pop("rows", [])
+        rows, rows_final = header.pop("rows", []), header.pop("rows_final", False)
         with self.cv:
+            if rows and rows_final and self.sink_name:  # a live group's: final at once; the sink keeps each step once
+                ray.get_actor(self.sink_name).record.remote(rows, True)
+                rows = []
             self.high_water = max(self.high_water or 0, header["step"])  # this step's update happened
             self.last_staged_at = time.time()
             snap = self.partial.setdefault(key, Snapshot(header))

@@ -34,13 +34,15 @@ class Snapshotter:
         self.file: str | None = None
         self.entries: dict[str, Any] = {}
 
-    def take(self, header: dict[str, Any], held: dict[str, Piece], rank: int, world_size: int, rows: list[dict[str, Any]] | None = None) -> float:
+    def take(self, header: dict[str, Any], held: dict[str, Piece], rank: int, world_size: int,
+             rows: list[dict[str, Any]] | None = None, rows_final: bool = False) -> float:  # fmt: skip
         """Snapshot this rank's share of `held` (of `world_size` ranks that snapshot this step);
         returns the seconds the caller was held up.
 
-        `rows`: metrics rows of the steps up to this one (rank 0). They travel with the snapshot and
-        reach the run's sink only when the step is complete in tier 0, so after a failure the run
-        directory holds exactly the steps training resumes after; the last row gets this stall.
+        `rows`: metrics rows of the steps up to this one. They travel with the snapshot and reach
+        the run's sink when the step is complete in tier 0, so after a failure the run directory
+        holds exactly the steps training resumes after; or, `rows_final` (steps that never run
+        again: a live group's), as soon as they arrive. The last row gets this stall.
         """
         started = time.perf_counter()
         self.wait()
@@ -64,7 +66,7 @@ class Snapshotter:
         stall = time.perf_counter() - started
         if rows:
             rows[-1]["snapshot_stall_seconds"] = stall
-        header = {**header, "world_size": world_size, "rows": rows or []}
+        header = {**header, "world_size": world_size, "rows": rows or [], "rows_final": rows_final}
         self.pending = self.pool.submit(self._hand_off, header, rank, self.file, self.entries, copied, stall)
         return stall
 

@@ -212,7 +212,7 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     view = ProgressView(console, spec.max_steps)
     started = time.time()
     last: dict[str, Any] = {**start, "loss": None}
-    recoveries = RecoveryTracker(spec.batch.global_batch_size)
+    recoveries = RecoveryTracker(spec.batch.global_batch_size, live=scaling.recovery == "live")
     thread = threading.Thread(target=fit, name="elastune-fit", daemon=True)
     thread.start()
     finished_at: float | None = None
@@ -229,8 +229,9 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
                 # A live group finished while Ray Train still waits to place a lost worker's
                 # replacement (no capacity came back): the run is done; do not wait for Ray Train.
                 ray.get(service.flush.remote())
-                events.append({"time": time.time(), "kind": "warning", "message": "training finished while Ray Train was still "
-                               "replacing a lost worker (no capacity for it); the run is complete, not waiting for it"})  # fmt: skip
+                events.append({"time": time.time(), "kind": "warning", "message": "training finished while a worker Ray Train "
+                               "started was not training (a replacement still starting, or one with no capacity to run on); "
+                               "the run is complete, not waiting for it"})  # fmt: skip
                 alive = False
             run_dir.append_metrics(rows)
             run_dir.append_events(events)
@@ -296,7 +297,8 @@ def stranded(recovery: str, finished_at: float | None, now: float | None = None)
     """Whether a live run whose workers finished training has waited long enough for Ray Train.
 
     Ray Train ends a run when every replica group is done; a live group that lost a node and got
-    no capacity back has one group Ray Train cannot place, and would wait for it forever."""
+    no capacity back has one group Ray Train cannot place, and would wait for it forever (one
+    still starting when the others finish would train no step either)."""
     if recovery != "live" or finished_at is None:
         return False
     return (time.monotonic() if now is None else now) - finished_at >= FINISH_GRACE_S
@@ -312,20 +314,30 @@ class RecoveryTracker:
     group to the new group's start: Ray Train notices a dead worker within its 2 s health check;
     the rest is tearing down and starting the group) and MTTR (to the first step completed after).
     The old group's end is the injected fault's time when there is one, else the last snapshot
-    any rank handed over (so both figures are upper bounds)."""
+    any rank handed over (so both figures are upper bounds).
 
-    def __init__(self, global_batch_size: int):
-        self.global_batch_size = global_batch_size
+    A live group reports its own recoveries (the survivors' view, narrowed here to the fault's
+    time). What no survivor can report is the loss of every worker at once, after which Ray Train
+    starts a whole new group: a step all of whose participants joined after the step before it
+    committed is that loss (`live=True`)."""
+
+    def __init__(self, global_batch_size: int, live: bool = False):
+        self.global_batch_size, self.live = global_batch_size, live
         self.last_start: dict[str, Any] | None = None
         self.last_fault: dict[str, Any] | None = None
         self.pending: dict[str, Any] | None = None
         self.last_leave: dict[str, Any] | None = None
+        self.last_row: dict[str, Any] | None = None
+        self.since_row: list[dict[str, Any]] = []  # joins and kills after the last row (live)
 
     def observe(self, events: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
         for event in events:
             if event["kind"] == "fault" and event["action"] in ("kill_rank", "kill_node") and not event.get("skipped"):
                 self.last_fault = event
+                self.since_row.append(event)
+            if event["kind"] == "join":
+                self.since_row.append(event)
             if event["kind"] == "leave":
                 self.last_leave = event
             if event["kind"] == "recovery" and event.get("recovery") == "live":
@@ -340,7 +352,32 @@ class RecoveryTracker:
         if done is not None:  # the first step the new group completed
             out.append({**self.pending, "time": done["time"], "mttr_seconds": round(done["time"] - self.pending["failed_at"], 3)})
             self.pending = None
+        if self.live:
+            for row in rows:
+                out += self._whole_group_lost(row)
+                self.since_row = [e for e in self.since_row if e["time"] > row["time"]]
+                self.last_row = row
         return out
+
+    def _whole_group_lost(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        before = self.last_row
+        news = [e for e in self.since_row if e["time"] <= row["time"]]
+        joins = [e for e in news if e["kind"] == "join"]
+        if before is None or len({j["replica"] for j in joins}) < row["world_size"]:
+            return []  # the run's first step, or a survivor trained this step
+        kills = [e for e in news if e["kind"] == "fault"]
+        failed_at = min(e["time"] for e in kills) if kills else before["time"]
+        resumed = min(j["step"] for j in joins)
+        lost = max(0, before["step"] - resumed)
+        return [{
+            "time": row["time"], "kind": "recovery", "recovery": "restart", "step": row["step"],
+            "cause": "; ".join(map(fault_cause, kills)) if kills else "every worker of the live group was lost",
+            "world_size_before": before["world_size"], "world_size_after": row["world_size"],
+            "resumed_from_step": resumed, "resumed_from_tier": max((j["resumed_from_tier"] for j in joins if j.get("resumed_from_tier") is not None), default=None),
+            "lost_steps": lost, "lost_samples": lost * self.global_batch_size, "failed_at": failed_at,
+            "detection_seconds": None, "restart_seconds": round(min(j["time"] for j in joins) - failed_at, 3),
+            "mttr_seconds": round(row["time"] - failed_at, 3), "micro_batches": row["micro_batches"],
+        }]  # fmt: skip
 
     def _resumed_resized(self, start: dict[str, Any]) -> list[dict[str, Any]]:
         saved = start.get("saved_world_size")

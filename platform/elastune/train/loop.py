@@ -106,7 +106,7 @@ def run_worker(config: dict[str, Any]) -> None:
         durable = progress.step % c.every_steps == 0 or progress.step == spec.max_steps
         report.committed(metrics_row(progress, result, lr, plan, time.perf_counter() - started), plan)
         if durable or (c.snapshot_every_steps and progress.step % c.snapshot_every_steps == 0):
-            snapshots.take(header(progress, durable, result.loss), state_pieces(model, optimizer), rank, world, report.rows_for_snapshot())
+            snapshots.take(header(progress, durable, result.loss), state_pieces(model, optimizer), rank, world, report.rows_for_snapshot(), rows_final=live)
         if live and node in snapshots.draining:  # a preemption notice for this node: leave at this step boundary
             report.emit("leave", replica=replica, node=node, step=progress.step, reason="its node is draining (preemption notice)")
             break
@@ -230,11 +230,15 @@ class Reporter:
 
     restart: rank 0 reports. Its rows travel with its snapshots and reach the sink only when the
     step is complete in tier 0, so after a failure the run directory holds exactly the steps the
-    run resumes after (without snapshots they go every FLUSH_S).
-    live: every participant reports, straight to the sink, which keeps each step's first row and
-    each event's first report: the worker that would have reported may be the one that died, and a
-    committed step never runs again. Rows go in batches (one actor call per step costs the worker
-    and the sink measurable CPU on a small machine).
+    run resumes after.
+    live: every participant reports, and the run's sink keeps each step's first row and each
+    event's first report: the worker that would have reported may be the one that died. A
+    committed step never runs again, so its row is final at once: rows still travel with the
+    snapshot hand-over (a call each step makes anyway), and the service passes them on as they
+    arrive. If every worker dies at once, the rows of the steps the restart resumes after are
+    with the sink already.
+    Without snapshots, rows go to the sink every FLUSH_S (one actor call per step costs the
+    worker and the sink measurable CPU on a small machine).
     """
 
     FLUSH_S = 0.5
@@ -242,7 +246,7 @@ class Reporter:
     def __init__(self, sink, replica: int, live: bool, global_batch_size: int, with_snapshots: bool):
         self.sink, self.live = sink, live
         self.speaks = live or replica == 0
-        self.with_snapshots = with_snapshots and not live
+        self.with_snapshots = with_snapshots
         self.membership = Membership(global_batch_size) if live else None
         self.rows: list[dict[str, Any]] = []
         self.flushed = time.monotonic()
@@ -265,7 +269,7 @@ class Reporter:
             self.flush()
 
     def rows_for_snapshot(self) -> list[dict[str, Any]] | None:
-        if not self.with_snapshots:
+        if not self.with_snapshots or not self.speaks:
             return None
         rows, self.rows = self.rows, []
         return rows
