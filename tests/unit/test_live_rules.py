@@ -131,3 +131,17 @@ def test_losing_every_live_worker_at_once_is_one_recovery_and_a_replacement_is_n
     # (the sink keeps the first row of steps 5 and 6; the first new one is 7).
     (event,) = tracker.observe([join(r, 30.0, 4) for r in range(3)], [row(7, 31.0)])
     assert event["cause"] == "every worker of the live group was lost" and event["lost_steps"] == 2 and event["failed_at"] == 17.0
+
+
+def test_placeable_workers_counts_whole_workers_per_alive_node():
+    from elastune.train.driver import placeable_workers
+
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 1.0}},  # a small head: no 2-CPU worker fits
+        {"Alive": True, "Resources": {"CPU": 5.0, "GPU": 1.0}},
+        {"Alive": False, "Resources": {"CPU": 64.0}},  # dead nodes hold nothing
+        {"Alive": True, "Resources": {"CPU": 4.0}},
+    ]
+    assert placeable_workers(nodes, 2, 0) == 0 + 2 + 0 + 2
+    assert placeable_workers(nodes, 2, 1) == 1  # only one node has a GPU, for one worker
+    assert placeable_workers(nodes, 0.5, 0) == 2 + 10 + 8

@@ -175,6 +175,14 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
         from elastune.train.live import LIGHTHOUSE
 
         workers: int | tuple[int, int] = scaling.max_workers
+        room = placeable_workers(ray.nodes(), scaling.cpus_per_worker, scaling.gpus_per_worker)
+        if room < scaling.max_workers:
+            warning = (f"recovery live starts all {scaling.max_workers} workers (Ray Train runs replica groups at a fixed count) "
+                       f"and the cluster has room for {room} now: Ray Train waits for capacity up to its placement timeout "
+                       f"(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default), then counts a failed start. To start with "
+                       f"what there is, use recovery: restart (it grows into capacity as it comes) or max_workers: {max(room, 1)}")  # fmt: skip
+            console.print(f"[yellow]Warning:[/yellow] {warning}", highlight=False)
+            run_dir.append_events([{"time": time.time(), "kind": "warning", "message": warning}])
         backend = "nccl" if scaling.gpus_per_worker > 0 else "gloo"
         torch_config = TorchftConfig(backend=backend, lighthouse_kwargs={"min_replicas": scaling.min_workers, **LIGHTHOUSE})
     else:
@@ -288,6 +296,22 @@ class DrainWatch:
         deadlines = [draining[n] / 1000 for n in new if draining[n]]
         return [{"time": time.time(), "kind": "preemption", "nodes": new, "deadline": min(deadlines) if deadlines else None,
                  "persisted_step": step}]  # fmt: skip
+
+
+def placeable_workers(nodes: list[dict[str, Any]], cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """How many workers asking `cpus_per_worker` CPUs and `gpus_per_worker` GPUs the alive nodes
+    (`ray.nodes()` entries) hold in all, counting each node's total resources (a worker is never
+    split across nodes)."""
+    fit = 0
+    for node in nodes:
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        counts = [int(have.get("CPU", 0) // cpus_per_worker)]
+        if gpus_per_worker > 0:
+            counts.append(int(have.get("GPU", 0) // gpus_per_worker))
+        fit += min(counts)
+    return fit
 
 
 FINISH_GRACE_S = 20.0  # after the last step, how long a live group's Ray Train run may take to end
