@@ -39,3 +39,7 @@ def test_recovery_resumes_from_the_step_before_with_no_loss(runs):
     assert recovery["lost_steps"] == 0 and recovery["lost_samples"] == 0
     assert (recovery["world_size_before"], recovery["world_size_after"]) == (3, 3)
     assert 0 < recovery["restart_seconds"] <= recovery["mttr_seconds"]
+    # The survivors saw their reduction of step 7 fail: that is when the group noticed the kill.
+    noticed = [e for e in events if e["kind"] == "collective_failed"]
+    assert noticed and all(e["step"] == 7 and e["rank"] != 1 for e in noticed)
+    assert 0 <= recovery["detection_seconds"] < recovery["restart_seconds"]

@@ -36,10 +36,12 @@ def test_restart_becomes_one_recovery_event():
     first = {"kind": "start", "time": 10.0, "world_size": 3, "resumed_from_step": None}
     assert tracker.observe([first], [{"step": 1, "time": 11.0}]) == []
     fault = {"kind": "fault", "action": "kill_rank", "time": 20.0, "rank": 1, "step": 7, "point": "mid"}
+    noticed = [{"kind": "collective_failed", "time": t, "rank": r, "step": 7, "error": "Connection closed by peer"} for r, t in ((2, 20.4), (0, 20.3))]
     restart = {"kind": "start", "time": 32.0, "world_size": 2, "resumed_from_step": 6, "resumed_from_tier": 0, "lost_steps": 1}
-    assert tracker.observe([fault, restart], []) == []  # recovered only once a step completes
+    assert tracker.observe([fault, *noticed, restart], []) == []  # recovered only once a step completes
     (event,) = tracker.observe([], [{"step": 7, "time": 35.5}])
     assert event["cause"] == "fault: kill rank 1 at step 7 (mid)" and (event["world_size_before"], event["world_size_after"]) == (3, 2)
+    assert event["detection_seconds"] == 0.3  # the first survivor whose reduction failed
     assert (event["lost_steps"], event["lost_samples"], event["restart_seconds"], event["mttr_seconds"]) == (1, 12, 12.0, 15.5)
     assert tracker.observe([], [{"step": 8, "time": 36.0}]) == []
 
@@ -78,3 +80,14 @@ def test_a_run_resumed_at_another_world_size_starts_with_a_resize():
     assert describe_event(event) == "Resized 2 -> 3 workers at step 20; micro-batches per rank 2,2,2; global batch stays 24."
     same = {**start, "saved_world_size": 3}
     assert RecoveryTracker(global_batch_size=24).observe([same], []) == []
+
+
+def test_error_texts_print_as_they_are(capsys):
+    from rich.console import Console
+
+    error = "[/__w/pytorch/third_party/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:43218"
+    console = Console(width=400, force_terminal=False)
+    console.print(describe_event({"kind": "collective_failed", "rank": 0, "step": 7, "error": error}))
+    console.print(describe_event({"kind": "warning", "message": error}))
+    out = capsys.readouterr().out
+    assert out.count(error) == 2 and "Rank 0 saw step 7's reduction fail" in out and "Warning: " in out

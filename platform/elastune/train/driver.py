@@ -334,9 +334,10 @@ class RecoveryTracker:
     The run's first start: a `resize` if it resumed a checkpoint saved at another world size.
     A later start (Ray Train restarted the group): a `resize` when the group grew and no fault
     was injected (Ray Train's elastic policy found capacity), else a `recovery`. Both carry the
-    cause, world size before and after, lost steps and samples, restart seconds (end of the old
-    group to the new group's start: Ray Train notices a dead worker within its 2 s health check;
-    the rest is tearing down and starting the group) and MTTR (to the first step completed after).
+    cause, world size before and after, lost steps and samples, detection seconds (to the first
+    worker whose reduction failed, if one did), restart seconds (end of the old group to the new
+    group's start: Ray Train notices a dead worker within its 2 s health check; the rest is
+    tearing down and starting the group) and MTTR (to the first step completed after).
     The old group's end is the injected fault's time when there is one, else the last snapshot
     any rank handed over (so both figures are upper bounds).
 
@@ -353,6 +354,7 @@ class RecoveryTracker:
         self.last_leave: dict[str, Any] | None = None
         self.last_row: dict[str, Any] | None = None
         self.since_row: list[dict[str, Any]] = []  # joins and kills after the last row (live)
+        self.noticed: list[float] = []  # when workers of the current group saw a reduction fail
 
     def observe(self, events: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
@@ -362,6 +364,8 @@ class RecoveryTracker:
                 self.since_row.append(event)
             if event["kind"] == "join":
                 self.since_row.append(event)
+            if event["kind"] == "collective_failed":
+                self.noticed.append(event["time"])
             if event["kind"] == "leave":
                 self.last_leave = event
             if event["kind"] == "recovery" and event.get("recovery") == "live":
@@ -414,6 +418,8 @@ class RecoveryTracker:
     def _restarted(self, start: dict[str, Any], before: int) -> dict[str, Any]:
         fault, self.last_fault = self.last_fault, None
         failed_at = fault["time"] if fault else start.get("last_staged_at") or start["time"]
+        detected = min((t for t in self.noticed if t >= failed_at), default=None)
+        self.noticed = []
         grew = fault is None and start["world_size"] > before
         if fault:
             kind, cause = "recovery", fault_cause(fault)
@@ -427,6 +433,7 @@ class RecoveryTracker:
             "global_batch_size": self.global_batch_size, "micro_batches": start.get("micro_batches"),
             "resumed_from_step": start["resumed_from_step"], "resumed_from_tier": start.get("resumed_from_tier"),
             "lost_steps": start["lost_steps"], "lost_samples": start["lost_steps"] * self.global_batch_size,
+            "detection_seconds": None if detected is None else round(detected - failed_at, 3),
             "restart_seconds": round(start["time"] - failed_at, 3),
         }  # fmt: skip
 

@@ -8,7 +8,7 @@ the start of a step and reduce its gradients.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 from elastune.train.state import Progress
 from elastune.train.step import GradBuffer
@@ -16,17 +16,23 @@ from elastune.train.step import GradBuffer
 
 class StaticGroup:
     """The worker group as Ray Train made it (`recovery: restart`): fixed rank and size; a failure
-    ends the group and Ray Train restarts it."""
+    ends the group and Ray Train restarts it.
 
-    def __init__(self, rank: int, world_size: int):
-        self.rank, self.world_size = rank, world_size
+    `noticed(error)` is called when a reduction fails (a lost peer closes its connections, so the
+    survivors see it here first): the moment the group detected the failure."""
+
+    def __init__(self, rank: int, world_size: int, noticed: Callable[[str], None]):
+        self.rank, self.world_size, self.noticed = rank, world_size, noticed
 
     def begin(self, progress: Progress) -> tuple[Progress, int, int]:
         return progress, self.rank, self.world_size
 
-    @staticmethod
-    def reduce(grads: GradBuffer) -> bool:
-        return grads.all_reduce()
+    def reduce(self, grads: GradBuffer) -> bool:
+        try:
+            return grads.all_reduce()
+        except Exception as exc:
+            self.noticed(str(exc).splitlines()[0][:300])
+            raise
 
     def error(self) -> str | None:
         return None

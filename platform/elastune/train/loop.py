@@ -84,7 +84,10 @@ def run_worker(config: dict[str, Any]) -> None:
                           lambda found: progress_of(load_snapshot(found, model, optimizer)[0]), progress, spec.scaling.gpus_per_worker > 0)  # fmt: skip
         start_together(sink, workers)
     else:
-        group = StaticGroup(replica, workers)
+        def noticed(error: str) -> None:  # before Ray Train tears this worker down: bounded wait
+            ray.get(sink.event.remote({"time": time.time(), "kind": "collective_failed", "rank": replica, "step": progress.step + 1, "error": error}), timeout=5)
+
+        group = StaticGroup(replica, workers, noticed)
     snapshots = Snapshotter(service)
     while progress.step < spec.max_steps:
         progress, rank, world = group.begin(progress)  # live: this step's quorum; a worker behind heals here

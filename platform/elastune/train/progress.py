@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -56,9 +57,14 @@ def describe_row(row: dict[str, Any]) -> str:
     )
 
 
+FREE_TEXT = ("cause", "error", "message", "reason", "skipped", "uri", "plan")
+
+
 def describe_event(event: dict[str, Any]) -> str | None:
-    """A sentence for the events a user should see; None for the rest."""
+    """A sentence for the events a user should see (console markup); None for the rest."""
     kind = event["kind"]
+    # Error texts carry brackets ("[/path/pair.cc:553] Connection closed"), which are markup.
+    event = {**event, **{k: escape(str(event[k])) for k in FREE_TEXT if event.get(k) is not None}}
     if kind == "start":
         line = f"Worker group up: {event['world_size']} worker(s); {event['plan']}"
         if event.get("resumed_from_step") is not None:
@@ -103,6 +109,8 @@ def describe_event(event: dict[str, Any]) -> str | None:
         when = f", deadline in {event['deadline'] - event['time']:.0f} s" if event.get("deadline") else ""
         saved = f"; making step {event['persisted_step']} durable now" if event.get("persisted_step") is not None else ""
         return f"[yellow]Preemption notice[/yellow] for node(s) {', '.join(n[:12] for n in event['nodes'])}{when}{saved}."
+    if kind == "collective_failed":
+        return f"Rank {event['rank']} saw step {event['step']}'s reduction fail: {event['error']}"
     if kind == "leave":
         return f"Rank {event['replica']} left after step {event['step']}: {event['reason']}."
     if kind == "warning":
