@@ -134,7 +134,7 @@ def test_losing_every_live_worker_at_once_is_one_recovery_and_a_replacement_is_n
 
 
 def test_placeable_workers_counts_whole_workers_per_alive_node():
-    from elastune.train.driver import placeable_workers
+    from elastune.train.driver import placeable_workers, short_of_workers
 
     nodes = [
         {"Alive": True, "Resources": {"CPU": 1.0}},  # a small head: no 2-CPU worker fits
@@ -145,3 +145,7 @@ def test_placeable_workers_counts_whole_workers_per_alive_node():
     assert placeable_workers(nodes, 2, 0) == 0 + 2 + 0 + 2
     assert placeable_workers(nodes, 2, 1) == 1  # only one node has a GPU, for one worker
     assert placeable_workers(nodes, 0.5, 0) == 2 + 10 + 8
+    assert short_of_workers(4, placeable_workers(nodes, 2, 0)) is None
+    warning = short_of_workers(5, placeable_workers(nodes, 2, 0))
+    assert "starts all 5 workers" in warning and "has room for 4 now" in warning and "max_workers: 4" in warning
+    assert "has room for 1" in short_of_workers(3, placeable_workers(nodes, 2, 1)) and "max_workers: 1" in short_of_workers(3, 1)

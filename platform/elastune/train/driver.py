@@ -176,11 +176,7 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
 
         workers: int | tuple[int, int] = scaling.max_workers
         room = placeable_workers(ray.nodes(), scaling.cpus_per_worker, scaling.gpus_per_worker)
-        if room < scaling.max_workers:
-            warning = (f"recovery live starts all {scaling.max_workers} workers (Ray Train runs replica groups at a fixed count) "
-                       f"and the cluster has room for {room} now: Ray Train waits for capacity up to its placement timeout "
-                       f"(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default), then counts a failed start. To start with "
-                       f"what there is, use recovery: restart (it grows into capacity as it comes) or max_workers: {max(room, 1)}")  # fmt: skip
+        if warning := short_of_workers(scaling.max_workers, room):
             console.print(f"[yellow]Warning:[/yellow] {warning}", highlight=False)
             run_dir.append_events([{"time": time.time(), "kind": "warning", "message": warning}])
         backend = "nccl" if scaling.gpus_per_worker > 0 else "gloo"
@@ -312,6 +308,17 @@ def placeable_workers(nodes: list[dict[str, Any]], cpus_per_worker: float, gpus_
             counts.append(int(have.get("GPU", 0) // gpus_per_worker))
         fit += min(counts)
     return fit
+
+
+def short_of_workers(max_workers: int, room: int) -> str | None:
+    """What to tell a live run's user when the cluster holds fewer than the `max_workers` Ray
+    Train will place before the first step (None when it holds them)."""
+    if room >= max_workers:
+        return None
+    return (f"recovery live starts all {max_workers} workers (Ray Train runs replica groups at a fixed count) and the "
+            f"cluster has room for {room} now: Ray Train waits for capacity up to its placement timeout "
+            f"(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default), then counts a failed start. To start with what "
+            f"there is, use recovery: restart (it grows into capacity as it comes) or max_workers: {max(room, 1)}")  # fmt: skip
 
 
 FINISH_GRACE_S = 20.0  # after the last step, how long a live group's Ray Train run may take to end

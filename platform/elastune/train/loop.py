@@ -84,10 +84,7 @@ def run_worker(config: dict[str, Any]) -> None:
                           lambda found: progress_of(load_snapshot(found, model, optimizer)[0]), progress, spec.scaling.gpus_per_worker > 0)  # fmt: skip
         start_together(sink, workers)
     else:
-        def noticed(error: str) -> None:  # before Ray Train tears this worker down: bounded wait
-            ray.get(sink.event.remote({"time": time.time(), "kind": "collective_failed", "rank": replica, "step": progress.step + 1, "error": error}), timeout=5)
-
-        group = StaticGroup(replica, workers, noticed)
+        group = StaticGroup(replica, workers, lambda error: report.collective_failed(replica, progress.step + 1, error))
     snapshots = Snapshotter(service)
     while progress.step < spec.max_steps:
         progress, rank, world = group.begin(progress)  # live: this step's quorum; a worker behind heals here
@@ -260,6 +257,15 @@ class Reporter:
 
     def failed(self, step: int, world: int, started_at: float, error: str | None) -> None:
         self.membership.failed(step, world, started_at, error)
+
+    def collective_failed(self, rank: int, step: int, error: str) -> None:
+        """Any rank of a static group whose reduction failed (it is about to go down with the
+        group): delivered before that, within a bounded wait, and never in the way of the error."""
+        try:
+            event = {"time": time.time(), "kind": "collective_failed", "rank": rank, "step": step, "error": error}
+            ray.get(self.sink.event.remote(event), timeout=5)
+        except Exception:  # noqa: BLE001 - the failure being reported matters more
+            pass
 
     def committed(self, row: dict[str, Any], plan: BatchPlan) -> None:
         if not self.speaks:
