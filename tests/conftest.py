@@ -30,3 +30,23 @@ def stdlib_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "stdlib-w17"
     prepare("stdlib", out, window=17, max_bytes=400_000)
     return out
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus's promtool, from Debian's `prometheus` package: installed here when absent and
+    apt can (.ci/run installs it first); skipped, saying why, only where it cannot."""
+    import shutil
+    import subprocess
+
+    found = shutil.which("promtool")
+    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
+        install = ["apt-get", "install", "-y", "-q", "prometheus"]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if subprocess.run(install, capture_output=True, env=env).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+            subprocess.run(install, capture_output=True, env=env)
+        found = shutil.which("promtool")
+    if found is None:
+        pytest.skip("promtool is not installed and Debian's prometheus package cannot be installed here (needs apt-get as root)")
+    return found

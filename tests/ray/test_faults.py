@@ -19,19 +19,40 @@ def runs(tmp_path_factory, stdlib_dataset):
     tmp = tmp_path_factory.mktemp("faults")
     _, reference, _ = run(spec_for(tmp, stdlib_dataset, "clean", 3, STEPS))
     faulty = with_faults(spec_for(tmp, stdlib_dataset, "killed", 3, STEPS), [{"action": "kill_rank", "rank": 1, "at_step": 7, "point": "mid"}])
-    _, rows, events = run(faulty)
-    return reference, rows, events
+    outcome, rows, events = run(faulty)
+    return reference, rows, events, outcome.run_dir
 
 
 def test_every_step_once_and_the_same_losses(runs):
-    reference, rows, _ = runs
+    reference, rows, _, _ = runs
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # nothing lost, nothing twice
     for want, got in zip(reference, rows):
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * abs(want["loss"]), (got["step"], got["loss"], want["loss"])
 
 
+def test_the_last_scrape_passes_promtool_and_agrees_with_the_run(runs, promtool):
+    import subprocess
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from elastune.metrics.catalogue import series_names
+
+    _, rows, events, run_dir = runs
+    text = (run_dir / "metrics.prom").read_text()
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    got = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if "rank" not in s.labels and "le" not in s.labels}
+    assert set(got) <= series_names()
+    assert got["elastune_steps_total"] == STEPS and got["elastune_samples_total"] == STEPS * rows[-1]["global_batch_size"]
+    assert got["elastune_loss"] == rows[-1]["loss"] and got["elastune_world_size"] == 3
+    (recovery,) = [e for e in events if e["kind"] == "recovery"]
+    assert got["elastune_worker_failures_total"] == 1 and got["elastune_lost_steps_total"] == 0
+    assert got["elastune_recovery_seconds_sum"] == recovery["mttr_seconds"]
+    assert got["elastune_failure_detection_seconds_count"] == 1
+
+
 def test_recovery_resumes_from_the_step_before_with_no_loss(runs):
-    _, _, events = runs
+    _, _, events, _ = runs
     fault = [e for e in events if e["kind"] == "fault"]
     assert len(fault) == 1 and (fault[0]["rank"], fault[0]["step"]) == (1, 7)  # once, though step 7 ran twice
     (recovery,) = [e for e in events if e["kind"] == "recovery"]

@@ -9,6 +9,7 @@ The JSON Schema of `JobSpec` is the single source of truth for tools built on th
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import math
 from typing import Annotated, Any, Literal, Union
@@ -307,6 +308,25 @@ Fault = Annotated[Union[KillRank, KillNode, DelayRank], Field(discriminator="act
 # --------------------------------------------------------------------------- job
 
 
+class MetricsSpec(Strict):
+    enabled: bool = Field(True, description="Serve the run's Prometheus metrics (docs/observability.md).")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address /metrics binds to: 127.0.0.1 keeps it on this machine; 0.0.0.0 lets a Prometheus elsewhere scrape it.",
+    )
+    port: int = Field(0, ge=0, le=65535, description="Port of /metrics; 0 picks a free one (the run prints it and writes a file_sd target).")
+
+    @field_validator("host")
+    @classmethod
+    def _an_address(cls, host: str) -> str:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host != "localhost":
+                raise ValueError(f"metrics.host ({host!r}) is not an IP address; use 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces)")
+        return host
+
+
 class JobSpec(Strict):
     """A training job: what to train, on what, with which batch, optimizer and schedule."""
 
@@ -321,6 +341,7 @@ class JobSpec(Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     stop: StopSpec
     output_dir: str = Field("runs", description="Run directories go to <output_dir>/<name>/<run-id>/.")
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     faults: list[Fault] = Field(
         default_factory=list, description="Failures to rehearse (tests, benchmarks, drills); none unless listed."
     )

@@ -25,6 +25,7 @@ from elastune.checkpoint.retention import RetentionPolicy
 from elastune.checkpoint.service import service_name, start_service
 from elastune.data.prepare import ensure_prepared
 from elastune.errors import ElastuneError
+from elastune.metrics.exporter import RunExporter
 from elastune.recipes import load_recipe
 from elastune.spec.load import validate_spec
 from elastune.spec.models import JobSpec
@@ -166,6 +167,7 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     c = spec.checkpoint
     policy = RetentionPolicy(c.keep_last, c.keep_best, c.best_metric, c.best_mode)
     service = start_service(run_id, spec.checkpoint_path, policy, sink_name(run_id), scheduling_strategy=here)
+    exporter = start_exporter(spec, spec_dir, run_id, console, here)
     scaling = spec.scaling
     if scaling.recovery == "live":
         # Every worker its own replica group; Ray Train replaces a dead one alone and the rest go on
@@ -239,6 +241,8 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
                 alive = False
             run_dir.append_metrics(rows)
             run_dir.append_events(events)
+            if exporter is not None:
+                exporter.observe(rows, events)
             for event in events:
                 if (line := describe_event(event)) is not None:
                     view.say(line)
@@ -262,9 +266,23 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     )
     run_dir.write_result(result.__dict__ | {"run_dir": str(run_dir.path)})
     run_dir.append_events([{"time": time.time(), "kind": "end", "status": result.status, "error": result.error}])
+    if exporter is not None:
+        exporter.close(run_dir.path / "metrics.prom")
     ray.kill(sink)
     ray.kill(service)
     return result
+
+
+def start_exporter(spec: JobSpec, spec_dir: str, run_id: str, console: Console, strategy) -> RunExporter | None:
+    """The run's Prometheus exporter on the driver's node (`metrics:` in the spec), announced with
+    its address and the file_sd target a local Prometheus finds it by."""
+    m = spec.metrics
+    if not m.enabled:
+        return None
+    tokens = spec.data.window - 1 if load_recipe(spec.model, spec_dir).dataset is None else None  # predicted tokens per window
+    exporter = RunExporter(spec.name, run_id, m.host, m.port, tokens, Path(spec.output_dir) / "prometheus-targets", strategy)
+    console.print(f"Metrics: http://{exporter.address}/metrics (Prometheus file_sd target {exporter.target}).", highlight=False)
+    return exporter
 
 
 class DrainWatch:

@@ -1,0 +1,153 @@
+"""The per-job metrics exporter: a Ray actor on the driver's node (the head node, for jobs
+submitted to a cluster) serving the catalogue's metrics at http://HOST:PORT/metrics.
+
+Workers never call it. Their metrics rows and events already reach the run sink without blocking
+a step (batched, fire and forget); the driver, which drains the sink every poll, hands the same
+rows and events to the exporter, and `RunMetrics.observe` turns them into metric values. So the
+worker-side cost of metrics is the cost of the rows it sends anyway (tests/bench/bench_metrics.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import ray
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from elastune.metrics.catalogue import CATALOGUE, RUN, Metric
+
+
+def build(metric: Metric, registry: CollectorRegistry):
+    """The prometheus_client object for a catalogue entry (the only way one is made)."""
+    if metric.kind == "counter":
+        return Counter(metric.name, metric.help, metric.labels, registry=registry)
+    if metric.kind == "gauge":
+        return Gauge(metric.name, metric.help, metric.labels, registry=registry)
+    return Histogram(metric.name, metric.help, metric.labels, buckets=metric.buckets, registry=registry)
+
+
+class RunMetrics:
+    """One run's metrics: the rules that turn its rows and events into values.
+
+    `tokens_per_sample`: predicted tokens per sample (token-window data), None when unknown.
+    """
+
+    def __init__(self, job: str, run: str, tokens_per_sample: int | None = None):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.m = {metric.name: build(metric, self.registry) for metric in CATALOGUE}
+        self.job, self.run = job, run
+        self.tokens_per_sample = tokens_per_sample
+        self.ranks = 0  # ranks with a micro-batch series, to drop those a smaller world no longer has
+        for metric in CATALOGUE:  # counts start at 0 (a run with no failure has 0 failures, not no series)
+            if metric.kind != "gauge" and metric.labels == RUN:
+                self._(metric.name)
+
+    def _(self, name: str, **labels: str):
+        return self.m[name].labels(job=self.job, run=self.run, **labels)
+
+    def observe(self, rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self._row(row)
+        for event in events:
+            self._event(event)
+
+    def _row(self, row: dict[str, Any]) -> None:
+        G = row["global_batch_size"]
+        self._("elastune_steps").inc()
+        self._("elastune_samples").inc(G)
+        if self.tokens_per_sample:
+            self._("elastune_tokens").inc(G * self.tokens_per_sample)
+        for name, key in (("elastune_loss", "loss"), ("elastune_learning_rate", "lr"), ("elastune_global_batch_size", "global_batch_size"),
+                          ("elastune_world_size", "world_size"), ("elastune_samples_per_second", "samples_per_s"),
+                          ("elastune_grad_norm", "grad_norm"), ("elastune_gradient_noise_scale", "noise_scale")):  # fmt: skip
+            if row.get(key) is not None:
+                self._(name).set(row[key])
+        counts = row["micro_batches"]
+        for rank, count in enumerate(counts):
+            self._("elastune_micro_batches", rank=str(rank)).set(count)
+        for rank in range(len(counts), self.ranks):
+            self.m["elastune_micro_batches"].remove(self.job, self.run, str(rank))
+        self.ranks = len(counts)
+        self._("elastune_step_seconds").observe(row["step_seconds"])
+        if row.get("snapshot_stall_seconds") is not None:
+            self._("elastune_snapshot_stall_seconds").observe(row["snapshot_stall_seconds"])
+
+    def _event(self, event: dict[str, Any]) -> None:
+        kind = event["kind"]
+        if kind == "recovery":
+            self._("elastune_worker_failures").inc()
+            self._("elastune_recovery_seconds").observe(event["mttr_seconds"])
+            if event.get("detection_seconds") is not None:
+                self._("elastune_failure_detection_seconds").observe(event["detection_seconds"])
+            self._("elastune_lost_steps").inc(event["lost_steps"])
+            self._("elastune_lost_samples").inc(event["lost_samples"])
+        elif kind == "resize":
+            self._("elastune_resizes").inc()
+        elif kind == "checkpoint":
+            self._("elastune_checkpoints").inc()
+            self._("elastune_checkpoint_persist_seconds").observe(event["seconds"])
+            self._("elastune_checkpoint_bytes").inc(event["bytes"])
+            self._("elastune_checkpoint_last_durable_step").set(event["step"])
+            self._("elastune_checkpoint_last_durable_timestamp_seconds").set(event["time"])
+
+
+@ray.remote(num_cpus=0)
+class MetricsExporter:
+    """Serves one run's metrics over HTTP from a thread of this actor."""
+
+    def __init__(self, job: str, run: str, host: str, port: int, tokens_per_sample: int | None):
+        self.metrics = RunMetrics(job, run, tokens_per_sample)
+        self.server, self.thread = start_http_server(port, addr=host, registry=self.metrics.registry)
+        self.host = host
+
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.server.server_port}"
+
+    def observe(self, rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+        self.metrics.observe(rows, events)
+
+    def shutdown(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def write_file_sd(folder: Path, job: str, run: str, address: str) -> Path:
+    """A Prometheus file_sd target file for this run's exporter (`file_sd_configs: [{files:
+    [FOLDER/*.json]}]` finds every run's); written atomically, as Prometheus rereads it on change."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{job}-{run}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps([{"targets": [address], "labels": {"elastune_job": job, "elastune_run": run}}], indent=2))
+    tmp.replace(path)
+    return path
+
+
+class RunExporter:
+    """The driver's side of a run's exporter: start it on the driver's node, feed it what the
+    driver drains from the sink, and at the end keep the last scrape (run_dir/metrics.prom) and
+    withdraw the file_sd target."""
+
+    def __init__(self, job: str, run: str, host: str, port: int, tokens_per_sample: int | None, targets: Path, strategy=None):
+        options = {"scheduling_strategy": strategy} if strategy is not None else {}
+        self.actor = MetricsExporter.options(**options).remote(job, run, host, port, tokens_per_sample)
+        self.address = ray.get(self.actor.address.remote())
+        self.target = write_file_sd(targets, job, run, self.address)
+
+    def observe(self, rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+        if rows or events:
+            self.actor.observe.remote(rows, events)
+
+    def close(self, out: Path) -> None:
+        import urllib.request
+
+        try:
+            ray.get(self.actor.observe.remote([], []))  # everything sent before is applied
+            with urllib.request.urlopen(f"http://{self.address}/metrics", timeout=10) as page:
+                out.write_bytes(page.read())
+        finally:
+            self.target.unlink(missing_ok=True)
+            ray.get(self.actor.shutdown.remote())
+            ray.kill(self.actor)
