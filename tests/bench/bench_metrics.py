@@ -7,7 +7,9 @@ is `Reporter.committed` (building nothing new: the row exists for metrics.jsonl 
 without snapshots, its share of the batched `sink.record` calls. Measured here with a real
 RunSink actor on a local Ray, over --steps calls each, median and p99 per call; the anchor is one
 training step of the quickstart model on one process (`train_step`, same invocation). Target:
-under 1 ms per step. The driver side (`RunMetrics.observe`, on the exporter actor) is timed too.
+under 1 ms per step. The driver side (`RunMetrics.observe`, on the exporter actor) is timed too,
+and the step's own cost of the gradient noise scale (micro-batch gradient norms, a second
+gradient buffer), as the ratio of the same step with and without it.
 
     .venv/bin/python tests/bench/bench_metrics.py [--steps 2000]
 """
@@ -42,7 +44,9 @@ def row(step: int) -> dict:
             "snapshot_stall_seconds": None, "sample_tally": [32, 1000, 12345]}  # fmt: skip
 
 
-def quickstart_step_seconds(steps: int = 20) -> float:
+def quickstart_step_seconds(steps: int = 40) -> tuple[float, float]:
+    """Median step time of the quickstart model without and with micro-batch gradient norms,
+    the two alternating step by step (the same machine state for both)."""
     import torch
 
     from elastune.data.prepare import ensure_prepared
@@ -59,15 +63,20 @@ def quickstart_step_seconds(steps: int = 20) -> float:
     ensure_prepared(spec.data)
     torch.set_num_threads(1)
     recipe = load_recipe(spec.model, str(ROOT))
-    source, model = open_source(recipe, spec), recipe.build_model()
-    optimizer, grads = build_optimizer(model, spec.optimizer), GradBuffer(model)
+    source = open_source(recipe, spec)
     plan = batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, 2)  # one rank's share of a 2-worker step
-    times = []
+    arms = []
+    for norms in (False, True):
+        torch.manual_seed(0)
+        model = recipe.build_model()
+        arms.append((model, build_optimizer(model, spec.optimizer), GradBuffer(model, norms), []))
     for step in range(steps):
-        started = time.perf_counter()
-        train_step(model, optimizer, grads, recipe, source, plan, 0, step, step * plan.global_batch_size, spec.seed)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[2:])
+        for model, optimizer, grads, times in arms:
+            started = time.perf_counter()
+            train_step(model, optimizer, grads, recipe, source, plan, 0, step, step * plan.global_batch_size, spec.seed)
+            times.append(time.perf_counter() - started)
+    plain, norms = (statistics.median(times[3:]) for *_, times in arms)
+    return plain, norms
 
 
 def main() -> None:
@@ -82,7 +91,7 @@ def main() -> None:
     from elastune.train.loop import Reporter
     from elastune.train.sink import RunSink
 
-    anchor = quickstart_step_seconds()
+    anchor, with_norms = quickstart_step_seconds()
     start_local_ray(num_cpus=2)
     plan = batch_plan(32, 8, 2)
     results = {}
@@ -108,6 +117,7 @@ def main() -> None:
     driver = per_call(lambda i: metrics.observe([row(i + 1)], []), args.steps)
     ray.shutdown()
     print(f"anchor: one quickstart training step (one rank of 2, 1 thread): {anchor * 1e3:.1f} ms")
+    print(f"the same step keeping micro-batch gradient norms (noise scale): {with_norms * 1e3:.1f} ms ({with_norms / anchor:.3f}x)")
     for name, (median, p99) in results.items():
         print(f"worker, {name}: median {median * 1e6:.1f} us, p99 {p99 * 1e6:.1f} us per step "
               f"({median / anchor * 100:.3f} % of the step; target < 1 ms)")

@@ -49,6 +49,15 @@ def test_the_last_scrape_passes_promtool_and_agrees_with_the_run(runs, promtool)
     assert got["elastune_worker_failures_total"] == 1 and got["elastune_lost_steps_total"] == 0
     assert got["elastune_recovery_seconds_sum"] == recovery["mttr_seconds"]
     assert got["elastune_failure_detection_seconds_count"] == 1
+    # The noise scale: every step (6 micro-batches) carried its estimates, and the gauge is their
+    # running ratio replayed from the rows.
+    from elastune.metrics.noise import NoiseScale
+
+    assert all(r["noise"] is not None for r in rows)
+    replay = NoiseScale()
+    for r in rows:
+        value = replay.update(r["noise"])
+    assert got.get("elastune_gradient_noise_scale") == (pytest.approx(value, rel=1e-9) if value is not None else None)
 
 
 def test_recovery_resumes_from_the_step_before_with_no_loss(runs):

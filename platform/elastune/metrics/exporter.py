@@ -17,6 +17,7 @@ import ray
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from elastune.metrics.catalogue import CATALOGUE, RUN, Metric
+from elastune.metrics.noise import NoiseScale
 
 
 def build(metric: Metric, registry: CollectorRegistry):
@@ -40,6 +41,7 @@ class RunMetrics:
         self.job, self.run = job, run
         self.tokens_per_sample = tokens_per_sample
         self.ranks = 0  # ranks with a micro-batch series, to drop those a smaller world no longer has
+        self.noise = NoiseScale()
         for metric in CATALOGUE:  # counts start at 0 (a run with no failure has 0 failures, not no series)
             if metric.kind != "gauge" and metric.labels == RUN:
                 self._(metric.name)
@@ -61,9 +63,11 @@ class RunMetrics:
             self._("elastune_tokens").inc(G * self.tokens_per_sample)
         for name, key in (("elastune_loss", "loss"), ("elastune_learning_rate", "lr"), ("elastune_global_batch_size", "global_batch_size"),
                           ("elastune_world_size", "world_size"), ("elastune_samples_per_second", "samples_per_s"),
-                          ("elastune_grad_norm", "grad_norm"), ("elastune_gradient_noise_scale", "noise_scale")):  # fmt: skip
+                          ("elastune_grad_norm", "grad_norm")):  # fmt: skip
             if row.get(key) is not None:
                 self._(name).set(row[key])
+        if (b_simple := self.noise.update(row.get("noise"))) is not None:
+            self._("elastune_gradient_noise_scale").set(b_simple)
         counts = row["micro_batches"]
         for rank, count in enumerate(counts):
             self._("elastune_micro_batches", rank=str(rank)).set(count)

@@ -315,6 +315,10 @@ class MetricsSpec(Strict):
         description="Address /metrics binds to: 127.0.0.1 keeps it on this machine; 0.0.0.0 lets a Prometheus elsewhere scrape it.",
     )
     port: int = Field(0, ge=0, le=65535, description="Port of /metrics; 0 picks a free one (the run prints it and writes a file_sd target).")
+    noise_scale: bool = Field(
+        True,
+        description="Estimate the gradient noise scale from micro-batch gradient norms (one more gradient-sized buffer per worker).",
+    )
 
     @field_validator("host")
     @classmethod

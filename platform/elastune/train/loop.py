@@ -66,7 +66,7 @@ def run_worker(config: dict[str, Any]) -> None:
         optimizer = ZeroOptimizer(model, spec.optimizer, replica, workers)
     else:
         optimizer = build_optimizer(model, spec.optimizer)
-    grads = GradBuffer(model)
+    grads = GradBuffer(model, micro_batch_norms=spec.metrics.noise_scale)
     progress, restored = restore(service, Checkpointer(spec.checkpoint_path), model, optimizer, keep_partial=live)
     if not live or ray.get(sink.claim.remote("start")):  # a live group's replacements only join
         announce(report.emit, batch_plan(G, spec.batch.micro_batch_size, workers), progress, restored, dataset_identity(source))
@@ -222,6 +222,7 @@ def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds:
         "samples_per_s": plan.global_batch_size / seconds if seconds > 0 else None,
         "snapshot_stall_seconds": None,  # rank 0's, set by Snapshotter.take; every rank's is in checkpoint events
         "sample_tally": list(result.tally),  # data.sampler.tally of what all ranks read: proves each sample once
+        "noise": None if result.noise is None else list(result.noise),  # (tr(Sigma), |G|^2) of this step: metrics.noise
     }
 
 

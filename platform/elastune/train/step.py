@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from elastune.data.sampler import positions, sample_indices, tally
+from elastune.metrics.noise import noise_estimates
 from elastune.recipes import Recipe, SampleSource, to_device
 from elastune.train.batch_plan import BatchPlan
 from elastune.train.optim import named_params
@@ -44,6 +45,7 @@ class StepResult:
     loss: float  # mean per-sample loss over the global batch
     grad_norm: float  # of the applied (all-reduced, pre-clip) gradient
     tally: tuple[int, int, int]  # data.sampler.tally of every sample every rank read this step
+    noise: tuple[float, float] | None = None  # metrics.noise.noise_estimates of this step: (tr(Sigma), |G|^2)
 
 
 class GradBuffer:
@@ -51,10 +53,16 @@ class GradBuffer:
 
     Backward accumulates straight into the buffer and the all-reduce runs on it in place: no
     per-step gather or scatter of gradients. The last slot of the first buffer carries the loss sum;
-    a small float64 buffer carries the tally of the samples read (exact sums of integers).
+    a small float64 buffer carries the tally of the samples read (exact sums of integers) and the
+    micro-batch gradient norms the noise scale needs.
+
+    `micro_batch_norms`: keep each micro-batch's gradient apart long enough to take its norm (for
+    the gradient noise scale): backward then writes into the buffer alone and `fold` adds it to
+    a second buffer of the same size, in the order backward would have (the same sums, bit for
+    bit). Costs one more gradient-sized buffer and a pass over it per micro-batch.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, micro_batch_norms: bool = False):
         self.params = [p for _, p in named_params(model)]
         by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
         for p in self.params:
@@ -68,12 +76,32 @@ class GradBuffer:
                 p.grad = flat[offset : offset + p.numel()].view_as(p)
                 offset += p.numel()
             self.flats.append(flat)
-        self.tally = torch.zeros(3, dtype=torch.float64, device=self.flats[0].device)
+        # [tally count, sum, hashed sum; sum of micro-batch |g_b|^2, sum of 1/b, micro-batches]
+        self.stats = torch.zeros(6, dtype=torch.float64, device=self.flats[0].device)
+        self.tally, self.norms = self.stats[:3], self.stats[3:]
+        self.sums = [torch.zeros_like(f) for f in self.flats] if micro_batch_norms else None
 
     @property
     def buffers(self) -> list[torch.Tensor]:
         """Everything one step reduces, in order."""
-        return [*self.flats, self.tally]
+        return [*self.flats, self.stats]
+
+    def fold(self, size: int, global_batch_size: int) -> None:
+        """Record the gradient norm of the micro-batch just backpropagated (alone in the buffer,
+        with its loss in the loss slot) and move it to the step's sums."""
+        sq = sum(float(torch.linalg.vector_norm(f, dtype=torch.float64)) ** 2 for f in self.flats) - float(self.flats[0][-1]) ** 2
+        scale = global_batch_size / size  # the buffer holds sum(grads) / G; the micro-batch's mean gradient is that times G / b
+        self.norms += torch.tensor([sq * scale**2, 1.0 / size, 1.0], dtype=torch.float64, device=self.stats.device)
+        for total, f in zip(self.sums, self.flats):
+            total += f
+            f.zero_()
+
+    def unfold(self) -> None:
+        """Put the step's summed gradient back where the reduction and the optimizer expect it."""
+        if self.sums is not None:
+            for total, f in zip(self.sums, self.flats):
+                f.copy_(total)
+                total.zero_()
 
     def zero(self) -> None:
         for buffer in self.buffers:
@@ -135,6 +163,9 @@ def train_step(
         # (not by the micro-batch or the world size) makes the all-reduced SUM the exact mean.
         (total / plan.global_batch_size).backward()
         grads.add_loss(total.detach())
+        if grads.sums is not None:
+            grads.fold(mb.size, plan.global_batch_size)
+    grads.unfold()
     if before_reduce is not None:
         before_reduce()
     if not reduce(grads):
@@ -144,4 +175,8 @@ def train_step(
         torch.nn.utils.clip_grads_with_norm_(grads.params, grad_clip_norm, norm, foreach=True)
     optimizer.step()
     counts = tuple(int(v) for v in grads.tally.tolist())
-    return StepResult(loss=grads.loss_sum() / plan.global_batch_size, grad_norm=float(norm), tally=counts)
+    noise = None
+    if grads.sums is not None:
+        sum_sq, sum_inv_b, count = grads.norms.tolist()
+        noise = noise_estimates(sum_sq, sum_inv_b, int(count), float(norm) ** 2, plan.global_batch_size)
+    return StepResult(loss=grads.loss_sum() / plan.global_batch_size, grad_norm=float(norm), tally=counts, noise=noise)
