@@ -32,21 +32,31 @@ def stdlib_dataset(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def promtool() -> str:
-    """Prometheus's promtool, from Debian's `prometheus` package: installed here when absent and
-    apt can (.ci/run installs it first); skipped, saying why, only where it cannot."""
+def prometheus_tool(name: str) -> str:
+    """A program of Debian's `prometheus` package (`prometheus`, `promtool`): installed here when
+    absent and apt can (.ci/run installs it first); the test is skipped, saying why, only where
+    it cannot be had."""
     import shutil
     import subprocess
 
-    found = shutil.which("promtool")
+    found = shutil.which(name)
     if found is None and shutil.which("apt-get") and os.geteuid() == 0:
         install = ["apt-get", "install", "-y", "-q", "prometheus"]
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         if subprocess.run(install, capture_output=True, env=env).returncode != 0:
             subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
             subprocess.run(install, capture_output=True, env=env)
-        found = shutil.which("promtool")
+        found = shutil.which(name)
     if found is None:
-        pytest.skip("promtool is not installed and Debian's prometheus package cannot be installed here (needs apt-get as root)")
+        pytest.skip(f"{name} is not installed and Debian's prometheus package cannot be installed here (needs apt-get as root)")
     return found
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return prometheus_tool("promtool")
+
+
+@pytest.fixture(scope="session")
+def prometheus() -> str:
+    return prometheus_tool("prometheus")

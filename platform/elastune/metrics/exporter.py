@@ -10,6 +10,7 @@ worker-side cost of metrics is the cost of the rows it sends anyway (tests/bench
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,8 @@ class RunMetrics:
                           ("elastune_grad_norm", "grad_norm")):  # fmt: skip
             if row.get(key) is not None:
                 self._(name).set(row[key])
-        if (b_simple := self.noise.update(row.get("noise"))) is not None:
-            self._("elastune_gradient_noise_scale").set(b_simple)
+        b_simple = self.noise.update(row.get("noise"))
+        self._("elastune_gradient_noise_scale").set(math.nan if b_simple is None else b_simple)  # NaN: no estimate yet
         counts = row["micro_batches"]
         for rank, count in enumerate(counts):
             self._("elastune_micro_batches", rank=str(rank)).set(count)
