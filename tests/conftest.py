@@ -32,31 +32,36 @@ def stdlib_dataset(tmp_path_factory) -> Path:
     return out
 
 
-def prometheus_tool(name: str) -> str:
-    """A program of Debian's `prometheus` package (`prometheus`, `promtool`): installed here when
-    absent and apt can (.ci/run installs it first); the test is skipped, saying why, only where
-    it cannot be had."""
+def debian_program(program: str, package: str) -> str:
+    """A program from a Debian package (`promtool` and `prometheus` from `prometheus`, `chromium`):
+    installed here when absent and apt can (.ci/run installs them first); the test is skipped,
+    saying why, only where it cannot be had."""
     import shutil
     import subprocess
 
-    found = shutil.which(name)
+    found = shutil.which(program)
     if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        install = ["apt-get", "install", "-y", "-q", "prometheus"]
+        install = ["apt-get", "install", "-y", "-q", package]
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         if subprocess.run(install, capture_output=True, env=env).returncode != 0:
             subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
             subprocess.run(install, capture_output=True, env=env)
-        found = shutil.which(name)
+        found = shutil.which(program)
     if found is None:
-        pytest.skip(f"{name} is not installed and Debian's prometheus package cannot be installed here (needs apt-get as root)")
+        pytest.skip(f"{program} is not installed and Debian's {package} package cannot be installed here (needs apt-get as root)")
     return found
 
 
 @pytest.fixture(scope="session")
 def promtool() -> str:
-    return prometheus_tool("promtool")
+    return debian_program("promtool", "prometheus")
 
 
 @pytest.fixture(scope="session")
 def prometheus() -> str:
-    return prometheus_tool("prometheus")
+    return debian_program("prometheus", "prometheus")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    return debian_program("chromium", "chromium")

@@ -53,7 +53,8 @@ def test_bad_arguments_exit_2():
 
 
 def test_help_on_every_command():
-    for args in (["--help"], ["run", "--help"], ["validate", "--help"], ["schema", "--help"], ["data", "prepare", "--help"], ["ckpt", "verify", "--help"]):
+    for args in (["--help"], ["run", "--help"], ["validate", "--help"], ["schema", "--help"], ["data", "prepare", "--help"], ["ckpt", "verify", "--help"],
+                 ["runs", "ls", "--help"], ["report", "--help"]):  # fmt: skip
         result = elastune(*args)
         assert result.returncode == 0 and "usage:" in result.stdout
 

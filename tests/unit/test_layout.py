@@ -42,7 +42,8 @@ ALLOWED = {
     "checkpoint": {"errors", "spec", "metrics"},
     "recipes": {"errors", "spec", "recipes", "metrics"},
     "train": {"errors", "spec", "data", "checkpoint", "recipes", "train", "metrics"},
-    "cli": {"errors", "spec", "data", "checkpoint", "recipes", "train", "cli", "metrics"},
+    "report": {"errors", "train", "metrics"},
+    "cli": {"errors", "spec", "data", "checkpoint", "recipes", "train", "cli", "metrics", "report"},
 }
 
 

@@ -1,4 +1,4 @@
-"""`elastune run | validate | schema | data prepare | ckpt ...`.
+"""`elastune run | validate | schema | data prepare | ckpt ... | runs ls`.
 
 Exit codes: 0 success, 1 training failed, 2 bad input (spec, arguments, files). User mistakes
 print their explanation and no traceback.
@@ -50,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--max-bytes", type=_positive, help="read at most this many bytes of source")
     prep.set_defaults(handler=cmd_data_prepare)
 
-    from elastune.cli import ckpt
+    from elastune.cli import ckpt, runs
 
     ckpt.add_parser(sub)
+    runs.add_parser(sub)
     return parser
 
 

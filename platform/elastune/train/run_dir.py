@@ -55,3 +55,30 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize(path: Path) -> dict[str, Any]:
+    """One run directory in a line: job, run, status, steps, final loss, failures survived,
+    resizes, started (unix time). A run without result.json is still running, or was stopped
+    before it could write one ("unfinished")."""
+    result = json.loads((path / "result.json").read_text()) if (path / "result.json").is_file() else None
+    events = read_jsonl(path / "events.jsonl")
+    rows = read_jsonl(path / "metrics.jsonl")
+    last = rows[-1] if rows else {}
+    return {
+        "job": path.parent.name,
+        "run": path.name,
+        "status": result["status"] if result else "unfinished",
+        "steps": last.get("step", 0),
+        "final_loss": last.get("loss"),
+        "failures": sum(e["kind"] == "recovery" for e in events),
+        "resizes": sum(e["kind"] == "resize" for e in events),
+        "started": events[0]["time"] if events else path.stat().st_mtime,
+        "path": str(path),
+    }
+
+
+def list_runs(output_dir: str | Path) -> list[dict[str, Any]]:
+    """Every run directory under `output_dir` (OUTPUT_DIR/JOB/RUN/ with a spec.yaml), oldest first."""
+    runs = [summarize(spec.parent) for spec in Path(output_dir).glob("*/*/spec.yaml")]
+    return sorted(runs, key=lambda r: r["started"])
