@@ -1,5 +1,14 @@
+import json
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
 import pytest
 import ray
+import yaml
 
 from elastune.train.driver import start_local_ray
 
@@ -21,3 +30,67 @@ def uninterrupted(tmp_path_factory, stdlib_dataset):
     spec = job(tmp_path_factory.mktemp("uninterrupted"), stdlib_dataset, "uninterrupted", recovery="restart")
     _, rows, _ = run(spec)
     return spec, rows
+
+
+ROOT = Path(__file__).resolve().parents[2]
+OBSERVED_STEPS = 16
+
+
+@pytest.fixture(scope="session")
+def observed(tmp_path_factory, stdlib_dataset):
+    """A 3-worker run whose rank 1 is SIGKILLed mid-step 7 (restart mode; durable checkpoints
+    every 5 steps), scraped every second by a real Prometheus on loopback that finds it through
+    the run's file_sd target and evaluates dashboards/rules. Yields (query, outcome, rows,
+    events); query(path, **params) asks that Prometheus's HTTP API, or is the reason it could
+    not run (a str: the run still happens, for the tests that need only the run)."""
+    from tests.conftest import debian_program
+    from tests.ray.test_resume_world_size import run, spec_for
+
+    tmp = tmp_path_factory.mktemp("observed")
+    raw = spec_for(tmp, stdlib_dataset, "killed", 3, OBSERVED_STEPS).to_dict()
+    raw["checkpoint"]["every_steps"] = 5
+    raw["faults"] = [{"action": "kill_rank", "rank": 1, "at_step": 7, "point": "mid"}]
+    spec = spec_for(tmp, stdlib_dataset, "killed", 3, OBSERVED_STEPS).model_validate(raw)
+    targets = Path(spec.output_dir) / "prometheus-targets"
+    targets.mkdir(parents=True)
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ROOT / "dashboards" / "rules" / "elastune.rules.yml")],
+        "scrape_configs": [{"job_name": "elastune", "honor_labels": True, "file_sd_configs": [{"files": [str(targets / "*.json")]}]}],
+    }
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+
+    def query(path: str, **params):
+        with urllib.request.urlopen(f"{base}{path}?{urllib.parse.urlencode(params, doseq=True)}", timeout=10) as page:
+            body = json.loads(page.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    try:
+        prometheus = debian_program("prometheus", "prometheus")
+    except pytest.skip.Exception as why:
+        outcome, rows, events = run(spec)
+        yield str(why), outcome, rows, events
+        return
+    log = open(tmp / "prometheus.log", "w")
+    server = subprocess.Popen([prometheus, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+                               f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/-/ready", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, (tmp / "prometheus.log").read_text()[-2000:]
+                time.sleep(0.2)
+        outcome, rows, events = run(spec)
+        yield query, outcome, rows, events
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()

@@ -1,25 +1,21 @@
 """A worker SIGKILLed in the middle of a step (spec `faults:`): the run goes on from the in-memory
-snapshot of the step before, loses no step, and tracks the uninterrupted run step for step."""
+snapshot of the step before, loses no step, and tracks the uninterrupted run step for step. The
+killed run is conftest's `observed` (a real Prometheus scrapes it for test_observability.py)."""
 
 from __future__ import annotations
 
 import pytest
 
+from tests.ray.conftest import OBSERVED_STEPS
 from tests.ray.test_resume_world_size import run, spec_for
 
-STEPS = 16
-
-
-def with_faults(spec, faults):
-    return spec.model_validate({**spec.to_dict(), "faults": faults})
+STEPS = OBSERVED_STEPS
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, stdlib_dataset):
-    tmp = tmp_path_factory.mktemp("faults")
-    _, reference, _ = run(spec_for(tmp, stdlib_dataset, "clean", 3, STEPS))
-    faulty = with_faults(spec_for(tmp, stdlib_dataset, "killed", 3, STEPS), [{"action": "kill_rank", "rank": 1, "at_step": 7, "point": "mid"}])
-    outcome, rows, events = run(faulty)
+def runs(tmp_path_factory, stdlib_dataset, observed):
+    _, reference, _ = run(spec_for(tmp_path_factory.mktemp("faults"), stdlib_dataset, "clean", 3, STEPS))
+    _, outcome, rows, events = observed
     return reference, rows, events, outcome.run_dir
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -98,14 +99,40 @@ class RunMetrics:
             self._("elastune_checkpoint_last_durable_timestamp_seconds").set(event["time"])
 
 
-@ray.remote(num_cpus=0)
+class ScrapeClock:
+    """Registered with the run's registry, which collects it on every scrape: counts scrapes,
+    adds no metric."""
+
+    def __init__(self):
+        self.scrapes = 0
+        self.changed = threading.Condition()
+
+    def collect(self):
+        with self.changed:
+            self.scrapes += 1
+            self.changed.notify_all()
+        return iter(())
+
+
+@ray.remote(num_cpus=0)  # one call at a time: rows apply in the order they were sent
 class MetricsExporter:
     """Serves one run's metrics over HTTP from a thread of this actor."""
 
     def __init__(self, job: str, run: str, host: str, port: int, tokens_per_sample: int | None):
         self.metrics = RunMetrics(job, run, tokens_per_sample)
+        self.clock = ScrapeClock()
+        self.metrics.registry.register(self.clock)
         self.server, self.thread = start_http_server(port, addr=host, registry=self.metrics.registry)
         self.host = host
+
+    def final_scrape(self, timeout_s: float) -> bool:
+        """If anything has scraped this run, wait (up to `timeout_s`) until it scrapes once more:
+        its last sample of the run then holds the final values. True if it did."""
+        with self.clock.changed:
+            seen = self.clock.scrapes
+            if seen == 0:
+                return False
+            return self.clock.changed.wait_for(lambda: self.clock.scrapes > seen, timeout=timeout_s)
 
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -130,10 +157,15 @@ def write_file_sd(folder: Path, job: str, run: str, address: str) -> Path:
     return path
 
 
+# At the end of a run, how long to wait for a Prometheus that has been scraping it to scrape once
+# more (so that its last sample holds the run's final values): covers scrape intervals up to 15 s.
+FINAL_SCRAPE_S = 15.0
+
+
 class RunExporter:
     """The driver's side of a run's exporter: start it on the driver's node, feed it what the
-    driver drains from the sink, and at the end keep the last scrape (run_dir/metrics.prom) and
-    withdraw the file_sd target."""
+    driver drains from the sink, and at the end wait for a final scrape (if anything scrapes),
+    keep the last scrape (run_dir/metrics.prom) and withdraw the file_sd target."""
 
     def __init__(self, job: str, run: str, host: str, port: int, tokens_per_sample: int | None, targets: Path, strategy=None):
         options = {"scheduling_strategy": strategy} if strategy is not None else {}
@@ -145,11 +177,12 @@ class RunExporter:
         if rows or events:
             self.actor.observe.remote(rows, events)
 
-    def close(self, out: Path) -> None:
+    def close(self, out: Path, final_scrape_s: float = FINAL_SCRAPE_S) -> None:
         import urllib.request
 
         try:
             ray.get(self.actor.observe.remote([], []))  # everything sent before is applied
+            ray.get(self.actor.final_scrape.remote(final_scrape_s))
             with urllib.request.urlopen(f"http://{self.address}/metrics", timeout=10) as page:
                 out.write_bytes(page.read())
         finally:
