@@ -80,3 +80,14 @@ def test_no_metric_is_defined_outside_the_catalogue():
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert found and all(f.startswith("platform/elastune/metrics/exporter.py") for f in found), found
     assert len(found) == 3  # one per kind, inside build()
+
+
+def test_the_scrape_clock_counts_scrapes_only():
+    from elastune.metrics.exporter import ScrapeClock
+
+    metrics = RunMetrics("j", "r")
+    clock = ScrapeClock()
+    metrics.registry.register(clock)
+    assert clock.scrapes == 0  # registering is not a scrape: a run nobody scrapes does not wait at its end
+    before = generate_latest(metrics.registry)
+    assert clock.scrapes == 1 and generate_latest(metrics.registry) == before  # and it adds no metric
