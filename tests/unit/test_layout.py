@@ -42,6 +42,7 @@ ALLOWED = {
     "checkpoint": {"errors", "spec", "metrics"},
     "recipes": {"errors", "spec", "recipes", "metrics"},
     "train": {"errors", "spec", "data", "checkpoint", "recipes", "train", "metrics"},
+    "tune": {"errors", "spec", "data", "checkpoint", "recipes", "train", "metrics", "tune"},
     "report": {"errors", "train", "metrics"},
     "cli": {"errors", "spec", "data", "checkpoint", "recipes", "train", "cli", "metrics", "report"},
 }
