@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -31,4 +30,3 @@ def test_a_broken_rule_fails_the_check(promtool, tmp_path):
     broken = (RULES / "elastune.rules.yml").read_text().replace("rate(elastune_samples_total[1m])", "rate(elastune_samples_total[1m]", 1)
     (tmp_path / "broken.yml").write_text(broken)
     assert run(promtool, "check", "rules", "broken.yml", cwd=tmp_path).returncode != 0
-    assert shutil.which(promtool)

@@ -75,6 +75,7 @@ class CheckpointService:
     def __init__(self, uri: str, policy: dict[str, Any], sink_name: str | None = None):
         self.ckpt = Checkpointer(uri, policy=RetentionPolicy(**policy))
         self.sink_name = sink_name
+        self.final_rows_step = 0  # the newest step whose final rows (a live group's) went to the sink
         self.cv = threading.Condition()
         self.partial: dict[tuple[int, int], Snapshot] = {}
         self.tier0: Snapshot | None = None
@@ -98,8 +99,11 @@ class CheckpointService:
         key = (header["step"], header["world_size"])
         rows, rows_final = header.pop("rows", []), header.pop("rows_final", False)
         with self.cv:
-            if rows and rows_final and self.sink_name:  # a live group's: final at once; the sink keeps each step once
-                ray.get_actor(self.sink_name).record.remote(rows, True)
+            if rows_final:  # a live group's: final at once; every participant sends them, the sink gets them once
+                rows = [r for r in rows if r["step"] > self.final_rows_step]
+                if rows and self.sink_name:
+                    self.final_rows_step = rows[-1]["step"]
+                    ray.get_actor(self.sink_name).record.remote(rows, True)
                 rows = []
             self.high_water = max(self.high_water or 0, header["step"])  # this step's update happened
             self.last_staged_at = time.time()

@@ -103,7 +103,8 @@ def run_job(
     started_ray = connect_ray(spec, address, console, verbose)
     try:
         start = {"step": latest.step, "samples_seen": latest.samples_seen} if latest else {"step": 0, "samples_seen": 0}
-        return _train(spec, spec_dir, run_id, run_dir, console, start)
+        tokens = spec.data.window - 1 if recipe.dataset is None else None  # predicted tokens per token window
+        return _train(spec, spec_dir, run_id, run_dir, console, start, tokens)
     finally:
         if started_ray:
             ray.shutdown()
@@ -155,7 +156,8 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
     )
 
 
-def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: Console, start: dict[str, int]) -> RunOutcome:
+def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: Console, start: dict[str, int],
+           tokens_per_sample: int | None) -> RunOutcome:  # fmt: skip
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -167,7 +169,7 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     c = spec.checkpoint
     policy = RetentionPolicy(c.keep_last, c.keep_best, c.best_metric, c.best_mode)
     service = start_service(run_id, spec.checkpoint_path, policy, sink_name(run_id), scheduling_strategy=here)
-    exporter = start_exporter(spec, spec_dir, run_id, console, here)
+    exporter = start_exporter(spec, run_id, tokens_per_sample, console, here)
     scaling = spec.scaling
     if scaling.recovery == "live":
         # Every worker its own replica group; Ray Train replaces a dead one alone and the rest go on
@@ -273,14 +275,13 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     return result
 
 
-def start_exporter(spec: JobSpec, spec_dir: str, run_id: str, console: Console, strategy) -> RunExporter | None:
+def start_exporter(spec: JobSpec, run_id: str, tokens_per_sample: int | None, console: Console, strategy) -> RunExporter | None:
     """The run's Prometheus exporter on the driver's node (`metrics:` in the spec), announced with
     its address and the file_sd target a local Prometheus finds it by."""
     m = spec.metrics
     if not m.enabled:
         return None
-    tokens = spec.data.window - 1 if load_recipe(spec.model, spec_dir).dataset is None else None  # predicted tokens per window
-    exporter = RunExporter(spec.name, run_id, m.host, m.port, tokens, Path(spec.output_dir) / "prometheus-targets", strategy)
+    exporter = RunExporter(spec.name, run_id, m.host, m.port, tokens_per_sample, Path(spec.output_dir) / "prometheus-targets", strategy)
     console.print(f"Metrics: http://{exporter.address}/metrics (Prometheus file_sd target {exporter.target}).", highlight=False)
     return exporter
 
@@ -419,6 +420,8 @@ class RecoveryTracker:
         if before is None or len({j["replica"] for j in joins}) < row["world_size"]:
             return []  # the run's first step, or a survivor trained this step
         kills = [e for e in news if e["kind"] == "fault"]
+        if kills:
+            self.last_fault = None  # accounted for here
         failed_at = min(e["time"] for e in kills) if kills else before["time"]
         resumed = min(j["step"] for j in joins)
         lost = max(0, before["step"] - resumed)

@@ -14,6 +14,11 @@ from elastune.train.state import Progress
 from elastune.train.step import GradBuffer
 
 
+def first_line(error: BaseException) -> str:
+    """An error as an event carries it: its first line, at most 300 characters."""
+    return (str(error).splitlines() or [""])[0][:300]
+
+
 class StaticGroup:
     """The worker group as Ray Train made it (`recovery: restart`): fixed rank and size; a failure
     ends the group and Ray Train restarts it.
@@ -31,7 +36,7 @@ class StaticGroup:
         try:
             return grads.all_reduce()
         except Exception as exc:
-            self.noticed(str(exc).splitlines()[0][:300])
+            self.noticed(first_line(exc))
             raise
 
     def error(self) -> str | None:

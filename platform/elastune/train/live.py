@@ -29,6 +29,7 @@ from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
 from torchft.checkpointing.transport import CheckpointTransport
 
 from elastune.checkpoint.snapshot import Snapshotter
+from elastune.train.group import first_line
 from elastune.train.state import Progress
 from elastune.train.step import GradBuffer
 
@@ -121,7 +122,7 @@ class LiveGroup:
 
     def error(self) -> str | None:
         err = self.manager.errored()
-        return None if err is None else str(err.original_exception).splitlines()[0][:300]
+        return None if err is None else first_line(err.original_exception)
 
     def close(self) -> None:
         self.manager.shutdown(wait=False)

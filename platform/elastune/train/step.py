@@ -89,9 +89,12 @@ class GradBuffer:
     def fold(self, size: int, global_batch_size: int) -> None:
         """Record the gradient norm of the micro-batch just backpropagated (alone in the buffer,
         with its loss in the loss slot) and move it to the step's sums."""
-        sq = sum(float(torch.linalg.vector_norm(f, dtype=torch.float64)) ** 2 for f in self.flats) - float(self.flats[0][-1]) ** 2
+        # On the device, no host round trip per micro-batch; the loss slot (last of flats[0]) left out.
+        sq = sum(torch.linalg.vector_norm(f, dtype=torch.float64) ** 2 for f in (self.flats[0][:-1], *self.flats[1:]))
         scale = global_batch_size / size  # the buffer holds sum(grads) / G; the micro-batch's mean gradient is that times G / b
-        self.norms += torch.tensor([sq * scale**2, 1.0 / size, 1.0], dtype=torch.float64, device=self.stats.device)
+        self.norms[0] += sq * scale**2
+        self.norms[1] += 1.0 / size
+        self.norms[2] += 1.0
         for total, f in zip(self.sums, self.flats):
             total += f
             f.zero_()
