@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -53,3 +58,29 @@ def save_from_ranks(ckpt, manifest_args: tuple, tensors: dict[str, torch.Tensor]
     for rank in range(world - 1, 0, -1):
         ckpt.save(Manifest(*manifest_args, {}, {}), tensors, rank, world, gather=lambda s, r=rank: parts.setdefault(r, s) and [])
     return ckpt.save(Manifest(*manifest_args, {}, {}), tensors, 0, world, gather=lambda s: [s] + [parts[r] for r in range(1, world)])
+
+
+def report_in_chromium(chromium: str, report_of: Path, tmp: Path) -> str:
+    """`elastune report` of a run or search directory, opened in headless Chromium: the page
+    fetches nothing, logs no console message and draws (its screenshot is not blank and holds
+    the plots' colours). Returns the rendered DOM."""
+    from PIL import Image
+
+    page = tmp / "report.html"
+    done = subprocess.run([sys.executable, "-m", "elastune", "report", str(report_of), "--output", str(page)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    text = page.read_text()
+    assert "<script" not in text and "<link" not in text and not re.search(r'(src|href)="(https?:|file:|//)', text)  # nothing to fetch
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr", "--v=0"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    shot = subprocess.run([chromium, *flags, "--window-size=1200,1800", f"--screenshot={tmp / 'report.png'}", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert "CONSOLE" not in dom.stderr + shot.stderr, "console messages: " + (dom.stderr + shot.stderr)[-2000:]
+    image = Image.open(tmp / "report.png").convert("RGB")
+    area = image.width * image.height
+    drawn = sum(count for value, count in enumerate(image.convert("L").histogram()) if value < 200)
+    assert drawn > 0.01 * area  # lines, axes and text, not a blank page
+    saturation = image.convert("HSV").getchannel("S").histogram()
+    assert sum(saturation[80:]) > 0.001 * area  # the plots' coloured lines drew (text and tables are grey)
+    return dom.stdout

@@ -1,8 +1,11 @@
-"""`elastune report RUN_DIR`: one self-contained HTML file about a run, readable offline.
+"""`elastune report DIR`: one self-contained HTML file about a run or a search, readable offline.
 
-Plots are inline SVG (matplotlib, no script, no external file): loss and learning rate against
-samples seen; world size over time with failures and resizes marked; throughput; snapshot stall
-and durable checkpoints. Then the recoveries and resizes with what they cost, and the spec.
+Plots are inline SVG (matplotlib, no script, no external file). A run: loss and learning rate
+against samples seen; world size over time with failures and resizes marked; throughput; snapshot
+stall and durable checkpoints; then the recoveries and resizes with what they cost, and the spec.
+A search (`elastune tune`'s directory): the lineage tree (members over samples, an arrow from donor
+to recipient at each exploit), every member's loss and learning rate stitched along its lineage,
+the exploits with their changes, and the best schedule.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 from elastune.errors import ElastuneError
 from elastune.train.run_dir import read_jsonl, summarize
+from elastune.tune.lineage import path_of, read_lineage, stitched
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
@@ -27,12 +31,23 @@ pre { background: #f4f4f4; padding: 0.8rem; overflow-x: auto; font-size: 0.8rem;
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
-    """Write the report of `run_dir` to `out` (default RUN_DIR/report.html); returns its path."""
+    """Write the report of `run_dir` (a run's or a search's directory) to `out` (default
+    DIR/report.html); returns its path."""
     if not (run_dir / "spec.yaml").is_file():
-        raise ElastuneError(f"{run_dir} is not a run directory (no spec.yaml); give a folder OUTPUT_DIR/JOB/RUN that `elastune run` made")
+        raise ElastuneError(f"{run_dir} is not a run directory (no spec.yaml); give a folder OUTPUT_DIR/JOB/RUN that `elastune run` "
+                            f"made, or OUTPUT_DIR/JOB/tune-ID that `elastune tune` made")  # fmt: skip
     out = out or run_dir / "report.html"
-    out.write_text(render(run_dir))
+    out.write_text(render_search(run_dir) if (run_dir / "lineage.json").is_file() else render(run_dir))
     return out
+
+
+def _page(title: str, parts: list[str]) -> str:
+    return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")  # fmt: skip
+
+
+def _figures(figures: list[tuple[str, str]]) -> list[str]:
+    return [f"<figure>{svg}<figcaption>{html.escape(caption)}</figcaption></figure>" for caption, svg in figures]
 
 
 def render(run_dir: Path) -> str:
@@ -48,16 +63,46 @@ def render(run_dir: Path) -> str:
             ("Throughput per step", throughput(rows)),
             ("In-memory snapshot stall per step (rank 0) and durable checkpoints", checkpoints(rows, events)),
         ]
-        for caption, svg in figures:
-            parts.append(f"<figure>{svg}<figcaption>{html.escape(caption)}</figcaption></figure>")
+        parts += _figures(figures)
     else:
         parts.append("<p>No step completed: nothing to plot.</p>")
     changes = [e for e in events if e["kind"] in ("recovery", "resize")]
     parts.append("<h2>Failures and resizes</h2>")
     parts.append(table([change_row(e) for e in changes]) if changes else "<p>None.</p>")
     parts.append("<h2>Spec</h2><pre>" + html.escape((run_dir / "spec.yaml").read_text()) + "</pre>")
-    return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")  # fmt: skip
+    return _page(title, parts)
+
+
+def render_search(tune_dir: Path) -> str:
+    lineage = read_lineage(tune_dir)
+    title = f"{lineage['job']} / {tune_dir.name}"
+    parts = [f"<h1>Elastune search {html.escape(title)}</h1>"]
+    best = lineage.get("best")
+    generations = max((s["generation"] for s in lineage["segments"]), default=-1) + 1
+    parts.append(table([{"members": len({s["member"] for s in lineage["segments"]}), "intervals done": generations,
+                         "of": len(lineage["boundaries"]), "exploits": len(lineage["exploits"]),
+                         "best": best["member"] if best else "-", "best fitness": f"{best['fitness']:.4f}" if best else "-"}]))  # fmt: skip
+    if lineage["segments"]:
+        curves = {m: stitched(lineage, m) for m in sorted({s["member"] for s in lineage["segments"] if s["generation"] == generations - 1})}
+        parts += _figures([
+            ("Lineage: each member's intervals over samples; an arrow runs from donor to recipient at each exploit "
+             "(the best member's path is drawn thick)", lineage_tree(lineage, best["member"] if best else None)),
+            ("Loss against samples seen, each member stitched along its lineage", stitched_plot(curves, "loss")),
+            ("Learning rate against samples seen, each member stitched along its lineage", stitched_plot(curves, "lr")),
+        ])  # fmt: skip
+    parts.append("<h2>Exploits</h2>")
+    exploits = [{"after interval": e["generation"] + 1, "samples": e["samples"], "donor -> recipient": f"{e['donor']} -> {e['recipient']}",
+                 "fitness": f"{e['donor_fitness']:.4f} vs {e['recipient_fitness']:.4f}",
+                 "changes": ", ".join(f"{k} {a} -> {b}" for k, (a, b) in e["diff"].items()) or "none",
+                 "clone (ms)": f"{e['clone_seconds'] * 1e3:.1f}"} for e in lineage["exploits"]]  # fmt: skip
+    parts.append(table(exploits) if exploits else "<p>None.</p>")
+    if best:
+        parts.append("<h2>Best schedule</h2>")
+        parts.append(table([{"from samples": h["from_samples"], **h["values"]} for h in best["history"]]))
+        if (tune_dir / "best.yaml").is_file():
+            parts.append("<p>Replay it from scratch: <code>elastune run best.yaml</code></p><pre>"
+                         + html.escape((tune_dir / "best.yaml").read_text()) + "</pre>")  # fmt: skip
+    return _page(title, parts)
 
 
 def summary_row(summary: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -151,3 +196,39 @@ def checkpoints(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> str
         persist.set_ylabel("durable write (s)")
     return _svg(plt, fig)
 
+
+
+def lineage_tree(lineage: dict[str, Any], best: str | None) -> str:
+    plt, fig, ax = _figure()
+    members = sorted({s["member"] for s in lineage["segments"]}, key=lambda m: int(m[1:]) if m[1:].isdigit() else m)
+    lane = {m: i for i, m in enumerate(members)}
+    on_best = {(s["member"], s["generation"]) for s in path_of(lineage, best)} if best else set()
+    for s in lineage["segments"]:
+        thick = (s["member"], s["generation"]) in on_best
+        ax.plot([s["from_samples"], s["to_samples"]], [lane[s["member"]]] * 2, color="#d62728" if thick else "#1f77b4",
+                linewidth=4 if thick else 1.5, solid_capstyle="butt")  # fmt: skip
+    for e in lineage["exploits"]:
+        ax.annotate("", xy=(e["samples"], lane[e["recipient"]]), xytext=(e["samples"], lane[e["donor"]]),
+                    arrowprops={"arrowstyle": "->", "color": "#2ca02c", "lw": 1.5})  # fmt: skip
+    ax.set_yticks(range(len(members)), members)
+    ax.set_ylim(-0.5, len(members) - 0.5)
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("member")
+    return _svg(plt, fig)
+
+
+def stitched_plot(curves: dict[str, list[dict[str, Any]]], key: str) -> str:
+    plt, fig, ax = _figure()
+    for member, rows in curves.items():
+        shown = [r for r in rows if key != "lr" or r["lr"] > 0]  # lr on a log scale (peaks differ by orders of magnitude)
+        ax.plot([r["samples_seen"] for r in shown], [r[key] for r in shown], label=member)
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("learning rate" if key == "lr" else key)
+    if key == "lr":
+        ax.set_yscale("log")
+    if key == "loss":
+        finite = [r["loss"] for rows in curves.values() for r in rows if r["loss"] == r["loss"] and abs(r["loss"]) < float("inf")]
+        if finite:  # a diverged member must not squash everyone else's curve
+            ax.set_ylim(min(finite) * 0.95, min(max(finite), 3 * sorted(finite)[len(finite) // 2]) * 1.05)
+    ax.legend(loc="upper right", fontsize="small")
+    return _svg(plt, fig)

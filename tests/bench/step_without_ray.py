@@ -16,7 +16,7 @@ from elastune.data.dataset import TokenWindows
 from elastune.recipes import load_recipe
 from elastune.spec import load_spec
 from elastune.train.batch_plan import batch_plan
-from elastune.train.optim import build_optimizer, set_lr
+from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.step import GradBuffer, train_step
 
 
@@ -35,7 +35,7 @@ def main(job: str, steps: int, warmup: int) -> None:
     plan = batch_plan(g, spec.batch.micro_batch_size, world)
     stamps = []
     for step in range(steps):
-        set_lr(opt, spec.optimizer.lr)
+        set_hyper(opt, spec.optimizer.lr, spec.optimizer.weight_decay)
         train_step(model, opt, grads, recipe, source, plan, rank, step, step * g, spec.seed, spec.optimizer.grad_clip_norm)
         stamps.append(time.perf_counter())
     if rank == 0:

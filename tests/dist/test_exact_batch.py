@@ -20,7 +20,7 @@ from elastune.recipes import Recipe
 from elastune.recipes.byte_gpt import sample_losses
 from elastune.spec.models import SGDSpec
 from elastune.train.batch_plan import batch_plan
-from elastune.train.optim import build_optimizer, set_lr
+from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.step import GradBuffer, train_step
 from tests.helpers import TINY, RandomTokens, reference_sgd_update, rel_err, tiny_model
 
@@ -40,7 +40,7 @@ def _worker(rank: int, world: int, port: int, out: str, dropout: float) -> None:
         options = TINY.model_copy(update={"dropout": dropout})
         model = tiny_model(options)
         opt = build_optimizer(model, SGDSpec(name="sgd", lr=LR, momentum=0.0))
-        set_lr(opt, LR)
+        set_hyper(opt, LR, 0.0)
         recipe = Recipe(build_model=lambda: model, sample_losses=sample_losses)
         grads = GradBuffer(model, micro_batch_norms=True)
         result = train_step(model, opt, grads, recipe, RandomTokens(), batch_plan(G, M, world), rank, 0, 0, SEED)

@@ -10,7 +10,7 @@ from elastune.recipes import Recipe
 from elastune.recipes.byte_gpt import sample_losses
 from elastune.spec.models import SGDSpec
 from elastune.train.batch_plan import batch_plan
-from elastune.train.optim import build_optimizer, set_lr
+from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.step import GradBuffer, train_step
 from tests.helpers import RandomTokens, reference_sgd_update, rel_err, tiny_model
 
@@ -23,7 +23,7 @@ def test_cuda_step_matches_cpu_reference():
     expected = reference_sgd_update(tiny_model(), source, sample_indices(positions(0, 0, g), len(source), seed), lr)
     model = tiny_model().cuda()
     opt = build_optimizer(model, SGDSpec(name="sgd", lr=lr, momentum=0.0))
-    set_lr(opt, lr)
+    set_hyper(opt, lr, 0.0)
     recipe = Recipe(build_model=lambda: model, sample_losses=sample_losses)
     train_step(model, opt, GradBuffer(model), recipe, source, batch_plan(g, m, 1), 0, 0, 0, seed)
     for name, p in model.named_parameters():

@@ -52,9 +52,23 @@ def test_bad_arguments_exit_2():
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
+def test_tune_refuses_a_job_without_a_search_or_with_a_bad_one_before_starting_anything(tmp_path):
+    result = elastune("tune", "jobs/quickstart.yaml")
+    assert result.returncode == 2 and "no tune: section" in result.stderr and "Traceback" not in result.stderr
+    job = yaml.safe_load((ROOT / "jobs" / "pbt.yaml").read_text())
+    job["tune"]["search"]["schedule.warmup_samples"] = {"scale": "int", "low": 0, "high": 20000}
+    job["output_dir"] = str(tmp_path / "out")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(job))
+    result = elastune("tune", str(bad))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "tune.search.schedule.warmup_samples reaches 20000" in result.stderr and "schedule.warmup_samples = 20000" in result.stderr
+    assert not (tmp_path / "out").exists()  # refused before any search directory
+
+
 def test_help_on_every_command():
     for args in (["--help"], ["run", "--help"], ["validate", "--help"], ["schema", "--help"], ["data", "prepare", "--help"], ["ckpt", "verify", "--help"],
-                 ["runs", "ls", "--help"], ["report", "--help"]):  # fmt: skip
+                 ["runs", "ls", "--help"], ["report", "--help"], ["tune", "--help"]):  # fmt: skip
         result = elastune(*args)
         assert result.returncode == 0 and "usage:" in result.stdout
 

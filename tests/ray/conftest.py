@@ -1,3 +1,4 @@
+import contextlib
 import json
 import socket
 import subprocess
@@ -43,7 +44,6 @@ def observed(tmp_path_factory, stdlib_dataset):
     the run's file_sd target and evaluates dashboards/rules. Yields (query, outcome, rows,
     events); query(path, **params) asks that Prometheus's HTTP API, or is the reason it could
     not run (a str: the run still happens, for the tests that need only the run)."""
-    from tests.conftest import debian_program
     from tests.ray.test_resume_world_size import run, spec_for
 
     tmp = tmp_path_factory.mktemp("observed")
@@ -51,8 +51,20 @@ def observed(tmp_path_factory, stdlib_dataset):
     raw["checkpoint"]["every_steps"] = 5
     raw["faults"] = [{"action": "kill_rank", "rank": 1, "at_step": 7, "point": "mid"}]
     spec = spec_for(tmp, stdlib_dataset, "killed", 3, OBSERVED_STEPS).model_validate(raw)
-    targets = Path(spec.output_dir) / "prometheus-targets"
-    targets.mkdir(parents=True)
+    with prometheus_scraping(Path(spec.output_dir) / "prometheus-targets", tmp) as query:
+        outcome, rows, events = run(spec)
+        yield query, outcome, rows, events
+
+
+@contextlib.contextmanager
+def prometheus_scraping(targets: Path, tmp: Path):
+    """A real Prometheus (Debian's package) on loopback that scrapes, every second, whatever
+    exporter a run or search announces with a file_sd target in `targets`, and evaluates
+    dashboards/rules. Yields query(path, **params) against its HTTP API, or, where Prometheus cannot
+    be had, the reason (a str: the run still happens, for the tests that need only the run)."""
+    from tests.conftest import debian_program
+
+    targets.mkdir(parents=True, exist_ok=True)
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ROOT / "dashboards" / "rules" / "elastune.rules.yml")],
@@ -73,8 +85,7 @@ def observed(tmp_path_factory, stdlib_dataset):
     try:
         prometheus = debian_program("prometheus", "prometheus")
     except pytest.skip.Exception as why:
-        outcome, rows, events = run(spec)
-        yield str(why), outcome, rows, events
+        yield str(why)
         return
     log = open(tmp / "prometheus.log", "w")
     server = subprocess.Popen([prometheus, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
@@ -88,8 +99,7 @@ def observed(tmp_path_factory, stdlib_dataset):
             except OSError:
                 assert time.monotonic() < deadline and server.poll() is None, (tmp / "prometheus.log").read_text()[-2000:]
                 time.sleep(0.2)
-        outcome, rows, events = run(spec)
-        yield query, outcome, rows, events
+        yield query
     finally:
         server.terminate()
         server.wait(30)

@@ -8,19 +8,20 @@ Chromium, and `elastune runs ls` lists the run.
 
 The run is conftest's `observed`: 3 workers, restart mode, rank 1 SIGKILLed mid-step 7 (a recovery,
 so failure and MTTR panels have data), durable checkpoints every 5 steps. The tuning dashboard reads trial metrics
-that only a tuning job emits; it joins this proof with population-based tuning.
+that only a search emits: tests/ray/test_tune.py proves it the same way.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helpers import report_in_chromium
 
 ROOT = Path(__file__).resolve().parents[2]
 PROVEN = ("training", "elasticity", "checkpoints")
@@ -69,24 +70,8 @@ def test_every_recording_rule_and_template_variable_returns_series(scraped):
 
 
 def test_the_report_renders_its_plots_in_headless_chromium(observed, chromium, tmp_path):
-    from PIL import Image
-
-    run_dir = observed[1].run_dir
-    done = subprocess.run([sys.executable, "-m", "elastune", "report", str(run_dir), "--output", str(tmp_path / "r.html")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    page = (tmp_path / "r.html").read_text()
-    assert "<script" not in page and "<link" not in page and not re.search(r'(src|href)="(https?:|file:|//)', page)  # nothing to fetch
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr", "--v=0"]
-    url = (tmp_path / "r.html").as_uri()
-    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
-    assert dom.stdout.count("<svg") == 4 and "fault: kill rank 1 at step 7" in dom.stdout
-    shot = subprocess.run([chromium, *flags, "--window-size=1200,1800", f"--screenshot={tmp_path / 'r.png'}", url],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert "CONSOLE" not in dom.stderr + shot.stderr, "console messages: " + (dom.stderr + shot.stderr)[-2000:]
-    image = Image.open(tmp_path / "r.png").convert("L")
-    drawn = sum(count for value, count in enumerate(image.histogram()) if value < 200)
-    assert drawn > 0.03 * image.width * image.height  # lines, axes and text, not a blank page
+    dom = report_in_chromium(chromium, observed[1].run_dir, tmp_path)
+    assert dom.count("<svg") == 4 and "fault: kill rank 1 at step 7" in dom
 
 
 def test_runs_ls_lists_the_run_with_its_failure(observed):

@@ -43,8 +43,8 @@ ALLOWED = {
     "recipes": {"errors", "spec", "recipes", "metrics"},
     "train": {"errors", "spec", "data", "checkpoint", "recipes", "train", "metrics"},
     "tune": {"errors", "spec", "data", "checkpoint", "recipes", "train", "metrics", "tune"},
-    "report": {"errors", "train", "metrics"},
-    "cli": {"errors", "spec", "data", "checkpoint", "recipes", "train", "cli", "metrics", "report"},
+    "report": {"errors", "train", "tune", "metrics"},
+    "cli": {"errors", "spec", "data", "checkpoint", "recipes", "train", "tune", "cli", "metrics", "report"},
 }
 
 

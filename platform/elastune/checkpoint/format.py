@@ -15,6 +15,7 @@ every byte it reads. Readers never unpickle anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
@@ -189,6 +190,16 @@ class Manifest:
     @property
     def shapes(self) -> dict[str, list[int]]:
         return {n: e["shape"] for n, e in self.tensors.items()}
+
+    def state_hash(self) -> str:
+        """sha256 of the state a checkpoint holds: progress, and every tensor's name, dtype, shape,
+        element ranges and block checksums. A clone's equals its source's (only file paths differ)."""
+        state = {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "tensors": {n: [e["dtype"], e["shape"], [[f["elements"], f["sha256"]] for f in e["fragments"]]] for n, e in sorted(self.tensors.items())},
+        }  # fmt: skip
+        return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> "Manifest":

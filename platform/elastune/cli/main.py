@@ -1,4 +1,4 @@
-"""`elastune run | validate | schema | data prepare | ckpt ... | runs ls`.
+"""`elastune run | tune | validate | schema | data prepare | ckpt ... | runs ls | report`.
 
 Exit codes: 0 success, 1 training failed, 2 bad input (spec, arguments, files). User mistakes
 print their explanation and no traceback.
@@ -29,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true", help="delete this job's checkpoints and start over")
     run.add_argument("--verbose", action="store_true", help="show Ray's own and the workers' logs")
     run.set_defaults(handler=cmd_run)
+
+    tune = sub.add_parser("tune", help="population-based search over the job's schedule (its tune: section)",
+                          description="Search the job's schedule with population-based training on Ray Tune (docs/tuning.md).")  # fmt: skip
+    tune.add_argument("job", help="job spec YAML with a tune: section")
+    tune.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
+    tune.add_argument("--verbose", action="store_true", help="show Ray Tune's own progress and Ray's logs")
+    tune.set_defaults(handler=cmd_tune)
 
     validate = sub.add_parser("validate", help="check a job spec without running it")
     validate.add_argument("job", help="job spec YAML")
@@ -90,6 +97,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"Done: step {outcome.steps}, {outcome.samples_seen:,} samples, loss {loss}, {outcome.seconds:.1f} s. Run directory: {outcome.run_dir}", highlight=False)
         return EXIT_OK
     console.print(f"[red]Training failed[/red]: {outcome.error}\nRun directory: {outcome.run_dir}", highlight=False)
+    return EXIT_FAILED
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from elastune.recipes import spec_dir_of
+    from elastune.spec import load_spec
+    from elastune.tune.driver import run_tune
+
+    console = Console(soft_wrap=True)
+    outcome = run_tune(load_spec(args.job), spec_dir_of(args.job), address=args.address, console=console, verbose=args.verbose)
+    if outcome.status == "succeeded":
+        console.print(f"Done in {outcome.seconds:.1f} s. Search directory: {outcome.tune_dir}", highlight=False)
+        return EXIT_OK
+    console.print(f"[red]Search failed[/red]: {outcome.error}\nSearch directory: {outcome.tune_dir}", highlight=False)
     return EXIT_FAILED
 
 

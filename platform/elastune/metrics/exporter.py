@@ -57,6 +57,17 @@ class RunMetrics:
         for event in events:
             self._event(event)
 
+    def observe_trial(self, trial: str, rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+        """A tuning trial's rows (its newest loss and learning rate) and its `exploit` events;
+        a trial's exploit count exists, at 0, from its first observation."""
+        exploits = self._("elastune_exploits", trial=trial)
+        for row in rows[-1:]:
+            self._("elastune_trial_loss", trial=trial).set(row["loss"])
+            self._("elastune_trial_learning_rate", trial=trial).set(row["lr"])
+        for event in events:
+            if event["kind"] == "exploit":
+                exploits.inc()
+
     def _row(self, row: dict[str, Any]) -> None:
         G = row["global_batch_size"]
         self._("elastune_steps").inc()
@@ -91,6 +102,8 @@ class RunMetrics:
             self._("elastune_lost_samples").inc(event["lost_samples"])
         elif kind == "resize":
             self._("elastune_resizes").inc()
+        elif kind == "population":
+            self._("elastune_population_size").set(event["size"])
         elif kind == "checkpoint":
             self._("elastune_checkpoints").inc()
             self._("elastune_checkpoint_persist_seconds").observe(event["seconds"])
@@ -144,6 +157,9 @@ class MetricsExporter:
     def observe(self, rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
         self.metrics.observe(rows, events)
 
+    def observe_trial(self, trial: str, rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+        self.metrics.observe_trial(trial, rows, events)
+
     def shutdown(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -170,8 +186,12 @@ class RunExporter:
     driver drains from the sink, and at the end wait for a final scrape (if anything scrapes),
     keep the last scrape (run_dir/metrics.prom) and withdraw the file_sd target."""
 
-    def __init__(self, job: str, run: str, host: str, port: int, tokens_per_sample: int | None, targets: Path, strategy=None):
+    def __init__(self, job: str, run: str, host: str, port: int, tokens_per_sample: int | None, targets: Path, strategy=None,
+                 name: str | None = None):  # fmt: skip
         options = {"scheduling_strategy": strategy} if strategy is not None else {}
+        if name is not None:  # others (a search's trials) find it by name
+            options["name"] = name
+        self.name = name
         self.actor = MetricsExporter.options(**options).remote(job, run, host, port, tokens_per_sample)
         self.address = ray.get(self.actor.address.remote())
         self.target = write_file_sd(targets, job, run, self.address)

@@ -188,6 +188,11 @@ class RexSchedule(_Schedule):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
 
 
+SCHEDULES = {
+    cls.model_fields["name"].annotation.__args__[0]: cls
+    for cls in (ConstantSchedule, CosineSchedule, LinearSchedule, WSDSchedule, InverseSqrtSchedule, CyclicalSchedule, RexSchedule)
+}  # family name -> model
+
 ScheduleSpec = Annotated[
     Union[ConstantSchedule, CosineSchedule, LinearSchedule, WSDSchedule, InverseSqrtSchedule, CyclicalSchedule, RexSchedule],
     Field(discriminator="name"),
@@ -266,6 +271,22 @@ class StopSpec(Strict):
         return self
 
 
+# --------------------------------------------------------------------------- phases
+
+
+class Phase(Strict):
+    """From `from_samples` on, train with these values instead of the job's. A phase names only
+    what changes; what it leaves out stays what the job or an earlier phase set. This is how a
+    schedule found by search (`elastune tune`) replays: peak lr, weight decay, schedule and global
+    batch may each change at a sample count."""
+
+    from_samples: int = Field(ge=1, description="Samples seen when this phase starts.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate from here on (the schedule multiplies it).")
+    weight_decay: float | None = Field(None, ge=0)
+    global_batch_size: int | None = Field(None, ge=1)
+    schedule: ScheduleSpec | None = Field(None, description="Schedule from here on; its horizon is the job's.")
+
+
 # --------------------------------------------------------------------------- faults
 
 
@@ -303,6 +324,72 @@ class DelayRank(Strict):
 
 
 Fault = Annotated[Union[KillRank, KillNode, DelayRank], Field(discriminator="action")]
+
+
+# --------------------------------------------------------------------------- tune
+
+SEARCHABLE = {
+    "optimizer.lr": "peak learning rate",
+    "optimizer.weight_decay": "weight decay",
+    "schedule.name": "schedule family",
+    "schedule.warmup_samples": "warmup",
+    "schedule.decay_fraction": "WSD decay fraction (wsd only)",
+    "schedule.min_lr_ratio": "final lr / peak lr (cosine, linear, wsd, rex)",
+    "batch.global_batch_size": "global batch (choices; lr follows tune.lr_scaling)",
+}
+
+
+class SearchRange(Strict):
+    """One searched value: a range (`low`, `high`) on a `linear`, `log` or `int` scale, or `choices`."""
+
+    scale: Literal["linear", "log", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> "SearchRange":
+        if self.scale == "choice":
+            if not self.choices or self.low is not None or self.high is not None:
+                raise ValueError("scale choice takes a non-empty `choices` list and no low/high; e.g. choices: [cosine, wsd]")
+            return self
+        if self.low is None or self.high is None or self.choices is not None:
+            raise ValueError(f"scale {self.scale} takes `low` and `high` (no choices); e.g. low: 1e-4, high: 1e-2")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high}); swap them or widen the range")
+        if self.scale == "log" and self.low <= 0:
+            raise ValueError(f"scale log needs low > 0 (got {self.low}); use scale linear for ranges that include 0")
+        return self
+
+
+class TuneSpec(Strict):
+    """Population-based search over schedules (`elastune tune`, docs/tuning.md)."""
+
+    population: int = Field(4, ge=2, le=256, description="Trials trained side by side.")
+    interval_samples: int = Field(ge=1, description="Samples each trial trains between exploit decisions.")
+    quantile: float = Field(0.25, gt=0, le=0.5, description="Share of trials at the bottom that take over a trial of the top share.")
+    fitness_samples: int | None = Field(
+        None, ge=1, description="Fitness is the mean loss over this many last samples of each interval (default: a quarter of it)."
+    )
+    resample_probability: float = Field(0.25, ge=0, le=1, description="Explore: chance each value is drawn afresh rather than perturbed.")
+    perturb_factors: tuple[float, float] = Field((0.8, 1.2), description="Explore: a perturbed value is the donor's times one of these.")
+    lr_scaling: Literal["linear", "sqrt", "none"] = Field(
+        "sqrt", description="How the peak lr follows a changed global batch: linear (SGD), sqrt (Adam) or none."
+    )
+    max_concurrent_trials: int | None = Field(None, ge=1, description="Trials running at once; default: as many as the cluster's CPUs hold.")
+    search: dict[str, SearchRange] = Field(description=f"Searched values by spec path: {', '.join(SEARCHABLE)}.")
+
+    @field_validator("search")
+    @classmethod
+    def _known_paths(cls, search: dict[str, SearchRange]) -> dict[str, SearchRange]:
+        if not search:
+            raise ValueError(f"tune.search is empty; name at least one of {', '.join(SEARCHABLE)}")
+        for path, dim in search.items():
+            if path not in SEARCHABLE:
+                raise ValueError(f"tune.search.{path} cannot be searched; searchable: {', '.join(SEARCHABLE)}")
+            if path in ("schedule.name", "batch.global_batch_size") and dim.scale != "choice":
+                raise ValueError(f"tune.search.{path} takes scale: choice with a choices list")
+        return search
 
 
 # --------------------------------------------------------------------------- job
@@ -349,6 +436,10 @@ class JobSpec(Strict):
     faults: list[Fault] = Field(
         default_factory=list, description="Failures to rehearse (tests, benchmarks, drills); none unless listed."
     )
+    phases: list[Phase] = Field(
+        default_factory=list, description="Changes of peak lr, weight decay, schedule or global batch at given sample counts."
+    )
+    tune: TuneSpec | None = Field(None, description="Population-based search (`elastune tune`); `elastune run` ignores it.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
@@ -378,7 +469,34 @@ class JobSpec(Strict):
                 f"schedule.warmup_samples ({self.schedule.warmup_samples}) must be below the schedule horizon "
                 f"({horizon} samples); lower warmup_samples or raise the horizon"
             )
+        self._check_phases()
         return self
+
+    def _check_phases(self) -> None:
+        previous = 0
+        for i, phase in enumerate(self.phases):
+            where = f"phases.{i}"
+            if phase.from_samples <= previous:
+                raise ValueError(f"{where}.from_samples ({phase.from_samples}) must be above the previous phase's ({previous}); list phases in order")
+            previous = phase.from_samples
+            if phase.global_batch_size is not None:
+                if self.stop.max_steps is not None:
+                    raise ValueError(f"{where}.global_batch_size changes the batch, so stop.max_steps no longer says how many samples "
+                                     f"to train; set stop.max_samples instead")  # fmt: skip
+                if phase.global_batch_size < self.batch.micro_batch_size:
+                    raise ValueError(f"{where}.global_batch_size ({phase.global_batch_size}) is below batch.micro_batch_size "
+                                     f"({self.batch.micro_batch_size}); raise it or lower micro_batch_size")  # fmt: skip
+                k = math.ceil(phase.global_batch_size / self.batch.micro_batch_size)
+                if self.scaling.max_workers > k:
+                    raise ValueError(f"{where}.global_batch_size ({phase.global_batch_size}) has {k} micro-batches, fewer than "
+                                     f"scaling.max_workers ({self.scaling.max_workers}); raise it or lower max_workers")  # fmt: skip
+            if phase.schedule is not None:
+                if phase.schedule.horizon_samples is not None:
+                    raise ValueError(f"{where}.schedule.horizon_samples is set; a phase's schedule spans the job's horizon "
+                                     f"({self.horizon_samples} samples); remove it")  # fmt: skip
+                if phase.schedule.warmup_samples >= self.horizon_samples:
+                    raise ValueError(f"{where}.schedule.warmup_samples ({phase.schedule.warmup_samples}) must be below the "
+                                     f"schedule horizon ({self.horizon_samples} samples)")  # fmt: skip
 
     @property
     def budget_samples(self) -> int:

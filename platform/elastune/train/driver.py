@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -69,7 +69,10 @@ def run_job(
     fresh: bool = False,
     console: Console | None = None,
     verbose: bool = False,
+    observe: Callable[[list[dict[str, Any]], list[dict[str, Any]]], None] | None = None,
 ) -> RunOutcome:
+    """Train `spec` to its stop; `observe(rows, events)`, when given, sees every batch of metrics
+    rows and events as the driver drains them (a search forwards its trials' to its exporter)."""
     console = console or Console()
     spec = resolve_paths(spec)
     recipe = load_recipe(spec.model, spec_dir)  # import errors surface here, before any worker starts
@@ -104,7 +107,7 @@ def run_job(
     try:
         start = {"step": latest.step, "samples_seen": latest.samples_seen} if latest else {"step": 0, "samples_seen": 0}
         tokens = spec.data.window - 1 if recipe.dataset is None else None  # predicted tokens per token window
-        return _train(spec, spec_dir, run_id, run_dir, console, start, tokens)
+        return _train(spec, spec_dir, run_id, run_dir, console, start, tokens, observe)
     finally:
         if started_ray:
             ray.shutdown()
@@ -117,12 +120,13 @@ def _drop_auth_default_warning(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
-def connect_ray(spec: JobSpec, address: str | None, console: Console, verbose: bool) -> bool:
-    """Join `address` (or RAY_ADDRESS), or start an embedded local Ray; True when we started it."""
+def connect_ray(spec: JobSpec, address: str | None, console: Console, verbose: bool, cpus: float | None = None) -> bool:
+    """Join `address` (or RAY_ADDRESS), or start an embedded local Ray with at least `cpus`
+    logical CPUs (default: the job's workers'); True when we started it."""
     if ray.is_initialized():
         return False
     if address is None and not os.environ.get("RAY_ADDRESS"):
-        needed = spec.scaling.max_workers * spec.scaling.cpus_per_worker
+        needed = cpus or spec.scaling.max_workers * spec.scaling.cpus_per_worker
         start_local_ray(max(os.cpu_count() or 1, int(needed + 0.999)), verbose)
         auth = "on" if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token" else "off (RAY_AUTH_MODE)"
         console.print(f"Started an embedded local Ray on 127.0.0.1 (token authentication {auth}).", highlight=False)
@@ -157,7 +161,7 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
 
 
 def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: Console, start: dict[str, int],
-           tokens_per_sample: int | None) -> RunOutcome:  # fmt: skip
+           tokens_per_sample: int | None, observe=None) -> RunOutcome:  # fmt: skip
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -245,6 +249,8 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
             run_dir.append_events(events)
             if exporter is not None:
                 exporter.observe(rows, events)
+            if observe is not None:
+                observe(rows, events)
             for event in events:
                 if (line := describe_event(event)) is not None:
                     view.say(line)

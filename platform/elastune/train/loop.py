@@ -25,8 +25,8 @@ from elastune.spec.models import JobSpec
 from elastune.train.batch_plan import BatchPlan, batch_plan
 from elastune.train.faults import FaultInjector
 from elastune.train.group import Membership, StaticGroup
-from elastune.train.optim import build_optimizer, set_lr
-from elastune.train.schedules import lr_multiplier
+from elastune.train.optim import build_optimizer, set_hyper
+from elastune.train.schedules import step_values
 from elastune.train.state import Progress, layout_of, restore_state, state_pieces
 from elastune.train.step import GradBuffer, train_step
 from elastune.train.zero import ZeroOptimizer
@@ -69,7 +69,8 @@ def run_worker(config: dict[str, Any]) -> None:
     grads = GradBuffer(model, micro_batch_norms=spec.metrics.noise_scale)
     progress, restored = restore(service, Checkpointer(spec.checkpoint_path), model, optimizer, keep_partial=live)
     if not live or ray.get(sink.claim.remote("start")):  # a live group's replacements only join
-        announce(report.emit, batch_plan(G, spec.batch.micro_batch_size, workers), progress, restored, dataset_identity(source))
+        first = step_values(spec, progress.samples_seen).global_batch_size
+        announce(report.emit, batch_plan(first, spec.batch.micro_batch_size, workers), progress, restored, dataset_identity(source))
     report.emit("join", replica=replica, node=node, step=progress.step, **{k: restored.get(k) for k in ("resumed_from_tier", "load_seconds")})
     base = snapshot_base(spec, layout_of(optimizer), dataset_identity(source))
 
@@ -86,13 +87,14 @@ def run_worker(config: dict[str, Any]) -> None:
     else:
         group = StaticGroup(replica, workers, lambda error: report.collective_failed(replica, progress.step + 1, error))
     snapshots = Snapshotter(service)
-    while progress.step < spec.max_steps:
+    budget = spec.budget_samples
+    while progress.samples_seen < budget:
         progress, rank, world = group.begin(progress)  # live: this step's quorum; a worker behind heals here
-        if progress.step >= spec.max_steps:
+        if progress.samples_seen >= budget:
             break
-        plan = batch_plan(G, spec.batch.micro_batch_size, world)
-        lr = spec.optimizer.lr * lr_multiplier(spec.schedule, progress.samples_seen, spec.horizon_samples)
-        set_lr(optimizer, lr)
+        values = step_values(spec, progress.samples_seen)  # peak lr x schedule, weight decay, global batch (spec phases)
+        plan, lr = batch_plan(values.global_batch_size, spec.batch.micro_batch_size, world), values.lr
+        set_hyper(optimizer, lr, values.weight_decay)
         started, started_at = time.perf_counter(), time.time()
         faults.at(progress.step + 1, "start")
         result = train_step(
@@ -102,8 +104,8 @@ def run_worker(config: dict[str, Any]) -> None:
         if result is None:  # a peer was lost mid-step: nothing applied anywhere; the next quorum runs the step again
             report.failed(progress.step + 1, world, started_at, group.error())
             continue
-        progress = progress.advance(G)
-        durable = progress.step % c.every_steps == 0 or progress.step == spec.max_steps
+        progress = progress.advance(plan.global_batch_size)
+        durable = progress.step % c.every_steps == 0 or progress.samples_seen >= budget
         report.committed(metrics_row(progress, result, lr, plan, time.perf_counter() - started), plan)
         if durable or (c.snapshot_every_steps and progress.step % c.snapshot_every_steps == 0):
             snapshots.take(header(progress, durable, result.loss), state_pieces(model, optimizer), rank, world, report.rows_for_snapshot(), rows_final=live)
@@ -112,7 +114,7 @@ def run_worker(config: dict[str, Any]) -> None:
             break
     snapshots.wait()  # the last step is with the service before this worker reports done
     report.flush()
-    if progress.step >= spec.max_steps:
+    if progress.samples_seen >= budget:
         report.emit("finish", key="finish", step=progress.step, samples_seen=progress.samples_seen)
     group.close()
 

@@ -24,8 +24,8 @@ def optimizer_for(spec: AdamWSpec | SGDSpec, params: list[tuple[torch.Tensor, bo
     says which is which, because a ZeRO-1 slice is flat whatever its parameter's shape.
     """
     groups = [
-        {"params": [t for t, decays in params if decays], "weight_decay": spec.weight_decay},
-        {"params": [t for t, decays in params if not decays], "weight_decay": 0.0},
+        {"params": [t for t, decays in params if decays], "weight_decay": spec.weight_decay, "decays": True},
+        {"params": [t for t, decays in params if not decays], "weight_decay": 0.0, "decays": False},
     ]
     if isinstance(spec, AdamWSpec):
         # foreach: one fused kernel per group on CPU and GPU alike.
@@ -33,9 +33,12 @@ def optimizer_for(spec: AdamWSpec | SGDSpec, params: list[tuple[torch.Tensor, bo
     return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov, foreach=True)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_hyper(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """This step's learning rate, and weight decay for the groups that decay."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+        if group["decays"]:
+            group["weight_decay"] = weight_decay
 
 
 def by_dtype(params: list[tuple[str, nn.Parameter]]) -> list[list[tuple[str, nn.Parameter]]]:

@@ -9,6 +9,7 @@ size, so it does not bend when either changes. Every family starts with an optio
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from elastune.spec.models import (
     ConstantSchedule,
@@ -19,6 +20,29 @@ from elastune.spec.models import (
     RexSchedule,
     WSDSchedule,
 )
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """What the step that starts after some samples trains with."""
+
+    lr: float
+    weight_decay: float
+    global_batch_size: int
+
+
+def step_values(spec, samples: int) -> StepValues:
+    """The job's peak lr times its schedule's multiplier, its weight decay and global batch, each
+    as the newest `phases` entry starting at or before `samples` set it (JobSpec.phases)."""
+    lr, weight_decay, batch, schedule = spec.optimizer.lr, spec.optimizer.weight_decay, spec.batch.global_batch_size, spec.schedule
+    for phase in spec.phases:
+        if phase.from_samples > samples:
+            break
+        lr = phase.lr if phase.lr is not None else lr
+        weight_decay = phase.weight_decay if phase.weight_decay is not None else weight_decay
+        batch = phase.global_batch_size or batch
+        schedule = phase.schedule or schedule
+    return StepValues(lr * lr_multiplier(schedule, samples, spec.horizon_samples), weight_decay, batch)
 
 
 def lr_multiplier(schedule, samples: int, horizon: int) -> float:

@@ -1,0 +1,145 @@
+"""`elastune tune JOB`: population-based search over schedules on Ray Tune.
+
+Lays out the search directory, checks the search space, joins or starts Ray, and runs a Tuner
+whose search algorithm is the population (search.py) and whose trials are intervals of Elastune
+runs (segment.py). Results, in <output_dir>/<job>/tune-<id>/:
+
+  spec.yaml      the job as searched (paths resolved)
+  lineage.json   every interval of every member (values, fitness, run directory, checkpoint
+                 pointer) and every exploit (donor -> recipient, samples, state hashes, diff)
+  best.yaml      the best member's whole schedule as a job spec: `elastune run best.yaml`
+                 trains it from scratch to the end (its changes are `phases`)
+  runs/          each interval's run directory; checkpoints/ the members' roots; ray/ Tune's own
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from rich.console import Console
+
+from elastune.data.prepare import ensure_prepared
+from elastune.errors import SpecError
+from elastune.metrics.exporter import RunExporter
+from elastune.recipes import load_recipe
+from elastune.spec.models import JobSpec
+from elastune.train.driver import connect_ray, resolve_paths
+from elastune.train.run_dir import new_run_id
+from elastune.tune.population import check_space
+from elastune.tune.search import LINEAGE, PopulationSearcher, SearchPlan
+from elastune.tune.segment import train_segment
+
+
+TRIAL_CPUS = 0.01  # a trial only waits for its Ray Train run, whose workers ask for their own CPUs (Tune wants > 0)
+
+
+@dataclass
+class TuneOutcome:
+    tune_dir: Path
+    status: str  # "succeeded" | "failed"
+    best: dict[str, Any] | None
+    seconds: float
+    error: str | None = None
+
+
+def run_tune(spec: JobSpec, spec_dir: str, *, address: str | None = None, console: Console | None = None, verbose: bool = False) -> TuneOutcome:
+    console = console or Console()
+    if spec.tune is None:
+        raise SpecError("the job has no tune: section; add one (population, interval_samples, search) to search its schedule, "
+                        "see docs/tuning.md")  # fmt: skip
+    spec = resolve_paths(spec)
+    check_space(spec)
+    recipe = load_recipe(spec.model, spec_dir)
+    if recipe.dataset is None:
+        ensure_prepared(spec.data)  # once, before members start side by side
+    tune_dir = Path(spec.output_dir) / spec.name / f"tune-{new_run_id()}"
+    tune_dir.mkdir(parents=True)
+    raw = spec.to_dict()
+    (tune_dir / "spec.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    console.print(f"Search directory: {tune_dir}", highlight=False)
+    t = spec.tune
+    per_member = spec.scaling.max_workers * spec.scaling.cpus_per_worker
+    started_ray = connect_ray(spec, address, console, verbose, cpus=t.population * (per_member + TRIAL_CPUS) + 1)
+    started = time.time()
+    exporter = None
+    try:
+        exporter = search_exporter(spec, tune_dir.name, console)
+        plan = SearchPlan(raw, str(tune_dir), exporter and exporter.name)
+        room = ray.cluster_resources().get("CPU", 1) - t.population * TRIAL_CPUS
+        concurrent = t.max_concurrent_trials or max(1, min(t.population, int(room // per_member)))
+        console.print(f"Population {t.population}, {len(plan.boundaries())} intervals of {t.interval_samples:,} samples, "
+                      f"{concurrent} member(s) at a time.", highlight=False)  # fmt: skip
+        error = _fit(plan, spec_dir, concurrent, console, verbose)
+    finally:
+        if exporter is not None:
+            exporter.close(tune_dir / "metrics.prom")
+        if started_ray:
+            ray.shutdown()
+    lineage = json.loads((tune_dir / LINEAGE).read_text()) if (tune_dir / LINEAGE).exists() else {}
+    best = lineage.get("best")
+    if best:
+        (tune_dir / "best.yaml").write_text(yaml.safe_dump(best["spec"], sort_keys=False))
+        console.print(f"Best: {best['member']} (fitness {best['fitness']:.4f}), {len(lineage['exploits'])} exploit(s). "
+                      f"Replay its schedule: elastune run {tune_dir / 'best.yaml'}", highlight=False)  # fmt: skip
+    # A member whose interval failed (after Tune's retries) ranked last and was replaced; the search still stands.
+    outcome = TuneOutcome(tune_dir, "succeeded" if best else "failed", best, round(time.time() - started, 3), lineage.get("error") or error)
+    (tune_dir / "result.json").write_text(json.dumps({**outcome.__dict__, "tune_dir": str(tune_dir)}, indent=2, default=str) + "\n")
+    return outcome
+
+
+def search_exporter(spec: JobSpec, search_id: str, console: Console) -> RunExporter | None:
+    """The search's Prometheus exporter (`metrics:` in the spec; run label: the search's id):
+    population size, each trial's loss and lr as it trains, exploits per trial. Trials find it by
+    name; their own runs serve no exporter."""
+    m = spec.metrics
+    if not m.enabled:
+        return None
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    name = f"elastune-search-metrics-{search_id}"
+    exporter = RunExporter(spec.name, search_id, m.host, m.port, None, Path(spec.output_dir) / "prometheus-targets", here, name=name)
+    exporter.observe([], [{"kind": "population", "size": spec.tune.population}])
+    for i in range(spec.tune.population):
+        exporter.actor.observe_trial.remote(f"m{i}", [], [])  # every trial's exploit count starts at 0
+    console.print(f"Metrics: http://{exporter.address}/metrics (Prometheus file_sd target {exporter.target}).", highlight=False)
+    return exporter
+
+
+def _fit(plan: SearchPlan, spec_dir: str, concurrent: int, console: Console, verbose: bool) -> str | None:
+    from ray import tune
+
+    spec = plan.spec
+    t = spec.tune
+    trainable = functools.partial(train_segment, spec_dir=spec_dir, fitness_samples=t.fitness_samples or max(1, t.interval_samples // 4),
+                                  log_dir=str(Path(plan.tune_dir) / "logs"))  # fmt: skip
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": TRIAL_CPUS}),
+        tune_config=tune.TuneConfig(
+            search_alg=PopulationSearcher(plan),  # Tune pickles it with its own state: it prints with print()
+            num_samples=-1,
+            max_concurrent_trials=concurrent,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=Path(plan.tune_dir).name,
+            storage_path=str(Path(plan.tune_dir) / "ray"),
+            verbose=1 if verbose else 0,
+            failure_config=tune.FailureConfig(max_failures=spec.scaling.max_failures if spec.scaling.max_failures >= 0 else -1),
+        ),
+    )
+    results = tuner.fit()
+    errors = [str(r.error) for r in results if r.error is not None]
+    return "; ".join(errors) or None
+
+
+def _trial_name(trial) -> str:
+    return f"{trial.config['member']}-interval{trial.config['generation'] + 1}-{trial.trial_id}"
+

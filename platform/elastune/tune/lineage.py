@@ -1,0 +1,38 @@
+"""Reading a search's lineage.json: which member's intervals a member's state went through.
+
+A member's state at the end of a search passed through one member per interval: itself back to
+its last exploit, then its donor's, back to the donor's own exploit, and so on. Its curves along
+that path (`stitched`) are what replaying its schedule from scratch trains.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from elastune.train.run_dir import read_jsonl
+
+
+def read_lineage(tune_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(tune_dir) / "lineage.json").read_text())
+
+
+def path_of(lineage: dict[str, Any], member: str) -> list[dict[str, Any]]:
+    """The segments (one per interval, first to last) whose state `member` ends with."""
+    by_key = {(s["member"], s["generation"]): s for s in lineage["segments"]}
+    donor_of = {(e["recipient"], e["generation"]): e["donor"] for e in lineage["exploits"]}
+    last = max(g for (_, g) in by_key)
+    out, current = [], member
+    for generation in range(last, -1, -1):
+        out.append(by_key[(current, generation)])
+        current = donor_of.get((current, generation - 1), current)  # exploited after the interval before: its state was the donor's
+    return out[::-1]
+
+
+def stitched(lineage: dict[str, Any], member: str) -> list[dict[str, Any]]:
+    """Metrics rows of `member`'s lineage, in order, each tagged with the member that trained it."""
+    rows = []
+    for segment in path_of(lineage, member):
+        rows += [{**r, "member": segment["member"]} for r in read_jsonl(Path(segment["run_dir"]) / "metrics.jsonl")]
+    return rows

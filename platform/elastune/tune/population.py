@@ -1,0 +1,154 @@
+"""A population's bookkeeping, as pure functions: members' values, their specs, fitness, the
+exploit decisions between intervals, and the schedule a lineage trained with.
+
+Values are flat, by spec path ("optimizer.lr", "schedule.name", ...): every searched path, plus
+the peak lr and global batch, which the lr scaling rule ties together. A member's `history` is
+the list of (from_samples, values) it trained under along its lineage: a recipient takes its
+donor's history and appends its own new values at the exploit, so the history of the best member
+is a schedule `elastune run` replays from scratch (`replay_spec`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from elastune.errors import SpecError
+from elastune.spec.load import validate_spec
+from elastune.spec.models import SCHEDULES, JobSpec, TuneSpec
+from elastune.tune.pbt import Dimension, exploit_pairs, explore, scaled_lr
+
+ALWAYS = ("optimizer.lr", "batch.global_batch_size")  # tied by tune.lr_scaling, so always tracked
+
+
+@dataclass
+class Member:
+    id: str
+    values: dict[str, Any]
+    root: str  # checkpoint root its next interval trains into
+    history: list[dict[str, Any]] = field(default_factory=list)  # [{"from_samples", "values"}] along its lineage
+
+
+@dataclass(frozen=True)
+class Exploit:
+    """`recipient` takes over `donor`'s state at `samples` and continues with `values`."""
+
+    recipient: str
+    donor: str
+    samples: int
+    values: dict[str, Any]
+    diff: dict[str, tuple[Any, Any]]  # path -> (donor's value, recipient's new value)
+
+
+def space_of(tune: TuneSpec) -> list[Dimension]:
+    return [Dimension(path, r.scale, r.low, r.high, tuple(r.choices or ())) for path, r in tune.search.items()]
+
+
+def base_values(spec: JobSpec) -> dict[str, Any]:
+    """The job's own value of every path a member tracks (None where its schedule lacks the field)."""
+    raw = spec.to_dict()
+    paths = [*ALWAYS, *(spec.tune.search if spec.tune else ())]
+    return {p: _get(raw, p) for p in dict.fromkeys(paths)}
+
+
+def initial_values(spec: JobSpec, rng: random.Random) -> list[dict[str, Any]]:
+    """Each member's first values: every searched one drawn from its range, the rest the job's."""
+    space = space_of(spec.tune)
+    return [base_values(spec) | {d.name: _native(d.sample(rng)) for d in space} for _ in range(spec.tune.population)]
+
+
+def check_space(spec: JobSpec) -> None:
+    """Refuse, before anything runs, a search whose ranges reach an invalid job (each range's
+    ends and every choice are tried) or whose interval ends mid-step for some global batch."""
+    raw, base = spec.to_dict(), base_values(spec)
+    for dim in space_of(spec.tune):
+        for value in dim.choices or (dim.low, dim.high):
+            value = int(value) if dim.scale == "int" else value
+            try:
+                validate_spec(member_spec(raw, base | {dim.name: value}))
+            except SpecError as err:
+                raise SpecError(f"tune.search.{dim.name} reaches {value!r}, which makes the job invalid:\n{err.message}\n"
+                                f"narrow the range or fix the job") from None  # fmt: skip
+    batches = sorted({spec.batch.global_batch_size, *spec.tune.search.get("batch.global_batch_size", _NO_CHOICES).choices})
+    if odd := [g for g in batches if spec.tune.interval_samples % g]:
+        raise SpecError(f"tune.interval_samples ({spec.tune.interval_samples}) is not a multiple of global batch {odd}: an "
+                        f"interval must end at a step boundary; use a multiple of {math.lcm(*batches)}")  # fmt: skip
+
+
+def member_spec(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """The job (a spec dict) with these values: a schedule family change keeps the job's warmup
+    and the fields the new family has; fields it lacks are dropped."""
+    out = copy.deepcopy(raw)
+    out.pop("tune", None)
+    family = values.get("schedule.name", out["schedule"]["name"])
+    schedule = out["schedule"] if family == out["schedule"]["name"] else {"name": family, "warmup_samples": out["schedule"].get("warmup_samples", 0)}
+    if "horizon_samples" in out["schedule"]:
+        schedule["horizon_samples"] = out["schedule"]["horizon_samples"]
+    for path, value in values.items():
+        section, key = path.split(".", 1)
+        if section == "schedule":
+            if key in SCHEDULES[family].model_fields and value is not None:
+                schedule[key] = value
+        else:
+            out[section][key] = value
+    out["schedule"] = schedule
+    return out
+
+
+def fitness(rows: Iterable[dict[str, Any]], end_samples: int, window_samples: int) -> float:
+    """Mean loss of the steps that started within the last `window_samples` before `end_samples`.
+    Each step's loss is measured before its update on samples the model has not yet trained on in
+    this epoch, so it estimates held-out loss. A diverged member (no finite loss) is +inf."""
+    losses = [r["loss"] for r in rows if r["samples_seen"] - r["global_batch_size"] >= end_samples - window_samples]
+    if not losses or not all(math.isfinite(x) for x in losses):
+        return math.inf
+    return sum(losses) / len(losses)
+
+
+def decide(members: dict[str, Member], scores: dict[str, float], samples: int, tune: TuneSpec, rng: random.Random) -> list[Exploit]:
+    """Who exploits whom after an interval ending at `samples`, and the recipients' new values
+    (explored from the donor's; the peak lr follows a changed global batch by tune.lr_scaling)."""
+    out = []
+    for recipient, donor in exploit_pairs(scores, tune.quantile, rng):
+        old = members[donor].values
+        new = {k: _native(v) for k, v in explore(old, space_of(tune), rng, tune.resample_probability, tune.perturb_factors).items()}
+        if new["batch.global_batch_size"] != old["batch.global_batch_size"]:  # the rule first, the search's own step on top
+            new["optimizer.lr"] = _native(scaled_lr(new["optimizer.lr"], old["batch.global_batch_size"], new["batch.global_batch_size"], tune.lr_scaling))
+        diff = {k: (old[k], new[k]) for k in new if new[k] != old[k]}
+        out.append(Exploit(recipient, donor, samples, new, diff))
+    return out
+
+
+def replay_spec(raw: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """A job spec that trains a lineage's whole `history` from scratch: its first values as the
+    job's own, each later change as a `phases` entry (JobSpec.phases)."""
+    out = member_spec(raw, history[0]["values"])
+    out["name"] = f"{raw['name']}-best"
+    out["checkpoint"].pop("path", None)  # its own checkpoints, under output_dir/<name>/
+    phases = []
+    for entry in history[1:]:
+        spec = member_spec(raw, entry["values"])
+        schedule = {k: v for k, v in spec["schedule"].items() if k != "horizon_samples"}
+        phases.append({"from_samples": entry["from_samples"], "lr": spec["optimizer"]["lr"], "weight_decay": spec["optimizer"].get("weight_decay", 0.0),
+                       "global_batch_size": spec["batch"]["global_batch_size"], "schedule": schedule})  # fmt: skip
+    out["phases"] = phases
+    if any(p["global_batch_size"] != out["batch"]["global_batch_size"] for p in phases) and out["stop"].get("max_steps") is not None:
+        out["stop"] = {"max_samples": JobSpec.model_validate(raw).budget_samples}  # a changing batch needs a budget in samples
+    return out
+
+
+class _NO_CHOICES:
+    choices: list = []
+
+
+def _get(raw: dict[str, Any], path: str) -> Any:
+    section, key = path.split(".", 1)
+    return raw.get(section, {}).get(key)
+
+
+def _native(value: Any) -> Any:
+    """Floats rounded to 6 significant digits: values stay readable in tables, specs and diffs."""
+    return float(f"{value:.6g}") if isinstance(value, float) else value

@@ -1,0 +1,195 @@
+"""The population as a Ray Tune search algorithm: one Tune trial per member per interval.
+
+Ray Tune runs the trials (placement, concurrency, retries, its experiment records); this searcher
+decides what each trial trains. Every member trains one interval (a segment: an Elastune run
+from its checkpoint root to the interval's end, `segment.py`); once all have, the bottom
+quantile exploits the top one and explores, and the next interval's trials are suggested. The
+generations are synchronous, so the search replays exactly from its seed whatever the order trials
+finish in, and it cannot deadlock on a cluster that runs fewer trials at once than the population.
+
+Exploit happens here, between intervals, never inside Tune's trial restore: the recipient gets a
+fresh checkpoint root holding a clone of the donor's checkpoint at the interval's end (a manifest
+pointing at the donor's payloads; no byte copied) and its next segment resumes from it.
+Retention keeps the donor's checkpoint while that clone exists (a marker beside it); clones are
+made before any trial of the next interval starts, so no prune can run between the decision and
+the clone. The recipient's old root is pruned down to what clones elsewhere still read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.tune.search import Searcher
+
+from elastune.checkpoint.checkpointer import Checkpointer
+from elastune.checkpoint.retention import RetentionPolicy
+from elastune.errors import CheckpointError
+from elastune.spec.models import JobSpec
+from elastune.tune.population import Member, decide, initial_values, member_spec, replay_spec
+
+LINEAGE = "lineage.json"
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    raw: dict[str, Any]  # the resolved job spec
+    tune_dir: str
+    metrics_actor: str | None = None  # name of the search's MetricsExporter (trial metrics), if it serves any
+
+    @property
+    def spec(self) -> JobSpec:
+        return JobSpec.model_validate(self.raw)
+
+    def boundaries(self) -> list[int]:
+        """Samples at the end of each interval; the last is the job's budget."""
+        budget, step = self.spec.budget_samples, self.spec.tune.interval_samples
+        return [min(k * step, budget) for k in range(1, math.ceil(budget / step) + 1)]
+
+
+def segment_spec(plan: SearchPlan, member: Member, end: int) -> dict[str, Any]:
+    """A member's next interval as a job spec: its values, its checkpoint root, a stop at `end`
+    and the job's own schedule horizon (stopping early never bends the schedule)."""
+    spec = plan.spec
+    out = member_spec(plan.raw, member.values)
+    out["name"] = f"{spec.name}-{member.id}"
+    out["stop"] = {"max_samples": end}
+    out["schedule"]["horizon_samples"] = spec.horizon_samples
+    out["checkpoint"] = {**out["checkpoint"], "path": member.root}
+    out["metrics"] = {**out.get("metrics", {}), "enabled": False}  # the search exports trial metrics instead
+    out["output_dir"] = str(Path(plan.tune_dir) / "runs")
+    out["faults"] = []
+    return out
+
+
+class PopulationSearcher(Searcher):
+    def __init__(self, plan: SearchPlan):
+        super().__init__(metric="fitness", mode="min")
+        self.plan = plan
+        spec = plan.spec
+        self.rng = random.Random(spec.seed)
+        roots = Path(plan.tune_dir) / "checkpoints"
+        self.members = {f"m{i}": Member(f"m{i}", v, str(roots / f"m{i}-0"), [{"from_samples": 0, "values": v}])
+                        for i, v in enumerate(initial_values(spec, self.rng))}  # fmt: skip
+        self.ends = plan.boundaries()
+        self.generation = 0
+        self.done = False
+        self.queue: list[dict[str, Any]] = []
+        self.running: dict[str, str] = {}  # trial id -> member
+        self.scores: dict[str, float] = {}
+        self.lineage: dict[str, Any] = {"job": spec.name, "boundaries": self.ends, "segments": [], "exploits": [], "best": None}
+        self._queue_generation()
+
+    # ------------------------------------------------------------------ Tune's side
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.queue:
+            config = self.queue.pop(0)
+            self.running[trial_id] = config["member"]
+            return config
+        if not self.running and self.done:
+            return Searcher.FINISHED
+        return None  # the interval's last trials still run; ask again later
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        member = self.running.pop(trial_id, None)
+        if member is None:
+            return
+        start, end = self._span()
+        # A member whose trial failed after Tune's retries ranks last: it takes over a donor's state.
+        score = result["fitness"] if result and not error and "fitness" in result else math.inf
+        self.scores[member] = score
+        self.lineage["segments"].append({
+            "member": member, "generation": self.generation, "from_samples": start, "to_samples": end,
+            "values": self.members[member].values, "root": self.members[member].root, "fitness": score,
+            "loss": (result or {}).get("loss"), "run_dir": (result or {}).get("run_dir"), "error": error,
+            "checkpoint": {k.split("/", 1)[1]: v for k, v in (result or {}).items() if k.startswith("elastune_checkpoint/")} or None,  # Tune flattens results
+        })  # fmt: skip
+        if not self.running and not self.queue:
+            self._interval_done()
+
+    def save(self, checkpoint_path: str) -> None:
+        # Tune records its searcher with each experiment checkpoint; the lineage is that record (no pickle).
+        Path(checkpoint_path).write_text(json.dumps(self.lineage))
+
+    def restore(self, checkpoint_path: str) -> None:
+        raise NotImplementedError("a search resumes from its tune directory, not from Tune's experiment state")
+
+    # ------------------------------------------------------------------ the population
+
+    def _span(self) -> tuple[int, int]:
+        return (self.ends[self.generation - 1] if self.generation else 0), self.ends[self.generation]
+
+    def _queue_generation(self) -> None:
+        start, end = self._span()
+        self.scores = {}
+        for m in self.members.values():
+            self.queue.append({"member": m.id, "generation": self.generation, "from_samples": start, "to_samples": end,
+                               "values": dict(m.values), "spec": segment_spec(self.plan, m, end), "metrics_actor": self.plan.metrics_actor})  # fmt: skip
+
+    def _interval_done(self) -> None:
+        start, end = self._span()
+        order = sorted(self.scores, key=lambda m: (self.scores[m], m))
+        _say(f"Interval {self.generation + 1}/{len(self.ends)} ({start:,} -> {end:,} samples): "
+                 + ", ".join(f"{m} {self.scores[m]:.4f}" for m in order))  # fmt: skip
+        if all(math.isinf(score) for score in self.scores.values()):
+            self.lineage["error"] = f"every member failed interval {self.generation + 1} (see the logs/ folder); nothing to continue from"
+            self.done = True
+        elif self.generation == len(self.ends) - 1:
+            best, self.done = self.members[order[0]], True
+            self.lineage["best"] = {"member": best.id, "fitness": self.scores[best.id], "history": best.history,
+                                    "spec": replay_spec(self.plan.raw, best.history)}  # fmt: skip
+        else:
+            for exploit in decide(self.members, self.scores, end, self.plan.spec.tune, self.rng):
+                self._exploit(exploit, self.generation)
+            self.generation += 1
+            self._queue_generation()
+        self._write()
+
+    def _exploit(self, exploit, generation: int) -> None:
+        """The recipient continues from the donor's checkpoint at the interval's end, cloned."""
+        recipient, donor = self.members[exploit.recipient], self.members[exploit.donor]
+        started = time.perf_counter()
+        source = Checkpointer(donor.root)
+        manifest = source.latest()
+        if manifest is None or manifest.samples_seen != exploit.samples:
+            raise CheckpointError(f"donor {donor.id} has no checkpoint at {exploit.samples} samples in {donor.root} "
+                                  f"(newest: {None if manifest is None else manifest.samples_seen}); the interval's end must be durable")  # fmt: skip
+        incarnation = int(recipient.root.rsplit("-", 1)[1]) + 1
+        old_root = recipient.root
+        recipient.root = str(Path(self.plan.tune_dir) / "checkpoints" / f"{recipient.id}-{incarnation}")
+        clone = source.clone(manifest.step, Checkpointer(recipient.root), meta={"exploit": {"donor": donor.id, "generation": generation}})
+        cloned_s = time.perf_counter() - started
+        # What the recipient trained before is not its lineage any more: keep only what clones read.
+        Checkpointer(old_root, policy=RetentionPolicy(keep_last=0)).prune()
+        recipient.values = exploit.values
+        recipient.history = [*donor.history, {"from_samples": exploit.samples, "values": exploit.values}]
+        self.lineage["exploits"].append({
+            "generation": generation, "samples": exploit.samples, "recipient": recipient.id, "donor": donor.id,
+            "donor_checkpoint": {"uri": source.uri, "step": manifest.step, "state_hash": manifest.state_hash()},
+            "recipient_checkpoint": {"uri": recipient.root, "step": clone.step, "state_hash": clone.state_hash()},
+            "diff": {k: list(v) for k, v in exploit.diff.items()}, "values": exploit.values,
+            "donor_fitness": self.scores[donor.id], "recipient_fitness": self.scores[recipient.id],
+            "clone_seconds": round(cloned_s, 6), "time": time.time(),
+        })  # fmt: skip
+        if self.plan.metrics_actor:
+            ray.get_actor(self.plan.metrics_actor).observe_trial.remote(recipient.id, [], [{"kind": "exploit"}])
+        changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in exploit.diff.items()) or "no change"
+        _say(f"  exploit: {recipient.id} takes {donor.id}'s step {manifest.step} (clone, {cloned_s * 1000:.1f} ms); {changes}")
+
+    def _write(self) -> None:
+        path = Path(self.plan.tune_dir) / LINEAGE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.lineage, indent=1, default=str) + "\n")
+        os.replace(tmp, path)  # a reader never sees half a lineage
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)

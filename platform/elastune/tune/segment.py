@@ -1,0 +1,67 @@
+"""One Tune trial: a member trains one interval as an ordinary Elastune run (Ray Train workers,
+exact global batch, resumable at any world size) and reports its fitness.
+
+The run resumes from the member's checkpoint root (its own last interval's end, or the clone of
+a donor's) and stops at the interval's end, which it makes durable. Tune is handed a pointer to
+that checkpoint (a small JSON file: root, step, state hash), never the tensors: the checkpoint
+service's checkpoints are the only copy.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from elastune.checkpoint.checkpointer import Checkpointer
+from elastune.errors import ElastuneError
+from elastune.spec.load import validate_spec
+from elastune.train.driver import run_job
+from elastune.train.run_dir import read_jsonl
+from elastune.tune.population import fitness
+
+POINTER = "elastune-checkpoint.json"
+
+
+def train_segment(config: dict[str, Any], *, spec_dir: str, fitness_samples: int, log_dir: str) -> None:
+    from ray import tune
+
+    spec = validate_spec(config["spec"])
+    log = Path(log_dir) / f"{config['member']}-g{config['generation']}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    observe = trial_observer(config["metrics_actor"], config["member"]) if config.get("metrics_actor") else None
+    with log.open("a") as out:
+        outcome = run_job(spec, spec_dir, console=Console(file=out, width=160, soft_wrap=True), observe=observe)
+    if outcome.status != "succeeded":
+        raise ElastuneError(f"member {config['member']} interval {config['generation'] + 1} failed: {outcome.error} (log: {log})")
+    rows = read_jsonl(outcome.run_dir / "metrics.jsonl")
+    end = Checkpointer(spec.checkpoint_path).latest()
+    pointer = {"uri": spec.checkpoint_path, "step": end.step, "samples_seen": end.samples_seen, "state_hash": end.state_hash()}
+    metrics = {
+        "fitness": fitness(rows, config["to_samples"], fitness_samples),
+        "loss": rows[-1]["loss"] if rows else None,
+        "samples_seen": outcome.samples_seen,
+        "member": config["member"],
+        "generation": config["generation"],
+        "run_dir": str(outcome.run_dir),
+        "elastune_checkpoint": pointer,  # ("checkpoint" is a key Tune keeps for itself)
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / POINTER).write_text(json.dumps(pointer))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def trial_observer(actor_name: str, member: str):
+    """Forwards a member's metrics rows, as its run drains them, to the search's exporter."""
+    import ray
+
+    exporter = ray.get_actor(actor_name)
+
+    def observe(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+        if rows:
+            exporter.observe_trial.remote(member, rows, [])
+
+    return observe

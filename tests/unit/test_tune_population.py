@@ -1,0 +1,185 @@
+"""The population's bookkeeping (tune.population) and the phases that replay a lineage
+(JobSpec.phases, train.schedules.step_values): closed forms and hand-worked cases."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from elastune.errors import SpecError
+from elastune.spec import validate_spec
+from elastune.train.schedules import lr_multiplier, step_values
+from elastune.tune.lineage import read_lineage
+from elastune.tune.population import Member, base_values, check_space, decide, fitness, initial_values, member_spec, replay_spec
+from tests.unit.test_spec import _problems, minimal
+
+
+def tuned(**search):
+    raw = minimal(**{"stop": {"max_samples": 2400}, "schedule": {"name": "wsd", "warmup_samples": 48, "decay_fraction": 0.3}})
+    raw["tune"] = {"population": 4, "interval_samples": 480, "quantile": 0.25, "search": search}
+    return validate_spec(raw)
+
+
+LR = {"scale": "log", "low": 1e-4, "high": 1e-2}
+
+
+def test_initial_values_draw_every_searched_value_in_range_and_keep_the_rest():
+    spec = tuned(**{"optimizer.lr": LR, "schedule.name": {"scale": "choice", "choices": ["cosine", "rex"]}})
+    members = initial_values(spec, random.Random(0))
+    assert len(members) == 4
+    for values in members:
+        assert 1e-4 <= values["optimizer.lr"] <= 1e-2 and values["schedule.name"] in ("cosine", "rex")
+        assert values["batch.global_batch_size"] == 24
+    assert initial_values(spec, random.Random(0)) == members  # seeded: a search replays
+
+
+def test_a_family_change_keeps_warmup_and_drops_fields_the_family_lacks():
+    spec = tuned(**{"schedule.name": {"scale": "choice", "choices": ["cosine", "wsd"]}, "schedule.decay_fraction": {"scale": "linear", "low": 0.1, "high": 0.5}})
+    raw = spec.to_dict()
+    cosine = member_spec(raw, base_values(spec) | {"schedule.name": "cosine", "schedule.decay_fraction": 0.4})
+    assert cosine["schedule"] == {"name": "cosine", "warmup_samples": 48}
+    wsd = member_spec(raw, base_values(spec) | {"schedule.name": "wsd", "schedule.decay_fraction": 0.4})
+    assert wsd["schedule"]["decay_fraction"] == 0.4 and wsd["schedule"]["warmup_samples"] == 48
+    assert "tune" not in wsd
+    validate_spec(cosine), validate_spec(wsd)
+
+
+def test_fitness_is_the_mean_loss_over_the_window_and_infinite_when_diverged():
+    rows = [{"samples_seen": 24 * s, "global_batch_size": 24, "loss": float(s)} for s in range(1, 11)]
+    # The last 96 samples: steps that started at 144, 168, 192, 216 -> steps 7..10.
+    assert fitness(rows, 240, 96) == pytest.approx((7 + 8 + 9 + 10) / 4)
+    assert fitness(rows[:-1] + [{**rows[-1], "loss": math.nan}], 240, 96) == math.inf
+    assert fitness([], 240, 96) == math.inf
+
+
+def test_decide_explores_from_the_donor_and_scales_lr_with_a_changed_batch():
+    spec = tuned(**{"batch.global_batch_size": {"scale": "choice", "choices": [24, 48, 96]}})
+    values = base_values(spec)
+    members = {m: Member(m, dict(values), f"/r/{m}") for m in ("a", "b", "c", "d")}
+    members["a"].values["batch.global_batch_size"] = 48
+    scores = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 9.0}
+    for seed in range(20):
+        (exploit,) = decide(members, scores, 480, spec.tune, random.Random(seed))
+        assert (exploit.recipient, exploit.donor, exploit.samples) == ("d", "a", 480)
+        new_batch = exploit.values["batch.global_batch_size"]
+        assert new_batch in (24, 48, 96)
+        # sqrt rule (tune.lr_scaling's default, for Adam): lr follows the batch from the donor's 48.
+        assert exploit.values["optimizer.lr"] == pytest.approx(1e-3 * math.sqrt(new_batch / 48), rel=1e-5)
+        assert set(exploit.diff) == {k for k in values if exploit.values[k] != members["a"].values[k]}
+
+
+def test_replay_spec_trains_each_value_from_its_sample_count():
+    spec = tuned(**{"optimizer.lr": LR, "schedule.name": {"scale": "choice", "choices": ["cosine", "wsd"]}})
+    base = base_values(spec)
+    history = [
+        {"from_samples": 0, "values": base | {"optimizer.lr": 0.002, "schedule.name": "cosine"}},
+        {"from_samples": 480, "values": base | {"optimizer.lr": 0.003, "schedule.name": "wsd"}},
+        {"from_samples": 960, "values": base | {"optimizer.lr": 0.001, "schedule.name": "wsd"}},
+    ]
+    replay = validate_spec(replay_spec(spec.to_dict(), history))
+    assert replay.name == "t-best" and replay.tune is None and replay.checkpoint.path is None
+    horizon = spec.horizon_samples
+    for samples in (0, 240, 456, 480, 720, 960, 2376):
+        entry = [h for h in history if h["from_samples"] <= samples][-1]
+        member = validate_spec(member_spec(spec.to_dict(), entry["values"]))
+        assert step_values(replay, samples).lr == pytest.approx(entry["values"]["optimizer.lr"] * lr_multiplier(member.schedule, samples, horizon), rel=1e-12)
+
+
+def test_phases_change_batch_and_weight_decay_at_their_sample_counts():
+    raw = minimal(**{"stop": {"max_samples": 480}})
+    raw["phases"] = [{"from_samples": 96, "global_batch_size": 48, "weight_decay": 0.3}, {"from_samples": 240, "lr": 0.01}]
+    spec = validate_spec(raw)
+    assert step_values(spec, 72) == step_values(spec, 0)
+    assert (step_values(spec, 96).global_batch_size, step_values(spec, 96).weight_decay, step_values(spec, 96).lr) == (48, 0.3, 1e-3)
+    assert (step_values(spec, 240).global_batch_size, step_values(spec, 240).weight_decay, step_values(spec, 240).lr) == (48, 0.3, 0.01)
+
+
+@pytest.mark.parametrize("phases, words", [
+    ([{"from_samples": 96}, {"from_samples": 96}], ["phases.1.from_samples", "above the previous"]),
+    ([{"from_samples": 96, "global_batch_size": 2}], ["phases.0.global_batch_size", "micro_batch_size"]),
+    ([{"from_samples": 96, "schedule": {"name": "cosine", "horizon_samples": 10}}], ["phases.0.schedule.horizon_samples", "remove it"]),
+])  # fmt: skip
+def test_bad_phases_are_refused_with_the_field(phases, words):
+    raw = minimal(**{"stop": {"max_samples": 480}})
+    raw["phases"] = phases
+    problems = _problems(raw)
+    assert all(w in problems for w in words), problems
+
+
+def test_a_batch_phase_needs_a_budget_in_samples():
+    raw = minimal()
+    raw["phases"] = [{"from_samples": 96, "global_batch_size": 48}]
+    assert "stop.max_samples" in _problems(raw)
+
+
+def test_check_space_refuses_ranges_that_reach_an_invalid_job():
+    with pytest.raises(SpecError, match=r"tune.search.schedule.warmup_samples reaches 5000"):
+        check_space(tuned(**{"schedule.warmup_samples": {"scale": "int", "low": 0, "high": 5000}}))
+    with pytest.raises(SpecError, match=r"not a multiple of global batch \[36\].*multiple of 72"):
+        check_space(tuned(**{"batch.global_batch_size": {"scale": "choice", "choices": [24, 36]}}))
+    check_space(tuned(**{"optimizer.lr": LR}))
+
+
+@pytest.mark.parametrize("search, words", [
+    ({"optimizer.momentum": LR}, ["optimizer.momentum cannot be searched", "searchable"]),
+    ({"schedule.name": LR}, ["schedule.name takes scale: choice"]),
+    ({"optimizer.lr": {"scale": "log", "low": 0, "high": 1}}, ["low > 0"]),
+    ({"optimizer.lr": {"scale": "linear", "low": 1, "high": 0.5}}, ["must be below high"]),
+])  # fmt: skip
+def test_bad_search_ranges_are_refused(search, words):
+    raw = minimal()
+    raw["tune"] = {"interval_samples": 240, "search": search}
+    problems = _problems(raw)
+    assert all(w in problems for w in words), problems
+
+
+# --------------------------------------------------------------------------- the searcher, on real storage
+
+
+def _finish_interval(searcher, configs, scores: dict[str, float | None]):
+    """Every member's interval ends: its checkpoint at the interval's end, then Tune's report
+    (None: the trial failed)."""
+    from elastune.checkpoint.checkpointer import Checkpointer
+    from elastune.checkpoint.format import Manifest
+
+    for trial, config in configs.items():
+        member, end = config["member"], config["to_samples"]
+        if scores[member] is not None:
+            state = {"model/w": torch.full((4,), float(int(member[1:]) + end))}
+            Checkpointer(config["spec"]["checkpoint"]["path"]).save(Manifest(end // 24, end, "h", {}, {}), state)
+        searcher.on_trial_complete(trial, None if scores[member] is None else {"fitness": scores[member]}, error=scores[member] is None)
+
+
+def test_the_searcher_runs_synchronous_intervals_and_exploits_by_clone(tmp_path):
+    from elastune.checkpoint.checkpointer import Checkpointer
+    from elastune.tune.search import PopulationSearcher, SearchPlan
+
+    spec = tuned(**{"optimizer.lr": LR})
+    searcher = PopulationSearcher(SearchPlan(spec.to_dict(), str(tmp_path)))
+    configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(4)}
+    assert searcher.suggest("t4") is None  # the interval's trials still run
+    assert sorted(c["member"] for c in configs.values()) == ["m0", "m1", "m2", "m3"]
+    assert {c["spec"]["stop"]["max_samples"] for c in configs.values()} == {480}
+    _finish_interval(searcher, configs, {"m0": 1.0, "m1": 2.0, "m2": 3.0, "m3": 4.0})
+
+    (exploit,) = read_lineage(tmp_path)["exploits"]
+    assert (exploit["recipient"], exploit["donor"], exploit["samples"]) == ("m3", "m0", 480)
+    donor = Checkpointer(str(tmp_path / "checkpoints" / "m0-0"))
+    clone = Checkpointer(str(tmp_path / "checkpoints" / "m3-1"))
+    assert clone.latest().state_hash() == donor.latest().state_hash() == exploit["donor_checkpoint"]["state_hash"]
+    assert clone.load(clone.latest())["model/w"].tolist() == [480.0] * 4  # the donor's tensor, read through the clone
+    assert not list((tmp_path / "checkpoints" / "m3-1" / "step-000000020").glob("*.safetensors"))  # no byte copied
+    assert Checkpointer(str(tmp_path / "checkpoints" / "m3-0")).committed_steps() == []  # its old lineage is gone
+    donor.prune()
+    assert donor.committed_steps() == [20]  # kept while the clone reads it
+
+    configs = {f"u{i}": searcher.suggest(f"u{i}") for i in range(4)}
+    by_member = {c["member"]: c for c in configs.values()}
+    assert by_member["m3"]["spec"]["checkpoint"]["path"].endswith("m3-1") and by_member["m3"]["from_samples"] == 480
+    assert by_member["m3"]["values"]["optimizer.lr"] != by_member["m0"]["values"]["optimizer.lr"]  # explored
+    _finish_interval(searcher, configs, dict.fromkeys(by_member))  # every member fails
+    assert searcher.suggest("v0") == "FINISHED"
+    assert "every member failed interval 2" in read_lineage(tmp_path)["error"]
