@@ -5,13 +5,15 @@ against samples seen; world size over time with failures and resizes marked; thr
 stall and durable checkpoints; then the recoveries and resizes with what they cost, and the spec.
 A search (`elastune tune`'s directory): the lineage tree (members over samples, an arrow from donor
 to recipient at each exploit), every member's loss and learning rate stitched along its lineage,
-the exploits with their changes, and the best schedule.
+the exploits with their changes, and the best schedule. A WSD-branches search: its loss-vs-budget
+table and the trunk's and branches' curves.
 """
 
 from __future__ import annotations
 
 import html
 import io
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,13 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         raise ElastuneError(f"{run_dir} is not a run directory (no spec.yaml); give a folder OUTPUT_DIR/JOB/RUN that `elastune run` "
                             f"made, or OUTPUT_DIR/JOB/tune-ID that `elastune tune` made")  # fmt: skip
     out = out or run_dir / "report.html"
-    out.write_text(render_search(run_dir) if (run_dir / "lineage.json").is_file() else render(run_dir))
+    if (run_dir / "lineage.json").is_file():
+        page = render_search(run_dir)
+    elif (run_dir / "branches.json").is_file():
+        page = render_branches(run_dir)
+    else:
+        page = render(run_dir)
+    out.write_text(page)
     return out
 
 
@@ -196,6 +204,24 @@ def checkpoints(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> str
         persist.set_ylabel("durable write (s)")
     return _svg(plt, fig)
 
+
+
+def render_branches(tune_dir: Path) -> str:
+    """A wsd_branches search: the loss-vs-budget table and the trunk's and branches' curves."""
+    record = json.loads((tune_dir / "branches.json").read_text())
+    title = f"{record['job']} / {tune_dir.name}"
+    parts = [f"<h1>Elastune WSD branches {html.escape(title)}</h1>"]
+    done = sorted((b for b in record["branches"] if not b["error"]), key=lambda b: b["budget"])
+    parts.append(table([{"budget (samples)": b["budget"], "forked at": b["fork"], "loss (last quarter of the decay)": f"{b['fitness']:.4f}",
+                         "last step's loss": f"{b['loss']:.4f}"} for b in done]) if done else "<p>No branch finished.</p>")  # fmt: skip
+    if "samples_trained" in record:
+        parts.append(f"<p>{record['samples_trained']:,} samples trained: {record['cost_vs_one_run']:.2f}x one run of the largest budget.</p>")
+    trunk = [r for t in record["trunk"] if t["run_dir"] for r in read_jsonl(Path(t["run_dir"]) / "metrics.jsonl")]
+    curves = {"trunk": trunk, **{f"{b['budget']:,}": read_jsonl(Path(b["run_dir"]) / "metrics.jsonl") for b in done}}
+    if trunk:
+        parts += _figures([("Loss against samples seen: the trunk and each decay branch", stitched_plot(curves, "loss")),
+                           ("Learning rate against samples seen: the trunk and each decay branch", stitched_plot(curves, "lr"))])  # fmt: skip
+    return _page(title, parts)
 
 
 def lineage_tree(lineage: dict[str, Any], best: str | None) -> str:

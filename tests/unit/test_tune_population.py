@@ -9,6 +9,8 @@ import random
 import pytest
 import torch
 
+from elastune.checkpoint.checkpointer import Checkpointer
+from elastune.checkpoint.format import Manifest
 from elastune.errors import SpecError
 from elastune.spec import validate_spec
 from elastune.train.schedules import lr_multiplier, step_values
@@ -142,9 +144,6 @@ def test_bad_search_ranges_are_refused(search, words):
 def _finish_interval(searcher, configs, scores: dict[str, float | None]):
     """Every member's interval ends: its checkpoint at the interval's end, then Tune's report
     (None: the trial failed)."""
-    from elastune.checkpoint.checkpointer import Checkpointer
-    from elastune.checkpoint.format import Manifest
-
     for trial, config in configs.items():
         member, end = config["member"], config["to_samples"]
         if scores[member] is not None:
@@ -154,7 +153,6 @@ def _finish_interval(searcher, configs, scores: dict[str, float | None]):
 
 
 def test_the_searcher_runs_synchronous_intervals_and_exploits_by_clone(tmp_path):
-    from elastune.checkpoint.checkpointer import Checkpointer
     from elastune.tune.search import PopulationSearcher, SearchPlan
 
     spec = tuned(**{"optimizer.lr": LR})
@@ -183,3 +181,45 @@ def test_the_searcher_runs_synchronous_intervals_and_exploits_by_clone(tmp_path)
     _finish_interval(searcher, configs, dict.fromkeys(by_member))  # every member fails
     assert searcher.suggest("v0") == "FINISHED"
     assert "every member failed interval 2" in read_lineage(tmp_path)["error"]
+
+
+def test_ranking_by_predicted_final_loss_prefers_the_member_that_will_anneal(tmp_path):
+    """Three members following the annealing law exactly: after the first interval the constant
+    lr is ahead and the cosine one last, but at the end cosine (decaying all along) is ahead and the
+    constant one last (WSD's decay is still to come; the cosine member's curve shows the fit what
+    decay gives). Ranked by loss, the cosine member takes the constant one's state; ranked by the
+    law, the reverse."""
+    import json
+
+    from elastune.tune.annealing import AnnealingLaw
+    from elastune.tune.search import PopulationSearcher, SearchPlan
+
+    law = AnnealingLaw(2.0, 1.5, 0.5, 5.0, skip=2)  # skip: tuned()'s 48-sample warmup, 2 steps
+    values = {"m0": ("wsd", 0.01), "m1": ("constant", 0.012), "m2": ("cosine", 0.01)}
+
+    def interval(rank_by: str) -> tuple[str, str]:
+        spec = tuned(**{"optimizer.lr": LR, "schedule.name": {"scale": "choice", "choices": ["constant", "wsd", "cosine"]}})
+        raw = spec.to_dict()
+        raw["tune"] |= {"population": 3, "quantile": 0.5, "rank_by": rank_by}
+        folder = tmp_path / rank_by
+        searcher = PopulationSearcher(SearchPlan(raw, str(folder)))
+        configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(3)}
+        for trial, config in configs.items():
+            m = config["member"]
+            member = searcher.members[m]
+            member.values = base_values(spec) | {"schedule.name": values[m][0], "optimizer.lr": values[m][1]}
+            plan = validate_spec(member_spec(raw, member.values))
+            lrs = [step_values(plan, 24 * i).lr for i in range(20)]
+            after = law.predict(lrs)  # loss after each step; a row holds the loss before its step
+            rows = [{"step": i + 1, "samples_seen": 24 * (i + 1), "global_batch_size": 24, "lr": lrs[i], "loss": float(after[i - 1]) if i else 9.0}
+                    for i in range(20)]  # fmt: skip
+            run_dir = folder / "runs" / m
+            run_dir.mkdir(parents=True)
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            Checkpointer(config["spec"]["checkpoint"]["path"]).save(Manifest(20, 480, "h", {}, {}), {"model/w": torch.zeros(2)})
+            searcher.on_trial_complete(trial, {"fitness": fitness(rows, 480, 120), "run_dir": str(run_dir)})
+        (exploit,) = read_lineage(folder)["exploits"]
+        return exploit["recipient"], exploit["donor"]
+
+    assert interval("loss") == ("m2", "m1")
+    assert interval("predicted_final_loss") == ("m1", "m2")

@@ -363,13 +363,30 @@ class SearchRange(Strict):
 
 
 class TuneSpec(Strict):
-    """Population-based search over schedules (`elastune tune`, docs/tuning.md)."""
+    """Search over schedules (`elastune tune`, docs/tuning.md): population-based training, or WSD
+    decay branches forked from one constant-lr trunk."""
 
+    mode: Literal["pbt", "wsd_branches"] = Field(
+        "pbt",
+        description=(
+            "pbt: population-based training over `search`. wsd_branches: one constant-lr trunk with a WSD decay branch "
+            "forked for each of `budgets` (the job's schedule must be wsd): a loss-vs-budget table from one trunk."
+        ),
+    )
+    budgets: list[int] | None = Field(None, description="wsd_branches: the budgets (samples) to fork a decay branch for, ascending.")
     population: int = Field(4, ge=2, le=256, description="Trials trained side by side.")
-    interval_samples: int = Field(ge=1, description="Samples each trial trains between exploit decisions.")
+    interval_samples: int | None = Field(None, ge=1, description="Samples each trial trains between exploit decisions (pbt).")
     quantile: float = Field(0.25, gt=0, le=0.5, description="Share of trials at the bottom that take over a trial of the top share.")
     fitness_samples: int | None = Field(
         None, ge=1, description="Fitness is the mean loss over this many last samples of each interval (default: a quarter of it)."
+    )
+    rank_by: Literal["loss", "predicted_final_loss"] = Field(
+        "loss",
+        description=(
+            "loss: rank members by fitness (mean loss over the interval's end). predicted_final_loss: by the loss the annealing "
+            "law (L = L0 + A*S1^-alpha - C*S2, fitted to all members' curves) predicts at the end of the budget under each "
+            "member's schedule, so a member still at a high lr is not ranked below one that has already annealed."
+        ),
     )
     resample_probability: float = Field(0.25, ge=0, le=1, description="Explore: chance each value is drawn afresh rather than perturbed.")
     perturb_factors: tuple[float, float] = Field((0.8, 1.2), description="Explore: a perturbed value is the donor's times one of these.")
@@ -377,13 +394,27 @@ class TuneSpec(Strict):
         "sqrt", description="How the peak lr follows a changed global batch: linear (SGD), sqrt (Adam) or none."
     )
     max_concurrent_trials: int | None = Field(None, ge=1, description="Trials running at once; default: as many as the cluster's CPUs hold.")
-    search: dict[str, SearchRange] = Field(description=f"Searched values by spec path: {', '.join(SEARCHABLE)}.")
+    search: dict[str, SearchRange] = Field(default_factory=dict, description=f"Searched values by spec path (pbt): {', '.join(SEARCHABLE)}.")
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> "TuneSpec":
+        if self.mode == "pbt":
+            if self.interval_samples is None:
+                raise ValueError("tune.mode pbt needs tune.interval_samples (samples between exploit decisions); e.g. interval_samples: 1600")
+            if not self.search:
+                raise ValueError(f"tune.search is empty; name at least one of {', '.join(SEARCHABLE)}")
+        else:
+            if not self.budgets:
+                raise ValueError("tune.mode wsd_branches needs tune.budgets, the budgets (samples) to fork decay branches for; e.g. budgets: [3200, 6400, 9600]")
+            if self.budgets != sorted(set(self.budgets)):
+                raise ValueError(f"tune.budgets ({self.budgets}) must ascend without repeats; e.g. {sorted(set(self.budgets))}")
+            if self.search:
+                raise ValueError("tune.search is for mode pbt; wsd_branches searches the budget only: remove tune.search")
+        return self
 
     @field_validator("search")
     @classmethod
     def _known_paths(cls, search: dict[str, SearchRange]) -> dict[str, SearchRange]:
-        if not search:
-            raise ValueError(f"tune.search is empty; name at least one of {', '.join(SEARCHABLE)}")
         for path, dim in search.items():
             if path not in SEARCHABLE:
                 raise ValueError(f"tune.search.{path} cannot be searched; searchable: {', '.join(SEARCHABLE)}")
@@ -470,6 +501,12 @@ class JobSpec(Strict):
                 f"({horizon} samples); lower warmup_samples or raise the horizon"
             )
         self._check_phases()
+        if self.tune is not None and self.tune.mode == "wsd_branches":
+            if not isinstance(self.schedule, WSDSchedule):
+                raise ValueError(f"tune.mode wsd_branches forks WSD decays, but schedule.name is {self.schedule.name}; set schedule.name: wsd")
+            if self.tune.budgets[-1] > self.budget_samples:
+                raise ValueError(f"tune.budgets reaches {self.tune.budgets[-1]} samples, beyond the job's stop ({self.budget_samples}); "
+                                 f"raise stop.max_samples or lower the budgets")  # fmt: skip
         return self
 
     def _check_phases(self) -> None:

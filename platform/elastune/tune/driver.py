@@ -33,6 +33,7 @@ from elastune.recipes import load_recipe
 from elastune.spec.models import JobSpec
 from elastune.train.driver import connect_ray, resolve_paths
 from elastune.train.run_dir import new_run_id
+from elastune.tune.branches import BRANCHES, BranchSearcher, fork_points
 from elastune.tune.population import check_space
 from elastune.tune.search import LINEAGE, PopulationSearcher, SearchPlan
 from elastune.tune.segment import train_segment
@@ -56,7 +57,10 @@ def run_tune(spec: JobSpec, spec_dir: str, *, address: str | None = None, consol
         raise SpecError("the job has no tune: section; add one (population, interval_samples, search) to search its schedule, "
                         "see docs/tuning.md")  # fmt: skip
     spec = resolve_paths(spec)
-    check_space(spec)
+    if spec.tune.mode == "pbt":
+        check_space(spec)
+    else:
+        fork_points(spec)  # refuses budgets that fork inside the warmup
     recipe = load_recipe(spec.model, spec_dir)
     if recipe.dataset is None:
         ensure_prepared(spec.data)  # once, before members start side by side
@@ -67,22 +71,28 @@ def run_tune(spec: JobSpec, spec_dir: str, *, address: str | None = None, consol
     console.print(f"Search directory: {tune_dir}", highlight=False)
     t = spec.tune
     per_member = spec.scaling.max_workers * spec.scaling.cpus_per_worker
-    started_ray = connect_ray(spec, address, console, verbose, cpus=t.population * (per_member + TRIAL_CPUS) + 1)
+    side_by_side = t.population if t.mode == "pbt" else 2  # wsd_branches: the trunk and the branch it just forked
+    started_ray = connect_ray(spec, address, console, verbose, cpus=side_by_side * (per_member + TRIAL_CPUS) + 1)
     started = time.time()
     exporter = None
     try:
         exporter = search_exporter(spec, tune_dir.name, console)
         plan = SearchPlan(raw, str(tune_dir), exporter and exporter.name)
-        room = ray.cluster_resources().get("CPU", 1) - t.population * TRIAL_CPUS
-        concurrent = t.max_concurrent_trials or max(1, min(t.population, int(room // per_member)))
-        console.print(f"Population {t.population}, {len(plan.boundaries())} intervals of {t.interval_samples:,} samples, "
-                      f"{concurrent} member(s) at a time.", highlight=False)  # fmt: skip
+        room = ray.cluster_resources().get("CPU", 1) - side_by_side * TRIAL_CPUS
+        concurrent = t.max_concurrent_trials or max(1, min(side_by_side, int(room // per_member)))
+        if t.mode == "pbt":
+            console.print(f"Population {t.population}, {len(plan.boundaries())} intervals of {t.interval_samples:,} samples, "
+                          f"{concurrent} member(s) at a time.", highlight=False)  # fmt: skip
+        else:
+            console.print(f"WSD branches for budgets {', '.join(f'{b:,}' for b in t.budgets)} samples from one constant-lr trunk.", highlight=False)
         error = _fit(plan, spec_dir, concurrent, console, verbose)
     finally:
         if exporter is not None:
             exporter.close(tune_dir / "metrics.prom")
         if started_ray:
             ray.shutdown()
+    if t.mode == "wsd_branches":
+        return _branches_outcome(tune_dir, console, round(time.time() - started, 3), error)
     lineage = json.loads((tune_dir / LINEAGE).read_text()) if (tune_dir / LINEAGE).exists() else {}
     best = lineage.get("best")
     if best:
@@ -91,6 +101,21 @@ def run_tune(spec: JobSpec, spec_dir: str, *, address: str | None = None, consol
                       f"Replay its schedule: elastune run {tune_dir / 'best.yaml'}", highlight=False)  # fmt: skip
     # A member whose interval failed (after Tune's retries) ranked last and was replaced; the search still stands.
     outcome = TuneOutcome(tune_dir, "succeeded" if best else "failed", best, round(time.time() - started, 3), lineage.get("error") or error)
+    (tune_dir / "result.json").write_text(json.dumps({**outcome.__dict__, "tune_dir": str(tune_dir)}, indent=2, default=str) + "\n")
+    return outcome
+
+
+def _branches_outcome(tune_dir: Path, console: Console, seconds: float, error: str | None) -> TuneOutcome:
+    """The loss-vs-budget table of a wsd_branches search."""
+    record = json.loads((tune_dir / BRANCHES).read_text()) if (tune_dir / BRANCHES).exists() else {"branches": [], "forks": [None]}
+    done = sorted((b for b in record["branches"] if not b["error"]), key=lambda b: b["budget"])
+    for b in done:
+        console.print(f"  budget {b['budget']:>10,} samples (forked at {b['fork']:,}): loss {b['fitness']:.4f}", highlight=False)
+    ok = len(done) == len(record["forks"]) and not record.get("error")
+    if ok:
+        console.print(f"Cost: {record['samples_trained']:,} samples trained, {record['cost_vs_one_run']:.2f}x one run of the largest budget.",
+                      highlight=False)  # fmt: skip
+    outcome = TuneOutcome(tune_dir, "succeeded" if ok else "failed", None, seconds, record.get("error") or error)
     (tune_dir / "result.json").write_text(json.dumps({**outcome.__dict__, "tune_dir": str(tune_dir)}, indent=2, default=str) + "\n")
     return outcome
 
@@ -105,9 +130,12 @@ def search_exporter(spec: JobSpec, search_id: str, console: Console) -> RunExpor
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     name = f"elastune-search-metrics-{search_id}"
     exporter = RunExporter(spec.name, search_id, m.host, m.port, None, Path(spec.output_dir) / "prometheus-targets", here, name=name)
-    exporter.observe([], [{"kind": "population", "size": spec.tune.population}])
-    for i in range(spec.tune.population):
-        exporter.actor.observe_trial.remote(f"m{i}", [], [])  # every trial's exploit count starts at 0
+    if spec.tune.mode == "pbt":
+        exporter.observe([], [{"kind": "population", "size": spec.tune.population}])
+        for i in range(spec.tune.population):
+            exporter.actor.observe_trial.remote(f"m{i}", [], [])  # every trial's exploit count starts at 0
+    else:
+        exporter.observe([], [{"kind": "population", "size": len(spec.tune.budgets) + 1}])  # the trunk and its branches
     console.print(f"Metrics: http://{exporter.address}/metrics (Prometheus file_sd target {exporter.target}).", highlight=False)
     return exporter
 
@@ -117,12 +145,14 @@ def _fit(plan: SearchPlan, spec_dir: str, concurrent: int, console: Console, ver
 
     spec = plan.spec
     t = spec.tune
-    trainable = functools.partial(train_segment, spec_dir=spec_dir, fitness_samples=t.fitness_samples or max(1, t.interval_samples // 4),
+    window = t.fitness_samples or max(1, (t.interval_samples or 4) // 4)  # wsd_branches: each trial says its own
+    trainable = functools.partial(train_segment, spec_dir=spec_dir, fitness_samples=window,
                                   log_dir=str(Path(plan.tune_dir) / "logs"))  # fmt: skip
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": TRIAL_CPUS}),
         tune_config=tune.TuneConfig(
-            search_alg=PopulationSearcher(plan),  # Tune pickles it with its own state: it prints with print()
+            # Tune pickles the search algorithm with its own state: it prints with print().
+            search_alg=PopulationSearcher(plan) if t.mode == "pbt" else BranchSearcher(plan),
             num_samples=-1,
             max_concurrent_trials=concurrent,
             trial_name_creator=_trial_name,

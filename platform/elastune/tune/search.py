@@ -17,6 +17,7 @@ the clone. The recipient's old root is pruned down to what clones elsewhere stil
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -33,6 +34,9 @@ from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.retention import RetentionPolicy
 from elastune.errors import CheckpointError
 from elastune.spec.models import JobSpec
+from elastune.train.schedules import step_values
+from elastune.tune.annealing import predicted_final_losses
+from elastune.tune.lineage import stitched
 from elastune.tune.population import Member, decide, initial_values, member_spec, replay_spec
 
 LINEAGE = "lineage.json"
@@ -54,18 +58,27 @@ class SearchPlan:
         return [min(k * step, budget) for k in range(1, math.ceil(budget / step) + 1)]
 
 
-def segment_spec(plan: SearchPlan, member: Member, end: int) -> dict[str, Any]:
-    """A member's next interval as a job spec: its values, its checkpoint root, a stop at `end`
-    and the job's own schedule horizon (stopping early never bends the schedule)."""
-    spec = plan.spec
-    out = member_spec(plan.raw, member.values)
-    out["name"] = f"{spec.name}-{member.id}"
+def trial_spec(plan: SearchPlan, job: dict[str, Any], name: str, root: str, end: int) -> dict[str, Any]:
+    """`job` (a spec dict) as one trial of the search: named `<job>-<name>`, training into the
+    checkpoint root `root` until `end` samples, its run directory under the search's `runs/`, no
+    exporter of its own (the search exports trial metrics) and no injected faults (they would fire
+    in every trial)."""
+    out = copy.deepcopy(job)
+    out.pop("tune", None)
+    out["name"] = f"{plan.raw['name']}-{name}"
     out["stop"] = {"max_samples": end}
-    out["schedule"]["horizon_samples"] = spec.horizon_samples
-    out["checkpoint"] = {**out["checkpoint"], "path": member.root}
-    out["metrics"] = {**out.get("metrics", {}), "enabled": False}  # the search exports trial metrics instead
+    out["checkpoint"] = {**out["checkpoint"], "path": root}
+    out["metrics"] = {**out.get("metrics", {}), "enabled": False}
     out["output_dir"] = str(Path(plan.tune_dir) / "runs")
     out["faults"] = []
+    return out
+
+
+def segment_spec(plan: SearchPlan, member: Member, end: int) -> dict[str, Any]:
+    """A member's next interval: its values, its root, and the job's own schedule horizon
+    (stopping early never bends the schedule)."""
+    out = trial_spec(plan, member_spec(plan.raw, member.values), member.id, member.root, end)
+    out["schedule"]["horizon_samples"] = plan.spec.horizon_samples
     return out
 
 
@@ -136,6 +149,8 @@ class PopulationSearcher(Searcher):
 
     def _interval_done(self) -> None:
         start, end = self._span()
+        if self.plan.spec.tune.rank_by == "predicted_final_loss" and end < self.ends[-1]:
+            self.scores = self._predicted(end)
         order = sorted(self.scores, key=lambda m: (self.scores[m], m))
         _say(f"Interval {self.generation + 1}/{len(self.ends)} ({start:,} -> {end:,} samples): "
                  + ", ".join(f"{m} {self.scores[m]:.4f}" for m in order))  # fmt: skip
@@ -152,6 +167,28 @@ class PopulationSearcher(Searcher):
             self.generation += 1
             self._queue_generation()
         self._write()
+
+    def _predicted(self, end: int) -> dict[str, float]:
+        """Each member's end-of-budget loss as the annealing law predicts it (tune.annealing),
+        from every member's curve along its lineage and its schedule's lrs from here on."""
+        spec = self.plan.spec
+        curves, futures = {}, {}
+        for m, member in self.members.items():
+            try:
+                rows = stitched(self.lineage, m)
+            except (OSError, KeyError, TypeError):  # an interval that failed has no run directory: the member ranks last
+                rows = []
+            lrs = [r["lr"] for r in rows]
+            curves[m] = (lrs[:-1], [r["loss"] for r in rows[1:]])  # a row's loss is measured after the step before it
+            plan = JobSpec.model_validate(member_spec(self.plan.raw, member.values))
+            future = [v.lr for v in (step_values(plan, s) for s in range(end, spec.budget_samples, plan.batch.global_batch_size))]
+            futures[m] = lrs[-1:] + future
+        warmup = math.ceil(spec.schedule.warmup_samples / spec.batch.global_batch_size)
+        predicted = predicted_final_losses(curves, futures, skip=warmup)
+        for segment in self.lineage["segments"]:
+            if segment["generation"] == self.generation:
+                segment["predicted_final_loss"] = predicted[segment["member"]]
+        return {m: p if math.isfinite(self.scores[m]) else math.inf for m, p in predicted.items()}
 
     def _exploit(self, exploit, generation: int) -> None:
         """The recipient continues from the donor's checkpoint at the interval's end, cloned."""

@@ -41,7 +41,7 @@ def train_segment(config: dict[str, Any], *, spec_dir: str, fitness_samples: int
     end = Checkpointer(spec.checkpoint_path).latest()
     pointer = {"uri": spec.checkpoint_path, "step": end.step, "samples_seen": end.samples_seen, "state_hash": end.state_hash()}
     metrics = {
-        "fitness": fitness(rows, config["to_samples"], fitness_samples),
+        "fitness": fitness(rows, config["to_samples"], config.get("fitness_samples", fitness_samples)),
         "loss": rows[-1]["loss"] if rows else None,
         "samples_seen": outcome.samples_seen,
         "member": config["member"],
