@@ -91,7 +91,7 @@ class BranchSearcher(Searcher):
                 self._forked(config["generation"])
         else:
             self.record["branches"].append({"budget": config["to_samples"], "fork": config["from_samples"], **entry})
-            _say(f"Branch {config['to_samples']:,} samples: loss {entry['fitness'] if entry['fitness'] is not None else 'failed'}")
+            _say(f"Branch {config['to_samples']:,} samples: " + ("failed" if error else f"loss {entry['fitness']:.4f}"))
         self.done = self.done or len(self.record["branches"]) == len(self.forks)
         self._write()
 
