@@ -225,7 +225,10 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
         except SystemExit:  # Ray disconnected under a fit the driver stopped waiting for (stranded)
             return
         # The run is over once its durable checkpoints are committed.
-        ray.get(service.flush.remote())
+        try:
+            ray.get(service.flush.remote())
+        except ray.exceptions.RayActorError:  # the driver ended the run without this fit (stranded) and killed the service
+            return
 
     view = ProgressView(console, spec.max_steps)
     started = time.time()
