@@ -18,7 +18,6 @@ trunk's next interval.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from ray.tune.search import Searcher
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.errors import CheckpointError, SpecError
 from elastune.spec.models import JobSpec
-from elastune.tune.search import SearchPlan, trial_spec
+from elastune.tune.search import SearchPlan, say, trial_spec, write_json
 
 BRANCHES = "branches.json"
 
@@ -91,7 +90,7 @@ class BranchSearcher(Searcher):
                 self._forked(config["generation"])
         else:
             self.record["branches"].append({"budget": config["to_samples"], "fork": config["from_samples"], **entry})
-            _say(f"Branch {config['to_samples']:,} samples: " + ("failed" if error else f"loss {entry['fitness']:.4f}"))
+            say(f"Branch {config['to_samples']:,} samples: " + ("failed" if error else f"loss {entry['fitness']:.4f}"))
         self.done = self.done or len(self.record["branches"]) == len(self.forks)
         self._write()
 
@@ -129,7 +128,7 @@ class BranchSearcher(Searcher):
         self.queue.append({"member": f"b{budget}", "generation": k, "from_samples": fork, "to_samples": budget, "spec": spec,
                            "fitness_samples": max(1, decay // 4), "metrics_actor": self.plan.metrics_actor,
                            "clone_seconds": round(cloned_s, 6), "state_hash": manifest.state_hash()})  # fmt: skip
-        _say(f"Trunk at {fork:,} samples: branch for {budget:,} forked (clone, {cloned_s * 1000:.1f} ms)")
+        say(f"Trunk at {fork:,} samples: branch for {budget:,} forked (clone, {cloned_s * 1000:.1f} ms)")
         if k + 1 < len(self.forks):
             self._queue_trunk(k + 1)
 
@@ -137,11 +136,4 @@ class BranchSearcher(Searcher):
         trained = sum(e["to_samples"] - e["from_samples"] for e in self.record["trunk"] + self.record["branches"])
         self.record["samples_trained"] = trained
         self.record["cost_vs_one_run"] = round(trained / self.forks[-1][1], 4)  # one run of the largest budget
-        path = Path(self.plan.tune_dir) / BRANCHES
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.record, indent=1, default=str) + "\n")
-        os.replace(tmp, path)
-
-
-def _say(line: str) -> None:
-    print(line, flush=True)
+        write_json(Path(self.plan.tune_dir) / BRANCHES, self.record)

@@ -100,8 +100,12 @@ def run_tune(spec: JobSpec, spec_dir: str, *, address: str | None = None, consol
         console.print(f"Best: {best['member']} (fitness {best['fitness']:.4f}), {len(lineage['exploits'])} exploit(s). "
                       f"Replay its schedule: elastune run {tune_dir / 'best.yaml'}", highlight=False)  # fmt: skip
     # A member whose interval failed (after Tune's retries) ranked last and was replaced; the search still stands.
-    outcome = TuneOutcome(tune_dir, "succeeded" if best else "failed", best, round(time.time() - started, 3), lineage.get("error") or error)
-    (tune_dir / "result.json").write_text(json.dumps({**outcome.__dict__, "tune_dir": str(tune_dir)}, indent=2, default=str) + "\n")
+    return _finished(TuneOutcome(tune_dir, "succeeded" if best else "failed", best, round(time.time() - started, 3), lineage.get("error") or error))
+
+
+def _finished(outcome: TuneOutcome) -> TuneOutcome:
+    """The outcome, recorded as the search directory's result.json."""
+    (outcome.tune_dir / "result.json").write_text(json.dumps({**outcome.__dict__, "tune_dir": str(outcome.tune_dir)}, indent=2, default=str) + "\n")
     return outcome
 
 
@@ -115,9 +119,7 @@ def _branches_outcome(tune_dir: Path, console: Console, seconds: float, error: s
     if ok:
         console.print(f"Cost: {record['samples_trained']:,} samples trained, {record['cost_vs_one_run']:.2f}x one run of the largest budget.",
                       highlight=False)  # fmt: skip
-    outcome = TuneOutcome(tune_dir, "succeeded" if ok else "failed", None, seconds, record.get("error") or error)
-    (tune_dir / "result.json").write_text(json.dumps({**outcome.__dict__, "tune_dir": str(tune_dir)}, indent=2, default=str) + "\n")
-    return outcome
+    return _finished(TuneOutcome(tune_dir, "succeeded" if ok else "failed", None, seconds, record.get("error") or error))
 
 
 def search_exporter(spec: JobSpec, search_id: str, console: Console) -> RunExporter | None:

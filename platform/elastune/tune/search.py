@@ -152,7 +152,7 @@ class PopulationSearcher(Searcher):
         if self.plan.spec.tune.rank_by == "predicted_final_loss" and end < self.ends[-1]:
             self.scores = self._predicted(end)
         order = sorted(self.scores, key=lambda m: (self.scores[m], m))
-        _say(f"Interval {self.generation + 1}/{len(self.ends)} ({start:,} -> {end:,} samples): "
+        say(f"Interval {self.generation + 1}/{len(self.ends)} ({start:,} -> {end:,} samples): "
                  + ", ".join(f"{m} {self.scores[m]:.4f}" for m in order))  # fmt: skip
         if all(math.isinf(score) for score in self.scores.values()):
             self.lineage["error"] = f"every member failed interval {self.generation + 1} (see the logs/ folder); nothing to continue from"
@@ -219,14 +219,18 @@ class PopulationSearcher(Searcher):
         if self.plan.metrics_actor:
             ray.get_actor(self.plan.metrics_actor).observe_trial.remote(recipient.id, [], [{"kind": "exploit"}])
         changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in exploit.diff.items()) or "no change"
-        _say(f"  exploit: {recipient.id} takes {donor.id}'s step {manifest.step} (clone, {cloned_s * 1000:.1f} ms); {changes}")
+        say(f"  exploit: {recipient.id} takes {donor.id}'s step {manifest.step} (clone, {cloned_s * 1000:.1f} ms); {changes}")
 
     def _write(self) -> None:
-        path = Path(self.plan.tune_dir) / LINEAGE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.lineage, indent=1, default=str) + "\n")
-        os.replace(tmp, path)  # a reader never sees half a lineage
+        write_json(Path(self.plan.tune_dir) / LINEAGE, self.lineage)
 
 
-def _say(line: str) -> None:
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """A search's record, replaced whole: a reader never sees half of it."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def say(line: str) -> None:
     print(line, flush=True)
