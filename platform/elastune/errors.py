@@ -28,6 +28,11 @@ class ElastuneError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    @property
+    def exit_code(self) -> int:
+        """What the CLI exits with: 2 for a mistake in input, 1 for a failure."""
+        return 2 if self.user_error else 1
+
 
 class SpecError(ElastuneError):
     """The job spec is invalid: a field breaks a rule."""
@@ -46,3 +51,15 @@ class CheckpointError(ElastuneError):
 
     user_error = False
 
+
+
+class Unreachable(ElastuneError):
+    """No Ray Jobs API answers at the address a command was given."""
+
+    exit_code = 3
+
+
+class Refused(ElastuneError):
+    """The Ray cluster refused the request's credentials (its token)."""
+
+    exit_code = 4

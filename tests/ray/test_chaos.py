@@ -13,7 +13,7 @@ from tests.ray.live_cases import STEPS, assert_read_once, assert_same_final_stat
 from tests.ray.test_resume_world_size import run
 
 SEED = 2026
-HOLD_S = 20  # long enough for Ray Train to start a replacement, which joins the step after
+HOLD_S = 25  # at most (below the 30 s collective timeout): each straggler holds until the replacement has joined
 
 
 def chaos(seed: int) -> tuple[list[dict], list[int]]:
@@ -30,7 +30,8 @@ def chaos(seed: int) -> tuple[list[dict], list[int]]:
         faults.append({"action": "kill_rank", "rank": rank, "at_step": step, "point": rng.choice(["start", "mid"])})
         last = STEPS if i == 2 else step + 2
         if i < 2:
-            faults.append({"action": "delay_rank", "rank": (rank + 1) % 3, "at_step": step + 2, "seconds": HOLD_S})
+            faults.append({"action": "delay_rank", "rank": (rank + 1) % 3, "at_step": step + 2, "seconds": HOLD_S,
+                           "until_join": True})  # fmt: skip
         world[step - 1 : last] = [2] * (last - step + 1)
     return faults, world
 

@@ -21,9 +21,9 @@ KILL_AT, HOLD_AT, ALL_AT = 10, 20, 24
 def live(tmp_path_factory, stdlib_dataset):
     faults = [
         {"action": "kill_rank", "rank": 1, "at_step": KILL_AT, "point": "mid"},
-        # A straggler long enough for the replacement to start (Ray Train notices the dead worker
-        # within its 2 s health check and starts another in a few seconds): it joins after step 20.
-        {"action": "delay_rank", "rank": 0, "at_step": HOLD_AT, "seconds": 20},
+        # A straggler that holds until the replacement has joined (Ray Train notices the dead
+        # worker within its health check and starts another in a few seconds): it trains from step 21.
+        {"action": "delay_rank", "rank": 0, "at_step": HOLD_AT, "seconds": 25, "until_join": True},
         *({"action": "kill_rank", "rank": r, "at_step": ALL_AT, "point": "mid"} for r in range(3)),
     ]
     spec = job(tmp_path_factory.mktemp("live"), stdlib_dataset, "live", faults)

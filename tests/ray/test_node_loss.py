@@ -20,7 +20,7 @@ def node_loss(tmp_path_factory, stdlib_dataset):
     tmp = tmp_path_factory.mktemp("node-loss")
     faults = [
         {"action": "kill_node", "rank": 1, "at_step": KILL_AT, "point": "mid"},
-        {"action": "delay_rank", "rank": 0, "at_step": HOLD_AT, "seconds": 25},
+        {"action": "delay_rank", "rank": 0, "at_step": HOLD_AT, "seconds": 25, "until_join": True},
     ]
     spec = job(tmp, stdlib_dataset, "node-loss", faults)
     rows, events, out = on_cluster("node-loss", tmp, spec)

@@ -1,6 +1,7 @@
 """Fault rehearsal rules: which fault fires where, how the spec refuses a fault that names no
 worker, and how each start of a worker group becomes at most one recovery or resize event."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from elastune.errors import SpecError
 from elastune.spec import validate_spec
 from elastune.spec.models import DelayRank, KillRank
 from elastune.train.driver import RecoveryTracker
-from elastune.train.faults import due
+from elastune.train.faults import FaultInjector, due
+from elastune.train.sink import RunSink
 from elastune.train.progress import describe_event
 
 QUICKSTART = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs" / "quickstart.yaml").read_text())
@@ -23,6 +25,31 @@ def test_due_matches_rank_step_and_point():
     assert due(faults, 1, 7, "start") == [2]  # a delay happens as the step starts
     assert due(faults, 0, 7, "start") == [1]
     assert due(faults, 1, 8, "mid") == [] and due(faults, 2, 7, "mid") == []
+
+
+def test_a_stall_until_join_ends_at_the_replacements_join_and_no_later_than_its_seconds():
+    sink = RunSink.__ray_actor_class__()
+    sink.event({"time": 1.0, "kind": "join", "replica": 1})
+    assert not sink.rejoined()  # joins before any kill are the run's first workers
+    sink.event({"time": 2.0, "kind": "fault", "action": "kill_rank", "rank": 1})
+    sink.event({"time": 2.5, "kind": "fault", "action": "delay_rank", "rank": 0})
+    assert not sink.rejoined()
+    sink.event({"time": 3.0, "kind": "join", "replica": 1})
+    assert sink.rejoined()
+    sink.event({"time": 4.0, "kind": "fault", "action": "kill_node", "rank": 2})
+    assert not sink.rejoined()  # the next kill wants its own replacement
+
+    asked = []
+    stall = DelayRank(action="delay_rank", rank=0, at_step=3, seconds=30.0, until_join=True)
+    injector = FaultInjector([stall], 0, lambda key: True, lambda e: None, rejoined=lambda: asked.append(1) or len(asked) >= 3)
+    started = time.monotonic()
+    injector.at(3, "start")
+    assert len(asked) == 3 and time.monotonic() - started < 1.0  # released at the third look, not after 30 s
+    never = FaultInjector([DelayRank(action="delay_rank", rank=0, at_step=3, seconds=0.3, until_join=True)], 0, lambda key: True,
+                          lambda e: None, rejoined=lambda: False)  # fmt: skip
+    started = time.monotonic()
+    never.at(3, "start")
+    assert 0.3 <= time.monotonic() - started < 1.0  # no join: the seconds bound it
 
 
 def test_a_fault_must_name_a_worker(tmp_path):

@@ -44,7 +44,8 @@ ALLOWED = {
     "train": {"errors", "spec", "data", "checkpoint", "recipes", "train", "metrics"},
     "tune": {"errors", "spec", "data", "checkpoint", "recipes", "train", "metrics", "tune"},
     "report": {"errors", "train", "tune", "metrics"},
-    "cli": {"errors", "spec", "data", "checkpoint", "recipes", "train", "tune", "cli", "metrics", "report"},
+    "submit": {"errors", "spec"},  # talks to a cluster; never trains here
+    "cli": {"errors", "spec", "data", "checkpoint", "recipes", "train", "tune", "cli", "metrics", "report", "submit"},
 }
 
 

@@ -1,7 +1,8 @@
-"""`elastune run | tune | validate | schema | data prepare | ckpt ... | runs ls | report`.
+"""`elastune run | tune | validate | schema | data prepare | ckpt ... | runs ls | report | submit | status | logs | stop | list`.
 
-Exit codes: 0 success, 1 training failed, 2 bad input (spec, arguments, files). User mistakes
-print their explanation and no traceback.
+Exit codes: 0 success, 1 training failed, 2 bad input (spec, arguments, files), 3 no Ray Jobs API
+at the address, 4 the cluster refused the credentials. User mistakes print their explanation and
+no traceback.
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--max-bytes", type=_positive, help="read at most this many bytes of source")
     prep.set_defaults(handler=cmd_data_prepare)
 
-    from elastune.cli import ckpt, runs
+    from elastune.cli import ckpt, jobs, runs
 
     ckpt.add_parser(sub)
     runs.add_parser(sub)
+    jobs.add_parser(sub)
     return parser
 
 
@@ -79,8 +81,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from elastune.recipes import spec_dir_of
     from elastune.spec import load_spec
+    from elastune.submit.package import REQUIRE_ENV, installed_versions, mismatches
     from elastune.train.driver import run_job
 
+    require = os.environ.get(REQUIRE_ENV)
+    if require:  # a submitted job: the cluster must have the versions it was submitted with
+        wrong = mismatches(require, installed_versions())
+        if wrong:
+            raise ElastuneError(f"this cluster has {'; '.join(wrong)}: the job would train with other numerics; give the cluster's "
+                                f"image those versions, or submit from an environment that matches the cluster")  # fmt: skip
     overrides: dict = {}
     if args.workers is not None:
         overrides |= {"scaling.min_workers": args.workers, "scaling.max_workers": args.workers}
@@ -163,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except ElastuneError as exc:
         print(f"error: {exc.message}" if exc.user_error else f"failed: {exc.message}", file=sys.stderr)
-        return EXIT_BAD_INPUT if exc.user_error else EXIT_FAILED
+        return exc.exit_code
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         sys.stdout = open(os.devnull, "w")
         return EXIT_OK

@@ -321,6 +321,8 @@ class DelayRank(Strict):
     rank: int = Field(ge=0)
     at_step: int = Field(ge=1)
     seconds: float = Field(gt=0, le=3600)
+    until_join: bool = Field(False, description="End the stall as soon as a worker has joined the run after its last kill fault "
+                                                "(the killed worker's replacement is ready to train); `seconds` at most.")  # fmt: skip
 
 
 Fault = Annotated[Union[KillRank, KillNode, DelayRank], Field(discriminator="action")]

@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 from elastune.spec.models import DelayRank, Fault, KillNode
 
+POLL_S = 0.05  # how often a stall that ends at a join asks the run's sink
+
 
 def due(faults: list[Fault], rank: int, step: int, point: str) -> list[int]:
     """Indexes of the faults that fire on `rank` during `step` at `point` ("start" or "mid")."""
@@ -27,9 +29,9 @@ class FaultInjector:
     """`on_driver_node`: whether this worker shares the driver's node (a node kill is skipped there)."""
 
     def __init__(self, faults: list[Fault], rank: int, claim: Callable[[str], bool], record: Callable[[dict[str, Any]], None],
-                 on_driver_node: bool = False):  # fmt: skip
+                 on_driver_node: bool = False, rejoined: Callable[[], bool] = lambda: False):  # fmt: skip
         self.faults, self.rank, self.claim, self.record = faults, rank, claim, record
-        self.on_driver_node = on_driver_node
+        self.on_driver_node, self.rejoined = on_driver_node, rejoined
 
     def at(self, step: int, point: str) -> None:
         for i in due(self.faults, self.rank, step, point):
@@ -39,7 +41,7 @@ class FaultInjector:
             event = {"time": time.time(), "kind": "fault", "index": i, "step": step, "point": point, "rank": self.rank, **fault.model_dump()}
             if isinstance(fault, DelayRank):
                 self.record(event)
-                time.sleep(fault.seconds)
+                self.stall(fault)
                 continue
             raylet = None
             if isinstance(fault, KillNode):
@@ -52,6 +54,15 @@ class FaultInjector:
             if raylet is not None:
                 os.kill(raylet, signal.SIGKILL)  # the node: its workers follow their raylet
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def stall(self, fault: DelayRank) -> None:
+        deadline = time.monotonic() + fault.seconds
+        if not fault.until_join:
+            time.sleep(fault.seconds)
+            return
+        while time.monotonic() < deadline and not self.rejoined():
+            time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+
 
 def node_process() -> int | None:
     """PID of the raylet this worker process was started by (Ray workers are its children)."""

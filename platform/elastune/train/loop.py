@@ -56,7 +56,7 @@ def run_worker(config: dict[str, Any]) -> None:
     c, G = spec.checkpoint, spec.batch.global_batch_size
     report = Reporter(sink, replica, live, G, with_snapshots=c.snapshot_every_steps is not None)
     faults = FaultInjector(spec.faults, replica, lambda key: ray.get(sink.claim.remote(key)), lambda e: ray.get(sink.event.remote(e)),
-                           on_driver_node=node == job.driver_node)  # fmt: skip
+                           on_driver_node=node == job.driver_node, rejoined=lambda: ray.get(sink.rejoined.remote()))  # fmt: skip
 
     recipe = load_recipe(spec.model, job.spec_dir)
     source = open_source(recipe, spec)
@@ -71,7 +71,6 @@ def run_worker(config: dict[str, Any]) -> None:
     if not live or ray.get(sink.claim.remote("start")):  # a live group's replacements only join
         first = step_values(spec, progress.samples_seen).global_batch_size
         announce(report.emit, batch_plan(first, spec.batch.micro_batch_size, workers), progress, restored, dataset_identity(source))
-    report.emit("join", replica=replica, node=node, step=progress.step, **{k: restored.get(k) for k in ("resumed_from_tier", "load_seconds")})
     base = snapshot_base(spec, layout_of(optimizer), dataset_identity(source))
 
     def header(p: Progress, durable: bool = False, loss: float | None = None) -> dict[str, Any]:
@@ -86,6 +85,8 @@ def run_worker(config: dict[str, Any]) -> None:
         start_together(sink, workers)
     else:
         group = StaticGroup(replica, workers, lambda error: report.collective_failed(replica, progress.step + 1, error))
+    # Joined: restored and in a group, so its next step's quorum (live) takes it in.
+    report.emit("join", replica=replica, node=node, step=progress.step, **{k: restored.get(k) for k in ("resumed_from_tier", "load_seconds")})
     snapshots = Snapshotter(service)
     budget = spec.budget_samples
     while progress.samples_seen < budget:

@@ -19,6 +19,7 @@ class RunSink:
         self._claimed: set[str] = set()
         self._last_step = 0
         self._arrived: dict[str, int] = {}
+        self._kill_at = self._join_at = self._received = 0  # arrival order of the last kill fault and the last join
 
     def record(self, rows: list[dict[str, Any]], once: bool = False) -> None:
         """Append metrics rows. `once`: several workers send the same steps (a live group's
@@ -33,6 +34,15 @@ class RunSink:
         """Append an event; one with a `key` only the first time that key is given in this run."""
         if key is None or self.claim(key):
             self._events.append(event)
+            self._received += 1
+            if event["kind"] == "join":
+                self._join_at = self._received
+            elif event["kind"] == "fault" and event.get("action", "").startswith("kill"):
+                self._kill_at = self._received  # recorded before the kill (a killed worker says nothing afterwards)
+
+    def rejoined(self) -> bool:
+        """Whether a worker has joined since the run's last kill fault."""
+        return self._join_at > self._kill_at > 0
 
     def claim(self, key: str) -> bool:
         """True for the first caller of `key` in this run, False after (e.g. a fault already fired)."""

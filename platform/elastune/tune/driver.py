@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,10 @@ def search_exporter(spec: JobSpec, search_id: str, console: Console) -> RunExpor
 def _fit(plan: SearchPlan, spec_dir: str, concurrent: int, console: Console, verbose: bool) -> str | None:
     from ray import tune
 
+    if not verbose:
+        # Tune's default console output prints its banner and paths even at verbose=0; its older
+        # reporter honours verbose=0. The search prints its own lines (search.say).
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     spec = plan.spec
     t = spec.tune
     window = t.fitness_samples or max(1, (t.interval_samples or 4) // 4)  # wsd_branches: each trial says its own

@@ -214,7 +214,7 @@ class PopulationSearcher(Searcher):
             "recipient_checkpoint": {"uri": recipient.root, "step": clone.step, "state_hash": clone.state_hash()},
             "diff": {k: list(v) for k, v in exploit.diff.items()}, "values": exploit.values,
             "donor_fitness": self.scores[donor.id], "recipient_fitness": self.scores[recipient.id],
-            "clone_seconds": round(cloned_s, 6), "time": time.time(),
+            "clone_seconds": round(cloned_s, 6), "clone_bytes": len(clone.to_json()), "time": time.time(),
         })  # fmt: skip
         if self.plan.metrics_actor:
             ray.get_actor(self.plan.metrics_actor).observe_trial.remote(recipient.id, [], [{"kind": "exploit"}])

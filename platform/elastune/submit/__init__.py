@@ -1,0 +1,1 @@
+"""Submitting Elastune jobs to a Ray cluster through the Ray Jobs API (`elastune submit` and friends)."""
