@@ -56,6 +56,16 @@ def ray_head(num_cpus: int, token: str | None) -> Iterator[str]:
         yield url
     finally:
         stop_processes_under(temp)
+        forget_address(f"127.0.0.1:{port}")
+
+
+def forget_address(address: str) -> None:
+    """`ray start` records its head as the machine's current cluster (in /tmp/ray, whatever the
+    temp dir), where a later bare `ray` command would look; `ray stop` would clear it."""
+    current = Path("/tmp/ray/ray_current_cluster")
+    with contextlib.suppress(OSError):
+        if current.read_text().strip() == address:
+            current.unlink()
 
 
 def wait_for_jobs_api(url: str, timeout: float = 60) -> None:

@@ -90,6 +90,8 @@ def test_the_token_is_required_and_never_printed(tmp_path, secured):
     by_file = elastune("list", "--address", url, env=client_env(tmp_path, RAY_AUTH_TOKEN_PATH=str(tmp_path / "token")), cwd=tmp_path)
     assert by_file.returncode == 0, by_file.stderr
     assert token not in by_file.stdout + by_file.stderr
+    unknown = elastune("status", "no-such-job", "--address", url, env=client_env(tmp_path, token), cwd=tmp_path)
+    assert unknown.returncode == 2 and "no-such-job does not exist" in unknown.stderr and "elastune list" in unknown.stderr
 
 
 def test_submit_follows_to_the_end_and_the_same_name_is_idempotent(tmp_path, secured, stdlib_dataset):

@@ -140,11 +140,7 @@ class JobsClient:
             raise
 
     def view(self, submission_id: str) -> JobView:
-        d = self._call(self.client.get_job_info, submission_id)
-        status = getattr(d.status, "value", str(d.status))
-        meta = dict(d.metadata or {})
-        return JobView(d.submission_id or submission_id, status, meta.get("elastune_job"), d.entrypoint, d.message,
-                       getattr(d, "driver_exit_code", None), _seconds(d.start_time), _seconds(d.end_time), meta)  # fmt: skip
+        return _view_of(self._call(self.client.get_job_info, submission_id))
 
     def submit(self, submission_id: str, submission: Submission) -> tuple[JobView, bool]:
         """Submit under `submission_id`, or find the same job already there (idempotent): returns
@@ -153,7 +149,7 @@ class JobsClient:
         if existing is not None:
             if existing.metadata.get("elastune_spec") != submission.metadata["elastune_spec"]:
                 raise ElastuneError(f"--name {submission_id!r} is already a job at {self.address.url} ({existing.status}) with a "
-                                    f"different spec; pick another --name, or `elastune stop {submission_id}` and delete it first")  # fmt: skip
+                                    f"different spec; pick another --name (a name stays taken while the cluster keeps the job's record)")  # fmt: skip
             return existing, False
         self._call(self.client.submit_job, entrypoint=submission.entrypoint, submission_id=submission_id,
                    runtime_env=submission.runtime_env, metadata=submission.metadata)  # fmt: skip
@@ -165,7 +161,7 @@ class JobsClient:
 
     def list(self) -> list[JobView]:
         jobs = self._call(self.client.list_jobs)
-        return sorted((self.view(j.submission_id) for j in jobs if j.submission_id), key=lambda v: v.start_time or 0)
+        return sorted((_view_of(j) for j in jobs if j.submission_id), key=lambda v: v.start_time or 0)
 
     def logs(self, submission_id: str) -> str:
         return self._call(self.client.get_job_logs, submission_id)
@@ -184,6 +180,13 @@ class JobsClient:
             time.sleep(0.2)
             view = self.view(submission_id)
         return view
+
+
+def _view_of(d) -> JobView:
+    """A JobView of Ray's JobDetails."""
+    meta = dict(d.metadata or {})
+    return JobView(d.submission_id, getattr(d.status, "value", str(d.status)), meta.get("elastune_job"), d.entrypoint, d.message,
+                   d.driver_exit_code, _seconds(d.start_time), _seconds(d.end_time), meta)  # fmt: skip
 
 
 def _seconds(ms: int | None) -> float | None:

@@ -148,6 +148,9 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
     """
     logging.getLogger(RAY_AUTH_LOGGER).addFilter(_drop_auth_default_warning)
     ray.init(
+        # "local": a new Ray of our own even where `ray start` left a cluster (or its address file)
+        # that a bare ray.init() would join instead.
+        address="local",
         num_cpus=num_cpus,
         # Ray starts workers at nice 15 so its own daemons win every contested core; here the
         # workers are the job, and on a small machine that priority cost about a quarter of the
