@@ -57,7 +57,19 @@ def secured(tmp_path_factory):
         yield url, token
 
 
-def test_bad_spec_is_refused_before_anything_is_submitted(tmp_path, secured):
+@pytest.fixture(scope="module")
+def long_job(secured, tmp_path_factory, stdlib_dataset):
+    """A long job, submitted without waiting as soon as the head is up: it trains while the
+    other tests run, until test_a_long_job_is_stopped_and_its_checkpoints_stay stops it."""
+    url, token = secured
+    tmp = tmp_path_factory.mktemp("long")
+    env = client_env(tmp, token)
+    job = write_job(tmp / "long", stdlib_dataset, "long", steps=100_000, checkpoint={"every_steps": 5, "keep_last": 2})
+    result = elastune("submit", "job.yaml", "--address", url, "--name", "long-1", "--no-wait", env=env, cwd=job.parent)
+    return job, env, result
+
+
+def test_bad_spec_is_refused_before_anything_is_submitted(tmp_path, secured, long_job):
     url, token = secured
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "x", "model": {"recipe": "byte_gpt"}, "data": {"path": "d"},
@@ -127,11 +139,9 @@ def test_submit_follows_to_the_end_and_the_same_name_is_idempotent(tmp_path, sec
     assert logs.returncode == 0 and "Done: step 6" in logs.stdout
 
 
-def test_a_long_job_is_stopped_and_its_checkpoints_stay(tmp_path, secured, stdlib_dataset):
-    url, token = secured
-    env = client_env(tmp_path, token)
-    job = write_job(tmp_path / "long", stdlib_dataset, "long", steps=100_000, checkpoint={"every_steps": 5, "keep_last": 2})
-    result = elastune("submit", "job.yaml", "--address", url, "--name", "long-1", "--no-wait", env=env, cwd=job.parent)
+def test_a_long_job_is_stopped_and_its_checkpoints_stay(secured, long_job):
+    url, _ = secured
+    job, env, result = long_job
     assert result.returncode == 0 and "Follow: elastune logs long-1 --follow --address" in result.stdout
     checkpoints = job.parent / "out" / "long" / "checkpoints"
     deadline = time.monotonic() + 120
@@ -147,10 +157,25 @@ def test_a_long_job_is_stopped_and_its_checkpoints_stay(tmp_path, secured, stdli
     assert {j["submission_id"]: j["status"] for j in listed}["long-1"] == "STOPPED"
 
 
-def test_without_token_authentication_a_failing_job_reports_the_drivers_exit_code(tmp_path, stdlib_dataset):
-    job = write_job(tmp_path / "nodata", stdlib_dataset, "nodata", steps=4, data={"path": str(tmp_path / "missing"), "window": 17})
+def test_without_token_authentication_a_failing_job_reports_why_and_the_drivers_exit_code(tmp_path, stdlib_dataset):
+    """Its model code lives beside the spec (it travels with the job) and raises in training."""
+    job = write_job(tmp_path / "crashy", stdlib_dataset, "crashy", steps=3, model={"factory": "crashy:build"},
+                    scaling={"min_workers": 1, "max_workers": 1, "max_failures": 0})  # fmt: skip
+    (job.parent / "crashy.py").write_text(
+        "from elastune.recipes import Recipe\n"
+        "from elastune.recipes.byte_gpt import ByteGPT\n"
+        "from elastune.spec.models import ByteGPTOptions\n"
+        "def build():\n"
+        "    def losses(model, batch):\n"
+        "        raise RuntimeError('model exploded on purpose')\n"
+        "    return Recipe(build_model=lambda: ByteGPT(ByteGPTOptions(num_layers=1, width=16, num_heads=2, context=16)),\n"
+        "                  sample_losses=losses)\n"
+    )
     with ray_head(num_cpus=2, token=None) as url:
-        result = elastune("submit", "job.yaml", "--address", url, "--name", "nodata-1", env=client_env(tmp_path), cwd=job.parent)
-        assert result.returncode == 1, result.stdout + result.stderr
-        assert "nodata-1: FAILED (job nodata); the driver exited with code 2" in result.stdout  # elastune run's bad-input code
-        assert "missing" in result.stdout  # the job's own error, in its log
+        result = elastune("submit", "job.yaml", "--address", url, "--name", "crashy-1", env=client_env(tmp_path), cwd=job.parent)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Training failed" in result.stdout and "model exploded on purpose" in result.stdout  # the job's own log
+    assert "crashy-1: FAILED (job crashy); the driver exited with code 1" in result.stdout
+    (run_dir,) = (job.parent / "out" / "crashy").glob("2*")
+    outcome = json.loads((run_dir / "result.json").read_text())
+    assert outcome["status"] == "failed" and "model exploded on purpose" in outcome["error"]

@@ -40,14 +40,16 @@ OBSERVED_STEPS = 16
 @pytest.fixture(scope="session")
 def observed(tmp_path_factory, stdlib_dataset):
     """A 3-worker run whose rank 1 is SIGKILLed mid-step 7 (restart mode; durable checkpoints
-    every 5 steps), scraped every second by a real Prometheus on loopback that finds it through
+    every 5 steps; the `uninterrupted` run's schedule horizon, so that run is its reference), scraped every second by a real Prometheus on loopback that finds it through
     the run's file_sd target and evaluates dashboards/rules. Yields (query, outcome, rows,
     events); query(path, **params) asks that Prometheus's HTTP API, or is the reason it could
     not run (a str: the run still happens, for the tests that need only the run)."""
+    from tests.ray.live_cases import G, STEPS
     from tests.ray.test_resume_world_size import run, spec_for
 
     tmp = tmp_path_factory.mktemp("observed")
     raw = spec_for(tmp, stdlib_dataset, "killed", 3, OBSERVED_STEPS).to_dict()
+    raw["schedule"]["horizon_samples"] = G * STEPS
     raw["checkpoint"]["every_steps"] = 5
     raw["faults"] = [{"action": "kill_rank", "rank": 1, "at_step": 7, "point": "mid"}]
     spec = spec_for(tmp, stdlib_dataset, "killed", 3, OBSERVED_STEPS).model_validate(raw)

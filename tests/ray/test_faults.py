@@ -7,16 +7,16 @@ from __future__ import annotations
 import pytest
 
 from tests.ray.conftest import OBSERVED_STEPS
-from tests.ray.test_resume_world_size import run, spec_for
 
 STEPS = OBSERVED_STEPS
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, stdlib_dataset, observed):
-    _, reference, _ = run(spec_for(tmp_path_factory.mktemp("faults"), stdlib_dataset, "clean", 3, STEPS))
+def runs(uninterrupted, observed):
+    """The killed run against the uninterrupted one (same spec and schedule but for the fault)."""
+    _, reference = uninterrupted
     _, outcome, rows, events = observed
-    return reference, rows, events, outcome.run_dir
+    return reference[:STEPS], rows, events, outcome.run_dir
 
 
 def test_every_step_once_and_the_same_losses(runs):

@@ -1,6 +1,6 @@
-"""Resume at another world size and layout: 2 replicated workers to step 20, then 3 ZeRO-1
-workers to step 40, tracks an uninterrupted 2-worker run step for step (loss within 1e-5
-relative, final parameters too)."""
+"""Resume at another world size and layout: 2 replicated workers to step 14, then 3 ZeRO-1
+workers to step 28, tracks the uninterrupted 3-worker replicated run (conftest's `uninterrupted`)
+step for step (loss within 1e-5 relative, final parameters too)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from elastune.train.driver import run_job
 from elastune.train.run_dir import read_jsonl
 from tests.helpers import rel_err
 
-STEPS = 40
+STEPS = 28  # the uninterrupted run's (live_cases.STEPS)
+HALF = STEPS // 2
 
 
 def spec_for(tmp: Path, data: Path, name: str, workers: int, max_steps: int, layout: str = "replicated"):
@@ -28,7 +29,7 @@ def spec_for(tmp: Path, data: Path, name: str, workers: int, max_steps: int, lay
             "data": {"path": str(data), "window": 17},
             "batch": {"global_batch_size": 12, "micro_batch_size": 2},
             "optimizer": {"name": "adamw", "lr": 0.01, "weight_decay": 0.1},
-            # A fixed horizon: stopping at step 20 must not bend the schedule.
+            # A fixed horizon: stopping halfway must not bend the schedule.
             "schedule": {"name": "cosine", "warmup_samples": 48, "horizon_samples": 12 * STEPS, "min_lr_ratio": 0.1},
             "scaling": {"min_workers": workers, "max_workers": workers, "layout": layout},
             "checkpoint": {"path": str(tmp / name / "ckpt"), "every_steps": 10},
@@ -45,33 +46,33 @@ def run(spec, **kw):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, stdlib_dataset):
+def runs(tmp_path_factory, stdlib_dataset, uninterrupted):
     tmp = tmp_path_factory.mktemp("resume")
-    _, reference, _ = run(spec_for(tmp, stdlib_dataset, "reference", 2, STEPS))
-    _, first, _ = run(spec_for(tmp, stdlib_dataset, "elastic", 2, 20))
+    reference_spec, reference = uninterrupted
+    _, first, _ = run(spec_for(tmp, stdlib_dataset, "elastic", 2, HALF))
     _, second, events = run(spec_for(tmp, stdlib_dataset, "elastic", 3, STEPS, layout="zero1"))
-    return tmp, reference, first + second, events
+    return tmp, (reference_spec, reference), first + second, events
 
 
 def test_resumed_run_continues_at_the_exact_step(runs):
     _, _, rows, events = runs
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    assert [r["world_size"] for r in rows] == [2] * 20 + [3] * 20
+    assert [r["world_size"] for r in rows] == [2] * HALF + [3] * (STEPS - HALF)
     assert [r["samples_seen"] for r in rows] == [12 * s for s in range(1, STEPS + 1)]
     start = next(e for e in events if e["kind"] == "start")
-    assert start["resumed_from_step"] == 20 and start["saved_world_size"] == 2 and start["micro_batches"] == [2, 2, 2]
+    assert start["resumed_from_step"] == HALF and start["saved_world_size"] == 2 and start["micro_batches"] == [2, 2, 2]
     assert start["saved_layout"] == "replicated" and start["resumed_from_tier"] == 1  # a new run: its service starts empty
     assert start["load_bytes"] > 0 and start["load_seconds"] >= 0
     saves = [e for e in events if e["kind"] == "checkpoint"]
-    assert [e["step"] for e in saves] == [30, 40]
+    assert [e["step"] for e in saves] == [20, STEPS]  # every 10 steps, and the end
     assert all(len(e["stall_seconds"]) == len(e["rank_bytes"]) == 3 and sum(e["rank_bytes"]) == e["bytes"] for e in saves)
-    assert any(e["kind"] == "resume" and e["step"] == 20 for e in events)
+    assert any(e["kind"] == "resume" and e["step"] == HALF for e in events)
     resize = next(e for e in events if e["kind"] == "resize")
-    assert (resize["world_size_before"], resize["world_size_after"], resize["step"]) == (2, 3, 20)
+    assert (resize["world_size_before"], resize["world_size_after"], resize["step"]) == (2, 3, HALF)
 
 
 def test_loss_curve_matches_uninterrupted_run(runs):
-    _, reference, rows, _ = runs
+    _, (_, reference), rows, _ = runs
     assert len(reference) == STEPS
     for ref, got in zip(reference, rows):
         assert got["lr"] == pytest.approx(ref["lr"], rel=1e-12)
@@ -80,8 +81,8 @@ def test_loss_curve_matches_uninterrupted_run(runs):
 
 
 def test_final_parameters_match_uninterrupted_run(runs):
-    tmp, _, _, _ = runs
-    ref = Checkpointer(str(tmp / "reference" / "ckpt")).load_latest_valid()
+    tmp, (reference_spec, _), _, _ = runs
+    ref = Checkpointer(reference_spec.checkpoint_path).load_latest_valid()
     got = Checkpointer(str(tmp / "elastic" / "ckpt")).load_latest_valid()
     assert ref[0].step == got[0].step == STEPS
     assert got[0].layout["world_size"] == 3

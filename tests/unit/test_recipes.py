@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from elastune.errors import SpecError
-from elastune.recipes import Recipe, load_recipe, spec_dir_of
+from elastune.recipes import Recipe, load_recipe
+from elastune.spec import spec_dir_of
 from elastune.spec import load_spec
 from elastune.spec.models import FactoryModel
 

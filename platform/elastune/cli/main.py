@@ -77,12 +77,8 @@ def _positive(text: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from elastune.recipes import spec_dir_of
-    from elastune.spec import load_spec
+    from elastune.spec import load_spec, spec_dir_of
     from elastune.submit.package import REQUIRE_ENV, installed_versions, mismatches
-    from elastune.train.driver import run_job
 
     require = os.environ.get(REQUIRE_ENV)
     if require:  # a submitted job: the cluster must have the versions it was submitted with
@@ -99,6 +95,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         horizon = load_spec(args.job).horizon_samples
         overrides |= {"stop.max_steps": args.max_steps, "stop.max_samples": None, "schedule.horizon_samples": horizon}
     spec = load_spec(args.job, overrides)
+    # torch and Ray are imported only once the spec is known good: a mistake is told in a moment.
+    from rich.console import Console
+
+    from elastune.train.driver import run_job
+
     console = Console(soft_wrap=True)
     outcome = run_job(spec, spec_dir_of(args.job), address=args.address, fresh=args.fresh, console=console, verbose=args.verbose)
     if outcome.status == "succeeded":
@@ -110,14 +111,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from elastune.spec import load_spec, spec_dir_of
+
+    spec = load_spec(args.job)
     from rich.console import Console
 
-    from elastune.recipes import spec_dir_of
-    from elastune.spec import load_spec
     from elastune.tune.driver import run_tune
 
     console = Console(soft_wrap=True)
-    outcome = run_tune(load_spec(args.job), spec_dir_of(args.job), address=args.address, console=console, verbose=args.verbose)
+    outcome = run_tune(spec, spec_dir_of(args.job), address=args.address, console=console, verbose=args.verbose)
     if outcome.status == "succeeded":
         console.print(f"Done in {outcome.seconds:.1f} s. Search directory: {outcome.tune_dir}", highlight=False)
         return EXIT_OK

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -81,6 +80,3 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return batch.to(device, non_blocking=True)
 
-
-def spec_dir_of(path: str | Path) -> str:
-    return str(Path(path).resolve().parent)

@@ -173,3 +173,8 @@ _TAGS = {
     section: {t for m in _models_in(JobSpec.model_fields[section].annotation) if (t := _tag(m))}
     for section in ("model", "optimizer", "schedule")
 }
+
+
+def spec_dir_of(path: str | Path) -> str:
+    """The folder a spec's own files (custom model code) are found from."""
+    return str(Path(path).resolve().parent)
