@@ -54,11 +54,16 @@ def add_parser(sub) -> None:
     jobs.set_defaults(handler=cmd_list)
 
 
-def _client(args: argparse.Namespace):
+def _address(args: argparse.Namespace):
     from elastune.submit.address import resolve_address
+
+    return resolve_address(args.address, os.environ)
+
+
+def _client(args: argparse.Namespace, address=None):
     from elastune.submit.client import JobsClient
 
-    return JobsClient(resolve_address(args.address, os.environ))
+    return JobsClient(address or _address(args))
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -68,13 +73,12 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from elastune.spec import load_spec
-    from elastune.submit.address import resolve_address
     from elastune.submit.package import build_submission
     from elastune.train.run_dir import new_run_id
 
     spec = load_spec(args.job)  # a bad spec stops here, with the spec's own error, before any contact
     submission = build_submission(spec, Path(args.job), Path(args.working_dir), args.exclude)
-    address = resolve_address(args.address, os.environ)
+    address = _address(args)
     name = args.name or f"{spec.name}-{new_run_id()}"
     plan = {"address": address.url, "address_from": address.source, "submission_id": name, "entrypoint": submission.entrypoint,
             "runtime_env": submission.runtime_env, "metadata": submission.metadata,
@@ -84,7 +88,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(plan, indent=2) if args.json else _describe_plan(plan))
         return EXIT_OK
-    client = _client(args)
+    client = _client(args, address)
     view, submitted = client.submit(name, submission)
     _say(args, f"{'Submitted' if submitted else 'Already submitted (same spec)'} {name} to {address.describe()}: "
                f"{submission.upload_files} files, {submission.upload_bytes / 1024**2:.1f} MiB.")  # fmt: skip
@@ -125,14 +129,15 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    views = _client(args).list()
+    client = _client(args)
+    views = client.list()
     if args.json:
         print(json.dumps([v.to_dict() for v in views], indent=2))
         return EXIT_OK
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"jobs at {_client_address(args)}")
+    table = Table(title=f"jobs at {client.address.describe()}")
     for column in ("submission id", "status", "job", "started", "ended", "exit code"):
         table.add_column(column)
     for v in views:
@@ -189,12 +194,6 @@ def _describe_plan(plan: dict) -> str:
         f"  env_vars     {', '.join(f'{k}={v}' for k, v in env['env_vars'].items())}",
         f"  metadata     {', '.join(sorted(plan['metadata']))}",
     ])  # fmt: skip
-
-
-def _client_address(args: argparse.Namespace) -> str:
-    from elastune.submit.address import resolve_address
-
-    return resolve_address(args.address, os.environ).describe()
 
 
 def _when(seconds: float | None) -> str:
