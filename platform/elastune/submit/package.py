@@ -41,7 +41,6 @@ class Submission:
     metadata: dict[str, str]
     upload_files: int
     upload_bytes: int
-    biggest: list[tuple[str, int]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -62,15 +61,16 @@ def build_submission(spec: JobSpec, spec_path: Path, working_dir: Path, extra_ex
     if relative:
         warnings.append(f"{' and '.join(relative)} {'is' if len(relative) == 1 else 'are'} relative: on the cluster that is inside the "
                         f"job's temporary working directory; give a path on shared storage (or s3://...) to keep runs and checkpoints")  # fmt: skip
+    pinned = pins()
     runtime_env = {
         "working_dir": str(working_dir),
         "py_modules": [str(Path(__file__).resolve().parents[1])],  # this elastune package
         "excludes": excludes,
-        "env_vars": {REQUIRE_ENV: pins(), "PYTHONUNBUFFERED": "1"},  # the job's log streams as it is written
+        "env_vars": {REQUIRE_ENV: pinned, "PYTHONUNBUFFERED": "1"},  # the job's log streams as it is written
     }
-    metadata = {"elastune_job": spec.name, "elastune_spec": json.dumps(spec.to_dict(), sort_keys=True), "elastune_require": pins()}
+    metadata = {"elastune_job": spec.name, "elastune_spec": json.dumps(spec.to_dict(), sort_keys=True), "elastune_require": pinned}
     entry = f"python -m elastune run {spec_path.relative_to(working_dir).as_posix()}"
-    return Submission(entry, runtime_env, metadata, files, total, biggest, warnings)
+    return Submission(entry, runtime_env, metadata, files, total, warnings)
 
 
 def own_paths(spec: JobSpec, working_dir: Path) -> list[str]:

@@ -56,10 +56,10 @@ class FaultInjector:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def stall(self, fault: DelayRank) -> None:
-        deadline = time.monotonic() + fault.seconds
         if not fault.until_join:
             time.sleep(fault.seconds)
             return
+        deadline = time.monotonic() + fault.seconds
         while time.monotonic() < deadline and not self.rejoined():
             time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
 
