@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.elastune-installed
 
-.PHONY: run test setup bench clean
+.PHONY: run test setup bench clean k8s-dashboards k8s-crd
 
 run: $(STAMP)
 	$(BIN)/elastune run $(JOB)
@@ -37,6 +37,13 @@ $(STAMP): pyproject.toml
 
 bench: $(STAMP)
 	$(BIN)/python tests/bench/bench_vs_torchrun.py
+
+# k8s/ holds copies of what kustomize must find inside its own folders; tests hold them equal.
+k8s-dashboards:
+	cp dashboards/grafana/*.json k8s/base/dashboards/
+
+k8s-crd: $(STAMP)
+	$(BIN)/elastune schema --crd > k8s/operator/crd.yaml
 
 clean:
 	rm -rf $(VENV) runs .elastune

@@ -1,5 +1,6 @@
 """Test tiers by folder: unit/ (pure), dist/ (gloo processes), ray/ (one local Ray per session),
-e2e/ (the CLI and real outside parts: an S3-protocol server)."""
+e2e/ (the CLI and real outside parts: an S3-protocol server), k8s/ (manifests against the Kubernetes
+and KubeRay schemas, the operator against an in-memory Kubernetes API)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TIERS = ("unit", "dist", "ray", "e2e")
+TIERS = ("unit", "dist", "ray", "e2e", "k8s")
 
 # Tests never reach a cluster they did not start.
 os.environ.pop("RAY_ADDRESS", None)

@@ -1,4 +1,4 @@
-"""`elastune ckpt ls | show | verify | prune` on real checkpoints, as a user runs them."""
+"""`elastune ckpt ls | show | verify | prune | clear` on real checkpoints, as a user runs them."""
 
 from __future__ import annotations
 
@@ -67,6 +67,16 @@ def test_prune_keeps_the_newest_and_the_pinned(root):
     assert Checkpointer(str(root)).committed_steps() == [30]
     refused = elastune("ckpt", "prune", str(root), "--keep-last", "0")
     assert refused.returncode == 2 and "would delete every checkpoint" in refused.stderr
+
+
+def test_clear_deletes_every_checkpoint_only_when_told_to(root):
+    assert elastune("ckpt", "pin", f"{root}/{step_dir(10)}").returncode == 0
+    refused = elastune("ckpt", "clear", str(root))
+    assert refused.returncode == 2 and "add --yes" in refused.stderr and "Traceback" not in refused.stderr
+    assert Checkpointer(str(root)).committed_steps() == [10, 20, 30]
+    out = elastune("ckpt", "clear", str(root), "--yes")
+    assert out.returncode == 0 and "deleted 3 checkpoint(s)" in out.stdout
+    assert Checkpointer(str(root)).committed_steps() == [] and not list(root.glob("step-*"))
 
 
 def _adamw_state():

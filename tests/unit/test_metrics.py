@@ -56,6 +56,7 @@ def test_rows_and_events_become_the_values_they_describe():
     got = scrape(metrics)
     assert got[("elastune_steps_total", ())] == 3 and got[("elastune_samples_total", ())] == 36
     assert got[("elastune_tokens_total", ())] == 36 * 16
+    assert got[("elastune_step", ())] == 3 and got[("elastune_samples_seen", ())] == 36
     assert got[("elastune_loss", ())] == 2.7 and got[("elastune_world_size", ())] == 2
     # The world shrank to 2: rank 2's micro-batch series is gone, not left at its old value.
     assert got[("elastune_micro_batches", (("rank", "0"),))] == 2 and ("elastune_micro_batches", (("rank", "2"),)) not in got

@@ -1,4 +1,4 @@
-"""`elastune ckpt ls | show | verify | export | import | pin | prune`: look at and look after checkpoints at any URI."""
+"""`elastune ckpt ls | show | verify | export | import | pin | prune | clear`: look at and look after checkpoints at any URI."""
 
 from __future__ import annotations
 
@@ -52,6 +52,10 @@ def add_parser(sub) -> None:
     prune.add_argument("uri")
     prune.add_argument("--keep-last", type=int, required=True, help="how many newest checkpoints to keep (>= 1)")
     prune.set_defaults(handler=cmd_prune)
+    clear = cmds.add_parser("clear", help="delete every checkpoint under a root, pinned ones too (a deleted ElastuneJob's deleteOnFinish)")
+    clear.add_argument("uri")
+    clear.add_argument("--yes", action="store_true", help="required: there is no undo")
+    clear.set_defaults(handler=cmd_clear)
 
 
 def _open(ckpt_uri: str) -> tuple[Checkpointer, Manifest]:
@@ -171,4 +175,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ElastuneError(f"--keep-last {args.keep_last} would delete every checkpoint; give a number >= 1")
     deleted = Checkpointer(args.uri, keep_last=args.keep_last).prune()
     print(f"deleted {len(deleted)} checkpoint(s){': steps ' + ', '.join(map(str, deleted)) if deleted else ''}; kept the newest {args.keep_last}")
+    return 0
+
+
+def cmd_clear(args: argparse.Namespace) -> int:
+    from elastune.checkpoint.checkpointer import Checkpointer
+
+    if not args.yes:
+        raise ElastuneError(f"ckpt clear deletes every checkpoint under {args.uri}, pinned ones too, with no undo; add --yes to do it")
+    print(f"deleted {Checkpointer(args.uri).clear()} checkpoint(s) under {args.uri}")
     return 0

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(handler=cmd_validate)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of job specs")
+    schema.add_argument("--crd", action="store_true", help="print the ElastuneJob CustomResourceDefinition (YAML) made from it instead")
     schema.set_defaults(handler=cmd_schema)
 
     data = sub.add_parser("data", help="dataset tools")
@@ -143,6 +144,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    if args.crd:
+        from elastune.kube.crd import crd_yaml
+
+        print(crd_yaml(), end="")
+        return EXIT_OK
     from elastune.spec import json_schema
 
     print(json.dumps(json_schema(), indent=2))

@@ -41,6 +41,8 @@ CATALOGUE: tuple[Metric, ...] = (
     # Training
     Metric("elastune_steps", "counter", "Optimizer steps completed."),
     Metric("elastune_samples", "counter", "Training samples processed (global batch per step)."),
+    Metric("elastune_step", "gauge", "Optimizer step of the last step, counted from the start of training (a resumed run goes on from its checkpoint's)."),
+    Metric("elastune_samples_seen", "gauge", "Samples trained from the start of training, across resumes (the schedule's clock)."),
     Metric("elastune_tokens", "counter", "Training tokens processed (samples times predicted tokens per sample; token-window data only)."),
     Metric("elastune_loss", "gauge", "Mean per-sample training loss of the last step."),
     Metric("elastune_learning_rate", "gauge", "Learning rate of the last step."),

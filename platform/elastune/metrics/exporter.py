@@ -74,7 +74,7 @@ class RunMetrics:
         self._("elastune_samples").inc(G)
         if self.tokens_per_sample:
             self._("elastune_tokens").inc(G * self.tokens_per_sample)
-        for name, key in (("elastune_loss", "loss"), ("elastune_learning_rate", "lr"), ("elastune_global_batch_size", "global_batch_size"),
+        for name, key in (("elastune_step", "step"), ("elastune_samples_seen", "samples_seen"), ("elastune_loss", "loss"), ("elastune_learning_rate", "lr"), ("elastune_global_batch_size", "global_batch_size"),
                           ("elastune_world_size", "world_size"), ("elastune_samples_per_second", "samples_per_s"),
                           ("elastune_grad_norm", "grad_norm")):  # fmt: skip
             if row.get(key) is not None:

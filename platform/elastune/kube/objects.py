@@ -1,0 +1,279 @@
+"""The Kubernetes objects one ElastuneJob needs, as pure functions of its spec.
+
+For an ElastuneJob NAME the operator keeps three objects, each owned by it (Kubernetes deletes
+them with it): the ConfigMap NAME-spec holding the job spec the Ray job runs (paths placed on
+the shared volume, metrics served where the operator reads them), the NetworkPolicy NAME-ray
+around its Ray pods, and the RayJob NAME whose own RayCluster (head + one autoscaled worker
+group sized from scaling.min_workers..max_workers) runs `python -m elastune run` on that spec.
+Checkpoints live outside all three (the volume or a bucket), so they outlast the resource.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import yaml
+from pydantic import ValidationError
+
+from elastune.errors import SpecError
+from elastune.kube.crd import GROUP, KIND, VERSION
+from elastune.kube.models import K8S_FIELDS, ClusterSpec
+from elastune.spec import JobSpec
+from elastune.spec.load import validate_spec
+
+MOUNT = "/mnt/elastune"  # the shared volume on every Ray pod
+SPEC_DIR = "/etc/elastune/job"  # the spec ConfigMap on the head
+METRICS_PORT = 9400  # the run's exporter on the head (the job's metrics.port)
+RAY_VERSION = "2.60.0"
+SUBMITTER, RAY = "submitter", "ray"  # the elastune.io/role of the pods the NetworkPolicy tells apart
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The operator's own configuration (its Deployment's environment)."""
+
+    image: str = "elastune:0.1.0"
+    kuberay_namespace: str = "kuberay-system"  # KubeRay's operator reads job status from the dashboard
+    monitoring_namespace: str = "monitoring"  # Prometheus scrapes the metrics ports
+    metrics_url: str = "http://{cluster}-head-svc.{namespace}.svc:" + str(METRICS_PORT) + "/metrics"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
+        names = {"image": "ELASTUNE_IMAGE", "kuberay_namespace": "ELASTUNE_KUBERAY_NAMESPACE",
+                 "monitoring_namespace": "ELASTUNE_MONITORING_NAMESPACE", "metrics_url": "ELASTUNE_METRICS_URL"}  # fmt: skip
+        return cls(**{field: env[var] for field, var in names.items() if env.get(var)})
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The ElastuneJob the objects belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": self.name, "uid": self.uid,
+                "controller": True, "blockOwnerDeletion": True}  # fmt: skip
+
+    def labels(self, role: str | None = None) -> dict[str, str]:
+        out = {"app.kubernetes.io/name": "elastune", "app.kubernetes.io/managed-by": "elastune-operator", "elastune.io/job": self.name}
+        return {**out, "elastune.io/role": role} if role else out
+
+    def meta(self, name: str) -> dict[str, Any]:
+        return {"name": name, "namespace": self.namespace, "labels": self.labels(), "ownerReferences": [self.reference()]}
+
+
+def on_volume(path: str) -> str:
+    """Relative paths of a job resolve on the shared volume; absolute paths and URIs stay."""
+    return path if "://" in path or path.startswith("/") else f"{MOUNT}/{path}"
+
+
+def job_spec(owner: Owner, spec: Mapping[str, Any]) -> JobSpec:
+    """The job spec the Ray job runs: the resource's job fields with their paths placed and its
+    metrics served for the operator. SpecError (field, value, rule, fix) when it is invalid."""
+    raw = copy.deepcopy({k: v for k, v in spec.items() if k not in K8S_FIELDS})
+    raw.setdefault("name", owner.name)
+    checkpoint = dict(raw.get("checkpoint") or {})
+    checkpoint.pop("deleteOnFinish", None)
+    checkpoint["path"] = on_volume(checkpoint.get("path") or f"checkpoints/{owner.namespace}/{owner.name}")
+    raw["checkpoint"] = checkpoint
+    data = raw.get("data")
+    if isinstance(data, dict):
+        if isinstance(data.get("path"), str):
+            data["path"] = on_volume(data["path"])
+        source = data.get("source")
+        if isinstance(source, (str, list)):
+            paths = [source] if isinstance(source, str) else source
+            placed = [p if p == "stdlib" or not isinstance(p, str) else on_volume(p) for p in paths]
+            data["source"] = placed[0] if isinstance(source, str) else placed
+    raw["output_dir"] = on_volume(str(raw.get("output_dir", "runs")))
+    raw["metrics"] = {**(raw.get("metrics") or {}), "enabled": True, "host": "0.0.0.0", "port": METRICS_PORT}
+    return validate_spec(raw, source=f"{KIND} {owner.namespace}/{owner.name}")
+
+
+def cluster_spec(owner: Owner, spec: Mapping[str, Any]) -> ClusterSpec:
+    try:
+        return ClusterSpec.model_validate(spec.get("cluster") or {})
+    except ValidationError as exc:
+        problems = "; ".join(f"spec.cluster.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise SpecError(f"{KIND} {owner.namespace}/{owner.name}: {problems}") from None
+
+
+def cpu_cores(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def workers_per_pod(job: JobSpec, cluster: ClusterSpec) -> int:
+    """Training workers one worker pod holds; SpecError when it holds none."""
+    s = job.scaling
+    fits = [math.floor(cpu_cores(cluster.workers.cpu) / s.cpus_per_worker + 1e-9)]
+    if s.gpus_per_worker > 0:
+        fits.append(math.floor(cluster.workers.gpu / s.gpus_per_worker + 1e-9))
+    if min(fits) < 1:
+        raise SpecError(
+            f"spec.cluster.workers (cpu {cluster.workers.cpu}, gpu {cluster.workers.gpu}) holds no training worker of "
+            f"scaling.cpus_per_worker {s.cpus_per_worker}, gpus_per_worker {s.gpus_per_worker}; give the worker pods at "
+            f"least that much"
+        )
+    return min(fits)
+
+
+def desired(owner: Owner, spec: Mapping[str, Any], settings: Settings) -> list[dict[str, Any]]:
+    """ConfigMap, NetworkPolicy and RayJob for the resource; SpecError when its spec is invalid."""
+    job, cluster = job_spec(owner, spec), cluster_spec(owner, spec)
+    per_pod = workers_per_pod(job, cluster)
+    return [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": owner.meta(f"{owner.name}-spec"),
+         "data": {"job.yaml": yaml.safe_dump(job.to_dict(), sort_keys=False)}},
+        network_policy(owner, settings),
+        ray_job(owner, job, cluster, per_pod, bool(spec.get("suspend", False)), settings),
+    ]  # fmt: skip
+
+
+def ray_job(owner: Owner, job: JobSpec, cluster: ClusterSpec, per_pod: int, suspend: bool, settings: Settings) -> dict[str, Any]:
+    image = cluster.image or settings.image
+    low, high = (math.ceil(n / per_pod) for n in (job.scaling.min_workers, job.scaling.max_workers))
+    env_from = [{"secretRef": {"name": cluster.storage.credentialsSecret}}] if cluster.storage.credentialsSecret else []
+    worker_limits = {"cpu": cluster.workers.cpu, "memory": cluster.workers.memory}
+    if cluster.workers.gpu:
+        worker_limits["nvidia.com/gpu"] = cluster.workers.gpu
+    head = _pod(owner, image, "ray-head", {"cpu": cluster.head.cpu, "memory": cluster.head.memory}, env_from,
+                ports=[("gcs-server", 6379), ("dashboard", 8265), ("client", 10001), ("metrics", 8080), ("elastune-metrics", METRICS_PORT)],
+                spec_volume=f"{owner.name}-spec", claim=cluster.storage.claimName)  # fmt: skip
+    worker = _pod(owner, image, "ray-worker", worker_limits, env_from, ports=[("metrics", 8080)], spec_volume=None, claim=cluster.storage.claimName)
+    if cluster.workers.gpu:
+        worker["spec"]["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": owner.meta(owner.name),
+        "spec": {
+            # `elastune run` resumes from the newest checkpoint at checkpoint.path: a resumed
+            # (unsuspended) or retried job continues where the last durable checkpoint left it.
+            "entrypoint": f"python -m elastune run {SPEC_DIR}/job.yaml",
+            "suspend": suspend,
+            "shutdownAfterJobFinishes": True,  # the cluster goes when the job ends; checkpoints stay
+            "ttlSecondsAfterFinished": 600,
+            "backoffLimit": 2,  # a lost head: a new cluster, resumed from the last checkpoint
+            "submissionMode": "K8sJobMode",
+            "submitterConfig": {"backoffLimit": 0},
+            "submitterPodTemplate": _submitter(owner, image),
+            "rayClusterSpec": {
+                "rayVersion": RAY_VERSION,
+                "authOptions": {"mode": "token"},
+                "enableInTreeAutoscaling": high > low,
+                **({"autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 120,
+                                          "securityContext": CONTAINER_SECURITY}} if high > low else {}),  # fmt: skip
+                "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0", "metrics-export-port": "8080"}, "template": head},
+                "workerGroupSpecs": [{"groupName": "workers", "replicas": low, "minReplicas": low, "maxReplicas": high,
+                                      "rayStartParams": {}, "template": worker}],  # fmt: skip
+            },
+        },
+    }
+
+
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _pod(owner: Owner, image: str, container: str, limits: dict[str, Any], env_from: list[dict[str, Any]],
+         ports: list[tuple[str, int]], spec_volume: str | None, claim: str) -> dict[str, Any]:  # fmt: skip
+    requests = {k: v for k, v in limits.items()}
+    mounts = [{"name": "shared", "mountPath": MOUNT}, {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    volumes = [{"name": "shared", "persistentVolumeClaim": {"claimName": claim}},
+               {"name": "dshm", "emptyDir": {"medium": "Memory"}}, {"name": "tmp", "emptyDir": {}}]  # fmt: skip
+    if spec_volume:
+        mounts.append({"name": "spec", "mountPath": SPEC_DIR, "readOnly": True})
+        volumes.append({"name": "spec", "configMap": {"name": spec_volume}})
+    return {
+        "metadata": {"labels": owner.labels(RAY)},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "securityContext": POD_SECURITY,
+            "containers": [{
+                "name": container, "image": image,
+                "ports": [{"name": n, "containerPort": p} for n, p in ports],
+                "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+                **({"envFrom": env_from} if env_from else {}),
+                "resources": {"requests": requests, "limits": limits},
+                "securityContext": CONTAINER_SECURITY,
+                "volumeMounts": mounts,
+            }],
+            "volumes": volumes,
+        },
+    }  # fmt: skip
+
+
+def _submitter(owner: Owner, image: str) -> dict[str, Any]:
+    return {
+        "metadata": {"labels": owner.labels(SUBMITTER)},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "securityContext": {k: v for k, v in POD_SECURITY.items() if k != "fsGroup"},
+            "containers": [{"name": "submitter", "image": image,  # KubeRay fills in `ray job submit ...`
+                            "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}},
+                            "securityContext": CONTAINER_SECURITY}],  # fmt: skip
+        },
+    }
+
+
+def network_policy(owner: Owner, settings: Settings) -> dict[str, Any]:
+    """The job's Ray ports answer its own Ray pods; the dashboard its submitter and KubeRay; the
+    metrics ports Prometheus and this operator."""
+    ns = lambda name: {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}  # noqa: E731
+    pods = lambda labels: {"podSelector": {"matchLabels": labels}}  # noqa: E731
+    tcp = lambda *ports: [{"protocol": "TCP", "port": p} for p in ports]  # noqa: E731
+    operator = {"app.kubernetes.io/name": "elastune", "app.kubernetes.io/component": "operator"}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": owner.meta(f"{owner.name}-ray"),
+        "spec": {
+            "podSelector": {"matchLabels": owner.labels(RAY)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [pods(owner.labels(RAY))]},
+                {"from": [pods(owner.labels(SUBMITTER)), ns(settings.kuberay_namespace)], "ports": tcp(8265)},
+                {"from": [ns(settings.monitoring_namespace), pods(operator)], "ports": tcp(8080, METRICS_PORT)},
+            ],
+        },
+    }
+
+
+def cleanup_job(owner: Owner, spec: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
+    """The Job that deletes a deleted ElastuneJob's checkpoints (checkpoint.deleteOnFinish)."""
+    job, cluster = job_spec(owner, spec), cluster_spec(owner, spec)
+    env_from = [{"secretRef": {"name": cluster.storage.credentialsSecret}}] if cluster.storage.credentialsSecret else []
+    labels = {**owner.labels("cleanup")}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": f"{owner.name}-cleanup", "namespace": owner.namespace, "labels": labels},
+        "spec": {
+            "backoffLimit": 2,
+            "ttlSecondsAfterFinished": 3600,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "securityContext": POD_SECURITY,
+                    "containers": [{
+                        "name": "cleanup", "image": cluster.image or settings.image,
+                        "command": ["python", "-m", "elastune", "ckpt", "clear", job.checkpoint_path, "--yes"],
+                        **({"envFrom": env_from} if env_from else {}),
+                        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}},
+                        "securityContext": CONTAINER_SECURITY,
+                        "volumeMounts": [{"name": "shared", "mountPath": MOUNT}],
+                    }],
+                    "volumes": [{"name": "shared", "persistentVolumeClaim": {"claimName": cluster.storage.claimName}}],
+                },
+            },
+        },
+    }  # fmt: skip

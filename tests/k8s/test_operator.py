@@ -1,0 +1,231 @@
+"""The ElastuneJob operator end to end: operators/elastune_operator.py under kopf, against an
+in-memory Kubernetes API (tests/k8s/emulator.py), with a real Elastune metrics exporter's text
+standing in for a job's head. Create an ElastuneJob, see the RayJob appear with its owner,
+patch the RayJob's status and see the ElastuneJob's follow, suspend and resume, refuse an
+invalid job, delete (keeping or deleting checkpoints); every request the operator made is one
+its Role in k8s/operator/rbac.yaml allows."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import aiohttp
+import kmock
+import kopf
+import pytest
+import yaml
+from prometheus_client import generate_latest
+
+from elastune.metrics.exporter import RunMetrics
+from elastune.spec.load import validate_spec
+from tests.k8s.emulator import emulator
+from tests.k8s.schemas import Invalid, validate
+
+ROOT = Path(__file__).resolve().parents[2]
+NS = "elastune"
+EJ, RJ, CM, NP, JOB = "elastune.io/v1alpha1/elastunejobs", "ray.io/v1/rayjobs", "v1/configmaps", "networking.k8s.io/v1/networkpolicies", "batch/v1/jobs"
+MERGE = {"Content-Type": "application/merge-patch+json"}
+
+
+def quickstart(**extra) -> dict:
+    job = yaml.safe_load((ROOT / "k8s" / "base" / "jobs" / "quickstart.yaml").read_text())
+    for key in ("name", "output_dir", "metrics"):  # the operator places these itself
+        job.pop(key)
+    job["data"]["path"] = "data/stdlib-w65"
+    job["checkpoint"].pop("path")
+    return {**job, "cluster": {"head": {"cpu": "1", "memory": "2Gi"}, "workers": {"cpu": "2", "memory": "4Gi"}}, **extra}
+
+
+def resource(name: str, spec: dict) -> dict:
+    return {"apiVersion": "elastune.io/v1alpha1", "kind": "ElastuneJob", "metadata": {"name": name, "namespace": NS}, "spec": spec}
+
+
+class Head:
+    """A job's head as the operator sees it: the run's exporter text on an HTTP port."""
+
+    def __init__(self):
+        self.metrics, self.asked = RunMetrics("quickstart", "r1"), []
+        head = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                head.asked.append(self.path)
+                body = generate_latest(head.metrics.registry)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/" + "{namespace}/{cluster}/metrics"
+
+
+@pytest.fixture(scope="module")
+def operator_module(tmp_path_factory):
+    head = Head()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ELASTUNE_METRICS_URL", head.url)
+    mp.setenv("ELASTUNE_STATUS_SECONDS", "0.2")
+    mp.setenv("ELASTUNE_IMAGE", "registry.example/elastune:test")
+    spec = importlib.util.spec_from_file_location("elastune_operator", ROOT / "operators" / "elastune_operator.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # registers its handlers with kopf's default registry
+    yield module, head, mp
+    head.server.shutdown()
+    mp.undo()
+
+
+async def eventually(check, what: str, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+    return value
+
+
+def test_operator_end_to_end(operator_module, tmp_path):
+    module, head, mp = operator_module
+    started = time.monotonic()
+    requests = asyncio.run(_scenario(module, head, mp, tmp_path))
+    allowed = _role_rules()
+    made = {(r.resource.group or "", r.resource.plural + (f"/{r.subresource}" if r.subresource else ""), VERB[r.action]) for r in requests}
+    assert ("ray.io", "rayjobs", "create") in made and ("elastune.io", "elastunejobs/status", "patch") in made
+    refused = sorted(m for m in made if not any(m[0] in g and m[1] in res and m[2] in verbs for g, res, verbs in allowed))
+    assert not refused, f"the operator made requests its Role does not allow: {refused}"
+    granted = {(g, res, verb) for gs, ress, verbs in allowed for g in gs for res in ress for verb in verbs}
+    # Least privilege: the Role grants what this run used, and events for kopf's reports.
+    assert granted - made == {("", "events", "create")}, granted - made
+    assert time.monotonic() - started < 60
+
+
+VERB = {kmock.action.LIST: "list", kmock.action.WATCH: "watch", kmock.action.FETCH: "get", kmock.action.CREATE: "create",
+        kmock.action.UPDATE: "patch", kmock.action.DELETE: "delete"}  # fmt: skip
+
+
+def _role_rules():
+    role = next(d for d in yaml.safe_load_all((ROOT / "k8s" / "operator" / "rbac.yaml").read_text()) if d["kind"] == "Role")
+    return [(r["apiGroups"], r["resources"], r["verbs"]) for r in role["rules"]]
+
+
+async def _scenario(module, head: Head, mp, tmp_path):
+    k8s = emulator((EJ, "ElastuneJob", {"status"}), (RJ, "RayJob", {"status"}), (CM, "ConfigMap", set()),
+                   (NP, "NetworkPolicy", set()), (JOB, "Job", set()))  # fmt: skip
+    async with k8s, kmock.Server(k8s) as server:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+            "clusters": [{"name": "emulator", "cluster": {"server": str(server.url)}}],
+            "users": [{"name": "operator", "user": {}}],
+            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "operator", "namespace": NS}}],
+        }))  # fmt: skip
+        mp.setenv("KUBECONFIG", str(kubeconfig))
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(kopf.operator(namespaces=[NS], standalone=True, stop_flag=stop, ready_flag=ready))
+        try:
+            await asyncio.wait_for(ready.wait(), 15)
+            async with aiohttp.ClientSession(str(server.url)) as http:
+                await _steps(k8s, http, head)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 15)
+        return [r for r in k8s if r.resource is not None and r.resource.plural and r.headers.get("User-Agent", "").startswith(("kopf/", "elastune-operator"))]
+
+
+async def _steps(k8s, http: aiohttp.ClientSession, head: Head) -> None:
+    def get(res: str, name: str):
+        key = (kmock.resource(res), NS, name)
+        return k8s.objects[key].raw if key in k8s.objects and not k8s.objects[key].deleted else None
+
+    async def call(method: str, res: str, name: str = "", body=None, sub: str = ""):
+        group_version, plural = res.rsplit("/", 1)
+        root = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
+        url = f"{root}/namespaces/{NS}/{plural}" + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
+        async with http.request(method, url, json=body, headers=MERGE if method == "PATCH" else None) as r:
+            assert r.status in (200, 201), await r.text()
+
+    def status(name: str) -> dict:
+        return (get(EJ, name) or {}).get("status") or {}
+
+    # 1. A job: its RayJob, spec ConfigMap and NetworkPolicy appear, owned by it and valid.
+    job = resource("quickstart", quickstart())
+    validate(job)  # what the API server would check with the generated CRD
+    await call("POST", EJ, body=job)
+    rayjob = await eventually(lambda: get(RJ, "quickstart"), "the RayJob")
+    owner = get(EJ, "quickstart")
+    for res, name in ((RJ, "quickstart"), (CM, "quickstart-spec"), (NP, "quickstart-ray")):
+        obj = await eventually(lambda: get(res, name), name)
+        ref = obj["metadata"]["ownerReferences"]
+        assert ref == [{"apiVersion": "elastune.io/v1alpha1", "kind": "ElastuneJob", "name": "quickstart",
+                        "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]  # fmt: skip
+        validate({k: v for k, v in obj.items() if k != "status"})
+    spec = validate_spec(yaml.safe_load(get(CM, "quickstart-spec")["data"]["job.yaml"]), source="job.yaml")
+    assert spec.name == "quickstart" and spec.checkpoint_path == f"/mnt/elastune/checkpoints/{NS}/quickstart"
+    assert spec.data.path == "/mnt/elastune/data/stdlib-w65" and spec.metrics.port == 9400
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    workers = cluster["workerGroupSpecs"][0]
+    assert (workers["minReplicas"], workers["maxReplicas"]) == (1, 2)  # 1..4 workers, 2 per 2-CPU pod
+    assert cluster["enableInTreeAutoscaling"] is True and rayjob["spec"]["suspend"] is False
+    assert workers["template"]["spec"]["containers"][0]["image"] == "registry.example/elastune:test"
+    await eventually(lambda: status("quickstart").get("phase") == "Pending", "phase Pending")
+
+    # 2. KubeRay reports the job running; the run's metrics say how far it got.
+    head.metrics.observe([{"step": 250 + i, "samples_seen": 32 * (250 + i), "loss": 2.5, "lr": 1e-3, "world_size": 3, "global_batch_size": 32,
+                           "micro_batches": [2, 1, 1], "step_seconds": 0.1} for i in (1, 2)],
+                         [{"kind": "checkpoint", "time": 1_790_000_000.0, "step": 200, "seconds": 0.2, "bytes": 10},
+                          {"kind": "recovery", "time": 1.0, "mttr_seconds": 2.0, "lost_steps": 0, "lost_samples": 0}])  # fmt: skip
+    await call("PATCH", RJ, "quickstart", {"status": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING",
+                                                      "rayClusterName": "quickstart-x7k2p", "dashboardURL": "quickstart-x7k2p-head-svc:8265"}}, "status")  # fmt: skip
+    got = await eventually(lambda: status("quickstart").get("step") == 252 and status("quickstart"), "progress in status")
+    assert got["phase"] == "Running" and got["rayCluster"] == "quickstart-x7k2p"
+    assert (got["samples"], got["worldSize"], got["failuresSurvived"]) == (252 * 32, 3, 1)
+    assert got["lastDurableCheckpoint"] == {"step": 200, "time": "2026-09-21T14:13:20Z"}
+    assert {c["type"]: c["status"] for c in got["conditions"]} == {"Running": "True", "Suspended": "False", "Succeeded": "False", "Failed": "False"}
+    assert f"/{NS}/quickstart-x7k2p/metrics" in head.asked
+    validate(get(EJ, "quickstart"))  # the status fits the CRD's status schema
+
+    # 3. Suspend: the RayJob is suspended; KubeRay's answer shows; progress stays. Resume.
+    await call("PATCH", EJ, "quickstart", {"spec": {"suspend": True}})
+    await eventually(lambda: get(RJ, "quickstart")["spec"]["suspend"] is True, "the RayJob suspended")
+    await call("PATCH", RJ, "quickstart", {"status": {"jobDeploymentStatus": "Suspended", "jobStatus": "STOPPED", "rayClusterName": None}}, "status")
+    got = await eventually(lambda: status("quickstart").get("phase") == "Suspended" and status("quickstart"), "phase Suspended")
+    assert got["step"] == 252 and got["lastDurableCheckpoint"]["step"] == 200
+    await call("PATCH", EJ, "quickstart", {"spec": {"suspend": False}})
+    await eventually(lambda: get(RJ, "quickstart")["spec"]["suspend"] is False, "the RayJob resumed")
+
+    # 4. A job the CRD admits but the job spec's rules refuse: nothing runs, the status says why.
+    bad = quickstart(scaling={"min_workers": 1, "max_workers": 8})
+    validate(resource("too-wide", bad))
+    await call("POST", EJ, body=resource("too-wide", bad))
+    got = await eventually(lambda: status("too-wide").get("phase") == "Invalid" and status("too-wide"), "phase Invalid")
+    assert "scaling.max_workers = 8" in got["message"] and "fix:" in got["message"]
+    assert get(RJ, "too-wide") is None and get(CM, "too-wide-spec") is None
+    # ... and one the CRD itself refuses (the API server's answer, before the operator sees it).
+    with pytest.raises(Invalid, match="decay_fraction applies only with name wsd"):
+        validate(resource("wrong", quickstart(schedule={"name": "cosine", "decay_fraction": 0.2})))
+
+    # 5. Delete: the operator lets go (its finalizer removed); checkpoints stay by default (no
+    #    clean-up Job), deleteOnFinish makes the Job that clears the job's checkpoint root.
+    assert get(EJ, "quickstart")["metadata"]["finalizers"] == ["elastune.io/operator"]
+    await call("DELETE", EJ, "quickstart")
+    await eventually(lambda: get(EJ, "quickstart") is None, "the ElastuneJob gone")
+    temp = quickstart()
+    temp["checkpoint"] = {**temp["checkpoint"], "deleteOnFinish": True}
+    await call("POST", EJ, body=resource("scratch", temp))
+    await eventually(lambda: get(RJ, "scratch"), "the scratch RayJob")
+    await eventually(lambda: get(EJ, "scratch")["metadata"].get("finalizers"), "the finalizer")
+    await call("DELETE", EJ, "scratch")
+    await eventually(lambda: get(EJ, "scratch") is None, "the scratch ElastuneJob gone")
+    cleanup = get(JOB, "scratch-cleanup")
+    assert cleanup["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "python", "-m", "elastune", "ckpt", "clear", f"/mnt/elastune/checkpoints/{NS}/scratch", "--yes"]
+    validate(cleanup)
+    assert get(JOB, "quickstart-cleanup") is None
