@@ -107,6 +107,25 @@ def test_rbac_is_namespaced_and_least_privilege(objects):
     assert objects[("Deployment", "elastune-operator")]["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "k8s" / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_are_valid(path):
+    for obj in yaml.safe_load_all(path.read_text()):
+        validate({**obj, "metadata": {**obj["metadata"], "namespace": "elastune"}})
+
+
+def test_the_image_holds_what_the_manifests_run(objects):
+    """k8s/image/Dockerfile (not built here: no container runtime) puts the operator where its
+    Deployment runs it and runs as the user every pod's securityContext names."""
+    dockerfile = (ROOT / "k8s" / "image" / "Dockerfile").read_text()
+    copies = {line.split()[-2]: line.split()[-1] for line in dockerfile.splitlines() if line.startswith("COPY")}
+    command = objects[("Deployment", "elastune-operator")]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:2] == ["kopf", "run"] and command[-1] == copies["operators"] + "/elastune_operator.py"
+    assert (ROOT / "operators" / "elastune_operator.py").is_file() and (ROOT / "platform").is_dir()
+    assert "USER 1000:100" in dockerfile
+    images = {c["image"].split(":")[0] for obj in objects.values() for t in pod_templates(obj) for c in t["spec"]["containers"]}
+    assert images == {"elastune"}, images
+
+
 def test_the_crd_file_is_the_generated_one():
     assert (ROOT / "k8s" / "operator" / "crd.yaml").read_text() == crd_yaml(), "run `elastune schema --crd > k8s/operator/crd.yaml`"
 

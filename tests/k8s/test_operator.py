@@ -1,6 +1,7 @@
-"""The ElastuneJob operator end to end: operators/elastune_operator.py under kopf, against an
-in-memory Kubernetes API (tests/k8s/emulator.py), with a real Elastune metrics exporter's text
-standing in for a job's head. Create an ElastuneJob, see the RayJob appear with its owner,
+"""The ElastuneJob operator end to end: the operator Deployment's own command (`kopf run ...
+operators/elastune_operator.py`, logged in through a kubeconfig) against an in-memory Kubernetes
+API (tests/k8s/emulator.py), with a real Elastune metrics exporter's text standing in for a
+job's head. Create an ElastuneJob, see the RayJob appear with its owner,
 patch the RayJob's status and see the ElastuneJob's follow, suspend and resume, refuse an
 invalid job, delete (keeping or deleting checkpoints); every request the operator made is one
 its Role in k8s/operator/rbac.yaml allows."""
@@ -8,15 +9,19 @@ its Role in k8s/operator/rbac.yaml allows."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import aiohttp
 import kmock
-import kopf
 import pytest
 import yaml
 from prometheus_client import generate_latest
@@ -33,12 +38,9 @@ MERGE = {"Content-Type": "application/merge-patch+json"}
 
 
 def quickstart(**extra) -> dict:
-    job = yaml.safe_load((ROOT / "k8s" / "base" / "jobs" / "quickstart.yaml").read_text())
-    for key in ("name", "output_dir", "metrics"):  # the operator places these itself
-        job.pop(key)
-    job["data"]["path"] = "data/stdlib-w65"
-    job["checkpoint"].pop("path")
-    return {**job, "cluster": {"head": {"cpu": "1", "memory": "2Gi"}, "workers": {"cpu": "2", "memory": "4Gi"}}, **extra}
+    """The spec of the shipped example (k8s/examples/elastunejob-quickstart.yaml)."""
+    example = yaml.safe_load((ROOT / "k8s" / "examples" / "elastunejob-quickstart.yaml").read_text())
+    return {**example["spec"], **extra}
 
 
 def resource(name: str, spec: dict) -> dict:
@@ -70,18 +72,24 @@ class Head:
 
 
 @pytest.fixture(scope="module")
-def operator_module(tmp_path_factory):
+def head():
     head = Head()
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ELASTUNE_METRICS_URL", head.url)
-    mp.setenv("ELASTUNE_STATUS_SECONDS", "0.2")
-    mp.setenv("ELASTUNE_IMAGE", "registry.example/elastune:test")
-    spec = importlib.util.spec_from_file_location("elastune_operator", ROOT / "operators" / "elastune_operator.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # registers its handlers with kopf's default registry
-    yield module, head, mp
+    yield head
     head.server.shutdown()
-    mp.undo()
+
+
+def operator_command(liveness_port: int) -> list[str]:
+    """The Deployment's command, run from this checkout instead of the image's /opt/elastune."""
+    deployment = yaml.safe_load((ROOT / "k8s" / "operator" / "deployment.yaml").read_text())
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    swap = {"$(POD_NAMESPACE)": NS, "0.0.0.0:8081": f"127.0.0.1:{liveness_port}", "/opt/elastune/operators": str(ROOT / "operators")}
+    out = []
+    for arg in command:
+        for old, new in swap.items():
+            arg = arg.replace(old, new)
+        out.append(arg)
+    assert out[0] == "kopf" and out[-1].endswith("operators/elastune_operator.py") and f"--namespace={NS}" in out
+    return [str(Path(sys.executable).parent / "kopf"), *out[1:]]
 
 
 async def eventually(check, what: str, timeout: float = 15.0):
@@ -92,10 +100,9 @@ async def eventually(check, what: str, timeout: float = 15.0):
     return value
 
 
-def test_operator_end_to_end(operator_module, tmp_path):
-    module, head, mp = operator_module
+def test_operator_end_to_end(head, tmp_path):
     started = time.monotonic()
-    requests = asyncio.run(_scenario(module, head, mp, tmp_path))
+    requests = asyncio.run(_scenario(head, tmp_path))
     allowed = _role_rules()
     made = {(r.resource.group or "", r.resource.plural + (f"/{r.subresource}" if r.subresource else ""), VERB[r.action]) for r in requests}
     assert ("ray.io", "rayjobs", "create") in made and ("elastune.io", "elastunejobs/status", "patch") in made
@@ -116,7 +123,7 @@ def _role_rules():
     return [(r["apiGroups"], r["resources"], r["verbs"]) for r in role["rules"]]
 
 
-async def _scenario(module, head: Head, mp, tmp_path):
+async def _scenario(head: Head, tmp_path: Path):
     k8s = emulator((EJ, "ElastuneJob", {"status"}), (RJ, "RayJob", {"status"}), (CM, "ConfigMap", set()),
                    (NP, "NetworkPolicy", set()), (JOB, "Job", set()))  # fmt: skip
     async with k8s, kmock.Server(k8s) as server:
@@ -127,17 +134,39 @@ async def _scenario(module, head: Head, mp, tmp_path):
             "users": [{"name": "operator", "user": {}}],
             "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "operator", "namespace": NS}}],
         }))  # fmt: skip
-        mp.setenv("KUBECONFIG", str(kubeconfig))
-        stop, ready = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(kopf.operator(namespaces=[NS], standalone=True, stop_flag=stop, ready_flag=ready))
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "ELASTUNE_METRICS_URL": head.url, "ELASTUNE_STATUS_SECONDS": "0.2",
+               "ELASTUNE_IMAGE": "registry.example/elastune:test", "PYTHONPATH": str(ROOT)}  # fmt: skip
+        liveness = free_port()
+        log = (tmp_path / "operator.log").open("w")
+        operator = await asyncio.create_subprocess_exec(*operator_command(liveness), env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            await asyncio.wait_for(ready.wait(), 15)
             async with aiohttp.ClientSession(str(server.url)) as http:
+                await eventually(lambda: operator.returncode is not None or alive(liveness), "the operator's liveness endpoint", 30)
+                assert operator.returncode is None, (tmp_path / "operator.log").read_text()
                 await _steps(k8s, http, head)
+        except BaseException:
+            print((tmp_path / "operator.log").read_text())
+            raise
         finally:
-            stop.set()
-            await asyncio.wait_for(task, 15)
+            if operator.returncode is None:
+                operator.terminate()
+            await asyncio.wait_for(operator.wait(), 15)
+        assert operator.returncode in (0, -signal.SIGTERM), (tmp_path / "operator.log").read_text()
         return [r for r in k8s if r.resource is not None and r.resource.plural and r.headers.get("User-Agent", "").startswith(("kopf/", "elastune-operator"))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 async def _steps(k8s, http: aiohttp.ClientSession, head: Head) -> None:

@@ -30,6 +30,9 @@ SPEC_DIR = "/etc/elastune/job"  # the spec ConfigMap on the head
 METRICS_PORT = 9400  # the run's exporter on the head (the job's metrics.port)
 RAY_VERSION = "2.60.0"
 SUBMITTER, RAY = "submitter", "ray"  # the elastune.io/role of the pods the NetworkPolicy tells apart
+# Every pod: the image's non-root user (uid 1000, gid 100), nothing it could escalate to.
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
 @dataclass(frozen=True)
@@ -177,13 +180,8 @@ def ray_job(owner: Owner, job: JobSpec, cluster: ClusterSpec, per_pod: int, susp
     }
 
 
-POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100, "seccompProfile": {"type": "RuntimeDefault"}}
-CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
-
-
 def _pod(owner: Owner, image: str, container: str, limits: dict[str, Any], env_from: list[dict[str, Any]],
          ports: list[tuple[str, int]], spec_volume: str | None, claim: str) -> dict[str, Any]:  # fmt: skip
-    requests = {k: v for k, v in limits.items()}
     mounts = [{"name": "shared", "mountPath": MOUNT}, {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
     volumes = [{"name": "shared", "persistentVolumeClaim": {"claimName": claim}},
                {"name": "dshm", "emptyDir": {"medium": "Memory"}}, {"name": "tmp", "emptyDir": {}}]  # fmt: skip
@@ -200,7 +198,7 @@ def _pod(owner: Owner, image: str, container: str, limits: dict[str, Any], env_f
                 "ports": [{"name": n, "containerPort": p} for n, p in ports],
                 "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
                 **({"envFrom": env_from} if env_from else {}),
-                "resources": {"requests": requests, "limits": limits},
+                "resources": {"requests": dict(limits), "limits": limits},  # equal: Ray sizes itself by them
                 "securityContext": CONTAINER_SECURITY,
                 "volumeMounts": mounts,
             }],
@@ -250,7 +248,7 @@ def cleanup_job(owner: Owner, spec: Mapping[str, Any], settings: Settings) -> di
     """The Job that deletes a deleted ElastuneJob's checkpoints (checkpoint.deleteOnFinish)."""
     job, cluster = job_spec(owner, spec), cluster_spec(owner, spec)
     env_from = [{"secretRef": {"name": cluster.storage.credentialsSecret}}] if cluster.storage.credentialsSecret else []
-    labels = {**owner.labels("cleanup")}
+    labels = owner.labels("cleanup")
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
