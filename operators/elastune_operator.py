@@ -5,9 +5,9 @@ shows (elastune.kube.status.next_status) are pure functions tested on their own;
 here only read, write and watch. Per ElastuneJob NAME:
 
 - create / resume / a changed spec: apply the ConfigMap NAME-spec, the NetworkPolicy NAME-ray and
-  the RayJob NAME (created, or merge-patched: `suspend: true` reaches the RayJob this way, and
-  KubeRay then stops the job and deletes its cluster; `false` starts a new one, which resumes
-  from the newest durable checkpoint). An invalid spec makes nothing and sets phase Invalid with
+  the RayJob NAME (created, or brought up to date: `suspend: true` reaches the RayJob this way,
+  and KubeRay then stops the job and deletes its cluster; `false` starts a new one, which resumes
+  from the newest durable checkpoint with the spec as it is then). An invalid spec makes nothing and sets phase Invalid with
   the job spec's own explanation (field, value, rule, fix); it is retried when the spec changes.
 - every ELASTUNE_STATUS_SECONDS: mirror the RayJob's status and the run's metrics (scraped from
   the exporter on the job's head) into `status`.
@@ -33,7 +33,7 @@ import kopf
 
 from elastune.errors import SpecError
 from elastune.kube.crd import GROUP, PLURAL, VERSION
-from elastune.kube.objects import Owner, Settings, cleanup_job, desired
+from elastune.kube.objects import Owner, Settings, cleanup_job, desired, update_of
 from elastune.kube.status import invalid_status, next_status, progress_of
 
 SETTINGS = Settings.from_env()
@@ -53,7 +53,8 @@ class Api:
         group_version, ns = obj["apiVersion"], obj["metadata"]["namespace"]
         root = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
         url = f"{self.info.server.rstrip('/')}{root}/namespaces/{ns}/{PLURALS[obj['kind']]}" + (f"/{name}" if name else "")
-        headers = {**self.info.as_http_headers(), "User-Agent": "elastune-operator", "Content-Type": "application/merge-patch+json" if method == "PATCH" else "application/json"}
+        kind = "application/merge-patch+json" if method == "PATCH" else "application/json"
+        headers = {**self.info.as_http_headers(), "User-Agent": "elastune-operator", "Content-Type": kind}
         ssl = self.info.as_ssl_context() if url.startswith("https") else None
         async with aiohttp.ClientSession() as http:
             async with http.request(method, url, json=body, headers=headers, ssl=ssl) as response:
@@ -62,10 +63,10 @@ class Api:
                 return response.status
 
     async def apply(self, obj: dict[str, Any]) -> str:
-        """Create the object, or merge its desired fields into the one that exists."""
+        """Create the object, or bring the one that exists up to date (objects.update_of)."""
         if await self.request("POST", obj, body=obj) != 409:
             return "created"
-        await self.request("PATCH", obj, name=obj["metadata"]["name"], body={k: v for k, v in obj.items() if k not in ("apiVersion", "kind")})
+        await self.request("PATCH", obj, name=obj["metadata"]["name"], body=update_of(obj))
         return "updated"
 
 
@@ -129,9 +130,10 @@ async def mirror(name: str, namespace: str, spec: kopf.Spec, meta: kopf.Meta, st
 
 async def scrape(rayjob: dict[str, Any] | None, namespace: str) -> dict[str, Any] | None:
     """The run's progress from its exporter, or None while there is no cluster or no answer."""
-    cluster = ((rayjob or {}).get("status") or {}).get("rayClusterName")
-    if not cluster:
-        return None
+    status = (rayjob or {}).get("status") or {}
+    cluster = status.get("rayClusterName")
+    if not cluster or status.get("jobDeploymentStatus") != "Running":
+        return None  # no head to ask (not yet, suspended, or finished)
     url = SETTINGS.metrics_url.format(cluster=cluster, namespace=namespace)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as http:

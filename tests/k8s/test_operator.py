@@ -9,6 +9,7 @@ its Role in k8s/operator/rbac.yaml allows."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import signal
 import socket
@@ -227,8 +228,12 @@ async def _steps(k8s, http: aiohttp.ClientSession, head: Head) -> None:
     await call("PATCH", RJ, "quickstart", {"status": {"jobDeploymentStatus": "Suspended", "jobStatus": "STOPPED", "rayClusterName": None}}, "status")
     got = await eventually(lambda: status("quickstart").get("phase") == "Suspended" and status("quickstart"), "phase Suspended")
     assert got["step"] == 252 and got["lastDurableCheckpoint"]["step"] == 200
-    await call("PATCH", EJ, "quickstart", {"spec": {"suspend": False}})
+    made = copy.deepcopy(get(RJ, "quickstart")["spec"])
+    await call("PATCH", EJ, "quickstart", {"spec": {"suspend": False, "stop": {"max_steps": 4000}, "cluster": {"workers": {"cpu": "1"}}}})
     await eventually(lambda: get(RJ, "quickstart")["spec"]["suspend"] is False, "the RayJob resumed")
+    # The resumed job reads the changed spec from its ConfigMap; KubeRay's job keeps its cluster.
+    await eventually(lambda: "max_steps: 4000" in get(CM, "quickstart-spec")["data"]["job.yaml"], "the changed spec")
+    assert get(RJ, "quickstart")["spec"] == {**made, "suspend": False}
 
     # 4. A job the CRD admits but the job spec's rules refuse: nothing runs, the status says why.
     bad = quickstart(scaling={"min_workers": 1, "max_workers": 8})

@@ -138,6 +138,17 @@ def desired(owner: Owner, spec: Mapping[str, Any], settings: Settings) -> list[d
     ]  # fmt: skip
 
 
+def update_of(obj: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch that brings an existing object to `obj`. A RayJob takes only `suspend`:
+    KubeRay fixes a job's entrypoint and cluster when it submits it, so the rest of a changed
+    spec reaches the job through its ConfigMap at its next start (a resume after suspend, a
+    retry); a changed `cluster` needs a new RayJob (delete and re-create the ElastuneJob: the
+    checkpoints stay and it resumes)."""
+    if obj["kind"] == "RayJob":
+        return {"metadata": obj["metadata"], "spec": {"suspend": obj["spec"]["suspend"]}}
+    return {k: v for k, v in obj.items() if k not in ("apiVersion", "kind")}
+
+
 def ray_job(owner: Owner, job: JobSpec, cluster: ClusterSpec, per_pod: int, suspend: bool, settings: Settings) -> dict[str, Any]:
     image = cluster.image or settings.image
     low, high = (math.ceil(n / per_pod) for n in (job.scaling.min_workers, job.scaling.max_workers))

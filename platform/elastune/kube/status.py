@@ -4,6 +4,7 @@ job serves on its head). Progress survives a scrape that fails: the last values 
 
 from __future__ import annotations
 
+import datetime
 from typing import Any, Mapping
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -49,8 +50,6 @@ def progress_of(metrics_text: str) -> dict[str, Any]:
 
 
 def rfc3339(seconds: float) -> str:
-    import datetime
-
     return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
