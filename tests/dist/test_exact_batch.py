@@ -11,7 +11,6 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from elastune.data.sampler import positions, sample_indices
@@ -22,7 +21,7 @@ from elastune.spec.models import SGDSpec
 from elastune.train.batch_plan import batch_plan
 from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.step import GradBuffer, train_step
-from tests.helpers import TINY, RandomTokens, reference_sgd_update, rel_err, tiny_model
+from tests.helpers import TINY, RandomTokens, reference_sgd_update, rel_err, start_ranks, tiny_model
 
 G, M, LR, SEED = 24, 4, 0.5, 11
 
@@ -53,7 +52,7 @@ def _worker(rank: int, world: int, port: int, out: str, dropout: float) -> None:
 
 
 def _run(world: int, out: str, dropout: float = 0.0) -> list[dict[str, torch.Tensor]]:
-    mp.start_processes(_worker, args=(world, _free_port(), out, dropout), nprocs=world, start_method="spawn")
+    start_ranks(_worker, (world, _free_port(), out, dropout), world)
     return [load_file(os.path.join(out, f"w{world}-r{r}.safetensors")) for r in range(world)]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -148,6 +149,16 @@ def test_a_long_job_is_stopped_and_its_checkpoints_stay(secured, long_job):
     while not list(checkpoints.glob("step-*/manifest.json")):  # training, with a durable checkpoint
         assert time.monotonic() < deadline, elastune("logs", "long-1", "--address", url, env=env, cwd=job.parent).stdout
         time.sleep(0.5)
+    # Ctrl-C while following detaches: exit 0, the follow-up commands, the job still running.
+    follow = subprocess.Popen([sys.executable, "-m", "elastune", "logs", "long-1", "--follow", "--address", url],
+                              cwd=job.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert follow.stdout.readline()  # following: the job's log has started to arrive
+    follow.send_signal(signal.SIGINT)
+    out, err = follow.communicate(timeout=30)
+    assert follow.returncode == 0 and "Detached; long-1 keeps running" in out and "Traceback" not in err, (out, err)
+    assert "elastune stop long-1" in out
+    status = json.loads(elastune("status", "long-1", "--json", "--address", url, env=env, cwd=job.parent).stdout)
+    assert status["status"] == "RUNNING", status
     stopped = elastune("stop", "long-1", "--address", url, env=env, cwd=job.parent)
     assert stopped.returncode == 0 and "Stopping: long-1" in stopped.stdout
     followed = elastune("logs", "long-1", "--follow", "--address", url, env=env, cwd=job.parent)

@@ -51,7 +51,9 @@ def validate(obj: dict[str, Any]) -> None:
 def crds() -> Iterator[dict[str, Any]]:
     from elastune.kube.crd import crd
 
-    for path in sorted(KUBERAY.glob("*.yaml")):
+    paths = sorted(KUBERAY.glob("*.yaml"))
+    assert paths, f"KubeRay's CRD files are missing: expected {KUBERAY}/ray.io_*.yaml (the shared test data beside the checkout)"
+    for path in paths:
         yield from (d for d in yaml.load_all(path.read_text(), Loader=yaml.CSafeLoader) if d)
     yield crd()
 

@@ -125,6 +125,13 @@ def test_worker_pods_are_sized_from_the_scaling_section():
     assert group["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
 
 
+def test_the_head_trains_nothing_but_hosts_live_recoverys_lighthouse():
+    head = lambda s: desired(OWNER, s, Settings())[2]["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"]  # noqa: E731
+    spec = _quickstart()
+    assert head(spec) == "0"
+    assert head({**spec, "scaling": {**spec["scaling"], "recovery": "live"}}) == "1"
+
+
 @pytest.mark.parametrize("status, suspend, phase", [
     (None, False, "Pending"),
     (None, True, "Suspended"),

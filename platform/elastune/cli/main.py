@@ -115,6 +115,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from elastune.spec import load_spec, spec_dir_of
 
     spec = load_spec(args.job)
+    from elastune.tune.population import check_search
+
+    check_search(spec)  # a bad search is told before torch and Ray are imported
     from rich.console import Console
 
     from elastune.tune.driver import run_tune

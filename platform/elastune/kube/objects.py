@@ -151,6 +151,8 @@ def update_of(obj: dict[str, Any]) -> dict[str, Any]:
 
 def ray_job(owner: Owner, job: JobSpec, cluster: ClusterSpec, per_pod: int, suspend: bool, settings: Settings) -> dict[str, Any]:
     image = cluster.image or settings.image
+    # The head trains nothing; live recovery's torchft lighthouse takes one CPU on the driver's node.
+    head_cpus = "1" if job.scaling.recovery == "live" else "0"
     low, high = (math.ceil(n / per_pod) for n in (job.scaling.min_workers, job.scaling.max_workers))
     env_from = [{"secretRef": {"name": cluster.storage.credentialsSecret}}] if cluster.storage.credentialsSecret else []
     worker_limits = {"cpu": cluster.workers.cpu, "memory": cluster.workers.memory}
@@ -183,7 +185,7 @@ def ray_job(owner: Owner, job: JobSpec, cluster: ClusterSpec, per_pod: int, susp
                 "enableInTreeAutoscaling": high > low,
                 **({"autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 120,
                                           "securityContext": CONTAINER_SECURITY}} if high > low else {}),  # fmt: skip
-                "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0", "metrics-export-port": "8080"}, "template": head},
+                "headGroupSpec": {"rayStartParams": {"num-cpus": head_cpus, "dashboard-host": "0.0.0.0", "metrics-export-port": "8080"}, "template": head},
                 "workerGroupSpecs": [{"groupName": "workers", "replicas": low, "minReplicas": low, "maxReplicas": high,
                                       "rayStartParams": {}, "template": worker}],  # fmt: skip
             },

@@ -28,14 +28,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
 from elastune.data.prepare import ensure_prepared
-from elastune.errors import SpecError
 from elastune.metrics.exporter import RunExporter
 from elastune.recipes import load_recipe
 from elastune.spec.models import JobSpec
 from elastune.train.driver import connect_ray, resolve_paths
 from elastune.train.run_dir import new_run_id
 from elastune.tune.branches import BRANCHES, BranchSearcher, fork_points
-from elastune.tune.population import check_space
+from elastune.tune.population import check_search
 from elastune.tune.search import LINEAGE, PopulationSearcher, SearchPlan
 from elastune.tune.segment import train_segment
 
@@ -54,13 +53,9 @@ class TuneOutcome:
 
 def run_tune(spec: JobSpec, spec_dir: str, *, address: str | None = None, console: Console | None = None, verbose: bool = False) -> TuneOutcome:
     console = console or Console()
-    if spec.tune is None:
-        raise SpecError("the job has no tune: section; add one (population, interval_samples, search) to search its schedule, "
-                        "see docs/tuning.md")  # fmt: skip
+    check_search(spec)
     spec = resolve_paths(spec)
-    if spec.tune.mode == "pbt":
-        check_space(spec)
-    else:
+    if spec.tune.mode == "wsd_branches":
         fork_points(spec)  # refuses budgets that fork inside the warmup
     recipe = load_recipe(spec.model, spec_dir)
     if recipe.dataset is None:

@@ -60,6 +60,16 @@ def initial_values(spec: JobSpec, rng: random.Random) -> list[dict[str, Any]]:
     return [base_values(spec) | {d.name: _native(d.sample(rng)) for d in space} for _ in range(spec.tune.population)]
 
 
+def check_search(spec: JobSpec) -> None:
+    """What `elastune tune` refuses before it imports torch or Ray: a job without `tune:`, and a
+    population search whose space reaches invalid jobs (check_space)."""
+    if spec.tune is None:
+        raise SpecError("the job has no tune: section; add one (population, interval_samples, search) to search its schedule, "
+                        "see docs/tuning.md")  # fmt: skip
+    if spec.tune.mode == "pbt":
+        check_space(spec)
+
+
 def check_space(spec: JobSpec) -> None:
     """Refuse, before anything runs, a search whose ranges reach an invalid job (each range's
     ends and every choice are tried) or whose interval ends mid-step for some global batch."""
