@@ -20,6 +20,7 @@ from elastune.kube.models import ElastuneJobSpec, ElastuneJobStatus
 
 GROUP, VERSION, KIND, PLURAL = "elastune.io", "v1alpha1", "ElastuneJob", "elastunejobs"
 DROP = {"title", "default", "discriminator", "$schema", "additionalProperties", "examples"}
+REWRITTEN = {"$defs", "properties", "items", "prefixItems", "const", "exclusiveMinimum", "exclusiveMaximum"}
 PRESERVE = {"x-kubernetes-preserve-unknown-fields": True}
 
 
@@ -35,7 +36,7 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     options = node.get("oneOf") or node.get("anyOf")
     if options is not None:
         return _union(node, [_convert(o, defs) for o in options])
-    out: dict[str, Any] = {k: v for k, v in node.items() if k not in DROP and k not in ("$defs", "properties", "items", "prefixItems", "const", "exclusiveMinimum", "exclusiveMaximum")}
+    out: dict[str, Any] = {k: v for k, v in node.items() if k not in DROP | REWRITTEN}
     if not node.get("type") and "const" not in node and "enum" not in node:
         return {**_described(node), **PRESERVE}  # Any: the operator's validation decides
     if "const" in node:
@@ -53,9 +54,9 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         else:
             out.update(PRESERVE)
     if out.get("type") == "array":
-        if "prefixItems" in node:  # a tuple of one item type
+        if "prefixItems" in node:  # a tuple: a bounded array of its item type (or of anything)
             items = [_convert(i, defs) for i in node["prefixItems"]]
-            out["items"] = items[0]
+            out["items"] = items[0] if all(i == items[0] for i in items) else dict(PRESERVE)
             out.update(minItems=len(items), maxItems=len(items))
         else:
             out["items"] = _convert(node.get("items", {}), defs)
