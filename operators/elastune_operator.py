@@ -104,15 +104,17 @@ def _rayjob(index: kopf.Index, namespace: str, name: str) -> dict[str, Any] | No
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-async def apply(name: str, namespace: str, uid: str, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status,
+async def apply(name: str, namespace: str, uid: str, body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status,
                 patch: kopf.Patch, rayjobs: kopf.Index, **_: Any) -> None:  # fmt: skip
     try:
         objects = desired(Owner(name, namespace, uid), dict(spec), SETTINGS)
     except SpecError as exc:
         patch.status.update(invalid_status(str(exc), meta.get("generation"), dict(status), now()))
+        kopf.warn(body, reason="InvalidSpec", message=str(exc))  # `kubectl describe ej` shows it
         raise kopf.PermanentError(str(exc)) from None
-    for obj in objects:
-        log.info("%s %s %s", await API.apply(obj), obj["kind"], obj["metadata"]["name"])
+    done = [f"{await API.apply(obj)} {obj['kind']} {obj['metadata']['name']}" for obj in objects]
+    log.info("%s/%s: %s", namespace, name, ", ".join(done))
+    kopf.info(body, reason="Applied", message=", ".join(done))
     patch.status.update(next_status(dict(status), _rayjob(rayjobs, namespace, name), bool(spec.get("suspend")), None, meta.get("generation"), now()))
 
 
@@ -148,10 +150,11 @@ def _deletes_checkpoints(spec: kopf.Spec, **_: Any) -> bool:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_checkpoints)
-async def delete_checkpoints(name: str, namespace: str, uid: str, spec: kopf.Spec, **_: Any) -> None:
+async def delete_checkpoints(name: str, namespace: str, uid: str, body: kopf.Body, spec: kopf.Spec, **_: Any) -> None:
     try:
         job = cleanup_job(Owner(name, namespace, uid), dict(spec), SETTINGS)
     except SpecError:
         return  # it never ran: no checkpoints of its own to delete
     if await API.request("POST", job, body=job) == 409:
         log.info("Job %s exists already", job["metadata"]["name"])
+    kopf.info(body, reason="DeletingCheckpoints", message=f"Job {job['metadata']['name']} deletes {job['spec']['template']['spec']['containers'][0]['command'][-2]}")

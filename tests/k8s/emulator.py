@@ -1,8 +1,8 @@
 """An in-memory Kubernetes API for the operator's end-to-end test: kmock's KubernetesEmulator
 with the API server behaviour kopf relies on and kmock 0.8 leaves out.
 
-- Creation fills in what an API server adds: the namespace from the URL, uid, creationTimestamp,
-  generation; every write gets a resourceVersion from one counter (kopf's JSON patches test it).
+- Creation fills in what an API server adds: the namespace from the URL, a name from
+  generateName, uid, creationTimestamp, generation; every write gets a resourceVersion from one counter (kopf's JSON patches test it).
 - LIST answers with the current resourceVersion, and a WATCH from a resourceVersion replays only
   the objects written after it (kmock replays everything as new, which makes kopf run handlers
   twice); the watch subscribes before it takes its snapshot, so no write in between is lost.
@@ -34,6 +34,8 @@ class Emulator(kmock.KubernetesEmulator):
             rv = str(self.rv)
             if isinstance(data, dict) and request.action == kmock.action.CREATE:
                 meta = data.setdefault("metadata", {})
+                if "name" not in meta and meta.get("generateName"):  # kopf's events
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
                 if request.namespace:
                     meta.setdefault("namespace", request.namespace)
                 meta.setdefault("uid", str(uuid.uuid4()))
