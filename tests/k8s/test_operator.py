@@ -137,15 +137,15 @@ async def _scenario(head: Head, tmp_path: Path):
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "ELASTUNE_METRICS_URL": head.url, "ELASTUNE_STATUS_SECONDS": "0.2",
                "ELASTUNE_IMAGE": "registry.example/elastune:test", "PYTHONPATH": str(ROOT)}  # fmt: skip
         liveness = free_port()
-        log = (tmp_path / "operator.log").open("w")
-        operator = await asyncio.create_subprocess_exec(*operator_command(liveness), env=env, stdout=log, stderr=subprocess.STDOUT)
+        with (tmp_path / "operator.log").open("w") as log:
+            operator = await asyncio.create_subprocess_exec(*operator_command(liveness), env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             async with aiohttp.ClientSession(str(server.url)) as http:
                 await eventually(lambda: operator.returncode is not None or alive(liveness), "the operator's liveness endpoint", 30)
                 assert operator.returncode is None, (tmp_path / "operator.log").read_text()
                 await _steps(k8s, http, head)
         except BaseException:
-            print((tmp_path / "operator.log").read_text())
+            print((tmp_path / "operator.log").read_text())  # in pytest's report of the failure
             raise
         finally:
             if operator.returncode is None:
