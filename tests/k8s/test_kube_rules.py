@@ -41,7 +41,7 @@ def test_the_schema_is_structural():
         assert node.get("type") or node.get("x-kubernetes-preserve-unknown-fields"), path
         assert not {"$ref", "$defs", "default", "const", "prefixItems", *JUNCTORS} & set(node), (path, set(node))
         assert not ("properties" in node and "additionalProperties" in node), path
-        assert not isinstance(node.get("exclusiveMinimum"), (int, float)) or isinstance(node["exclusiveMinimum"], bool), path
+        assert isinstance(node.get("exclusiveMinimum", False), bool) and isinstance(node.get("exclusiveMaximum", False), bool), path
     assert crd()["spec"]["versions"][0]["subresources"] == {"status": {}}
 
 

@@ -102,7 +102,6 @@ async def eventually(check, what: str, timeout: float = 15.0):
 
 
 def test_operator_end_to_end(head, tmp_path):
-    started = time.monotonic()
     requests = asyncio.run(_scenario(head, tmp_path))
     allowed = _role_rules()
     made = {(r.resource.group or "", r.resource.plural + (f"/{r.subresource}" if r.subresource else ""), VERB[r.action]) for r in requests}
@@ -111,7 +110,6 @@ def test_operator_end_to_end(head, tmp_path):
     assert not refused, f"the operator made requests its Role does not allow: {refused}"
     granted = {(g, res, verb) for gs, ress, verbs in allowed for g in gs for res in ress for verb in verbs}
     assert granted == made, f"least privilege: the Role grants what the operator used, no more: {granted - made}"
-    assert time.monotonic() - started < 60
 
 
 VERB = {kmock.action.LIST: "list", kmock.action.WATCH: "watch", kmock.action.FETCH: "get", kmock.action.CREATE: "create",
