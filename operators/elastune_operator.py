@@ -9,16 +9,24 @@ here only read, write and watch. Per ElastuneJob NAME:
   and KubeRay then stops the job and deletes its cluster; `false` starts a new one, which resumes
   from the newest durable checkpoint with the spec as it is then). An invalid spec makes nothing and sets phase Invalid with
   the job spec's own explanation (field, value, rule, fix); it is retried when the spec changes.
+  So does a spec across the trust boundary (elastune.kube.trust): an image off
+  ELASTUNE_ALLOWED_IMAGES, or deleteOnFinish on a checkpoint path outside the job's own prefix.
 - every ELASTUNE_STATUS_SECONDS: mirror the RayJob's status and the run's metrics (scraped from
   the exporter on the job's head) into `status`.
 - delete: the owned objects go by Kubernetes' garbage collection; the checkpoints stay, unless
-  spec.checkpoint.deleteOnFinish, when a Job deletes them. The resource carries the finalizer
+  spec.checkpoint.deleteOnFinish, when a Job deletes them, if the prefix rule still holds (checked
+  again: otherwise no Job, a warning event). The resource carries the finalizer
   elastune.io/operator meanwhile (kopf's, for stopping the status timer and this clean-up): a
   resource deleted while no operator runs waits for one (or for the finalizer to be removed).
 
 Configuration is the Deployment's environment (elastune.kube.objects.Settings): ELASTUNE_IMAGE,
 ELASTUNE_KUBERAY_NAMESPACE, ELASTUNE_MONITORING_NAMESPACE, ELASTUNE_METRICS_URL,
-ELASTUNE_STATUS_SECONDS.
+ELASTUNE_STATUS_SECONDS, and the trust boundary's ELASTUNE_ALLOWED_IMAGES (image prefixes; unset:
+any image), ELASTUNE_CHECKPOINT_PREFIX (an object-store job's own prefix, e.g.
+s3://bucket/elastune/{namespace}/{name}; unset: deleteOnFinish only on the shared volume),
+ELASTUNE_STORAGE_EGRESS, ELASTUNE_KUBE_API_EGRESS and ELASTUNE_DNS_EGRESS (CIDR[:PORT] lists the
+Ray pods may reach).
+A malformed setting stops the operator at its start, saying which and why.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import kopf
 
 from elastune.errors import SpecError
 from elastune.kube.crd import GROUP, PLURAL, VERSION
-from elastune.kube.objects import Owner, Settings, cleanup_job, desired, update_of
+from elastune.kube.objects import Owner, Settings, cleanup_job, deletes_checkpoints, desired, update_of
 from elastune.kube.status import invalid_status, next_status, progress_of
 
 SETTINGS = Settings.from_env()
@@ -123,6 +131,10 @@ async def mirror(name: str, namespace: str, spec: kopf.Spec, meta: kopf.Meta, st
                  patch: kopf.Patch, rayjobs: kopf.Index, **_: Any) -> None:  # fmt: skip
     if status.get("phase") == "Invalid":
         return  # the spec has to change first (apply runs then)
+    if status.get("observedGeneration") != meta.get("generation"):
+        # apply has not handled this spec yet: kopf starts timers before handlers, and a status
+        # written now could land after apply's (say Invalid) and hide it.
+        return
     rayjob = _rayjob(rayjobs, namespace, name)
     progress = await scrape(rayjob, namespace)
     new = next_status(dict(status), rayjob, bool(spec.get("suspend")), progress, status.get("observedGeneration"), now())
@@ -146,15 +158,18 @@ async def scrape(rayjob: dict[str, Any] | None, namespace: str) -> dict[str, Any
 
 
 def _deletes_checkpoints(spec: kopf.Spec, **_: Any) -> bool:
-    return bool((spec.get("checkpoint") or {}).get("deleteOnFinish"))
+    return deletes_checkpoints(spec)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_checkpoints)
 async def delete_checkpoints(name: str, namespace: str, uid: str, body: kopf.Body, spec: kopf.Spec, **_: Any) -> None:
     try:
         job = cleanup_job(Owner(name, namespace, uid), dict(spec), SETTINGS)
-    except SpecError:
-        return  # it never ran: no checkpoints of its own to delete
+    except SpecError as exc:
+        # Never a clean-up outside the job's own prefix, whatever the spec became since it ran.
+        log.warning("%s/%s: its checkpoints stay, no clean-up Job: %s", namespace, name, exc)
+        kopf.warn(body, reason="CheckpointsKept", message=f"no clean-up Job: {exc}")
+        return
     if await API.request("POST", job, body=job) == 409:
         log.info("Job %s exists already", job["metadata"]["name"])
     kopf.info(body, reason="DeletingCheckpoints", message=f"Job {job['metadata']['name']} deletes {job['spec']['template']['spec']['containers'][0]['command'][-2]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -99,3 +100,19 @@ def start_ranks(fn, args: tuple, world: int) -> None:
     # torch._dynamo: the first optimizer a process builds imports it (2 s).
     multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "elastune.train.step", "tests.helpers", fn.__module__])
     mp.start_processes(fn, args=args, nprocs=world, start_method="forkserver")
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size_bytes: int):
+    """A real filesystem of `size_bytes` at `path` (tmpfs), to run out of space on; the test is
+    skipped, saying why, where mounting is not allowed (it needs root or CAP_SYS_ADMIN)."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0755", "tmpfs", str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a {size_bytes}-byte tmpfs to fill ({mounted.stderr.strip() or 'mount failed'}); needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

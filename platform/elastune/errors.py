@@ -47,10 +47,23 @@ class DataError(ElastuneError):
 
 
 class CheckpointError(ElastuneError):
-    """A checkpoint cannot be written or read."""
+    """A checkpoint cannot be written or read: it is corrupt, incomplete or out of place."""
 
     user_error = False
 
+
+class IncompatibleCheckpoint(ElastuneError):
+    """A valid checkpoint that does not fit this job (another model's tensors or shapes). Not
+    corrupt: nothing falls back past it, and nothing overwrites it without --fresh."""
+
+
+class StorageError(ElastuneError):
+    """A checkpoint location that cannot be used: an unknown scheme, a malformed URI, a store
+    that cannot be reached, a root that does not exist where one must."""
+
+
+class LeaseHeld(ElastuneError):
+    """Another run holds the checkpoint root (one root, one writer)."""
 
 
 class Unreachable(ElastuneError):

@@ -39,8 +39,10 @@ def head_env(token: str | None) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int, token: str | None) -> Iterator[str]:
-    """Yields the head's Ray Jobs API URL."""
+def ray_head(num_cpus: int, token: str | None, nodes: tuple[int, ...] = ()) -> Iterator[str]:
+    """Yields the head's Ray Jobs API URL; `nodes`: the CPUs of each worker node to start beside
+    it (`ray start --address`, on loopback: a multi-node cluster on one machine). The head's
+    core address is `core_address(url)`."""
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths live under it
     port, dashboard = free_port(), free_port()
     ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
@@ -51,12 +53,26 @@ def ray_head(num_cpus: int, token: str | None) -> Iterator[str]:
     started = subprocess.run(command, env=head_env(token), capture_output=True, text=True, timeout=120)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
+        for cpus in nodes:
+            node = [RAY, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
+                    "--disable-usage-stats", *(x for p in ports if p != "--ray-client-server-port" for x in (p, str(free_port())))]  # fmt: skip
+            joined = subprocess.run(node, env=head_env(token), capture_output=True, text=True, timeout=120)
+            assert joined.returncode == 0, joined.stdout + joined.stderr
         url = f"http://127.0.0.1:{dashboard}"
         wait_for_jobs_api(url)
+        CORE[url] = f"127.0.0.1:{port}"
         yield url
     finally:
         stop_processes_under(temp)
         forget_address(f"127.0.0.1:{port}")
+
+
+CORE: dict[str, str] = {}
+
+
+def core_address(url: str) -> str:
+    """The GCS address (host:port) of the head whose Jobs API is `url`: what `elastune run --address` joins."""
+    return CORE[url]
 
 
 def forget_address(address: str) -> None:

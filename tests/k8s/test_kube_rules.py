@@ -1,19 +1,23 @@
 """The pure rules behind the operator and the CRD: the generated schema is structural and admits
 every job spec the project ships, refuses what the job spec refuses where a schema can say it;
 paths are placed on the shared volume; pods are sized from the scaling section; the status
-follows KubeRay's states and the run's metrics."""
+follows KubeRay's states and the run's metrics; the trust boundary holds (deleteOnFinish only
+inside the job's own prefix, the image allowlist, egress)."""
 
 from __future__ import annotations
 
+import itertools
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from elastune.errors import SpecError
+from elastune.errors import ElastuneError, SpecError
 from elastune.kube.crd import crd, spec_schema
-from elastune.kube.objects import Owner, Settings, desired, job_spec
+from elastune.kube.objects import Owner, Settings, cleanup_job, desired, job_spec, on_volume
+from elastune.kube.trust import Egress, deletable_root, image_allowed
 from elastune.kube.status import next_status, phase_of, progress_of
 from elastune.metrics.exporter import RunMetrics
 from tests.k8s.schemas import Invalid, validate
@@ -168,3 +172,258 @@ def test_progress_counts_from_the_start_of_training_not_of_this_run():
     progress = progress_of(generate_latest(metrics.registry).decode())
     assert (progress["step"], progress["samples"], progress["worldSize"], progress["failuresSurvived"]) == (203, 203 * 32, 2, 0)
     assert "lastDurableCheckpoint" not in progress  # none in this run yet
+
+
+# The trust boundary (elastune.kube.trust): deleteOnFinish inside the job's own prefix, the image
+# allowlist, egress. OWNER is team-a/j: its own prefixes are these two.
+VOLUME_PREFIX, URI_TEMPLATE = "/mnt/elastune/checkpoints/team-a/j", "s3://bucket/elastune/{namespace}/{name}"
+URI_PREFIX = "s3://bucket/elastune/team-a/j"
+SEGMENTS = ("j", "j-2", "sub", "..", ".", "")  # the job, a name it prefixes, a folder, and what normalising removes
+
+
+def resolved_inside(location: str, prefix: str) -> bool:
+    """An independent reference: resolve segment by segment with a stack; a `..` above a URI's
+    bucket escapes it (refused), one above / stays at / as on a POSIX disk."""
+    scheme, sep, rest = location.partition("://")
+    pre_scheme, _, pre_rest = prefix.partition("://")
+    if sep and scheme != pre_scheme:
+        return False
+    stack: list[str] = []
+    for seg in (rest if sep else location).split("/"):
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if not stack and sep:
+                return False
+            stack = stack[:-1]
+            continue
+        stack.append(seg)
+    want = [s for s in (pre_rest if sep else prefix).split("/") if s]
+    return stack[: len(want)] == want
+
+
+@pytest.mark.parametrize("base, prefix", [("/mnt/elastune/checkpoints/team-a", VOLUME_PREFIX), ("s3://bucket/elastune/team-a", URI_PREFIX)])
+def test_delete_on_finish_stays_inside_the_jobs_own_prefix_generated(base, prefix):
+    """Every path of up to three segments from SEGMENTS below the namespace's folder: accepted
+    exactly when the reference resolves it inside the job's prefix, and then to that resolution."""
+    cases = [f"{base}/{'/'.join(p)}" for n in range(4) for p in itertools.product(SEGMENTS, repeat=n)]
+    assert len(cases) == 259
+    accepted = 0
+    for location in cases:
+        expect = resolved_inside(location, prefix)
+        try:
+            root = deletable_root(location, VOLUME_PREFIX, URI_PREFIX, "ElastuneJob team-a/j")
+        except SpecError as exc:
+            assert not expect, f"{location} refused: {exc}"
+            assert f"spec.checkpoint.path = {location!r}" in str(exc) and "rule:" in str(exc) and "fix:" in str(exc), str(exc)
+            continue
+        assert expect, f"{location} accepted as {root}, outside {prefix}"
+        assert root == prefix or root.startswith(prefix + "/"), (location, root)
+        assert not {"..", ".", ""} & set(root.partition("://")[2 if "://" in root else 0].split("/")[1:]), root
+        accepted += 1
+    assert 40 < accepted < 200  # both kinds well represented
+
+
+DELETABLE = [  # (checkpoint.path as written, the root ckpt clear gets, or None: refused)
+    (None, VOLUME_PREFIX),  # the default
+    ("checkpoints/team-a/j", VOLUME_PREFIX),
+    ("checkpoints/team-a/j/run-1", f"{VOLUME_PREFIX}/run-1"),
+    ("checkpoints//team-a/./j//run-1/", f"{VOLUME_PREFIX}/run-1"),
+    ("checkpoints/team-a/j/a/../b", f"{VOLUME_PREFIX}/b"),
+    (f"file://{VOLUME_PREFIX}/x", f"{VOLUME_PREFIX}/x"),
+    (f"{VOLUME_PREFIX}/x", f"{VOLUME_PREFIX}/x"),
+    (URI_PREFIX, URI_PREFIX),
+    (f"{URI_PREFIX}/run-1", f"{URI_PREFIX}/run-1"),
+    (f"{URI_PREFIX}/./run-1/../x/", f"{URI_PREFIX}/x"),
+    ("checkpoints/team-a/j-2", None),  # prefix confusion: another job's name starting with this one's
+    ("checkpoints/team-a/j2/x", None),
+    ("checkpoints/team-a/other", None),
+    ("checkpoints/team-b/j", None),  # another namespace
+    ("checkpoints/team-a", None),  # the whole namespace
+    ("checkpoints/team-a/j/../other", None),
+    ("checkpoints/team-a/j/../../../../etc", None),
+    ("../etc", None),
+    ("/etc/elastune", None),
+    ("/mnt/elastune", None),
+    ("/tmp/ckpt/team-a/j", None),
+    (f"file://host{VOLUME_PREFIX}", None),
+    ("s3://other/elastune/team-a/j", None),  # another bucket
+    ("s3://bucket-2/elastune/team-a/j", None),
+    ("s3://bucket/../other/elastune/team-a/j", None),  # a `..` that leaves the bucket
+    ("s3://bucket/elastune/team-a/j/../j-2", None),
+    ("s3://bucket/elastune/team-a/j-2", None),
+    ("s3://key@bucket/elastune/team-a/j", None),
+    ("gs://bucket/elastune/team-a/j", None),  # another scheme
+    (f"{URI_PREFIX}?endpoint_override=evil.example", None),  # pyarrow reads query options
+    (f"{URI_PREFIX}/%2e%2e/j-2", None),
+    (f"{URI_PREFIX}#x", None),
+]
+
+
+@pytest.mark.parametrize("path, root", DELETABLE, ids=lambda v: str(v))
+def test_delete_on_finish_is_refused_outside_the_jobs_own_prefix(path, root):
+    spec = _quickstart()
+    spec["checkpoint"] = {**spec["checkpoint"], "deleteOnFinish": True, **({"path": path} if path else {})}
+    settings = Settings(checkpoint_prefix=URI_TEMPLATE)
+    if root is None:
+        # The job spec's own URI rules may refuse it first; either way nothing is made ...
+        with pytest.raises(SpecError, match=r"(?s)ElastuneJob team-a/j.*checkpoint\.path = .*rule: .*fix:  "):
+            desired(OWNER, spec, settings)
+        with pytest.raises(SpecError):
+            cleanup_job(OWNER, spec, settings)  # ... and at delete, checked again: no Job
+        with pytest.raises(SpecError, match=r"(?s)spec\.checkpoint\.path = .*rule: .*deleteOnFinish.*fix:  "):
+            deletable_root(on_volume(path), VOLUME_PREFIX, URI_PREFIX, "ElastuneJob team-a/j")  # the prefix rule alone refuses it
+        return
+    assert len(desired(OWNER, spec, settings)) == 3
+    command = cleanup_job(OWNER, spec, settings)["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command == ["python", "-m", "elastune", "ckpt", "clear", root, "--yes"]
+    spec["checkpoint"]["deleteOnFinish"] = False
+    desired(OWNER, spec, settings)  # where a job writes is not the rule's business; deleting is
+
+
+def test_object_store_deletion_needs_the_operators_prefix():
+    spec = _quickstart()
+    spec["checkpoint"] = {"path": URI_PREFIX, "deleteOnFinish": True}
+    with pytest.raises(SpecError, match="ELASTUNE_CHECKPOINT_PREFIX, and this operator has none"):
+        desired(OWNER, spec, Settings())
+    spec["checkpoint"]["path"] = "checkpoints/team-a/j"
+    desired(OWNER, spec, Settings())
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("s3://bucket/elastune/{namespace}/{name}", None),
+    ("gs://bucket/{namespace}/jobs/{name}/", None),
+    ("s3://bucket/elastune/{name}", "{namespace} once"),
+    ("s3://bucket/elastune/{namespace}", "{name} once"),
+    ("s3://bucket/elastune/{namespace}-{name}", "as a whole component"),  # ns a-b/job c and ns a/job b-c would share one
+    ("s3://{namespace}/{name}/x", "{namespace} once"),
+    ("/mnt/elastune/{namespace}/{name}", "object-store URI"),
+    ("file:///data/{namespace}/{name}", "object-store URI"),
+    ("s3://bucket/../{namespace}/{name}", "no '.', '..'"),
+    ("s3://bucket/x?region=eu/{namespace}/{name}", "no '?'"),
+    ("s3://bucket/{namespace}/{name}/{job}", "the only fields"),
+])  # fmt: skip
+def test_the_checkpoint_prefix_template_is_checked(template, problem):
+    if problem is None:
+        assert Settings.from_env({"ELASTUNE_CHECKPOINT_PREFIX": template}).checkpoint_prefix == template.rstrip("/")
+        return
+    with pytest.raises(ElastuneError, match=re.escape(problem)):
+        Settings.from_env({"ELASTUNE_CHECKPOINT_PREFIX": template})
+
+
+ALLOWED = ("registry.example.com/elastune", "registry.example.com:5000/team", "elastune")
+IMAGES = [  # (image, admitted by ALLOWED)
+    ("registry.example.com/elastune", True),
+    ("registry.example.com/elastune:1", True),
+    ("registry.example.com/elastune:0.1.0-cu128", True),
+    ("registry.example.com/elastune@sha256:" + "a" * 64, True),
+    ("registry.example.com/elastune:1@sha256:" + "a" * 64, True),
+    ("registry.example.com/elastune/tools:1", True),
+    ("registry.example.com:5000/team/x:1", True),
+    ("elastune:0.1.0", True),
+    ("elastune/x:1", True),
+    ("registry.example.com/elastune-evil:1", False),
+    ("registry.example.com/elastuneevil", False),
+    ("registry.example.com.evil.io/elastune:1", False),
+    ("registry.example.com:5000/elastune:1", False),  # another port is another registry
+    ("registry.example.com/other:1", False),
+    ("registry.example.com:5000/teamx:1", False),
+    ("registry.example.com:5000/team:1", True),
+    ("evil.io/registry.example.com/elastune:1", False),
+    ("Registry.example.com/elastune:1", False),
+    ("docker.io/library/elastune:1", False),  # written differently: prefixes match the text
+    ("elastune-evil:1", False),
+    ("elastune:1/x", False),  # a ':' before a '/' is a port, and elastune a registry host here
+]
+
+
+@pytest.mark.parametrize("image, admitted", IMAGES, ids=lambda v: str(v))
+def test_the_image_allowlist_matches_whole_components(image, admitted):
+    assert image_allowed(image, ALLOWED) is admitted
+    assert image_allowed(image, ()) is True  # no allowlist: any image
+    spec = {**_quickstart(), "cluster": {"image": image}}
+    settings = Settings(allowed_images=ALLOWED)
+    if admitted:
+        assert desired(OWNER, spec, settings)[2]["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"] == image
+    else:
+        with pytest.raises(SpecError, match=r"(?s)spec\.cluster\.image = .*rule: .*ELASTUNE_ALLOWED_IMAGES.*fix:  "):
+            desired(OWNER, spec, settings)
+
+
+def test_image_allowlist_settings():
+    settings = Settings.from_env({"ELASTUNE_ALLOWED_IMAGES": " registry.example.com/elastune/ , elastune,", "ELASTUNE_IMAGE": "elastune:0.1.0"})
+    assert settings.allowed_images == ("registry.example.com/elastune", "elastune")
+    assert Settings.from_env({"ELASTUNE_ALLOWED_IMAGES": ""}).allowed_images == ()
+    with pytest.raises(ElastuneError, match="ELASTUNE_IMAGE 'elastune:0.1.0' is not admitted"):
+        Settings.from_env({"ELASTUNE_ALLOWED_IMAGES": "registry.example.com/elastune"})  # the default image, refused
+    spec = _quickstart()  # no image: the operator's, checked like any
+    refusing = Settings(image="registry.example.com/elastune:1", allowed_images=("registry.example.com/elastune",))
+    assert desired(OWNER, spec, refusing)[2]["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"] == "registry.example.com/elastune:1"
+    spec["checkpoint"] = {"deleteOnFinish": True}
+    assert cleanup_job(OWNER, {**spec, "cluster": {"image": "registry.example.com/elastune:2"}}, refusing)
+    with pytest.raises(SpecError, match="spec.cluster.image"):
+        cleanup_job(OWNER, {**spec, "cluster": {"image": "evil.io/elastune:1"}}, refusing)  # no clean-up in another image
+
+
+@pytest.mark.parametrize("value, parsed", [
+    ("10.0.0.0/8:9000,0.0.0.0/0:443", (Egress("10.0.0.0/8", 9000), Egress("0.0.0.0/0", 443))),
+    (" 10.1.2.3/32 , ::/0:443, fd00::/8", (Egress("10.1.2.3/32"), Egress("::/0", 443), Egress("fd00::/8"))),
+    ("10.1.2.3/8:9000", (Egress("10.0.0.0/8", 9000),)),
+    ("none", ()),
+    ("10.0.0.0:9000", "not CIDR[:PORT]"),
+    ("10.0.0.0/8:0", "outside 1..65535"),
+    ("10.0.0.0/8:http", "not CIDR[:PORT]"),
+    ("10.0.0.300/8", "not CIDR[:PORT]"),
+    ("minio.example.com/32:9000", "not CIDR[:PORT]"),
+])  # fmt: skip
+def test_storage_egress_settings(value, parsed):
+    if isinstance(parsed, str):
+        with pytest.raises(ElastuneError, match=rf"ELASTUNE_STORAGE_EGRESS entry .*{re.escape(parsed)}"):
+            Settings.from_env({"ELASTUNE_STORAGE_EGRESS": value})
+        return
+    assert Settings.from_env({"ELASTUNE_STORAGE_EGRESS": value}).storage_egress == parsed
+
+
+def _policy(spec, settings):
+    return next(o for o in desired(OWNER, spec, settings) if o["kind"] == "NetworkPolicy")["spec"]
+
+
+def test_egress_is_dns_the_jobs_own_ray_pods_and_storage():
+    spec = {**_quickstart(), "scaling": {"min_workers": 2, "max_workers": 2, "cpus_per_worker": 1}}  # no autoscaler
+    settings = Settings.from_env({"ELASTUNE_STORAGE_EGRESS": "10.0.0.0/8:9000"})
+    policy = _policy(spec, settings)
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert all(rule.get("to") for rule in policy["egress"]), "an egress rule without `to` opens every address"
+    assert policy["egress"] == [
+        {"to": [{"podSelector": {"matchLabels": OWNER.labels("ray")}}]},
+        {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}],
+         "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+        {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"protocol": "TCP", "port": 9000}]},
+    ]  # fmt: skip
+    default = _policy(spec, Settings())["egress"][2:]
+    assert [r["to"][0]["ipBlock"]["cidr"] for r in default] == ["0.0.0.0/0", "::/0"] and {r["ports"][0]["port"] for r in default} == {443}
+    assert _policy(spec, Settings.from_env({"ELASTUNE_STORAGE_EGRESS": "none"}))["egress"][2:] == []
+    nodelocal = _policy(spec, Settings.from_env({"ELASTUNE_DNS_EGRESS": "169.254.20.10/32"}))["egress"][1]
+    assert nodelocal["to"][1:] == [{"ipBlock": {"cidr": "169.254.20.10/32"}}] and nodelocal["ports"][0] == {"protocol": "UDP", "port": 53}
+    with pytest.raises(ElastuneError, match="ELASTUNE_DNS_EGRESS takes CIDRs without a port"):
+        Settings.from_env({"ELASTUNE_DNS_EGRESS": "169.254.20.10/32:53"})
+
+
+def test_only_an_autoscaled_cluster_reaches_the_api_and_only_its_sidecar_holds_a_token():
+    spec = {**_quickstart(), "scaling": {"min_workers": 1, "max_workers": 4, "cpus_per_worker": 1}}  # 1..4 pods: autoscaled
+    objects = desired(OWNER, spec, Settings())
+    ports = {(r["to"][0]["ipBlock"]["cidr"], r["ports"][0]["port"]) for r in objects[1]["spec"]["egress"][2:]}
+    assert ports == {(c, p) for c in ("0.0.0.0/0", "::/0") for p in (443, 6443)}  # 443 once: storage and API share it
+    cluster = objects[2]["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert head["automountServiceAccountToken"] is False
+    assert all("/var/run/secrets" not in m["mountPath"] for m in head["containers"][0]["volumeMounts"])
+    (mount,) = cluster["autoscalerOptions"]["volumeMounts"]
+    assert mount["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount" and mount["readOnly"] is True
+    token = next(v for v in head["volumes"] if v["name"] == mount["name"])
+    assert {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}} in token["projected"]["sources"]
+    validate(objects[2])
+    fixed = desired(OWNER, {**spec, "scaling": {"min_workers": 2, "max_workers": 2, "cpus_per_worker": 1}}, Settings())
+    assert all(r["ports"][0]["port"] != 6443 for r in fixed[1]["spec"]["egress"][2:])
+    assert "autoscalerOptions" not in fixed[2]["spec"]["rayClusterSpec"]
+    assert all(v["name"] != "kube-api-access" for v in fixed[2]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"])

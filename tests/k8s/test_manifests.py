@@ -1,5 +1,6 @@
 """k8s/: every object kustomize renders for each overlay is valid for the Kubernetes API and the
-KubeRay CRDs, broken ones are refused, and the pieces fit each other (ports, labels, paths)."""
+KubeRay CRDs, broken ones are refused, and the pieces fit each other (ports, labels, paths);
+egress is limited and only the autoscaler sidecar holds a Kubernetes API token."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from elastune.kube.crd import crd_yaml
+from elastune.kube.objects import Owner, Settings
 from elastune.spec.load import validate_spec
 from tests.k8s.schemas import NO_SCHEMA, Invalid, validate
 
@@ -186,3 +188,63 @@ def test_the_pieces_fit(objects):
         assert worker["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] >= spec.scaling.gpus_per_worker
         assert spec.checkpoint_path.startswith("s3://")
         assert worker["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "elastune-s3"}}]
+
+
+DNS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}]
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A label selector (matchLabels, matchExpressions with In) against a pod's labels."""
+    ok = selector.get("matchLabels", {}).items() <= labels.items()
+    for e in selector.get("matchExpressions", []):
+        assert e["operator"] == "In", e
+        ok = ok and labels.get(e["key"]) in e["values"]
+    return ok
+
+
+def test_egress_is_limited_to_dns_ray_and_named_ports(objects):
+    policies = {name: obj["spec"] for (kind, name), obj in objects.items() if kind == "NetworkPolicy"}
+    assert sorted(policies) == ["elastune-job-helpers", "elastune-ray"]
+    for name, policy in policies.items():
+        assert "Egress" in policy["policyTypes"], name
+        assert policy["egress"] and all(rule.get("to") for rule in policy["egress"]), f"{name}: a rule without `to` ({{}} included) opens every address"
+        assert any(r["to"] == DNS and r["ports"] == [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}] for r in policy["egress"]), name
+        for rule in policy["egress"]:
+            if any("ipBlock" in peer for peer in rule["to"]):
+                assert rule.get("ports"), f"{name}: an address block is open on named ports only: {rule}"
+    ray = policies["elastune-ray"]
+    assert {"to": [{"podSelector": ray["podSelector"]}]} in ray["egress"], "Ray pods reach each other on every port"
+    opened = {(peer["ipBlock"]["cidr"], port["port"]) for r in ray["egress"] for peer in r["to"] if "ipBlock" in peer for port in r["ports"]}
+    assert opened == {(c, p) for c in ("0.0.0.0/0", "::/0") for p in (443, 6443)}  # storage; the autoscaler's API server
+    # The operator's own settings say the same for ElastuneJobs: its Deployment's values are valid and match.
+    operator = objects[("Deployment", "elastune-operator")]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in operator["env"] if "value" in e}
+    assert {"ELASTUNE_ALLOWED_IMAGES", "ELASTUNE_CHECKPOINT_PREFIX", "ELASTUNE_STORAGE_EGRESS", "ELASTUNE_KUBE_API_EGRESS", "ELASTUNE_DNS_EGRESS"} <= set(env)
+    settings = Settings.from_env(env)
+    assert (settings.storage_egress, settings.kube_api_egress) == (Settings().storage_egress, Settings().kube_api_egress)
+    assert {(e.cidr, e.port) for e in settings.storage_egress + settings.kube_api_egress} == opened
+
+
+def test_the_job_helpers_policy_holds_the_operators_submitters_and_cleanups(objects):
+    helpers = objects[("NetworkPolicy", "elastune-job-helpers")]["spec"]
+    owner = Owner("j", "elastune", "uid")
+    assert selects(helpers["podSelector"], owner.labels("submitter")) and selects(helpers["podSelector"], owner.labels("cleanup"))
+    assert not selects(helpers["podSelector"], owner.labels("ray"))  # the job's own policy holds those
+    assert "ingress" not in helpers and helpers["policyTypes"] == ["Ingress", "Egress"]  # nothing reaches them
+    dashboard = next(r for r in helpers["egress"] if r["ports"] == [{"protocol": "TCP", "port": 8265}])
+    assert selects(dashboard["to"][0]["podSelector"], owner.labels("ray"))
+
+
+def test_only_the_autoscaler_sidecar_holds_a_token(objects):
+    cluster = objects[("RayCluster", "elastune")]["spec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    (mount,) = cluster["autoscalerOptions"]["volumeMounts"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    volume = {v["name"]: v for v in head["volumes"]}[mount["name"]]
+    assert mount["mountPath"] == TOKEN_PATH and mount["readOnly"] is True
+    assert [s for s in volume["projected"]["sources"] if "serviceAccountToken" in s] == [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]
+    for obj in objects.values():
+        for t in pod_templates(obj):
+            mounted = [m["mountPath"] for c in t["spec"]["containers"] for m in c.get("volumeMounts", [])]
+            assert not [m for m in mounted if m.startswith("/var/run/secrets")], (obj["kind"], mounted)

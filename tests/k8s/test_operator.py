@@ -3,8 +3,10 @@ operators/elastune_operator.py`, logged in through a kubeconfig) against an in-m
 API (tests/k8s/emulator.py), with a real Elastune metrics exporter's text standing in for a
 job's head. Create an ElastuneJob, see the RayJob appear with its owner,
 patch the RayJob's status and see the ElastuneJob's follow, suspend and resume, refuse an
-invalid job, delete (keeping or deleting checkpoints); every request the operator made is one
-its Role in k8s/operator/rbac.yaml allows."""
+invalid job and ones across the trust boundary (an image off the allowlist, deleteOnFinish
+outside the job's own prefix), delete (keeping or deleting checkpoints, never outside the
+prefix); every request the operator made is one its Role in k8s/operator/rbac.yaml allows.
+The operator runs once, with its Deployment's environment and these test settings on top."""
 
 from __future__ import annotations
 
@@ -36,6 +38,13 @@ ROOT = Path(__file__).resolve().parents[2]
 NS = "elastune"
 EJ, RJ, CM, NP, JOB = "elastune.io/v1alpha1/elastunejobs", "ray.io/v1/rayjobs", "v1/configmaps", "networking.k8s.io/v1/networkpolicies", "batch/v1/jobs"
 MERGE = {"Content-Type": "application/merge-patch+json"}
+SETTINGS = {  # on top of the Deployment's environment; every case below runs under these
+    "ELASTUNE_IMAGE": "registry.example/elastune:test",
+    "ELASTUNE_ALLOWED_IMAGES": "registry.example/elastune",
+    "ELASTUNE_CHECKPOINT_PREFIX": "s3://ckpt/elastune/{namespace}/{name}",
+    "ELASTUNE_STORAGE_EGRESS": "10.0.0.0/8:9000,0.0.0.0/0:443",
+    "ELASTUNE_STATUS_SECONDS": "0.2",
+}
 
 
 def quickstart(**extra) -> dict:
@@ -79,10 +88,19 @@ def head():
     head.server.shutdown()
 
 
+def _operator_container() -> dict:
+    deployment = yaml.safe_load((ROOT / "k8s" / "operator" / "deployment.yaml").read_text())
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def operator_env() -> dict[str, str]:
+    """The Deployment's literal environment (POD_NAMESPACE comes from the API: --namespace has it)."""
+    return {e["name"]: e["value"] for e in _operator_container()["env"] if "value" in e}
+
+
 def operator_command(liveness_port: int) -> list[str]:
     """The Deployment's command, run from this checkout instead of the image's /opt/elastune."""
-    deployment = yaml.safe_load((ROOT / "k8s" / "operator" / "deployment.yaml").read_text())
-    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    command = _operator_container()["command"]
     swap = {"$(POD_NAMESPACE)": NS, "0.0.0.0:8081": f"127.0.0.1:{liveness_port}", "/opt/elastune/operators": str(ROOT / "operators")}
     out = []
     for arg in command:
@@ -132,8 +150,8 @@ async def _scenario(head: Head, tmp_path: Path):
             "users": [{"name": "operator", "user": {}}],
             "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "operator", "namespace": NS}}],
         }))  # fmt: skip
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "ELASTUNE_METRICS_URL": head.url, "ELASTUNE_STATUS_SECONDS": "0.2",
-               "ELASTUNE_IMAGE": "registry.example/elastune:test", "PYTHONPATH": str(ROOT)}  # fmt: skip
+        env = {**os.environ, **operator_env(), **SETTINGS, "KUBECONFIG": str(kubeconfig), "ELASTUNE_METRICS_URL": head.url,
+               "PYTHONPATH": str(ROOT)}  # fmt: skip
         liveness = free_port()
         with (tmp_path / "operator.log").open("w") as log:
             operator = await asyncio.create_subprocess_exec(*operator_command(liveness), env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -206,6 +224,9 @@ async def _steps(k8s, http: aiohttp.ClientSession, head: Head) -> None:
     assert (workers["minReplicas"], workers["maxReplicas"]) == (1, 2)  # 1..4 workers, 2 per 2-CPU pod
     assert cluster["enableInTreeAutoscaling"] is True and rayjob["spec"]["suspend"] is False
     assert workers["template"]["spec"]["containers"][0]["image"] == "registry.example/elastune:test"
+    egress = get(NP, "quickstart-ray")["spec"]["egress"]  # ELASTUNE_STORAGE_EGRESS, and the API for its autoscaler
+    assert {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"protocol": "TCP", "port": 9000}]} in egress
+    assert {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"protocol": "TCP", "port": 6443}]} in egress
     await eventually(lambda: status("quickstart").get("phase") == "Pending", "phase Pending")
 
     # 2. KubeRay reports the job running; the run's metrics say how far it got.
@@ -245,6 +266,19 @@ async def _steps(k8s, http: aiohttp.ClientSession, head: Head) -> None:
     warned = await eventually(lambda: [e for e in events(k8s) if e["reason"] == "InvalidSpec"], "the InvalidSpec event")
     assert warned[0]["type"] == "Warning" and warned[0]["involvedObject"]["name"] == "too-wide"
     assert get(RJ, "too-wide") is None and get(CM, "too-wide-spec") is None
+    # ... and the same for the trust boundary: an image off ELASTUNE_ALLOWED_IMAGES, deleteOnFinish
+    # on another job's checkpoints (here the running quickstart's, by a name it prefixes).
+    outside = quickstart()
+    outside["checkpoint"] = {**outside["checkpoint"], "path": "checkpoints/elastune/quickstart", "deleteOnFinish": True}
+    for name, spec, said in (("evil-image", quickstart(cluster={"image": "registry.example/elastune-evil:1"}), "spec.cluster.image = 'registry.example/elastune-evil:1'"),
+                             ("quickstart-2", outside, "deletes only inside the job's own prefix /mnt/elastune/checkpoints/elastune/quickstart-2")):  # fmt: skip
+        validate(resource(name, spec))
+        await call("POST", EJ, body=resource(name, spec))
+        got = await eventually(lambda: status(name).get("phase") == "Invalid" and status(name), f"{name} Invalid")
+        assert said in got["message"] and "fix:" in got["message"], got["message"]
+        warned = await eventually(lambda: [e for e in events(k8s) if e["reason"] == "InvalidSpec" and e["involvedObject"]["name"] == name], f"{name}'s event")
+        assert warned[0]["type"] == "Warning" and said in warned[0]["message"]
+        assert get(RJ, name) is None and get(CM, f"{name}-spec") is None and get(NP, f"{name}-ray") is None
     # ... and one the CRD itself refuses (the API server's answer, before the operator sees it).
     with pytest.raises(Invalid, match="decay_fraction applies only with name wsd"):
         validate(resource("wrong", quickstart(schedule={"name": "cosine", "decay_fraction": 0.2})))
@@ -266,3 +300,19 @@ async def _steps(k8s, http: aiohttp.ClientSession, head: Head) -> None:
         "python", "-m", "elastune", "ckpt", "clear", f"/mnt/elastune/checkpoints/{NS}/scratch", "--yes"]
     validate(cleanup)
     assert get(JOB, "quickstart-cleanup") is None
+
+    # 6. The prefix rule again at delete: a job made inside its own prefix (s3://, under
+    #    ELASTUNE_CHECKPOINT_PREFIX) whose spec then points elsewhere is refused (its RayJob keeps
+    #    running as it was), and deleting it starts no clean-up: a warning event says why.
+    drifted = quickstart()
+    drifted["checkpoint"] = {**drifted["checkpoint"], "path": f"s3://ckpt/elastune/{NS}/drifted/run-1", "deleteOnFinish": True}
+    await call("POST", EJ, body=resource("drifted", drifted))
+    await eventually(lambda: get(RJ, "drifted"), "the drifted RayJob")
+    await call("PATCH", EJ, "drifted", {"spec": {"checkpoint": {"path": f"s3://ckpt/elastune/{NS}/quickstart"}}})
+    await eventually(lambda: status("drifted").get("phase") == "Invalid", "drifted Invalid")
+    await call("DELETE", EJ, "drifted")
+    await eventually(lambda: get(EJ, "drifted") is None, "the drifted ElastuneJob gone")
+    kept = await eventually(lambda: [e for e in events(k8s) if e["reason"] == "CheckpointsKept"], "the CheckpointsKept event")
+    assert kept[0]["type"] == "Warning" and kept[0]["involvedObject"]["name"] == "drifted"
+    assert f"s3://ckpt/elastune/{NS}/quickstart" in kept[0]["message"] and "own prefix" in kept[0]["message"]
+    assert get(JOB, "drifted-cleanup") is None

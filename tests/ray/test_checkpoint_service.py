@@ -5,6 +5,7 @@ the background (tier 1), and a step some rank never handed over is never used.""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import ray
@@ -118,4 +119,89 @@ def test_a_newer_durable_checkpoint_wins_over_an_older_snapshot(tmp_path, servic
         progress, info = restore(service, Checkpointer(uri), model, opt)
         assert (progress.step, info["resumed_from_tier"]) == (7, 1)
     finally:
-        ckpt.storage.delete("step-000000007")
+        shutil.rmtree(os.path.join(uri, "step-000000007"))
+
+
+def snapshot(service, steps: list[int], durable: bool = True) -> None:
+    """Hand the service one-rank snapshots of these steps from here (the test is the worker)."""
+    from elastune.checkpoint.snapshot import Snapshotter
+
+    snapshots = Snapshotter(service)
+    for step in steps:
+        model, opt = trained(step)
+        snapshots.take(header(step, durable), state_pieces(model, opt), 0, 1)
+    snapshots.wait()
+
+
+def header(step: int, durable: bool) -> dict:
+    return {"step": step, "samples_seen": 8 * step, "spec_hash": "h", "layout": "replicated", "durable": durable, "meta": {}, "world_size": 1}
+
+
+def corrupt_snapshot(service, step: int) -> None:
+    """What a worker hands over when a byte changes after its checksums were taken (or in the
+    object store's copy): the entries carry the checksums of the bytes as they were."""
+    from elastune.checkpoint.format import BLOCK_BYTES, SNAPSHOT_CHECKSUM, with_digests
+    from elastune.checkpoint.checkpointer import pack
+    from elastune.checkpoint.payload import digests_of
+
+    pieces = state_pieces(*trained(step))
+    plan, buffer = pack(pieces)
+    entries = with_digests(plan.entries(pieces, "rank-00000-of-00001.safetensors"),
+                           digests_of(plan.offsets, memoryview(buffer.numpy()), BLOCK_BYTES, SNAPSHOT_CHECKSUM), SNAPSHOT_CHECKSUM)  # fmt: skip
+    data = buffer.numpy().copy()
+    data[-1] ^= 0xFF
+    ray.get(service.stage.remote(header(step, True), 0, "rank-00000-of-00001.safetensors", entries, data, 0.0))
+
+
+def test_tier0_is_verified_and_a_corrupt_snapshot_is_never_made_durable(tmp_path):
+    uri = str(tmp_path / "ckpt")
+    service = start_service("test-tier0", uri, RetentionPolicy(keep_last=5))
+    try:
+        snapshot(service, [2])  # durable
+        corrupt_snapshot(service, 3)
+        reports = ray.get(service.flush.remote())
+        assert [r["step"] for r in reports] == [2, 3] and "does not match the checksum its worker took" in reports[1]["error"]
+        assert Checkpointer(uri).committed_steps() == [2] and not os.path.exists(os.path.join(uri, "step-000000003"))
+        model, opt = trained(0)
+        progress, info = restore(service, Checkpointer(uri), model, opt)  # tier 0 (step 3) fails its checksums: tier 1
+        assert (progress.step, info["resumed_from_tier"]) == (2, 1)
+        assert "checksum mismatch" in info["skipped_checkpoints"][0] and "newest durable checkpoint instead" in info["skipped_checkpoints"][0]
+        want = state_tensors(*trained(2))
+        assert all(torch.equal(t, want[n]) for n, t in state_tensors(model, opt).items())
+    finally:
+        ray.kill(service)
+
+
+def checkpoint_bytes(tmp_path) -> int:
+    from elastune.checkpoint.format import Manifest
+
+    probe = Checkpointer(str(tmp_path / "probe"))
+    probe.save(Manifest(1, 8, "h", {}, {}), state_tensors(*trained(1)))
+    return sum(f.stat().st_size for f in (tmp_path / "probe").rglob("*") if f.is_file())
+
+
+def test_out_of_space_makes_room_keeping_the_newest_and_a_failed_write_leaves_nothing(tmp_path):
+    """Room for two checkpoints: each new one deletes older ones (never the newest) to fit, and
+    keep_last 3 yields to that; in room for less than one, every write fails and cleans up."""
+    from tests.helpers import small_disk
+
+    size = checkpoint_bytes(tmp_path)
+    with small_disk(tmp_path / "two", int(size * 2.5)) as disk:
+        service = start_service("test-full", str(disk), RetentionPolicy(keep_last=3))
+        try:
+            snapshot(service, [2, 4, 6, 8])
+            reports = ray.get(service.flush.remote())
+            assert [(r["step"], "error" in r) for r in reports] == [(2, False), (4, False), (6, False), (8, False)]
+            assert Checkpointer(str(disk)).committed_steps() == [6, 8]
+            assert sorted(os.listdir(disk)) == ["step-000000006", "step-000000008"]  # no torn payload anywhere
+        finally:
+            ray.kill(service)
+    with small_disk(tmp_path / "none", int(size * 0.6)) as disk:
+        service = start_service("test-none", str(disk), RetentionPolicy(keep_last=3))
+        try:
+            snapshot(service, [2, 4])
+            reports = ray.get(service.flush.remote())
+            assert all("No space left" in r["error"] for r in reports) and len(reports) == 2
+            assert os.listdir(disk) == []  # what the failed writes wrote is gone: the store is not left full
+        finally:
+            ray.kill(service)

@@ -10,7 +10,7 @@ from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.format import Manifest, step_dir
 from elastune.checkpoint.layout import assign_owners
 from elastune.checkpoint.retention import RetentionPolicy
-from elastune.errors import CheckpointError
+from elastune.errors import CheckpointError, IncompatibleCheckpoint
 from elastune.spec.models import AdamWSpec
 from elastune.train.optim import build_optimizer
 from elastune.train.state import load_state, state_tensors
@@ -145,7 +145,7 @@ def test_different_model_is_refused_with_advice(tmp_path):
     ckpt = Checkpointer(str(tmp_path))
     save_from_ranks(ckpt, 1, state_tensors(model, opt), 1)
     other = tiny_model(TINY.model_copy(update={"num_layers": 2}))
-    with pytest.raises(CheckpointError, match="different model .*--fresh"):
+    with pytest.raises(IncompatibleCheckpoint, match="different model .*--fresh"):  # not corrupt: nothing falls back past it
         load_state(other, build_optimizer(other, AdamWSpec(name="adamw", lr=1e-2)), ckpt.load(ckpt.latest()), "ckpt")
 
 

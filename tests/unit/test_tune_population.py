@@ -167,7 +167,8 @@ def test_the_searcher_runs_synchronous_intervals_and_exploits_by_clone(tmp_path)
     assert (exploit["recipient"], exploit["donor"], exploit["samples"]) == ("m3", "m0", 480)
     donor = Checkpointer(str(tmp_path / "checkpoints" / "m0-0"))
     clone = Checkpointer(str(tmp_path / "checkpoints" / "m3-1"))
-    assert clone.latest().state_hash() == donor.latest().state_hash() == exploit["donor_checkpoint"]["state_hash"]
+    assert clone.content_hash(clone.latest()) == donor.content_hash(donor.latest()) == exploit["donor_checkpoint"]["content_hash"]
+    assert exploit["recipient_checkpoint"]["content_hash"] == exploit["donor_checkpoint"]["content_hash"]
     assert clone.load(clone.latest())["model/w"].tolist() == [480.0] * 4  # the donor's tensor, read through the clone
     assert not list((tmp_path / "checkpoints" / "m3-1" / "step-000000020").glob("*.safetensors"))  # no byte copied
     assert Checkpointer(str(tmp_path / "checkpoints" / "m3-0")).committed_steps() == []  # its old lineage is gone

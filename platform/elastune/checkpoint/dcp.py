@@ -28,7 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from elastune.checkpoint.checkpointer import Checkpointer
-from elastune.checkpoint.format import MANIFEST, Manifest, step_dir
+from elastune.checkpoint.format import MANIFEST, STORED_DTYPES, Manifest, step_dir
 from elastune.errors import ElastuneError
 
 _SAFE_GLOBALS = {
@@ -60,13 +60,30 @@ class _SafeReader(dcp.FileSystemReader):
                 metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
         except FileNotFoundError:
             raise ElastuneError(f"{self.path} is not a DCP checkpoint (no .metadata)") from None
-        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
-            raise ElastuneError(f"{path}: unreadable DCP metadata ({exc})") from None
+        except ElastuneError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a malformed pickle raises, it is a bad input
+            raise ElastuneError(f"{path}: unreadable DCP metadata ({type(exc).__name__}: {str(exc)[:200]})") from None
         if not isinstance(metadata, Metadata):
             raise ElastuneError(f"{path}: holds a {type(metadata).__name__}, not DCP metadata")
+        _check_storage(metadata, str(self.path))
         metadata.storage_meta = metadata.storage_meta or dcp.metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def _check_storage(metadata: Metadata, folder: str) -> None:
+    """Every tensor file DCP's metadata names is a plain file inside the DCP folder itself."""
+    if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data or {}, dict):
+        raise ElastuneError(f"{folder}/.metadata: state_dict_metadata and storage_data must be mappings")
+    real = os.path.realpath(folder)
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ElastuneError(f"{folder}/.metadata names the tensor file {str(name)[:120]!r}, which is not a file name in the DCP "
+                                f"folder; refusing to read outside it")  # fmt: skip
+        if os.path.dirname(os.path.realpath(os.path.join(folder, name))) != real:
+            raise ElastuneError(f"{folder}/{name} leads out of the DCP folder (a symlink); refusing to read it")
 
 
 def export_dcp(tensors: dict[str, torch.Tensor], manifest: Manifest, out: str) -> None:
@@ -86,20 +103,19 @@ def export_dcp(tensors: dict[str, torch.Tensor], manifest: Manifest, out: str) -
 
 def import_dcp(src: str, out: Checkpointer, spec_hash: str = "imported") -> tuple[Manifest, int]:
     """A universal checkpoint in `out` from the DCP folder `src`; returns it and the number of
-    non-tensor entries skipped."""
-    reader = _SafeReader(src)
-    metadata = reader.read_metadata()
-    flat: dict[str, torch.Tensor] = {}
-    skipped = 0
-    for key, md in metadata.state_dict_metadata.items():
-        if isinstance(md, TensorStorageMetadata):
-            flat[key] = torch.empty(md.size, dtype=md.properties.dtype)
-        else:
-            skipped += 1
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(flat, storage_reader=_SafeReader(src), no_dist=True)
-    progress = {k: int(flat.pop(f"progress.{k}")) if f"progress.{k}" in flat else 0 for k in ("step", "samples_seen")}
+    non-tensor entries skipped. Anything malformed in `src` is an ElastuneError (exit 2)."""
+    try:
+        flat, skipped = _read_dcp(src)
+    except ElastuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - DCP's reader on malformed input raises anything
+        raise ElastuneError(f"{src}: not a DCP checkpoint Elastune can read ({type(exc).__name__}: {str(exc)[:300]})") from None
+    progress = {}
+    for k in ("step", "samples_seen"):
+        value = flat.pop(f"progress.{k}", None)
+        if value is not None and (value.numel() != 1 or value.is_floating_point() or int(value) < 0):
+            raise ElastuneError(f"{src}: progress.{k} must be one non-negative integer, not a tensor of shape {list(value.shape)}")
+        progress[k] = 0 if value is None else int(value)
     tensors = {}
     for key, t in flat.items():
         if key.startswith("model."):
@@ -117,3 +133,21 @@ def import_dcp(src: str, out: Checkpointer, spec_hash: str = "imported") -> tupl
                         meta={"imported_from": {"format": "dcp", "path": os.path.abspath(src)}})  # fmt: skip
     out.save(manifest, tensors)
     return manifest, skipped
+
+
+def _read_dcp(src: str) -> tuple[dict[str, torch.Tensor], int]:
+    reader = _SafeReader(src)
+    metadata = reader.read_metadata()
+    flat: dict[str, torch.Tensor] = {}
+    skipped = 0
+    for key, md in metadata.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata):
+            if md.properties.dtype not in STORED_DTYPES:
+                raise ElastuneError(f"{src}: tensor {key!r} has dtype {md.properties.dtype}, which the universal format does not hold")
+            flat[key] = torch.empty(md.size, dtype=md.properties.dtype)
+        else:
+            skipped += 1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(flat, storage_reader=_SafeReader(src), no_dist=True)
+    return flat, skipped

@@ -19,11 +19,11 @@ from elastune.errors import ElastuneError
 FORMATS = ("safetensors", "torch", "dcp")
 
 
-def export(ckpt: Checkpointer, manifest: Manifest, fmt: str, out: str) -> dict[str, int]:
-    """Write `out`; returns counts of model and optimizer tensors written."""
+def export(ckpt: Checkpointer, manifest: Manifest, fmt: str, out: str, folder: str | None = None) -> dict[str, int]:
+    """Write `out` (every byte verified as it is read); returns counts of model and optimizer tensors written."""
     if fmt not in FORMATS:
         raise ElastuneError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    tensors = ckpt.load(manifest)
+    tensors = ckpt.load(manifest, folder=folder)
     if fmt == "dcp":
         from elastune.checkpoint.dcp import export_dcp
 

@@ -9,14 +9,22 @@ Every tensor is logical and global (`model/<name>`, `optim/<param>/<key>`, its f
 whatever layout saved it. Its bytes are stored as fragments, each a flat element range
 [lo, hi) of the row-major tensor: a replicated layout writes one fragment per tensor, a sharded
 optimizer (ZeRO-1) writes one per rank slice. A fragment records its file, byte offset and
-length, and a sha256 per `block_bytes` block, so a loader can read any sub-range and still verify
-every byte it reads. Readers never unpickle anything.
+length, and a checksum per `block_bytes` block, so a loader can read any sub-range and still verify
+every byte it reads: sha256 in durable checkpoints, xxh3_64 in in-memory snapshots (the fast hash
+a worker can afford at every step; the service checks it before it seals the bytes with sha256).
+Readers never unpickle anything.
+
+A manifest is data from storage, so nothing in it is trusted: `check_manifest` holds every field
+to its rule (types, ranges, sizes that agree with dtype x elements, fragments that tile their
+tensor exactly, checksum lists of the right length, file names that stay in their folder) and
+any breach is a CheckpointError naming the tensor and the field, before a byte is read.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import posixpath
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +52,15 @@ _DTYPES = {
     torch.bool: "BOOL",
 }
 _TORCH = {v: k for k, v in _DTYPES.items()}
+STORED_DTYPES = frozenset(_DTYPES)  # the torch dtypes a checkpoint holds
+_ITEMSIZE = {name: torch.empty(0, dtype=dtype).element_size() for name, dtype in _TORCH.items()}
+# Block checksum algorithms a fragment may carry, and the length of their hex digests.
+CHECKSUMS = {"sha256": 64, "xxh3_64": 16}
+DURABLE_CHECKSUM, SNAPSHOT_CHECKSUM = "sha256", "xxh3_64"
+MAX_RANK = 64  # dimensions of a tensor
+MAX_BYTES = 2**62  # no offset or size beyond this (a file system's limit is lower still)
+PAYLOAD_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+STEP_NAME = re.compile(r"^step-\d{9,}$")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -140,33 +157,41 @@ class PayloadPlan:
                 else:
                     buffer[offset : offset + length].view(src.dtype).copy_(src, non_blocking=True)
 
-    def entries(self, pieces: dict[str, Piece], file: str, digests: dict[str, list[str]] | None) -> dict[str, dict[str, Any]]:
+    def entries(self, pieces: dict[str, Piece], file: str) -> dict[str, dict[str, Any]]:
         """Manifest entries of these pieces (each a one-fragment tensor entry, merged across ranks
-        later). Without digests (an in-memory snapshot) the checksums are filled in when persisted."""
+        later), still without checksums: `with_digests` seals them once the bytes are known."""
         out = {}
         for name, (offset, length) in self.offsets.items():
             p = pieces[name]
-            frag = {"file": file, "offset": offset, "length": length, "elements": [p.lo, p.hi],
-                    "block_bytes": BLOCK_BYTES, "sha256": digests[name] if digests else None}  # fmt: skip
+            frag = {"file": file, "offset": offset, "length": length, "elements": [p.lo, p.hi], "block_bytes": BLOCK_BYTES}
             out[name] = {"dtype": _DTYPES[p.data.dtype], "shape": list(p.shape), "fragments": [frag]}
         return out
 
 
+def with_digests(entries: dict[str, dict[str, Any]], digests: dict[str, list[str]], algorithm: str) -> dict[str, dict[str, Any]]:
+    """One payload's entries (one fragment each) carrying `algorithm`'s block checksums, and no other."""
+    out = {}
+    for name, entry in entries.items():
+        frag = {k: v for k, v in entry["fragments"][0].items() if k not in CHECKSUMS}
+        out[name] = {**entry, "fragments": [{**frag, algorithm: digests[name]}]}
+    return out
+
+
+def offsets_of(entries: dict[str, dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """(byte offset, length) of each tensor in one payload's entries."""
+    return {n: (e["fragments"][0]["offset"], e["fragments"][0]["length"]) for n, e in entries.items()}
+
+
 def merge_entries(parts: list[dict[str, dict[str, Any]]], where: str) -> dict[str, dict[str, Any]]:
-    """Join every rank's entries into one per tensor; its fragments must tile it exactly."""
+    """Join every rank's entries into one per tensor, held to the rules a load holds it to (its
+    fragments must tile it exactly)."""
     merged: dict[str, dict[str, Any]] = {}
     for part in parts:
         for name, entry in part.items():
             merged.setdefault(name, {**entry, "fragments": []})["fragments"].extend(entry["fragments"])
     for name, entry in merged.items():
         entry["fragments"].sort(key=lambda f: f["elements"][0])
-        edge = 0
-        for frag in entry["fragments"]:
-            if frag["elements"][0] != edge:
-                raise CheckpointError(f"{where}: {name} fragments do not tile the tensor (gap or overlap at element {edge})")
-            edge = frag["elements"][1]
-        if edge != numel(entry["shape"]):
-            raise CheckpointError(f"{where}: {name} fragments cover {edge} of {numel(entry['shape'])} elements")
+        _check_tensor(name, entry, f"{where}: tensor {name!r}")
     return merged
 
 
@@ -191,27 +216,140 @@ class Manifest:
     def shapes(self) -> dict[str, list[int]]:
         return {n: e["shape"] for n, e in self.tensors.items()}
 
-    def state_hash(self) -> str:
-        """sha256 of the state a checkpoint holds: progress, and every tensor's name, dtype, shape,
-        element ranges and block checksums. A clone's equals its source's (only file paths differ)."""
-        state = {
-            "step": self.step,
-            "samples_seen": self.samples_seen,
-            "tensors": {n: [e["dtype"], e["shape"], [[f["elements"], f["sha256"]] for f in e["fragments"]]] for n, e in sorted(self.tensors.items())},
-        }  # fmt: skip
-        return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+    @property
+    def sources(self) -> list[dict[str, Any]]:
+        """The checkpoints other than this one whose payload files it reads ({"uri", "step"}): a
+        clone's sources. Manifests of before `sources` name their one source in `cloned_from`."""
+        if "sources" in self.meta:
+            return self.meta["sources"]
+        return [self.meta["cloned_from"]] if "cloned_from" in self.meta else []
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> "Manifest":
+        """Parse and check a manifest; CheckpointError for anything that breaks a rule."""
         try:
             raw = json.loads(data)
+            if not isinstance(raw, dict):
+                raise CheckpointError(f"{where}: manifest is a JSON {type(raw).__name__}, not an object")
             if raw.get("format") not in FORMATS_READ:
                 raise CheckpointError(f"{where}: format {raw.get('format')!r} is not one of {FORMATS_READ}")
             if raw["format"] != FORMAT:
                 raw = _upgrade_v1(raw)
-            return cls(**raw)
-        except (ValueError, TypeError, AttributeError, KeyError) as exc:
-            raise CheckpointError(f"{where}: manifest is malformed ({exc})") from None
+            manifest = cls(**raw)
+        except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
+            raise CheckpointError(f"{where}: manifest is malformed ({type(exc).__name__}: {str(exc)[:200]})") from None
+        check_manifest(manifest, where)
+        return manifest
+
+
+def check_manifest(m: Manifest, where: str) -> None:
+    """Every rule a manifest's content must follow (see the module docstring); CheckpointError
+    naming the tensor and the field of the first breach."""
+    for field in ("step", "samples_seen"):
+        _int(getattr(m, field), f"{where}: {field}", 0)
+    for field, kind in (("spec_hash", str), ("layout", dict), ("tensors", dict), ("meta", dict)):
+        if not isinstance(getattr(m, field), kind):
+            raise CheckpointError(f"{where}: {field} is a {type(getattr(m, field)).__name__}, not a {kind.__name__}")
+    sources = m.sources
+    if not isinstance(sources, list) or not all(isinstance(x, dict) and isinstance(x.get("uri"), str) for x in sources):
+        raise CheckpointError(f"{where}: meta.sources must be a list of {{uri, step}} records")
+    for x in sources:
+        _int(x.get("step"), f"{where}: meta.sources step", 0)
+    for name, entry in m.tensors.items():
+        _check_tensor(name, entry, f"{where}: tensor {name!r}")
+
+
+def _int(value: Any, what: str, low: int, high: int = MAX_BYTES) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise CheckpointError(f"{what} is {str(value)[:40]!r}; it must be an integer in [{low}, {high}]")
+    return value
+
+
+def _check_tensor(name: str, entry: Any, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: entry is a {type(entry).__name__}, not an object")
+    dtype = entry.get("dtype")
+    if dtype not in _ITEMSIZE:
+        raise CheckpointError(f"{where}: dtype {str(dtype)[:40]!r} is not one of {sorted(_ITEMSIZE)}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        raise CheckpointError(f"{where}: shape {str(shape)[:80]} is not a list of at most {MAX_RANK} sizes")
+    for d in shape:
+        _int(d, f"{where}: shape entry", 0)
+    total = numel(shape)
+    if total * _ITEMSIZE[dtype] > MAX_BYTES:
+        raise CheckpointError(f"{where}: shape {shape} holds more than {MAX_BYTES} bytes")
+    frags = entry.get("fragments")
+    if not isinstance(frags, list) or not frags:
+        raise CheckpointError(f"{where}: fragments must be a non-empty list")
+    spans = sorted((_check_fragment(f, i, total, _ITEMSIZE[dtype], f"{where} fragment {i}"), i) for i, f in enumerate(frags))
+    edge = 0
+    for (lo, hi), i in spans:
+        if lo != edge:
+            raise CheckpointError(f"{where}: fragments do not tile the tensor ({'gap' if lo > edge else 'overlap'} at element {edge}, "
+                                  f"fragment {i} starts at {lo})")  # fmt: skip
+        edge = hi
+    if edge != total:
+        raise CheckpointError(f"{where}: fragments cover {edge} of its {total} elements")
+
+
+def _check_fragment(frag: Any, i: int, total: int, itemsize: int, where: str) -> tuple[int, int]:
+    if not isinstance(frag, dict):
+        raise CheckpointError(f"{where}: is a {type(frag).__name__}, not an object")
+    check_file_name(frag.get("file"), where)
+    offset = _int(frag.get("offset"), f"{where}: offset", 0)
+    length = _int(frag.get("length"), f"{where}: length", 0)
+    _int(offset + length, f"{where}: offset + length", 0)
+    elements = frag.get("elements")
+    if not (isinstance(elements, list) and len(elements) == 2):
+        raise CheckpointError(f"{where}: elements {str(elements)[:60]} is not a [lo, hi] pair")
+    lo, hi = (_int(e, f"{where}: elements", 0, total) for e in elements)
+    if lo > hi:
+        raise CheckpointError(f"{where}: elements [{lo}, {hi}) is an empty range upside down")
+    if length != (hi - lo) * itemsize:
+        raise CheckpointError(f"{where}: length {length} bytes disagrees with {hi - lo} elements of {itemsize} bytes")
+    block = _int(frag.get("block_bytes"), f"{where}: block_bytes", 1)
+    blocks = max(1, -(-length // block))
+    carried = [a for a in CHECKSUMS if frag.get(a) is not None]
+    if not carried:
+        raise CheckpointError(f"{where}: carries no checksums (one of {', '.join(CHECKSUMS)} per {block}-byte block); its bytes cannot be verified")
+    for algorithm in carried:
+        digests = frag[algorithm]
+        if not isinstance(digests, list) or len(digests) != blocks:
+            raise CheckpointError(f"{where}: {algorithm} must list {blocks} block checksum(s) for {length} bytes in blocks of {block}")
+        for d in digests:
+            if not (isinstance(d, str) and len(d) == CHECKSUMS[algorithm] and all(c in "0123456789abcdef" for c in d)):
+                raise CheckpointError(f"{where}: {algorithm} entry {str(d)[:80]!r} is not a {CHECKSUMS[algorithm]}-digit hex digest")
+    return lo, hi
+
+
+def check_file_name(file: Any, where: str) -> None:
+    """A fragment's file: a payload name in its own folder ("rank-00000-of-00002.safetensors"),
+    or a clone's path to a payload in another checkpoint's step folder ("../step-000000120/NAME",
+    "../../other-root/step-000000120/NAME"); which folders a clone may read is checked against
+    its sources where the path is resolved (Checkpointer). Nothing absolute, no "." or empty
+    parts, no ".." after a folder name, no URI."""
+    if not isinstance(file, str):
+        raise CheckpointError(f"{where}: file is a {type(file).__name__}, not a file name")
+    parts = file.split("/")
+    ups = 0
+    while ups < len(parts) and parts[ups] == "..":
+        ups += 1
+    rest = parts[ups:]
+    ok = bool(rest) and PAYLOAD_NAME.match(rest[-1]) is not None and rest[-1] not in (".", "..")
+    if ups == 0:
+        ok = ok and len(rest) == 1
+    else:
+        ok = ok and len(rest) >= 2 and STEP_NAME.match(rest[-2]) is not None
+        ok = ok and len(parts) <= 64 and all(p not in ("", ".", "..") and p.isprintable() for p in rest[:-1])
+    if not ok:
+        raise CheckpointError(f"{where}: file {file[:120]!r} is neither a payload in the checkpoint's folder nor a clone's path "
+                              f"to one in another checkpoint's step folder; refusing to read it")  # fmt: skip
+
+
+def resolve_file(folder: str, file: str) -> str:
+    """The path `file` (checked by check_file_name) names, from the checkpoint folder `folder`."""
+    return posixpath.normpath(f"{folder}/{file}")
 
 
 def _upgrade_v1(raw: dict[str, Any]) -> dict[str, Any]:

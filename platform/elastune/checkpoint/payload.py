@@ -18,8 +18,9 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
+import xxhash
 
-from elastune.checkpoint.format import Manifest, numel, torch_dtype
+from elastune.checkpoint.format import CHECKSUMS, Manifest, numel, torch_dtype
 from elastune.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 2**20
@@ -40,15 +41,23 @@ _POOL = _new_pool()
 os.register_at_fork(after_in_child=_reset_pool)
 
 
-def block_digests(data: memoryview, offset: int, length: int, block: int) -> list[str]:
-    return [hashlib.sha256(data[o : min(o + block, offset + length)]).hexdigest() for o in range(offset, offset + length, block)] or [
-        hashlib.sha256(b"").hexdigest()
-    ]
+def _sha256(data) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def digests_of(offsets: dict[str, tuple[int, int]], buffer: memoryview, block: int) -> dict[str, list[str]]:
+# What each checksum algorithm a manifest may name computes (hex digest of one block).
+HASHES: dict[str, Callable[[Any], str]] = {"sha256": _sha256, "xxh3_64": xxhash.xxh3_64_hexdigest}
+assert set(HASHES) == set(CHECKSUMS)
+
+
+def block_digests(data: memoryview, offset: int, length: int, block: int, algorithm: str) -> list[str]:
+    digest = HASHES[algorithm]
+    return [digest(data[o : min(o + block, offset + length)]) for o in range(offset, offset + length, block)] or [digest(b"")]
+
+
+def digests_of(offsets: dict[str, tuple[int, int]], buffer: memoryview, block: int, algorithm: str) -> dict[str, list[str]]:
     """Block checksums of each (offset, length) range of a payload, hashed in parallel."""
-    futures = {name: _POOL.submit(block_digests, buffer, off, n, block) for name, (off, n) in offsets.items()}
+    futures = {name: _POOL.submit(block_digests, buffer, off, n, block, algorithm) for name, (off, n) in offsets.items()}
     return {name: f.result() for name, f in futures.items()}
 
 
@@ -142,12 +151,14 @@ def _read_run(source: Source, file: str, run: list[_Want], out: dict[str, torch.
 
 def _verify(w: _Want, data: memoryview, start: int, file: str, where: str) -> None:
     f, b = w.frag, w.frag["block_bytes"]
+    algorithm = next(a for a in HASHES if f.get(a) is not None)  # check_manifest saw one
+    digest = HASHES[algorithm]
     for k in range(w.first_block, w.last_block):
         lo = f["offset"] + k * b - start
         hi = f["offset"] + min((k + 1) * b, f["length"]) - start
-        if f["sha256"] is not None and hashlib.sha256(data[lo:hi]).hexdigest() != f["sha256"][k]:
+        if digest(data[lo:hi]) != f[algorithm][k]:
             raise CheckpointError(
-                f"{where}: checksum mismatch in {file} (tensor {w.name!r}, bytes {lo + start}..{hi + start}); the payload is corrupt"
+                f"{where}: checksum mismatch in {file} (tensor {w.name!r}, bytes {lo + start}..{hi + start}, {algorithm}); the payload is corrupt"
             )
 
 
@@ -161,17 +172,19 @@ def _copy_out(w: _Want, data: memoryview, start: int, target: torch.Tensor) -> N
 
 @dataclass(frozen=True)
 class StorageSource:
-    """Payload files of one checkpoint folder on storage (tier 1)."""
+    """Payload files of one checkpoint on storage (tier 1): `paths` maps each file the manifest
+    names to its checked path under the storage root (Checkpointer.source); no other file reads."""
 
     read_range: Callable[[str, int, int], bytes]
-    folder: str
+    paths: dict[str, str]
 
     def read(self, file: str, offset: int, length: int) -> memoryview:
-        return memoryview(self.read_range(f"{self.folder}/{file}", offset, length))
+        return memoryview(self.read_range(self.paths[file], offset, length))
 
 
 class BufferSource:
-    """Payload files held in memory (tier 0), each fetched once on first use by `fetch(file)`."""
+    """Payload files held in memory (tier 0), each fetched once on first use by `fetch(file)`
+    (which refuses a file the snapshot does not hold)."""
 
     def __init__(self, fetch: Callable[[str], Any]):
         self.fetch = fetch

@@ -23,10 +23,20 @@ from typing import Any
 
 import ray
 
-from elastune.checkpoint.checkpointer import Checkpointer
-from elastune.checkpoint.format import BLOCK_BYTES, Manifest, merge_entries, step_dir
-from elastune.checkpoint.payload import digests_of
+from elastune.checkpoint.checkpointer import Checkpointer, out_of_space
+from elastune.checkpoint.format import (
+    BLOCK_BYTES,
+    DURABLE_CHECKSUM,
+    SNAPSHOT_CHECKSUM,
+    Manifest,
+    merge_entries,
+    offsets_of,
+    step_dir,
+    with_digests,
+)
+from elastune.checkpoint.payload import block_digests, digests_of
 from elastune.checkpoint.retention import RetentionPolicy
+from elastune.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +96,7 @@ class CheckpointService:
         self.reports: list[dict[str, Any]] = []
         self.draining: set[str] = set()  # node ids with a preemption notice
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="elastune-persist")
+        self.sealer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="elastune-seal")  # its own: writers wait on it
         threading.Thread(target=self._persist_loop, name="elastune-persist", daemon=True).start()
 
     # ------------------------------------------------------------------ tier 0
@@ -124,16 +135,17 @@ class CheckpointService:
                 ray.get_actor(self.sink_name).record.remote(snap.rows)
             return sorted(self.draining)
 
-    def drain(self, nodes: list[str]) -> int | None:
-        """A preemption notice for `nodes`: make the newest complete step durable now (the
-        service holds it; no worker is involved) and tell workers on those nodes, at their next
-        hand-over, to leave. Returns the step being persisted (None: nothing newer to persist)."""
+    def drain(self, nodes: list[str], reason: str = "preemption") -> int | None:
+        """Make the newest complete step durable now (the service holds it; no worker is
+        involved): a preemption notice for `nodes`, whose workers are told to leave at their next
+        hand-over, or (no nodes) a run being stopped. Returns the step being persisted (None:
+        nothing newer than what is durable or queued)."""
         with self.cv:
             self.draining |= set(nodes)
             snap = self.tier0
             if snap is None or snap.header["durable"] or any(q is snap for q in self.queue):
                 return None
-            snap.header = {**snap.header, "durable": True, "reason": "preemption"}
+            snap.header = {**snap.header, "durable": True, "reason": reason}
             self.queue.append(snap)
             self.cv.notify_all()
             return snap.step
@@ -168,10 +180,11 @@ class CheckpointService:
 
     # ------------------------------------------------------------------ tier 1
 
-    def flush(self) -> list[dict[str, Any]]:
-        """Wait until every queued durable checkpoint is committed; their reports."""
+    def flush(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Wait (at most `timeout_s`) until every queued durable checkpoint is committed or has
+        failed; the reports of all of them so far (a failed one carries `error`)."""
         with self.cv:
-            self.cv.wait_for(lambda: not self.queue and not self.busy)
+            self.cv.wait_for(lambda: not self.queue and not self.busy, timeout=timeout_s)
             return list(self.reports)
 
     def _persist_loop(self) -> None:
@@ -181,38 +194,48 @@ class CheckpointService:
                 snap = self.queue.pop(0)
                 self.busy = True
             try:
-                report = self._persist(snap)
+                report = self._persist_or_make_room(snap)
                 self._emit({"kind": "checkpoint", **report})
             except Exception as exc:  # a failed write must not stop later ones; users see why
                 log.exception("persisting step %s failed", snap.step)
-                report = {"step": snap.step, "error": f"{type(exc).__name__}: {exc}"}
-                self._emit({"kind": "warning", "message": f"durable checkpoint of step {snap.step} failed: {report['error']}"})
+                report = {"step": snap.step, "error": f"{type(exc).__name__}: {exc}", "uri": self.ckpt.uri}
+                self._emit({"kind": "warning", "message": f"durable checkpoint of step {snap.step} failed: {report['error']}; "
+                            f"what it wrote is removed, and training goes on"})  # fmt: skip
             with self.cv:
                 self.reports.append(report)
                 self.busy = False
                 self.cv.notify_all()
 
+    def _persist_or_make_room(self, snap: Snapshot) -> dict[str, Any]:
+        try:
+            return self._persist(snap)
+        except OSError as exc:
+            if not out_of_space(exc):
+                raise
+            freed = self.ckpt.make_room()
+            if not freed:
+                raise
+            self._emit({"kind": "warning", "message": f"no space for step {snap.step} at {self.ckpt.uri}: deleted step(s) "
+                        f"{', '.join(map(str, freed))} to make room (the newest checkpoint stays); trying again"})  # fmt: skip
+            return self._persist(snap)
+
     def _persist(self, snap: Snapshot) -> dict[str, Any]:
         started = time.perf_counter()
         folder = step_dir(snap.step)
-
-        def write(part: Part) -> dict:
-            if part.file is None:
-                return {}
-            data = memoryview(ray.get(part.ref)).cast("B")
-            offsets = {n: (e["fragments"][0]["offset"], e["fragments"][0]["length"]) for n, e in part.entries.items()}
-            hashing = self.pool.submit(digests_of, offsets, data, BLOCK_BYTES)  # overlaps the write
-            self.ckpt.storage.write_bytes(f"{folder}/{part.file}", data)
-            digests = hashing.result()
-            return {n: {**e, "fragments": [{**e["fragments"][0], "sha256": digests[n]}]} for n, e in part.entries.items()}
-
         ranks = sorted(snap.parts)
-        entries = list(self.pool.map(write, [snap.parts[r] for r in ranks]))
-        written = time.perf_counter()
-        manifest = snap.manifest(entries)
-        self.ckpt.commit(manifest, entries, snap.header["world_size"])
+        files = [snap.parts[r].file for r in ranks if snap.parts[r].file]
+        self.ckpt.begin(snap.step)
+        try:
+            entries = list(self.pool.map(lambda part: self._write(part, folder, snap.step), [snap.parts[r] for r in ranks]))
+            written = time.perf_counter()
+            self.ckpt.commit(snap.manifest(entries), entries, snap.header["world_size"])
+        except BaseException:
+            self.ckpt.abandon(snap.step, files)
+            raise
         committed = time.perf_counter()
         self.ckpt.prune()
+        for note in self.ckpt.notes:
+            self._emit({"kind": "warning", "message": f"retention at {self.ckpt.uri}: {note}"})
         return {
             "write_seconds": round(written - started, 4),  # payloads (checksummed as they are written)
             "commit_seconds": round(committed - written, 4),  # the manifest
@@ -225,6 +248,26 @@ class CheckpointService:
             "stall_seconds": [round(snap.parts[r].stall_seconds, 6) for r in ranks],
             "seconds": round(committed - started, 4),  # until durable
         }
+
+    def _write(self, part: Part, folder: str, step: int) -> dict:
+        """Write one rank's part, sealed with sha256 once its bytes match what its worker handed
+        over (the object store's copy is checked before anything certifies it)."""
+        if part.file is None:
+            return {}
+        data = memoryview(ray.get(part.ref)).cast("B")
+        offsets = offsets_of(part.entries)
+
+        def seal() -> dict[str, list[str]]:
+            for name, (offset, length) in offsets.items():
+                frag = part.entries[name]["fragments"][0]
+                if block_digests(data, offset, length, BLOCK_BYTES, SNAPSHOT_CHECKSUM) != frag[SNAPSHOT_CHECKSUM]:
+                    raise CheckpointError(f"in-memory snapshot of step {step} ({part.file}, tensor {name!r}) does not match the "
+                                          f"checksum its worker took; not writing it")  # fmt: skip
+            return digests_of(offsets, data, BLOCK_BYTES, DURABLE_CHECKSUM)
+
+        hashing = self.sealer.submit(seal)  # overlaps the write
+        self.ckpt.storage.write_bytes(f"{folder}/{part.file}", data)
+        return with_digests(part.entries, hashing.result(), DURABLE_CHECKSUM)
 
     def _emit(self, event: dict[str, Any]) -> None:
         if self.sink_name:

@@ -3,9 +3,11 @@
 `take` is the only part the training loop waits for: it copies the pieces this rank owns
 (layout.pieces_to_write) into one host buffer laid out as their safetensors payload
 (device-to-host copies are asynchronous on GPUs). A background thread then waits for the copy,
-hands the buffer to the service (Ray copies it into the object store) and frees it for the next
-snapshot. If that hand-off is still running when the next snapshot is due, `take` waits for it:
-that wait is counted as stall.
+checksums the buffer (xxh3_64 per block: every later reader of the snapshot, a restore, a heal
+or the service sealing it durable, verifies what it reads against these), hands it to the
+service (Ray copies it into the object store) and frees it for the next snapshot. If that
+hand-off is still running when the next snapshot is due, `take` waits for it: that wait is
+counted as stall.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any
 import ray
 import torch
 
-from elastune.checkpoint.format import PayloadPlan, Piece, payload_file
+from elastune.checkpoint.format import BLOCK_BYTES, SNAPSHOT_CHECKSUM, PayloadPlan, Piece, payload_file, with_digests
 from elastune.checkpoint.layout import pieces_to_write
+from elastune.checkpoint.payload import digests_of
 
 
 class Snapshotter:
@@ -54,7 +57,7 @@ class Snapshotter:
             mine = {n: held[n] for n in names}
             self.layout, self.names, self.plan = layout, names, PayloadPlan.of(mine)
             self.file = payload_file(rank, world_size) if names else None
-            self.entries = self.plan.entries(mine, self.file, None) if names else {}
+            self.entries = self.plan.entries(mine, self.file) if names else {}
         mine = {n: held[n] for n in self.names}
         on_gpu = any(p.data.is_cuda for p in mine.values())
         if self.buffer is None or self.buffer.numel() != self.plan.size:
@@ -74,6 +77,9 @@ class Snapshotter:
         if copied is not None:
             copied.synchronize()
         payload = self.buffer.numpy() if file else None
+        if payload is not None:
+            digests = digests_of(self.plan.offsets, memoryview(payload), BLOCK_BYTES, SNAPSHOT_CHECKSUM)
+            entries = with_digests(entries, digests, SNAPSHOT_CHECKSUM)
         self.draining = frozenset(ray.get(self.service.stage.remote(header, rank, file, entries, payload, stall)))
 
     def wait(self) -> None:

@@ -58,43 +58,67 @@ def add_parser(sub) -> None:
     clear.set_defaults(handler=cmd_clear)
 
 
-def _open(ckpt_uri: str) -> tuple[Checkpointer, Manifest]:
-    from elastune.checkpoint.checkpointer import Checkpointer, locate
-    from elastune.checkpoint.format import MANIFEST, step_dir
+def _open(ckpt_uri: str) -> tuple[Checkpointer, Manifest, str]:
+    """The checkpoint CKPT names, with its folder under the root: ROOT/step-N, the newest under
+    ROOT, or a checkpoint folder under any name (a copy: it holds manifest.json)."""
+    import posixpath
+
+    from elastune.checkpoint.checkpointer import locate
+    from elastune.checkpoint.format import MANIFEST, Manifest, step_dir
 
     root, step = locate(ckpt_uri)
-    ckpt = Checkpointer(root)
-    if step is None:
-        steps = ckpt.committed_steps()
-        if not steps:
-            raise ElastuneError(f"{ckpt_uri} holds no committed checkpoint (no step-*/{MANIFEST}); give a checkpoint root or ROOT/step-N")
-        step = steps[-1]
-    elif not ckpt.storage.exists(f"{step_dir(step)}/{MANIFEST}"):
-        raise ElastuneError(f"{ckpt_uri} is not a committed checkpoint: {MANIFEST} is missing (an interrupted save leaves exactly this)")
-    return ckpt, ckpt.read_manifest(step)
+    ckpt = _root(root)
+    if step is not None:
+        if not ckpt.storage.exists(f"{step_dir(step)}/{MANIFEST}"):
+            raise ElastuneError(f"{ckpt_uri} is not a committed checkpoint: {MANIFEST} is missing (an interrupted save leaves exactly this)")
+        found = ckpt, ckpt.read_manifest(step), step_dir(step)
+    elif steps := ckpt.committed_steps():
+        found = ckpt, ckpt.read_manifest(steps[-1]), step_dir(steps[-1])
+    elif ckpt.storage.exists(MANIFEST):  # the checkpoint folder itself, whatever its name
+        parent, name = posixpath.split(ckpt_uri.rstrip("/"))
+        outer = _root(parent or ".")
+        found = outer, Manifest.from_json(outer.storage.read_bytes(f"{name}/{MANIFEST}"), ckpt_uri), name
+    else:
+        raise ElastuneError(f"{ckpt_uri} holds no committed checkpoint (no step-*/{MANIFEST}); give a checkpoint root or ROOT/step-N")
+    found[0].source(found[1], found[2])  # its files are where they may be, or it is corrupt
+    return found
+
+
+def _root(uri: str) -> Checkpointer:
+    from elastune.checkpoint.checkpointer import Checkpointer
+
+    ckpt = Checkpointer(uri)
+    try:
+        exists = ckpt.storage.root_exists()
+    except OSError as exc:
+        raise ElastuneError(f"{uri}: the store does not answer ({exc}); check the URI, the network and the credentials") from None
+    if not exists:
+        raise ElastuneError(f"{uri} does not exist; give a checkpoint root (a run's checkpoint.path) or ROOT/step-N")
+    return ckpt
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from elastune.checkpoint.checkpointer import PINNED, Checkpointer
+    from elastune.checkpoint.checkpointer import PINNED
     from elastune.checkpoint.format import step_dir
 
-    ckpt = Checkpointer(args.uri)
+    ckpt = _root(args.uri)
     table = Table(title=f"checkpoints at {args.uri}")
     for column in ("step", "samples", "time", "size", "layout", "valid"):
         table.add_column(column, justify="right" if column in ("step", "samples", "size") else "left")
     for step in ckpt.committed_steps():
         try:
             m = ckpt.read_manifest(step)
+            files = ckpt.source(m, step_dir(step)).paths.values()  # each checked to be where it may be
+            valid = "yes" if all(ckpt.storage.exists(f) for f in files) else "no: payload missing"
         except CheckpointError as exc:
             table.add_row(str(step), "?", "?", "?", "?", f"no: {exc}")
             continue
         created = m.meta.get("created")
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if created else "?"
-        files_ok = all(ckpt.storage.exists(f"{step_dir(step)}/{f}") for f in {fr["file"] for e in m.tensors.values() for fr in e["fragments"]})
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if isinstance(created, (int, float)) else "?"
         layout = f"{m.layout.get('kind')} x{m.layout.get('world_size')}"
         if ckpt.storage.exists(f"{step_dir(step)}/{PINNED}"):
             layout += ", pinned"
-        table.add_row(str(m.step), f"{m.samples_seen:,}", when, f"{m.nbytes / 1e6:.2f} MB", layout, "yes" if files_ok else "no: payload missing")
+        table.add_row(str(m.step), f"{m.samples_seen:,}", when, f"{m.nbytes / 1e6:.2f} MB", layout, valid)
     console = Console()
     if not console.is_terminal:  # piped: do not fold cells to a guessed 80 columns
         console = Console(width=200)
@@ -103,15 +127,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from elastune.checkpoint.format import step_dir
-
-    ckpt, m = _open(args.ckpt)
+    ckpt, m, folder = _open(args.ckpt)
     if args.json:
         print(m.to_json().decode(), end="")
         return 0
-    print(f"checkpoint {ckpt.uri}/{step_dir(m.step)}")
+    print(f"checkpoint {ckpt.uri}/{folder}")
     print(f"  step {m.step}, samples_seen {m.samples_seen:,}, spec hash {m.spec_hash}, layout {json.dumps(m.layout)}")
-    for key in ("job", "optimizer", "schedule", "batch", "rng", "dataset"):
+    for key in ("job", "optimizer", "schedule", "batch", "rng", "dataset", "sources"):
         if key in m.meta:
             print(f"  {key}: {json.dumps(m.meta[key], sort_keys=True)}")
     print(f"  {len(m.tensors)} tensors, {m.nbytes / 1e6:.2f} MB")
@@ -122,27 +144,30 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from elastune.checkpoint.format import step_dir
-
+    """Exit 0 only when every rule of the manifest holds and every byte a load would return was
+    read and matched its checksum; 1 with the reason otherwise; 2 when there is no checkpoint."""
     try:
-        ckpt, m = _open(args.ckpt)
-    except (ElastuneError, OSError) as exc:
+        ckpt, m, folder = _open(args.ckpt)
+    except CheckpointError as exc:  # a manifest that breaks a rule: a checkpoint, and a corrupt one
+        print(f"CORRUPT: {exc}")
+        return EXIT_CORRUPT
+    except ElastuneError as exc:
         print(f"not a checkpoint: {exc}")
         return EXIT_NOT_A_CHECKPOINT
     try:
-        tensors = ckpt.load(m)
-    except (CheckpointError, OSError) as exc:
+        tensors = ckpt.load(m, folder=folder)
+    except CheckpointError as exc:
         print(f"CORRUPT: {exc}")
         return EXIT_CORRUPT
-    print(f"valid: {ckpt.uri}/{step_dir(m.step)}: {len(tensors)} tensors, {m.nbytes:,} bytes, every checksum matches")
+    print(f"valid: {ckpt.uri}/{folder}: {len(tensors)} tensors, {m.nbytes:,} bytes, every checksum matches")
     return EXIT_VALID
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from elastune.checkpoint.export import export
 
-    ckpt, m = _open(args.ckpt)
-    counts = export(ckpt, m, args.format, args.out)
+    ckpt, m, folder = _open(args.ckpt)
+    counts = export(ckpt, m, args.format, args.out, folder)
     print(f"exported step {m.step} ({counts['model']} model, {counts['optimizer']} optimizer tensors) to {args.out} as {args.format}")
     return 0
 
@@ -162,26 +187,41 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_pin(args: argparse.Namespace) -> int:
     from elastune.checkpoint.format import step_dir
 
-    ckpt, m = _open(args.ckpt)
+    ckpt, m, folder = _open(args.ckpt)
+    if folder != step_dir(m.step):
+        raise ElastuneError(f"{args.ckpt} is a checkpoint folder outside any root's step-N; pin checkpoints in their root")
     ckpt.pin(m.step, pinned=not args.unpin)
-    print(f"{'unpinned' if args.unpin else 'pinned'} {ckpt.uri}/{step_dir(m.step)}")
+    print(f"{'unpinned' if args.unpin else 'pinned'} {ckpt.uri}/{folder}")
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from elastune.checkpoint.checkpointer import Checkpointer
+    from elastune.checkpoint.retention import RetentionPolicy
 
     if args.keep_last < 1:
         raise ElastuneError(f"--keep-last {args.keep_last} would delete every checkpoint; give a number >= 1")
-    deleted = Checkpointer(args.uri, keep_last=args.keep_last).prune()
+    ckpt = _root(args.uri)
+    ckpt.policy = RetentionPolicy(keep_last=args.keep_last)
+    deleted = ckpt.prune()
     print(f"deleted {len(deleted)} checkpoint(s){': steps ' + ', '.join(map(str, deleted)) if deleted else ''}; kept the newest {args.keep_last}")
+    for note in ckpt.notes:
+        print(f"note: {note}")
     return 0
 
 
 def cmd_clear(args: argparse.Namespace) -> int:
-    from elastune.checkpoint.checkpointer import Checkpointer
+    from elastune.checkpoint.lease import Lease, this_process
 
     if not args.yes:
         raise ElastuneError(f"ckpt clear deletes every checkpoint under {args.uri}, pinned ones too, with no undo; add --yes to do it")
-    print(f"deleted {Checkpointer(args.uri).clear()} checkpoint(s) under {args.uri}")
+    ckpt = _root(args.uri)
+    # The root's lease, as a run takes it: a root a live run holds is refused (LeaseHeld), never cleared under it.
+    lease = Lease(ckpt.storage, this_process("ckpt-clear", "ckpt-clear"))
+    lease.acquire()
+    try:
+        print(f"deleted {ckpt.clear()} checkpoint(s) under {args.uri}")
+        for note in ckpt.notes:
+            print(f"note: {note}")
+    finally:
+        lease.release()
     return 0

@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     submit.add_argument("--dry-run", action="store_true", help="print what would be submitted; contact nothing")
     submit.add_argument("--working-dir", default=".", help="folder that travels with the job (default: the current one); holds the spec")
     submit.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="also leave these out of the upload (gitignore style)")
+    submit.add_argument("--include-secret", action="append", default=[], metavar="PATTERN",
+                        help="send the files matching PATTERN (gitignore style) that the secret rules keep back (.env, keys, cloud "
+                             "credentials: docs/cluster.md); a warning names each one")  # fmt: skip
     submit.set_defaults(handler=cmd_submit)
 
     status = sub.add_parser("status", parents=[address], help="a submitted job's status and the driver's exit code")
@@ -73,19 +76,25 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from elastune.spec import load_spec
+    from elastune.submit.client import token_warning
     from elastune.submit.package import build_submission
     from elastune.train.run_dir import new_run_id
 
     spec = load_spec(args.job)  # a bad spec stops here, with the spec's own error, before any contact
-    submission = build_submission(spec, Path(args.job), Path(args.working_dir), args.exclude)
+    submission = build_submission(spec, Path(args.job), Path(args.working_dir), args.exclude, args.include_secret)
     address = _address(args)
     name = args.name or f"{spec.name}-{new_run_id()}"
+    upload = submission.upload
     plan = {"address": address.url, "address_from": address.source, "submission_id": name, "entrypoint": submission.entrypoint,
             "runtime_env": submission.runtime_env, "metadata": submission.metadata,
-            "upload": {"files": submission.upload_files, "bytes": submission.upload_bytes}}  # fmt: skip
+            "upload": {"files": submission.upload_files, "bytes": submission.upload_bytes,
+                       "listing": [{"path": path, "bytes": size} for path, size in upload.files],  # largest first
+                       "kept_back": upload.kept_back, "secrets_sent": upload.secrets_sent}}  # fmt: skip
     for warning in submission.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.dry_run:
+        if clear := token_warning(address):  # what JobsClient would warn on the real submission
+            print(f"warning: {clear}", file=sys.stderr)
         print(json.dumps(plan, indent=2) if args.json else _describe_plan(plan))
         return EXIT_OK
     client = _client(args, address)
@@ -184,16 +193,41 @@ def _follow_up(name: str, url: str) -> str:
 
 
 def _describe_plan(plan: dict) -> str:
-    env = plan["runtime_env"]
-    return "\n".join([
+    from elastune.submit.package import SECRET_EXCLUDES
+
+    env, upload = plan["runtime_env"], plan["upload"]
+    lines = [
         f"Would submit {plan['submission_id']} to {plan['address']} (from {plan['address_from']}):",
         f"  entrypoint   {plan['entrypoint']}",
-        f"  working_dir  {env['working_dir']} ({plan['upload']['files']} files, {plan['upload']['bytes'] / 1024**2:.1f} MiB)",
+        f"  working_dir  {env['working_dir']} ({upload['files']} files, {_size(upload['bytes'])})",
         f"  py_modules   {', '.join(env['py_modules'])}",
-        f"  excludes     {', '.join(env['excludes'])}",
+        f"  excludes     {', '.join(e for e in env['excludes'] if e not in SECRET_EXCLUDES and not e.startswith('!'))}",
+        f"  secrets      {', '.join(SECRET_EXCLUDES)} (never travel unless --include-secret names them)",
         f"  env_vars     {', '.join(f'{k}={v}' for k, v in env['env_vars'].items())}",
         f"  metadata     {', '.join(sorted(plan['metadata']))}",
-    ])  # fmt: skip
+        f"Travels ({upload['files']} files, {_size(upload['bytes'])}; largest first):",
+        *(f"  {_size(f['bytes']):>10}  {f['path']}" for f in upload["listing"]),
+    ]  # fmt: skip
+    if upload["kept_back"]:
+        kept = sum(len(files) for files in upload["kept_back"].values())
+        plural = "s" if kept > 1 else ""
+        lines.append(f"Kept back by the secret rules ({kept} file{plural}; --include-secret PATTERN sends one anyway):")
+        width = max(map(len, upload["kept_back"]))
+        lines += [f"  {pattern:<{width}}  {len(files)}: {', '.join(files)}" for pattern, files in upload["kept_back"].items()]
+    if upload["secrets_sent"]:
+        lines.append(f"Sent anyway (--include-secret): {', '.join(upload['secrets_sent'])}")
+    return "\n".join(lines)
+
+
+def _size(num_bytes: float) -> str:
+    """Human bytes: 999 B, 1.5 KiB, 12.0 MiB, 1.2 GiB."""
+    if num_bytes < 1024:
+        return f"{num_bytes:.0f} B"
+    for unit in ("KiB", "MiB"):
+        num_bytes /= 1024
+        if num_bytes < 1024:
+            return f"{num_bytes:.1f} {unit}"
+    return f"{num_bytes / 1024:.1f} GiB"
 
 
 def _when(seconds: float | None) -> str:

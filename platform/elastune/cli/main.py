@@ -1,8 +1,10 @@
 """`elastune run | tune | validate | schema | data prepare | ckpt ... | runs ls | report | submit | status | logs | stop | list`.
 
-Exit codes: 0 success, 1 training failed, 2 bad input (spec, arguments, files), 3 no Ray Jobs API
-at the address, 4 the cluster refused the credentials. User mistakes print their explanation and
-no traceback.
+Exit codes: 0 success, 1 training failed, 2 bad input (spec, arguments, files, a checkpoint root
+another run holds or whose checkpoint belongs to another model), 3 no Ray Jobs API at the
+address, 4 the cluster refused the credentials, 5 trained to the end but the final state could not
+be made durable, 130 / 143 stopped by SIGINT / SIGTERM (the newest step made durable first). User
+mistakes print their explanation and no traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Sequence
 from elastune.errors import ElastuneError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_NOT_DURABLE = 5  # trained to its stop, but the final state could not be made durable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,12 +106,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     console = Console(soft_wrap=True)
     outcome = run_job(spec, spec_dir_of(args.job), address=args.address, fresh=args.fresh, console=console, verbose=args.verbose)
+    line, code = run_ending(outcome, args.job)
+    if line:
+        console.print(line, highlight=False)
+    return code
+
+
+def run_ending(outcome, job: str) -> tuple[str, int]:
+    """The last line `elastune run` prints for an outcome (train.driver.RunOutcome), and its exit code."""
+    from elastune.train.stopping import exit_code
+
+    durable = f"step {outcome.durable_step}" if outcome.durable_step is not None else "none yet"
+    where = f"Run directory: {outcome.run_dir}"
+    if outcome.status == "complete":  # the driver said why, and how to train on
+        return "", EXIT_OK
     if outcome.status == "succeeded":
         loss = f"{outcome.final_loss:.4f}" if outcome.final_loss is not None else "n/a"
-        console.print(f"Done: step {outcome.steps}, {outcome.samples_seen:,} samples, loss {loss}, {outcome.seconds:.1f} s. Run directory: {outcome.run_dir}", highlight=False)
-        return EXIT_OK
-    console.print(f"[red]Training failed[/red]: {outcome.error}\nRun directory: {outcome.run_dir}", highlight=False)
-    return EXIT_FAILED
+        return f"Done: step {outcome.steps}, {outcome.samples_seen:,} samples, loss {loss}, {outcome.seconds:.1f} s. {where}", EXIT_OK
+    if outcome.status == "not_durable":
+        return (f"[red]Trained to step {outcome.steps}, but its final state is not durable[/red]: {outcome.error}. The newest "
+                f"durable checkpoint at {outcome.uri} is {durable}: fix the store and run `elastune run {job}` again to train "
+                f"from there. {where}", EXIT_NOT_DURABLE)  # fmt: skip
+    if outcome.status == "stopped":
+        return (f"Stopped at step {outcome.steps} ({outcome.samples_seen:,} samples); newest durable checkpoint: {durable} at "
+                f"{outcome.uri}. Resume with `elastune run {job}`. {where}", exit_code(outcome.signal))  # fmt: skip
+    return f"[red]Training failed[/red]: {outcome.error}\n{where}", EXIT_FAILED
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -187,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         sys.stdout = open(os.devnull, "w")
         return EXIT_OK
+    except OSError as exc:  # a disk or a store that failed under a command: say which, no traceback
+        print(f"failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -12,15 +12,149 @@ import hashlib
 import ipaddress
 import json
 import math
+import re
+import unicodedata
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 NAME_RULE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 
+# Upper bounds: each is where a value stops describing any real run, well before it could break
+# the arithmetic downstream. Samples, steps and bytes stay at most 2**53, so they fit an int64 and
+# stay exact as the floats metrics carry; a seed fits the int64 torch seeds from; workers, batch
+# samples and micro-batches per step are far beyond any cluster, yet small enough that a batch plan
+# is built at once (`validate` builds two); kept checkpoints and restarts, threads, CPUs and GPUs
+# per worker and model sizes are beyond anything trained.
+MAX_SAMPLES = 2**53  # samples, steps, bytes
+MAX_SEED = 2**63 - 1
+MAX_WORKERS = 4096
+MAX_BATCH = 2**24  # samples in one global batch
+MAX_MICRO_BATCHES = 2**16  # micro-batches in one optimizer step
+MAX_COUNT = 10_000  # checkpoints kept, worker-group restarts
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: every float field refuses NaN and +-infinity (YAML's .nan, .inf, 1e999).
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+
+# --------------------------------------------------------------------------- storage locations
+
+URI_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs")
+"""Schemes a checkpoint URI may use: the pyarrow filesystems Elastune documents (gcs is gs's other
+name, viewfs is federated HDFS). A location without '://' is a local path."""
+
+_SCHEMES_SAID = "a local path or a " + ", ".join(f"{s}://" for s in URI_SCHEMES[:-1]) + f" or {URI_SCHEMES[-1]}:// URI"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_URI_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?@!$&'()*+,;=%]*")  # RFC 3986 less '#', '[' and ']'
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_CREDENTIALS = ("access_key", "secret_key", "session_token")
+
+
+def check_uri(uri: str) -> str | None:
+    """What is wrong with `uri` as a storage location, as "<rule>; <fix>", or None when nothing is.
+
+    A location is a local path or a URI whose scheme is one of URI_SCHEMES. Pure: it reads no
+    filesystem and contacts nothing, so a malformed URI is refused before any run starts.
+    """
+    problem = _check_text(uri)
+    if problem or "://" not in uri:
+        return problem
+    scheme = uri.partition("://")[0]
+    if not _SCHEME.fullmatch(scheme):
+        return f"the text before '://' is not a URI scheme; give {_SCHEMES_SAID}"
+    if scheme not in URI_SCHEMES:
+        if scheme.lower() in URI_SCHEMES:
+            return f"URI scheme '{scheme}' is not lower-case; write {scheme.lower()}://"
+        return f"URI scheme '{scheme}' is not supported; give {_SCHEMES_SAID}"
+    problem = _check_uri_chars(uri)
+    if problem:
+        return problem
+    parts = urlsplit(uri)
+    if "@" in parts.netloc or any(key in _CREDENTIALS for key, _ in parse_qsl(parts.query)):
+        return "the URI holds credentials; remove them: they come from the environment (AWS_ACCESS_KEY_ID, ...), never the spec"
+    if scheme == "file":
+        return _check_file_uri(parts.netloc, parts.path, parts.query)
+    if scheme in ("hdfs", "viewfs"):
+        return _check_port(scheme, parts)
+    return _check_bucket_uri(scheme, parts.netloc, parts.path)
+
+
+def check_local_path(path: str) -> str | None:
+    """What is wrong with `path` as a local (or mounted) path, as "<rule>; <fix>", or None.
+
+    Datasets and run folders are read and written through the local filesystem only, so a URI
+    here is refused rather than mangled into a folder named 's3:'."""
+    problem = _check_text(path)
+    if problem is None and "://" in path:
+        return "datasets and run folders take local paths (a mounted volume works), not URIs; copy the data there, give its path"
+    return problem
+
+
+def _checked(location: str, check: Any) -> str:
+    """`location` if `check` (check_uri, check_local_path) finds nothing wrong; else ValueError."""
+    problem = check(location)
+    if problem:
+        raise ValueError(problem)
+    return location
+
+
+def _check_text(location: str) -> str | None:
+    if not location.strip():
+        return "the location is empty; give a path"
+    if location != location.strip():
+        return "the location starts or ends with white space; remove it"
+    control = next((c for c in location if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        return f"the location holds a control character (U+{ord(control):04X}); remove it"
+    typo = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):(?!//)", location)
+    if typo and typo[1].lower() in URI_SCHEMES:
+        return f"the location looks like a URI ({typo[1]}:) without '//'; write {typo[1].lower()}://..."
+    return None
+
+
+def _check_uri_chars(uri: str) -> str | None:
+    bad = next((c for c in uri if not _URI_CHARS.fullmatch(c)), None)
+    if bad == "#":
+        return "the URI holds '#', which starts a fragment pyarrow drops; percent-encode it as %23"
+    if bad == " ":
+        return "the URI holds a space; percent-encode it as %20"
+    if bad is not None:
+        return f"the URI holds {bad!r}, which a URI cannot hold as it is; percent-encode it (%XX of its UTF-8 bytes)"
+    if _BAD_ESCAPE.search(uri):
+        return "the URI holds a '%' not followed by two hex digits; write a literal '%' as %25"
+    return None
+
+
+def _check_file_uri(host: str, path: str, query: str) -> str | None:
+    if host:
+        return "a file:// URI names no host; write file:///absolute/path (three slashes) or a plain local path"
+    if not path.startswith("/"):
+        return "the file:// URI names no path; write file:///absolute/path"
+    if query:
+        return "a file:// URI takes no query ('?...'); remove it, or percent-encode '?' as %3F"
+    return None
+
+
+def _check_bucket_uri(scheme: str, bucket: str, path: str) -> str | None:
+    if not bucket:
+        return f"the {scheme}:// URI names no bucket; write {scheme}://BUCKET/path"
+    if not _BUCKET.fullmatch(bucket):
+        return f"the {scheme}:// URI's bucket is not a bucket name (letters, digits, '.', '-', '_'); write {scheme}://BUCKET/path"
+    if "//" in path:
+        return f"the {scheme}:// URI has an empty path segment ('//'), which object stores refuse; remove the extra '/'"
+    return None
+
+
+def _check_port(scheme: str, parts: Any) -> str | None:
+    try:
+        parts.port
+    except ValueError:
+        return f"the URI's port is not a number in 0..65535; write {scheme}://HOST:PORT/path"
+    return None
 
 
 # --------------------------------------------------------------------------- model
@@ -30,9 +164,9 @@ class ByteGPTOptions(Strict):
     """Options of the built-in byte-level GPT recipe (`recipe: byte_gpt`)."""
 
     num_layers: int = Field(2, ge=1, le=96)
-    width: int = Field(64, ge=8, description="Embedding width; a multiple of num_heads.")
-    num_heads: int = Field(4, ge=1)
-    context: int = Field(64, ge=2, description="Tokens a sample predicts from; data.window must be context + 1.")
+    width: int = Field(64, ge=8, le=65_536, description="Embedding width; a multiple of num_heads.")
+    num_heads: int = Field(4, ge=1, le=1024)
+    context: int = Field(64, ge=2, le=1_048_575, description="Tokens a sample predicts from; data.window must be context + 1.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
@@ -63,7 +197,7 @@ class FactoryModel(Strict):
 
 
 def _model_kind(value: Any) -> str:
-    keys = value if isinstance(value, dict) else value.__dict__
+    keys = value if isinstance(value, dict) else getattr(value, "__dict__", {})  # anything else fails as a recipe
     return "factory" if "factory" in keys and "recipe" not in keys else "recipe"
 
 
@@ -86,15 +220,29 @@ class DataSpec(Strict):
     format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
     text_field: str = Field("text", description="Field holding the text in JSONL records or Parquet columns.")
     window: int = Field(65, ge=2, le=1_048_576, description="Tokens per sample (context + 1 for next-token models).")
-    max_bytes: int | None = Field(None, ge=1, description="Stop reading the source after this many bytes.")
+    max_bytes: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="Stop reading the source after this many bytes.")
+
+    @field_validator("path")
+    @classmethod
+    def _local_path(cls, path: str) -> str:
+        return _checked(path, check_local_path)
+
+    @field_validator("source")
+    @classmethod
+    def _local_sources(cls, source: str | list[str] | None) -> str | list[str] | None:
+        for i, item in enumerate([source] if isinstance(source, str) else source or []):
+            problem = check_local_path(item)
+            if problem:
+                raise ValueError(problem if isinstance(source, str) else f"item {i}: {problem}")
+        return source
 
 
 # --------------------------------------------------------------------------- batch
 
 
 class BatchSpec(Strict):
-    global_batch_size: int = Field(ge=1, description="Samples per optimizer step, at every world size.")
-    micro_batch_size: int = Field(ge=1, description="Most samples in one forward/backward pass.")
+    global_batch_size: int = Field(ge=1, le=MAX_BATCH, description="Samples per optimizer step, at every world size.")
+    micro_batch_size: int = Field(ge=1, le=MAX_BATCH, description="Most samples in one forward/backward pass.")
 
     @property
     def num_micro_batches(self) -> int:
@@ -106,6 +254,12 @@ class BatchSpec(Strict):
             raise ValueError(
                 f"micro_batch_size ({self.micro_batch_size}) exceeds global_batch_size ({self.global_batch_size}); "
                 f"set micro_batch_size <= {self.global_batch_size}"
+            )
+        if self.num_micro_batches > MAX_MICRO_BATCHES:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) splits global_batch_size {self.global_batch_size} into "
+                f"{self.num_micro_batches:,} micro-batches, over {MAX_MICRO_BATCHES:,} per step; "
+                f"set micro_batch_size >= {math.ceil(self.global_batch_size / MAX_MICRO_BATCHES)}"
             )
         return self
 
@@ -145,10 +299,11 @@ OptimizerSpec = Annotated[Union[AdamWSpec, SGDSpec], Field(discriminator="name")
 
 
 class _Schedule(Strict):
-    warmup_samples: int = Field(0, ge=0, description="Linear warmup from 0 to the peak over this many samples.")
+    warmup_samples: int = Field(0, ge=0, le=MAX_SAMPLES, description="Linear warmup from 0 to the peak over this many samples.")
     horizon_samples: int | None = Field(
-        None, ge=1, description="Samples the schedule spans; default: the stop budget. Set it to stop early without bending the schedule."
-    )
+        None, ge=1, le=MAX_SAMPLES,
+        description="Samples the schedule spans; default: the stop budget. Set it to stop early without bending the schedule.",
+    )  # fmt: skip
 
 
 class ConstantSchedule(_Schedule):
@@ -174,12 +329,14 @@ class WSDSchedule(_Schedule):
 
 class InverseSqrtSchedule(_Schedule):
     name: Literal["inverse_sqrt"]
-    timescale_samples: int | None = Field(None, ge=1, description="Decay as sqrt(timescale / samples); default: warmup_samples.")
+    timescale_samples: int | None = Field(
+        None, ge=1, le=MAX_SAMPLES, description="Decay as sqrt(timescale / samples); default: warmup_samples."
+    )
 
 
 class CyclicalSchedule(_Schedule):
     name: Literal["cyclical"]
-    cycle_samples: int = Field(ge=2, description="Samples in one triangle (up and back down).")
+    cycle_samples: int = Field(ge=2, le=MAX_SAMPLES, description="Samples in one triangle (up and back down).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
 
 
@@ -203,12 +360,16 @@ ScheduleSpec = Annotated[
 
 
 class ScalingSpec(Strict):
-    min_workers: int = Field(1, ge=1)
-    max_workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0, description="0 trains on CPU with gloo; >0 on CUDA with NCCL.")
-    torch_threads: int | None = Field(None, ge=1, description="Intra-op threads per worker; default: cpus_per_worker.")
-    max_failures: int = Field(3, ge=-1, description="Worker-group restarts before the run fails; -1 never gives up.")
+    min_workers: int = Field(1, ge=1, le=MAX_WORKERS)
+    max_workers: int = Field(1, ge=1, le=MAX_WORKERS)
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024)
+    gpus_per_worker: float = Field(0.0, ge=0, le=64, description="0 trains on CPU with gloo; >0 on CUDA with NCCL.")
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024, description="Intra-op threads per worker; default: cpus_per_worker."
+    )
+    max_failures: int = Field(
+        3, ge=-1, le=MAX_COUNT, description="Worker-group restarts before the run fails; -1 never gives up."
+    )
     layout: Literal["replicated", "zero1"] = Field(
         "replicated",
         description="replicated: every worker holds all optimizer state (DDP); zero1: each holds a 1/W slice of it (ZeRO-1).",
@@ -226,6 +387,7 @@ class ScalingSpec(Strict):
     resize_check_seconds: float = Field(
         10.0,
         gt=0,
+        le=86_400,
         description=(
             "recovery restart with min_workers < max_workers: how often Ray Train's elastic policy looks for capacity "
             "for more workers while training (it restarts the group at the larger size, resuming from the in-memory "
@@ -249,20 +411,30 @@ class ScalingSpec(Strict):
 
 
 class CheckpointSpec(Strict):
-    path: str | None = Field(None, description="Directory or URI (file://, s3://, gs://, hdfs://); default runs/<name>/checkpoints.")
-    every_steps: int = Field(100, ge=1, description="Steps between durable checkpoints (tier 1, written in the background).")
-    snapshot_every_steps: int | None = Field(
-        1, ge=1, description="Steps between in-memory snapshots (tier 0) a restart resumes from; null turns them off."
+    path: str | None = Field(
+        None, description=f"Directory or URI ({', '.join(f'{s}://' for s in URI_SCHEMES)}); default runs/<name>/checkpoints."
     )
-    keep_last: int = Field(3, ge=1, description="Keep the newest this many checkpoints.")
-    keep_best: int = Field(0, ge=0, description="Also keep the best this many by best_metric.")
+    every_steps: int = Field(
+        100, ge=1, le=MAX_SAMPLES, description="Steps between durable checkpoints (tier 1, written in the background)."
+    )
+    snapshot_every_steps: int | None = Field(
+        1, ge=1, le=MAX_SAMPLES,
+        description="Steps between in-memory snapshots (tier 0) a restart resumes from; null turns them off.",
+    )  # fmt: skip
+    keep_last: int = Field(3, ge=1, le=MAX_COUNT, description="Keep the newest this many checkpoints.")
+    keep_best: int = Field(0, ge=0, le=MAX_COUNT, description="Also keep the best this many by best_metric.")
     best_metric: Literal["loss"] = Field("loss", description="Metric recorded with each checkpoint that ranks them.")
     best_mode: Literal["min", "max"] = "min"
 
+    @field_validator("path")
+    @classmethod
+    def _a_location(cls, path: str | None) -> str | None:
+        return None if path is None else _checked(path, check_uri)
+
 
 class StopSpec(Strict):
-    max_steps: int | None = Field(None, ge=1)
-    max_samples: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1, le=MAX_SAMPLES)
+    max_samples: int | None = Field(None, ge=1, le=MAX_SAMPLES)
 
     @model_validator(mode="after")
     def _some_budget(self) -> "StopSpec":
@@ -280,10 +452,10 @@ class Phase(Strict):
     schedule found by search (`elastune tune`) replays: peak lr, weight decay, schedule and global
     batch may each change at a sample count."""
 
-    from_samples: int = Field(ge=1, description="Samples seen when this phase starts.")
+    from_samples: int = Field(ge=1, le=MAX_SAMPLES, description="Samples seen when this phase starts.")
     lr: float | None = Field(None, gt=0, description="Peak learning rate from here on (the schedule multiplies it).")
     weight_decay: float | None = Field(None, ge=0)
-    global_batch_size: int | None = Field(None, ge=1)
+    global_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
     schedule: ScheduleSpec | None = Field(None, description="Schedule from here on; its horizon is the job's.")
 
 
@@ -294,8 +466,8 @@ class KillRank(Strict):
     """SIGKILL the worker of `rank` during step `at_step` (once per run)."""
 
     action: Literal["kill_rank"]
-    rank: int = Field(ge=0)
-    at_step: int = Field(ge=1)
+    rank: int = Field(ge=0, lt=MAX_WORKERS)
+    at_step: int = Field(ge=1, le=MAX_SAMPLES)
     point: Literal["start", "mid"] = Field(
         "mid", description="start: before the step's first micro-batch; mid: after its backward, before the all-reduce."
     )
@@ -307,8 +479,8 @@ class KillNode(Strict):
     driver's node (the run itself lives there): the fault is then skipped, with an event."""
 
     action: Literal["kill_node"]
-    rank: int = Field(ge=0)
-    at_step: int = Field(ge=1)
+    rank: int = Field(ge=0, lt=MAX_WORKERS)
+    at_step: int = Field(ge=1, le=MAX_SAMPLES)
     point: Literal["start", "mid"] = Field(
         "mid", description="start: before the step's first micro-batch; mid: after its backward, before the all-reduce."
     )
@@ -318,8 +490,8 @@ class DelayRank(Strict):
     """Stall the worker of `rank` for `seconds` during step `at_step` (a straggler; once per run)."""
 
     action: Literal["delay_rank"]
-    rank: int = Field(ge=0)
-    at_step: int = Field(ge=1)
+    rank: int = Field(ge=0, lt=MAX_WORKERS)
+    at_step: int = Field(ge=1, le=MAX_SAMPLES)
     seconds: float = Field(gt=0, le=3600)
     until_join: bool = Field(False, description="End the stall as soon as a worker has joined the run after its last kill fault "
                                                 "(the killed worker's replacement is ready to train); `seconds` at most.")  # fmt: skip
@@ -354,6 +526,8 @@ class SearchRange(Strict):
         if self.scale == "choice":
             if not self.choices or self.low is not None or self.high is not None:
                 raise ValueError("scale choice takes a non-empty `choices` list and no low/high; e.g. choices: [cosine, wsd]")
+            if any(isinstance(c, float) and not math.isfinite(c) for c in self.choices):
+                raise ValueError("choices holds NaN or infinity; give finite values")
             return self
         if self.low is None or self.high is None or self.choices is not None:
             raise ValueError(f"scale {self.scale} takes `low` and `high` (no choices); e.g. low: 1e-4, high: 1e-2")
@@ -375,13 +549,18 @@ class TuneSpec(Strict):
             "forked for each of `budgets` (the job's schedule must be wsd): a loss-vs-budget table from one trunk."
         ),
     )
-    budgets: list[int] | None = Field(None, description="wsd_branches: the budgets (samples) to fork a decay branch for, ascending.")
+    budgets: list[Annotated[int, Field(ge=1, le=MAX_SAMPLES)]] | None = Field(
+        None, max_length=256, description="wsd_branches: the budgets (samples) to fork a decay branch for, ascending."
+    )
     population: int = Field(4, ge=2, le=256, description="Trials trained side by side.")
-    interval_samples: int | None = Field(None, ge=1, description="Samples each trial trains between exploit decisions (pbt).")
+    interval_samples: int | None = Field(
+        None, ge=1, le=MAX_SAMPLES, description="Samples each trial trains between exploit decisions (pbt)."
+    )
     quantile: float = Field(0.25, gt=0, le=0.5, description="Share of trials at the bottom that take over a trial of the top share.")
     fitness_samples: int | None = Field(
-        None, ge=1, description="Fitness is the mean loss over this many last samples of each interval (default: a quarter of it)."
-    )
+        None, ge=1, le=MAX_SAMPLES,
+        description="Fitness is the mean loss over this many last samples of each interval (default: a quarter of it).",
+    )  # fmt: skip
     rank_by: Literal["loss", "predicted_final_loss"] = Field(
         "loss",
         description=(
@@ -395,7 +574,9 @@ class TuneSpec(Strict):
     lr_scaling: Literal["linear", "sqrt", "none"] = Field(
         "sqrt", description="How the peak lr follows a changed global batch: linear (SGD), sqrt (Adam) or none."
     )
-    max_concurrent_trials: int | None = Field(None, ge=1, description="Trials running at once; default: as many as the cluster's CPUs hold.")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, le=256, description="Trials running at once; default: as many as the cluster's CPUs hold."
+    )
     search: dict[str, SearchRange] = Field(default_factory=dict, description=f"Searched values by spec path (pbt): {', '.join(SEARCHABLE)}.")
 
     @model_validator(mode="after")
@@ -455,7 +636,7 @@ class JobSpec(Strict):
     """A training job: what to train, on what, with which batch, optimizer and schedule."""
 
     name: str = Field(pattern=NAME_RULE, description="Lower-case letters, digits and '-', at most 63 characters.")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     model: ModelSpec
     data: DataSpec
     batch: BatchSpec
@@ -474,8 +655,18 @@ class JobSpec(Strict):
     )
     tune: TuneSpec | None = Field(None, description="Population-based search (`elastune tune`); `elastune run` ignores it.")
 
+    @field_validator("output_dir")
+    @classmethod
+    def _local_output(cls, output_dir: str) -> str:
+        return _checked(output_dir, check_local_path)
+
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
+        if self.budget_samples > MAX_SAMPLES:  # only max_steps can get there: max_samples is bounded itself
+            raise ValueError(
+                f"stop.max_steps ({self.stop.max_steps}) times batch.global_batch_size ({self.batch.global_batch_size}) is "
+                f"{self.budget_samples:,} samples, over the {MAX_SAMPLES:,} a run may train; lower max_steps"
+            )
         k = self.batch.num_micro_batches
         if self.scaling.max_workers > k:
             raise ValueError(
@@ -526,6 +717,10 @@ class JobSpec(Strict):
                     raise ValueError(f"{where}.global_batch_size ({phase.global_batch_size}) is below batch.micro_batch_size "
                                      f"({self.batch.micro_batch_size}); raise it or lower micro_batch_size")  # fmt: skip
                 k = math.ceil(phase.global_batch_size / self.batch.micro_batch_size)
+                if k > MAX_MICRO_BATCHES:
+                    raise ValueError(f"{where}.global_batch_size ({phase.global_batch_size}) makes {k:,} micro-batches of "
+                                     f"batch.micro_batch_size {self.batch.micro_batch_size}, over {MAX_MICRO_BATCHES:,}; "
+                                     f"lower it or raise micro_batch_size")  # fmt: skip
                 if self.scaling.max_workers > k:
                     raise ValueError(f"{where}.global_batch_size ({phase.global_batch_size}) has {k} micro-batches, fewer than "
                                      f"scaling.max_workers ({self.scaling.max_workers}); raise it or lower max_workers")  # fmt: skip

@@ -9,6 +9,7 @@ which address it used and where it came from.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Iterator, Mapping
@@ -56,6 +57,33 @@ def check_url(value: str, where: str) -> str:
     except ValueError:
         raise ElastuneError(f"{where} {value!r} has an invalid port; give e.g. http://HOST:8265") from None
     return parsed.geturl().rstrip("/")
+
+
+def token_in_clear(url: str, sends_token: bool) -> str | None:
+    """The warning for a token that would cross the network readable by anyone on the way: sent
+    (token authentication on) over plain http to a host that is not this machine's loopback. None
+    when it stays safe: no token, https://, or 127.0.0.0/8, ::1, localhost."""
+    parsed = urlparse(url)
+    if not sends_token or parsed.scheme != "http" or is_loopback(parsed.hostname or ""):
+        return None
+    host, port = parsed.hostname, parsed.port or 80
+    return (f"the Ray token goes to {host} over plain http ({url}), readable by anyone on the network path, who can then use the "
+            f"cluster; reach the dashboard through https:// (a TLS-terminating proxy in front of it: --address https://...) or through "
+            f"a tunnel to 127.0.0.1 (ssh -L 8265:127.0.0.1:{port} {host}, or kubectl port-forward to the head's port {port}; then "
+            f"--address http://127.0.0.1:8265)")  # fmt: skip
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a URL's hostname) is this machine's loopback: localhost, 127.0.0.0/8, ::1."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name other than localhost: it may resolve anywhere
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1
+    return ip.is_loopback
 
 
 @contextlib.contextmanager

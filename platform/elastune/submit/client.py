@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from elastune.errors import ElastuneError, Refused, Unreachable
-from elastune.submit.address import Address, only
+from elastune.submit.address import Address, only, token_in_clear
 from elastune.submit.package import Submission
 
 CONNECT_TIMEOUT_S = 5.0
@@ -67,6 +68,12 @@ def token(env: dict[str, str] | os._Environ = os.environ) -> str | None:
         return None
 
 
+def token_warning(address: Address, env: dict[str, str] | os._Environ = os.environ) -> str | None:
+    """What JobsClient warns before it sends the token to `address` (address.token_in_clear), for
+    --dry-run to say beforehand."""
+    return token_in_clear(address.url, token(env) is not None)
+
+
 def probe(address: Address, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """Fail within `timeout` when nothing listens at the address (Ray's client would wait for the
     operating system's TCP timeout on an address that drops packets)."""
@@ -89,6 +96,9 @@ class JobsClient:
 
         probe(address)
         secret = token()
+        # Every command that talks to the Jobs API comes through here, where the token joins the headers.
+        if warning := token_in_clear(address.url, secret is not None):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         headers = {"Authorization": f"Bearer {secret}"} if secret else None
         self.address = address
         with only(address):

@@ -21,6 +21,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
 from elastune.checkpoint.checkpointer import Checkpointer
+from elastune.checkpoint.format import step_dir
+from elastune.checkpoint.lease import Lease, this_process
 from elastune.checkpoint.retention import RetentionPolicy
 from elastune.checkpoint.service import service_name, start_service
 from elastune.data.prepare import ensure_prepared
@@ -30,10 +32,14 @@ from elastune.recipes import load_recipe
 from elastune.spec.load import validate_spec
 from elastune.spec.models import JobSpec
 from elastune.train.batch_plan import batch_plan
+from elastune.train.controller import ElastuneTrainer, LiveFailurePolicy, PublishController
 from elastune.train.loop import WorkerConfig, run_worker
 from elastune.train.progress import ProgressView, describe_event
+from elastune.train.resume import plan_resume
 from elastune.train.run_dir import RunDir, new_run_id
 from elastune.train.sink import RunSink, sink_name
+from elastune.train.state import model_state
+from elastune.train.stopping import STOP_GRACE_S, StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +49,21 @@ HEALTH_CHECK_S = 0.5  # Ray Train's worker health check interval for our runs (i
 
 @dataclass
 class RunOutcome:
-    run_dir: Path
-    status: str  # "succeeded" | "failed"
+    """How a run ended. `status`: succeeded (trained to its stop; the final step durable),
+    not_durable (trained to its stop, but the final step could not be made durable: see
+    `durable_step` and `error`), complete (its checkpoint already held the whole budget; nothing
+    ran), stopped (by `signal`, after making the newest step durable), failed."""
+
+    run_dir: Path | None
+    status: str
     steps: int
     samples_seen: int
     final_loss: float | None
     seconds: float
     error: str | None = None
+    durable_step: int | None = None  # the newest checkpoint at the run's checkpoint root when it ended
+    signal: int | None = None
+    uri: str = ""
 
 
 def resolve_paths(spec: JobSpec) -> JobSpec:
@@ -73,44 +87,71 @@ def run_job(
     observe: Callable[[list[dict[str, Any]], list[dict[str, Any]]], None] | None = None,
 ) -> RunOutcome:
     """Train `spec` to its stop; `observe(rows, events)`, when given, sees every batch of metrics
-    rows and events as the driver drains them (a search forwards its trials' to its exporter)."""
+    rows and events as the driver drains them (a search forwards its trials' to its exporter).
+
+    Before anything starts, the run takes its checkpoint root's lease (LeaseHeld: another run
+    holds it) and decides what to do with the checkpoint there (train.resume): a checkpoint of
+    another model stops it (IncompatibleCheckpoint), one that holds the whole budget ends it."""
     console = console or Console()
     spec = resolve_paths(spec)
     recipe = load_recipe(spec.model, spec_dir)  # import errors surface here, before any worker starts
     batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, spec.scaling.min_workers)
     run_id = new_run_id()
-    run_dir = RunDir.create(spec.output_dir, spec.name, run_id)
-    run_dir.write_spec(spec.to_dict())
+    ckpt = Checkpointer(spec.checkpoint_path, spec.checkpoint.keep_last)
+    lease = Lease(ckpt.storage, this_process(run_id, spec.name))
+    lease.acquire()
+    try:
+        return _run(spec, spec_dir, recipe, run_id, ckpt, lease, address, fresh, console, verbose, observe)
+    finally:
+        lease.release()
+
+
+def _run(spec: JobSpec, spec_dir: str, recipe, run_id: str, ckpt: Checkpointer, lease: Lease, address: str | None, fresh: bool,
+         console: Console, verbose: bool, observe) -> RunOutcome:  # fmt: skip
     events: list[dict[str, Any]] = []
 
     def note(kind: str, message: str, **fields: Any) -> None:
         console.print(message, highlight=False)
         events.append({"time": time.time(), "kind": kind, **fields})
 
+    if lease.took_over is not None:
+        note("lease", f"Took over the checkpoint root from {lease.took_over.describe(time.time())}, which is gone.")
+    if fresh:
+        removed = ckpt.clear()
+        if removed:
+            note("fresh", f"--fresh: deleted {removed} checkpoint(s) at {ckpt.uri}; starting over.", deleted=removed)
+        for left in ckpt.notes:
+            note("warning", f"--fresh: {left}", message=f"--fresh: {left}")
+    latest = ckpt.latest()
+    where = f"checkpoint {ckpt.uri}/{step_dir(latest.step)}" if latest else ""
+    resume = plan_resume(latest, model_state(recipe.build_model), spec, where) if latest else None
+    if resume is not None and resume.complete:
+        console.print(f"Nothing to train: {where} ({resume.samples_seen:,} samples) already holds this job's whole budget "
+                      f"({spec.budget_samples:,} samples). To train on, raise stop.max_steps or stop.max_samples (or pass a larger "
+                      f"--max-steps); to start over, run with --fresh.", highlight=False)  # fmt: skip
+        return RunOutcome(None, "complete", resume.step, resume.samples_seen, None, 0.0, durable_step=resume.step, uri=ckpt.uri)
+    run_dir = RunDir.create(spec.output_dir, spec.name, run_id)
+    run_dir.write_spec(spec.to_dict())
     if recipe.dataset is None:  # the recipe reads prepared token windows
         manifest, prepared_now = ensure_prepared(spec.data)
         if prepared_now:
             note("data_prepared", f"Prepared {manifest.count:,} samples of {manifest.window} tokens at {spec.data.path}.",
                  count=manifest.count, content_hash=manifest.content_hash)  # fmt: skip
-    ckpt = Checkpointer(spec.checkpoint_path, spec.checkpoint.keep_last)
-    if fresh:
-        removed = ckpt.clear()
-        if removed:
-            note("fresh", f"--fresh: deleted {removed} checkpoint(s) at {ckpt.uri}; starting over.", deleted=removed)
-    latest = ckpt.latest()
-    if latest is not None:
-        note("resume", f"Resuming from checkpoint step {latest.step} ({latest.samples_seen:,} samples) at {ckpt.uri}; "
-             f"pass --fresh to start over.", step=latest.step, samples_seen=latest.samples_seen)  # fmt: skip
+    if resume is not None:
+        changed = f"; these fields differ from the spec that saved it: {'; '.join(resume.changes)}" if resume.changes else ""
+        note("resume", f"Resuming from checkpoint step {resume.step} ({resume.samples_seen:,} samples) at {ckpt.uri}{changed}; "
+             f"pass --fresh to start over.", step=resume.step, samples_seen=resume.samples_seen, changes=list(resume.changes))  # fmt: skip
     run_dir.append_events(events)
     console.print(f"Run directory: {run_dir.path}", highlight=False)
 
-    started_ray = connect_ray(spec, address, console, verbose)
+    connected = connect_ray(spec, address, console, verbose)
     try:
-        start = {"step": latest.step, "samples_seen": latest.samples_seen} if latest else {"step": 0, "samples_seen": 0}
+        start = {"step": resume.step, "samples_seen": resume.samples_seen} if resume else {"step": 0, "samples_seen": 0}
         tokens = spec.data.window - 1 if recipe.dataset is None else None  # predicted tokens per token window
-        return _train(spec, spec_dir, run_id, run_dir, console, start, tokens, observe)
+        with StopRequest() as stop:
+            return _train(spec, spec_dir, run_id, run_dir, console, start, tokens, observe, lease, stop)
     finally:
-        if started_ray:
+        if connected:
             ray.shutdown()
 
 
@@ -123,9 +164,12 @@ def _drop_auth_default_warning(record: logging.LogRecord) -> bool:
 
 def connect_ray(spec: JobSpec, address: str | None, console: Console, verbose: bool, cpus: float | None = None) -> bool:
     """Join `address` (or RAY_ADDRESS), or start an embedded local Ray with at least `cpus`
-    logical CPUs (default: the job's workers'); True when we started it."""
+    logical CPUs (default: the job's workers'); True when this call connected (the caller
+    disconnects at its end: a process that leaves with Ray still connected can exit with 1)."""
     if ray.is_initialized():
         return False
+    if not verbose:
+        log_cluster_messages()
     if address is None and not os.environ.get("RAY_ADDRESS"):
         needed = cpus or spec.scaling.max_workers * spec.scaling.cpus_per_worker
         start_local_ray(max(os.cpu_count() or 1, int(needed + 0.999)), verbose)
@@ -134,7 +178,35 @@ def connect_ray(spec: JobSpec, address: str | None, console: Console, verbose: b
         return True
     ray.init(address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
     console.print(f"Joined Ray at {address or os.environ['RAY_ADDRESS']}.", highlight=False)
-    return False
+    return True
+
+
+def log_cluster_messages() -> None:
+    """Send what Ray's raylets push to this driver (a worker's or a raylet's death with its last
+    log lines and state dump, worker-pool size warnings) to the log rather than the terminal.
+
+    Ray prints them straight to stdout, colour codes and all, into the progress lines; the
+    failures they tell of are Elastune's own events (recovery, warning), and Ray's session logs
+    keep the messages. Ray 2.60 prints them through `ray._private.worker.print_to_stdstream`,
+    looked up on every message; worker logs (--verbose) take the same path and stay on screen."""
+    import ray._private.worker as ray_worker
+
+    shown = ray_worker.print_to_stdstream
+    if getattr(shown, "elastune_routed", False):
+        return
+
+    def routed(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            for line in data.get("lines", []):
+                CLUSTER_LOG.info("%s", line)
+            return
+        shown(data, ignore_prefix)
+
+    routed.elastune_routed = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = routed
+
+
+CLUSTER_LOG = logging.getLogger("elastune.cluster")
 
 
 def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
@@ -165,10 +237,7 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
 
 
 def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: Console, start: dict[str, int],
-           tokens_per_sample: int | None, observe=None) -> RunOutcome:  # fmt: skip
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+           tokens_per_sample: int | None, observe, lease: Lease, stop: StopRequest) -> RunOutcome:  # fmt: skip
     # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
     # default), so a run's end and a dead worker are noticed up to that late. 0.5 s costs the
     # controller a few calls a second and saved about 1.7 s per run here (and per restart); Ray
@@ -183,41 +252,7 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     policy = RetentionPolicy(c.keep_last, c.keep_best, c.best_metric, c.best_mode)
     service = start_service(run_id, spec.checkpoint_path, policy, sink_name(run_id), scheduling_strategy=here)
     exporter = start_exporter(spec, run_id, tokens_per_sample, console, here)
-    scaling = spec.scaling
-    if scaling.recovery == "live":
-        # Every worker its own replica group; Ray Train replaces a dead one alone and the rest go on
-        # (train.live). Ray Train keeps max_workers started; the quorum trains with those alive.
-        from ray.train.v2.torch.torchft_config import TorchftConfig
-
-        from elastune.train.live import LIGHTHOUSE
-
-        workers: int | tuple[int, int] = scaling.max_workers
-        room = placeable_workers(ray.nodes(), scaling.cpus_per_worker, scaling.gpus_per_worker)
-        if warning := short_of_workers(scaling.max_workers, room):
-            console.print(f"[yellow]Warning:[/yellow] {warning}", highlight=False)
-            run_dir.append_events([{"time": time.time(), "kind": "warning", "message": warning}])
-        backend = "nccl" if scaling.gpus_per_worker > 0 else "gloo"
-        torch_config = TorchftConfig(backend=backend, lighthouse_kwargs={"min_replicas": scaling.min_workers, **LIGHTHOUSE})
-    else:
-        workers = scaling.min_workers if scaling.min_workers == scaling.max_workers else (scaling.min_workers, scaling.max_workers)
-        torch_config = None
-    trainer = TorchTrainer(
-        run_worker,
-        train_loop_config=WorkerConfig(spec=spec.to_dict(), spec_dir=spec_dir, sink_name=sink_name(run_id),
-                                       service_name=service_name(run_id), run_id=run_id, driver_node=driver_node).__dict__,
-        torch_config=torch_config,
-        scaling_config=ScalingConfig(
-            num_workers=workers,
-            elastic_resize_monitor_interval_s=scaling.resize_check_seconds,
-            use_gpu=scaling.gpus_per_worker > 0,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {})},
-        ),
-        run_config=RunConfig(
-            name=f"{spec.name}-{run_id}",
-            storage_path=str(run_dir.path / "ray"),
-            failure_config=FailureConfig(max_failures=scaling.max_failures),
-        ),
-    )
+    trainer = make_trainer(spec, spec_dir, run_id, run_dir, driver_node, console)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -225,38 +260,46 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
             trainer.fit()
         except Exception as exc:  # reported below, on the main thread
             outcome["error"] = exc
-        except SystemExit:  # Ray disconnected under a fit the driver stopped waiting for (stranded)
-            return
-        # The run is over once its durable checkpoints are committed.
-        try:
-            ray.get(service.flush.remote())
-        except ray.exceptions.RayActorError:  # the driver ended the run without this fit (stranded) and killed the service
+        except SystemExit:  # Ray disconnected under a fit the driver stopped waiting for
             return
 
     view = ProgressView(console, spec.max_steps)
     started = time.time()
     last: dict[str, Any] = {**start, "loss": None}
-    recoveries = RecoveryTracker(spec.batch.global_batch_size, live=scaling.recovery == "live")
+    recoveries = RecoveryTracker(spec.batch.global_batch_size, live=spec.scaling.recovery == "live")
     thread = threading.Thread(target=fit, name="elastune-fit", daemon=True)
     thread.start()
     finished_at: float | None = None
+    stopping: dict[str, Any] | None = None
+    stranded_ended = False  # the driver ended a finished live run's Ray Train part: its error is ours
+    gave_up: str | None = None
     notices = DrainWatch(service)
     try:
         while True:
             alive = thread.is_alive()
+            if stop.signum is not None and stopping is None:
+                stopping = begin_stop(stop, service, sink, view)
+                alive = False
             rows, events = ray.get(sink.drain.remote())
             events += recoveries.observe(events, rows)
             if finished_at is None and any(e["kind"] == "finish" for e in events):
                 finished_at = time.monotonic()
             events += notices.poll()
-            if alive and stranded(scaling.recovery, finished_at):
+            gave_up = next((e["message"] for e in events if e["kind"] == "failure_policy" and not e["retry"]), gave_up)
+            if alive and stranded(spec.scaling.recovery, finished_at):
                 # A live group finished while Ray Train still waits to place a lost worker's
-                # replacement (no capacity came back): the run is done; do not wait for Ray Train.
-                ray.get(service.flush.remote())
+                # replacement (no capacity came back): the run is done; end Ray Train's part.
                 events.append({"time": time.time(), "kind": "warning", "message": "training finished while a worker Ray Train "
                                "started was not training (a replacement still starting, or one with no capacity to run on); "
-                               "the run is complete, not waiting for it"})  # fmt: skip
-                alive = False
+                               "the run is complete, so that worker was stopped"})  # fmt: skip
+                abort_controller(sink, thread)
+                alive, stranded_ended = False, True
+            if not alive:  # everything the run will write is in now
+                ray.get(service.flush.remote(STOP_GRACE_S if stopping else None))
+                more_rows, more_events = ray.get(sink.drain.remote())
+                rows, events = rows + more_rows, events + more_events
+            if stopping is not None:
+                rows = [r for r in rows if r["step"] <= stopping["keep_rows_to"]]  # later steps are redone on resume
             run_dir.append_metrics(rows)
             run_dir.append_events(events)
             if exporter is not None:
@@ -271,26 +314,126 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
                 last = row
             if not alive:
                 break
+            renew(lease, run_dir, view)
             thread.join(POLL_S)
     finally:
         view.close()
-    error = outcome.get("error")
-    result = RunOutcome(
-        run_dir=run_dir.path,
-        status="failed" if error else "succeeded",
-        steps=last["step"],
-        samples_seen=last["samples_seen"],
-        final_loss=last["loss"],
-        seconds=round(time.time() - started, 3),
-        error=_reason(error) if error else None,
-    )
+    if stopping is not None:
+        abort_controller(sink, thread)
+    error = None if stranded_ended else outcome.get("error")
+    result = conclude(spec, run_dir, last, started, error, gave_up, ray.get(service.flush.remote(0)), stop.signum)
     run_dir.write_result(result.__dict__ | {"run_dir": str(run_dir.path)})
-    run_dir.append_events([{"time": time.time(), "kind": "end", "status": result.status, "error": result.error}])
+    run_dir.append_events([{"time": time.time(), "kind": "end", "status": result.status, "error": result.error,
+                            "durable_step": result.durable_step}])  # fmt: skip
     if exporter is not None:
         exporter.close(run_dir.path / "metrics.prom")
     ray.kill(sink)
     ray.kill(service)
     return result
+
+
+def make_trainer(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, driver_node: str, console: Console):
+    """Ray Train's trainer for the run: every worker runs `run_worker`; recovery restart lets Ray
+    Train restart the group (max_failures restarts) and resize it between min and max workers;
+    recovery live runs every worker as its own torchft replica group, under train.failure_policy."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+
+    scaling = spec.scaling
+    failure_policy = None
+    if scaling.recovery == "live":
+        # Every worker its own replica group; Ray Train replaces a dead one alone and the rest go on
+        # (train.live). Ray Train keeps max_workers started; the quorum trains with those alive.
+        from ray.train.v2.torch.torchft_config import TorchftConfig
+
+        from elastune.train.live import LIGHTHOUSE
+
+        workers: int | tuple[int, int] = scaling.max_workers
+        room = placeable_workers(ray.nodes(), scaling.cpus_per_worker, scaling.gpus_per_worker)
+        if warning := short_of_workers(scaling.max_workers, room):
+            console.print(f"[yellow]Warning:[/yellow] {warning}", highlight=False)
+            run_dir.append_events([{"time": time.time(), "kind": "warning", "message": warning}])
+        backend = "nccl" if scaling.gpus_per_worker > 0 else "gloo"
+        torch_config = TorchftConfig(backend=backend, lighthouse_kwargs={"min_replicas": scaling.min_workers, **LIGHTHOUSE})
+        failure_config = FailureConfig(max_failures=-1)  # worker failures go by LiveFailurePolicy
+        failure_policy = LiveFailurePolicy(failure_config, sink_name(run_id), scaling.max_failures)
+    else:
+        workers = scaling.min_workers if scaling.min_workers == scaling.max_workers else (scaling.min_workers, scaling.max_workers)
+        torch_config = None
+        failure_config = FailureConfig(max_failures=scaling.max_failures)
+    return ElastuneTrainer(
+        run_worker,
+        failure_policy=failure_policy,
+        train_loop_config=WorkerConfig(spec=spec.to_dict(), spec_dir=spec_dir, sink_name=sink_name(run_id),
+                                       service_name=service_name(run_id), run_id=run_id, driver_node=driver_node).__dict__,
+        torch_config=torch_config,
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            elastic_resize_monitor_interval_s=scaling.resize_check_seconds,
+            use_gpu=scaling.gpus_per_worker > 0,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {})},
+        ),
+        run_config=RunConfig(
+            name=f"{spec.name}-{run_id}",
+            storage_path=str(run_dir.path / "ray"),
+            failure_config=failure_config,
+            callbacks=[PublishController(sink_name(run_id))],
+        ),
+    )  # fmt: skip
+
+
+def begin_stop(stop: StopRequest, service, sink, view: ProgressView) -> dict[str, Any]:
+    """A stop signal: queue the newest complete in-memory step for persistence, then end Ray
+    Train's run. Rows are kept up to the step being made durable (or the newest durable one)."""
+    step = ray.get(service.drain.remote([], "stop"))
+    durable = ray.get(service.flush.remote(0))
+    keep = step if step is not None else max((r["step"] for r in durable if "error" not in r), default=0)
+    view.say(f"{stop.name}: stopping; making step {keep} durable (again to end at once).")
+    controller = ray.get(sink.controller.remote())
+    if controller is not None:
+        controller.abort.remote()  # the workers stop while the step is written; abort_controller waits for it
+    return {"keep_rows_to": keep}
+
+
+def abort_controller(sink, thread: threading.Thread, grace_s: float = 3.0) -> None:
+    """End Ray Train's run (its controller stops every worker) and wait for the fit thread: a
+    process that disconnects from Ray while a fit still waits on it exits with status 1.
+
+    The controller takes an abort between its steps; one busy placing a replacement for which no
+    capacity exists takes it only when that placement times out (a minute), so after `grace_s` it
+    is killed instead (its workers go with it)."""
+    controller = ray.get(sink.controller.remote())
+    if controller is not None:
+        controller.abort.remote()
+        thread.join(grace_s)
+        if thread.is_alive():
+            ray.kill(controller, no_restart=True)
+    thread.join(10 * grace_s)
+
+
+def renew(lease: Lease, run_dir: RunDir, view: ProgressView) -> None:
+    try:
+        lease.renew()
+    except OSError as exc:  # a store that does not answer now; the lease only needs renewing within TTL_S
+        view.say(f"[yellow]Warning[/yellow]: could not renew the checkpoint root's lease: {exc}")
+
+
+def conclude(spec: JobSpec, run_dir: RunDir, last: dict[str, Any], started: float, error: BaseException | None, gave_up: str | None,
+             reports: list[dict[str, Any]], signum: int | None) -> RunOutcome:  # fmt: skip
+    """The run's outcome, with the newest checkpoint its root holds: a run that trained to its stop
+    but could not make its last step durable says so (not_durable), with the write's error."""
+    ckpt = Checkpointer(spec.checkpoint_path)
+    steps = ckpt.committed_steps()
+    durable = steps[-1] if steps else None
+    common = {"run_dir": run_dir.path, "steps": last["step"], "samples_seen": last["samples_seen"], "final_loss": last["loss"],
+              "seconds": round(time.time() - started, 3), "durable_step": durable, "uri": ckpt.uri}  # fmt: skip
+    if signum is not None:
+        return RunOutcome(status="stopped", signal=signum, **common)
+    if error is not None:
+        return RunOutcome(status="failed", error=gave_up or _reason(error), **common)
+    if durable != last["step"]:
+        failed = next((r["error"] for r in reversed(reports) if r.get("step") == last["step"] and "error" in r), "it was not written")
+        return RunOutcome(status="not_durable", error=f"the final step {last['step']} is not durable: {failed}", **common)
+    return RunOutcome(status="succeeded", **common)
 
 
 def start_exporter(spec: JobSpec, run_id: str, tokens_per_sample: int | None, console: Console, strategy) -> RunExporter | None:
@@ -358,7 +501,7 @@ def short_of_workers(max_workers: int, room: int) -> str | None:
             f"there is, use recovery: restart (it grows into capacity as it comes) or max_workers: {max(room, 1)}")  # fmt: skip
 
 
-FINISH_GRACE_S = 20.0  # after the last step, how long a live group's Ray Train run may take to end
+FINISH_GRACE_S = 5.0  # after the last step, how long a live group's Ray Train run may take to end before it is ended
 
 
 def stranded(recovery: str, finished_at: float | None, now: float | None = None) -> bool:

@@ -20,12 +20,14 @@ from elastune.checkpoint.format import Manifest
 from elastune.checkpoint.payload import BufferSource, read_pieces
 from elastune.checkpoint.snapshot import Snapshotter
 from elastune.data.dataset import TokenWindows
+from elastune.errors import CheckpointError
 from elastune.recipes import Recipe, SampleSource, load_recipe
 from elastune.spec.models import JobSpec
 from elastune.train.batch_plan import BatchPlan, batch_plan
 from elastune.train.faults import FaultInjector
 from elastune.train.group import Membership, StaticGroup
 from elastune.train.optim import build_optimizer, set_hyper
+from elastune.train.resume import saved_spec
 from elastune.train.schedules import step_values
 from elastune.train.state import Progress, layout_of, restore_state, state_pieces
 from elastune.train.step import GradBuffer, train_step
@@ -145,12 +147,18 @@ def announce(emit, plan: BatchPlan, progress: Progress, restored: dict[str, Any]
 def restore(service, ckpt: Checkpointer, model, optimizer, keep_partial: bool = False) -> tuple[Progress, dict[str, Any]]:
     """Newest state from the service's in-memory snapshot (tier 0) when it is the newest there is,
     else from the newest valid durable checkpoint (tier 1); only the ranges this layout needs.
+    A snapshot that fails its checksums is passed over for tier 1, with a warning.
     `keep_partial`: a worker joining a live group leaves the survivors' snapshots in flight alone."""
     started = time.perf_counter()
     found = ray.get(service.snapshot.remote(keep_partial))
+    skipped: list[str] = []
+    manifest = None
     if found["tier0"] is not None:
-        (manifest, nbytes), tier = load_snapshot(found["tier0"], model, optimizer), 0
-    else:
+        try:
+            (manifest, nbytes), tier = load_snapshot(found["tier0"], model, optimizer), 0
+        except CheckpointError as exc:
+            skipped.append(f"{exc}; resuming from the newest durable checkpoint instead")
+    if manifest is None:
         loaded: dict[str, int] = {}
 
         def apply(m: Manifest, read) -> None:
@@ -158,9 +166,10 @@ def restore(service, ckpt: Checkpointer, model, optimizer, keep_partial: bool = 
 
         manifest, tier = ckpt.restore_latest(apply), 1
         nbytes = loaded.get("bytes")
+        skipped += ckpt.skipped
     high_water = found["high_water"]
     if manifest is None:
-        return Progress(), {"resumed_from_step": None, "skipped_checkpoints": ckpt.skipped, "lost_steps": high_water or 0}
+        return Progress(), {"resumed_from_step": None, "skipped_checkpoints": skipped, "lost_steps": high_water or 0}
     return progress_of(manifest), {
         # Updates this run made past the resumed step and lost with the group that made them.
         "lost_steps": max(0, (high_water or 0) - manifest.step),
@@ -173,7 +182,7 @@ def restore(service, ckpt: Checkpointer, model, optimizer, keep_partial: bool = 
         "dataset": manifest.meta.get("dataset"),
         "load_seconds": round(time.perf_counter() - started, 4),
         "load_bytes": nbytes,
-        "skipped_checkpoints": ckpt.skipped,
+        "skipped_checkpoints": skipped,
     }
 
 
@@ -182,11 +191,17 @@ def progress_of(manifest: Manifest) -> Progress:
 
 
 def load_snapshot(snap: dict[str, Any], model, optimizer) -> tuple[Manifest, int]:
-    """Load an in-memory snapshot the service handed out ({"manifest", "payloads"}); returns its
-    manifest and the bytes read."""
+    """Load an in-memory snapshot the service handed out ({"manifest", "payloads"}), every block
+    checked against the checksums its workers took; returns its manifest and the bytes read."""
     manifest = Manifest.from_json(snap["manifest"].encode(), "in-memory snapshot")
     where = f"in-memory snapshot of step {manifest.step}"
-    source = BufferSource(lambda file: ray.get(snap["payloads"][file]))
+
+    def fetch(file: str):
+        if file not in snap["payloads"]:
+            raise CheckpointError(f"{where}: names a payload {file!r} it does not hold")
+        return ray.get(snap["payloads"][file])
+
+    source = BufferSource(fetch)
     nbytes = restore_state(model, optimizer, manifest.shapes, lambda wanted: read_pieces(manifest, source, wanted, where), where)
     return manifest, nbytes
 
@@ -199,6 +214,7 @@ def snapshot_base(spec: JobSpec, layout: str, dataset: dict[str, Any]) -> dict[s
         "spec_hash": spec.fingerprint(),
         "layout": layout,
         "meta": {
+            "spec": saved_spec(spec),  # what a resume compares its own spec with (train.resume)
             "job": spec.name,
             "model_hash": spec.fingerprint("model"),
             "optimizer": sections["optimizer"],

@@ -20,6 +20,7 @@ class RunSink:
         self._last_step = 0
         self._arrived: dict[str, int] = {}
         self._kill_at = self._join_at = self._received = 0  # arrival order of the last kill fault and the last join
+        self._controller = None  # Ray Train's controller of this run (train.controller.PublishController)
 
     def record(self, rows: list[dict[str, Any]], once: bool = False) -> None:
         """Append metrics rows. `once`: several workers send the same steps (a live group's
@@ -57,6 +58,16 @@ class RunSink:
 
     def arrived(self, key: str) -> int:
         return self._arrived.get(key, 0)
+
+    def last_step(self) -> int | None:
+        """The newest step a row was recorded for: the run's progress."""
+        return self._last_step or None
+
+    def set_controller(self, controller) -> None:
+        self._controller = controller
+
+    def controller(self):
+        return self._controller
 
     def drain(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         rows, events = self._rows, self._events

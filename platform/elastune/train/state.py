@@ -11,13 +11,16 @@ Randomness has no state to save: every micro-batch reseeds from (seed, step, mic
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
 
 from elastune.checkpoint.checkpointer import ReadPieces
 from elastune.checkpoint.format import Piece, numel
-from elastune.errors import CheckpointError
+from elastune.errors import IncompatibleCheckpoint
 from elastune.train.optim import named_params
+from elastune.train.resume import ModelState
 from elastune.train.zero import ZeroOptimizer
 
 Optimizer = torch.optim.Optimizer | ZeroOptimizer
@@ -59,6 +62,19 @@ def tied_aliases(model: nn.Module) -> set[str]:
     return every - {n for n, _ in model.named_parameters()}
 
 
+def model_state(build: Callable[[], nn.Module]) -> ModelState:
+    """The names and shapes of the state a model built by `build` holds, without its memory
+    where the model can be built on torch's meta device (else it is built on the CPU)."""
+    try:
+        with torch.device("meta"):
+            model = build()
+    except Exception:  # noqa: BLE001 - a factory that insists on real tensors
+        model = build()
+    aliases = tied_aliases(model)
+    shapes = {n: list(t.shape) for n, t in model.state_dict().items() if n not in aliases}
+    return ModelState(shapes, frozenset(aliases))
+
+
 def restore_state(model: nn.Module, optimizer: Optimizer, shapes: dict[str, list[int]], read: ReadPieces, where: str) -> int:
     """Load saved tensors of these `shapes` into model and optimizer, reading through `read` only
     the ranges this rank's layout needs. Returns the bytes read."""
@@ -67,7 +83,7 @@ def restore_state(model: nn.Module, optimizer: Optimizer, shapes: dict[str, list
     saved = {k[len("model/") :] for k in shapes if k.startswith("model/")} - aliases  # imports may carry tied copies
     if saved != own:
         missing, extra = sorted(own - saved), sorted(saved - own)
-        raise CheckpointError(
+        raise IncompatibleCheckpoint(
             f"{where} was saved from a different model (missing {missing[:3]}, unexpected {extra[:3]}); "
             f"point checkpoint.path elsewhere or run with --fresh"
         )
@@ -82,7 +98,7 @@ def restore_state(model: nn.Module, optimizer: Optimizer, shapes: dict[str, list
         for name, t in model.state_dict(keep_vars=True).items():
             if name in own:
                 if list(t.shape) != shapes[f"model/{name}"]:
-                    raise CheckpointError(
+                    raise IncompatibleCheckpoint(
                         f"{where}: {name} has shape {shapes[f'model/{name}']} but the model's is {list(t.shape)}; "
                         f"the model changed since the checkpoint; run with --fresh or restore the model options"
                     )

@@ -127,7 +127,7 @@ class BranchSearcher(Searcher):
         decay = budget - fork
         self.queue.append({"member": f"b{budget}", "generation": k, "from_samples": fork, "to_samples": budget, "spec": spec,
                            "fitness_samples": max(1, decay // 4), "metrics_actor": self.plan.metrics_actor,
-                           "clone_seconds": round(cloned_s, 6), "state_hash": manifest.state_hash()})  # fmt: skip
+                           "clone_seconds": round(cloned_s, 6), "content_hash": trunk.content_hash(manifest)})  # fmt: skip
         say(f"Trunk at {fork:,} samples: branch for {budget:,} forked (clone, {cloned_s * 1000:.1f} ms)")
         if k + 1 < len(self.forks):
             self._queue_trunk(k + 1)

@@ -210,8 +210,9 @@ class PopulationSearcher(Searcher):
         recipient.history = [*donor.history, {"from_samples": exploit.samples, "values": exploit.values}]
         self.lineage["exploits"].append({
             "generation": generation, "samples": exploit.samples, "recipient": recipient.id, "donor": donor.id,
-            "donor_checkpoint": {"uri": source.uri, "step": manifest.step, "state_hash": manifest.state_hash()},
-            "recipient_checkpoint": {"uri": recipient.root, "step": clone.step, "state_hash": clone.state_hash()},
+            # Both read through their own fragments: equal only if the clone really reads the donor's bytes.
+            "donor_checkpoint": {"uri": source.uri, "step": manifest.step, "content_hash": source.content_hash(manifest)},
+            "recipient_checkpoint": {"uri": recipient.root, "step": clone.step, "content_hash": Checkpointer(recipient.root).content_hash(clone)},
             "diff": {k: list(v) for k, v in exploit.diff.items()}, "values": exploit.values,
             "donor_fitness": self.scores[donor.id], "recipient_fitness": self.scores[recipient.id],
             "clone_seconds": round(cloned_s, 6), "clone_bytes": len(clone.to_json()), "time": time.time(),

@@ -3,7 +3,7 @@ exact global batch, resumable at any world size) and reports its fitness.
 
 The run resumes from the member's checkpoint root (its own last interval's end, or the clone of
 a donor's) and stops at the interval's end, which it makes durable. Tune is handed a pointer to
-that checkpoint (a small JSON file: root, step, state hash), never the tensors: the checkpoint
+that checkpoint (a small JSON file: root, step, content hash), never the tensors: the checkpoint
 service's checkpoints are the only copy.
 """
 
@@ -38,8 +38,9 @@ def train_segment(config: dict[str, Any], *, spec_dir: str, fitness_samples: int
     if outcome.status != "succeeded":
         raise ElastuneError(f"member {config['member']} interval {config['generation'] + 1} failed: {outcome.error} (log: {log})")
     rows = read_jsonl(outcome.run_dir / "metrics.jsonl")
-    end = Checkpointer(spec.checkpoint_path).latest()
-    pointer = {"uri": spec.checkpoint_path, "step": end.step, "samples_seen": end.samples_seen, "state_hash": end.state_hash()}
+    ckpt = Checkpointer(spec.checkpoint_path)
+    end = ckpt.latest()
+    pointer = {"uri": spec.checkpoint_path, "step": end.step, "samples_seen": end.samples_seen, "content_hash": ckpt.content_hash(end)}
     metrics = {
         "fitness": fitness(rows, config["to_samples"], config.get("fitness_samples", fitness_samples)),
         "loss": rows[-1]["loss"] if rows else None,
