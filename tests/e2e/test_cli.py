@@ -132,3 +132,18 @@ def test_run_trains_resumes_and_leaves_a_run_directory(quick_job):
     assert second.returncode == 0, second.stdout + second.stderr
     assert "Resuming from checkpoint step 20 (640 samples)" in second.stdout
     assert "Done: step 25" in second.stdout
+    third = elastune("run", str(quick_job), "--max-steps", "25", cwd=cwd)  # the checkpoint holds that whole budget
+    assert third.returncode == 0 and "Nothing to train" in third.stdout and "--fresh" in third.stdout, third.stdout + third.stderr
+    assert "Started an embedded local Ray" not in third.stdout  # told before anything starts
+    assert len(sorted((cwd / "runs" / "quickstart").glob("2*"))) == 2  # and no run directory for it
+
+    # A changed model: the checkpoint is not corrupt and must not be written over.
+    manifests = {p: p.read_bytes() for p in (cwd / "runs" / "quickstart" / "checkpoints").rglob("*") if p.is_file()}
+    wider = yaml.safe_load(quick_job.read_text())
+    wider["model"]["options"]["width"] = 24
+    (cwd / "wider.yaml").write_text(yaml.safe_dump(wider))
+    refused = elastune("run", "wider.yaml", "--max-steps", "30", cwd=cwd)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stdout + refused.stderr
+    assert "does not fit this job's model: tensor model/blocks.0.ln1.bias has shape [16] in the checkpoint and [24] in the model" in refused.stderr
+    assert "--fresh" in refused.stderr and "checkpoint.path" in refused.stderr
+    assert {p: p.read_bytes() for p in (cwd / "runs" / "quickstart" / "checkpoints").rglob("*") if p.is_file()} == manifests

@@ -163,7 +163,13 @@ def test_a_long_job_is_stopped_and_its_checkpoints_stay(secured, long_job):
     assert stopped.returncode == 0 and "Stopping: long-1" in stopped.stdout
     followed = elastune("logs", "long-1", "--follow", "--address", url, env=env, cwd=job.parent)
     assert followed.returncode == 1 and "long-1: STOPPED" in followed.stdout
-    assert list(checkpoints.glob("step-*/manifest.json"))
+    # The stop reached the driver as SIGTERM, which stopped the run gracefully: its newest step durable, said so.
+    assert "SIGTERM: stopping" in followed.stdout and "SIGTERM received" not in followed.stdout, followed.stdout[-3000:]
+    (run,) = (job.parent / "out" / "long").glob("2*")
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "stopped" and result["durable_step"] == result["steps"], (result, followed.stdout[-2000:])
+    assert f"Stopped at step {result['steps']}" in followed.stdout
+    assert (checkpoints / f"step-{result['durable_step']:09d}" / "manifest.json").is_file()
     listed = json.loads(elastune("list", "--json", "--address", url, env=env, cwd=job.parent).stdout)
     assert {j["submission_id"]: j["status"] for j in listed}["long-1"] == "STOPPED"
 

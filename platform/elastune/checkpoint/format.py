@@ -269,7 +269,7 @@ def _check_tensor(name: str, entry: Any, where: str) -> None:
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: entry is a {type(entry).__name__}, not an object")
     dtype = entry.get("dtype")
-    if dtype not in _ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
         raise CheckpointError(f"{where}: dtype {str(dtype)[:40]!r} is not one of {sorted(_ITEMSIZE)}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or len(shape) > MAX_RANK:

@@ -95,6 +95,7 @@ class CheckpointService:
         self.busy = False
         self.reports: list[dict[str, Any]] = []
         self.draining: set[str] = set()  # node ids with a preemption notice
+        self.frozen = False  # the run is being stopped: no more snapshots
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="elastune-persist")
         self.sealer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="elastune-seal")  # its own: writers wait on it
         threading.Thread(target=self._persist_loop, name="elastune-persist", daemon=True).start()
@@ -104,6 +105,8 @@ class CheckpointService:
     def stage(self, header: dict[str, Any], rank: int, file: str | None, entries: dict, payload: Any, stall_seconds: float) -> list[str]:
         """Take one rank's part of a step; a step whose W parts are all in becomes tier 0.
         Returns the ids of the nodes being drained (preemption notices): workers on them leave."""
+        if self.frozen:
+            return sorted(self.draining)
         # The service's own copy: an object the worker put would die with the worker.
         ref = ray.put(payload) if payload is not None else None
         nbytes = 0 if payload is None else len(payload)
@@ -135,20 +138,31 @@ class CheckpointService:
                 ray.get_actor(self.sink_name).record.remote(snap.rows)
             return sorted(self.draining)
 
-    def drain(self, nodes: list[str], reason: str = "preemption") -> int | None:
-        """Make the newest complete step durable now (the service holds it; no worker is
-        involved): a preemption notice for `nodes`, whose workers are told to leave at their next
-        hand-over, or (no nodes) a run being stopped. Returns the step being persisted (None:
-        nothing newer than what is durable or queued)."""
+    def drain(self, nodes: list[str]) -> int | None:
+        """A preemption notice for `nodes`: make the newest complete step durable now (the
+        service holds it; no worker is involved) and tell workers on those nodes, at their next
+        hand-over, to leave. Returns the step being persisted (None: nothing newer to persist)."""
         with self.cv:
             self.draining |= set(nodes)
-            snap = self.tier0
-            if snap is None or snap.header["durable"] or any(q is snap for q in self.queue):
-                return None
-            snap.header = {**snap.header, "durable": True, "reason": reason}
-            self.queue.append(snap)
-            self.cv.notify_all()
-            return snap.step
+            return self._persist_tier0("preemption")
+
+    def freeze(self) -> int | None:
+        """The run is being stopped: take no further snapshot (workers still finishing a step are
+        not waited for, and what they hand over is dropped), and make the newest complete one
+        durable unless it is already. Returns its step (None: no step ever completed here)."""
+        with self.cv:
+            self.frozen = True
+            self._persist_tier0("stop")
+            return None if self.tier0 is None else self.tier0.step
+
+    def _persist_tier0(self, reason: str) -> int | None:
+        snap = self.tier0
+        if snap is None or snap.header["durable"] or any(q is snap for q in self.queue):
+            return None
+        snap.header = {**snap.header, "durable": True, "reason": reason}
+        self.queue.append(snap)
+        self.cv.notify_all()
+        return snap.step
 
     def snapshot(self, keep_partial: bool = False) -> dict[str, Any]:
         """What a (re)starting worker resumes from: {"tier0": the newest complete in-memory

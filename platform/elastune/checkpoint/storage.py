@@ -100,8 +100,7 @@ class Storage:
             os.close(fd)
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open_input_file(self.checked(rel)) as f:
-            return f.read()
+        return self.read_range(rel, 0, self.fs.get_file_info(self.path(rel)).size or 0)
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
         try:
@@ -109,6 +108,10 @@ class Storage:
                 data = f.read_at(length, offset)
         except FileNotFoundError:
             raise CheckpointError(f"{self.uri}/{rel}: the file is missing") from None
+        except OSError:
+            if self.fs.get_file_info(self.path(rel)).type == pafs.FileType.File:
+                raise  # the store failed: not something the checkpoint did
+            raise CheckpointError(f"{self.uri}/{rel}: is not a file") from None
         if len(data) != length:
             raise CheckpointError(f"{self.uri}/{rel}: wanted {length} bytes at offset {offset}, file holds fewer")
         return data

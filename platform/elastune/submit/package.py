@@ -50,6 +50,7 @@ SECRET_EXCLUDES = (
 MAX_UPLOAD_BYTES = 512 * 1024**2  # Ray refuses a working_dir package above its gRPC message size (512 MiB by default)
 WARN_UPLOAD_BYTES = 50 * 1024**2
 REQUIRE_ENV = "ELASTUNE_REQUIRE"
+STOP_WAIT_S = 60  # above train.stopping.STOP_GRACE_S, with room for ending the workers
 PINNED = ("torch", "ray")
 _log = logging.getLogger(__name__)
 
@@ -119,7 +120,13 @@ def build_submission(spec: JobSpec, spec_path: Path, working_dir: Path, extra_ex
         "working_dir": str(working_dir),
         "py_modules": [str(Path(__file__).resolve().parents[1])],  # this elastune package
         "excludes": upload.excludes,
-        "env_vars": {REQUIRE_ENV: pinned, "PYTHONUNBUFFERED": "1"},  # the job's log streams as it is written
+        "env_vars": {
+            REQUIRE_ENV: pinned,
+            "PYTHONUNBUFFERED": "1",  # the job's log streams as it is written
+            # `elastune stop` (Ray's job stop) sends SIGTERM, then SIGKILL after this long (Ray's
+            # default: 3 s): time for the run to make its newest step durable (train.stopping).
+            "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S),
+        },
     }
     metadata = {"elastune_job": spec.name, "elastune_spec": json.dumps(spec.to_dict(), sort_keys=True), "elastune_require": pinned}
     entry = f"python -m elastune run {spec_path.relative_to(working_dir).as_posix()}"

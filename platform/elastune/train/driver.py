@@ -278,7 +278,7 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
         while True:
             alive = thread.is_alive()
             if stop.signum is not None and stopping is None:
-                stopping = begin_stop(stop, service, sink, view)
+                stopping = begin_stop(stop, service, sink, view, Checkpointer(spec.checkpoint_path))
                 alive = False
             rows, events = ray.get(sink.drain.remote())
             events += recoveries.observe(events, rows)
@@ -381,17 +381,19 @@ def make_trainer(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, dri
     )  # fmt: skip
 
 
-def begin_stop(stop: StopRequest, service, sink, view: ProgressView) -> dict[str, Any]:
-    """A stop signal: queue the newest complete in-memory step for persistence, then end Ray
-    Train's run. Rows are kept up to the step being made durable (or the newest durable one)."""
-    step = ray.get(service.drain.remote([], "stop"))
-    durable = ray.get(service.flush.remote(0))
-    keep = step if step is not None else max((r["step"] for r in durable if "error" not in r), default=0)
-    view.say(f"{stop.name}: stopping; making step {keep} durable (again to end at once).")
+def begin_stop(stop: StopRequest, service, sink, view: ProgressView, ckpt: Checkpointer) -> dict[str, Any]:
+    """A stop signal: the service takes no more snapshots and makes the newest complete one
+    durable; then Ray Train's run is ended. Rows are kept up to that step (the newest durable one
+    when there is no snapshot), the step a rerun resumes from."""
+    step = ray.get(service.freeze.remote())
+    if step is None:
+        steps = ckpt.committed_steps()
+        step = steps[-1] if steps else 0
+    view.say(f"{stop.name}: stopping; the run resumes from step {step} (again to end at once).")
     controller = ray.get(sink.controller.remote())
     if controller is not None:
         controller.abort.remote()  # the workers stop while the step is written; abort_controller waits for it
-    return {"keep_rows_to": keep}
+    return {"keep_rows_to": step}
 
 
 def abort_controller(sink, thread: threading.Thread, grace_s: float = 3.0) -> None:
