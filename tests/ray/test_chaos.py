@@ -1,7 +1,9 @@
 """Chaos: one live run with three worker kills at random ranks, steps and points (seeded, so a
 failure reproduces) and two resizes, as replacements rejoin after a straggling step. The run keeps
 every guarantee of the single-failure tests: each step once at the uninterrupted run's loss, each
-sample read where the sampler puts it, the same final state, no step lost."""
+sample read where the sampler puts it, the same final state, no step lost. Its
+`scaling.max_failures` is 2: three failures, each after progress, do not end a live run
+(train.failure_policy), where a budget of replacements would have ended it at the third."""
 
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ def chaos(seed: int) -> tuple[list[dict], list[int]]:
 def chaotic(tmp_path_factory, stdlib_dataset):
     faults, world = chaos(SEED)
     spec = job(tmp_path_factory.mktemp("chaos"), stdlib_dataset, "chaos", faults)
+    spec = spec.model_validate({**spec.to_dict(), "scaling": {**spec.to_dict()["scaling"], "max_failures": 2}})
     _, rows, events = run(spec)
     return spec, rows, events, faults, world
 
@@ -62,3 +65,12 @@ def test_three_recoveries_and_two_resizes(chaotic):
     assert [e["cause"].split(" at step")[0] for e in recoveries] == [f"fault: kill rank {f['rank']}" for f in kills]
     resizes = [e for e in events if e["kind"] == "resize"]
     assert [(e["world_size_before"], e["world_size_after"], e["step"]) for e in resizes] == [(2, 3, f["at_step"] + 2) for f in kills[:2]]
+
+
+def test_failures_with_progress_between_them_do_not_end_a_live_run(chaotic):
+    spec, _, events, faults, _ = chaotic
+    decisions = [e for e in events if e["kind"] == "failure_policy"]
+    kills = [f for f in faults if f["action"] == "kill_rank"]
+    assert spec.scaling.max_failures == 2 < len(kills) == len(decisions)
+    assert all(d["retry"] and d["in_a_row"] == 1 for d in decisions), decisions
+    assert [d["step"] for d in decisions] == sorted(d["step"] for d in decisions) and len({d["step"] for d in decisions}) == len(kills)

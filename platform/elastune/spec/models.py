@@ -368,7 +368,13 @@ class ScalingSpec(Strict):
         None, ge=1, le=1024, description="Intra-op threads per worker; default: cpus_per_worker."
     )
     max_failures: int = Field(
-        3, ge=-1, le=MAX_COUNT, description="Worker-group restarts before the run fails; -1 never gives up."
+        3,
+        ge=-1,
+        le=MAX_COUNT,
+        description=(
+            "When the run gives up on failures. recovery restart: after this many worker-group restarts. recovery live: "
+            "after more than this many failures in a row without a committed step between them. -1 never gives up."
+        ),
     )
     layout: Literal["replicated", "zero1"] = Field(
         "replicated",
