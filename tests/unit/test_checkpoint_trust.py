@@ -245,3 +245,58 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
         helpers.save_from_ranks(ckpt, (10, 80, "h"), STATE, 2)
     assert not (tmp_path / "root" / step_dir(10)).exists()
     assert sorted(os.listdir(tmp_path / "root")) == [step_dir(5)]
+
+
+def _dcp_folder(tmp_path: Path) -> Path:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": {"w": torch.ones(3)}, "progress": {"step": torch.tensor(4), "samples_seen": torch.tensor(32)}},
+                 checkpoint_id=str(folder), no_dist=True)  # fmt: skip
+    return folder
+
+
+def _rewrite_metadata(folder: Path, change) -> None:
+    import pickle
+
+    metadata = pickle.loads((folder / ".metadata").read_bytes())  # the test's own file: a trusted pickle here
+    change(metadata)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+@pytest.mark.parametrize("case", ["outside the folder", "an absolute path", "a symlink out", "an unknown layout", "a non-mapping",
+                                  "a float step", "truncated"])  # fmt: skip
+def test_dcp_import_refuses_malformed_metadata_and_files_outside_its_folder(tmp_path, capsys, case):
+    folder = _dcp_folder(tmp_path)
+    (tmp_path / "secret.distcp").write_bytes((folder / "__0_0.distcp").read_bytes())  # a valid payload, outside
+    relocate = {"outside the folder": "../secret.distcp", "an absolute path": str(tmp_path / "secret.distcp")}
+    if case in relocate:
+        _rewrite_metadata(folder, lambda m: [setattr(info, "relative_path", relocate[case]) for info in m.storage_data.values()])
+    elif case == "a symlink out":
+        (folder / "__0_0.distcp").unlink()
+        (folder / "__0_0.distcp").symlink_to(tmp_path / "secret.distcp")
+    elif case == "an unknown layout":
+        (folder / ".metadata").write_bytes((folder / ".metadata").read_bytes().replace(b"torch.strided", b"torch.stridez"))
+    elif case == "a non-mapping":
+        _rewrite_metadata(folder, lambda m: setattr(m, "storage_data", [1, 2]))
+    elif case == "a float step":
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"model": {"w": torch.ones(3)}, "progress": {"step": torch.tensor(4.5)}}, checkpoint_id=str(folder), no_dist=True)
+    else:
+        (folder / ".metadata").write_bytes((folder / ".metadata").read_bytes()[:40])
+    code, out = cli(capsys, "ckpt", "import", str(folder), str(tmp_path / "ours"))
+    assert code == 2 and str(folder) in out, out
+    assert not (tmp_path / "ours").exists() or not list((tmp_path / "ours").rglob("manifest.json"))
+
+
+def test_an_unreachable_store_is_bad_input_naming_it(monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    code, out = cli(capsys, "ckpt", "ls", "s3://bucket/x")
+    assert code == 2 and "'s3://bucket/x' does not answer" in out and "AWS_ENDPOINT_URL_S3" in out

@@ -127,6 +127,17 @@ class Storage:
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
 
+    def probe(self) -> None:
+        """StorageError naming the URI and the fix when the store does not answer (a host that does
+        not resolve, a refused connection, credentials it rejects)."""
+        try:
+            self.fs.get_file_info(self.root)
+        except OSError as exc:
+            raise StorageError(
+                f"checkpoint location {self.uri!r} does not answer ({_first_line(exc)}); check the address (for S3-compatible "
+                f"stores AWS_ENDPOINT_URL_S3), the network and the credentials in the environment"
+            ) from None
+
     def root_exists(self) -> bool:
         """Whether the root is a folder (an object store's prefix counts once anything is under it)."""
         info = self.fs.get_file_info(self.root)

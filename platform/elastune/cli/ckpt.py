@@ -88,11 +88,8 @@ def _root(uri: str) -> Checkpointer:
     from elastune.checkpoint.checkpointer import Checkpointer
 
     ckpt = Checkpointer(uri)
-    try:
-        exists = ckpt.storage.root_exists()
-    except OSError as exc:
-        raise ElastuneError(f"{uri}: the store does not answer ({exc}); check the URI, the network and the credentials") from None
-    if not exists:
+    ckpt.storage.probe()
+    if not ckpt.storage.root_exists():
         raise ElastuneError(f"{uri} does not exist; give a checkpoint root (a run's checkpoint.path) or ROOT/step-N")
     return ckpt
 

@@ -98,6 +98,7 @@ def run_job(
     batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, spec.scaling.min_workers)
     run_id = new_run_id()
     ckpt = Checkpointer(spec.checkpoint_path, spec.checkpoint.keep_last)
+    ckpt.storage.probe()
     lease = Lease(ckpt.storage, this_process(run_id, spec.name))
     lease.acquire()
     try:
