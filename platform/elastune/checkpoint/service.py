@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,7 +240,9 @@ class CheckpointService:
         files = [snap.parts[r].file for r in ranks if snap.parts[r].file]
         self.ckpt.begin(snap.step)
         try:
-            entries = list(self.pool.map(lambda part: self._write(part, folder, snap.step), [snap.parts[r] for r in ranks]))
+            writes = [self.pool.submit(self._write, snap.parts[r], folder, snap.step) for r in ranks]
+            wait(writes)  # every write has ended (failed or not) before anything is cleaned up
+            entries = [w.result() for w in writes]
             written = time.perf_counter()
             self.ckpt.commit(snap.manifest(entries), entries, snap.header["world_size"])
         except BaseException:
