@@ -21,7 +21,7 @@ import torch
 
 from elastune.checkpoint.format import BLOCK_BYTES, SNAPSHOT_CHECKSUM, PayloadPlan, Piece, payload_file, with_digests
 from elastune.checkpoint.layout import pieces_to_write
-from elastune.checkpoint.payload import digests_of
+from elastune.checkpoint.payload import block_digests
 
 
 class Snapshotter:
@@ -78,7 +78,8 @@ class Snapshotter:
             copied.synchronize()
         payload = self.buffer.numpy() if file else None
         if payload is not None:
-            digests = digests_of(self.plan.offsets, memoryview(payload), BLOCK_BYTES, SNAPSHOT_CHECKSUM)
+            data = memoryview(payload)
+            digests = {n: block_digests(data, off, ln, BLOCK_BYTES, SNAPSHOT_CHECKSUM) for n, (off, ln) in self.plan.offsets.items()}
             entries = with_digests(entries, digests, SNAPSHOT_CHECKSUM)
         self.draining = frozenset(ray.get(self.service.stage.remote(header, rank, file, entries, payload, stall)))
 
