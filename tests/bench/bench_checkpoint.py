@@ -85,10 +85,10 @@ def snapshot_stall(service, state: dict[str, torch.Tensor], steps: int) -> None:
     200 MB state (a 400 ms step: a model that size trains slower)."""
     import elastune.checkpoint.snapshot as snapshot_module
 
-    real = snapshot_module.digests_of
+    real = snapshot_module.block_digests
 
-    def skipped(offsets, buffer, block, algorithm):  # the "off" arm: digests of the right shape, nothing hashed
-        return {name: ["0" * 16] * max(1, -(-n // block)) for name, (_, n) in offsets.items()}
+    def skipped(data, offset, length, block, algorithm):  # the "off" arm: digests of the right shape, nothing hashed
+        return ["0" * 16] * max(1, -(-length // block))
 
     quick = {f"model/w{i}": torch.randn(n) for i, n in enumerate((49152, 16384, 32768, 65536, 17200))}  # 0.72 MB
     torch.set_num_threads(1)
@@ -100,7 +100,7 @@ def snapshot_stall(service, state: dict[str, torch.Tensor], steps: int) -> None:
         snapshots = {arm: Snapshotter(service) for arm in got}
         for step in range(1, steps + 1):
             for arm in ("on", "off") if step % 2 else ("off", "on"):
-                snapshot_module.digests_of = real if arm == "on" else skipped
+                snapshot_module.block_digests = real if arm == "on" else skipped
                 deadline = time.perf_counter() + step_s
                 while time.perf_counter() < deadline:  # the step's compute
                     a @ a
@@ -108,7 +108,7 @@ def snapshot_stall(service, state: dict[str, torch.Tensor], steps: int) -> None:
                 got[arm].append(snapshots[arm].take(header, pieces, 0, 1))
         for s in snapshots.values():
             s.wait()
-        snapshot_module.digests_of = real
+        snapshot_module.block_digests = real
         on, off = (statistics.median(got[a][2:]) for a in ("on", "off"))
         p90 = {a: statistics.quantiles(got[a][2:], n=10)[-1] for a in got}
         print(f"snapshot stall per step, {label} ({size / MB:.2f} MB, {step_s * 1000:.0f} ms steps): checksums on {on * 1000:.3f} ms "
