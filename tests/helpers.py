@@ -36,6 +36,20 @@ def tiny_model(options: ByteGPTOptions = TINY, seed: int = 0) -> ByteGPT:
     return ByteGPT(options)
 
 
+def adam_state(steps: int = 2) -> dict[str, torch.Tensor]:
+    """A tiny model's state after `steps` AdamW updates, as named tensors (model/..., optim/...)."""
+    from elastune.spec.models import AdamWSpec
+    from elastune.train.optim import build_optimizer
+    from elastune.train.state import state_tensors
+
+    model = tiny_model()
+    opt = build_optimizer(model, AdamWSpec(name="adamw", lr=1e-2))
+    for _ in range(steps):
+        model(torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))).sum().backward()
+        opt.step()
+    return state_tensors(model, opt)
+
+
 def reference_sgd_update(model, source, indices: np.ndarray, lr: float) -> dict[str, torch.Tensor]:
     """Single process, one forward over the whole global batch, mean loss, plain SGD."""
     model.train()

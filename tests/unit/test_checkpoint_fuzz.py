@@ -29,7 +29,8 @@ from elastune.checkpoint.format import MANIFEST, step_dir
 from elastune.checkpoint.storage import Storage
 from elastune.errors import ElastuneError
 from tests import helpers
-from tests.unit.test_checkpoint_trust import STATE
+
+STATE = helpers.adam_state()
 
 RUNS = {"manifest": 200, "files": 40}  # cases per property; the note on the issue quotes these
 

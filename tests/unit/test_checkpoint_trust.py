@@ -19,23 +19,10 @@ from elastune.checkpoint.format import MANIFEST, step_dir
 from elastune.checkpoint.storage import Storage
 from elastune.cli.main import main
 from elastune.errors import CheckpointError, StorageError
-from elastune.spec.models import AdamWSpec
-from elastune.train.optim import build_optimizer
-from elastune.train.state import state_tensors
 from tests import helpers
-from tests.helpers import tiny_model
 
 
-def _state() -> dict[str, torch.Tensor]:
-    model = tiny_model()
-    opt = build_optimizer(model, AdamWSpec(name="adamw", lr=1e-2))
-    for _ in range(2):
-        model(torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))).sum().backward()
-        opt.step()
-    return state_tensors(model, opt)
-
-
-STATE = _state()
+STATE = helpers.adam_state()
 
 
 @pytest.fixture()

@@ -18,7 +18,6 @@ import errno
 import hashlib
 import json
 import logging
-import os
 import posixpath
 import re
 import time

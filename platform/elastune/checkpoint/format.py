@@ -245,11 +245,11 @@ class Manifest:
 def check_manifest(m: Manifest, where: str) -> None:
     """Every rule a manifest's content must follow (see the module docstring); CheckpointError
     naming the tensor and the field of the first breach."""
-    for field in ("step", "samples_seen"):
-        _int(getattr(m, field), f"{where}: {field}", 0)
-    for field, kind in (("spec_hash", str), ("layout", dict), ("tensors", dict), ("meta", dict)):
-        if not isinstance(getattr(m, field), kind):
-            raise CheckpointError(f"{where}: {field} is a {type(getattr(m, field)).__name__}, not a {kind.__name__}")
+    for name in ("step", "samples_seen"):
+        _int(getattr(m, name), f"{where}: {name}", 0)
+    for name, kind in (("spec_hash", str), ("layout", dict), ("tensors", dict), ("meta", dict)):
+        if not isinstance(getattr(m, name), kind):
+            raise CheckpointError(f"{where}: {name} is a {type(getattr(m, name)).__name__}, not a {kind.__name__}")
     sources = m.sources
     if not isinstance(sources, list) or not all(isinstance(x, dict) and isinstance(x.get("uri"), str) for x in sources):
         raise CheckpointError(f"{where}: meta.sources must be a list of {{uri, step}} records")

@@ -140,9 +140,16 @@ class Lease:
         raise LeaseHeld(f"checkpoint root {self.storage.uri}: another run took its lease at the same moment; run again to see which")
 
     def renew(self) -> None:
+        """Renew the lease if it is due; LeaseHeld if another run has taken it over meanwhile (this
+        run went unrenewed for longer than TTL_S, e.g. its store did not answer): that run now
+        holds the root, and this one must not write over its lease."""
         if time.monotonic() - self.renewed < RENEW_S:
             return
         self.renewed = time.monotonic()
+        current = self.read()
+        if current is not None and current.run_id != self.me.run_id:
+            raise LeaseHeld(f"checkpoint root {self.storage.uri} was taken over by {current.describe(time.time())} while this run went "
+                            f"unrenewed; this run's further checkpoints may conflict with it")  # fmt: skip
         self.me = Holder(**{**asdict(self.me), "renewed_at": time.time()})
         self.storage.commit_bytes(LEASE, self._record())
 

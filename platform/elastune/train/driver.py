@@ -26,7 +26,7 @@ from elastune.checkpoint.lease import Lease, this_process
 from elastune.checkpoint.retention import RetentionPolicy
 from elastune.checkpoint.service import service_name, start_service
 from elastune.data.prepare import ensure_prepared
-from elastune.errors import ElastuneError
+from elastune.errors import ElastuneError, LeaseHeld
 from elastune.metrics.exporter import RunExporter
 from elastune.recipes import load_recipe
 from elastune.spec.load import validate_spec
@@ -315,7 +315,7 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
                 last = row
             if not alive:
                 break
-            renew(lease, run_dir, view)
+            renew(lease, view)
             thread.join(POLL_S)
     finally:
         view.close()
@@ -413,11 +413,13 @@ def abort_controller(sink, thread: threading.Thread, grace_s: float = 3.0) -> No
     thread.join(10 * grace_s)
 
 
-def renew(lease: Lease, run_dir: RunDir, view: ProgressView) -> None:
+def renew(lease: Lease, view: ProgressView) -> None:
     try:
         lease.renew()
     except OSError as exc:  # a store that does not answer now; the lease only needs renewing within TTL_S
         view.say(f"[yellow]Warning[/yellow]: could not renew the checkpoint root's lease: {exc}")
+    except LeaseHeld as exc:
+        view.say(f"[yellow]Warning[/yellow]: {exc}")
 
 
 def conclude(spec: JobSpec, run_dir: RunDir, last: dict[str, Any], started: float, error: BaseException | None, gave_up: str | None,

@@ -54,8 +54,8 @@ class ModelState:
 
 
 def check_fits(manifest: Manifest, model: ModelState, spec: JobSpec, where: str) -> None:
-    fixes = (f"it is not corrupt, and this run will not write over it. To start over at this location, run with --fresh "
-             f"(it deletes the checkpoints there); to keep them, set checkpoint.path to another location")  # fmt: skip
+    fixes = ("it is not corrupt, and this run will not write over it. To start over at this location, run with --fresh "
+             "(it deletes the checkpoints there); to keep them, set checkpoint.path to another location")  # fmt: skip
     model_shapes = model.shapes
     saved = {k[len("model/"):]: v for k, v in manifest.shapes.items() if k.startswith("model/")}
     missing, extra = sorted(set(model_shapes) - set(saved)), sorted(set(saved) - set(model_shapes) - model.aliases)
