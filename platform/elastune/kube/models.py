@@ -44,7 +44,11 @@ class StorageSpec(Strict):
 class ClusterSpec(Strict):
     """The Ray cluster the operator makes for the job (a RayJob's cluster, gone when the job ends)."""
 
-    image: str | None = Field(None, min_length=1, description="Image of the Ray pods; default: the operator's ELASTUNE_IMAGE.")
+    image: str | None = Field(
+        None,
+        min_length=1,
+        description="Image of the Ray pods; default: the operator's ELASTUNE_IMAGE. With ELASTUNE_ALLOWED_IMAGES set, only those prefixes.",
+    )
     head: PodResources = Field(default_factory=PodResources)
     workers: WorkerResources = Field(default_factory=WorkerResources)
     storage: StorageSpec = Field(default_factory=StorageSpec)
@@ -52,7 +56,11 @@ class ClusterSpec(Strict):
 
 class ClusterCheckpointSpec(CheckpointSpec):
     deleteOnFinish: bool = Field(
-        False, description="Delete the job's checkpoints when the ElastuneJob is deleted; by default they stay."
+        False,
+        description=(
+            "Delete the job's checkpoints when the ElastuneJob is deleted; by default they stay. Only a checkpoint.path inside the "
+            "job's own prefix (the volume's checkpoints/<namespace>/<name>, or the operator's ELASTUNE_CHECKPOINT_PREFIX) is accepted."
+        ),
     )
 
 
