@@ -5,6 +5,8 @@ Both measure wall time between consecutive optimizer steps after a warmup, so pe
 (metrics, lr, the all-reduce) counts on both sides; process and Ray start-up do not.
 
     .venv/bin/python tests/bench/bench_vs_torchrun.py [--steps 300] [--warmup 50] [--rounds 2]
+        [--compare CHECKOUT]   # also another checkout of Elastune (e.g. a `git worktree` of the
+                               # commit before a change), in the same rounds: head / that ratio
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def torchrun(steps: int, warmup: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["samples_per_s"]
 
 
-def elastune(steps: int, warmup: int) -> float:
+def elastune(steps: int, warmup: int, checkout: Path = ROOT) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.yaml"
         import yaml
@@ -40,7 +42,8 @@ def elastune(steps: int, warmup: int) -> float:
         spec["checkpoint"] = {"every_steps": 10**9}  # only the final checkpoint, as the anchor saves none mid-run
         spec["stop"] = {"max_steps": steps}
         job.write_text(yaml.safe_dump(spec))
-        subprocess.run([sys.executable, "-m", "elastune", "run", str(job), "--fresh"], cwd=tmp, check=True, capture_output=True)
+        env = os.environ | {"PYTHONPATH": str(checkout / "platform")}  # that checkout's elastune, workers included
+        subprocess.run([sys.executable, "-m", "elastune", "run", str(job), "--fresh"], cwd=tmp, check=True, capture_output=True, env=env)
         (metrics,) = Path(tmp, "runs", spec["name"]).glob("*/metrics.jsonl")
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     window = [r["time"] for r in rows[warmup:]]
@@ -52,15 +55,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--compare", type=Path, default=None)
     args = parser.parse_args()
     subprocess.run([sys.executable, "-m", "elastune", "data", "prepare", "--job", str(JOB)], cwd=ROOT, check=True, capture_output=True)
-    ddp, ours = [], []
+    ddp, ours, theirs = [], [], []
     for r in range(args.rounds):  # alternate, so drift in machine load hits both
         ddp.append(torchrun(args.steps, args.warmup))
         ours.append(elastune(args.steps, args.warmup))
-        print(f"round {r + 1}: torchrun DDP {ddp[-1]:.0f} samples/s, elastune {ours[-1]:.0f} samples/s, ratio {ours[-1] / ddp[-1]:.3f}")
+        line = f"round {r + 1}: torchrun DDP {ddp[-1]:.0f} samples/s, elastune {ours[-1]:.0f} samples/s, ratio {ours[-1] / ddp[-1]:.3f}"
+        if args.compare:
+            theirs.append(elastune(args.steps, args.warmup, args.compare.resolve()))
+            line += f"; {args.compare} {theirs[-1]:.0f} samples/s, ratio {theirs[-1] / ddp[-1]:.3f}"
+        print(line, flush=True)
     a, b = statistics.median(ddp), statistics.median(ours)
     print(f"median: torchrun DDP {a:.0f} samples/s, elastune {b:.0f} samples/s, ratio {b / a:.3f} (target >= 0.97)")
+    if theirs:
+        c = statistics.median(theirs)
+        print(f"median {args.compare}: {c:.0f} samples/s, ratio {c / a:.3f}; this checkout / that one {b / c:.3f}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def main(job: str, steps: int, warmup: int) -> None:
     torch.manual_seed(spec.seed)
     model = recipe.build_model()
     opt = build_optimizer(model, spec.optimizer)
-    grads = GradBuffer(model)
+    grads = GradBuffer(model, micro_batch_norms=os.environ.get("NOISE", "1") == "1")
     source = TokenWindows(os.path.abspath(spec.data.path))
     g = spec.batch.global_batch_size
     plan = batch_plan(g, spec.batch.micro_batch_size, world)

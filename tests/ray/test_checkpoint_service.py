@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -14,6 +15,7 @@ import torch
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.retention import RetentionPolicy
 from elastune.checkpoint.service import start_service
+from elastune.checkpoint.snapshot import CHUNK_BYTES, INLINE_BYTES, chunks_of
 from elastune.spec.models import AdamWSpec
 from elastune.train.loop import restore
 from elastune.train.optim import build_optimizer
@@ -150,7 +152,23 @@ def corrupt_snapshot(service, step: int) -> None:
                            digests_of(plan.offsets, memoryview(buffer.numpy()), BLOCK_BYTES, SNAPSHOT_CHECKSUM), SNAPSHOT_CHECKSUM)  # fmt: skip
     data = buffer.numpy().copy()
     data[-1] ^= 0xFF
-    ray.get(service.stage.remote(header(step, True), 0, "rank-00000-of-00001.safetensors", entries, data, 0.0))
+    chunks = chunks_of(data, len(data))
+    ray.get(service.stage.remote(header(step, True), 0, "rank-00000-of-00001.safetensors", entries, 0.0, *chunks))
+
+
+@pytest.mark.parametrize("nbytes", [1, CHUNK_BYTES, 3 * CHUNK_BYTES + 7, INLINE_BYTES, INLINE_BYTES + 1])
+def test_a_part_is_the_services_own_copy_of_exactly_what_was_handed_over(nbytes):
+    """Small payloads travel inline and stay in the service's memory, larger ones in the object
+    store; either way the service holds the same bytes, and a restoring worker gets them."""
+    from elastune.checkpoint.service import Part
+
+    sent = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    chunks = chunks_of(sent, nbytes)
+    assert all(len(c) <= CHUNK_BYTES for c in chunks) if nbytes <= INLINE_BYTES else len(chunks) == 1
+    part = Part.of("f", {}, chunks, 0.0)
+    assert isinstance(part.payload, bytes) == (nbytes <= INLINE_BYTES) and part.nbytes == nbytes
+    assert part.data().tobytes() == sent.tobytes()
+    assert np.asarray(ray.get(part.ref())).tobytes() == sent.tobytes() and part.data().tobytes() == sent.tobytes()
 
 
 def test_tier0_is_verified_and_a_corrupt_snapshot_is_never_made_durable(tmp_path):

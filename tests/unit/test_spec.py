@@ -38,6 +38,19 @@ def test_shipped_jobs_validate(path):
     assert spec.max_steps >= 1
 
 
+@pytest.mark.parametrize("path", JOBS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_spec_travels_to_the_workers_unchanged(path):
+    """Workers rebuild the spec from `to_dict`: whatever the user wrote must come back equal,
+    including a null that turns something off (snapshot_every_steps: null)."""
+    from elastune.spec.models import JobSpec
+
+    spec = load_spec(path)
+    assert JobSpec.model_validate(spec.to_dict()) == spec
+    off = JobSpec.model_validate(minimal(**{"checkpoint.snapshot_every_steps": None}))
+    assert off.checkpoint.snapshot_every_steps is None
+    assert JobSpec.model_validate(off.to_dict()).checkpoint.snapshot_every_steps is None
+
+
 def test_gpu_cluster_job_is_realistic():
     spec = load_spec(ROOT / "jobs" / "gpu-cluster.yaml")
     assert spec.scaling.gpus_per_worker >= 1 and spec.scaling.max_workers >= 8

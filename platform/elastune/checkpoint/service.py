@@ -1,8 +1,12 @@
 """The checkpoint service: one Ray actor per run holding tier 0 and writing tier 1.
 
 Workers hand it their payloads (snapshot.Snapshotter): each rank's share of a step, already laid
-out as the safetensors file it will become. The service puts every part into the object store
-under its own ownership, so a part outlives the worker process that made it. Once all W parts of a
+out as the safetensors file it will become. The service keeps its own copy of every part, so a
+part outlives the worker process that made it: a small one (up to snapshot.INLINE_BYTES, which
+arrives inside the call itself) in its own memory, a larger one in the object store under its own
+ownership. Small parts never touch the object store on the per-step path: putting and freeing
+two objects per rank and step cost the service and the raylet about 0.2 cores on the
+quickstart (BENCHMARKS.md); they are put there only when a worker restores from them. Once all W parts of a
 step are in, that step is the newest in-memory snapshot (tier 0) that restarted workers resume
 from. Durable steps are queued for a background thread that checksums the parts, writes them and
 commits the manifest (tier 1), then applies retention; workers never wait for storage.
@@ -36,6 +40,7 @@ from elastune.checkpoint.format import (
 )
 from elastune.checkpoint.payload import block_digests, digests_of
 from elastune.checkpoint.retention import RetentionPolicy
+from elastune.checkpoint.snapshot import INLINE_BYTES
 from elastune.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -45,9 +50,30 @@ log = logging.getLogger(__name__)
 class Part:
     file: str | None  # None: this rank owned nothing at this step
     entries: dict[str, dict[str, Any]]
-    ref: Any  # ObjectRef of the payload bytes, owned by the service
+    payload: Any  # the payload bytes (a small part), or the ObjectRef of them (owned by the service); None: no file
     nbytes: int
     stall_seconds: float
+
+    @classmethod
+    def of(cls, file: str | None, entries: dict, chunks: tuple, stall_seconds: float) -> Part:
+        """The service's own copy of what a worker handed over (`chunks`: see Snapshotter)."""
+        nbytes = sum(len(c) for c in chunks)
+        if not chunks:
+            payload = None
+        elif nbytes <= INLINE_BYTES:
+            payload = b"".join(chunks)
+        else:  # an object the worker put would die with the worker
+            payload = ray.put(chunks[0])
+        return cls(file, entries, payload, nbytes, stall_seconds)
+
+    def data(self) -> memoryview:
+        return memoryview(self.payload if isinstance(self.payload, bytes) else ray.get(self.payload)).cast("B")
+
+    def ref(self):
+        """An ObjectRef of the payload, for a worker to restore from (put once, when first asked)."""
+        if isinstance(self.payload, bytes):
+            self.payload = ray.put(self.payload)
+        return self.payload
 
 
 @dataclass
@@ -74,7 +100,10 @@ class Snapshot:
 
     def handle(self) -> dict[str, Any]:
         """What a worker restores this snapshot from: the manifest and one object per payload."""
-        return {"manifest": self.manifest().to_json().decode(), "payloads": {p.file: p.ref for p in self.parts.values() if p.file}}
+        return {"manifest": self.manifest().to_json().decode(), "payloads": {p.file: p.ref() for p in self.parts.values() if p.file}}
+
+
+ROWS_EVERY_S = 0.5
 
 
 def service_name(run_id: str) -> str:
@@ -84,8 +113,10 @@ def service_name(run_id: str) -> str:
 class CheckpointService:
     def __init__(self, uri: str, policy: dict[str, Any], sink_name: str | None = None):
         self.ckpt = Checkpointer(uri, policy=RetentionPolicy(**policy))
-        self.sink_name = sink_name
+        self.sink_name, self._sink = sink_name, None
         self.final_rows_step = 0  # the newest step whose final rows (a live group's) went to the sink
+        self.outbox: list[dict[str, Any]] = []  # rows of complete steps not yet passed to the sink
+        self.outbox_once, self.sent_at = False, time.monotonic()
         self.cv = threading.Condition()
         self.partial: dict[tuple[int, int], Snapshot] = {}
         self.tier0: Snapshot | None = None
@@ -102,27 +133,26 @@ class CheckpointService:
 
     # ------------------------------------------------------------------ tier 0
 
-    def stage(self, header: dict[str, Any], rank: int, file: str | None, entries: dict, payload: Any, stall_seconds: float) -> list[str]:
-        """Take one rank's part of a step; a step whose W parts are all in becomes tier 0.
-        Returns the ids of the nodes being drained (preemption notices): workers on them leave."""
+    def stage(self, header: dict[str, Any], rank: int, file: str | None, entries: dict, stall_seconds: float, *chunks: Any) -> list[str]:
+        """Take one rank's part of a step (its payload in `chunks`, see Snapshotter); a step
+        whose W parts are all in becomes tier 0. Returns the ids of the nodes being drained
+        (preemption notices): workers on them leave."""
         if self.frozen:
             return sorted(self.draining)
-        # The service's own copy: an object the worker put would die with the worker.
-        ref = ray.put(payload) if payload is not None else None
-        nbytes = 0 if payload is None else len(payload)
+        part = Part.of(file, entries, chunks, stall_seconds)
         key = (header["step"], header["world_size"])
         rows, rows_final = header.pop("rows", []), header.pop("rows_final", False)
         with self.cv:
             if rows_final:  # a live group's: final at once; every participant sends them, the sink gets them once
                 rows = [r for r in rows if r["step"] > self.final_rows_step]
-                if rows and self.sink_name:
+                if rows:
                     self.final_rows_step = rows[-1]["step"]
-                    ray.get_actor(self.sink_name).record.remote(rows, True)
+                    self._send_rows(rows, once=True)
                 rows = []
             self.high_water = max(self.high_water or 0, header["step"])  # this step's update happened
             self.last_staged_at = time.time()
             snap = self.partial.setdefault(key, Snapshot(header))
-            snap.parts[rank] = Part(file, entries, ref, nbytes, stall_seconds)
+            snap.parts[rank] = part
             snap.rows += rows
             if len(snap.parts) < header["world_size"]:
                 return sorted(self.draining)
@@ -134,9 +164,20 @@ class CheckpointService:
             if header["durable"]:
                 self.queue.append(snap)
                 self.cv.notify_all()
-            if snap.rows and self.sink_name:  # under the lock: steps reach the sink in order
-                ray.get_actor(self.sink_name).record.remote(snap.rows)
+            self._send_rows(snap.rows)  # under the lock: steps reach the sink in order
             return sorted(self.draining)
+
+    def _send_rows(self, rows: list[dict[str, Any]], once: bool = False, now: bool = False) -> None:
+        """Pass metrics rows on to the run's sink, in batches at most every ROWS_EVERY_S (a call
+        per step cost the service and the sink measurable CPU); `now`: everything held, at once.
+        Call with the lock held."""
+        self.outbox += rows
+        self.outbox_once = self.outbox_once or once
+        if self.outbox and self.sink_name and (now or time.monotonic() - self.sent_at >= ROWS_EVERY_S):
+            sent = self.sink().record.remote(self.outbox, self.outbox_once)
+            self.outbox, self.sent_at = [], time.monotonic()
+            if now:
+                ray.get(sent)  # in the sink before the caller drains it
 
     def drain(self, nodes: list[str]) -> int | None:
         """A preemption notice for `nodes`: make the newest complete step durable now (the
@@ -152,6 +193,7 @@ class CheckpointService:
         durable unless it is already. Returns its step (None: no step ever completed here)."""
         with self.cv:
             self.frozen = True
+            self._send_rows([], now=True)
             self._persist_tier0("stop")
             return None if self.tier0 is None else self.tier0.step
 
@@ -175,6 +217,7 @@ class CheckpointService:
         (`keep_partial`): they are the survivors' steps in flight.
         """
         with self.cv:
+            self._send_rows([], now=True)  # the rows of every step the group that asks resumes after
             if not keep_partial:
                 self.partial.clear()
             snap = self.tier0
@@ -198,6 +241,7 @@ class CheckpointService:
         """Wait (at most `timeout_s`) until every queued durable checkpoint is committed or has
         failed; the reports of all of them so far (a failed one carries `error`)."""
         with self.cv:
+            self._send_rows([], now=True)
             self.cv.wait_for(lambda: not self.queue and not self.busy, timeout=timeout_s)
             return list(self.reports)
 
@@ -270,7 +314,7 @@ class CheckpointService:
         over (the object store's copy is checked before anything certifies it)."""
         if part.file is None:
             return {}
-        data = memoryview(ray.get(part.ref)).cast("B")
+        data = part.data()
         offsets = offsets_of(part.entries)
 
         def seal() -> dict[str, list[str]]:
@@ -285,10 +329,16 @@ class CheckpointService:
         self.ckpt.storage.write_bytes(f"{folder}/{part.file}", data)
         return with_digests(part.entries, hashing.result(), DURABLE_CHECKSUM)
 
+    def sink(self):
+        """The run's sink, looked up once (a lookup is a call to the GCS; rows go there every step)."""
+        if self._sink is None:
+            self._sink = ray.get_actor(self.sink_name)
+        return self._sink
+
     def _emit(self, event: dict[str, Any]) -> None:
         if self.sink_name:
             # Waited for, so the event is in the sink before `flush` returns and the driver drains.
-            ray.get(ray.get_actor(self.sink_name).event.remote({"time": time.time(), **event}))
+            ray.get(self.sink().event.remote({"time": time.time(), **event}))
 
 
 def start_service(run_id: str, uri: str, policy: RetentionPolicy, sink_name: str | None = None, scheduling_strategy=None):

@@ -5,7 +5,9 @@
 (device-to-host copies are asynchronous on GPUs). A background thread then waits for the copy,
 checksums the buffer (xxh3_64 per block: every later reader of the snapshot, a restore, a heal
 or the service sealing it durable, verifies what it reads against these), hands it to the
-service (Ray copies it into the object store) and frees it for the next snapshot. If that
+service and frees it for the next snapshot. A payload up to INLINE_BYTES travels inside the call,
+in arguments below Ray's inline limit (100 KiB each, 10 MiB a call), so no object is put or freed
+per step; a larger one travels as one argument, through the object store. If that
 hand-off is still running when the next snapshot is due, `take` waits for it: that wait is
 counted as stall.
 """
@@ -22,6 +24,21 @@ import torch
 from elastune.checkpoint.format import BLOCK_BYTES, SNAPSHOT_CHECKSUM, PayloadPlan, Piece, payload_file, with_digests
 from elastune.checkpoint.layout import pieces_to_write
 from elastune.checkpoint.payload import block_digests
+
+
+# A call's arguments up to Ray's max_direct_call_object_size (100 KiB) travel inside the call, up to
+# task_rpc_inlined_bytes_limit (10 MiB) in all; beyond either, Ray puts them in the object store.
+CHUNK_BYTES = 96 * 1024
+INLINE_BYTES = 8 * 1024 * 1024
+
+
+def chunks_of(payload, nbytes: int) -> tuple:
+    """How a payload travels to the service: inline chunks when small enough, else whole."""
+    if payload is None:
+        return ()
+    if nbytes > INLINE_BYTES:
+        return (payload,)
+    return tuple(payload[i : i + CHUNK_BYTES] for i in range(0, nbytes, CHUNK_BYTES))
 
 
 class Snapshotter:
@@ -81,7 +98,8 @@ class Snapshotter:
             data = memoryview(payload)
             digests = {n: block_digests(data, off, ln, BLOCK_BYTES, SNAPSHOT_CHECKSUM) for n, (off, ln) in self.plan.offsets.items()}
             entries = with_digests(entries, digests, SNAPSHOT_CHECKSUM)
-        self.draining = frozenset(ray.get(self.service.stage.remote(header, rank, file, entries, payload, stall)))
+        chunks = chunks_of(payload, self.plan.size)
+        self.draining = frozenset(ray.get(self.service.stage.remote(header, rank, file, entries, stall, *chunks)))
 
     def wait(self) -> None:
         """Block until the last hand-off is done (and raise what it raised)."""

@@ -761,7 +761,8 @@ class JobSpec(Strict):
         return self.checkpoint.path or f"{self.output_dir.rstrip('/')}/{self.name}/checkpoints"
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=True)
+        """The spec as plain data that loads back to this same spec (workers get it this way)."""
+        return _plain(self)
 
     def fingerprint(self, *sections: str) -> str:
         """Short sha256 of the named sections (all when none), canonical JSON."""
@@ -770,6 +771,22 @@ class JobSpec(Strict):
             data = {k: data.get(k) for k in sections}
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _plain(model: BaseModel) -> dict[str, Any]:
+    """model_dump without the Nones that only repeat a default of None. A None chosen over
+    another default says something (`snapshot_every_steps: null` turns snapshots off) and stays,
+    so the dict loads back to the same model."""
+    data = model.model_dump(mode="json", exclude_none=True)
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if value is None and field.default is not None:
+            data[name] = None
+        elif isinstance(value, BaseModel):
+            data[name] = _plain(value)
+        elif isinstance(value, list) and any(isinstance(v, BaseModel) for v in value):
+            data[name] = [_plain(v) if isinstance(v, BaseModel) else d for v, d in zip(value, data[name])]
+    return data
 
 
 def json_schema() -> dict[str, Any]:
