@@ -16,8 +16,8 @@ import argparse
 import os
 
 import numpy as np
-import ray
 
+import ray
 from elastune.checkpoint.snapshot import chunks_of
 
 PAYLOAD_BYTES = 724_004

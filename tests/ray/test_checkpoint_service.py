@@ -41,8 +41,10 @@ def trained(steps: int):
 
 
 @ray.remote(num_cpus=0)
-def worker(service, rank: int, last_step: int, die: bool):
-    """One rank: snapshots steps 1..last_step (durable every 2nd), then exits like a killed process."""
+def worker(service, rank: int, last_step: int, die: bool, one_writer: bool = False):
+    """One rank: snapshots steps 1..last_step (durable every 2nd), then exits like a killed
+    process. `one_writer`: ranks take turns writing each step whole (layout.snapshot_writer)."""
+    from elastune.checkpoint.layout import snapshot_writer
     from elastune.checkpoint.snapshot import Snapshotter
 
     snapshots = Snapshotter(service)
@@ -51,7 +53,9 @@ def worker(service, rank: int, last_step: int, die: bool):
         model, opt = trained(step)
         header = {"step": step, "samples_seen": 8 * step, "spec_hash": "h", "layout": "replicated", "durable": step % 2 == 0,
                   "meta": {"metrics": {"loss": 1.0 / step}}}  # fmt: skip
-        stalls.append(snapshots.take(header, state_pieces(model, opt), rank, WORLD))
+        held = state_pieces(model, opt)
+        writer = snapshot_writer(held, step, WORLD) if one_writer else None
+        stalls.append(snapshots.take(header, held, rank, WORLD, writer=writer))
     snapshots.wait()
     if die:
         os._exit(9)  # no cleanup, no goodbye: what SIGKILL leaves
@@ -70,6 +74,31 @@ def service_run(tmp_path_factory):
     reports = ray.get(service.flush.remote())
     yield service, uri, reports
     ray.kill(service)
+
+
+def test_with_one_writer_a_step_is_complete_once_its_writer_handed_it_over(tmp_path):
+    """Rank 1 writes the odd steps, rank 0 the even (durable) ones; rank 0 got to step 4, rank 1
+    to 5: step 5 is complete without rank 0 and restores bit-exact from tier 0; each durable
+    checkpoint is one file, its writer's."""
+    uri = str(tmp_path / "ckpt")
+    service = start_service("test-one-writer", uri, RetentionPolicy(keep_last=2))
+    try:
+        done = [worker.options(max_retries=0).remote(service, r, last, die=True, one_writer=True) for r, last in ((0, 4), (1, 5))]
+        for ref in done:
+            with pytest.raises(ray.exceptions.RayError):
+                ray.get(ref)
+        reports = ray.get(service.flush.remote())
+        assert [(r["step"], len(r["rank_bytes"])) for r in reports] == [(2, 1), (4, 1)]
+        model, opt = trained(0)
+        progress, info = restore(service, Checkpointer(uri), model, opt)
+        assert (progress.step, info["resumed_from_tier"]) == (5, 0)
+        manifest, tensors = Checkpointer(uri).load_latest_valid()
+        assert {f["file"] for e in manifest.tensors.values() for f in e["fragments"]} == {"rank-00000-of-00002.safetensors"}
+        assert manifest.step == 4 and all(torch.equal(tensors[n], t) for n, t in state_tensors(*trained(4)).items())
+        want = state_tensors(*trained(5))
+        assert all(torch.equal(t, want[n]) for n, t in state_tensors(model, opt).items())
+    finally:
+        ray.kill(service)
 
 
 def test_restart_resumes_from_the_newest_complete_snapshot(service_run):

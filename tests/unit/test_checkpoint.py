@@ -8,7 +8,8 @@ import torch
 
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.format import Manifest, step_dir
-from elastune.checkpoint.layout import assign_owners
+from elastune.checkpoint.format import Piece
+from elastune.checkpoint.layout import ONE_WRITER_BYTES, assign_owners, snapshot_writer
 from elastune.checkpoint.retention import RetentionPolicy
 from elastune.errors import CheckpointError, IncompatibleCheckpoint
 from elastune.spec.models import AdamWSpec
@@ -55,6 +56,16 @@ def test_owner_split_balances_bytes():
     owners = assign_owners({"a": 100, "b": 60, "c": 50, "d": 10}, 2)
     load = [sum(s for n, s in {"a": 100, "b": 60, "c": 50, "d": 10}.items() if owners[n] == r) for r in (0, 1)]
     assert load == [110, 110]  # a | b+c, then d to the lighter rank
+
+
+def test_a_small_replicated_state_is_snapshotted_whole_by_one_rank_in_turn():
+    small = {"a": Piece.whole(torch.zeros(10)), "b": Piece.whole(torch.zeros(3, 4))}
+    assert [snapshot_writer(small, step, 3) for step in range(1, 8)] == [1, 2, 0, 1, 2, 0, 1]
+    assert [snapshot_writer(small, step, 1) for step in range(1, 4)] == [0, 0, 0]
+    big = {"a": Piece.whole(torch.zeros(ONE_WRITER_BYTES // 4 + 1))}  # one element past the limit
+    assert snapshot_writer(big, 5, 2) is None and snapshot_writer({"a": Piece.whole(torch.zeros(ONE_WRITER_BYTES // 4))}, 5, 2) == 1
+    sharded = {**small, "c": Piece(torch.zeros(5), 0, 5, (10,), replicated=False)}  # a ZeRO-1 slice: only its rank has it
+    assert snapshot_writer(sharded, 5, 2) is None and snapshot_writer({}, 5, 2) is None
 
 
 def test_uncommitted_checkpoint_is_invisible(tmp_path):

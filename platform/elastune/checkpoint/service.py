@@ -1,19 +1,21 @@
 """The checkpoint service: one Ray actor per run holding tier 0 and writing tier 1.
 
-Workers hand it their payloads (snapshot.Snapshotter): each rank's share of a step, already laid
-out as the safetensors file it will become. The service keeps its own copy of every part, so a
-part outlives the worker process that made it: a small one (up to snapshot.INLINE_BYTES, which
-arrives inside the call itself) in its own memory, a larger one in the object store under its own
-ownership. Small parts never touch the object store on the per-step path: putting and freeing
-two objects per rank and step cost the service and the raylet about 0.2 cores on the
-quickstart (BENCHMARKS.md); they are put there only when a worker restores from them. Once all W parts of a
-step are in, that step is the newest in-memory snapshot (tier 0) that restarted workers resume
-from. Durable steps are queued for a background thread that checksums the parts, writes them and
-commits the manifest (tier 1), then applies retention; workers never wait for storage.
+Workers hand it their payloads (snapshot.Snapshotter): each rank's share of a step, or the whole
+state from one rank when it is small (layout.snapshot_writer), already laid out as the
+safetensors file it will become. The service keeps its own copy of every part, so a part
+outlives the worker process that made it: a small one (up to snapshot.INLINE_BYTES, which
+arrives inside the call itself) in its own memory, a larger one in the object store under its
+own ownership. Small parts never touch the object store on the per-step path (putting and
+freeing two objects per rank and step cost the service and the raylet about 0.2 cores on the
+quickstart, BENCHMARKS.md); they are put there only when a worker restores from them. Once all
+parts of a step are in, that step is the newest in-memory snapshot (tier 0) that restarted
+workers resume from. Durable steps are queued for a background thread that checksums the parts,
+writes them and commits the manifest (tier 1), then applies retention; workers never wait for
+storage.
 
-Tier 0 lives in the object store of the workers' nodes (Ray keeps an object where it was put);
-losing a node loses the snapshots on it, and a restart then falls back to the newest durable
-checkpoint (docs/checkpoints.md).
+Tier 0 lives with the service, on the driver's node (its memory, or that node's object store);
+a worker's node going does not take it along. Losing the driver's node ends the run; a restart
+then resumes from the newest durable checkpoint (docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-
 from elastune.checkpoint.checkpointer import Checkpointer, out_of_space
 from elastune.checkpoint.format import (
     BLOCK_BYTES,
@@ -154,7 +155,7 @@ class CheckpointService:
             snap = self.partial.setdefault(key, Snapshot(header))
             snap.parts[rank] = part
             snap.rows += rows
-            if len(snap.parts) < header["world_size"]:
+            if len(snap.parts) < header.get("parts", header["world_size"]):
                 return sorted(self.draining)
             del self.partial[key]
             self.partial = {k: s for k, s in self.partial.items() if k[0] > snap.step}  # older ones can never complete

@@ -18,13 +18,12 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import ray
 import torch
 
+import ray
 from elastune.checkpoint.format import BLOCK_BYTES, SNAPSHOT_CHECKSUM, PayloadPlan, Piece, payload_file, with_digests
 from elastune.checkpoint.layout import pieces_to_write
 from elastune.checkpoint.payload import block_digests
-
 
 # A call's arguments up to Ray's max_direct_call_object_size (100 KiB) travel inside the call, up to
 # task_rpc_inlined_bytes_limit (10 MiB) in all; beyond either, Ray puts them in the object store.
@@ -55,22 +54,26 @@ class Snapshotter:
         self.entries: dict[str, Any] = {}
 
     def take(self, header: dict[str, Any], held: dict[str, Piece], rank: int, world_size: int,
-             rows: list[dict[str, Any]] | None = None, rows_final: bool = False) -> float:  # fmt: skip
-        """Snapshot this rank's share of `held` (of `world_size` ranks that snapshot this step);
-        returns the seconds the caller was held up.
+             rows: list[dict[str, Any]] | None = None, rows_final: bool = False, writer: int | None = None) -> float:  # fmt: skip
+        """Snapshot this rank's share of `held` (of `world_size` ranks that snapshot this step),
+        or, with a `writer` (layout.snapshot_writer), all of it on that rank and nothing on the
+        others; returns the seconds the caller was held up.
 
         `rows`: metrics rows of the steps up to this one. They travel with the snapshot and reach
         the run's sink when the step is complete in tier 0, so after a failure the run directory
         holds exactly the steps training resumes after; or, `rows_final` (steps that never run
         again: a live group's), as soon as they arrive. The last row gets this stall.
         """
+        if writer is not None and writer != rank:
+            return 0.0
         started = time.perf_counter()
         self.wait()
         # Which pieces this rank writes, and where, depend only on names, dtypes, ranges and the
         # rank's place: worked out when those change, not every step.
-        layout = (rank, world_size, *((n, p.data.dtype, p.lo, p.hi, p.shape, p.replicated) for n, p in held.items()))
+        whole = writer is not None
+        layout = (rank, world_size, whole, *((n, p.data.dtype, p.lo, p.hi, p.shape, p.replicated) for n, p in held.items()))
         if layout != self.layout:
-            names = sorted(pieces_to_write(held, rank, world_size))
+            names = sorted(held if whole else pieces_to_write(held, rank, world_size))
             mine = {n: held[n] for n in names}
             self.layout, self.names, self.plan = layout, names, PayloadPlan.of(mine)
             self.file = payload_file(rank, world_size) if names else None
@@ -86,7 +89,8 @@ class Snapshotter:
         stall = time.perf_counter() - started
         if rows:
             rows[-1]["snapshot_stall_seconds"] = stall
-        header = {**header, "world_size": world_size, "rows": rows or [], "rows_final": rows_final}
+        parts = 1 if whole else world_size  # hand-overs that make the step complete
+        header = {**header, "world_size": world_size, "parts": parts, "rows": rows or [], "rows_final": rows_final}
         self.pending = self.pool.submit(self._hand_off, header, rank, self.file, self.entries, copied, stall)
         return stall
 

@@ -211,8 +211,12 @@ CLUSTER_LOG = logging.getLogger("elastune.cluster")
 
 
 def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
-    """An embedded single-node Ray bound to 127.0.0.1, dashboard included (loopback only), whose
-    workers run at normal priority.
+    """An embedded single-node Ray bound to 127.0.0.1, whose workers run at normal priority.
+
+    Without Ray's dashboard unless ELASTUNE_RAY_DASHBOARD=1 (then on 127.0.0.1 only): nothing of
+    Elastune's uses it, and its processes took about 4 % of a 2-core machine from the workers of a
+    steady run (BENCHMARKS.md); on a machine this small every daemon's share of a core is taken
+    from one worker while the others wait for it at the all-reduce.
 
     Token authentication stays on, as Ray 2.60 defaults for local clusters: Ray creates
     ~/.ray/auth_token once and every process of the cluster uses it; RAY_AUTH_MODE=disabled opts
@@ -229,7 +233,7 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
         # workers are the job, and on a small machine that priority cost about a quarter of the
         # throughput (BENCHMARKS.md). Same priority as the daemons, then.
         _system_config={"worker_niceness": 0},
-        include_dashboard=True,
+        include_dashboard=os.environ.get("ELASTUNE_RAY_DASHBOARD", "0") == "1",
         dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
         log_to_driver=verbose,
@@ -282,7 +286,6 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
                 stopping = begin_stop(stop, service, sink, view, Checkpointer(spec.checkpoint_path))
                 alive = False
             rows, events = ray.get(sink.drain.remote())
-            events += recoveries.observe(events, rows)
             if finished_at is None and any(e["kind"] == "finish" for e in events):
                 finished_at = time.monotonic()
             events += notices.poll()
@@ -299,6 +302,7 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
                 ray.get(service.flush.remote(STOP_GRACE_S if stopping else None))
                 more_rows, more_events = ray.get(sink.drain.remote())
                 rows, events = rows + more_rows, events + more_events
+            events += recoveries.observe(events, rows)  # after the last drain: the service passes rows on in batches
             if stopping is not None:
                 rows = [r for r in rows if r["step"] <= stopping["keep_rows_to"]]  # later steps are redone on resume
             run_dir.append_metrics(rows)

@@ -17,6 +17,7 @@ import torch
 
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.format import Manifest
+from elastune.checkpoint.layout import snapshot_writer
 from elastune.checkpoint.payload import BufferSource, read_pieces
 from elastune.checkpoint.snapshot import Snapshotter
 from elastune.data.dataset import TokenWindows
@@ -111,7 +112,9 @@ def run_worker(config: dict[str, Any]) -> None:
         durable = progress.step % c.every_steps == 0 or progress.samples_seen >= budget
         report.committed(metrics_row(progress, result, lr, plan, time.perf_counter() - started), plan)
         if durable or (c.snapshot_every_steps and progress.step % c.snapshot_every_steps == 0):
-            snapshots.take(header(progress, durable, result.loss), state_pieces(model, optimizer), rank, world, report.rows_for_snapshot(), rows_final=live)
+            held = state_pieces(model, optimizer)
+            writer = None if live else snapshot_writer(held, progress.step, world)  # a live group heals from every rank's share
+            snapshots.take(header(progress, durable, result.loss), held, rank, world, report.rows_for_snapshot(rank, writer), live, writer)
         if live and node in snapshots.draining:  # a preemption notice for this node: leave at this step boundary
             report.emit("leave", replica=replica, node=node, step=progress.step, reason="its node is draining (preemption notice)")
             break
@@ -239,7 +242,7 @@ def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds:
         "micro_batches": plan.counts(),
         "step_seconds": seconds,
         "samples_per_s": plan.global_batch_size / seconds if seconds > 0 else None,
-        "snapshot_stall_seconds": None,  # rank 0's, set by Snapshotter.take; every rank's is in checkpoint events
+        "snapshot_stall_seconds": None,  # of the rank that sent the row, set by Snapshotter.take; every part's is in checkpoint events
         "sample_tally": list(result.tally),  # data.sampler.tally of what all ranks read: proves each sample once
         "noise": None if result.noise is None else list(result.noise),  # (tr(Sigma), |G|^2) of this step: metrics.noise
     }
@@ -248,9 +251,11 @@ def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds:
 class Reporter:
     """Where a worker's metrics rows and events go.
 
-    restart: rank 0 reports. Its rows travel with its snapshots and reach the sink only when the
+    restart: rank 0 reports events. Rows travel with snapshots and reach the sink only when the
     step is complete in tier 0, so after a failure the run directory holds exactly the steps the
-    run resumes after.
+    run resumes after: every rank keeps them (they are the same on every rank but for timings),
+    and the rank that hands over a step's first part, rank 0 or the step's one writer
+    (layout.snapshot_writer), sends those since the last snapshot.
     live: every participant reports, and the run's sink keeps each step's first row and each
     event's first report: the worker that would have reported may be the one that died. A
     committed step never runs again, so its row is final at once: rows still travel with the
@@ -267,6 +272,7 @@ class Reporter:
         self.sink, self.live = sink, live
         self.speaks = live or replica == 0
         self.with_snapshots = with_snapshots
+        self.keeps_rows = self.speaks or with_snapshots
         self.membership = Membership(global_batch_size) if live else None
         self.rows: list[dict[str, Any]] = []
         self.flushed = time.monotonic()
@@ -288,7 +294,7 @@ class Reporter:
             pass
 
     def committed(self, row: dict[str, Any], plan: BatchPlan) -> None:
-        if not self.speaks:
+        if not self.keeps_rows:
             return
         self.rows.append(row)
         if self.membership is not None:
@@ -297,11 +303,12 @@ class Reporter:
         if not self.with_snapshots and time.monotonic() - self.flushed >= self.FLUSH_S:
             self.flush()
 
-    def rows_for_snapshot(self) -> list[dict[str, Any]] | None:
-        if not self.with_snapshots or not self.speaks:
+    def rows_for_snapshot(self, rank: int, writer: int | None) -> list[dict[str, Any]] | None:
+        """The rows this rank's hand-over of a snapshot carries (None: none)."""
+        if not self.with_snapshots:
             return None
         rows, self.rows = self.rows, []
-        return rows
+        return rows if self.live or rank == (writer or 0) else None
 
     def flush(self) -> None:
         if self.rows:
