@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from elastune.checkpoint.checkpointer import Checkpointer
-from elastune.checkpoint.format import Manifest, step_dir
-from elastune.checkpoint.format import Piece
+from elastune.checkpoint.format import Manifest, Piece, step_dir
 from elastune.checkpoint.layout import ONE_WRITER_BYTES, assign_owners, snapshot_writer
 from elastune.checkpoint.retention import RetentionPolicy
 from elastune.errors import CheckpointError, IncompatibleCheckpoint
