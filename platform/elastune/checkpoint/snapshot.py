@@ -18,9 +18,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import ray
 import torch
 
-import ray
 from elastune.checkpoint.format import BLOCK_BYTES, SNAPSHOT_CHECKSUM, PayloadPlan, Piece, payload_file, with_digests
 from elastune.checkpoint.layout import pieces_to_write
 from elastune.checkpoint.payload import block_digests

@@ -260,8 +260,8 @@ class Reporter:
     event's first report: the worker that would have reported may be the one that died. A
     committed step never runs again, so its row is final at once: rows still travel with the
     snapshot hand-over (a call each step makes anyway), and the service passes them on as they
-    arrive (in both modes in batches, at most ROWS_EVERY_S apart). If every worker dies at once, the rows of the steps the restart resumes after are
-    with the sink already.
+    arrive (in both modes in batches, at most ROWS_EVERY_S apart). If every worker dies at once,
+    the rows of the steps the restart resumes after are with the service already.
     Without snapshots, rows go to the sink every FLUSH_S (one actor call per step costs the
     worker and the sink measurable CPU on a small machine).
     """
