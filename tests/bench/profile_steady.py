@@ -167,7 +167,9 @@ def report(metrics: Path, seconds: float, spy: bool) -> None:
             threads[thread] += int(n)
             if "train_fn" in stack or "run_worker" in stack:
                 samples[phase_of(stack)] += int(n)
-            out.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+    if not spies:
+        return
     total = sum(samples.values())
     print(f"\nTraining thread of the {len(spies)} workers, by phase of the step (py-spy, share of {total} samples):")
     for name, n in samples.most_common():

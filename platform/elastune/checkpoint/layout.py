@@ -40,13 +40,14 @@ def pieces_to_write(held: dict[str, Piece], rank: int, world_size: int) -> dict[
 ONE_WRITER_BYTES = 8 * 1024 * 1024
 
 
-def snapshot_writer(held: dict[str, Piece], step: int, world_size: int) -> int | None:
-    """The one rank that snapshots `step` whole, when every piece is replicated (any rank holds
+def snapshot_writer(held: dict[str, Piece], turn: int, world_size: int) -> int | None:
+    """The one rank that writes a snapshot whole, when every piece is replicated (any rank holds
     it all) and the state is small; None: every rank hands over its share (pieces_to_write).
-    Ranks take turns by step, so each makes one hand-over every W steps and the checkpoint
-    service one call per step, whatever the world size."""
+    `turn`: the snapshot's number (step // snapshot_every_steps), so consecutive snapshots go to
+    consecutive ranks: each rank makes one hand-over in W and the checkpoint service one call per
+    snapshot, whatever the world size."""
     if held and all(p.replicated for p in held.values()) and sum(p.nbytes for p in held.values()) <= ONE_WRITER_BYTES:
-        return step % world_size
+        return turn % world_size
     return None
 
 

@@ -113,7 +113,8 @@ def run_worker(config: dict[str, Any]) -> None:
         report.committed(metrics_row(progress, result, lr, plan, time.perf_counter() - started), plan)
         if durable or (c.snapshot_every_steps and progress.step % c.snapshot_every_steps == 0):
             held = state_pieces(model, optimizer)
-            writer = None if live else snapshot_writer(held, progress.step, world)  # a live group heals from every rank's share
+            turn = progress.step // (c.snapshot_every_steps or c.every_steps)
+            writer = None if live else snapshot_writer(held, turn, world)  # a live group heals from every rank's share
             snapshots.take(header(progress, durable, result.loss), held, rank, world, report.rows_for_snapshot(rank, writer), live, writer)
         if live and node in snapshots.draining:  # a preemption notice for this node: leave at this step boundary
             report.emit("leave", replica=replica, node=node, step=progress.step, reason="its node is draining (preemption notice)")
