@@ -64,7 +64,7 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric("elastune_lost_steps", "counter", "Completed steps lost to failures (run again after a restart)."),
     Metric("elastune_lost_samples", "counter", "Samples of the lost steps."),
     # Checkpoints
-    Metric("elastune_snapshot_stall_seconds", "histogram", "Time a step waited to hand its in-memory snapshot over (rank 0).",
+    Metric("elastune_snapshot_stall_seconds", "histogram", "Time a step waited to hand its in-memory snapshot over (the snapshot's one writer, else rank 0).",
            buckets=SECONDS_BUCKETS),  # fmt: skip
     Metric("elastune_checkpoint_persist_seconds", "histogram", "Time to write and commit a durable checkpoint.", buckets=SECONDS_BUCKETS),
     Metric("elastune_checkpoint_bytes", "counter", "Bytes written to durable checkpoints."),
