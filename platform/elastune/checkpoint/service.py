@@ -136,7 +136,8 @@ class CheckpointService:
 
     def stage(self, header: dict[str, Any], rank: int, file: str | None, entries: dict, stall_seconds: float, *chunks: Any) -> list[str]:
         """Take one rank's part of a step (its payload in `chunks`, see Snapshotter); a step
-        whose W parts are all in becomes tier 0. Returns the ids of the nodes being drained
+        whose parts are all in (header "parts": W, or 1 from a single writer) becomes tier 0.
+        Returns the ids of the nodes being drained
         (preemption notices): workers on them leave."""
         if self.frozen:
             return sorted(self.draining)
