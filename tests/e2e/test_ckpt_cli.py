@@ -37,7 +37,7 @@ def test_show_names_tensors_and_json_is_the_manifest(root):
     out = elastune("ckpt", "show", str(root))
     assert out.returncode == 0 and "step 30" in out.stdout and "model/tok.weight  F32 [256, 16]" in out.stdout
     raw = json.loads(elastune("ckpt", "show", f"{root}/{step_dir(20)}", "--json").stdout)
-    assert raw["step"] == 20 and raw["format"] == "elastune.checkpoint/2"
+    assert raw["step"] == 20 and raw["format"] == "elastune.checkpoint/3"
 
 
 def test_verify_exit_codes(root, tmp_path):

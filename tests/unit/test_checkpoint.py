@@ -123,7 +123,7 @@ def test_manifest_is_plain_json_with_what_every_byte_is(tmp_path):
     save_from_ranks(ckpt, 3, state_tensors(model, opt), 2)
     raw = json.loads((tmp_path / step_dir(3) / "manifest.json").read_text())
     entry = raw["tensors"]["model/tok.weight"]
-    assert raw["format"] == "elastune.checkpoint/2" and raw["samples_seen"] == 30
+    assert raw["format"] == "elastune.checkpoint/3" and raw["samples_seen"] == 30
     assert entry["dtype"] == "F32" and entry["shape"] == [256, 16]
     (frag,) = entry["fragments"]
     assert set(frag) == {"file", "offset", "length", "elements", "block_bytes", "sha256"}

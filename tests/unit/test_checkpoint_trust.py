@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from elastune.checkpoint.checkpointer import Checkpointer
-from elastune.checkpoint.format import MANIFEST, step_dir
+from elastune.checkpoint.format import MANIFEST, SELF_CHECK, content_digest, step_dir
 from elastune.checkpoint.storage import Storage
 from elastune.cli.main import main
 from elastune.errors import CheckpointError, StorageError
@@ -34,10 +34,15 @@ def root(tmp_path) -> Path:
     return tmp_path / "root"
 
 
-def edit(root: Path, step: int, change) -> None:
+def edit(root: Path, step: int, change, reseal: bool = True) -> None:
+    """Change a committed manifest; `reseal` recomputes its manifest_sha256, as a writer that
+    produced the bad content would have, so the per-field rules are what must catch it."""
     path = root / step_dir(step) / MANIFEST
     raw = json.loads(path.read_text())
     change(raw)
+    if reseal:
+        raw.pop(SELF_CHECK, None)
+        raw[SELF_CHECK] = content_digest(raw)
     path.write_text(json.dumps(raw))
 
 
@@ -287,3 +292,20 @@ def test_an_unreachable_store_is_bad_input_naming_it(monkeypatch, capsys):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     code, out = cli(capsys, "ckpt", "ls", "s3://bucket/x")
     assert code == 2 and "'s3://bucket/x' does not answer" in out and "AWS_ENDPOINT_URL_S3" in out
+
+
+def test_a_manifest_edited_after_it_was_written_is_corrupt_even_when_every_field_is_legal(root):
+    """Dropping a tensor's entry leaves a manifest that follows every rule; its own digest
+    still tells: the load falls back instead of returning a state without that tensor."""
+    edit(root, 10, lambda raw: raw["tensors"].pop("optim/tok.weight/exp_avg"), reseal=False)
+    assert_falls_back(root, "does not match its manifest_sha256")
+
+
+def test_a_version_2_manifest_without_its_own_digest_still_loads(root):
+    def as_v2(raw):
+        raw.pop(SELF_CHECK)
+        raw["format"] = "elastune.checkpoint/2"
+
+    edit(root, 10, as_v2, reseal=False)
+    manifest, tensors = Checkpointer(str(root)).load_latest_valid()
+    assert manifest.step == 10 and all(torch.equal(tensors[n], t) for n, t in STATE.items())

@@ -1,4 +1,4 @@
-"""The universal checkpoint format, version 2.
+"""The universal checkpoint format, version 3.
 
 A checkpoint is a folder `step-<step:09d>/` holding payload files and `manifest.json`:
 
@@ -17,11 +17,16 @@ Readers never unpickle anything.
 A manifest is data from storage, so nothing in it is trusted: `check_manifest` holds every field
 to its rule (types, ranges, sizes that agree with dtype x elements, fragments that tile their
 tensor exactly, checksum lists of the right length, file names that stay in their folder) and
-any breach is a CheckpointError naming the tensor and the field, before a byte is read.
+any breach is a CheckpointError naming the tensor and the field, before a byte is read. And a
+manifest checks itself: `manifest_sha256` is the sha256 of the rest of its content (canonical
+JSON), so a manifest edited or damaged after it was written, even into one that follows every
+rule (a tensor entry dropped, a fragment moved), is refused rather than loaded as another state.
+Version 2 (no manifest_sha256) and version 1 manifests still load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import re
@@ -34,8 +39,9 @@ import torch
 
 from elastune.errors import CheckpointError
 
-FORMAT = "elastune.checkpoint/2"
-FORMATS_READ = (FORMAT, "elastune.checkpoint/1")
+FORMAT = "elastune.checkpoint/3"
+FORMATS_READ = (FORMAT, "elastune.checkpoint/2", "elastune.checkpoint/1")
+SELF_CHECK = "manifest_sha256"
 MANIFEST = "manifest.json"
 BLOCK_BYTES = 4 * 2**20  # checksum granularity: the most a sub-range read over-reads at each end
 
@@ -206,7 +212,8 @@ class Manifest:
     format: str = FORMAT
 
     def to_json(self) -> bytes:
-        return (json.dumps(self.__dict__, indent=1, sort_keys=True) + "\n").encode()
+        body = {**self.__dict__, "format": FORMAT}
+        return (json.dumps({**body, SELF_CHECK: content_digest(body)}, indent=1, sort_keys=True) + "\n").encode()
 
     @property
     def nbytes(self) -> int:
@@ -233,13 +240,24 @@ class Manifest:
                 raise CheckpointError(f"{where}: manifest is a JSON {type(raw).__name__}, not an object")
             if raw.get("format") not in FORMATS_READ:
                 raise CheckpointError(f"{where}: format {raw.get('format')!r} is not one of {FORMATS_READ}")
-            if raw["format"] != FORMAT:
+            if raw["format"] == FORMAT:
+                digest = raw.pop(SELF_CHECK, None)
+                if digest != content_digest(raw):
+                    raise CheckpointError(f"{where}: the manifest's content does not match its {SELF_CHECK}: it was edited or "
+                                          f"damaged after it was written")  # fmt: skip
+            elif raw["format"] == "elastune.checkpoint/1":
                 raw = _upgrade_v1(raw)
-            manifest = cls(**raw)
+            manifest = cls(**{**raw, "format": FORMAT})
         except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
             raise CheckpointError(f"{where}: manifest is malformed ({type(exc).__name__}: {str(exc)[:200]})") from None
         check_manifest(manifest, where)
         return manifest
+
+
+def content_digest(body: dict[str, Any]) -> str:
+    """sha256 of a manifest's content as canonical JSON (sorted keys, no spaces): the same
+    bytes for the content a writer had and the content a reader parsed back."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def check_manifest(m: Manifest, where: str) -> None:
@@ -360,4 +378,4 @@ def _upgrade_v1(raw: dict[str, Any]) -> dict[str, Any]:
             frag["elements"] = [0, numel(entry["shape"])]
             frag["block_bytes"] = max(frag["length"], 1)
             frag["sha256"] = [frag["sha256"]]
-    return {**raw, "format": FORMAT}
+    return raw
