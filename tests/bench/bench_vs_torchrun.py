@@ -1,10 +1,11 @@
 """Steady-state samples/s of `elastune run` against plain torchrun DDP (gloo), back to back.
 
-Same model, data, global batch (32), micro-batch (8) and world size (2): the quickstart job.
+Same model, data, global batch, micro-batch and world size (2): the quickstart job, or `--job`
+(e.g. tests/bench/comm_heavy.yaml, where the gradient reduction weighs most).
 Both measure wall time between consecutive optimizer steps after a warmup, so per-step overhead
 (metrics, lr, the all-reduce) counts on both sides; process and Ray start-up do not.
 
-    .venv/bin/python tests/bench/bench_vs_torchrun.py [--steps 300] [--warmup 50] [--rounds 2]
+    .venv/bin/python tests/bench/bench_vs_torchrun.py [--job JOB] [--steps 300] [--warmup 50] [--rounds 2]
         [--compare CHECKOUT]   # also another checkout of Elastune (e.g. a `git worktree` of the
                                # commit before a change), in the same rounds: head / that ratio
 """
@@ -24,19 +25,19 @@ ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "jobs" / "quickstart.yaml"
 
 
-def torchrun(steps: int, warmup: int) -> float:
+def torchrun(steps: int, warmup: int, job: Path = JOB) -> float:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", "29533", str(Path(__file__).with_name("torchrun_ddp.py")), str(JOB), str(steps), str(warmup)]  # fmt: skip
+           "--master_port", "29533", str(Path(__file__).with_name("torchrun_ddp.py")), str(job), str(steps), str(warmup)]  # fmt: skip
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])["samples_per_s"]
 
 
-def elastune(steps: int, warmup: int, checkout: Path = ROOT) -> float:
+def elastune(steps: int, warmup: int, checkout: Path = ROOT, source: Path = JOB) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.yaml"
         import yaml
 
-        spec = yaml.safe_load(JOB.read_text())
+        spec = yaml.safe_load(source.read_text())
         spec["data"]["path"] = str(ROOT / spec["data"]["path"])
         spec["output_dir"] = str(Path(tmp) / "runs")
         spec["checkpoint"] = {"every_steps": 10**9}  # only the final checkpoint, as the anchor saves none mid-run
@@ -56,15 +57,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--compare", type=Path, default=None)
+    parser.add_argument("--job", type=Path, default=JOB)
     args = parser.parse_args()
-    subprocess.run([sys.executable, "-m", "elastune", "data", "prepare", "--job", str(JOB)], cwd=ROOT, check=True, capture_output=True)
+    job = args.job.resolve()
+    subprocess.run([sys.executable, "-m", "elastune", "data", "prepare", "--job", str(job)], cwd=ROOT, check=True, capture_output=True)
     ddp, ours, theirs = [], [], []
     for r in range(args.rounds):  # alternate, so drift in machine load hits both
-        ddp.append(torchrun(args.steps, args.warmup))
-        ours.append(elastune(args.steps, args.warmup))
+        ddp.append(torchrun(args.steps, args.warmup, job))
+        ours.append(elastune(args.steps, args.warmup, source=job))
         line = f"round {r + 1}: torchrun DDP {ddp[-1]:.0f} samples/s, elastune {ours[-1]:.0f} samples/s, ratio {ours[-1] / ddp[-1]:.3f}"
         if args.compare:
-            theirs.append(elastune(args.steps, args.warmup, args.compare.resolve()))
+            theirs.append(elastune(args.steps, args.warmup, args.compare.resolve(), job))
             line += f"; {args.compare} {theirs[-1]:.0f} samples/s, ratio {theirs[-1] / ddp[-1]:.3f}"
         print(line, flush=True)
     a, b = statistics.median(ddp), statistics.median(ours)

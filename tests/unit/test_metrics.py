@@ -69,6 +69,14 @@ def test_rows_and_events_become_the_values_they_describe():
     assert {name for name, _ in got} <= series_names()  # nothing outside the catalogue
 
 
+def test_fp16_rows_give_the_loss_scale_and_count_skipped_steps():
+    metrics = RunMetrics("j", "r1")
+    metrics.observe([row(1, 2, loss_scale=1024.0, grad_norm=None), row(2, 2, loss_scale=512.0, grad_norm=2.0), row(3, 2)], [])
+    got = scrape(metrics)
+    assert got[("elastune_skipped_steps_total", ())] == 1 and got[("elastune_loss_scale", ())] == 512.0
+    assert got[("elastune_grad_norm", ())] == 1.5  # a skipped step's missing norm never replaces a real one
+
+
 def test_no_metric_is_defined_outside_the_catalogue():
     """prometheus_client's metric classes are constructed in one function (exporter.build), from
     catalogue entries only."""

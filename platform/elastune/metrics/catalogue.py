@@ -52,6 +52,8 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric("elastune_step_seconds", "histogram", "Wall time of a step on the worker that reported it.", buckets=SECONDS_BUCKETS),
     Metric("elastune_samples_per_second", "gauge", "Throughput of the last step (global batch over its step time)."),
     Metric("elastune_grad_norm", "gauge", "L2 norm of the applied (reduced, pre-clip) gradient of the last step."),
+    Metric("elastune_loss_scale", "gauge", "fp16 runs: the dynamic loss scale the last step ran with."),
+    Metric("elastune_skipped_steps", "counter", "fp16 runs: steps whose reduced gradient held an inf or nan, applied on no worker (the scale halves)."),
     Metric("elastune_gradient_noise_scale", "gauge",
            "Simple gradient noise scale B_simple = tr(Sigma) / |G|^2 of the last step, estimated from micro-batch and "
            "global-batch gradient norms (McCandlish et al.)."),  # fmt: skip

@@ -76,9 +76,11 @@ class RunMetrics:
             self._("elastune_tokens").inc(G * self.tokens_per_sample)
         for name, key in (("elastune_step", "step"), ("elastune_samples_seen", "samples_seen"), ("elastune_loss", "loss"), ("elastune_learning_rate", "lr"), ("elastune_global_batch_size", "global_batch_size"),
                           ("elastune_world_size", "world_size"), ("elastune_samples_per_second", "samples_per_s"),
-                          ("elastune_grad_norm", "grad_norm")):  # fmt: skip
+                          ("elastune_grad_norm", "grad_norm"), ("elastune_loss_scale", "loss_scale")):  # fmt: skip
             if row.get(key) is not None:
                 self._(name).set(row[key])
+        if row.get("loss_scale") is not None and row.get("grad_norm") is None:
+            self._("elastune_skipped_steps").inc()
         b_simple = self.noise.update(row.get("noise"))
         self._("elastune_gradient_noise_scale").set(math.nan if b_simple is None else b_simple)  # NaN: no estimate yet
         counts = row["micro_batches"]

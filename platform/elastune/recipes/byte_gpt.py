@@ -1,4 +1,9 @@
-"""A small byte-level GPT: vocabulary 256, pre-norm blocks, tied embeddings, dropout."""
+"""A small byte-level GPT: vocabulary 256, pre-norm blocks, tied embeddings, dropout.
+
+With `activation_checkpointing`, backward recomputes each block from its input instead of keeping
+its activations (torch.utils.checkpoint, non-reentrant: the recomputation replays the block's
+dropout masks from the saved RNG state, so gradients are the same bits as without it).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from elastune.recipes import Recipe
 from elastune.spec.models import ByteGPTOptions
@@ -41,6 +47,7 @@ class ByteGPT(nn.Module):
     def __init__(self, o: ByteGPTOptions):
         super().__init__()
         self.context = o.context
+        self.activation_checkpointing = o.activation_checkpointing
         self.tok = nn.Embedding(VOCAB, o.width)
         self.pos = nn.Embedding(o.context, o.width)
         self.drop = nn.Dropout(o.dropout)
@@ -64,7 +71,7 @@ class ByteGPT(nn.Module):
         t = tokens.shape[1]
         x = self.drop(self.tok(tokens) + self.pos(torch.arange(t, device=tokens.device)))
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if self.activation_checkpointing and self.training else block(x)
         return self.head(self.ln(x))
 
 

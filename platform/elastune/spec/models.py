@@ -168,6 +168,9 @@ class ByteGPTOptions(Strict):
     num_heads: int = Field(4, ge=1, le=1024)
     context: int = Field(64, ge=2, le=1_048_575, description="Tokens a sample predicts from; data.window must be context + 1.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    activation_checkpointing: bool = Field(
+        False, description="Keep only each block's input for backward and recompute the rest (less memory, about 1/3 more compute)."
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ByteGPTOptions":
@@ -638,6 +641,40 @@ class MetricsSpec(Strict):
         return host
 
 
+class LossScaleSpec(Strict):
+    """fp16's dynamic loss scale (train.precision)."""
+
+    initial: float = Field(65536.0, gt=0, le=2.0**64, description="Scale of the first step; a power of two keeps scaling exact.")
+    growth_interval: int = Field(2000, ge=1, le=MAX_COUNT, description="Steps without an inf or nan after which the scale doubles.")
+
+    @field_validator("initial")
+    @classmethod
+    def _power_of_two(cls, initial: float) -> float:
+        if math.frexp(initial)[0] != 0.5:
+            raise ValueError(f"step.loss_scale.initial ({initial}) is not a power of two, so scaling would round gradients; use e.g. 65536")
+        return initial
+
+
+class StepSpec(Strict):
+    """How each step computes: precision, gradient reduction, compilation (docs/performance.md)."""
+
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description=(
+            "Forward and backward under autocast in bf16 or fp16 (parameters, gradients and optimizer state stay fp32); "
+            "fp16 adds a dynamic loss scale."
+        ),
+    )
+    reduce_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Dtype gradients travel in when summed over workers; bf16 halves the bytes (error bound in the docs)."
+    )
+    bucket_mb: float = Field(
+        25.0, gt=0, le=65_536, description="Gradients are summed in buckets of about this many MiB, each launched as backward finishes it."
+    )
+    compile: bool = Field(False, description="torch.compile the model (each new world size may recompile).")
+    loss_scale: LossScaleSpec = Field(default_factory=LossScaleSpec)
+
+
 class JobSpec(Strict):
     """A training job: what to train, on what, with which batch, optimizer and schedule."""
 
@@ -653,6 +690,7 @@ class JobSpec(Strict):
     stop: StopSpec
     output_dir: str = Field("runs", description="Run directories go to <output_dir>/<name>/<run-id>/.")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    step: StepSpec = Field(default_factory=StepSpec)
     faults: list[Fault] = Field(
         default_factory=list, description="Failures to rehearse (tests, benchmarks, drills); none unless listed."
     )

@@ -35,6 +35,7 @@ from elastune.train.batch_plan import batch_plan
 from elastune.train.controller import ElastuneTrainer, LiveFailurePolicy, PublishController
 from elastune.train.loop import WorkerConfig, run_worker
 from elastune.train.progress import ProgressView, describe_event
+from elastune.train.precision import check_step
 from elastune.train.resume import plan_resume
 from elastune.train.run_dir import RunDir, new_run_id
 from elastune.train.sink import RunSink, sink_name
@@ -96,6 +97,7 @@ def run_job(
     spec = resolve_paths(spec)
     recipe = load_recipe(spec.model, spec_dir)  # import errors surface here, before any worker starts
     batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, spec.scaling.min_workers)
+    check_step(spec.step.precision, spec.step.compile, "cuda" if spec.scaling.gpus_per_worker > 0 else "cpu")
     run_id = new_run_id()
     ckpt = Checkpointer(spec.checkpoint_path, spec.checkpoint.keep_last)
     ckpt.storage.probe()

@@ -108,16 +108,20 @@ class LiveGroup:
         A participant that fails gives up on the step and closes this quorum's connections at
         once: a peer may be waiting for data from it rather than from the dead worker, and would
         otherwise learn only by the collective timeout (30 s, measured after a node loss; tests/
-        dist/test_live_abandon.py). Reductions go one at a time for the same reason: once one
-        fails, the Manager turns the rest into no-ops instead of leaving them in flight."""
-        for buffer in grads.buffers:
-            self.manager.allreduce(buffer, reduce_op=ReduceOp.SUM).wait()
+        dist/test_live_abandon.py). Reductions go one bucket at a time, after backward, for the
+        same reason: once one fails, the Manager turns the rest into no-ops instead of leaving
+        them in flight. So a live group does not overlap reduction with backward (the GradBuffer
+        is built with overlap off), and its sums are the Manager's all-reduce (gloo's ring order,
+        not train.reduce's rank order: bitwise equal to a flat reduction only at W <= 2)."""
+        for wire, land in [*((b.wire(), b.land) for b in grads.buckets), (grads.stats, lambda _: None)]:
+            self.manager.allreduce(wire, reduce_op=ReduceOp.SUM).wait()
             if self.manager.errored() is not None:
                 # The next quorum configures a new process group anyway; dropping this one now
                 # (torchft's abort releases it) closes its sockets, so every peer fails at once.
                 self.pg.abort()
                 gc.collect()  # a failed work and its futures may still hold them (reference cycles)
                 break
+            land(wire)
         return self.manager.should_commit()
 
     def error(self) -> str | None:

@@ -28,6 +28,8 @@ from elastune.train.batch_plan import BatchPlan, batch_plan
 from elastune.train.faults import FaultInjector
 from elastune.train.group import Membership, StaticGroup
 from elastune.train.optim import build_optimizer, set_hyper
+from elastune.train.precision import LossScale, check_step, compile_model
+from elastune.train.reduce import REDUCE_DTYPES
 from elastune.train.resume import saved_spec
 from elastune.train.schedules import step_values
 from elastune.train.state import Progress, layout_of, restore_state, state_pieces
@@ -64,13 +66,20 @@ def run_worker(config: dict[str, Any]) -> None:
     recipe = load_recipe(spec.model, job.spec_dir)
     source = open_source(recipe, spec)
     torch.manual_seed(spec.seed)  # identical initial parameters on every rank
-    model = recipe.build_model().to(ray.train.torch.get_device())
+    device = ray.train.torch.get_device()
+    check_step(spec.step.precision, spec.step.compile, device.type)
+    model = recipe.build_model().to(device)
     if spec.scaling.layout == "zero1":
         optimizer = ZeroOptimizer(model, spec.optimizer, replica, workers)
     else:
         optimizer = build_optimizer(model, spec.optimizer)
-    grads = GradBuffer(model, micro_batch_norms=spec.metrics.noise_scale)
-    progress, restored = restore(service, Checkpointer(spec.checkpoint_path), model, optimizer, keep_partial=live)
+    grads = GradBuffer(model, micro_batch_norms=spec.metrics.noise_scale, bucket_bytes=int(spec.step.bucket_mb * 2**20),
+                       reduce_dtype=REDUCE_DTYPES[spec.step.reduce_dtype], overlap=not live)  # fmt: skip
+    scaler = LossScale(spec.step.loss_scale.initial, spec.step.loss_scale.growth_interval) if spec.step.precision == "fp16" else None
+    progress, restored = restore(service, Checkpointer(spec.checkpoint_path), model, optimizer, scaler, keep_partial=live)
+    # The compiled module runs the steps and shares the parameters; state is read and written
+    # through `model` itself, under the universal names (a compiled module's would be prefixed).
+    forward = compile_model(model) if spec.step.compile else model
     if not live or ray.get(sink.claim.remote("start")):  # a live group's replacements only join
         first = step_values(spec, progress.samples_seen).global_batch_size
         announce(report.emit, batch_plan(first, spec.batch.micro_batch_size, workers), progress, restored, dataset_identity(source))
@@ -83,8 +92,8 @@ def run_worker(config: dict[str, Any]) -> None:
     if live:
         from elastune.train.live import LiveGroup, start_together  # torchft is imported only by live groups
 
-        group = LiveGroup(replica, spec.scaling.min_workers, service, header, lambda: (progress, state_pieces(model, optimizer)),
-                          lambda found: progress_of(load_snapshot(found, model, optimizer)[0]), progress, spec.scaling.gpus_per_worker > 0)  # fmt: skip
+        group = LiveGroup(replica, spec.scaling.min_workers, service, header, lambda: (progress, state_pieces(model, optimizer, scaler)),
+                          lambda found: progress_of(load_snapshot(found, model, optimizer, scaler)[0]), progress, spec.scaling.gpus_per_worker > 0)  # fmt: skip
         start_together(sink, workers)
     else:
         group = StaticGroup(replica, workers, lambda error: report.collective_failed(replica, progress.step + 1, error))
@@ -102,8 +111,9 @@ def run_worker(config: dict[str, Any]) -> None:
         started, started_at = time.perf_counter(), time.time()
         faults.at(progress.step + 1, "start")
         result = train_step(
-            model, optimizer, grads, recipe, source, plan, rank, progress.step, progress.samples_seen, spec.seed,
+            forward, optimizer, grads, recipe, source, plan, rank, progress.step, progress.samples_seen, spec.seed,
             spec.optimizer.grad_clip_norm, before_reduce=lambda: faults.at(progress.step + 1, "mid"), reduce=group.reduce,
+            precision=spec.step.precision, scaler=scaler,
         )  # fmt: skip
         if result is None:  # a peer was lost mid-step: nothing applied anywhere; the next quorum runs the step again
             report.failed(progress.step + 1, world, started_at, group.error())
@@ -112,7 +122,7 @@ def run_worker(config: dict[str, Any]) -> None:
         durable = progress.step % c.every_steps == 0 or progress.samples_seen >= budget
         report.committed(metrics_row(progress, result, lr, plan, time.perf_counter() - started), plan)
         if durable or (c.snapshot_every_steps and progress.step % c.snapshot_every_steps == 0):
-            held = state_pieces(model, optimizer)
+            held = state_pieces(model, optimizer, scaler)
             turn = progress.step // (c.snapshot_every_steps or c.every_steps)
             writer = None if live else snapshot_writer(held, turn, world)  # a live group heals from every rank's share
             snapshots.take(header(progress, durable, result.loss), held, rank, world, report.rows_for_snapshot(rank, writer), live, writer)
@@ -148,7 +158,7 @@ def announce(emit, plan: BatchPlan, progress: Progress, restored: dict[str, Any]
              f"samples_seen continues, but the epoch's order is over different data")  # fmt: skip
 
 
-def restore(service, ckpt: Checkpointer, model, optimizer, keep_partial: bool = False) -> tuple[Progress, dict[str, Any]]:
+def restore(service, ckpt: Checkpointer, model, optimizer, scaler=None, keep_partial: bool = False) -> tuple[Progress, dict[str, Any]]:
     """Newest state from the service's in-memory snapshot (tier 0) when it is the newest there is,
     else from the newest valid durable checkpoint (tier 1); only the ranges this layout needs.
     A snapshot that fails its checksums is passed over for tier 1, with a warning.
@@ -159,14 +169,14 @@ def restore(service, ckpt: Checkpointer, model, optimizer, keep_partial: bool = 
     manifest = None
     if found["tier0"] is not None:
         try:
-            (manifest, nbytes), tier = load_snapshot(found["tier0"], model, optimizer), 0
+            (manifest, nbytes), tier = load_snapshot(found["tier0"], model, optimizer, scaler), 0
         except CheckpointError as exc:
             skipped.append(f"{exc}; resuming from the newest durable checkpoint instead")
     if manifest is None:
         loaded: dict[str, int] = {}
 
         def apply(m: Manifest, read) -> None:
-            loaded["bytes"] = restore_state(model, optimizer, m.shapes, read, f"{ckpt.uri} step {m.step}")
+            loaded["bytes"] = restore_state(model, optimizer, m.shapes, read, f"{ckpt.uri} step {m.step}", scaler)
 
         manifest, tier = ckpt.restore_latest(apply), 1
         nbytes = loaded.get("bytes")
@@ -194,7 +204,7 @@ def progress_of(manifest: Manifest) -> Progress:
     return Progress(manifest.step, manifest.samples_seen)
 
 
-def load_snapshot(snap: dict[str, Any], model, optimizer) -> tuple[Manifest, int]:
+def load_snapshot(snap: dict[str, Any], model, optimizer, scaler=None) -> tuple[Manifest, int]:
     """Load an in-memory snapshot the service handed out ({"manifest", "payloads"}), every block
     checked against the checksums its workers took; returns its manifest and the bytes read."""
     manifest = Manifest.from_json(snap["manifest"].encode(), "in-memory snapshot")
@@ -206,7 +216,7 @@ def load_snapshot(snap: dict[str, Any], model, optimizer) -> tuple[Manifest, int
         return ray.get(snap["payloads"][file])
 
     source = BufferSource(fetch)
-    nbytes = restore_state(model, optimizer, manifest.shapes, lambda wanted: read_pieces(manifest, source, wanted, where), where)
+    nbytes = restore_state(model, optimizer, manifest.shapes, lambda wanted: read_pieces(manifest, source, wanted, where), where, scaler)
     return manifest, nbytes
 
 
@@ -237,7 +247,8 @@ def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds:
         "samples_seen": progress.samples_seen,
         "loss": result.loss,
         "lr": lr,
-        "grad_norm": result.grad_norm,
+        "grad_norm": result.grad_norm,  # None: an fp16 step whose reduced gradient held an inf or nan, applied nowhere
+        "loss_scale": result.loss_scale,  # fp16 only
         "world_size": plan.world_size,
         "global_batch_size": plan.global_batch_size,
         "micro_batches": plan.counts(),

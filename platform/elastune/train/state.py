@@ -3,6 +3,7 @@
 Names are universal (independent of world size, layout and parameter order):
   model/<parameter or buffer name>
   optim/<parameter name>/<state key>      e.g. optim/blocks.0.qkv.weight/exp_avg
+  amp/loss_scale, amp/growth_tracker      fp16's loss scale (train.precision), when training in fp16
 A rank holds them as Pieces (checkpoint.format): whole replicated tensors, or under ZeRO-1 its
 flat slice of each optimizer tensor. Progress (step, samples_seen) lives in the manifest.
 Randomness has no state to save: every micro-batch reseeds from (seed, step, micro-batch index).
@@ -20,6 +21,7 @@ from elastune.checkpoint.checkpointer import ReadPieces
 from elastune.checkpoint.format import Piece, numel
 from elastune.errors import IncompatibleCheckpoint
 from elastune.train.optim import named_params
+from elastune.train.precision import SCALE_STATE, LossScale
 from elastune.train.resume import ModelState
 from elastune.train.zero import ZeroOptimizer
 
@@ -39,9 +41,11 @@ def layout_of(optimizer: Optimizer) -> str:
     return "zero1" if isinstance(optimizer, ZeroOptimizer) else "replicated"
 
 
-def state_pieces(model: nn.Module, optimizer: Optimizer) -> dict[str, Piece]:
+def state_pieces(model: nn.Module, optimizer: Optimizer, scaler: LossScale | None = None) -> dict[str, Piece]:
     aliases = tied_aliases(model)
     out = {f"model/{n}": Piece.whole(t) for n, t in model.state_dict().items() if n not in aliases}
+    if scaler is not None:
+        out |= scaler.pieces()
     if isinstance(optimizer, ZeroOptimizer):
         return out | optimizer.pieces()
     for name, p in named_params(model):
@@ -75,9 +79,12 @@ def model_state(build: Callable[[], nn.Module]) -> ModelState:
     return ModelState(shapes, frozenset(aliases))
 
 
-def restore_state(model: nn.Module, optimizer: Optimizer, shapes: dict[str, list[int]], read: ReadPieces, where: str) -> int:
-    """Load saved tensors of these `shapes` into model and optimizer, reading through `read` only
-    the ranges this rank's layout needs. Returns the bytes read."""
+def restore_state(model: nn.Module, optimizer: Optimizer, shapes: dict[str, list[int]], read: ReadPieces, where: str,
+                  scaler: LossScale | None = None) -> int:  # fmt: skip
+    """Load saved tensors of these `shapes` into model, optimizer and fp16's loss scale, reading
+    through `read` only the ranges this rank's layout needs. Returns the bytes read. A saved
+    loss scale is for fp16 only: another precision leaves it unread, and an fp16 run resuming
+    from a checkpoint without one starts from its spec's initial scale."""
     aliases = tied_aliases(model)
     own = set(model.state_dict()) - aliases
     saved = {k[len("model/") :] for k in shapes if k.startswith("model/")} - aliases  # imports may carry tied copies
@@ -93,6 +100,8 @@ def restore_state(model: nn.Module, optimizer: Optimizer, shapes: dict[str, list
         wanted |= optimizer.wanted(optim_shapes)
     else:
         wanted |= {k: (0, numel(v)) for k, v in optim_shapes.items()}
+    if scaler is not None:
+        wanted |= {k: (0, 1) for k in SCALE_STATE if k in shapes}
     flat = read(wanted)
     with torch.no_grad():
         for name, t in model.state_dict(keep_vars=True).items():
@@ -113,6 +122,8 @@ def restore_state(model: nn.Module, optimizer: Optimizer, shapes: dict[str, list
             if state:
                 # Optimizer step counters stay on CPU (torch keeps `step` there unless capturable).
                 optimizer.state[p] = {k: (v if k == "step" else v.to(device)) for k, v in state.items()}
+    if scaler is not None:
+        scaler.load(flat)
     return sum(t.numel() * t.element_size() for t in flat.values())
 
 

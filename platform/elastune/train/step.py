@@ -21,6 +21,8 @@ from elastune.metrics.noise import noise_estimates
 from elastune.recipes import Recipe, SampleSource, to_device
 from elastune.train.batch_plan import BatchPlan
 from elastune.train.optim import named_params
+from elastune.train.precision import AUTOCAST, LossScale, unscale_and_check
+from elastune.train.reduce import Bucket, bucket_bounds, finish_all
 
 
 def micro_batch_seed(seed: int, step: int, micro_batch: int) -> int:
@@ -43,90 +45,156 @@ def seed_device(seed: int, device: torch.device) -> None:
 @dataclass(frozen=True)
 class StepResult:
     loss: float  # mean per-sample loss over the global batch
-    grad_norm: float  # of the applied (all-reduced, pre-clip) gradient
+    grad_norm: float | None  # of the applied (all-reduced, pre-clip) gradient; None: an fp16 step skipped
     tally: tuple[int, int, int]  # data.sampler.tally of every sample every rank read this step
     noise: tuple[float, float] | None = None  # metrics.noise.noise_estimates of this step: (tr(Sigma), |G|^2)
+    loss_scale: float | None = None  # fp16: the scale this step ran with
+
+    @property
+    def skipped(self) -> bool:
+        """fp16 only: the reduced gradient held an inf or nan, and no rank applied it."""
+        return self.grad_norm is None
 
 
 class GradBuffer:
-    """One flat gradient buffer per dtype; parameters' .grad are views into it.
+    """One flat fp32 (parameter-dtype) gradient buffer per dtype; parameters' .grad are views
+    into it, cut into buckets (train.reduce) whose SUMs launch while backward still runs.
 
-    Backward accumulates straight into the buffer and the all-reduce runs on it in place: no
-    per-step gather or scatter of gradients. The last slot of the first buffer carries the loss sum;
-    a small float64 buffer carries the tally of the samples read (exact sums of integers) and the
-    micro-batch gradient norms the noise scale needs.
+    Backward accumulates straight into the buffer and the reduction runs on it in place: no
+    per-step gather or scatter of gradients. A small float64 buffer carries the loss sum, the
+    tally of the samples read (exact sums of integers) and the micro-batch gradient norms the
+    noise scale needs.
+
+    Overlap: `arm()` before the rank's last backward of the step; from then on each parameter's
+    post-accumulate-grad hook counts down its bucket, and a bucket whose gradients are all final
+    is launched, in bucket order (train.reduce). `close()` after the last backward launches what
+    is left (unused parameters' buckets; all of them on a rank with no micro-batch, as zeros).
+    With `overlap` False nothing is launched: the group reduces the buckets itself (live groups).
 
     `micro_batch_norms`: keep each micro-batch's gradient apart long enough to take its norm (for
     the gradient noise scale): backward then writes into the buffer alone and `fold` adds it to
     a second buffer of the same size, in the order backward would have (the same sums, bit for
-    bit). Costs one more gradient-sized buffer and a pass over it per micro-batch.
+    bit). The last micro-batch's norm is taken bucket by bucket as each is final.
     """
 
-    def __init__(self, model: nn.Module, micro_batch_norms: bool = False):
+    def __init__(self, model: nn.Module, micro_batch_norms: bool = False, bucket_bytes: int = 25 << 20,
+                 reduce_dtype: torch.dtype = torch.float32, overlap: bool = True):  # fmt: skip
         self.params = [p for _, p in named_params(model)]
         by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
         for p in self.params:
             by_dtype.setdefault(p.dtype, []).append(p)
         self.flats: list[torch.Tensor] = []
-        for i, (dtype, params) in enumerate(by_dtype.items()):
-            extra = 1 if i == 0 else 0
-            flat = torch.zeros(sum(p.numel() for p in params) + extra, dtype=dtype, device=params[0].device)
-            offset = 0
+        self.buckets: list[Bucket] = []
+        self._members: list[list[nn.Parameter]] = []
+        ranges: list[tuple[int, int, int]] = []  # (flat, lo, hi) of each bucket
+        for dtype, params in by_dtype.items():
+            flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+            offset, starts = 0, []
             for p in params:
                 p.grad = flat[offset : offset + p.numel()].view_as(p)
+                starts.append(offset)
                 offset += p.numel()
+            # Gradients travel in the reduction dtype where that is narrower than theirs.
+            wire = reduce_dtype if dtype.is_floating_point and dtype.itemsize > reduce_dtype.itemsize else dtype
+            for lo, hi in bucket_bounds([p.numel() for p in params], max(1, bucket_bytes // flat.element_size())):
+                self.buckets.append(Bucket(flat[lo:hi], wire))
+                self._members.append([p for p, at in zip(params, starts) if lo <= at < hi])
+                ranges.append((len(self.flats), lo, hi))
             self.flats.append(flat)
-        # [tally count, sum, hashed sum; sum of micro-batch |g_b|^2, sum of 1/b, micro-batches]
-        self.stats = torch.zeros(6, dtype=torch.float64, device=self.flats[0].device)
-        self.tally, self.norms = self.stats[:3], self.stats[3:]
+        # [tally count, sum, hashed sum; sum of micro-batch |g_b|^2, sum of 1/b, micro-batches; loss sum]
+        self.stats = torch.zeros(7, dtype=torch.float64, device=self.flats[0].device)
+        self.tally, self.norms, self.loss = self.stats[:3], self.stats[3:6], self.stats[6:]
         self.sums = [torch.zeros_like(f) for f in self.flats] if micro_batch_norms else None
+        self._sum_views = [self.sums[f][lo:hi] for f, lo, hi in ranges] if self.sums is not None else []
+        self.overlap = overlap
+        self._bucket_of = {p: i for i, members in enumerate(self._members) for p in members}
+        self._waiting: list[int] = []  # per bucket: parameters whose final gradient is still to come
+        self._launched = len(self.buckets)  # buckets launched this step (all: not armed)
+        self._last_sq: list[torch.Tensor] = []  # the last micro-batch's |g|^2, bucket by bucket
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._final)
 
     @property
     def buffers(self) -> list[torch.Tensor]:
         """Everything one step reduces, in order."""
         return [*self.flats, self.stats]
 
-    def fold(self, size: int, global_batch_size: int) -> None:
-        """Record the gradient norm of the micro-batch just backpropagated (alone in the buffer,
-        with its loss in the loss slot) and move it to the step's sums."""
-        # On the device, no host round trip per micro-batch; the loss slot (last of flats[0]) left out.
-        sq = sum(torch.linalg.vector_norm(f, dtype=torch.float64) ** 2 for f in (self.flats[0][:-1], *self.flats[1:]))
-        scale = global_batch_size / size  # the buffer holds sum(grads) / G; the micro-batch's mean gradient is that times G / b
-        self.norms[0] += sq * scale**2
-        self.norms[1] += 1.0 / size
-        self.norms[2] += 1.0
+    def fold(self, size: int, global_batch_size: int, loss_scale: float = 1.0) -> None:
+        """Record the gradient norm of the micro-batch just backpropagated (alone in the buffer)
+        and move it to the step's sums (every micro-batch of the rank's but the last)."""
+        # On the device, no host round trip per micro-batch.
+        sq = sum(torch.linalg.vector_norm(f, dtype=torch.float64) ** 2 for f in self.flats)
+        self._record_norm(sq, size, global_batch_size, loss_scale)
         for total, f in zip(self.sums, self.flats):
             total += f
             f.zero_()
 
-    def unfold(self) -> None:
-        """Put the step's summed gradient back where the reduction and the optimizer expect it."""
-        if self.sums is not None:
-            for total, f in zip(self.sums, self.flats):
-                f.copy_(total)
-                total.zero_()
+    def _record_norm(self, sq: torch.Tensor, size: int, global_batch_size: int, loss_scale: float) -> None:
+        scale = global_batch_size / size / loss_scale  # the buffer holds S * sum(grads) / G; the micro-batch's mean gradient is that times G / (S b)
+        self.norms[0] += sq * scale**2
+        self.norms[1] += 1.0 / size
+        self.norms[2] += 1.0
 
     def zero(self) -> None:
-        for buffer in self.buffers:
+        """Start a step: empty buffers, nothing armed."""
+        for buffer in [*self.buffers, *(self.sums or [])]:
             buffer.zero_()
+        self._launched = len(self.buckets)
+
+    def arm(self) -> None:
+        """The next backward is this rank's last of the step: launch buckets as they are final."""
+        self._waiting = [len(m) for m in self._members]
+        self._launched, self._last_sq = 0, []
+
+    def _final(self, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: p's gradient for this backward is complete."""
+        if self._launched == len(self.buckets):
+            return  # not armed: an earlier micro-batch, or a backward outside a step
+        self._waiting[self._bucket_of[p]] -= 1
+        while self._launched < len(self.buckets) and self._waiting[self._launched] == 0:
+            self._launch(self._launched)
+
+    def _launch(self, i: int) -> None:
+        bucket = self.buckets[i]
+        self._launched += 1
+        if self.sums is not None:
+            self._last_sq.append(torch.linalg.vector_norm(bucket.view, dtype=torch.float64) ** 2)
+            bucket.view += self._sum_views[i]
+        if self.overlap:
+            bucket.start()
+
+    def close(self, last_size: int | None, global_batch_size: int, loss_scale: float = 1.0) -> None:
+        """After the rank's last backward of the step (`last_size`: its micro-batch's samples;
+        None: the rank had none): launch the buckets left, in order, and the statistics."""
+        if last_size is None:
+            self.arm()
+        while self._launched < len(self.buckets):
+            self._launch(self._launched)
+        if last_size is not None and self.sums is not None:
+            self._record_norm(sum(self._last_sq), last_size, global_batch_size, loss_scale)
+        self._last_sq = []
 
     def add_loss(self, loss_sum: torch.Tensor) -> None:
-        self.flats[0][-1] += loss_sum.to(self.flats[0].dtype)
+        self.loss += loss_sum.to(torch.float64)
 
     def loss_sum(self) -> float:
-        return float(self.flats[0][-1])
+        return float(self.loss)
 
     def read(self, counts: tuple[int, int, int]) -> None:
         self.tally += torch.tensor(counts, dtype=torch.float64, device=self.tally.device)
 
     def all_reduce(self) -> bool:
-        """SUM over the worker group's process group; True: the step may apply (a reduction that
-        fails raises)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # All at once, then wait: the small statistics buffer's round trips overlap the
-            # gradients' instead of following them (each buffer's sums are the same either way).
-            for work in [dist.all_reduce(buffer, op=dist.ReduceOp.SUM, async_op=True) for buffer in self.buffers]:
-                work.wait()
+        """Complete the step's SUM over the default process group: the buckets `close` launched
+        (or all of them, when not overlapping) and the statistics. True: the step may apply (a
+        reduction that fails raises)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return True
+        stats = dist.all_reduce(self.stats, op=dist.ReduceOp.SUM, async_op=True)
+        if not self.overlap:
+            for bucket in self.buckets:
+                bucket.start()
+        finish_all(self.buckets)
+        stats.wait()
         return True
 
 
@@ -144,44 +212,59 @@ def train_step(
     grad_clip_norm: float | None = None,
     before_reduce: Callable[[], None] | None = None,
     reduce: Callable[[GradBuffer], bool] = GradBuffer.all_reduce,
+    precision: str = "fp32",
+    scaler: LossScale | None = None,
 ) -> StepResult | None:
     """Run this rank's share of the step and apply the update (the lr is already set).
 
-    `before_reduce` runs between the backward passes and the all-reduce (fault rehearsal).
-    `reduce` sums the buffers over the step's participants and says whether the step may apply;
-    when it says no (a live group lost a peer mid-step), nothing is applied and None is returned:
-    the caller runs the step again."""
+    `before_reduce` runs between the backward passes and the completion of the reduction (fault
+    rehearsal). `reduce` completes the SUM over the step's participants and says whether the
+    step may apply; when it says no (a live group lost a peer mid-step), nothing is applied and
+    None is returned: the caller runs the step again. `precision` and `scaler` (fp16):
+    train.precision."""
     model.train()
     grads.zero()
     device = grads.flats[0].device
+    G = plan.global_batch_size
+    S = scaler.scale if scaler is not None else 1.0
+    autocast = AUTOCAST[precision]
     micro_batches = plan.for_rank(rank)
     if micro_batches:  # this rank's micro-batches are contiguous positions: index them in one call
         first = micro_batches[0].start
         indices = sample_indices(positions(samples_seen, first, sum(mb.size for mb in micro_batches)), len(source), seed)
         grads.read(tally(indices))
     for mb in micro_batches:
+        last = mb is micro_batches[-1]
         batch = to_device(source.take(indices[mb.start - first : mb.start - first + mb.size]), device)
         seed_device(micro_batch_seed(seed, step, mb.index), device)
-        losses = recipe.sample_losses(model, batch)
-        total = losses.sum()
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            total = recipe.sample_losses(model, batch).float().sum()
+        if last:
+            grads.arm()
         # Each backward adds a gradient sum into the buffer; dividing by the global batch here
-        # (not by the micro-batch or the world size) makes the all-reduced SUM the exact mean.
-        (total / plan.global_batch_size).backward()
+        # (not by the micro-batch or the world size) makes the reduced SUM the exact mean.
+        (total * S / G if S != 1.0 else total / G).backward()
         grads.add_loss(total.detach())
-        if grads.sums is not None:
-            grads.fold(mb.size, plan.global_batch_size)
-    grads.unfold()
+        if grads.sums is not None and not last:
+            grads.fold(mb.size, G, S)
+    grads.close(micro_batches[-1].size if micro_batches else None, G, S)
     if before_reduce is not None:
         before_reduce()
     if not reduce(grads):
         return None
+    counts = tuple(int(v) for v in grads.tally.tolist())
+    loss = grads.loss_sum() / G
+    if scaler is not None:
+        found_inf = unscale_and_check(grads.flats, S)
+        scaler.update(found_inf)
+        if found_inf:  # every rank holds the same reduced bytes, so every rank skips
+            return StepResult(loss=loss, grad_norm=None, tally=counts, loss_scale=S)
     norm = torch.nn.utils.get_total_norm([p.grad for p in grads.params], foreach=True)
     if grad_clip_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(grads.params, grad_clip_norm, norm, foreach=True)
     optimizer.step()
-    counts = tuple(int(v) for v in grads.tally.tolist())
     noise = None
     if grads.sums is not None:
         sum_sq, sum_inv_b, count = grads.norms.tolist()
-        noise = noise_estimates(sum_sq, sum_inv_b, int(count), float(norm) ** 2, plan.global_batch_size)
-    return StepResult(loss=grads.loss_sum() / plan.global_batch_size, grad_norm=float(norm), tally=counts, noise=noise)
+        noise = noise_estimates(sum_sq, sum_inv_b, int(count), float(norm) ** 2, G)
+    return StepResult(loss=loss, grad_norm=float(norm), tally=counts, noise=noise, loss_scale=None if scaler is None else S)

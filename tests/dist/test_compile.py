@@ -1,0 +1,62 @@
+"""`step.compile: true`: the compiled model trains like the eager one, dropout masks included,
+with the gradient buckets' hooks firing as in eager mode (the rank-order sums over 3 gloo ranks
+agree with one eager process)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from elastune.recipes import Recipe
+from elastune.recipes.byte_gpt import sample_losses
+from elastune.spec.models import SGDSpec
+from elastune.train.batch_plan import batch_plan
+from elastune.train.optim import build_optimizer, set_hyper
+from elastune.train.precision import compile_problem, compile_model
+from elastune.train.step import GradBuffer, train_step
+from tests.dist.test_exact_batch import _free_port
+from tests.helpers import TINY, RandomTokens, rel_err, start_ranks, tiny_model
+
+pytestmark = pytest.mark.skipif(compile_problem("cpu") is not None, reason=str(compile_problem("cpu")))
+
+G, M, LR, SEED, STEPS = 24, 4, 0.5, 5, 2
+# Inductor fuses and re-associates fp32 reductions (layer norm, softmax, matmul tiles): each op
+# is within its reduction length (<= 64 here) times 2^-24 of eager's, ~4e-6 at worst; the
+# update of two steps stays within 1e-5 (another dropout mask or split is off by over 1e-2).
+COMPILE_REL = 1e-5
+
+
+def _train(rank: int, world: int, port: int, out: str, compiled: bool) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = tiny_model(TINY.model_copy(update={"dropout": 0.2}))
+        opt = build_optimizer(model, SGDSpec(name="sgd", lr=LR, momentum=0.0))
+        set_hyper(opt, LR, 0.0)
+        grads = GradBuffer(model, bucket_bytes=512)
+        forward = compile_model(model) if compiled else model
+        recipe = Recipe(build_model=lambda: model, sample_losses=sample_losses)
+        for step in range(STEPS):
+            train_step(forward, opt, grads, recipe, RandomTokens(), batch_plan(G, M, world), rank, step, step * G, SEED)
+        save_file({n: p.detach().clone() for n, p in model.named_parameters()}, os.path.join(out, f"{compiled}-{world}-r{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_compiled_model_trains_like_the_eager_one(tmp_path):
+    start_ranks(_train, (1, _free_port(), str(tmp_path), False), 1)
+    start_ranks(_train, (3, _free_port(), str(tmp_path), True), 3)
+    eager = load_file(str(tmp_path / "False-1-r0.safetensors"))
+    start = dict(tiny_model().named_parameters())
+    want = torch.cat([(eager[n] - p.detach()).flatten() for n, p in start.items()])
+    for rank in range(3):
+        got = load_file(str(tmp_path / f"True-3-r{rank}.safetensors"))
+        # The whole update (all parameters' together: a single small gradient summed with
+        # cancellation, a layer norm's, may lose more digits alone without moving the step).
+        err = rel_err(torch.cat([(got[n] - p.detach()).flatten() for n, p in start.items()]), want)
+        assert err <= COMPILE_REL, f"rank {rank}: the update is off by {err:.2e} relative"
+    assert rel_err(eager["blocks.0.mlp.0.weight"], start["blocks.0.mlp.0.weight"].detach()) > 1e-3  # it trained
