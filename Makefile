@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.elastune-installed
 
-.PHONY: run test setup bench clean k8s-dashboards k8s-crd
+.PHONY: run test setup bench gpu-check clean k8s-dashboards k8s-crd
 
 run: $(STAMP)
 	$(BIN)/elastune run $(JOB)
@@ -37,6 +37,12 @@ $(STAMP): pyproject.toml
 
 bench: $(STAMP)
 	$(BIN)/python tests/bench/bench_vs_torchrun.py
+
+# Every GPU check and GPU benchmark in one go (about 8 minutes on one GPU; a summary table at the
+# end). Where the venv is not built here (a GPU machine without a registry), run the script itself:
+#   PYTHONPATH=platform python tests/bench/gpu_check.py
+gpu-check: $(STAMP)
+	$(BIN)/python tests/bench/gpu_check.py --json gpu-check.json
 
 # k8s/ holds copies of what kustomize must find inside its own folders; tests hold them equal.
 k8s-dashboards:
