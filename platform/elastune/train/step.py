@@ -57,8 +57,9 @@ class StepResult:
 
 
 class GradBuffer:
-    """One flat fp32 (parameter-dtype) gradient buffer per dtype; parameters' .grad are views
-    into it, cut into buckets (train.reduce) whose SUMs launch while backward still runs.
+    """One flat gradient buffer per parameter dtype (fp32 masters in every precision);
+    parameters' .grad are views into it, cut into buckets (train.reduce) whose SUMs launch while
+    backward still runs.
 
     Backward accumulates straight into the buffer and the reduction runs on it in place: no
     per-step gather or scatter of gradients. A small float64 buffer carries the loss sum, the
