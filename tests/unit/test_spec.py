@@ -55,6 +55,7 @@ def test_gpu_cluster_job_is_realistic():
     spec = load_spec(ROOT / "jobs" / "gpu-cluster.yaml")
     assert spec.scaling.gpus_per_worker >= 1 and spec.scaling.max_workers >= 8
     assert spec.checkpoint_path.startswith("s3://")
+    assert spec.step.precision == "bf16" and spec.step.compile and spec.model.options.activation_checkpointing
 
 
 def _problems(raw) -> str:
