@@ -478,7 +478,7 @@ class KillRank(Strict):
     rank: int = Field(ge=0, lt=MAX_WORKERS)
     at_step: int = Field(ge=1, le=MAX_SAMPLES)
     point: Literal["start", "mid"] = Field(
-        "mid", description="start: before the step's first micro-batch; mid: after its backward, before the all-reduce."
+        "mid", description="start: before the step's first micro-batch; mid: after its backward, with its gradient reduction launched but not complete."
     )
 
 
@@ -491,7 +491,7 @@ class KillNode(Strict):
     rank: int = Field(ge=0, lt=MAX_WORKERS)
     at_step: int = Field(ge=1, le=MAX_SAMPLES)
     point: Literal["start", "mid"] = Field(
-        "mid", description="start: before the step's first micro-batch; mid: after its backward, before the all-reduce."
+        "mid", description="start: before the step's first micro-batch; mid: after its backward, with its gradient reduction launched but not complete."
     )
 
 
