@@ -64,6 +64,20 @@ def test_the_driver_narrows_a_live_recovery_to_the_fault_time():
     assert (recovery["failed_at"], recovery["detection_seconds"], recovery["mttr_seconds"]) == (20.3, 0.2, 1.1)
 
 
+def test_a_fault_before_this_survivors_step_start_still_explains_the_recovery():
+    """Ranks start a step at slightly different moments: the victim may have crashed before the
+    survivor that reports stamped its step start, but never before the survivor's last commit."""
+    tracker = RecoveryTracker(global_batch_size=12)
+    fault = {"kind": "fault", "action": "kill_rank", "time": 20.3, "rank": 2, "step": 3, "point": "mid"}
+    recovery = {"kind": "recovery", "recovery": "live", "time": 21.4, "failed_at": 20.35, "failed_after": 20.2,
+                "detection_seconds": 0.5, "mttr_seconds": 1.05, "cause": "worker lost during step 3"}  # fmt: skip
+    tracker.observe([fault, recovery], [])
+    assert recovery["cause"] == "fault: kill rank 2 at step 3 (mid)" and recovery["failed_at"] == 20.3
+    before = {**recovery, "failed_at": 20.35, "failed_after": 20.31, "cause": "worker lost during step 3"}  # a crash before the last commit: another failure
+    tracker.observe([fault, before], [])
+    assert before["cause"] == "worker lost during step 3"
+
+
 def test_the_sink_keeps_each_step_once_and_each_keyed_event_once():
     sink = RunSink.__ray_actor_class__()
     sink.record([{"step": 1}, {"step": 2}], True)

@@ -647,7 +647,7 @@ class RecoveryTracker:
             event["mttr_seconds"] = round(event["time"] - leave["time"], 3)
             return
         fault, self.last_fault = self.last_fault, None
-        if fault is not None and event["failed_at"] <= fault["time"] <= event["time"]:
+        if fault is not None and event.get("failed_after", event["failed_at"]) <= fault["time"] <= event["time"]:
             if event["detection_seconds"] is not None:
                 detected_at = event["failed_at"] + event["detection_seconds"]
                 event["detection_seconds"] = round(max(0.0, detected_at - fault["time"]), 3)

@@ -54,7 +54,9 @@ class Membership:
     each event (the worker that would have been the one to report may be the one that died).
     The failure time is the failed step's start, or the last commit when a worker left between
     steps: the crash came after it, so MTTR here is an upper bound (the driver narrows it to the
-    injected fault's time when there is one).
+    injected fault's time when there is one). `failed_after` is this worker's last commit: the
+    peer's crash came after it, but not necessarily after this worker's step start (ranks start a
+    step at slightly different moments), so it bounds the window in which a fault explains it.
     """
 
     def __init__(self, global_batch_size: int):
@@ -65,20 +67,20 @@ class Membership:
 
     def failed(self, step: int, world: int, started_at: float, error: str | None) -> None:
         if self.failure is None:
-            self.failure = {"step": step, "world": world, "at": started_at, "detected": time.time(), "error": error}
+            self.failure = {"step": step, "world": world, "at": started_at, "after": self.last_commit, "detected": time.time(), "error": error}
 
     def committed(self, step: int, world: int, micro_batches: list[int]) -> list[dict[str, Any]]:
         now, before = time.time(), self.world
         events = []
         if self.failure is not None or (before is not None and world < before):
-            f = self.failure or {"step": step, "world": before, "at": self.last_commit, "detected": None, "error": None}
+            f = self.failure or {"step": step, "world": before, "at": self.last_commit, "after": self.last_commit, "detected": None, "error": None}
             cause = f"worker lost during step {f['step']}" if self.failure else f"worker left before step {step}"
             events.append({
                 "kind": "recovery", "time": now, "step": step, "recovery": "live",
                 "cause": cause + (f" ({f['error']})" if f["error"] else ""),
                 "world_size_before": f["world"], "world_size_after": world,
                 "resumed_from_step": step - 1, "resumed_from_tier": None, "lost_steps": 0, "lost_samples": 0,
-                "failed_at": f["at"], "restart_seconds": None,
+                "failed_at": f["at"], "failed_after": f["after"], "restart_seconds": None,
                 "detection_seconds": None if f["detected"] is None else round(f["detected"] - f["at"], 3),
                 "mttr_seconds": round(now - f["at"], 3), "micro_batches": micro_batches,
             })  # fmt: skip
