@@ -25,7 +25,7 @@ per element (docs/performance.md gives the error bound).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -64,7 +64,7 @@ class Bucket:
 
     view: torch.Tensor
     dtype: torch.dtype
-    _works: list = field(default_factory=list)
+    _work: dist.Work | None = None  # the collective in flight
     _ordered: bool = False  # summed in rank order by Elastune (gloo, W >= 3)
     _staged: torch.Tensor | None = None  # the bucket in the reduction dtype, when that differs
     _recv: torch.Tensor | None = None  # rank order: every rank's values of this rank's share
@@ -90,38 +90,37 @@ class Bucket:
         send = self.wire()
         self._ordered = rank_order_needed(world)
         if not self._ordered:
-            self._works = [dist.all_reduce(send, op=dist.ReduceOp.SUM, async_op=True)]
+            self._work = dist.all_reduce(send, op=dist.ReduceOp.SUM, async_op=True)
             return
         splits = [hi - lo for lo, hi in (even_range(send.numel(), r, world) for r in range(world))]
         if self._recv is None:
             self._recv = torch.empty(world * splits[rank], dtype=send.dtype, device=send.device)
-        self._works = [dist.all_to_all_single(self._recv, send, [splits[rank]] * world, splits, async_op=True)]
+        self._work = dist.all_to_all_single(self._recv, send, [splits[rank]] * world, splits, async_op=True)
 
     def gather(self) -> None:
         """Rank order only, after `start` on every bucket: add this rank's share in rank order and
         launch handing it to everyone. Called bucket by bucket in launch order on every rank."""
-        if not self._ordered or not self._works:
+        if not self._ordered or self._work is None:
             return
-        self._works[0].wait()
-        world, rank, n = dist.get_world_size(), dist.get_rank(), self.view.numel()
+        self._work.wait()
+        world, n = dist.get_world_size(), self.view.numel()
         share = -(-n // world)
         parts = self._recv.view(world, -1)
-        total = parts[0].to(torch.float32, copy=True) if parts.dtype != torch.float32 else parts[0].clone()
+        total = parts[0].to(torch.float32, copy=True)  # sums in fp32 whatever the wire dtype
         for r in range(1, world):
             total += parts[r]
         mine = torch.zeros(share, dtype=self._recv.dtype, device=self._recv.device)
         mine[: parts.shape[1]].copy_(total)
         if self._gathered is None:
             self._gathered = torch.empty(world * share, dtype=self._recv.dtype, device=self._recv.device)
-        self._works = [dist.all_gather_into_tensor(self._gathered, mine, async_op=True)]
+        self._work = dist.all_gather_into_tensor(self._gathered, mine, async_op=True)
 
     def finish(self) -> None:
         """Wait for the SUM and put it in the bucket."""
-        if not self._works:
+        if self._work is None:
             return
-        for work in self._works:
-            work.wait()
-        self._works = []
+        self._work.wait()
+        self._work = None
         if not self._ordered:
             self.land(self._staged if self._staged is not None else self.view)
             return
