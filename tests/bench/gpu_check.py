@@ -197,7 +197,12 @@ def main() -> int:
     rows.append(("snapshot every step: step time", f"{with_snap * 1e3:.1f} ms",
                  f"{share:+.1%} against no snapshot; {snapshots.plan.size / 2**30:.2f} GiB a snapshot"))  # fmt: skip
     rows.append(("snapshot: take() stall (median)", f"{sorted(stalls)[len(stalls) // 2] * 1e3:.2f} ms", "the loop's own wait: copy issued, previous hand-over done"))
-    rows.append(("snapshot interval for <= 2 % of step time", f"{max(1, math.ceil(share / 0.02))} steps", "checkpoint.snapshot_every_steps"))
+    from elastune.checkpoint.interval import snapshot_interval
+
+    rows.append(("snapshot interval for <= 2 % of step time", f"{max(1, math.ceil(share / 0.02))} steps", "from the step times above"))
+    cost = sorted(snapshots.drain_costs())
+    auto = snapshot_interval(cost[len(cost) // 2], a, cap=1 << 20) if cost else None
+    rows.append(("snapshot_every_steps: auto would take", f"{auto} steps", f"median cost {cost[len(cost) // 2] * 1e3:.1f} ms (stall + hand-off CPU)" if cost else "no hand-over measured"))
     width = max(len(r[0]) for r in rows)
     print(f"\ngpu-check on {name} (torch {torch.__version__})")
     for check, result, note in rows:

@@ -65,6 +65,7 @@ def _worker(rank: int, world: int, port: int, out: str, precision: str, poison: 
             opt = build_optimizer(model, SGDSpec(name="sgd", lr=LR, momentum=0.0))
             set_hyper(opt, LR, 0.0)
             grads = GradBuffer(model, micro_batch_norms=True, bucket_bytes=bucket_bytes)
+            grads.offer = _pace_offer(rank, world)
             launched = []  # buckets launched when the first block's first gradient became final (the embeddings' still to come)
             model.blocks[0].ln1.weight.register_post_accumulate_grad_hook(lambda p: launched.append(grads._launched))
             scaler = LossScale(SCALE) if precision == "fp16" else None
@@ -87,12 +88,19 @@ def _worker(rank: int, world: int, port: int, out: str, precision: str, poison: 
                 tensors[f"{label}/param/{n}"] = p.detach().clone()
                 tensors[f"{label}/grad/{n}"] = p.grad.detach().clone()
             tensors[f"{label}/launched"] = torch.tensor(launched[-1:] or [-1])
+            tensors[f"{label}/pace"] = grads.pace.clone()
             tensors[f"{label}/buckets"] = torch.tensor([len(grads.buckets)])
             if scaler is not None:
                 tensors[f"{label}/scale"] = torch.tensor([scaler.scale])
         save_file(tensors, os.path.join(out, f"r{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
+
+
+def _pace_offer(rank: int, world: int) -> tuple[float, float, float]:
+    """What each rank offers to the snapshot pace (checkpoint.interval): the last rank has no
+    estimate yet (zeros), the others differing figures whose sum depends on the order."""
+    return (0.0, 0.0, 0.0) if rank == world - 1 and world > 1 else (0.1 * (rank + 1) / 3, 0.07 / (rank + 1), 1.0)
 
 
 def _run(tmp_path, world: int, precision: str, poison: bool = False, idle_rank: bool = False) -> list[dict[str, torch.Tensor]]:
@@ -163,6 +171,26 @@ def test_an_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path, wor
         for name, p in initial.items():
             want = p.detach() - LR * second[name]
             assert rel_err(got[f"flat/param/{name}"], want) <= SUM_ORDER_REL, f"rank {rank} {name}"
+
+
+def test_every_rank_agrees_on_the_snapshot_interval(tmp_path):
+    """The pace figures travel in the step's statistics: every rank reads back the same bytes
+    (so the same interval), the sum over the ranks that offered any."""
+    from elastune.checkpoint.interval import SnapshotPace
+
+    world = 4
+    ranks = _run(tmp_path, world, "fp32")
+    offers = [_pace_offer(r, world) for r in range(world)]
+    want = [sum(o[i] for o in offers) for i in range(3)]
+    intervals = set()
+    for got in ranks:
+        assert torch.equal(got["flat/pace"], ranks[0]["flat/pace"]) and torch.equal(got["small/pace"], ranks[0]["flat/pace"])
+        assert got["flat/pace"].tolist() == pytest.approx(want, rel=1e-15) and want[2] == world - 1
+        pace = SnapshotPace("auto", cap=64)
+        pace.settle(got["flat/pace"].tolist(), step_s=1.0, costs=[])
+        intervals.add(pace.interval)
+    # Mean cost 0.0667 s against mean steps of 0.0428 s: 2 % of 78 steps, so 128, capped at 64.
+    assert intervals == {64}
 
 
 def _values(rank: int, n: int = 1000) -> torch.Tensor:

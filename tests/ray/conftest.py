@@ -40,7 +40,9 @@ OBSERVED_STEPS = 16
 @pytest.fixture(scope="session")
 def observed(tmp_path_factory, stdlib_dataset):
     """A 3-worker run whose rank 1 is SIGKILLed mid-step 7 (restart mode; durable checkpoints
-    every 5 steps; the `uninterrupted` run's schedule horizon, so that run is its reference), scraped every second by a real Prometheus on loopback that finds it through
+    every 10 steps, in-memory snapshots every 4, as `snapshot_every_steps: auto` spaces them; the
+    `uninterrupted` run's schedule horizon, so that run is its reference), scraped every second
+    by a real Prometheus on loopback that finds it through
     the run's file_sd target and evaluates dashboards/rules. Yields (query, outcome, rows,
     events); query(path, **params) asks that Prometheus's HTTP API, or is the reason it could
     not run (a str: the run still happens, for the tests that need only the run)."""
@@ -50,7 +52,7 @@ def observed(tmp_path_factory, stdlib_dataset):
     tmp = tmp_path_factory.mktemp("observed")
     raw = spec_for(tmp, stdlib_dataset, "killed", 3, OBSERVED_STEPS).to_dict()
     raw["schedule"]["horizon_samples"] = G * STEPS
-    raw["checkpoint"]["every_steps"] = 5
+    raw["checkpoint"] |= {"every_steps": 10, "snapshot_every_steps": 4}
     raw["faults"] = [{"action": "kill_rank", "rank": 1, "at_step": 7, "point": "mid"}]
     spec = spec_for(tmp, stdlib_dataset, "killed", 3, OBSERVED_STEPS).model_validate(raw)
     with prometheus_scraping(Path(spec.output_dir) / "prometheus-targets", tmp) as query:

@@ -1,6 +1,8 @@
-"""A worker SIGKILLed in the middle of a step (spec `faults:`): the run goes on from the in-memory
-snapshot of the step before, loses no step, and tracks the uninterrupted run step for step. The
-killed run is conftest's `observed` (a real Prometheus scrapes it for test_observability.py)."""
+"""A worker SIGKILLed in the middle of a step (spec `faults:`): the run goes on from the newest
+in-memory snapshot (snapshots spaced as `snapshot_every_steps: auto` spaces them: the steps
+after it are lost and run again, their rows never reach the run directory twice), and tracks the
+uninterrupted run step for step. The killed run is conftest's `observed` (a real Prometheus
+scrapes it for test_observability.py). Every-step snapshots losing no step: test_resize.py."""
 
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def test_the_last_scrape_passes_promtool_and_agrees_with_the_run(runs, promtool)
     assert got["elastune_steps_total"] == STEPS and got["elastune_samples_total"] == STEPS * rows[-1]["global_batch_size"]
     assert got["elastune_loss"] == rows[-1]["loss"] and got["elastune_world_size"] == 3
     (recovery,) = [e for e in events if e["kind"] == "recovery"]
-    assert got["elastune_worker_failures_total"] == 1 and got["elastune_lost_steps_total"] == 0
+    assert got["elastune_worker_failures_total"] == 1 and got["elastune_lost_steps_total"] == 2
     assert got["elastune_recovery_seconds_sum"] == recovery["mttr_seconds"]
     assert got["elastune_failure_detection_seconds_count"] == 1
     # The noise scale: every step (6 micro-batches) carried its estimates, and the gauge is their
@@ -59,13 +61,14 @@ def test_the_last_scrape_passes_promtool_and_agrees_with_the_run(runs, promtool)
         assert got["elastune_gradient_noise_scale"] == pytest.approx(value, rel=1e-9)
 
 
-def test_recovery_resumes_from_the_step_before_with_no_loss(runs):
-    _, _, events, _ = runs
+def test_recovery_resumes_from_the_newest_snapshot_and_counts_the_steps_lost(runs):
+    _, rows, events, _ = runs
     fault = [e for e in events if e["kind"] == "fault"]
     assert len(fault) == 1 and (fault[0]["rank"], fault[0]["step"]) == (1, 7)  # once, though step 7 ran twice
     (recovery,) = [e for e in events if e["kind"] == "recovery"]
-    assert recovery["resumed_from_step"] == 6 and recovery["resumed_from_tier"] == 0
-    assert recovery["lost_steps"] == 0 and recovery["lost_samples"] == 0
+    # The snapshot before the kill is step 4's: steps 5 and 6 were done once in vain.
+    assert recovery["resumed_from_step"] == 4 and recovery["resumed_from_tier"] == 0
+    assert recovery["lost_steps"] == 2 and recovery["lost_samples"] == 2 * rows[0]["global_batch_size"]
     assert (recovery["world_size_before"], recovery["world_size_after"]) == (3, 3)
     assert 0 < recovery["restart_seconds"] <= recovery["mttr_seconds"]
     # The survivors saw their reduction of step 7 fail: that is when the group noticed the kill.

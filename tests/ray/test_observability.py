@@ -7,7 +7,7 @@ more scrape, so the last samples hold its final values. The run's HTML report re
 Chromium, and `elastune runs ls` lists the run.
 
 The run is conftest's `observed`: 3 workers, restart mode, rank 1 SIGKILLed mid-step 7 (a recovery,
-so failure and MTTR panels have data), durable checkpoints every 5 steps. The tuning dashboard reads trial metrics
+so failure and MTTR panels have data), durable checkpoints every 10 steps. The tuning dashboard reads trial metrics
 that only a search emits: tests/ray/test_tune.py proves it the same way.
 """
 

@@ -32,7 +32,8 @@ def spec_for(tmp: Path, data: Path, name: str, workers: int, max_steps: int, lay
             # A fixed horizon: stopping halfway must not bend the schedule.
             "schedule": {"name": "cosine", "warmup_samples": 48, "horizon_samples": 12 * STEPS, "min_lr_ratio": 0.1},
             "scaling": {"min_workers": workers, "max_workers": workers, "layout": layout},
-            "checkpoint": {"path": str(tmp / name / "ckpt"), "every_steps": 10},
+            # Every step in tier 0: a failure or resize loses no step (the `observed` run spaces them).
+            "checkpoint": {"path": str(tmp / name / "ckpt"), "every_steps": 10, "snapshot_every_steps": 1},
             "stop": {"max_steps": max_steps},
             "output_dir": str(tmp / "runs"),
         }

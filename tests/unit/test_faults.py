@@ -73,6 +73,18 @@ def test_restart_becomes_one_recovery_event():
     assert tracker.observe([], [{"step": 8, "time": 36.0}]) == []
 
 
+def test_steps_done_after_the_newest_snapshot_count_as_lost():
+    """Snapshots every 4 steps: the service last heard of step 4, but the survivors' reductions
+    failed in step 7, so steps 5 and 6 were completed and are run again."""
+    tracker = RecoveryTracker(global_batch_size=12)
+    tracker.observe([{"kind": "start", "time": 10.0, "world_size": 3, "resumed_from_step": None}], [{"step": 1, "time": 11.0}])
+    noticed = {"kind": "collective_failed", "time": 20.3, "rank": 0, "step": 7, "error": "Connection closed by peer"}
+    restart = {"kind": "start", "time": 32.0, "world_size": 3, "resumed_from_step": 4, "resumed_from_tier": 0, "lost_steps": 0}
+    tracker.observe([noticed, restart], [])
+    (event,) = tracker.observe([], [{"step": 5, "time": 35.0}])
+    assert (event["lost_steps"], event["lost_samples"], event["resumed_from_step"]) == (2, 24, 4)
+
+
 def test_a_group_restarted_bigger_without_a_fault_is_a_resize_with_its_cost():
     # Ray Train's elastic policy saw capacity for a third worker and restarted the group at 3.
     tracker = RecoveryTracker(global_batch_size=12)

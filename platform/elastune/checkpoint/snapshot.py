@@ -9,7 +9,8 @@ service and frees it for the next snapshot. A payload up to INLINE_BYTES travels
 in arguments below Ray's inline limit (100 KiB each, 10 MiB a call), so no object is put or freed
 per step; a larger one travels as one argument, through the object store. If that
 hand-off is still running when the next snapshot is due, `take` waits for it: that wait is
-counted as stall.
+counted as stall. `costs` holds the cost of each hand-over completed since it was last emptied
+(stall + the hand-off thread's CPU seconds), for checkpoint.interval.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Snapshotter:
         self.plan = PayloadPlan.of({})
         self.file: str | None = None
         self.entries: dict[str, Any] = {}
+        self.costs: list[float] = []
 
     def take(self, header: dict[str, Any], held: dict[str, Piece], rank: int, world_size: int,
              rows: list[dict[str, Any]] | None = None, rows_final: bool = False, writer: int | None = None) -> float:  # fmt: skip
@@ -95,6 +97,7 @@ class Snapshotter:
         return stall
 
     def _hand_off(self, header: dict[str, Any], rank: int, file: str | None, entries: dict, copied, stall: float) -> None:
+        cpu = time.thread_time()
         if copied is not None:
             copied.synchronize()
         payload = self.buffer.numpy() if file else None
@@ -104,6 +107,12 @@ class Snapshotter:
             entries = with_digests(entries, digests, SNAPSHOT_CHECKSUM)
         chunks = chunks_of(payload, self.plan.size)
         self.draining = frozenset(ray.get(self.service.stage.remote(header, rank, file, entries, stall, *chunks)))
+        self.costs.append(stall + time.thread_time() - cpu)
+
+    def drain_costs(self) -> list[float]:
+        """The costs of the hand-overs completed since the last call."""
+        costs, self.costs = self.costs, []
+        return costs
 
     def wait(self) -> None:
         """Block until the last hand-off is done (and raise what it raised)."""

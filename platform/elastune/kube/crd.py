@@ -4,9 +4,10 @@ The job part of its schema is the job spec's own JSON Schema (`elastune schema`)
 the structural OpenAPI v3 subset the Kubernetes API server accepts: references inlined,
 `null` options turned into `nullable`, tuples into bounded arrays, unions of objects merged into
 one object whose variant-only fields are guarded by CEL rules (so `decay_fraction` with
-`name: cosine` is refused by the API server), unions of differing scalars left to the operator's
-validation. Defaults are left out on purpose: a stored ElastuneJob says what its author wrote,
-and the operator applies the defaults the job spec defines.
+`name: cosine` is refused by the API server), an integer-or-string union as Kubernetes'
+int-or-string, other unions of differing scalars left to the operator's validation. Defaults
+are left out on purpose: a stored ElastuneJob says what its author wrote, and the operator
+applies the defaults the job spec defines.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def _union(node: dict[str, Any], options: list[dict[str, Any]]) -> dict[str, Any
         return {**options[0], **_described(node), **extra}
     if all(o.get("type") == "object" and "properties" in o for o in options):
         return {**_merge_objects(options), **_described(node), **extra}
+    if sorted(o.get("type") for o in options) == ["integer", "string"]:  # a count or a word (auto)
+        return {**_described(node), "x-kubernetes-int-or-string": True, **extra}
     # Differing scalar or array types (a path or a list of paths): any value here, checked by
     # the operator with the job spec's own rules.
     return {**_described(node), **PRESERVE}

@@ -426,9 +426,10 @@ class CheckpointSpec(Strict):
     every_steps: int = Field(
         100, ge=1, le=MAX_SAMPLES, description="Steps between durable checkpoints (tier 1, written in the background)."
     )
-    snapshot_every_steps: int | None = Field(
-        1, ge=1, le=MAX_SAMPLES,
-        description="Steps between in-memory snapshots (tier 0) a restart resumes from; null turns them off.",
+    snapshot_every_steps: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] | Literal["auto"] | None = Field(
+        "auto",
+        description="Steps between in-memory snapshots (tier 0) a restart resumes from; auto: spaced so a snapshot "
+        "costs at most 2% of the training time between two (powers of two, at most every_steps); null turns them off.",
     )  # fmt: skip
     keep_last: int = Field(3, ge=1, le=MAX_COUNT, description="Keep the newest this many checkpoints.")
     keep_best: int = Field(0, ge=0, le=MAX_COUNT, description="Also keep the best this many by best_metric.")
@@ -439,6 +440,14 @@ class CheckpointSpec(Strict):
     @classmethod
     def _a_location(cls, path: str | None) -> str | None:
         return None if path is None else _checked(path, check_uri)
+
+    @field_validator("snapshot_every_steps", mode="before")
+    @classmethod
+    def _an_interval(cls, value: Any) -> Any:
+        if value is None or value == "auto" or (type(value) is int and 1 <= value <= MAX_SAMPLES):
+            return value
+        raise ValueError(f"must be a whole number of steps from 1 to {MAX_SAMPLES}, auto, or null (no snapshots); "
+                         f"write auto unless you need a fixed interval")  # fmt: skip
 
 
 class StopSpec(Strict):

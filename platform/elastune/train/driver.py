@@ -535,7 +535,10 @@ class RecoveryTracker:
     cause, world size before and after, lost steps and samples, detection seconds (to the first
     worker whose reduction failed, if one did), restart seconds (end of the old group to the new
     group's start: Ray Train notices a dead worker within its health check, every HEALTH_CHECK_S; the rest is
-    tearing down and starting the group) and MTTR (to the first step completed after).
+    tearing down and starting the group) and MTTR (to the first step completed after). Lost
+    steps are those the run knows the old group completed past the resumed step (snapshots handed
+    over, steps before one that failed or was killed): exact when a survivor saw its reduction
+    fail, a lower bound when every worker went at once between spaced snapshots.
     The old group's end is the injected fault's time when there is one, else the last snapshot
     any rank handed over (so both figures are upper bounds).
 
@@ -553,6 +556,7 @@ class RecoveryTracker:
         self.last_row: dict[str, Any] | None = None
         self.since_row: list[dict[str, Any]] = []  # joins and kills after the last row (live)
         self.noticed: list[float] = []  # when workers of the current group saw a reduction fail
+        self.completed = 0  # the newest step the current group is known to have completed
 
     def observe(self, events: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
@@ -560,10 +564,12 @@ class RecoveryTracker:
             if event["kind"] == "fault" and event["action"] in ("kill_rank", "kill_node") and not event.get("skipped"):
                 self.last_fault = event
                 self.since_row.append(event)
+                self.completed = max(self.completed, event["step"] - 1)
             if event["kind"] == "join":
                 self.since_row.append(event)
             if event["kind"] == "collective_failed":
                 self.noticed.append(event["time"])
+                self.completed = max(self.completed, event["step"] - 1)
             if event["kind"] == "leave":
                 self.last_leave = event
             if event["kind"] == "recovery" and event.get("recovery") == "live":
@@ -619,7 +625,10 @@ class RecoveryTracker:
         fault, self.last_fault = self.last_fault, None
         failed_at = fault["time"] if fault else start.get("last_staged_at") or start["time"]
         detected = min((t for t in self.noticed if t >= failed_at), default=None)
-        self.noticed = []
+        # Steps past the resumed one: those handed over in snapshots (the worker's restore counts
+        # them) or completed before a step that failed or was killed (between spaced snapshots).
+        lost = max(start["lost_steps"], self.completed - (start["resumed_from_step"] or 0))
+        self.noticed, self.completed = [], 0
         grew = fault is None and start["world_size"] > before
         if fault:
             kind, cause = "recovery", fault_cause(fault)
@@ -632,7 +641,7 @@ class RecoveryTracker:
             "world_size_before": before, "world_size_after": start["world_size"],
             "global_batch_size": self.global_batch_size, "micro_batches": start.get("micro_batches"),
             "resumed_from_step": start["resumed_from_step"], "resumed_from_tier": start.get("resumed_from_tier"),
-            "lost_steps": start["lost_steps"], "lost_samples": start["lost_steps"] * self.global_batch_size,
+            "lost_steps": lost, "lost_samples": lost * self.global_batch_size,
             "detection_seconds": None if detected is None else round(detected - failed_at, 3),
             "restart_seconds": round(start["time"] - failed_at, 3),
         }  # fmt: skip

@@ -17,6 +17,7 @@ import torch
 
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.format import Manifest
+from elastune.checkpoint.interval import SnapshotPace, snapshot_due
 from elastune.checkpoint.layout import snapshot_writer
 from elastune.checkpoint.payload import BufferSource, read_pieces
 from elastune.checkpoint.snapshot import Snapshotter
@@ -99,7 +100,7 @@ def run_worker(config: dict[str, Any]) -> None:
         group = StaticGroup(replica, workers, lambda error: report.collective_failed(replica, progress.step + 1, error))
     # Joined: restored and in a group, so its next step's quorum (live) takes it in.
     report.emit("join", replica=replica, node=node, step=progress.step, **{k: restored.get(k) for k in ("resumed_from_tier", "load_seconds")})
-    snapshots = Snapshotter(service)
+    snapshots, pace = Snapshotter(service), SnapshotPace(c.snapshot_every_steps, cap=c.every_steps)
     budget = spec.budget_samples
     while progress.samples_seen < budget:
         progress, rank, world = group.begin(progress)  # live: this step's quorum; a worker behind heals here
@@ -110,6 +111,7 @@ def run_worker(config: dict[str, Any]) -> None:
         set_hyper(optimizer, lr, values.weight_decay)
         started, started_at = time.perf_counter(), time.time()
         faults.at(progress.step + 1, "start")
+        grads.offer = pace.offer()  # travels in the step's statistics: every rank agrees on the interval
         result = train_step(
             forward, optimizer, grads, recipe, source, plan, rank, progress.step, progress.samples_seen, spec.seed,
             spec.optimizer.grad_clip_norm, before_reduce=lambda: faults.at(progress.step + 1, "mid"), reduce=group.reduce,
@@ -120,10 +122,12 @@ def run_worker(config: dict[str, Any]) -> None:
             continue
         progress = progress.advance(plan.global_batch_size)
         durable = progress.step % c.every_steps == 0 or progress.samples_seen >= budget
-        report.committed(metrics_row(progress, result, lr, plan, time.perf_counter() - started), plan)
-        if durable or (c.snapshot_every_steps and progress.step % c.snapshot_every_steps == 0):
+        seconds = time.perf_counter() - started
+        report.committed(metrics_row(progress, result, lr, plan, seconds), plan)
+        pace.settle(grads.pace.tolist(), seconds, snapshots.drain_costs())
+        if durable or snapshot_due(progress.step, pace.interval):
             held = state_pieces(model, optimizer, scaler)
-            turn = progress.step // (c.snapshot_every_steps or c.every_steps)
+            turn = progress.step // (pace.interval or c.every_steps)
             writer = None if live else snapshot_writer(held, turn, world)  # a live group heals from every rank's share
             snapshots.take(header(progress, durable, result.loss), held, rank, world, report.rows_for_snapshot(rank, writer), live, writer)
         if live and node in snapshots.draining:  # a preemption notice for this node: leave at this step boundary

@@ -102,9 +102,11 @@ class GradBuffer:
                 self._members.append([p for p, at in zip(params, starts) if lo <= at < hi])
                 ranges.append((len(self.flats), lo, hi))
             self.flats.append(flat)
-        # [tally count, sum, hashed sum; sum of micro-batch |g_b|^2, sum of 1/b, micro-batches; loss sum]
-        self.stats = torch.zeros(7, dtype=torch.float64, device=self.flats[0].device)
-        self.tally, self.norms, self.loss = self.stats[:3], self.stats[3:6], self.stats[6:]
+        # [tally count, sum, hashed sum; sum of micro-batch |g_b|^2, sum of 1/b, micro-batches; loss sum;
+        #  snapshot pace: cost seconds, step seconds, ranks offering them (checkpoint.interval)]
+        self.stats = torch.zeros(10, dtype=torch.float64, device=self.flats[0].device)
+        self.tally, self.norms, self.loss, self.pace = self.stats[:3], self.stats[3:6], self.stats[6:7], self.stats[7:]
+        self.offer: tuple[float, float, float] = (0.0, 0.0, 0.0)  # this rank's pace figures for the next step
         self.sums = [torch.zeros_like(f) for f in self.flats] if micro_batch_norms else None
         self._sum_views = [self.sums[f][lo:hi] for f, lo, hi in ranges] if self.sums is not None else []
         self.overlap = overlap
@@ -142,9 +144,11 @@ class GradBuffer:
         self.norms[2] += 1.0
 
     def zero(self) -> None:
-        """Start a step: empty buffers, nothing armed."""
+        """Start a step: empty buffers but for this rank's `offer`, nothing armed."""
         for buffer in self.buffers:
             buffer.zero_()
+        if any(self.offer):
+            self.pace.copy_(torch.tensor(self.offer, dtype=torch.float64))
         self._launched, self._folded = len(self.buckets), 0
 
     def arm(self) -> None:
