@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,13 @@ class RandomTokens:
 
     def take(self, indices: np.ndarray) -> torch.Tensor:
         return self.data[torch.as_tensor(indices)]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a process group's store, a server under test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_model(options: ByteGPTOptions = TINY, seed: int = 0) -> ByteGPT:

@@ -1,9 +1,15 @@
-"""The exact global batch: how one optimizer step's samples split into micro-batches and ranks.
+"""The exact global batch: how one optimizer step's samples split into micro-batches and ranks,
+and which global batch each step of a run has. A leaf module: the spec's checks and training
+both read the batch arithmetic from here.
 
-A pure function of (global_batch_size, micro_batch_size, world_size). The step's samples are
-positions 0..G-1 of the step; micro-batch i holds positions [i*m, min((i+1)*m, G)). Micro-batches
-go to ranks in contiguous runs, the first `K mod W` ranks taking one extra, so any world size from
-1 to K works, divisor or not.
+`batch_plan` is a pure function of (global_batch_size, micro_batch_size, world_size). The step's
+samples are positions 0..G-1 of the step; micro-batch i holds positions [i*m, min((i+1)*m, G)).
+Micro-batches go to ranks in contiguous runs, the first `K mod W` ranks taking one extra, so any
+world size from 1 to K = micro_batch_count(G, m) works, divisor or not.
+
+`BatchSchedule`: a run's global batch over samples. `phases` may change it at sample counts; a
+step takes the batch in force when it starts, and always trains it whole, so step n's samples,
+and the steps to a budget, follow from the schedule alone.
 """
 
 from __future__ import annotations
@@ -12,6 +18,51 @@ import math
 from dataclasses import dataclass
 
 from elastune.errors import BatchPlanError
+
+
+def micro_batch_count(global_batch_size: int, micro_batch_size: int) -> int:
+    """K, the micro-batches of one step: also the most workers a step can split over (1 <= W <= K)."""
+    return math.ceil(global_batch_size / micro_batch_size)
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    """The global batch from sample 0 (`base`) and its changes, (from_samples, G) in order."""
+
+    base: int
+    changes: tuple[tuple[int, int], ...] = ()
+
+    def at(self, samples: int) -> int:
+        """The global batch of a step that starts with `samples` seen."""
+        batch = self.base
+        for start, size in self.changes:
+            if start > samples:
+                break
+            batch = size
+        return batch
+
+    def samples_after(self, steps: int, start: int = 0) -> int:
+        """Samples seen after `steps` steps from `start` samples (phase by phase, not step by
+        step: budgets run to 2^53 samples)."""
+        seen, left = start, steps
+        for begins, _ in self.changes:
+            if seen >= begins:  # in force already
+                continue
+            batch = self.at(seen)
+            n = min(left, math.ceil((begins - seen) / batch))  # the steps before this change takes over
+            seen, left = seen + n * batch, left - n
+        return seen + left * self.at(seen)
+
+    def steps_to(self, samples: int) -> int:
+        """Steps until at least `samples` are seen (a run's steps to its budget)."""
+        seen, taken = 0, 0
+        for start, _ in self.changes:
+            if seen >= min(start, samples):
+                continue
+            batch = self.at(seen)
+            n = math.ceil((min(start, samples) - seen) / batch)
+            seen, taken = seen + n * batch, taken + n
+        return taken + max(0, math.ceil((samples - seen) / self.at(seen)))
 
 
 @dataclass(frozen=True)
@@ -59,7 +110,7 @@ def batch_plan(global_batch_size: int, micro_batch_size: int, world_size: int) -
             f"micro_batch_size ({micro_batch_size}) exceeds global_batch_size ({global_batch_size}); "
             f"set micro_batch_size <= {global_batch_size}"
         )
-    k = math.ceil(global_batch_size / micro_batch_size)
+    k = micro_batch_count(global_batch_size, micro_batch_size)
     if not 1 <= world_size <= k:
         raise BatchPlanError(
             f"world size {world_size} cannot split global_batch_size {global_batch_size} into micro-batches of "

@@ -46,7 +46,7 @@ from elastune.checkpoint.retention import RetentionPolicy  # noqa: E402
 from elastune.checkpoint.service import start_service  # noqa: E402
 from elastune.checkpoint.snapshot import Snapshotter  # noqa: E402
 from elastune.checkpoint.storage import Storage  # noqa: E402
-from elastune.train.driver import start_local_ray  # noqa: E402
+from elastune.cluster import start_local_ray  # noqa: E402
 from tests.helpers import save_from_ranks  # noqa: E402
 
 MB = 1e6

@@ -52,7 +52,7 @@ def quickstart_step_seconds(steps: int = 40) -> tuple[float, float]:
     from elastune.data.prepare import ensure_prepared
     from elastune.recipes import load_recipe
     from elastune.spec import validate_spec
-    from elastune.train.batch_plan import batch_plan
+    from elastune.batch_plan import batch_plan
     from elastune.train.loop import open_source
     from elastune.train.optim import build_optimizer
     from elastune.train.step import GradBuffer, train_step
@@ -86,8 +86,8 @@ def main() -> None:
     import ray
 
     from elastune.metrics.exporter import RunMetrics
-    from elastune.train.batch_plan import batch_plan
-    from elastune.train.driver import start_local_ray
+    from elastune.batch_plan import batch_plan
+    from elastune.cluster import start_local_ray
     from elastune.train.loop import Reporter
     from elastune.train.sink import RunSink
 
@@ -98,7 +98,7 @@ def main() -> None:
     for name, live, snapshots in (("restart, rank 0, rows with snapshots", False, True), ("live, rows with snapshots", True, True),
                                   ("live, no snapshots (sink every 0.5 s)", True, False)):  # fmt: skip
         sink = RunSink.remote()
-        report = Reporter(sink, 0, live, 32, with_snapshots=snapshots)
+        report = Reporter(sink, 0, live, with_snapshots=snapshots)
 
         def commit(i: int) -> None:
             report.committed(row(i + 1), plan)

@@ -44,7 +44,8 @@ from elastune.checkpoint.checkpointer import Checkpointer  # noqa: E402
 from elastune.data.prepare import DOC_SEPARATOR, stdlib_files  # noqa: E402
 from elastune.recipes import load_recipe  # noqa: E402
 from elastune.spec import load_spec, validate_spec  # noqa: E402
-from elastune.train.driver import run_job, start_local_ray  # noqa: E402
+from elastune.cluster import start_local_ray  # noqa: E402
+from elastune.train.driver import run_job  # noqa: E402
 from elastune.train.run_dir import read_jsonl  # noqa: E402
 from elastune.tune.driver import run_tune  # noqa: E402
 from elastune.tune.lineage import path_of, read_lineage  # noqa: E402

@@ -268,7 +268,7 @@ def main() -> None:
     from elastune.spec import validate_spec
     import ray
 
-    from elastune.train.driver import start_local_ray
+    from elastune.cluster import start_local_ray
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

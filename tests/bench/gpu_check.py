@@ -72,7 +72,7 @@ def elastune_step(o, device: str, g: int, m: int, snapshot: bool):
     from elastune.recipes import Recipe
     from elastune.recipes.byte_gpt import ByteGPT, sample_losses
     from elastune.spec.models import AdamWSpec
-    from elastune.train.batch_plan import batch_plan
+    from elastune.batch_plan import batch_plan
     from elastune.train.optim import build_optimizer, set_hyper
     from elastune.train.precision import compile_model
     from elastune.train.state import state_pieces

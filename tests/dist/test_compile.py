@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from elastune.recipes import Recipe
 from elastune.recipes.byte_gpt import sample_losses
 from elastune.spec.models import SGDSpec
-from elastune.train.batch_plan import batch_plan
+from elastune.batch_plan import batch_plan
 from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.precision import compile_problem, compile_model
 from elastune.train.step import GradBuffer, train_step

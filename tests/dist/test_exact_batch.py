@@ -6,7 +6,6 @@ noise-scale estimates a single process computes from the six micro-batch gradien
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -18,18 +17,12 @@ from elastune.metrics.noise import noise_estimates
 from elastune.recipes import Recipe
 from elastune.recipes.byte_gpt import sample_losses
 from elastune.spec.models import SGDSpec
-from elastune.train.batch_plan import batch_plan
+from elastune.batch_plan import batch_plan
 from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.step import GradBuffer, train_step
-from tests.helpers import TINY, RandomTokens, reference_sgd_update, rel_err, start_ranks, tiny_model
+from tests.helpers import TINY, RandomTokens, free_port, reference_sgd_update, rel_err, start_ranks, tiny_model
 
 G, M, LR, SEED = 24, 4, 0.5, 11
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out: str, dropout: float) -> None:
@@ -52,7 +45,7 @@ def _worker(rank: int, world: int, port: int, out: str, dropout: float) -> None:
 
 
 def _run(world: int, out: str, dropout: float = 0.0) -> list[dict[str, torch.Tensor]]:
-    start_ranks(_worker, (world, _free_port(), out, dropout), world)
+    start_ranks(_worker, (world, free_port(), out, dropout), world)
     return [load_file(os.path.join(out, f"w{world}-r{r}.safetensors")) for r in range(world)]
 
 

@@ -11,7 +11,7 @@ from elastune.data.sampler import positions, sample_indices
 from elastune.recipes import Recipe
 from elastune.recipes.byte_gpt import sample_losses
 from elastune.spec.models import SGDSpec
-from elastune.train.batch_plan import batch_plan
+from elastune.batch_plan import batch_plan
 from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.step import GradBuffer, train_step
 from tests.helpers import TINY, RandomTokens, reference_sgd_update, rel_err, tiny_model
@@ -60,7 +60,7 @@ def _reference_grads(device: str, precision: str, scale: float, g: int, m: int, 
     """One process on `device`: the step's micro-batches one after another, each under its own
     seed, in `precision` (autocast; fp16 with the loss scale), gradients summed by backward."""
     from elastune.train.precision import AUTOCAST
-    from elastune.train.step import micro_batch_seed
+    from elastune.train.rng import micro_batch_seed
 
     source, model = RandomTokens(), tiny_model(TINY.model_copy(update={"dropout": dropout})).to(device)
     model.train()

@@ -13,22 +13,17 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import time
 
 import pytest
 import torch
 
+from tests.helpers import free_port
+
 torchft = pytest.importorskip("torchft")
 
 WORLD = 3
 GIVES_UP = 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def participant(replica: int, lighthouse: str, port: int, out) -> None:

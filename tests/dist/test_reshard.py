@@ -17,7 +17,7 @@ from elastune.checkpoint.format import Manifest
 from elastune.recipes import Recipe
 from elastune.recipes.byte_gpt import sample_losses
 from elastune.spec.models import AdamWSpec
-from elastune.train.batch_plan import batch_plan
+from elastune.batch_plan import batch_plan
 from elastune.train.optim import build_optimizer
 from elastune.train.state import restore_state, state_pieces
 from elastune.train.step import GradBuffer, train_step

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 
 import pytest
 import torch
@@ -26,11 +25,12 @@ from elastune.data.sampler import positions, sample_indices
 from elastune.recipes import Recipe
 from elastune.recipes.byte_gpt import sample_losses
 from elastune.spec.models import SGDSpec
-from elastune.train.batch_plan import batch_plan
+from elastune.batch_plan import batch_plan
 from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.precision import AUTOCAST, LossScale
-from elastune.train.step import GradBuffer, micro_batch_seed, train_step
-from tests.helpers import TINY, RandomTokens, rel_err, tiny_model
+from elastune.train.rng import micro_batch_seed
+from elastune.train.step import GradBuffer, train_step
+from tests.helpers import TINY, RandomTokens, free_port, rel_err, tiny_model
 
 G, M, LR, SEED, DROPOUT = 24, 4, 0.5, 5, 0.1
 FLAT, SMALL = 1 << 30, 512  # bytes per bucket: one bucket per dtype; one or a few parameters per bucket
@@ -39,12 +39,6 @@ SCALE = 1024.0
 # only their fp32 sum is associated differently (per rank, then over ranks): a few ulps of the
 # largest partial sums, far below 1e-6 of the gradient's norm at 6 micro-batches.
 SUM_ORDER_REL = 1e-6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model():
@@ -108,7 +102,7 @@ def _run(tmp_path, world: int, precision: str, poison: bool = False, idle_rank: 
 
     out = tmp_path / f"{precision}-{world}-{poison}-{idle_rank}"
     out.mkdir()
-    start_ranks(_worker, (world, _free_port(), str(out), precision, poison, idle_rank), world)
+    start_ranks(_worker, (world, free_port(), str(out), precision, poison, idle_rank), world)
     return [load_file(str(out / f"r{r}.safetensors")) for r in range(world)]
 
 
@@ -223,7 +217,7 @@ def test_a_sum_adds_the_ranks_in_rank_order(tmp_path, world):
     |error| <= 2^-8 (|sum| + sum of |x_r|) (inputs rounded once, the fp32 sum rounded once)."""
     from tests.helpers import start_ranks
 
-    start_ranks(_sum_worker, (world, _free_port(), str(tmp_path)), world)
+    start_ranks(_sum_worker, (world, free_port(), str(tmp_path)), world)
     xs = [_values(r) for r in range(world)]
     exact = xs[0].clone()
     for x in xs[1:]:
@@ -283,7 +277,7 @@ def test_fp16_loss_scale_survives_a_resume_at_another_world_size(tmp_path):
     from tests.helpers import start_ranks
 
     for phase, world in (("through", 3), ("save", 2), ("load", 3)):
-        start_ranks(_fp16_worker, (world, _free_port(), str(tmp_path), phase), world)
+        start_ranks(_fp16_worker, (world, free_port(), str(tmp_path), phase), world)
     want = load_file(str(tmp_path / "through-r0.safetensors"))
     got = load_file(str(tmp_path / "save-r0.safetensors")) | load_file(str(tmp_path / "load-r0.safetensors"))
     history = [want[f"step{s}"].tolist() for s in range(K16 + MORE16)]

@@ -14,7 +14,6 @@ import asyncio
 import copy
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from prometheus_client import generate_latest
 
 from elastune.metrics.exporter import RunMetrics
 from elastune.spec.load import validate_spec
+from tests.helpers import free_port
 from tests.k8s.emulator import emulator
 from tests.k8s.schemas import Invalid, validate
 
@@ -169,12 +169,6 @@ async def _scenario(head: Head, tmp_path: Path):
             await asyncio.wait_for(operator.wait(), 15)
         assert operator.returncode in (0, -signal.SIGTERM), (tmp_path / "operator.log").read_text()
         return [r for r in k8s if r.resource is not None and r.resource.plural and r.headers.get("User-Agent", "").startswith(("kopf/", "elastune-operator"))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive(port: int) -> bool:

@@ -11,7 +11,7 @@ import pytest
 import ray
 import yaml
 
-from elastune.train.driver import start_local_ray
+from elastune.cluster import start_local_ray
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -26,9 +26,12 @@ def local_ray():
 def uninterrupted(tmp_path_factory, stdlib_dataset):
     """The uninterrupted 3-worker run (restart mode: no quorum) that live and node-loss runs track."""
     from tests.ray.live_cases import job
-    from tests.ray.test_resume_world_size import run
+    from tests.ray.jobs import run
 
     spec = job(tmp_path_factory.mktemp("uninterrupted"), stdlib_dataset, "uninterrupted", recovery="restart")
+    # Snapshots spaced as the default spaces them: every run compared with this one also shows
+    # that their interval leaves the numbers alone.
+    spec = spec.model_validate({**spec.to_dict(), "checkpoint": {**spec.to_dict()["checkpoint"], "snapshot_every_steps": "auto"}})
     _, rows, _ = run(spec)
     return spec, rows
 
@@ -47,7 +50,7 @@ def observed(tmp_path_factory, stdlib_dataset):
     events); query(path, **params) asks that Prometheus's HTTP API, or is the reason it could
     not run (a str: the run still happens, for the tests that need only the run)."""
     from tests.ray.live_cases import G, STEPS
-    from tests.ray.test_resume_world_size import run, spec_for
+    from tests.ray.jobs import run, spec_for
 
     tmp = tmp_path_factory.mktemp("observed")
     raw = spec_for(tmp, stdlib_dataset, "killed", 3, OBSERVED_STEPS).to_dict()

@@ -16,9 +16,8 @@ from elastune.data.dataset import TokenWindows
 from elastune.data.sampler import positions, sample_indices, tally
 from elastune.train.run_dir import read_jsonl
 from tests.helpers import rel_err
-from tests.ray.test_resume_world_size import spec_for
+from tests.ray.jobs import STEPS, spec_for
 
-STEPS = 28
 G = 12  # spec_for's global batch
 
 

@@ -12,7 +12,7 @@ import random
 import pytest
 
 from tests.ray.live_cases import STEPS, assert_read_once, assert_same_final_state, assert_tracks, job
-from tests.ray.test_resume_world_size import run
+from tests.ray.jobs import run
 
 SEED = 2026
 HOLD_S = 25  # at most (below the 30 s collective timeout): each straggler holds until the replacement has joined

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ray._private.worker as ray_worker
 
-from elastune.train.driver import log_cluster_messages
+from elastune.cluster import log_cluster_messages
 
 
 def test_raylet_messages_go_to_the_log_and_worker_logs_still_print(capsys, monkeypatch, caplog):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from tests.ray.live_cases import G, assert_read_once, assert_same_final_state, assert_tracks, job
-from tests.ray.test_resume_world_size import run
+from tests.ray.jobs import run
 
 KILL_AT, HOLD_AT, ALL_AT = 10, 20, 24
 

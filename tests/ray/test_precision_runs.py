@@ -12,7 +12,7 @@ import torch
 from elastune.checkpoint.checkpointer import Checkpointer
 from tests.helpers import rel_err
 from tests.ray.live_cases import STEPS, assert_read_once, job
-from tests.ray.test_resume_world_size import run
+from tests.ray.jobs import run
 
 KILL_AT = 10
 # Changing the world size re-associates the fp32 sum of the same micro-batch gradients (1e-7

@@ -24,7 +24,7 @@ from elastune.tune.population import base_values
 from tests.helpers import report_in_chromium
 from tests.ray.conftest import prometheus_scraping
 from tests.ray.test_observability import queries
-from tests.ray.test_resume_world_size import run, spec_for
+from tests.ray.jobs import run, spec_for
 
 G, INTERVAL, BUDGET = 12, 60, 120  # two intervals of 5 steps
 GOOD_LR, CRIPPLED_LR = 0.01, 50.0

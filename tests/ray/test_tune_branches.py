@@ -15,7 +15,7 @@ from elastune.spec import validate_spec
 from elastune.train.run_dir import read_jsonl
 from elastune.tune.driver import run_tune
 from tests.helpers import report_in_chromium
-from tests.ray.test_resume_world_size import run, spec_for
+from tests.ray.jobs import run, spec_for
 
 G = 12
 

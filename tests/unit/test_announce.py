@@ -1,7 +1,7 @@
 """What a worker group says when it starts: what it restored, and a changed dataset or a corrupt
 checkpoint as loud warnings (a changed world size is the driver's to report: test_faults)."""
 
-from elastune.train.batch_plan import batch_plan
+from elastune.batch_plan import batch_plan
 from elastune.train.loop import announce
 from elastune.train.progress import describe_event
 from elastune.train.state import Progress

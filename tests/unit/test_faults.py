@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from elastune.batch_plan import BatchSchedule
 from elastune.errors import SpecError
 from elastune.spec import validate_spec
 from elastune.spec.models import DelayRank, KillRank
-from elastune.train.driver import RecoveryTracker
+from elastune.train.recovery import RecoveryTracker
 from elastune.train.faults import FaultInjector, due
 from elastune.train.sink import RunSink
 from elastune.train.progress import describe_event
@@ -59,7 +60,7 @@ def test_a_fault_must_name_a_worker(tmp_path):
 
 
 def test_restart_becomes_one_recovery_event():
-    tracker = RecoveryTracker(global_batch_size=12)
+    tracker = RecoveryTracker(BatchSchedule(12))
     first = {"kind": "start", "time": 10.0, "world_size": 3, "resumed_from_step": None}
     assert tracker.observe([first], [{"step": 1, "time": 11.0}]) == []
     fault = {"kind": "fault", "action": "kill_rank", "time": 20.0, "rank": 1, "step": 7, "point": "mid"}
@@ -76,7 +77,7 @@ def test_restart_becomes_one_recovery_event():
 def test_steps_done_after_the_newest_snapshot_count_as_lost():
     """Snapshots every 4 steps: the service last heard of step 4, but the survivors' reductions
     failed in step 7, so steps 5 and 6 were completed and are run again."""
-    tracker = RecoveryTracker(global_batch_size=12)
+    tracker = RecoveryTracker(BatchSchedule(12))
     tracker.observe([{"kind": "start", "time": 10.0, "world_size": 3, "resumed_from_step": None}], [{"step": 1, "time": 11.0}])
     noticed = {"kind": "collective_failed", "time": 20.3, "rank": 0, "step": 7, "error": "Connection closed by peer"}
     restart = {"kind": "start", "time": 32.0, "world_size": 3, "resumed_from_step": 4, "resumed_from_tier": 0, "lost_steps": 0}
@@ -87,7 +88,7 @@ def test_steps_done_after_the_newest_snapshot_count_as_lost():
 
 def test_a_group_restarted_bigger_without_a_fault_is_a_resize_with_its_cost():
     # Ray Train's elastic policy saw capacity for a third worker and restarted the group at 3.
-    tracker = RecoveryTracker(global_batch_size=12)
+    tracker = RecoveryTracker(BatchSchedule(12))
     tracker.observe([{"kind": "start", "time": 10.0, "world_size": 2, "resumed_from_step": None, "micro_batches": [3, 3]}], [{"step": 1, "time": 11.0}])
     bigger = {"kind": "start", "time": 40.0, "world_size": 3, "resumed_from_step": 7, "resumed_from_tier": 0, "lost_steps": 0,
               "last_staged_at": 30.0, "micro_batches": [2, 2, 2]}  # fmt: skip
@@ -101,7 +102,7 @@ def test_a_group_restarted_bigger_without_a_fault_is_a_resize_with_its_cost():
 
 
 def test_a_group_restarted_smaller_without_a_fault_is_a_recovery():
-    tracker = RecoveryTracker(global_batch_size=12)
+    tracker = RecoveryTracker(BatchSchedule(12))
     tracker.observe([{"kind": "start", "time": 10.0, "world_size": 3, "resumed_from_step": None, "micro_batches": [2, 2, 2]}], [])
     smaller = {"kind": "start", "time": 40.0, "world_size": 2, "resumed_from_step": 9, "resumed_from_tier": 0, "lost_steps": 0,
                "last_staged_at": 30.0, "micro_batches": [3, 3]}  # fmt: skip
@@ -112,13 +113,13 @@ def test_a_group_restarted_smaller_without_a_fault_is_a_recovery():
 
 
 def test_a_run_resumed_at_another_world_size_starts_with_a_resize():
-    tracker = RecoveryTracker(global_batch_size=24)
+    tracker = RecoveryTracker(BatchSchedule(24))
     start = {"kind": "start", "time": 5.0, "world_size": 3, "resumed_from_step": 20, "resumed_from_tier": 1, "saved_world_size": 2,
              "micro_batches": [2, 2, 2]}  # fmt: skip
     (event,) = tracker.observe([start], [])
     assert describe_event(event) == "Resized 2 -> 3 workers at step 20; micro-batches per rank 2,2,2; global batch stays 24."
     same = {**start, "saved_world_size": 3}
-    assert RecoveryTracker(global_batch_size=24).observe([same], []) == []
+    assert RecoveryTracker(BatchSchedule(24)).observe([same], []) == []
 
 
 def test_error_texts_print_as_they_are(capsys):

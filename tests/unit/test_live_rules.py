@@ -9,9 +9,10 @@ import pytest
 import yaml
 
 from elastune.data.sampler import positions, sample_indices, tally
+from elastune.batch_plan import BatchSchedule
 from elastune.errors import SpecError
 from elastune.spec import validate_spec
-from elastune.train.driver import RecoveryTracker
+from elastune.train.recovery import RecoveryTracker
 from elastune.train.group import Membership
 from elastune.train.progress import describe_event
 from elastune.train.sink import RunSink
@@ -22,40 +23,40 @@ QUICKSTART = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs" / "qui
 def test_a_failed_step_then_a_commit_is_one_live_recovery(monkeypatch):
     clock = iter([100.0, 103.5, 104.2])
     monkeypatch.setattr("elastune.train.group.time.time", lambda: next(clock))
-    m = Membership(global_batch_size=12)  # created at t=100
-    assert m.committed(9, 3, [2, 2, 2]) == []  # t=103.5: first step seen
+    m = Membership()  # created at t=100
+    assert m.committed(9, 3, [2, 2, 2], 12) == []  # t=103.5: first step seen
     m.failed(10, 3, started_at=103.6, error="Connection closed by peer")  # detected at t=104.2
     monkeypatch.setattr("elastune.train.group.time.time", lambda: 105.0)
-    (event,) = m.committed(10, 2, [3, 3])
+    (event,) = m.committed(10, 2, [3, 3], 12)
     assert event["kind"] == "recovery" and event["recovery"] == "live" and event["step"] == 10
     assert event["cause"] == "worker lost during step 10 (Connection closed by peer)"
     assert (event["world_size_before"], event["world_size_after"], event["resumed_from_step"]) == (3, 2, 9)
     assert (event["lost_steps"], event["lost_samples"], event["micro_batches"]) == (0, 0, [3, 3])
     assert event["detection_seconds"] == pytest.approx(0.6) and event["mttr_seconds"] == pytest.approx(1.4)
     assert "carried on at step 10 with the same global batch (3,3 micro-batches per rank)" in describe_event(event)
-    assert m.committed(11, 2, [3, 3]) == []  # one event per failure
+    assert m.committed(11, 2, [3, 3], 12) == []  # one event per failure
 
 
 def test_a_worker_gone_between_steps_is_a_recovery_and_a_joiner_is_a_resize(monkeypatch):
     monkeypatch.setattr("elastune.train.group.time.time", lambda: 50.0)
-    m = Membership(global_batch_size=12)
-    m.committed(4, 3, [2, 2, 2])
+    m = Membership()
+    m.committed(4, 3, [2, 2, 2], 12)
     monkeypatch.setattr("elastune.train.group.time.time", lambda: 51.5)
-    (lost,) = m.committed(5, 2, [3, 3])  # nobody failed a step: the quorum was just smaller
+    (lost,) = m.committed(5, 2, [3, 3], 12)  # nobody failed a step: the quorum was just smaller
     assert lost["kind"] == "recovery" and lost["cause"] == "worker left before step 5"
     assert lost["failed_at"] == 50.0 and lost["detection_seconds"] is None and lost["mttr_seconds"] == 1.5
-    (joined,) = m.committed(6, 3, [2, 2, 2])
+    (joined,) = m.committed(6, 3, [2, 2, 2], 12)
     assert joined["kind"] == "resize" and (joined["world_size_before"], joined["world_size_after"], joined["step"]) == (2, 3, 5)
     assert describe_event(joined) == "Resized 2 -> 3 workers at step 5; micro-batches per rank 2,2,2; global batch stays 12."
 
 
 def test_a_worker_that_starts_late_reports_no_change():
-    m = Membership(global_batch_size=12)
-    assert m.committed(20, 3, [2, 2, 2]) == []  # a replacement knows no earlier quorum
+    m = Membership()
+    assert m.committed(20, 3, [2, 2, 2], 12) == []  # a replacement knows no earlier quorum
 
 
 def test_the_driver_narrows_a_live_recovery_to_the_fault_time():
-    tracker = RecoveryTracker(global_batch_size=12)
+    tracker = RecoveryTracker(BatchSchedule(12))
     fault = {"kind": "fault", "action": "kill_rank", "time": 20.3, "rank": 1, "step": 10, "point": "mid"}
     recovery = {"kind": "recovery", "recovery": "live", "time": 21.4, "failed_at": 20.0, "detection_seconds": 0.5,
                 "mttr_seconds": 1.4, "cause": "worker lost during step 10"}  # fmt: skip
@@ -67,7 +68,7 @@ def test_the_driver_narrows_a_live_recovery_to_the_fault_time():
 def test_a_fault_before_this_survivors_step_start_still_explains_the_recovery():
     """Ranks start a step at slightly different moments: the victim may have crashed before the
     survivor that reports stamped its step start, but never before the survivor's last commit."""
-    tracker = RecoveryTracker(global_batch_size=12)
+    tracker = RecoveryTracker(BatchSchedule(12))
     fault = {"kind": "fault", "action": "kill_rank", "time": 20.3, "rank": 2, "step": 3, "point": "mid"}
     recovery = {"kind": "recovery", "recovery": "live", "time": 21.4, "failed_at": 20.35, "failed_after": 20.2,
                 "detection_seconds": 0.5, "mttr_seconds": 1.05, "cause": "worker lost during step 3"}  # fmt: skip
@@ -111,7 +112,7 @@ def test_tally_adds_up_across_any_split_and_tells_samples_apart():
 
 
 def test_a_finished_live_run_stops_waiting_for_a_replacement_that_cannot_be_placed():
-    from elastune.train.driver import FINISH_GRACE_S, stranded
+    from elastune.train.recovery import FINISH_GRACE_S, stranded
 
     assert not stranded("live", None, now=1000.0)  # still training
     assert not stranded("live", 100.0, now=100.0 + FINISH_GRACE_S - 1)  # Ray Train gets its grace
@@ -120,15 +121,15 @@ def test_a_finished_live_run_stops_waiting_for_a_replacement_that_cannot_be_plac
 
 
 def test_losing_every_live_worker_at_once_is_one_recovery_and_a_replacement_is_none():
-    from elastune.train.driver import RecoveryTracker
+    from elastune.train.recovery import RecoveryTracker
 
     def row(step, t, world=3):
-        return {"step": step, "time": t, "world_size": world, "micro_batches": [2] * world}
+        return {"step": step, "samples_seen": 12 * step, "time": t, "world_size": world, "micro_batches": [2] * world}
 
     def join(replica, t, step):
-        return {"kind": "join", "time": t, "replica": replica, "step": step, "resumed_from_tier": 0}
+        return {"kind": "join", "time": t, "replica": replica, "step": step, "samples_seen": 12 * step, "resumed_from_tier": 0}
 
-    tracker = RecoveryTracker(global_batch_size=12, live=True)
+    tracker = RecoveryTracker(BatchSchedule(12), live=True)
     starting = [join(r, 1.0, 0) for r in range(3)]
     assert tracker.observe(starting, [row(1, 2.0), row(2, 2.5)]) == []  # the first step: everyone is new
     # One replacement while two survivors train: not a loss of the group.
@@ -145,10 +146,11 @@ def test_losing_every_live_worker_at_once_is_one_recovery_and_a_replacement_is_n
     # (the sink keeps the first row of steps 5 and 6; the first new one is 7).
     (event,) = tracker.observe([join(r, 30.0, 4) for r in range(3)], [row(7, 31.0)])
     assert event["cause"] == "every worker of the live group was lost" and event["lost_steps"] == 2 and event["failed_at"] == 17.0
+    assert event["lost_samples"] == 24
 
 
 def test_placeable_workers_counts_whole_workers_per_alive_node():
-    from elastune.train.driver import placeable_workers, short_of_workers
+    from elastune.cluster import placeable_workers, short_of_workers
 
     nodes = [
         {"Alive": True, "Resources": {"CPU": 1.0}},  # a small head: no 2-CPU worker fits

@@ -28,7 +28,7 @@ from elastune.cli.main import main
 from elastune.errors import SpecError
 from elastune.spec import JobSpec, validate_spec
 from elastune.spec.load import MAX_PROBLEMS
-from elastune.train.batch_plan import batch_plan
+from elastune.batch_plan import batch_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART_TEXT = (ROOT / "jobs" / "quickstart.yaml").read_text()

@@ -113,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def run_ending(outcome, job: str) -> tuple[str, int]:
-    """The last line `elastune run` prints for an outcome (train.driver.RunOutcome), and its exit code."""
+    """The last line `elastune run` prints for an outcome (train.outcome.RunOutcome), and its exit code."""
     from elastune.train.stopping import exit_code
 
     durable = f"step {outcome.durable_step}" if outcome.durable_step is not None else "none yet"
@@ -155,7 +155,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from elastune.spec import load_spec
-    from elastune.train.batch_plan import batch_plan
+    from elastune.batch_plan import batch_plan
 
     spec = load_spec(args.job)
     low = batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, spec.scaling.min_workers)

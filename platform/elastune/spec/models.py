@@ -19,6 +19,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from elastune.batch_plan import BatchSchedule, micro_batch_count
+
 NAME_RULE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 
 # Upper bounds: each is where a value stops describing any real run, well before it could break
@@ -249,7 +251,7 @@ class BatchSpec(Strict):
 
     @property
     def num_micro_batches(self) -> int:
-        return math.ceil(self.global_batch_size / self.micro_batch_size)
+        return micro_batch_count(self.global_batch_size, self.micro_batch_size)
 
     @model_validator(mode="after")
     def _micro_fits(self) -> "BatchSpec":
@@ -769,7 +771,7 @@ class JobSpec(Strict):
                 if phase.global_batch_size < self.batch.micro_batch_size:
                     raise ValueError(f"{where}.global_batch_size ({phase.global_batch_size}) is below batch.micro_batch_size "
                                      f"({self.batch.micro_batch_size}); raise it or lower micro_batch_size")  # fmt: skip
-                k = math.ceil(phase.global_batch_size / self.batch.micro_batch_size)
+                k = micro_batch_count(phase.global_batch_size, self.batch.micro_batch_size)
                 if k > MAX_MICRO_BATCHES:
                     raise ValueError(f"{where}.global_batch_size ({phase.global_batch_size}) makes {k:,} micro-batches of "
                                      f"batch.micro_batch_size {self.batch.micro_batch_size}, over {MAX_MICRO_BATCHES:,}; "
@@ -796,8 +798,15 @@ class JobSpec(Strict):
         return min(limits)
 
     @property
+    def batches(self) -> BatchSchedule:
+        """The global batch over samples: the job's, changed by `phases`."""
+        changes = tuple((p.from_samples, p.global_batch_size) for p in self.phases if p.global_batch_size is not None)
+        return BatchSchedule(self.batch.global_batch_size, changes)
+
+    @property
     def max_steps(self) -> int:
-        return math.ceil(self.budget_samples / self.batch.global_batch_size)
+        """Steps to the budget, each at the global batch in force when it starts."""
+        return self.batches.steps_to(self.budget_samples)
 
     @property
     def horizon_samples(self) -> int:

@@ -1,6 +1,6 @@
-"""Ray Train's controller, as Elastune runs it: the failure rule of the run's recovery mode
-(train.failure_policy) inside the controller, and the controller's handle for the driver (which
-aborts the run when it is stopped or stranded).
+"""Ray Train as Elastune runs it: `make_trainer` builds the run's TorchTrainer; the failure rule
+of the run's recovery mode (train.failure_policy) runs inside its controller, and the
+controller's handle reaches the driver (which aborts the run when it is stopped or stranded).
 
 These reach into Ray Train's developer API (`ray.train.v2._internal`), which Ray 2.60, the pinned
 version, documents for custom callbacks and failure policies.
@@ -18,8 +18,15 @@ from ray.train.v2._internal.execution.failure_handling import DefaultFailurePoli
 from ray.train.v2._internal.execution.failure_handling import FailureDecision as RayDecision
 from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
 from ray.train.v2.api.exceptions import WorkerGroupError
+from rich.console import Console
 
+from elastune.checkpoint.service import service_name
+from elastune.cluster import placeable_workers, short_of_workers
+from elastune.spec.models import JobSpec
 from elastune.train.failure_policy import decide_live
+from elastune.train.loop import WorkerConfig, run_worker
+from elastune.train.run_dir import RunDir
+from elastune.train.sink import sink_name
 
 
 class ElastuneTrainer(TorchTrainer):
@@ -68,3 +75,52 @@ class PublishController(ControllerCallback):
 
     def after_controller_start(self, train_run_context) -> None:
         ray.get_actor(self.sink_name).set_controller.remote(ray.get_runtime_context().current_actor)
+
+
+def make_trainer(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, driver_node: str, console: Console):
+    """Ray Train's trainer for the run: every worker runs `run_worker`; recovery restart lets Ray
+    Train restart the group (max_failures restarts) and resize it between min and max workers;
+    recovery live runs every worker as its own torchft replica group, under train.failure_policy."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+
+    scaling = spec.scaling
+    failure_policy = None
+    if scaling.recovery == "live":
+        # Every worker its own replica group; Ray Train replaces a dead one alone and the rest go on
+        # (train.live). Ray Train keeps max_workers started; the quorum trains with those alive.
+        from ray.train.v2.torch.torchft_config import TorchftConfig
+
+        from elastune.train.live import LIGHTHOUSE
+
+        workers: int | tuple[int, int] = scaling.max_workers
+        room = placeable_workers(ray.nodes(), scaling.cpus_per_worker, scaling.gpus_per_worker)
+        if warning := short_of_workers(scaling.max_workers, room):
+            console.print(f"[yellow]Warning:[/yellow] {warning}", highlight=False)
+            run_dir.append_events([{"time": time.time(), "kind": "warning", "message": warning}])
+        backend = "nccl" if scaling.gpus_per_worker > 0 else "gloo"
+        torch_config = TorchftConfig(backend=backend, lighthouse_kwargs={"min_replicas": scaling.min_workers, **LIGHTHOUSE})
+        failure_config = FailureConfig(max_failures=-1)  # worker failures go by LiveFailurePolicy
+        failure_policy = LiveFailurePolicy(failure_config, sink_name(run_id), scaling.max_failures)
+    else:
+        workers = scaling.min_workers if scaling.min_workers == scaling.max_workers else (scaling.min_workers, scaling.max_workers)
+        torch_config = None
+        failure_config = FailureConfig(max_failures=scaling.max_failures)
+    return ElastuneTrainer(
+        run_worker,
+        failure_policy=failure_policy,
+        train_loop_config=WorkerConfig(spec=spec.to_dict(), spec_dir=spec_dir, sink_name=sink_name(run_id),
+                                       service_name=service_name(run_id), run_id=run_id, driver_node=driver_node).__dict__,
+        torch_config=torch_config,
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            elastic_resize_monitor_interval_s=scaling.resize_check_seconds,
+            use_gpu=scaling.gpus_per_worker > 0,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {})},
+        ),
+        run_config=RunConfig(
+            name=f"{spec.name}-{run_id}",
+            storage_path=str(run_dir.path / "ray"),
+            failure_config=failure_config,
+            callbacks=[PublishController(sink_name(run_id))],
+        ),
+    )  # fmt: skip

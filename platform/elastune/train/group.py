@@ -59,8 +59,7 @@ class Membership:
     step at slightly different moments), so it bounds the window in which a fault explains it.
     """
 
-    def __init__(self, global_batch_size: int):
-        self.global_batch_size = global_batch_size
+    def __init__(self) -> None:
         self.world: int | None = None
         self.last_commit = time.time()
         self.failure: dict[str, Any] | None = None
@@ -69,7 +68,8 @@ class Membership:
         if self.failure is None:
             self.failure = {"step": step, "world": world, "at": started_at, "after": self.last_commit, "detected": time.time(), "error": error}
 
-    def committed(self, step: int, world: int, micro_batches: list[int]) -> list[dict[str, Any]]:
+    def committed(self, step: int, world: int, micro_batches: list[int], global_batch_size: int) -> list[dict[str, Any]]:
+        """Events for `step` committed by `world` workers (its plan's split and global batch)."""
         now, before = time.time(), self.world
         events = []
         if self.failure is not None or (before is not None and world < before):
@@ -86,6 +86,6 @@ class Membership:
             })  # fmt: skip
         elif before is not None and world > before:
             events.append({"kind": "resize", "time": now, "step": step - 1, "world_size_before": before, "world_size_after": world,
-                           "global_batch_size": self.global_batch_size, "micro_batches": micro_batches})  # fmt: skip
+                           "global_batch_size": global_batch_size, "micro_batches": micro_batches})  # fmt: skip
         self.world, self.last_commit, self.failure = world, now, None
         return events

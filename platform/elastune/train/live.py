@@ -4,7 +4,7 @@ the same global batch, while Ray Train replaces it.
 Every Ray Train worker is its own torchft replica group (Ray Train's TorchftConfig). Before each
 step a torchft Manager asks the run's lighthouse for a quorum: this step's participants W and this
 worker's place r among them. The batch plan splits the unchanged global batch over those W
-(train.batch_plan), the gradient SUM runs over the quorum's process group, and the step applies
+(elastune.batch_plan), the gradient SUM runs over the quorum's process group, and the step applies
 only where every participant's reduction went through (should_commit). A step during which a
 peer died applies nothing and runs again under the next quorum, without the dead peer: no step
 is lost and none counts twice. Ray Train starts a replacement meanwhile; it restores the newest

@@ -25,7 +25,7 @@ from elastune.data.dataset import TokenWindows
 from elastune.errors import CheckpointError
 from elastune.recipes import Recipe, SampleSource, load_recipe
 from elastune.spec.models import JobSpec
-from elastune.train.batch_plan import BatchPlan, batch_plan
+from elastune.batch_plan import BatchPlan, batch_plan
 from elastune.train.faults import FaultInjector
 from elastune.train.group import Membership, StaticGroup
 from elastune.train.optim import build_optimizer, set_hyper
@@ -59,8 +59,8 @@ def run_worker(config: dict[str, Any]) -> None:
     live = spec.scaling.recovery == "live"
     torch.set_num_threads(spec.scaling.torch_threads or max(1, int(spec.scaling.cpus_per_worker)))
     sink, service = ray.get_actor(job.sink_name), ray.get_actor(job.service_name)
-    c, G = spec.checkpoint, spec.batch.global_batch_size
-    report = Reporter(sink, replica, live, G, with_snapshots=c.snapshot_every_steps is not None)
+    c = spec.checkpoint
+    report = Reporter(sink, replica, live, with_snapshots=c.snapshot_every_steps is not None)
     faults = FaultInjector(spec.faults, replica, lambda key: ray.get(sink.claim.remote(key)), lambda e: ray.get(sink.event.remote(e)),
                            on_driver_node=node == job.driver_node, rejoined=lambda: ray.get(sink.rejoined.remote()))  # fmt: skip
 
@@ -99,7 +99,8 @@ def run_worker(config: dict[str, Any]) -> None:
     else:
         group = StaticGroup(replica, workers, lambda error: report.collective_failed(replica, progress.step + 1, error))
     # Joined: restored and in a group, so its next step's quorum (live) takes it in.
-    report.emit("join", replica=replica, node=node, step=progress.step, **{k: restored.get(k) for k in ("resumed_from_tier", "load_seconds")})
+    report.emit("join", replica=replica, node=node, step=progress.step, samples_seen=progress.samples_seen,
+                **{k: restored.get(k) for k in ("resumed_from_tier", "load_seconds")})  # fmt: skip
     snapshots, pace = Snapshotter(service), SnapshotPace(c.snapshot_every_steps, cap=c.every_steps)
     budget = spec.budget_samples
     while progress.samples_seen < budget:
@@ -284,12 +285,12 @@ class Reporter:
 
     FLUSH_S = 0.5
 
-    def __init__(self, sink, replica: int, live: bool, global_batch_size: int, with_snapshots: bool):
+    def __init__(self, sink, replica: int, live: bool, with_snapshots: bool):
         self.sink, self.live = sink, live
         self.speaks = live or replica == 0
         self.with_snapshots = with_snapshots
         self.keeps_rows = self.speaks or with_snapshots
-        self.membership = Membership(global_batch_size) if live else None
+        self.membership = Membership() if live else None
         self.rows: list[dict[str, Any]] = []
         self.flushed = time.monotonic()
 
@@ -314,7 +315,7 @@ class Reporter:
             return
         self.rows.append(row)
         if self.membership is not None:
-            for event in self.membership.committed(row["step"], plan.world_size, plan.counts()):
+            for event in self.membership.committed(row["step"], plan.world_size, plan.counts(), plan.global_batch_size):
                 self.sink.event.remote(event, f"{event['kind']}-{event['step']}")
         if not self.with_snapshots and time.monotonic() - self.flushed >= self.FLUSH_S:
             self.flush()

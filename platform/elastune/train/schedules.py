@@ -34,15 +34,14 @@ class StepValues:
 def step_values(spec, samples: int) -> StepValues:
     """The job's peak lr times its schedule's multiplier, its weight decay and global batch, each
     as the newest `phases` entry starting at or before `samples` set it (JobSpec.phases)."""
-    lr, weight_decay, batch, schedule = spec.optimizer.lr, spec.optimizer.weight_decay, spec.batch.global_batch_size, spec.schedule
+    lr, weight_decay, schedule = spec.optimizer.lr, spec.optimizer.weight_decay, spec.schedule
     for phase in spec.phases:
         if phase.from_samples > samples:
             break
         lr = phase.lr if phase.lr is not None else lr
         weight_decay = phase.weight_decay if phase.weight_decay is not None else weight_decay
-        batch = phase.global_batch_size or batch
         schedule = phase.schedule or schedule
-    return StepValues(lr * lr_multiplier(schedule, samples, spec.horizon_samples), weight_decay, batch)
+    return StepValues(lr * lr_multiplier(schedule, samples, spec.horizon_samples), weight_decay, spec.batches.at(samples))
 
 
 def lr_multiplier(schedule, samples: int, horizon: int) -> float:

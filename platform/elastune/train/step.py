@@ -8,7 +8,6 @@ whatever the split. A rank with no micro-batch contributes zeros but still joins
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,27 +18,11 @@ from torch import nn
 from elastune.data.sampler import positions, sample_indices, tally
 from elastune.metrics.noise import noise_estimates
 from elastune.recipes import Recipe, SampleSource, to_device
-from elastune.train.batch_plan import BatchPlan
+from elastune.batch_plan import BatchPlan
 from elastune.train.optim import named_params
 from elastune.train.precision import AUTOCAST, LossScale, unscale_and_check
 from elastune.train.reduce import Bucket, bucket_bounds, finish_all
-
-
-def micro_batch_seed(seed: int, step: int, micro_batch: int) -> int:
-    """Seed of one micro-batch's randomness (dropout, augmentation): the same on every rank."""
-    digest = hashlib.sha256(f"elastune-rng:{seed}:{step}:{micro_batch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def seed_device(seed: int, device: torch.device) -> None:
-    """Seed the generators a micro-batch on `device` draws from: the CPU's, plus the GPU's.
-
-    Not torch.manual_seed: with CUDA, MTIA and XPU uninitialised it records a formatted stack
-    trace per backend on every call, which cost about 1 ms per micro-batch on CPU workers.
-    """
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed(seed)  # CUDA is initialised here, so this seeds at once
+from elastune.train.rng import micro_batch_seed, seed_device
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,12 @@ import os
 import signal
 import threading
 from types import FrameType
+from typing import Any
+
+import ray
+
+from elastune.checkpoint.checkpointer import Checkpointer
+from elastune.train.progress import ProgressView
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOP_GRACE_S = 25.0  # how long a stop waits for the newest step to become durable (a pod gets 30 s by default)
@@ -47,3 +53,34 @@ class StopRequest:
         if self.signum is not None:
             os._exit(exit_code(signum))
         self.signum = signum
+
+
+def begin_stop(stop: StopRequest, service, sink, view: ProgressView, ckpt: Checkpointer) -> dict[str, Any]:
+    """A stop signal: the service takes no more snapshots and makes the newest complete one
+    durable; then Ray Train's run is ended. Rows are kept up to that step (the newest durable one
+    when there is no snapshot), the step a rerun resumes from."""
+    step = ray.get(service.freeze.remote())
+    if step is None:
+        steps = ckpt.committed_steps()
+        step = steps[-1] if steps else 0
+    view.say(f"{stop.name}: stopping; the run resumes from step {step} (again to end at once).")
+    controller = ray.get(sink.controller.remote())
+    if controller is not None:
+        controller.abort.remote()  # the workers stop while the step is written; abort_controller waits for it
+    return {"keep_rows_to": step}
+
+
+def abort_controller(sink, thread: threading.Thread, grace_s: float = 3.0) -> None:
+    """End Ray Train's run (its controller stops every worker) and wait for the fit thread: a
+    process that disconnects from Ray while a fit still waits on it exits with status 1.
+
+    The controller takes an abort between its steps; one busy placing a replacement for which no
+    capacity exists takes it only when that placement times out (a minute), so after `grace_s` it
+    is killed instead (its workers go with it)."""
+    controller = ray.get(sink.controller.remote())
+    if controller is not None:
+        controller.abort.remote()
+        thread.join(grace_s)
+        if thread.is_alive():
+            ray.kill(controller, no_restart=True)
+    thread.join(10 * grace_s)

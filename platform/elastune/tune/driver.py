@@ -27,11 +27,12 @@ import yaml
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
+from elastune.cluster import connect_ray
 from elastune.data.prepare import ensure_prepared
 from elastune.metrics.exporter import RunExporter
 from elastune.recipes import load_recipe
 from elastune.spec.models import JobSpec
-from elastune.train.driver import connect_ray, resolve_paths
+from elastune.train.driver import resolve_paths
 from elastune.train.run_dir import new_run_id
 from elastune.tune.branches import BRANCHES, BranchSearcher, fork_points
 from elastune.tune.population import check_search

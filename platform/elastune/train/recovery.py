@@ -1,0 +1,170 @@
+"""The driver's account of a run's worker groups: what each (re)start means (a recovery or a
+resize, its cause, cost and lost steps), folded from the run's events and rows as they drain.
+Pure: no Ray, unit-tested with made-up events (tests/unit/test_faults.py, test_live_rules.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from elastune.batch_plan import BatchSchedule
+
+FINISH_GRACE_S = 5.0  # after the last step, how long a live group's Ray Train run may take to end before it is ended
+
+
+def stranded(recovery: str, finished_at: float | None, now: float | None = None) -> bool:
+    """Whether a live run whose workers finished training has waited long enough for Ray Train.
+
+    Ray Train ends a run when every replica group is done; a live group that lost a node and got
+    no capacity back has one group Ray Train cannot place, and would wait for it forever (one
+    still starting when the others finish would train no step either)."""
+    if recovery != "live" or finished_at is None:
+        return False
+    return (time.monotonic() if now is None else now) - finished_at >= FINISH_GRACE_S
+
+
+class RecoveryTracker:
+    """What each start of a worker group means, as one event once its first step completes.
+
+    The run's first start: a `resize` if it resumed a checkpoint saved at another world size.
+    A later start (Ray Train restarted the group): a `resize` when the group grew and no fault
+    was injected (Ray Train's elastic policy found capacity), else a `recovery`. Both carry the
+    cause, world size before and after, lost steps and samples, detection seconds (to the first
+    worker whose reduction failed, if one did), restart seconds (end of the old group to the new
+    group's start: Ray Train notices a dead worker within its health check, every HEALTH_CHECK_S; the rest is
+    tearing down and starting the group) and MTTR (to the first step completed after). Lost
+    steps are those the run knows the old group completed past the resumed step (snapshots handed
+    over, steps before one that failed or was killed): exact when a survivor saw its reduction
+    fail, a lower bound when every worker went at once between spaced snapshots.
+    The old group's end is the injected fault's time when there is one, else the last snapshot
+    any rank handed over (so both figures are upper bounds).
+
+    A live group reports its own recoveries (the survivors' view, narrowed here to the fault's
+    time). What no survivor can report is the loss of every worker at once, after which Ray Train
+    starts a whole new group: a step all of whose participants joined after the step before it
+    committed is that loss (`live=True`)."""
+
+    def __init__(self, batches: BatchSchedule, live: bool = False):
+        self.batches, self.live = batches, live
+        self.last_start: dict[str, Any] | None = None
+        self.last_fault: dict[str, Any] | None = None
+        self.pending: dict[str, Any] | None = None
+        self.last_leave: dict[str, Any] | None = None
+        self.last_row: dict[str, Any] | None = None
+        self.since_row: list[dict[str, Any]] = []  # joins and kills after the last row (live)
+        self.noticed: list[float] = []  # when workers of the current group saw a reduction fail
+        self.completed = 0  # the newest step the current group is known to have completed
+
+    def observe(self, events: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for event in events:
+            if event["kind"] == "fault" and event["action"] in ("kill_rank", "kill_node") and not event.get("skipped"):
+                self.last_fault = event
+                self.since_row.append(event)
+                self.completed = max(self.completed, event["step"] - 1)
+            if event["kind"] == "join":
+                self.since_row.append(event)
+            if event["kind"] == "collective_failed":
+                self.noticed.append(event["time"])
+                self.completed = max(self.completed, event["step"] - 1)
+            if event["kind"] == "leave":
+                self.last_leave = event
+            if event["kind"] == "recovery" and event.get("recovery") == "live":
+                self._narrow(event)
+            if event["kind"] == "start":
+                if self.last_start is None:
+                    out += self._resumed_resized(event)
+                else:
+                    self.pending = self._restarted(event, self.last_start["world_size"])
+                self.last_start = event
+        done = next((r for r in rows if self.pending and r["time"] >= self.last_start["time"]), None)
+        if done is not None:  # the first step the new group completed
+            out.append({**self.pending, "time": done["time"], "mttr_seconds": round(done["time"] - self.pending["failed_at"], 3)})
+            self.pending = None
+        if self.live:
+            for row in rows:
+                out += self._whole_group_lost(row)
+                self.since_row = [e for e in self.since_row if e["time"] > row["time"]]
+                self.last_row = row
+        return out
+
+    def _whole_group_lost(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        before = self.last_row
+        news = [e for e in self.since_row if e["time"] <= row["time"]]
+        joins = [e for e in news if e["kind"] == "join"]
+        if before is None or len({j["replica"] for j in joins}) < row["world_size"]:
+            return []  # the run's first step, or a survivor trained this step
+        kills = [e for e in news if e["kind"] == "fault"]
+        if kills:
+            self.last_fault = None  # accounted for here
+        failed_at = min(e["time"] for e in kills) if kills else before["time"]
+        resumed = min(j["step"] for j in joins)
+        lost = max(0, before["step"] - resumed)
+        resumed_samples = min(j["samples_seen"] for j in joins if j["step"] == resumed)
+        return [{
+            "time": row["time"], "kind": "recovery", "recovery": "restart", "step": row["step"],
+            "cause": "; ".join(map(fault_cause, kills)) if kills else "every worker of the live group was lost",
+            "world_size_before": before["world_size"], "world_size_after": row["world_size"],
+            "resumed_from_step": resumed, "resumed_from_tier": max((j["resumed_from_tier"] for j in joins if j.get("resumed_from_tier") is not None), default=None),
+            "lost_steps": lost, "lost_samples": max(0, before["samples_seen"] - resumed_samples), "failed_at": failed_at,
+            "detection_seconds": None, "restart_seconds": round(min(j["time"] for j in joins) - failed_at, 3),
+            "mttr_seconds": round(row["time"] - failed_at, 3), "micro_batches": row["micro_batches"],
+        }]  # fmt: skip
+
+    def _resumed_resized(self, start: dict[str, Any]) -> list[dict[str, Any]]:
+        saved = start.get("saved_world_size")
+        if saved in (None, start["world_size"]):
+            return []
+        return [{"time": start["time"], "kind": "resize", "cause": f"resumed a checkpoint saved by {saved} worker(s)",
+                 "step": start["resumed_from_step"], "world_size_before": saved, "world_size_after": start["world_size"],
+                 "global_batch_size": self.batches.at(start.get("resumed_samples_seen") or 0), "micro_batches": start["micro_batches"]}]  # fmt: skip
+
+    def _restarted(self, start: dict[str, Any], before: int) -> dict[str, Any]:
+        fault, self.last_fault = self.last_fault, None
+        failed_at = fault["time"] if fault else start.get("last_staged_at") or start["time"]
+        detected = min((t for t in self.noticed if t >= failed_at), default=None)
+        # Steps past the resumed one: those handed over in snapshots (the worker's restore counts
+        # them) or completed before a step that failed or was killed (between spaced snapshots).
+        lost = max(start["lost_steps"], self.completed - (start["resumed_from_step"] or 0))
+        resumed = start.get("resumed_samples_seen") or 0
+        self.noticed, self.completed = [], 0
+        grew = fault is None and start["world_size"] > before
+        if fault:
+            kind, cause = "recovery", fault_cause(fault)
+        elif grew:
+            kind, cause = "resize", f"capacity for {start['world_size']} workers (Ray Train's elastic policy restarted the group)"
+        else:
+            kind, cause = "recovery", "worker group restarted"
+        return {
+            "kind": kind, "cause": cause, "failed_at": failed_at, "step": start["resumed_from_step"],
+            "world_size_before": before, "world_size_after": start["world_size"],
+            "global_batch_size": self.batches.at(resumed), "micro_batches": start.get("micro_batches"),
+            "resumed_from_step": start["resumed_from_step"], "resumed_from_tier": start.get("resumed_from_tier"),
+            "lost_steps": lost, "lost_samples": self.batches.samples_after(lost, resumed) - resumed,
+            "detection_seconds": None if detected is None else round(detected - failed_at, 3),
+            "restart_seconds": round(start["time"] - failed_at, 3),
+        }  # fmt: skip
+
+    def _narrow(self, event: dict[str, Any]) -> None:
+        """A live group's recovery, as its survivors saw it: their failure time is the failed
+        step's start; an injected fault's time, when there is one, is closer to the crash."""
+        leave, self.last_leave = self.last_leave, None
+        if leave is not None and event["detection_seconds"] is None:  # no step failed: a worker left
+            event["cause"] = f"rank {leave['replica']} left: {leave['reason']}"
+            event["failed_at"] = leave["time"]
+            event["mttr_seconds"] = round(event["time"] - leave["time"], 3)
+            return
+        fault, self.last_fault = self.last_fault, None
+        if fault is not None and event.get("failed_after", event["failed_at"]) <= fault["time"] <= event["time"]:
+            if event["detection_seconds"] is not None:
+                detected_at = event["failed_at"] + event["detection_seconds"]
+                event["detection_seconds"] = round(max(0.0, detected_at - fault["time"]), 3)
+            event["cause"] = fault_cause(fault)
+            event["failed_at"] = fault["time"]
+            event["mttr_seconds"] = round(event["time"] - fault["time"], 3)
+
+
+def fault_cause(fault: dict[str, Any]) -> str:
+    what = "kill rank" if fault["action"] == "kill_rank" else "kill the node of rank"
+    return f"fault: {what} {fault['rank']} at step {fault['step']} ({fault['point']})"
