@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import socket
 import subprocess
@@ -10,10 +11,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from elastune.errors import SpecError
 from elastune.recipes.byte_gpt import ByteGPT, sample_losses
+from elastune.spec import validate_spec
 from elastune.spec.models import ByteGPTOptions
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ByteGPTOptions(num_layers=1, width=16, num_heads=2, context=16, dropout=0.0)
 
@@ -138,3 +144,36 @@ def small_disk(path: Path, size_bytes: int):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def minimal(**changes):
+    """A small valid job spec (a dict), with `changes` at dotted keys."""
+    spec = {
+        "name": "t",
+        "model": {"recipe": "byte_gpt", "options": {"context": 16, "width": 16, "num_heads": 2}},
+        "data": {"path": "d", "window": 17},
+        "batch": {"global_batch_size": 24, "micro_batch_size": 4},
+        "optimizer": {"name": "adamw", "lr": 1e-3},
+        "stop": {"max_steps": 10},
+    }
+    for dotted, value in changes.items():
+        node = spec
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return spec
+
+
+def spec_problems(raw) -> str:
+    """The message validate_spec refuses `raw` with (it must refuse it)."""
+    with pytest.raises(SpecError) as info:
+        validate_spec(raw, source="job.yaml")
+    return info.value.message
+
+
+def dashboard_queries(name: str) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every panel target of dashboards/grafana/elastune-NAME.json,
+    template variables matching everything."""
+    d = json.loads((ROOT / "dashboards" / "grafana" / f"elastune-{name}.json").read_text())
+    return [(p["title"], t["expr"].replace("$job", ".*").replace("$run", ".*")) for p in d["panels"] for t in p["targets"]]

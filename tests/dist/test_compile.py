@@ -18,8 +18,7 @@ from elastune.batch_plan import batch_plan
 from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.precision import compile_problem, compile_model
 from elastune.train.step import GradBuffer, train_step
-from tests.dist.test_exact_batch import _free_port
-from tests.helpers import TINY, RandomTokens, rel_err, start_ranks, tiny_model
+from tests.helpers import TINY, RandomTokens, free_port, rel_err, start_ranks, tiny_model
 
 pytestmark = pytest.mark.skipif(compile_problem("cpu") is not None, reason=str(compile_problem("cpu")))
 
@@ -48,8 +47,8 @@ def _train(rank: int, world: int, port: int, out: str, compiled: bool) -> None:
 
 
 def test_a_compiled_model_trains_like_the_eager_one(tmp_path):
-    start_ranks(_train, (1, _free_port(), str(tmp_path), False), 1)
-    start_ranks(_train, (3, _free_port(), str(tmp_path), True), 3)
+    start_ranks(_train, (1, free_port(), str(tmp_path), False), 1)
+    start_ranks(_train, (3, free_port(), str(tmp_path), True), 3)
     eager = load_file(str(tmp_path / "False-1-r0.safetensors"))
     start = dict(tiny_model().named_parameters())
     want = torch.cat([(eager[n] - p.detach()).flatten() for n, p in start.items()])

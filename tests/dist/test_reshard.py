@@ -22,8 +22,7 @@ from elastune.train.optim import build_optimizer
 from elastune.train.state import restore_state, state_pieces
 from elastune.train.step import GradBuffer, train_step
 from elastune.train.zero import ZeroOptimizer
-from tests.dist.test_exact_batch import _free_port
-from tests.helpers import RandomTokens, rel_err, start_ranks, tiny_model
+from tests.helpers import RandomTokens, free_port, rel_err, start_ranks, tiny_model
 
 G, MB, SEED, K = 24, 4, 5, 3
 ADAM = AdamWSpec(name="adamw", lr=3e-2, weight_decay=0.1)
@@ -102,9 +101,9 @@ def _assemble(paths: list[str]) -> dict[str, torch.Tensor]:
 def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("reshard"))
     for world in WORLDS:
-        start_ranks(_saver, (world, _free_port(), root), world)
+        start_ranks(_saver, (world, free_port(), root), world)
     for world in WORLDS:
-        start_ranks(_loader, (world, _free_port(), root), world)
+        start_ranks(_loader, (world, free_port(), root), world)
     model, opt, grads = _make("replicated", 0, 1)
     reference = [_step(model, opt, grads, step, 0, 1) for step in range(K + 1)]
     return root, reference

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import report_in_chromium
+from tests.helpers import dashboard_queries, report_in_chromium
 
 ROOT = Path(__file__).resolve().parents[2]
 PROVEN = ("training", "elasticity", "checkpoints")
@@ -40,11 +40,6 @@ def over_the_run(query, events, expr: str) -> list:
     return query("/api/v1/query_range", query=expr, start=events[0]["time"], end=events[-1]["time"] + 5, step=1)["result"]
 
 
-def queries(name: str) -> list[tuple[str, str]]:
-    d = json.loads((ROOT / "dashboards" / "grafana" / f"elastune-{name}.json").read_text())
-    return [(p["title"], t["expr"].replace("$job", ".*").replace("$run", ".*")) for p in d["panels"] for t in p["targets"]]
-
-
 def test_the_run_had_a_recovery_and_durable_checkpoints(scraped):
     _, rows, events, _ = scraped
     assert [e["kind"] for e in events].count("recovery") == 1 and any(e["kind"] == "checkpoint" for e in events)
@@ -54,7 +49,7 @@ def test_the_run_had_a_recovery_and_durable_checkpoints(scraped):
 @pytest.mark.parametrize("dashboard", PROVEN)
 def test_every_panel_query_returns_series(scraped, dashboard):
     query, _, events, _ = scraped
-    empty = [(title, expr) for title, expr in queries(dashboard) if not over_the_run(query, events, expr)]
+    empty = [(title, expr) for title, expr in dashboard_queries(dashboard) if not over_the_run(query, events, expr)]
     assert not empty, f"panels without data: {empty}"
 
 

@@ -21,9 +21,8 @@ from elastune.train.run_dir import read_jsonl
 from elastune.tune.driver import run_tune
 from elastune.tune.lineage import read_lineage, stitched
 from elastune.tune.population import base_values
-from tests.helpers import report_in_chromium
+from tests.helpers import dashboard_queries, report_in_chromium
 from tests.ray.conftest import prometheus_scraping
-from tests.ray.test_observability import queries
 from tests.ray.jobs import run, spec_for
 
 G, INTERVAL, BUDGET = 12, 60, 120  # two intervals of 5 steps
@@ -113,7 +112,7 @@ def test_every_tuning_panel_query_returns_series(search):
     if isinstance(query, str):
         pytest.skip(query)
     over = lambda expr: query("/api/v1/query_range", query=expr, start=began, end=ended + 5, step=1)["result"]  # noqa: E731
-    empty = [(title, expr) for title, expr in queries("tuning") if not over(expr)]
+    empty = [(title, expr) for title, expr in dashboard_queries("tuning") if not over(expr)]
     assert not empty, f"panels without data: {empty}"
     exploits = {r["metric"]["trial"]: float(r["values"][-1][1]) for r in over("elastune_exploits_total")}
     assert exploits == {"m0": 0.0, "m1": 1.0}

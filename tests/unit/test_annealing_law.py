@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from elastune.spec.models import CosineSchedule, WSDSchedule
+from elastune.spec.schedule import CosineSchedule, WSDSchedule
 from elastune.train.schedules import lr_multiplier
 from elastune.tune.annealing import AnnealingLaw, areas, fit, predicted_final_losses
 

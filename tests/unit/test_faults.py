@@ -10,7 +10,7 @@ import yaml
 from elastune.batch_plan import BatchSchedule
 from elastune.errors import SpecError
 from elastune.spec import validate_spec
-from elastune.spec.models import DelayRank, KillRank
+from elastune.spec.scaling import DelayRank, KillRank
 from elastune.train.recovery import RecoveryTracker
 from elastune.train.faults import FaultInjector, due
 from elastune.train.sink import RunSink

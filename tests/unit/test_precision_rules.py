@@ -11,7 +11,7 @@ from elastune.errors import SpecError
 from elastune.train import precision
 from elastune.train.precision import LossScale, check_step, compile_problem, precision_problem
 from elastune.train.reduce import bucket_bounds
-from tests.unit.test_spec import _problems, minimal
+from tests.helpers import minimal, spec_problems
 
 
 def test_the_loss_scale_follows_torchs_grad_scaler_rule():
@@ -47,7 +47,7 @@ def test_what_a_device_cannot_run_is_named_with_the_fix(monkeypatch):
 def test_bad_step_fields_are_named_with_their_fix():
     for field, value in (("step.bucket_mb", 0), ("step.bucket_mb", -1), ("step.precision", "fp8"),
                          ("step.reduce_dtype", "fp16"), ("step.loss_scale.initial", 1000.0)):  # fmt: skip
-        msg = _problems(minimal(**{field: value}))
+        msg = spec_problems(minimal(**{field: value}))
         assert f"{field} = " in msg and "fix:" in msg, msg
 
 

@@ -4,15 +4,7 @@ import math
 
 import pytest
 
-from elastune.spec.models import (
-    ConstantSchedule,
-    CosineSchedule,
-    CyclicalSchedule,
-    InverseSqrtSchedule,
-    LinearSchedule,
-    RexSchedule,
-    WSDSchedule,
-)
+from elastune.spec.schedule import ConstantSchedule, CosineSchedule, CyclicalSchedule, InverseSqrtSchedule, LinearSchedule, RexSchedule, WSDSchedule
 from elastune.train.schedules import lr_multiplier
 
 H, W = 10_000, 1_000

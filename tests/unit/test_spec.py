@@ -8,28 +8,11 @@ import elastune.spec.load as spec_load
 from elastune.cli.main import main
 from elastune.errors import SpecError
 from elastune.spec import URI_SCHEMES, check_uri, json_schema, load_spec, validate_spec
-from elastune.spec.models import MAX_SAMPLES, MAX_SEED, MAX_WORKERS
+from elastune.spec.base import MAX_SAMPLES, MAX_SEED, MAX_WORKERS
+from tests.helpers import minimal, spec_problems
 
 ROOT = Path(__file__).resolve().parents[2]
 JOBS = sorted((ROOT / "jobs").rglob("*.yaml"))
-
-
-def minimal(**changes):
-    spec = {
-        "name": "t",
-        "model": {"recipe": "byte_gpt", "options": {"context": 16, "width": 16, "num_heads": 2}},
-        "data": {"path": "d", "window": 17},
-        "batch": {"global_batch_size": 24, "micro_batch_size": 4},
-        "optimizer": {"name": "adamw", "lr": 1e-3},
-        "stop": {"max_steps": 10},
-    }
-    for dotted, value in changes.items():
-        node = spec
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return spec
 
 
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -58,24 +41,18 @@ def test_gpu_cluster_job_is_realistic():
     assert spec.step.precision == "bf16" and spec.step.compile and spec.model.options.activation_checkpointing
 
 
-def _problems(raw) -> str:
-    with pytest.raises(SpecError) as info:
-        validate_spec(raw, source="job.yaml")
-    return info.value.message
-
-
 def test_unknown_key_names_field_and_suggests():
-    msg = _problems(minimal(**{"batch.global_batch_sise": 3}))
+    msg = spec_problems(minimal(**{"batch.global_batch_sise": 3}))
     assert "batch.global_batch_sise = 3" in msg and "did you mean 'global_batch_size'?" in msg
 
 
 def test_unknown_key_in_union_member_lists_that_members_keys():
-    msg = _problems(minimal(**{"optimizer.momentum": 0.9}))
+    msg = spec_problems(minimal(**{"optimizer.momentum": 0.9}))
     assert "optimizer.momentum = 0.9" in msg and "allowed keys here: betas, eps, grad_clip_norm, lr, name, weight_decay" in msg
 
 
 def test_every_error_states_field_value_rule_and_fix():
-    msg = _problems(minimal(**{"batch.micro_batch_size": 0, "optimizer.lr": -1, "name": "Bad Name"}))
+    msg = spec_problems(minimal(**{"batch.micro_batch_size": 0, "optimizer.lr": -1, "name": "Bad Name"}))
     assert "(3 problems)" in msg
     for line in ("batch.micro_batch_size = 0", "optimizer.lr = -1", "name = 'Bad Name'"):
         assert line in msg
@@ -83,30 +60,30 @@ def test_every_error_states_field_value_rule_and_fix():
 
 
 def test_cross_field_rule_blames_the_field():
-    msg = _problems(minimal(**{"scaling.max_workers": 7}))
+    msg = spec_problems(minimal(**{"scaling.max_workers": 7}))
     assert "scaling.max_workers = 7" in msg
     assert "exceeds the number of micro-batches (6" in msg and "set max_workers <= 6" in msg
 
 
 def test_window_must_match_context():
-    msg = _problems(minimal(**{"data.window": 33}))
+    msg = spec_problems(minimal(**{"data.window": 33}))
     assert "data.window = 33" in msg and "set data.window: 17" in msg
 
 
 def test_warmup_beyond_horizon():
-    msg = _problems(minimal(**{"schedule": {"name": "cosine", "warmup_samples": 10_000}}))
+    msg = spec_problems(minimal(**{"schedule": {"name": "cosine", "warmup_samples": 10_000}}))
     assert "schedule.warmup_samples = 10000" in msg
 
 
 def test_unknown_schedule_name():
-    msg = _problems(minimal(**{"schedule": {"name": "cosin"}}))
+    msg = spec_problems(minimal(**{"schedule": {"name": "cosin"}}))
     assert "schedule.name = 'cosin'" in msg and "'cosine'" in msg
 
 
 def test_missing_stop():
     raw = minimal()
     raw["stop"] = {}
-    assert "set stop.max_steps or stop.max_samples" in _problems(raw)
+    assert "set stop.max_steps or stop.max_samples" in spec_problems(raw)
 
 
 def test_budget_and_horizon():
@@ -254,7 +231,7 @@ def test_yaml_that_python_cannot_build_is_a_spec_error(tmp_path, content, said):
     ("checkpoint.every_steps", 2**60),
 ])  # fmt: skip
 def test_integers_have_upper_bounds(dotted, value):
-    msg = _problems(minimal(**{dotted: value}))
+    msg = spec_problems(minimal(**{dotted: value}))
     assert f"{dotted} = {value}" in msg and "less than or equal to" in msg
 
 
@@ -265,16 +242,16 @@ def test_the_bounds_admit_their_own_limits():
 
 def test_fault_ranks_stay_below_the_most_workers():
     fault = {"action": "kill_rank", "rank": MAX_WORKERS, "at_step": 1}
-    assert f"faults.0.rank = {MAX_WORKERS}" in _problems(minimal(faults=[fault]))
+    assert f"faults.0.rank = {MAX_WORKERS}" in spec_problems(minimal(faults=[fault]))
 
 
 def test_micro_batches_per_step_are_bounded():
-    msg = _problems(minimal(**{"batch": {"global_batch_size": 2**24, "micro_batch_size": 1}}))
+    msg = spec_problems(minimal(**{"batch": {"global_batch_size": 2**24, "micro_batch_size": 1}}))
     assert "batch.micro_batch_size = 1" in msg and "16,777,216 micro-batches, over 65,536" in msg and "set micro_batch_size >= 256" in msg
 
 
 def test_steps_times_the_batch_stay_within_the_sample_bound():
-    msg = _problems(minimal(**{"stop.max_steps": MAX_SAMPLES}))
+    msg = spec_problems(minimal(**{"stop.max_steps": MAX_SAMPLES}))
     assert f"stop.max_steps = {MAX_SAMPLES}" in msg and "lower max_steps" in msg
 
 
@@ -314,7 +291,7 @@ def test_nan_and_infinity_are_refused(tmp_path, yaml_value):
     ("faults", [{"action": "delay_rank", "rank": 0, "at_step": 1, "seconds": float("inf")}]),
 ])  # fmt: skip
 def test_every_float_field_refuses_nan_and_infinity(dotted, value):
-    assert "must be a finite number" in _problems(minimal(**{dotted: value}))
+    assert "must be a finite number" in spec_problems(minimal(**{dotted: value}))
 
 
 @pytest.mark.parametrize("uri", [
@@ -354,7 +331,7 @@ def test_supported_locations_pass(uri):
 def test_unknown_schemes_and_malformed_uris_are_refused(uri, said):
     problem = check_uri(uri)
     assert problem is not None and said in problem and "; " in problem  # "<rule>; <fix>"
-    msg = _problems(minimal(**{"checkpoint.path": uri}))
+    msg = spec_problems(minimal(**{"checkpoint.path": uri}))
     assert f"checkpoint.path = {uri!r}" in msg and "fix:" in msg
 
 
@@ -387,7 +364,7 @@ def test_pyarrow_refuses_what_check_uri_refuses_for_local_uris():
     ("data.path", "", "the location is empty"),
 ])  # fmt: skip
 def test_data_and_output_paths_are_local(dotted, value, said):
-    msg = _problems(minimal(**{dotted: value}))
+    msg = spec_problems(minimal(**{dotted: value}))
     assert said in msg and "fix:" in msg
 
 
@@ -410,19 +387,19 @@ def test_keys_that_are_not_text_are_explained(tmp_path, where, key, said):
 
 def test_a_model_that_is_no_mapping_is_a_spec_error():
     for value in (5, [1], "byte_gpt", None):
-        assert "model" in _problems(minimal(model=value))
+        assert "model" in spec_problems(minimal(model=value))
 
 
 def test_long_values_are_shown_cut_and_many_problems_counted():
-    msg = _problems(minimal(name="x" * 10_000, **{f"k{i}": i for i in range(30)}))
+    msg = spec_problems(minimal(name="x" * 10_000, **{f"k{i}": i for i in range(30)}))
     assert "name = 'xxx" in msg and max(map(len, msg.splitlines())) < 500
     assert "... and 11 more" in msg
-    msg = _problems(minimal(**{"metrics.host": "h" * 10_000}))  # a rule that quotes the value
+    msg = spec_problems(minimal(**{"metrics.host": "h" * 10_000}))  # a rule that quotes the value
     assert "metrics.host = 'hhh" in msg and max(map(len, msg.splitlines())) < 500
 
 
 def test_an_unknown_key_in_a_list_item_lists_that_items_keys():
-    msg = _problems(minimal(faults=[{"action": "kill_rank", "rank": 0, "at_step": 1, "step": 2}]))
+    msg = spec_problems(minimal(faults=[{"action": "kill_rank", "rank": 0, "at_step": 1, "step": 2}]))
     assert "faults.0.step = 2" in msg and "allowed keys here: action, at_step, point, rank" in msg
 
 

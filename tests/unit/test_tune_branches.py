@@ -14,7 +14,7 @@ from elastune.spec import validate_spec
 from elastune.train.schedules import step_values
 from elastune.tune.branches import BranchSearcher, branch_spec, fork_points
 from elastune.tune.search import SearchPlan
-from tests.unit.test_spec import _problems, minimal
+from tests.helpers import minimal, spec_problems
 
 G = 24
 
@@ -87,11 +87,11 @@ def test_the_searcher_forks_each_branch_from_a_clone_of_the_trunk(tmp_path):
 def test_bad_branch_searches_are_refused(tune, words):
     raw = minimal(**{"stop": {"max_samples": 2400}, "schedule": {"name": "wsd"}})
     raw["tune"] = tune
-    problems = _problems(raw)
+    problems = spec_problems(raw)
     assert all(w in problems for w in words), problems
 
 
 def test_branches_need_a_wsd_schedule():
     raw = minimal(**{"stop": {"max_samples": 2400}, "schedule": {"name": "cosine"}})
     raw["tune"] = {"mode": "wsd_branches", "budgets": [480]}
-    assert "set schedule.name: wsd" in _problems(raw)
+    assert "set schedule.name: wsd" in spec_problems(raw)

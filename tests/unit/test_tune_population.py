@@ -16,7 +16,7 @@ from elastune.spec import validate_spec
 from elastune.train.schedules import lr_multiplier, step_values
 from elastune.tune.lineage import read_lineage
 from elastune.tune.population import Member, base_values, check_space, decide, fitness, initial_values, member_spec, replay_spec
-from tests.unit.test_spec import _problems, minimal
+from tests.helpers import minimal, spec_problems
 
 
 def tuned(**search):
@@ -107,14 +107,14 @@ def test_phases_change_batch_and_weight_decay_at_their_sample_counts():
 def test_bad_phases_are_refused_with_the_field(phases, words):
     raw = minimal(**{"stop": {"max_samples": 480}})
     raw["phases"] = phases
-    problems = _problems(raw)
+    problems = spec_problems(raw)
     assert all(w in problems for w in words), problems
 
 
 def test_a_batch_phase_needs_a_budget_in_samples():
     raw = minimal()
     raw["phases"] = [{"from_samples": 96, "global_batch_size": 48}]
-    assert "stop.max_samples" in _problems(raw)
+    assert "stop.max_samples" in spec_problems(raw)
 
 
 def test_check_space_refuses_ranges_that_reach_an_invalid_job():
@@ -134,7 +134,7 @@ def test_check_space_refuses_ranges_that_reach_an_invalid_job():
 def test_bad_search_ranges_are_refused(search, words):
     raw = minimal()
     raw["tune"] = {"interval_samples": 240, "search": search}
-    problems = _problems(raw)
+    problems = spec_problems(raw)
     assert all(w in problems for w in words), problems
 
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from elastune.errors import CheckpointError, StorageError
-from elastune.spec.models import URI_SCHEMES, check_uri
+from elastune.spec.base import URI_SCHEMES, check_uri
 
 # Object stores replace an object in one PUT, so a whole-file write there is already atomic.
 ATOMIC_PUT = ("S3FileSystem", "GcsFileSystem", "AzureFileSystem")

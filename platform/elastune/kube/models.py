@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from elastune.spec.models import NAME_RULE, CheckpointSpec, JobSpec, Strict
+from elastune.spec.base import NAME_RULE, Strict
+from elastune.spec.models import JobSpec
+from elastune.spec.scaling import CheckpointSpec
 
 QUANTITY_RULE = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
 K8S_FIELDS = ("cluster", "suspend")  # not part of the job spec the Ray job runs

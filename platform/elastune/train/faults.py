@@ -12,7 +12,7 @@ import signal
 import time
 from typing import Any, Callable
 
-from elastune.spec.models import DelayRank, Fault, KillNode
+from elastune.spec.scaling import DelayRank, Fault, KillNode
 
 POLL_S = 0.05  # how often a stall that ends at a join asks the run's sink
 

@@ -8,7 +8,7 @@ the start of a step and reduce its gradients.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from elastune.train.state import Progress
 from elastune.train.step import GradBuffer
@@ -17,6 +17,25 @@ from elastune.train.step import GradBuffer
 def first_line(error: BaseException) -> str:
     """An error as an event carries it: its first line, at most 300 characters."""
     return (str(error).splitlines() or [""])[0][:300]
+
+
+class Group(Protocol):
+    """What the worker loop asks of its group, static or live."""
+
+    def begin(self, progress: Progress) -> tuple[Progress, int, int]:
+        """At a step boundary: (progress, this worker's rank, world size) for the next step. A live
+        group's quorum may heal this worker first, so progress may move."""
+        ...
+
+    def reduce(self, grads: GradBuffer) -> bool:
+        """Complete the step's SUM over its participants; False: a peer was lost, apply nothing."""
+        ...
+
+    def error(self) -> str | None:
+        """Why the last reduction did not go through, for the event (None: it did)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class StaticGroup:

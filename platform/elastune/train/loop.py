@@ -27,7 +27,7 @@ from elastune.recipes import Recipe, SampleSource, load_recipe
 from elastune.spec.models import JobSpec
 from elastune.batch_plan import BatchPlan, batch_plan
 from elastune.train.faults import FaultInjector
-from elastune.train.group import Membership, StaticGroup
+from elastune.train.group import Group, Membership, StaticGroup
 from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.precision import LossScale, check_step, compile_model
 from elastune.train.reduce import REDUCE_DTYPES
@@ -90,6 +90,7 @@ def run_worker(config: dict[str, Any]) -> None:
         meta = {**base["meta"], "metrics": {"loss": loss}} if loss is not None else base["meta"]  # loss ranks checkpoints for keep_best
         return {**base, "step": p.step, "samples_seen": p.samples_seen, "durable": durable, "meta": meta}
 
+    group: Group
     if live:
         from elastune.train.live import LiveGroup, start_together  # torchft is imported only by live groups
 

@@ -11,15 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from elastune.spec.models import (
-    ConstantSchedule,
-    CosineSchedule,
-    CyclicalSchedule,
-    InverseSqrtSchedule,
-    LinearSchedule,
-    RexSchedule,
-    WSDSchedule,
-)
+from elastune.spec.schedule import ConstantSchedule, CosineSchedule, CyclicalSchedule, InverseSqrtSchedule, LinearSchedule, RexSchedule, WSDSchedule
 
 
 @dataclass(frozen=True)

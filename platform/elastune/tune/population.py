@@ -18,7 +18,9 @@ from typing import Any, Iterable
 
 from elastune.errors import SpecError
 from elastune.spec.load import validate_spec
-from elastune.spec.models import SCHEDULES, JobSpec, TuneSpec
+from elastune.spec.models import JobSpec
+from elastune.spec.schedule import SCHEDULES
+from elastune.spec.tune import TuneSpec
 from elastune.tune.pbt import Dimension, exploit_pairs, explore, scaled_lr
 
 ALWAYS = ("optimizer.lr", "batch.global_batch_size")  # tied by tune.lr_scaling, so always tracked
