@@ -111,10 +111,7 @@ class StopSpec(Strict):
 # --------------------------------------------------------------------------- faults
 
 
-class KillRank(Strict):
-    """SIGKILL the worker of `rank` during step `at_step` (once per run)."""
-
-    action: Literal["kill_rank"]
+class _Kill(Strict):
     rank: int = Field(ge=0, lt=MAX_WORKERS)
     at_step: int = Field(ge=1, le=MAX_SAMPLES)
     point: Literal["start", "mid"] = Field(
@@ -122,17 +119,18 @@ class KillRank(Strict):
     )
 
 
-class KillNode(Strict):
+class KillRank(_Kill):
+    """SIGKILL the worker of `rank` during step `at_step` (once per run)."""
+
+    action: Literal["kill_rank"]
+
+
+class KillNode(_Kill):
     """Kill the Ray node the worker of `rank` runs on, with every worker there, during step
     `at_step` (once per run): its raylet is SIGKILLed, as when a machine disappears. Never the
     driver's node (the run itself lives there): the fault is then skipped, with an event."""
 
     action: Literal["kill_node"]
-    rank: int = Field(ge=0, lt=MAX_WORKERS)
-    at_step: int = Field(ge=1, le=MAX_SAMPLES)
-    point: Literal["start", "mid"] = Field(
-        "mid", description="start: before the step's first micro-batch; mid: after its backward, with its gradient reduction launched but not complete."
-    )
 
 
 class DelayRank(Strict):
