@@ -67,7 +67,10 @@ class Api:
         async with aiohttp.ClientSession() as http:
             async with http.request(method, url, json=body, headers=headers, ssl=ssl) as response:
                 if response.status >= 400 and response.status != 409:
-                    raise kopf.TemporaryError(f"{method} {obj['kind']} {ns}/{obj['metadata']['name']}: HTTP {response.status} {await response.text()}", delay=5)
+                    raise kopf.TemporaryError(
+                        f"{method} {obj['kind']} {ns}/{obj['metadata']['name']}: HTTP {response.status} {await response.text()}",
+                        delay=5,
+                    )
                 return response.status
 
     async def apply(self, obj: dict[str, Any]) -> str:
@@ -97,7 +100,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @kopf.index("ray.io", "v1", "rayjobs", labels=MANAGED)
@@ -112,8 +115,18 @@ def _rayjob(index: kopf.Index, namespace: str, name: str) -> dict[str, Any] | No
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-async def apply(name: str, namespace: str, uid: str, body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status,
-                patch: kopf.Patch, rayjobs: kopf.Index, **_: Any) -> None:  # fmt: skip
+async def apply(
+    name: str,
+    namespace: str,
+    uid: str,
+    body: kopf.Body,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    rayjobs: kopf.Index,
+    **_: Any,
+) -> None:
     try:
         objects = desired(Owner(name, namespace, uid), dict(spec), SETTINGS)
     except SpecError as exc:
@@ -123,12 +136,24 @@ async def apply(name: str, namespace: str, uid: str, body: kopf.Body, spec: kopf
     done = [f"{await API.apply(obj)} {obj['kind']} {obj['metadata']['name']}" for obj in objects]
     log.info("%s/%s: %s", namespace, name, ", ".join(done))
     kopf.info(body, reason="Applied", message=", ".join(done))
-    patch.status.update(next_status(dict(status), _rayjob(rayjobs, namespace, name), bool(spec.get("suspend")), None, meta.get("generation"), now()))
+    patch.status.update(
+        next_status(
+            dict(status), _rayjob(rayjobs, namespace, name), bool(spec.get("suspend")), None, meta.get("generation"), now()
+        )
+    )
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=STATUS_SECONDS)
-async def mirror(name: str, namespace: str, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status,
-                 patch: kopf.Patch, rayjobs: kopf.Index, **_: Any) -> None:  # fmt: skip
+async def mirror(
+    name: str,
+    namespace: str,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    rayjobs: kopf.Index,
+    **_: Any,
+) -> None:
     if status.get("phase") == "Invalid":
         return  # the spec has to change first (apply runs then)
     if status.get("observedGeneration") != meta.get("generation"):
@@ -172,4 +197,8 @@ async def delete_checkpoints(name: str, namespace: str, uid: str, body: kopf.Bod
         return
     if await API.request("POST", job, body=job) == 409:
         log.info("Job %s exists already", job["metadata"]["name"])
-    kopf.info(body, reason="DeletingCheckpoints", message=f"Job {job['metadata']['name']} deletes {job['spec']['template']['spec']['containers'][0]['command'][-2]}")
+    kopf.info(
+        body,
+        reason="DeletingCheckpoints",
+        message=f"Job {job['metadata']['name']} deletes {job['spec']['template']['spec']['containers'][0]['command'][-2]}",
+    )

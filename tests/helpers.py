@@ -86,7 +86,9 @@ def save_from_ranks(ckpt, manifest_args: tuple, tensors: dict[str, torch.Tensor]
     parts: dict[int, str] = {}
     for rank in range(world - 1, 0, -1):
         ckpt.save(Manifest(*manifest_args, {}, {}), tensors, rank, world, gather=lambda s, r=rank: parts.setdefault(r, s) and [])
-    return ckpt.save(Manifest(*manifest_args, {}, {}), tensors, 0, world, gather=lambda s: [s] + [parts[r] for r in range(1, world)])
+    return ckpt.save(
+        Manifest(*manifest_args, {}, {}), tensors, 0, world, gather=lambda s: [s] + [parts[r] for r in range(1, world)]
+    )
 
 
 def report_in_chromium(chromium: str, report_of: Path, tmp: Path) -> str:
@@ -96,15 +98,25 @@ def report_in_chromium(chromium: str, report_of: Path, tmp: Path) -> str:
     from PIL import Image
 
     page = tmp / "report.html"
-    done = subprocess.run([sys.executable, "-m", "elastune", "report", str(report_of), "--output", str(page)],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "elastune", "report", str(report_of), "--output", str(page)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     text = page.read_text()
-    assert "<script" not in text and "<link" not in text and not re.search(r'(src|href)="(https?:|file:|//)', text)  # nothing to fetch
+    assert (
+        "<script" not in text and "<link" not in text and not re.search(r'(src|href)="(https?:|file:|//)', text)
+    )  # nothing to fetch
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr", "--v=0"]
     dom = subprocess.run([chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-    shot = subprocess.run([chromium, *flags, "--window-size=1200,1800", f"--screenshot={tmp / 'report.png'}", page.as_uri()],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    shot = subprocess.run(
+        [chromium, *flags, "--window-size=1200,1800", f"--screenshot={tmp / 'report.png'}", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "CONSOLE" not in dom.stderr + shot.stderr, "console messages: " + (dom.stderr + shot.stderr)[-2000:]
     image = Image.open(tmp / "report.png").convert("RGB")
     area = image.width * image.height
@@ -126,7 +138,9 @@ def start_ranks(fn, args: tuple, world: int) -> None:
     # Preloading only matters before the server starts (the first call); the caller's own module
     # is the one every test here runs its ranks from.
     # torch._dynamo: the first optimizer a process builds imports it (2 s).
-    multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "elastune.train.step", "tests.helpers", fn.__module__])
+    multiprocessing.set_forkserver_preload(
+        ["torch", "torch._dynamo", "torch.distributed", "elastune.train.step", "tests.helpers", fn.__module__]
+    )
     mp.start_processes(fn, args=args, nprocs=world, start_method="forkserver")
 
 
@@ -137,7 +151,9 @@ def small_disk(path: Path, size_bytes: int):
     import pytest
 
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0755", "tmpfs", str(path)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0755", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a {size_bytes}-byte tmpfs to fill ({mounted.stderr.strip() or 'mount failed'}); needs root")
     try:

@@ -102,9 +102,7 @@ class BatchPlan:
 
 def batch_plan(global_batch_size: int, micro_batch_size: int, world_size: int) -> BatchPlan:
     if global_batch_size < 1 or micro_batch_size < 1:
-        raise BatchPlanError(
-            f"global_batch_size ({global_batch_size}) and micro_batch_size ({micro_batch_size}) must be >= 1"
-        )
+        raise BatchPlanError(f"global_batch_size ({global_batch_size}) and micro_batch_size ({micro_batch_size}) must be >= 1")
     if micro_batch_size > global_batch_size:
         raise BatchPlanError(
             f"micro_batch_size ({micro_batch_size}) exceeds global_batch_size ({global_batch_size}); "

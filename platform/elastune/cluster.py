@@ -12,9 +12,9 @@ import os
 import time
 from typing import Any
 
-import ray
 from rich.console import Console
 
+import ray
 from elastune.spec.models import JobSpec
 
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -125,8 +125,15 @@ class DrainWatch:
         self.seen |= set(new)
         step = ray.get(self.service.drain.remote(new))
         deadlines = [draining[n] / 1000 for n in new if draining[n]]
-        return [{"time": time.time(), "kind": "preemption", "nodes": new, "deadline": min(deadlines) if deadlines else None,
-                 "persisted_step": step}]  # fmt: skip
+        return [
+            {
+                "time": time.time(),
+                "kind": "preemption",
+                "nodes": new,
+                "deadline": min(deadlines) if deadlines else None,
+                "persisted_step": step,
+            }
+        ]
 
 
 def placeable_workers(nodes: list[dict[str, Any]], cpus_per_worker: float, gpus_per_worker: float) -> int:
@@ -150,7 +157,9 @@ def short_of_workers(max_workers: int, room: int) -> str | None:
     Train will place before the first step (None when it holds them)."""
     if room >= max_workers:
         return None
-    return (f"recovery live starts all {max_workers} workers (Ray Train runs replica groups at a fixed count) and the "
-            f"cluster has room for {room} now: Ray Train waits for capacity up to its placement timeout "
-            f"(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default), then counts a failed start. To start with what "
-            f"there is, use recovery: restart (it grows into capacity as it comes) or max_workers: {max(room, 1)}")  # fmt: skip
+    return (
+        f"recovery live starts all {max_workers} workers (Ray Train runs replica groups at a fixed count) and the "
+        f"cluster has room for {room} now: Ray Train waits for capacity up to its placement timeout "
+        f"(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default), then counts a failed start. To start with what "
+        f"there is, use recovery: restart (it grows into capacity as it comes) or max_workers: {max(room, 1)}"
+    )

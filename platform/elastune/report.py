@@ -36,8 +36,10 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write the report of `run_dir` (a run's or a search's directory) to `out` (default
     DIR/report.html); returns its path."""
     if not (run_dir / "spec.yaml").is_file():
-        raise ElastuneError(f"{run_dir} is not a run directory (no spec.yaml); give a folder OUTPUT_DIR/JOB/RUN that `elastune run` "
-                            f"made, or OUTPUT_DIR/JOB/tune-ID that `elastune tune` made")  # fmt: skip
+        raise ElastuneError(
+            f"{run_dir} is not a run directory (no spec.yaml); give a folder OUTPUT_DIR/JOB/RUN that `elastune run` "
+            f"made, or OUTPUT_DIR/JOB/tune-ID that `elastune tune` made"
+        )
     out = out or run_dir / "report.html"
     if (run_dir / "lineage.json").is_file():
         page = render_search(run_dir)
@@ -50,8 +52,10 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
 
 
 def _page(title: str, parts: list[str]) -> str:
-    return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")  # fmt: skip
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
 
 
 def _figures(figures: list[tuple[str, str]]) -> list[str]:
@@ -87,48 +91,83 @@ def render_search(tune_dir: Path) -> str:
     parts = [f"<h1>Elastune search {html.escape(title)}</h1>"]
     best = lineage.get("best")
     generations = max((s["generation"] for s in lineage["segments"]), default=-1) + 1
-    parts.append(table([{"members": len({s["member"] for s in lineage["segments"]}), "intervals done": generations,
-                         "of": len(lineage["boundaries"]), "exploits": len(lineage["exploits"]),
-                         "best": best["member"] if best else "-", "best fitness": f"{best['fitness']:.4f}" if best else "-"}]))  # fmt: skip
+    parts.append(
+        table(
+            [
+                {
+                    "members": len({s["member"] for s in lineage["segments"]}),
+                    "intervals done": generations,
+                    "of": len(lineage["boundaries"]),
+                    "exploits": len(lineage["exploits"]),
+                    "best": best["member"] if best else "-",
+                    "best fitness": f"{best['fitness']:.4f}" if best else "-",
+                }
+            ]
+        )
+    )
     if lineage["segments"]:
-        curves = {m: stitched(lineage, m) for m in sorted({s["member"] for s in lineage["segments"] if s["generation"] == generations - 1})}
-        parts += _figures([
-            ("Lineage: each member's intervals over samples; an arrow runs from donor to recipient at each exploit "
-             "(the best member's path is drawn thick)", lineage_tree(lineage, best["member"] if best else None)),
-            ("Loss against samples seen, each member stitched along its lineage", stitched_plot(curves, "loss")),
-            ("Learning rate against samples seen, each member stitched along its lineage", stitched_plot(curves, "lr")),
-        ])  # fmt: skip
+        curves = {
+            m: stitched(lineage, m)
+            for m in sorted({s["member"] for s in lineage["segments"] if s["generation"] == generations - 1})
+        }
+        parts += _figures(
+            [
+                (
+                    "Lineage: each member's intervals over samples; an arrow runs from donor to recipient at each exploit "
+                    "(the best member's path is drawn thick)",
+                    lineage_tree(lineage, best["member"] if best else None),
+                ),
+                ("Loss against samples seen, each member stitched along its lineage", stitched_plot(curves, "loss")),
+                ("Learning rate against samples seen, each member stitched along its lineage", stitched_plot(curves, "lr")),
+            ]
+        )
     parts.append("<h2>Exploits</h2>")
-    exploits = [{"after interval": e["generation"] + 1, "samples": e["samples"], "donor -> recipient": f"{e['donor']} -> {e['recipient']}",
-                 "fitness": f"{e['donor_fitness']:.4f} vs {e['recipient_fitness']:.4f}",
-                 "changes": ", ".join(f"{k} {a} -> {b}" for k, (a, b) in e["diff"].items()) or "none",
-                 "clone (ms)": f"{e['clone_seconds'] * 1e3:.1f}"} for e in lineage["exploits"]]  # fmt: skip
+    exploits = [
+        {
+            "after interval": e["generation"] + 1,
+            "samples": e["samples"],
+            "donor -> recipient": f"{e['donor']} -> {e['recipient']}",
+            "fitness": f"{e['donor_fitness']:.4f} vs {e['recipient_fitness']:.4f}",
+            "changes": ", ".join(f"{k} {a} -> {b}" for k, (a, b) in e["diff"].items()) or "none",
+            "clone (ms)": f"{e['clone_seconds'] * 1e3:.1f}",
+        }
+        for e in lineage["exploits"]
+    ]
     parts.append(table(exploits) if exploits else "<p>None.</p>")
     if best:
         parts.append("<h2>Best schedule</h2>")
         parts.append(table([{"from samples": h["from_samples"], **h["values"]} for h in best["history"]]))
         if (tune_dir / "best.yaml").is_file():
-            parts.append("<p>Replay it from scratch: <code>elastune run best.yaml</code></p><pre>"
-                         + html.escape((tune_dir / "best.yaml").read_text()) + "</pre>")  # fmt: skip
+            parts.append(
+                "<p>Replay it from scratch: <code>elastune run best.yaml</code></p><pre>"
+                + html.escape((tune_dir / "best.yaml").read_text())
+                + "</pre>"
+            )
     return _page(title, parts)
 
 
 def summary_row(summary: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        "status": summary["status"], "steps": summary["steps"], "samples": rows[-1]["samples_seen"] if rows else 0,
+        "status": summary["status"],
+        "steps": summary["steps"],
+        "samples": rows[-1]["samples_seen"] if rows else 0,
         "final loss": "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}",
-        "failures survived": summary["failures"], "resizes": summary["resizes"],
+        "failures survived": summary["failures"],
+        "resizes": summary["resizes"],
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["started"])),
-    }  # fmt: skip
+    }
 
 
 def change_row(e: dict[str, Any]) -> dict[str, Any]:
     mttr = e.get("mttr_seconds")
     return {
-        "kind": e["kind"], "step": e.get("step"), "cause": e.get("cause", ""),
+        "kind": e["kind"],
+        "step": e.get("step"),
+        "cause": e.get("cause", ""),
         "world size": f"{e.get('world_size_before')} -> {e.get('world_size_after')}",
-        "lost steps": e.get("lost_steps", 0), "MTTR (s)": "-" if mttr is None else f"{mttr:.2f}",
-    }  # fmt: skip
+        "lost steps": e.get("lost_steps", 0),
+        "MTTR (s)": "-" if mttr is None else f"{mttr:.2f}",
+    }
 
 
 def table(records: list[dict[str, Any]]) -> str:
@@ -175,7 +214,9 @@ def world_timeline(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> 
     ax.step([r["time"] - t0 for r in rows], [r["world_size"] for r in rows], where="post", color="#2ca02c", label="workers")
     for e in events:
         if e["kind"] in ("recovery", "resize"):
-            ax.axvline(e.get("failed_at", e["time"]) - t0, color="#d62728" if e["kind"] == "recovery" else "#1f77b4", linestyle="--")
+            ax.axvline(
+                e.get("failed_at", e["time"]) - t0, color="#d62728" if e["kind"] == "recovery" else "#1f77b4", linestyle="--"
+            )
     ax.set_xlabel("seconds since the run started")
     ax.set_ylabel("world size")
     ax.set_ylim(0, max(r["world_size"] for r in rows) + 1)
@@ -200,10 +241,11 @@ def checkpoints(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> str
     saves = [e for e in events if e["kind"] == "checkpoint"]
     if saves:
         persist = ax.twinx()
-        persist.bar([e["step"] for e in saves], [e["seconds"] for e in saves], color="#17becf", alpha=0.6, label="durable write (s)")
+        persist.bar(
+            [e["step"] for e in saves], [e["seconds"] for e in saves], color="#17becf", alpha=0.6, label="durable write (s)"
+        )
         persist.set_ylabel("durable write (s)")
     return _svg(plt, fig)
-
 
 
 def render_branches(tune_dir: Path) -> str:
@@ -212,15 +254,35 @@ def render_branches(tune_dir: Path) -> str:
     title = f"{record['job']} / {tune_dir.name}"
     parts = [f"<h1>Elastune WSD branches {html.escape(title)}</h1>"]
     done = sorted((b for b in record["branches"] if not b["error"]), key=lambda b: b["budget"])
-    parts.append(table([{"budget (samples)": b["budget"], "forked at": b["fork"], "loss (last quarter of the decay)": f"{b['fitness']:.4f}",
-                         "last step's loss": f"{b['loss']:.4f}"} for b in done]) if done else "<p>No branch finished.</p>")  # fmt: skip
+    parts.append(
+        table(
+            [
+                {
+                    "budget (samples)": b["budget"],
+                    "forked at": b["fork"],
+                    "loss (last quarter of the decay)": f"{b['fitness']:.4f}",
+                    "last step's loss": f"{b['loss']:.4f}",
+                }
+                for b in done
+            ]
+        )
+        if done
+        else "<p>No branch finished.</p>"
+    )
     if "samples_trained" in record:
-        parts.append(f"<p>{record['samples_trained']:,} samples trained: {record['cost_vs_one_run']:.2f}x one run of the largest budget.</p>")
+        parts.append(
+            f"<p>{record['samples_trained']:,} samples trained: "
+            f"{record['cost_vs_one_run']:.2f}x one run of the largest budget.</p>"
+        )
     trunk = [r for t in record["trunk"] if t["run_dir"] for r in read_jsonl(Path(t["run_dir"]) / "metrics.jsonl")]
     curves = {"trunk": trunk, **{f"{b['budget']:,}": read_jsonl(Path(b["run_dir"]) / "metrics.jsonl") for b in done}}
     if trunk:
-        parts += _figures([("Loss against samples seen: the trunk and each decay branch", stitched_plot(curves, "loss")),
-                           ("Learning rate against samples seen: the trunk and each decay branch", stitched_plot(curves, "lr"))])  # fmt: skip
+        parts += _figures(
+            [
+                ("Loss against samples seen: the trunk and each decay branch", stitched_plot(curves, "loss")),
+                ("Learning rate against samples seen: the trunk and each decay branch", stitched_plot(curves, "lr")),
+            ]
+        )
     return _page(title, parts)
 
 
@@ -231,11 +293,20 @@ def lineage_tree(lineage: dict[str, Any], best: str | None) -> str:
     on_best = {(s["member"], s["generation"]) for s in path_of(lineage, best)} if best else set()
     for s in lineage["segments"]:
         thick = (s["member"], s["generation"]) in on_best
-        ax.plot([s["from_samples"], s["to_samples"]], [lane[s["member"]]] * 2, color="#d62728" if thick else "#1f77b4",
-                linewidth=4 if thick else 1.5, solid_capstyle="butt")  # fmt: skip
+        ax.plot(
+            [s["from_samples"], s["to_samples"]],
+            [lane[s["member"]]] * 2,
+            color="#d62728" if thick else "#1f77b4",
+            linewidth=4 if thick else 1.5,
+            solid_capstyle="butt",
+        )
     for e in lineage["exploits"]:
-        ax.annotate("", xy=(e["samples"], lane[e["recipient"]]), xytext=(e["samples"], lane[e["donor"]]),
-                    arrowprops={"arrowstyle": "->", "color": "#2ca02c", "lw": 1.5})  # fmt: skip
+        ax.annotate(
+            "",
+            xy=(e["samples"], lane[e["recipient"]]),
+            xytext=(e["samples"], lane[e["donor"]]),
+            arrowprops={"arrowstyle": "->", "color": "#2ca02c", "lw": 1.5},
+        )
     ax.set_yticks(range(len(members)), members)
     ax.set_ylim(-0.5, len(members) - 0.5)
     ax.set_xlabel("samples seen")

@@ -37,24 +37,26 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import ray  # noqa: E402
+from tests.helpers import save_from_ranks
 
-from elastune.checkpoint.checkpointer import Checkpointer, pack  # noqa: E402
-from elastune.checkpoint.format import Piece  # noqa: E402
-from elastune.checkpoint.layout import even_range  # noqa: E402
-from elastune.checkpoint.retention import RetentionPolicy  # noqa: E402
-from elastune.checkpoint.service import start_service  # noqa: E402
-from elastune.checkpoint.snapshot import Snapshotter  # noqa: E402
-from elastune.checkpoint.storage import Storage  # noqa: E402
-from elastune.cluster import start_local_ray  # noqa: E402
-from tests.helpers import save_from_ranks  # noqa: E402
+import ray
+from elastune.checkpoint.checkpointer import Checkpointer, pack
+from elastune.checkpoint.format import Piece
+from elastune.checkpoint.layout import even_range
+from elastune.checkpoint.retention import RetentionPolicy
+from elastune.checkpoint.service import start_service
+from elastune.checkpoint.snapshot import Snapshotter
+from elastune.checkpoint.storage import Storage
+from elastune.cluster import start_local_ray
 
 MB = 1e6
 
 
 def make_state() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {f"{kind}/layer{i}": torch.randn(1024, 4096, generator=g) for kind in ("model", "exp_avg", "exp_avg_sq") for i in range(4)}
+    return {
+        f"{kind}/layer{i}": torch.randn(1024, 4096, generator=g) for kind in ("model", "exp_avg", "exp_avg_sq") for i in range(4)
+    }
 
 
 def drop_caches() -> bool:
@@ -81,8 +83,8 @@ def timed(fn) -> float:
 def snapshot_stall(service, state: dict[str, torch.Tensor], steps: int) -> None:
     """The stall a training loop sees when it snapshots every step: `take` after a step of a
     given length (matrix products on one thread: the core is busy and, as in training, torch
-    releases the GIL for the background hand-over), checksums on and off, arms interleaved. The quickstart's per-rank share (0.73 MB, 35 ms steps measured) and the
-    200 MB state (a 400 ms step: a model that size trains slower)."""
+    releases the GIL for the background hand-over), checksums on and off, arms interleaved. The quickstart's per-rank share
+    (0.73 MB, 35 ms steps measured) and the 200 MB state (a 400 ms step: a model that size trains slower)."""
     import elastune.checkpoint.snapshot as snapshot_module
 
     real = snapshot_module.block_digests
@@ -104,16 +106,26 @@ def snapshot_stall(service, state: dict[str, torch.Tensor], steps: int) -> None:
                 deadline = time.perf_counter() + step_s
                 while time.perf_counter() < deadline:  # the step's compute
                     a @ a
-                header = {"step": step, "samples_seen": step, "spec_hash": "h", "layout": "replicated", "durable": False, "meta": {}}
+                header = {
+                    "step": step,
+                    "samples_seen": step,
+                    "spec_hash": "h",
+                    "layout": "replicated",
+                    "durable": False,
+                    "meta": {},
+                }
                 got[arm].append(snapshots[arm].take(header, pieces, 0, 1))
         for s in snapshots.values():
             s.wait()
         snapshot_module.block_digests = real
         on, off = (statistics.median(got[a][2:]) for a in ("on", "off"))
         p90 = {a: statistics.quantiles(got[a][2:], n=10)[-1] for a in got}
-        print(f"snapshot stall per step, {label} ({size / MB:.2f} MB, {step_s * 1000:.0f} ms steps): checksums on {on * 1000:.3f} ms "
-              f"(p90 {p90['on'] * 1000:.3f}), off {off * 1000:.3f} ms (p90 {p90['off'] * 1000:.3f}) -> on / off = {on / off:.3f} "
-              f"(target <= 1.10)")  # fmt: skip
+        print(
+            f"snapshot stall per step, {label} ({size / MB:.2f} MB, "
+            f"{step_s * 1000:.0f} ms steps): checksums on {on * 1000:.3f} ms "
+            f"(p90 {p90['on'] * 1000:.3f}), off {off * 1000:.3f} ms (p90 {p90['off'] * 1000:.3f}) -> on / off = {on / off:.3f} "
+            f"(target <= 1.10)"
+        )
 
 
 def main() -> None:
@@ -130,7 +142,10 @@ def main() -> None:
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     print(f"state: {nbytes / MB:.0f} MB in {len(state)} tensors; disk of {root}")
 
-    write_bw = statistics.median(dd(["if=/dev/zero", f"of={root}/dd.bin", "bs=8M", f"count={int(nbytes // 8e6)}", "oflag=direct", "conv=fsync"]) for _ in range(args.repeats))
+    write_bw = statistics.median(
+        dd(["if=/dev/zero", f"of={root}/dd.bin", "bs=8M", f"count={int(nbytes // 8e6)}", "oflag=direct", "conv=fsync"])
+        for _ in range(args.repeats)
+    )
     dcp_save, dcp_async_block = [], []
     for r in range(args.repeats + 1):  # the first async_save sets up DCP's background machinery: counted, and shown apart
         future = None
@@ -163,19 +178,32 @@ def main() -> None:
     persists = persists[1:]
     plan, buffer = pack(held)
     storage = Storage.from_uri(str(root / "raw"))
-    raw_write = statistics.median(timed(lambda: storage.write_bytes("payload.safetensors", buffer.numpy())) for _ in range(args.repeats))
-    ours, first, block, block_first = statistics.median(stalls[1:]), stalls[0], statistics.median(dcp_async_block[1:]), dcp_async_block[0]
+    raw_write = statistics.median(
+        timed(lambda: storage.write_bytes("payload.safetensors", buffer.numpy())) for _ in range(args.repeats)
+    )
+    ours, first, block, block_first = (
+        statistics.median(stalls[1:]),
+        stalls[0],
+        statistics.median(dcp_async_block[1:]),
+        dcp_async_block[0],
+    )
     ours_all, block_all = sum(stalls), sum(dcp_async_block)  # as many calls on each side, the first included
     sync, persist, busy = statistics.median(dcp_save), statistics.median(persists), statistics.median(busy_stalls[1:])
-    print(f"blocking per checkpoint (both write behind): elastune {ours:.3f} s (first call {first:.3f} s; "
-          f"{busy:.3f} s while the previous one persists) vs dcp.async_save {block:.3f} s (first call {block_first:.3f} s) "
-          f"-> elastune / dcp.async_save = {ours / block:.3f} steady, {ours_all / block_all:.3f} in total over every call, first calls included; "
-          f"dcp.save (synchronous) {sync:.3f} s")  # fmt: skip
+    print(
+        f"blocking per checkpoint (both write behind): elastune {ours:.3f} s (first call {first:.3f} s; "
+        f"{busy:.3f} s while the previous one persists) vs dcp.async_save {block:.3f} s (first call {block_first:.3f} s) "
+        f"-> elastune / dcp.async_save = {ours / block:.3f} steady, "
+        f"{ours_all / block_all:.3f} in total over every call, first calls included; "
+        f"dcp.save (synchronous) {sync:.3f} s"
+    )
     snapshot_stall(service, state, args.steps)
-    print(f"durable write: dd direct {write_bw / MB:.0f} MB/s; service persist {nbytes / persist / MB:.0f} MB/s "
-          f"-> {nbytes / persist / write_bw:.2f} of the disk (target >= 0.80); bare payload write {plan.size / raw_write / MB:.0f} MB/s "
-          f"-> {plan.size / raw_write / write_bw:.2f}; persist = write {statistics.median(p[0] for p in parts[1:]):.3f} s "
-          f"+ commit {statistics.median(p[1] for p in parts[1:]):.3f} s")  # fmt: skip
+    print(
+        f"durable write: dd direct {write_bw / MB:.0f} MB/s; service persist {nbytes / persist / MB:.0f} MB/s "
+        f"-> {nbytes / persist / write_bw:.2f} of the disk (target >= 0.80); bare "
+        f"payload write {plan.size / raw_write / MB:.0f} MB/s "
+        f"-> {plan.size / raw_write / write_bw:.2f}; persist = write {statistics.median(p[0] for p in parts[1:]):.3f} s "
+        f"+ commit {statistics.median(p[1] for p in parts[1:]):.3f} s"
+    )
     ray.shutdown()
 
     save_from_ranks(Checkpointer(str(root / "resh"), keep_last=1), (1, 1, "h"), state, 4)
@@ -197,9 +225,12 @@ def main() -> None:
         drop_caches()
         dcp_load.append(timed(lambda: dcp.load(target, checkpoint_id=str(root / "dcp0"))))
     ol, oz, dl, read_bw = map(statistics.median, (ours_load, ours_zero1, dcp_load, read_bws))
-    print(f"reshard load 4 -> rank 1 of 3: replicated elastune {ol:.3f} s ({nbytes / ol / MB:.0f} MB/s) vs dcp.load {dl:.3f} s "
-          f"-> {dl / ol:.2f}x dcp's speed, {nbytes / ol / read_bw:.2f} of dd direct read {read_bw / MB:.0f} MB/s; "
-          f"zero1 slice elastune {oz:.3f} s ({zero1_bytes / MB:.0f} MB, {zero1_bytes / oz / MB:.0f} MB/s); page cache dropped: {dropped}")  # fmt: skip
+    print(
+        f"reshard load 4 -> rank 1 of 3: replicated elastune {ol:.3f} s ({nbytes / ol / MB:.0f} MB/s) vs dcp.load {dl:.3f} s "
+        f"-> {dl / ol:.2f}x dcp's speed, {nbytes / ol / read_bw:.2f} of dd direct read {read_bw / MB:.0f} MB/s; "
+        f"zero1 slice elastune {oz:.3f} s ({zero1_bytes / MB:.0f} MB, "
+        f"{zero1_bytes / oz / MB:.0f} MB/s); page cache dropped: {dropped}"
+    )
     dist.destroy_process_group()
     shutil.rmtree(root, ignore_errors=True)
 

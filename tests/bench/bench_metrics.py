@@ -39,9 +39,21 @@ def per_call(fn, n: int) -> tuple[float, float]:
 
 
 def row(step: int) -> dict:
-    return {"time": time.time(), "step": step, "samples_seen": 32 * step, "loss": 3.0, "lr": 1e-3, "grad_norm": 1.0, "world_size": 2,
-            "global_batch_size": 32, "micro_batches": [2, 2], "step_seconds": 0.1, "samples_per_s": 320.0,
-            "snapshot_stall_seconds": None, "sample_tally": [32, 1000, 12345]}  # fmt: skip
+    return {
+        "time": time.time(),
+        "step": step,
+        "samples_seen": 32 * step,
+        "loss": 3.0,
+        "lr": 1e-3,
+        "grad_norm": 1.0,
+        "world_size": 2,
+        "global_batch_size": 32,
+        "micro_batches": [2, 2],
+        "step_seconds": 0.1,
+        "samples_per_s": 320.0,
+        "snapshot_stall_seconds": None,
+        "sample_tally": [32, 1000, 12345],
+    }
 
 
 def quickstart_step_seconds(steps: int = 40) -> tuple[float, float]:
@@ -49,10 +61,10 @@ def quickstart_step_seconds(steps: int = 40) -> tuple[float, float]:
     the two alternating step by step (the same machine state for both)."""
     import torch
 
+    from elastune.batch_plan import batch_plan
     from elastune.data.prepare import ensure_prepared
     from elastune.recipes import load_recipe
     from elastune.spec import validate_spec
-    from elastune.batch_plan import batch_plan
     from elastune.train.loop import open_source
     from elastune.train.optim import build_optimizer
     from elastune.train.step import GradBuffer, train_step
@@ -84,10 +96,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     args = parser.parse_args()
     import ray
-
-    from elastune.metrics.exporter import RunMetrics
     from elastune.batch_plan import batch_plan
     from elastune.cluster import start_local_ray
+    from elastune.metrics.exporter import RunMetrics
     from elastune.train.loop import Reporter
     from elastune.train.sink import RunSink
 
@@ -95,8 +106,11 @@ def main() -> None:
     start_local_ray(num_cpus=2)
     plan = batch_plan(32, 8, 2)
     results = {}
-    for name, live, snapshots in (("restart, rank 0, rows with snapshots", False, True), ("live, rows with snapshots", True, True),
-                                  ("live, no snapshots (sink every 0.5 s)", True, False)):  # fmt: skip
+    for name, live, snapshots in (
+        ("restart, rank 0, rows with snapshots", False, True),
+        ("live, rows with snapshots", True, True),
+        ("live, no snapshots (sink every 0.5 s)", True, False),
+    ):
         sink = RunSink.remote()
         report = Reporter(sink, 0, live, with_snapshots=snapshots)
 
@@ -117,12 +131,18 @@ def main() -> None:
     driver = per_call(lambda i: metrics.observe([row(i + 1)], []), args.steps)
     ray.shutdown()
     print(f"anchor: one quickstart training step (one rank of 2, 1 thread): {anchor * 1e3:.1f} ms")
-    print(f"the same step keeping micro-batch gradient norms (noise scale): {with_norms * 1e3:.1f} ms ({with_norms / anchor:.3f}x)")
+    print(
+        f"the same step keeping micro-batch gradient norms (noise scale): {with_norms * 1e3:.1f} ms ({with_norms / anchor:.3f}x)"
+    )
     for name, (median, p99) in results.items():
-        print(f"worker, {name}: median {median * 1e6:.1f} us, p99 {p99 * 1e6:.1f} us per step "
-              f"({median / anchor * 100:.3f} % of the step; target < 1 ms)")
-    print(f"worker, the 0.5 s flush without snapshots ({per_flush} rows): median {flush[0] * 1e6:.1f} us per flush, "
-          f"{flush[0] / per_flush * 1e6:.1f} us per step amortized")
+        print(
+            f"worker, {name}: median {median * 1e6:.1f} us, p99 {p99 * 1e6:.1f} us per step "
+            f"({median / anchor * 100:.3f} % of the step; target < 1 ms)"
+        )
+    print(
+        f"worker, the 0.5 s flush without snapshots ({per_flush} rows): median {flush[0] * 1e6:.1f} us per flush, "
+        f"{flush[0] / per_flush * 1e6:.1f} us per step amortized"
+    )
     print(f"exporter side, RunMetrics.observe of one row: median {driver[0] * 1e6:.1f} us, p99 {driver[1] * 1e6:.1f} us")
 
 

@@ -57,7 +57,9 @@ JOB = {
     "schedule": {"name": "cosine", "warmup_samples": 0},
     "stop": {"max_samples": BUDGET},
     "tune": {
-        "population": 8, "interval_samples": INTERVAL, "quantile": 0.25,
+        "population": 8,
+        "interval_samples": INTERVAL,
+        "quantile": 0.25,
         "search": {
             "optimizer.lr": {"scale": "log", "low": 0.01, "high": 1.9},
             "schedule.name": {"scale": "choice", "choices": ["constant", "cosine", "linear", "wsd", "rex"]},
@@ -65,7 +67,7 @@ JOB = {
             "schedule.min_lr_ratio": {"scale": "linear", "low": 0.0, "high": 0.2},
         },
     },
-}  # fmt: skip
+}
 
 
 def loss_of(w: np.ndarray) -> float:
@@ -82,8 +84,14 @@ def train(w: np.ndarray, spec, start: int, end: int, seed: int) -> tuple[np.ndar
         before = loss_of(w)  # the step's loss, before its update (as a run records it)
         w = w - values.lr * (H * w + noise)
         samples += values.global_batch_size
-        rows.append({"samples_seen": samples, "global_batch_size": values.global_batch_size, "lr": values.lr,
-                     "loss": before if math.isfinite(before) else math.inf})  # fmt: skip
+        rows.append(
+            {
+                "samples_seen": samples,
+                "global_batch_size": values.global_batch_size,
+                "lr": values.lr,
+                "loss": before if math.isfinite(before) else math.inf,
+            }
+        )
     return w, rows
 
 
@@ -110,8 +118,11 @@ def pbt(seed: int, rank_by: str = "loss") -> dict:
         if end < BUDGET:
             if rank_by == "predicted_final_loss":  # as the searcher does (search.PopulationSearcher._predicted)
                 past = {m: ([r["lr"] for r in h][:-1], [r["loss"] for r in h][1:]) for m, h in history.items()}
-                future = {m: [history[m][-1]["lr"]] + [step_values(validate_spec(member_spec(raw, members[m].values)), s).lr
-                                                        for s in range(end, BUDGET, BATCH)] for m in members}  # fmt: skip
+                future = {
+                    m: [history[m][-1]["lr"]]
+                    + [step_values(validate_spec(member_spec(raw, members[m].values)), s).lr for s in range(end, BUDGET, BATCH)]
+                    for m in members
+                }
                 scores = predicted_final_losses(past, future)
             for e in decide(members, scores, end, tune, rng):
                 weights[e.recipient] = weights[e.donor].copy()  # the donor's exact state
@@ -160,20 +171,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
-    print(f"NQM d={DIM}, batch {BATCH}, budget {BUDGET:,} samples, interval {INTERVAL:,}; population {JOB['tune']['population']}, grid {len(GRID)} lrs")
+    print(
+        f"NQM d={DIM}, batch {BATCH}, budget {BUDGET:,} samples, interval {INTERVAL:,}; "
+        f"population {JOB['tune']['population']}, grid {len(GRID)} lrs"
+    )
     print(f"{'seed':>4} {'method':<14} {'final loss':>11} {'vs cosine':>9} {'to target':>10} {'exploits':>8} {'compute':>8}")
     ratios = {"pbt": [], "pbt look-ahead": [], "random": []}
     for seed in range(args.seeds):
         grid = grid_cosine(seed)
         target = grid["loss"] * 1.05
-        runs = (("pbt", pbt(seed)), ("pbt look-ahead", pbt(seed, "predicted_final_loss")), ("random", random_search(seed)), ("grid cosine", grid))
+        runs = (
+            ("pbt", pbt(seed)),
+            ("pbt look-ahead", pbt(seed, "predicted_final_loss")),
+            ("random", random_search(seed)),
+            ("grid cosine", grid),
+        )
         for name, result in runs:
             ratio = result["loss"] / grid["loss"]
             if name in ratios:
                 ratios[name].append(ratio)
             reached = to_target(result["curve"], target)
-            print(f"{seed:>4} {name:<14} {result['loss']:>11.5f} {ratio:>9.3f} {reached if reached else '-':>10} "
-                  f"{result.get('exploits', '-'):>8} {result['samples'] / (JOB['tune']['population'] * BUDGET):>7.1f}x")  # fmt: skip
+            print(
+                f"{seed:>4} {name:<14} {result['loss']:>11.5f} {ratio:>9.3f} {reached if reached else '-':>10} "
+                f"{result.get('exploits', '-'):>8} {result['samples'] / (JOB['tune']['population'] * BUDGET):>7.1f}x"
+            )
         print(f"     (grid cosine's best peak lr: {grid['lr']:.3f})")
     for name, values in ratios.items():
         print(f"{name}: final loss / grid-tuned cosine's, mean over seeds {statistics.mean(values):.3f} (max {max(values):.3f})")

@@ -33,18 +33,19 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 from rich.console import Console
+
+import ray
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "platform"))
 
 from elastune.checkpoint.checkpointer import Checkpointer  # noqa: E402
+from elastune.cluster import start_local_ray  # noqa: E402
 from elastune.data.prepare import DOC_SEPARATOR, stdlib_files  # noqa: E402
 from elastune.recipes import load_recipe  # noqa: E402
 from elastune.spec import load_spec, validate_spec  # noqa: E402
-from elastune.cluster import start_local_ray  # noqa: E402
 from elastune.train.driver import run_job  # noqa: E402
 from elastune.train.run_dir import read_jsonl  # noqa: E402
 from elastune.tune.driver import run_tune  # noqa: E402
@@ -110,8 +111,15 @@ def search(spec_raw: dict, windows: torch.Tensor, workdir: str) -> dict:
     losses = {m: val_loss(spec, finals[m]["root"], windows) for m in members}
     best = min(losses, key=losses.get)
     rows = [r for seg in path_of(lineage, best) for r in read_jsonl(Path(seg["run_dir"]) / "metrics.jsonl")]
-    return {"loss": losses[best], "rows": rows, "exploits": lineage["exploits"], "lineage": lineage,
-            "tune_dir": outcome.tune_dir, "member": best, "seconds": outcome.seconds}  # fmt: skip
+    return {
+        "loss": losses[best],
+        "rows": rows,
+        "exploits": lineage["exploits"],
+        "lineage": lineage,
+        "tune_dir": outcome.tune_dir,
+        "member": best,
+        "seconds": outcome.seconds,
+    }
 
 
 @ray.remote(num_cpus=0.01)  # the run's workers ask for their own CPUs
@@ -132,7 +140,9 @@ def grid_cosine(spec_raw: dict, windows: torch.Tensor, workdir: str) -> dict:
     out = []
     for lr, raw, run_dir in zip(GRID, raws, run_dirs):
         spec = validate_spec(raw)
-        out.append({"lr": lr, "loss": val_loss(spec, spec.checkpoint_path, windows), "rows": read_jsonl(Path(run_dir) / "metrics.jsonl")})
+        out.append(
+            {"lr": lr, "loss": val_loss(spec, spec.checkpoint_path, windows), "rows": read_jsonl(Path(run_dir) / "metrics.jsonl")}
+        )
     return min(out, key=lambda r: r["loss"])
 
 
@@ -150,7 +160,12 @@ def exploit_latencies(lineage: dict) -> list[tuple[float, float]]:
 
 def checkpoint_bytes(lineage: dict) -> tuple[int, int]:
     """(payload bytes the runs' checkpoints wrote, bytes the clones wrote: a manifest each)."""
-    saved = sum(ev["bytes"] for s in lineage["segments"] for ev in read_jsonl(Path(s["run_dir"]) / "events.jsonl") if ev["kind"] == "checkpoint")
+    saved = sum(
+        ev["bytes"]
+        for s in lineage["segments"]
+        for ev in read_jsonl(Path(s["run_dir"]) / "events.jsonl")
+        if ev["kind"] == "checkpoint"
+    )
     return saved, sum(e["clone_bytes"] for e in lineage["exploits"])
 
 
@@ -166,36 +181,61 @@ def main() -> None:
     base["schedule"]["warmup_samples"] = args.budget // 16
     population = base["tune"]["population"]
     windows = validation_windows(base["data"]["window"], base["data"]["max_bytes"])
-    print(f"quickstart byte_gpt, budget {args.budget:,} samples per member, interval {args.interval:,}, population {population}, "
-          f"grid {len(GRID)} cosine lrs; {len(windows)} held-out validation windows")  # fmt: skip
+    print(
+        f"quickstart byte_gpt, budget {args.budget:,} samples per member, interval {args.interval:,}, population {population}, "
+        f"grid {len(GRID)} cosine lrs; {len(windows)} held-out validation windows"
+    )
     start_local_ray(max(4, population + 1))
     ratios: dict[str, list[float]] = {"pbt": [], "random": []}
     fitness_window = args.interval // 4
     with tempfile.TemporaryDirectory(prefix="bench-pbt-") as workdir:
         for seed in range(args.seeds):
             pbt_raw = {**base, "seed": seed, "name": f"pbt-{seed}", "tune": {**base["tune"], "interval_samples": args.interval}}
-            random_raw = {**base, "seed": seed, "name": f"random-{seed}", "tune": {**base["tune"], "interval_samples": args.budget}}
+            random_raw = {
+                **base,
+                "seed": seed,
+                "name": f"random-{seed}",
+                "tune": {**base["tune"], "interval_samples": args.budget},
+            }
             grid = grid_cosine({**base, "seed": seed}, windows, f"{workdir}/grid-{seed}")
             pbt, rand = search(pbt_raw, windows, workdir), search(random_raw, windows, workdir)
             target = grid["loss"] * 1.05
-            target_train = min(np.mean([r["loss"] for r in grid["rows"] if r["samples_seen"] > args.budget - fitness_window]), np.inf) * 1.05
-            print(f"\nseed {seed}: target val loss {target:.4f} (grid cosine's best, lr {grid['lr']:g}, +5 %); "
-                  f"train-loss target {target_train:.4f}")  # fmt: skip
+            target_train = (
+                min(np.mean([r["loss"] for r in grid["rows"] if r["samples_seen"] > args.budget - fitness_window]), np.inf) * 1.05
+            )
+            print(
+                f"\nseed {seed}: target val loss {target:.4f} (grid cosine's best, lr {grid['lr']:g}, +5 %); "
+                f"train-loss target {target_train:.4f}"
+            )
             print(f"{'method':<12} {'val loss':>9} {'vs cosine':>9} {'to target':>10} {'exploits':>8} {'compute':>8}")
-            for name, result, compute in (("pbt", pbt, 1.0), ("random", rand, 1.0), ("grid cosine", grid, len(GRID) / population)):
+            for name, result, compute in (
+                ("pbt", pbt, 1.0),
+                ("random", rand, 1.0),
+                ("grid cosine", grid, len(GRID) / population),
+            ):
                 ratio = result["loss"] / grid["loss"]
                 if name in ratios:
                     ratios[name].append(ratio)
                 reached = to_target(result["rows"], target_train, fitness_window)
-                print(f"{name:<12} {result['loss']:>9.4f} {ratio:>9.3f} {reached or '-':>10} {len(result.get('exploits', [])) or '-':>8} {compute:>7.2f}x")
+                print(
+                    f"{name:<12} {result['loss']:>9.4f} {ratio:>9.3f} {reached or '-':>10} "
+                    f"{len(result.get('exploits', [])) or '-':>8} {compute:>7.2f}x"
+                )
             latencies = exploit_latencies(pbt["lineage"])
             saved, cloned = checkpoint_bytes(pbt["lineage"])
             if latencies:
-                print("exploit latency (clone start -> first step): " + ", ".join(f"{s:.1f} s ({100 * f:.0f} %)" for s, f in latencies))
-            print(f"checkpoint bytes: the runs' checkpoints wrote {saved:,} payload bytes; the {len(pbt['exploits'])} clones wrote "
-                  f"{cloned:,} bytes of manifests and no payload ({(saved + cloned) / saved:.4f}x)")  # fmt: skip
-            print(f"search wall time: pbt {pbt['seconds']:.0f} s, random {rand['seconds']:.0f} s; "
-                  f"best pbt member {pbt['member']}: {json.dumps(pbt['lineage']['best']['history'])}")  # fmt: skip
+                print(
+                    "exploit latency (clone start -> first step): "
+                    + ", ".join(f"{s:.1f} s ({100 * f:.0f} %)" for s, f in latencies)
+                )
+            print(
+                f"checkpoint bytes: the runs' checkpoints wrote {saved:,} payload bytes; the {len(pbt['exploits'])} clones wrote "
+                f"{cloned:,} bytes of manifests and no payload ({(saved + cloned) / saved:.4f}x)"
+            )
+            print(
+                f"search wall time: pbt {pbt['seconds']:.0f} s, random {rand['seconds']:.0f} s; "
+                f"best pbt member {pbt['member']}: {json.dumps(pbt['lineage']['best']['history'])}"
+            )
     ray.shutdown()
     print()
     for name, values in ratios.items():

@@ -72,8 +72,12 @@ def elastune_run(tmp: Path, steps: int, recovery: str | None, kill: bool = True)
     if not kill:
         return {"losses": losses}
     (recovery_event,) = [e for e in read_jsonl(outcome.run_dir / "events.jsonl") if e["kind"] == "recovery"]
-    return {"mttr_s": recovery_event["mttr_seconds"], "lost_steps": recovery_event["lost_steps"],
-            "restart_s": recovery_event["restart_seconds"], "losses": losses}  # fmt: skip
+    return {
+        "mttr_s": recovery_event["mttr_seconds"],
+        "lost_steps": recovery_event["lost_steps"],
+        "restart_s": recovery_event["restart_seconds"],
+        "losses": losses,
+    }
 
 
 def worker_setup(config: dict):
@@ -149,8 +153,12 @@ def plain_run(tmp: Path, steps: int) -> dict:
     rows = [json.loads(line) for line in (marks / "steps.jsonl").read_text().splitlines()]
     after = next(r for r in rows if r["time"] > kill["time"])
     reported = sorted({r["step"] for r in rows if r["step"] % 5 == 0 and r["time"] < kill["time"]})
-    return {"mttr_s": round(after["time"] - kill["time"], 3), "lost_steps": kill["completed"] - after["resumed_from"],
-            "resumed_from": after["resumed_from"], "reported": reported}  # fmt: skip
+    return {
+        "mttr_s": round(after["time"] - kill["time"], 3),
+        "lost_steps": kill["completed"] - after["resumed_from"],
+        "resumed_from": after["resumed_from"],
+        "reported": reported,
+    }
 
 
 def torchft_loop(config: dict) -> None:
@@ -166,11 +174,16 @@ def torchft_loop(config: dict) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=spec.optimizer.lr)
     pg = ProcessGroupGloo(timeout=timedelta(seconds=30))
     manager = Manager(
-        pg=pg, min_replica_size=1, world_size=1, rank=0, replica_id=f"bench_{rank}", timeout=timedelta(seconds=60),
+        pg=pg,
+        min_replica_size=1,
+        world_size=1,
+        rank=0,
+        replica_id=f"bench_{rank}",
+        timeout=timedelta(seconds=60),
         load_state_dict=lambda sd: (model.load_state_dict(sd["model"]), opt.load_state_dict(sd["optim"])),
         state_dict=lambda: {"model": model.state_dict(), "optim": opt.state_dict()},
         checkpoint_transport=PGTransport(pg, timeout=timedelta(seconds=30), device=torch.device("cpu")),
-    )  # fmt: skip
+    )
     ddp, ft_opt = DistributedDataParallel(manager, model), Optimizer(manager, opt)
     per_rank = spec.batch.global_batch_size // world
     marks = Path(config["marks"])
@@ -193,7 +206,12 @@ def torchft_loop(config: dict) -> None:
         ft_opt.step()
         if rank == 0 and manager.current_step() == step:  # committed
             with open(marks / "steps.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "time": time.time(), "loss": float(loss), "participants": manager.num_participants()}) + "\n")
+                f.write(
+                    json.dumps(
+                        {"step": step, "time": time.time(), "loss": float(loss), "participants": manager.num_participants()}
+                    )
+                    + "\n"
+                )
     manager.shutdown()
 
 
@@ -236,16 +254,33 @@ def node_loss_run(tmp: Path, steps: int) -> dict:
     raw["scaling"] = {"min_workers": 2, "max_workers": 3, "recovery": "live", "cpus_per_worker": 2, "torch_threads": 1}
     tmp.mkdir(parents=True)
     (tmp / "spec.json").write_text(json.dumps(validate_spec(raw).to_dict()))
-    subprocess.run([sys.executable, str(ROOT / "tests" / "ray" / "cluster_job.py"), "node-loss", str(tmp / "spec.json"), str(tmp / "out.json")],
-                   check=True, capture_output=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "ray" / "cluster_job.py"),
+            "node-loss",
+            str(tmp / "spec.json"),
+            str(tmp / "out.json"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     out = json.loads((tmp / "out.json").read_text())
     (event,) = [e for e in read_jsonl(Path(out["run_dir"]) / "events.jsonl") if e["kind"] == "recovery"]
-    return {"mttr_s": event["mttr_seconds"], "lost_steps": event["lost_steps"], "world": (event["world_size_before"], event["world_size_after"])}
+    return {
+        "mttr_s": event["mttr_seconds"],
+        "lost_steps": event["lost_steps"],
+        "world": (event["world_size_before"], event["world_size_after"]),
+    }
 
 
 def node_loss_report(runs: list[dict]) -> None:
     for node in runs:
-        print(f"node loss, elastune live (3 -> {node['world'][1]} workers): MTTR {node['mttr_s']:.2f} s, lost steps {node['lost_steps']} (target < 10 s)")
+        print(
+            f"node loss, elastune live (3 -> {node['world'][1]} workers): MTTR "
+            f"{node['mttr_s']:.2f} s, lost steps {node['lost_steps']} (target < 10 s)"
+        )
 
 
 def deviation(losses: dict[int, float], reference: dict[int, float], first: int, count: int = 30) -> float:
@@ -264,11 +299,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             node_loss_report([node_loss_run(Path(tmp) / f"d{i}", args.steps) for i in range(args.node_loss_runs)])
         return
+    import ray
+    from elastune.cluster import start_local_ray
     from elastune.data.prepare import ensure_prepared
     from elastune.spec import validate_spec
-    import ray
-
-    from elastune.cluster import start_local_ray
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -285,17 +319,30 @@ def main() -> None:
         nodes = [node_loss_run(root / f"d{i}", args.steps) for i in range(args.node_loss_runs)]
     ours_dev = deviation(live["losses"], clean["losses"], KILL_STEP)
     ft_dev = deviation(ft_between["losses"], ft_clean["losses"], KILL_STEP)
-    print(f"elastune restart:  MTTR {restart['mttr_s']:.2f} s (new workers up {restart['restart_s']:.1f} s), lost steps {restart['lost_steps']}")
+    print(
+        f"elastune restart:  MTTR {restart['mttr_s']:.2f} s (new workers up "
+        f"{restart['restart_s']:.1f} s), lost steps {restart['lost_steps']}"
+    )
     print(f"elastune live:     MTTR {live['mttr_s']:.2f} s, lost steps {live['lost_steps']}")
-    print(f"plain Ray Train:   MTTR {plain['mttr_s']:.2f} s, lost steps {plain['lost_steps']} "
-          f"(resumed from step {plain['resumed_from']}; checkpoints reported before the kill: steps {plain['reported']})")
+    print(
+        f"plain Ray Train:   MTTR {plain['mttr_s']:.2f} s, lost steps {plain['lost_steps']} "
+        f"(resumed from step {plain['resumed_from']}; checkpoints reported before the kill: steps {plain['reported']})"
+    )
     for name, arm in (("mid-step", ft), ("between steps", ft_between)):
-        print(f"torchft (Ray's example), kill {name}: MTTR {arm['mttr_s']:.2f} s, lost steps {arm['lost_steps']}, "
-              f"{arm['half_batch_steps']} step(s) on half the global batch")
+        print(
+            f"torchft (Ray's example), kill {name}: MTTR {arm['mttr_s']:.2f} s, lost steps {arm['lost_steps']}, "
+            f"{arm['half_batch_steps']} step(s) on half the global batch"
+        )
     node_loss_report(nodes)
-    print(f"MTTR elastune live / plain = {live['mttr_s'] / plain['mttr_s']:.3f}, restart / plain = {restart['mttr_s'] / plain['mttr_s']:.2f} (target <= 0.30)")
-    print(f"convergence deviation over {min(30, args.steps - KILL_STEP + 1)} steps from step {KILL_STEP}: elastune live {ours_dev:.2e}, "
-          f"torchft naive (kill between steps) {ft_dev:.2e}; elastune is {100 * (1 - ours_dev / ft_dev):.2f}% below (target >= 99%)")
+    print(
+        f"MTTR elastune live / plain = {live['mttr_s'] / plain['mttr_s']:.3f}, restart / "
+        f"plain = {restart['mttr_s'] / plain['mttr_s']:.2f} (target <= 0.30)"
+    )
+    print(
+        f"convergence deviation over {min(30, args.steps - KILL_STEP + 1)} steps "
+        f"from step {KILL_STEP}: elastune live {ours_dev:.2e}, "
+        f"torchft naive (kill between steps) {ft_dev:.2e}; elastune is {100 * (1 - ours_dev / ft_dev):.2f}% below (target >= 99%)"
+    )
 
 
 if __name__ == "__main__":

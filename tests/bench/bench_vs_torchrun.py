@@ -26,8 +26,21 @@ JOB = ROOT / "jobs" / "quickstart.yaml"
 
 
 def torchrun(steps: int, warmup: int, job: Path = JOB) -> float:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", "29533", str(Path(__file__).with_name("torchrun_ddp.py")), str(job), str(steps), str(warmup)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        "29533",
+        str(Path(__file__).with_name("torchrun_ddp.py")),
+        str(job),
+        str(steps),
+        str(warmup),
+    ]
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])["samples_per_s"]
 
@@ -44,7 +57,9 @@ def elastune(steps: int, warmup: int, checkout: Path = ROOT, source: Path = JOB)
         spec["stop"] = {"max_steps": steps}
         job.write_text(yaml.safe_dump(spec))
         env = os.environ | {"PYTHONPATH": str(checkout / "platform")}  # that checkout's elastune, workers included
-        subprocess.run([sys.executable, "-m", "elastune", "run", str(job), "--fresh"], cwd=tmp, check=True, capture_output=True, env=env)
+        subprocess.run(
+            [sys.executable, "-m", "elastune", "run", str(job), "--fresh"], cwd=tmp, check=True, capture_output=True, env=env
+        )
         (metrics,) = Path(tmp, "runs", spec["name"]).glob("*/metrics.jsonl")
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     window = [r["time"] for r in rows[warmup:]]
@@ -60,12 +75,15 @@ def main() -> None:
     parser.add_argument("--job", type=Path, default=JOB)
     args = parser.parse_args()
     job = args.job.resolve()
-    subprocess.run([sys.executable, "-m", "elastune", "data", "prepare", "--job", str(job)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "elastune", "data", "prepare", "--job", str(job)], cwd=ROOT, check=True, capture_output=True
+    )
     ddp, ours, theirs = [], [], []
     for r in range(args.rounds):  # alternate, so drift in machine load hits both
         ddp.append(torchrun(args.steps, args.warmup, job))
         ours.append(elastune(args.steps, args.warmup, source=job))
-        line = f"round {r + 1}: torchrun DDP {ddp[-1]:.0f} samples/s, elastune {ours[-1]:.0f} samples/s, ratio {ours[-1] / ddp[-1]:.3f}"
+        line = f"round {r + 1}: torchrun DDP {ddp[-1]:.0f} samples/s, elastune {ours[-1]:.0f} samples/s, "
+        line += f"ratio {ours[-1] / ddp[-1]:.3f}"
         if args.compare:
             theirs.append(elastune(args.steps, args.warmup, args.compare.resolve(), job))
             line += f"; {args.compare} {theirs[-1]:.0f} samples/s, ratio {theirs[-1] / ddp[-1]:.3f}"

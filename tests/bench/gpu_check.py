@@ -68,11 +68,11 @@ def flops_per_token(o) -> float:
 def elastune_step(o, device: str, g: int, m: int, snapshot: bool):
     """A closure running one Elastune step (bf16, compiled), optionally snapshotting after it;
     returns (step, stalls)."""
+    from elastune.batch_plan import batch_plan
     from elastune.checkpoint import snapshot as snapshot_module
     from elastune.recipes import Recipe
     from elastune.recipes.byte_gpt import ByteGPT, sample_losses
     from elastune.spec.models import AdamWSpec
-    from elastune.batch_plan import batch_plan
     from elastune.train.optim import build_optimizer, set_hyper
     from elastune.train.precision import compile_model
     from elastune.train.state import state_pieces
@@ -98,7 +98,14 @@ def elastune_step(o, device: str, g: int, m: int, snapshot: bool):
         train_step(forward, opt, grads, recipe, source, plan, 0, s, s * g, 0, 1.0, precision="bf16")
         counter["step"] += 1
         if snapshot:
-            header = {"step": s + 1, "samples_seen": (s + 1) * g, "spec_hash": "bench", "layout": "replicated", "meta": {}, "durable": False}
+            header = {
+                "step": s + 1,
+                "samples_seen": (s + 1) * g,
+                "spec_hash": "bench",
+                "layout": "replicated",
+                "meta": {},
+                "durable": False,
+            }
             stalls.append(snapshots.take(header, state_pieces(model, opt), 0, 1))
 
     return step, stalls, snapshots
@@ -145,12 +152,22 @@ def timed(step, device: str, warmup: int, steps: int) -> float:
 def run_tests(rows: list[tuple[str, str, str]]) -> bool:
     report = ROOT / ".elastune" / "gpu-tests.xml"
     report.parent.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([sys.executable, "-m", "pytest", "tests/dist/test_gpu.py", "-q", "-p", "no:cacheprovider", f"--junitxml={report}"],
-                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/dist/test_gpu.py", "-q", "-p", "no:cacheprovider", f"--junitxml={report}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     import xml.etree.ElementTree as ET
 
     for case in ET.parse(report).getroot().iter("testcase"):
-        outcome = "failed" if case.find("failure") is not None or case.find("error") is not None else "skipped" if case.find("skipped") is not None else "passed"
+        outcome = (
+            "failed"
+            if case.find("failure") is not None or case.find("error") is not None
+            else "skipped"
+            if case.find("skipped") is not None
+            else "passed"
+        )
         rows.append((f"test {case.get('name')}", outcome, f"{float(case.get('time', 0)):.1f} s"))
     if done.returncode not in (0, 5):
         print(done.stdout[-6000:], done.stderr[-2000:])
@@ -189,20 +206,45 @@ def main() -> int:
     mfu = lambda s: "" if peak is None else f", MFU {tokens * flops_per_token(o) / s / peak:.1%}"  # noqa: E731
     rows.append(("throughput: plain PyTorch bf16 + compile", f"{tokens / b:,.0f} tokens/s", f"{b * 1e3:.1f} ms/step{mfu(b)}"))
     rows.append(("throughput: Elastune step bf16 + compile", f"{tokens / a:,.0f} tokens/s", f"{a * 1e3:.1f} ms/step{mfu(a)}"))
-    rows.append(("  ratio Elastune / plain (target >= 0.95)", f"{b / a:.3f}", f"rounds {[round(x * 1e3, 1) for x in ours]} vs {[round(x * 1e3, 1) for x in theirs]} ms"))
+    rows.append(
+        (
+            "  ratio Elastune / plain (target >= 0.95)",
+            f"{b / a:.3f}",
+            f"rounds {[round(x * 1e3, 1) for x in ours]} vs {[round(x * 1e3, 1) for x in theirs]} ms",
+        )
+    )
     snap_step, stalls, snapshots = elastune_step(o, args.device, g, m, snapshot=True)
     with_snap = timed(snap_step, args.device, args.warmup, args.steps)
     snapshots.wait()
     share = max(0.0, with_snap / a - 1.0)
-    rows.append(("snapshot every step: step time", f"{with_snap * 1e3:.1f} ms",
-                 f"{share:+.1%} against no snapshot; {snapshots.plan.size / 2**30:.2f} GiB a snapshot"))  # fmt: skip
-    rows.append(("snapshot: take() stall (median)", f"{sorted(stalls)[len(stalls) // 2] * 1e3:.2f} ms", "the loop's own wait: copy issued, previous hand-over done"))
+    rows.append(
+        (
+            "snapshot every step: step time",
+            f"{with_snap * 1e3:.1f} ms",
+            f"{share:+.1%} against no snapshot; {snapshots.plan.size / 2**30:.2f} GiB a snapshot",
+        )
+    )
+    rows.append(
+        (
+            "snapshot: take() stall (median)",
+            f"{sorted(stalls)[len(stalls) // 2] * 1e3:.2f} ms",
+            "the loop's own wait: copy issued, previous hand-over done",
+        )
+    )
     from elastune.checkpoint.interval import snapshot_interval
 
-    rows.append(("snapshot interval for <= 2 % of step time", f"{max(1, math.ceil(share / 0.02))} steps", "from the step times above"))
+    rows.append(
+        ("snapshot interval for <= 2 % of step time", f"{max(1, math.ceil(share / 0.02))} steps", "from the step times above")
+    )
     cost = sorted(snapshots.drain_costs())
     auto = snapshot_interval(cost[len(cost) // 2], a, cap=1 << 20) if cost else None
-    rows.append(("snapshot_every_steps: auto would take", f"{auto} steps", f"median cost {cost[len(cost) // 2] * 1e3:.1f} ms (stall + hand-off CPU)" if cost else "no hand-over measured"))
+    rows.append(
+        (
+            "snapshot_every_steps: auto would take",
+            f"{auto} steps",
+            f"median cost {cost[len(cost) // 2] * 1e3:.1f} ms (stall + hand-off CPU)" if cost else "no hand-over measured",
+        )
+    )
     width = max(len(r[0]) for r in rows)
     print(f"\ngpu-check on {name} (torch {torch.__version__})")
     for check, result, note in rows:

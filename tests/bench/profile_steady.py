@@ -111,8 +111,13 @@ def main() -> None:
             node[leaf] = yaml.safe_load(value)
         job = Path(tmp) / "job.yaml"
         job.write_text(yaml.safe_dump(spec))
-        run = subprocess.Popen([sys.executable, "-m", "elastune", "run", str(job), "--fresh"], cwd=tmp,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        run = subprocess.Popen(
+            [sys.executable, "-m", "elastune", "run", str(job), "--fresh"],
+            cwd=tmp,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             metrics = wait_for_rows(Path(tmp) / "runs" / spec["name"], args.warmup)
             report(metrics, args.seconds, spy=not args.no_spy)
@@ -138,8 +143,31 @@ def report(metrics: Path, seconds: float, spy: bool) -> None:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     for pid in workers:
         out = Path(tempfile.mkstemp(suffix=".txt")[1])
-        spies.append((out, subprocess.Popen([py_spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "-f", "raw",
-                                             "-o", str(out), "--nonblocking", "-t"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))  # fmt: skip
+        spies.append(
+            (
+                out,
+                subprocess.Popen(
+                    [
+                        py_spy,
+                        "record",
+                        "-p",
+                        str(pid),
+                        "-d",
+                        str(int(seconds)),
+                        "-r",
+                        "100",
+                        "-f",
+                        "raw",
+                        "-o",
+                        str(out),
+                        "--nonblocking",
+                        "-t",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                ),
+            )
+        )
     time.sleep(seconds)
     after, elapsed = processes(), time.time() - t0
     for _, spy in spies:

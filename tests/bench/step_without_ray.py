@@ -12,10 +12,10 @@ import time
 import torch
 import torch.distributed as dist
 
+from elastune.batch_plan import batch_plan
 from elastune.data.dataset import TokenWindows
 from elastune.recipes import load_recipe
 from elastune.spec import load_spec
-from elastune.batch_plan import batch_plan
 from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.step import GradBuffer, train_step
 

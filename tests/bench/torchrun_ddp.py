@@ -34,7 +34,7 @@ def main(job: str, steps: int, warmup: int) -> None:
     per_rank = g // world
     rng = np.random.default_rng(rank)
     stamps = []
-    for step in range(steps):
+    for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         micro = [rng.integers(0, len(data), m) for _ in range(per_rank // m)]
         for i, idx in enumerate(micro):

@@ -11,12 +11,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from elastune.batch_plan import batch_plan
 from elastune.recipes import Recipe
 from elastune.recipes.byte_gpt import sample_losses
 from elastune.spec.models import SGDSpec
-from elastune.batch_plan import batch_plan
 from elastune.train.optim import build_optimizer, set_hyper
-from elastune.train.precision import compile_problem, compile_model
+from elastune.train.precision import compile_model, compile_problem
 from elastune.train.step import GradBuffer, train_step
 from tests.helpers import TINY, RandomTokens, free_port, rel_err, start_ranks, tiny_model
 
@@ -41,7 +41,10 @@ def _train(rank: int, world: int, port: int, out: str, compiled: bool) -> None:
         recipe = Recipe(build_model=lambda: model, sample_losses=sample_losses)
         for step in range(STEPS):
             train_step(forward, opt, grads, recipe, RandomTokens(), batch_plan(G, M, world), rank, step, step * G, SEED)
-        save_file({n: p.detach().clone() for n, p in model.named_parameters()}, os.path.join(out, f"{compiled}-{world}-r{rank}.safetensors"))
+        save_file(
+            {n: p.detach().clone() for n, p in model.named_parameters()},
+            os.path.join(out, f"{compiled}-{world}-r{rank}.safetensors"),
+        )
     finally:
         dist.destroy_process_group()
 

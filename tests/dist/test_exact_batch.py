@@ -12,12 +12,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from elastune.batch_plan import batch_plan
 from elastune.data.sampler import positions, sample_indices
 from elastune.metrics.noise import noise_estimates
 from elastune.recipes import Recipe
 from elastune.recipes.byte_gpt import sample_losses
 from elastune.spec.models import SGDSpec
-from elastune.batch_plan import batch_plan
 from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.step import GradBuffer, train_step
 from tests.helpers import TINY, RandomTokens, free_port, reference_sgd_update, rel_err, start_ranks, tiny_model

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from elastune.batch_plan import batch_plan
 from elastune.data.sampler import positions, sample_indices
 from elastune.recipes import Recipe
 from elastune.recipes.byte_gpt import sample_losses
 from elastune.spec.models import SGDSpec
-from elastune.batch_plan import batch_plan
 from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.step import GradBuffer, train_step
 from tests.helpers import TINY, RandomTokens, reference_sgd_update, rel_err, tiny_model
@@ -56,7 +56,9 @@ def test_checkpoint_from_cuda_loads_on_cpu_and_back(tmp_path):
         other_opt.step()  # optimizer state landed where the optimizer can use it
 
 
-def _reference_grads(device: str, precision: str, scale: float, g: int, m: int, seed: int, dropout: float) -> dict[str, torch.Tensor]:
+def _reference_grads(
+    device: str, precision: str, scale: float, g: int, m: int, seed: int, dropout: float
+) -> dict[str, torch.Tensor]:
     """One process on `device`: the step's micro-batches one after another, each under its own
     seed, in `precision` (autocast; fp16 with the loss scale), gradients summed by backward."""
     from elastune.train.precision import AUTOCAST
@@ -88,8 +90,20 @@ def test_each_precision_on_cuda_matches_its_single_process_reference(precision):
     set_hyper(opt, lr, 0.0)
     recipe = Recipe(build_model=lambda: model, sample_losses=sample_losses)
     scaler = LossScale(scale) if precision == "fp16" else None
-    result = train_step(model, opt, GradBuffer(model, micro_batch_norms=True, bucket_bytes=4096), recipe, RandomTokens(),
-                        batch_plan(g, m, 1), 0, 0, 0, seed, precision=precision, scaler=scaler)  # fmt: skip
+    result = train_step(
+        model,
+        opt,
+        GradBuffer(model, micro_batch_norms=True, bucket_bytes=4096),
+        recipe,
+        RandomTokens(),
+        batch_plan(g, m, 1),
+        0,
+        0,
+        0,
+        seed,
+        precision=precision,
+        scaler=scaler,
+    )
     assert not result.skipped
     for name, p in model.named_parameters():
         assert rel_err(p.grad.cpu(), want[name]) <= 1e-6, f"{precision} {name}"
@@ -108,7 +122,9 @@ def test_a_compiled_step_on_cuda_trains_like_the_eager_one():
         recipe = Recipe(build_model=lambda: model, sample_losses=sample_losses)
         forward, grads = compile_model(model) if compiled else model, GradBuffer(model)
         for step in range(2):
-            train_step(forward, opt, grads, recipe, RandomTokens(), batch_plan(g, m, 1), 0, step, step * g, seed, precision="bf16")
+            train_step(
+                forward, opt, grads, recipe, RandomTokens(), batch_plan(g, m, 1), 0, step, step * g, seed, precision="bf16"
+            )
         updates.append((torch.cat([p.detach().flatten() for p in model.parameters()]) - start).cpu())
     # Fused kernels re-associate reductions, and in bf16 a re-associated activation may round one
     # unit (2^-8) differently: the update agrees to 1e-2 of its norm; other dropout masks would not.

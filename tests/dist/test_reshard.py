@@ -12,12 +12,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from elastune.batch_plan import batch_plan
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.format import Manifest
 from elastune.recipes import Recipe
 from elastune.recipes.byte_gpt import sample_losses
 from elastune.spec.models import AdamWSpec
-from elastune.batch_plan import batch_plan
 from elastune.train.optim import build_optimizer
 from elastune.train.state import restore_state, state_pieces
 from elastune.train.step import GradBuffer, train_step
@@ -90,7 +90,12 @@ def _assemble(paths: list[str]) -> dict[str, torch.Tensor]:
             lo, hi = map(int, span.split(":"))
             if name.startswith("model/") and name in out:
                 assert torch.equal(out[name][lo:hi], data), f"ranks disagree on {name}"
-            full = out.setdefault(name, torch.full((max(hi, 1),), float("nan"), dtype=data.dtype) if data.is_floating_point() else torch.zeros(hi, dtype=data.dtype))
+            full = out.setdefault(
+                name,
+                torch.full((max(hi, 1),), float("nan"), dtype=data.dtype)
+                if data.is_floating_point()
+                else torch.zeros(hi, dtype=data.dtype),
+            )
             if full.numel() < hi:
                 full = out[name] = torch.cat([full, torch.zeros(hi - full.numel(), dtype=data.dtype)])
             full[lo:hi] = data

@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from elastune.batch_plan import batch_plan
 from elastune.data.sampler import positions, sample_indices
 from elastune.recipes import Recipe
 from elastune.recipes.byte_gpt import sample_losses
 from elastune.spec.models import SGDSpec
-from elastune.batch_plan import batch_plan
 from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.precision import AUTOCAST, LossScale
 from elastune.train.rng import micro_batch_seed
@@ -75,8 +75,20 @@ def _worker(rank: int, world: int, port: int, out: str, precision: str, poison: 
             recipe = Recipe(build_model=lambda: model, sample_losses=losses)
             steps = 2 if poison else 1
             for step in range(steps):
-                result = train_step(model, opt, grads, recipe, RandomTokens(), plan, rank, step, step * G, SEED,
-                                    precision=precision, scaler=scaler)  # fmt: skip
+                result = train_step(
+                    model,
+                    opt,
+                    grads,
+                    recipe,
+                    RandomTokens(),
+                    plan,
+                    rank,
+                    step,
+                    step * G,
+                    SEED,
+                    precision=precision,
+                    scaler=scaler,
+                )
                 tensors[f"{label}/skipped{step}"] = torch.tensor([result.skipped])
             for n, p in model.named_parameters():
                 tensors[f"{label}/param/{n}"] = p.detach().clone()
@@ -137,7 +149,9 @@ def test_each_precision_matches_one_process_and_buckets_match_flat_bitwise(tmp_p
             err = rel_err(got[f"flat/grad/{name}"], ref)
             assert err <= SUM_ORDER_REL, f"{precision} world {world} rank {rank} {name}: relative error {err:.2e}"
             for kind in ("grad", "param"):
-                assert torch.equal(got[f"small/{kind}/{name}"], got[f"flat/{kind}/{name}"]), f"{precision} W={world} r{rank} {kind} {name}"
+                assert torch.equal(got[f"small/{kind}/{name}"], got[f"flat/{kind}/{name}"]), (
+                    f"{precision} W={world} r{rank} {kind} {name}"
+                )
         assert int(got["small/buckets"]) > 3 and int(got["flat/buckets"]) == 1
         # Mid-backward, the buckets of the gradients already final were on their way, the rest not.
         assert 0 < int(got["small/launched"]) < int(got["small/buckets"])
@@ -200,7 +214,9 @@ def _sum_worker(rank: int, world: int, port: int, out: str) -> None:
         got = {}
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             buffer = _values(rank)
-            buckets = [Bucket(buffer[lo:hi], dtype) for lo, hi in ((700, 1000), (2, 700), (0, 2))]  # (0, 2): fewer elements than ranks
+            buckets = [
+                Bucket(buffer[lo:hi], dtype) for lo, hi in ((700, 1000), (2, 700), (0, 2))
+            ]  # (0, 2): fewer elements than ranks
             for b in buckets:
                 b.start()
             finish_all(buckets)
@@ -260,8 +276,20 @@ def _fp16_worker(rank: int, world: int, port: int, root: str, phase: str) -> Non
             restore_state(model, opt, m.shapes, lambda wanted: ckpt.load_pieces(m, wanted), "test", scaler)
         record = {}
         for step in steps:
-            r = train_step(model, opt, grads, recipe, RandomTokens(), batch_plan(G, M, world), rank, step, step * G, SEED,
-                           precision="fp16", scaler=scaler)  # fmt: skip
+            r = train_step(
+                model,
+                opt,
+                grads,
+                recipe,
+                RandomTokens(),
+                batch_plan(G, M, world),
+                rank,
+                step,
+                step * G,
+                SEED,
+                precision="fp16",
+                scaler=scaler,
+            )
             record[f"step{step}"] = torch.tensor([r.loss, float(r.skipped), r.loss_scale], dtype=torch.float64)
         if phase == "save":
             ckpt.save(Manifest(K16, K16 * G, "h", {"kind": "replicated"}, {}), state_pieces(model, opt, scaler), rank, world)

@@ -14,8 +14,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from tests.helpers import free_port
 
@@ -40,17 +40,52 @@ def ray_head(num_cpus: int, token: str | None, nodes: tuple[int, ...] = ()) -> I
     core address is `core_address(url)`."""
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths live under it
     port, dashboard = free_port(), free_port()
-    ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
-             "--ray-client-server-port", "--node-manager-port", "--object-manager-port"]  # fmt: skip
-    command = [RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-               "--dashboard-port", str(dashboard), "--include-dashboard", "true", "--temp-dir", temp, "--num-cpus", str(num_cpus),
-               "--disable-usage-stats", *(x for p in ports for x in (p, str(free_port())))]  # fmt: skip
+    ports = [
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--metrics-export-port",
+        "--runtime-env-agent-port",
+        "--ray-client-server-port",
+        "--node-manager-port",
+        "--object-manager-port",
+    ]
+    command = [
+        RAY,
+        "start",
+        "--head",
+        "--port",
+        str(port),
+        "--node-ip-address",
+        "127.0.0.1",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--include-dashboard",
+        "true",
+        "--temp-dir",
+        temp,
+        "--num-cpus",
+        str(num_cpus),
+        "--disable-usage-stats",
+        *(x for p in ports for x in (p, str(free_port()))),
+    ]
     started = subprocess.run(command, env=head_env(token), capture_output=True, text=True, timeout=120)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         for cpus in nodes:
-            node = [RAY, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
-                    "--disable-usage-stats", *(x for p in ports if p != "--ray-client-server-port" for x in (p, str(free_port())))]  # fmt: skip
+            node = [
+                RAY,
+                "start",
+                "--address",
+                f"127.0.0.1:{port}",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--num-cpus",
+                str(cpus),
+                "--disable-usage-stats",
+                *(x for p in ports if p != "--ray-client-server-port" for x in (p, str(free_port()))),
+            ]
             joined = subprocess.run(node, env=head_env(token), capture_output=True, text=True, timeout=120)
             assert joined.returncode == 0, joined.stdout + joined.stderr
         url = f"http://127.0.0.1:{dashboard}"
@@ -97,6 +132,7 @@ def wait_for_jobs_api(url: str, timeout: float = 60) -> None:
 def stop_processes_under(temp: str) -> None:
     """SIGTERM, then SIGKILL, every process whose command line names `temp`, and their
     descendants (a job's driver names no temp dir)."""
+
     def ours() -> list[int]:
         named, parent = set(), {}
         for entry in Path("/proc").iterdir():

@@ -105,8 +105,10 @@ def test_export_dcp_reads_back_with_torch_and_imports_bit_exact(tmp_path):
     out = elastune("ckpt", "export", str(tmp_path / "src"), "--format", "dcp", str(tmp_path / "dcp"))
     assert out.returncode == 0, out.stderr
     # torch's own reader, independent of ours, gets the same numbers back.
-    target = {"model": {n[6:]: torch.empty_like(t) for n, t in tensors.items() if n.startswith("model/")},
-              "progress": {"step": torch.tensor(0), "samples_seen": torch.tensor(0)}}  # fmt: skip
+    target = {
+        "model": {n[6:]: torch.empty_like(t) for n, t in tensors.items() if n.startswith("model/")},
+        "progress": {"step": torch.tensor(0), "samples_seen": torch.tensor(0)},
+    }
     dcp.load(target, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
     assert int(target["progress"]["step"]) == 7
     for name, t in target["model"].items():

@@ -62,13 +62,25 @@ def test_tune_refuses_a_job_without_a_search_or_with_a_bad_one_before_starting_a
     bad.write_text(yaml.safe_dump(job))
     result = elastune("tune", str(bad))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "tune.search.schedule.warmup_samples reaches 20000" in result.stderr and "schedule.warmup_samples = 20000" in result.stderr
+    assert (
+        "tune.search.schedule.warmup_samples reaches 20000" in result.stderr
+        and "schedule.warmup_samples = 20000" in result.stderr
+    )
     assert not (tmp_path / "out").exists()  # refused before any search directory
 
 
 def test_help_on_every_command():
-    for args in (["--help"], ["run", "--help"], ["validate", "--help"], ["schema", "--help"], ["data", "prepare", "--help"], ["ckpt", "verify", "--help"],
-                 ["runs", "ls", "--help"], ["report", "--help"], ["tune", "--help"]):  # fmt: skip
+    for args in (
+        ["--help"],
+        ["run", "--help"],
+        ["validate", "--help"],
+        ["schema", "--help"],
+        ["data", "prepare", "--help"],
+        ["ckpt", "verify", "--help"],
+        ["runs", "ls", "--help"],
+        ["report", "--help"],
+        ["tune", "--help"],
+    ):
         result = elastune(*args)
         assert result.returncode == 0 and "usage:" in result.stdout
 
@@ -126,7 +138,9 @@ def test_run_trains_resumes_and_leaves_a_run_directory(quick_job):
     assert [r["step"] for r in rows] == list(range(1, 21))
     for key in ("step", "samples_seen", "loss", "lr", "world_size", "global_batch_size", "step_seconds"):
         assert key in rows[0]
-    assert (run_dirs[0] / "spec.yaml").is_file() and json.loads((run_dirs[0] / "result.json").read_text())["status"] == "succeeded"
+    assert (run_dirs[0] / "spec.yaml").is_file() and json.loads((run_dirs[0] / "result.json").read_text())[
+        "status"
+    ] == "succeeded"
 
     second = elastune("run", str(quick_job), "--workers", "1", "--max-steps", "25", cwd=cwd)
     assert second.returncode == 0, second.stdout + second.stderr
@@ -144,6 +158,9 @@ def test_run_trains_resumes_and_leaves_a_run_directory(quick_job):
     (cwd / "wider.yaml").write_text(yaml.safe_dump(wider))
     refused = elastune("run", "wider.yaml", "--max-steps", "30", cwd=cwd)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stdout + refused.stderr
-    assert "does not fit this job's model: tensor model/blocks.0.ln1.bias has shape [16] in the checkpoint and [24] in the model" in refused.stderr
+    assert (
+        "does not fit this job's model: tensor model/blocks.0.ln1.bias has shape [16] in the checkpoint and [24] in the model"
+        in refused.stderr
+    )
     assert "--fresh" in refused.stderr and "checkpoint.path" in refused.stderr
     assert {p: p.read_bytes() for p in (cwd / "runs" / "quickstart" / "checkpoints").rglob("*") if p.is_file()} == manifests

@@ -34,8 +34,14 @@ def test_a_live_run_that_lost_a_node_exits_0_on_a_ray_start_cluster(tmp_path, st
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_AUTH_MODE": "disabled"}
     with ray_head(num_cpus=1, token=None, nodes=(2, 2, 2)) as url:
-        done = subprocess.run([sys.executable, "-m", "elastune", "run", "job.yaml", "--address", core_address(url)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=400)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "elastune", "run", "job.yaml", "--address", core_address(url)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"Done: step {STEPS}" in done.stdout and done.stderr.strip() == ""
     assert "(raylet)" not in done.stdout and "[state-dump]" not in done.stdout  # the raylets' messages go to the log

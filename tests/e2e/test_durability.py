@@ -26,7 +26,8 @@ SAVE = """
 import torch
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.format import Manifest
-Checkpointer({root!r}).save(Manifest(1, 8, "h", {{}}, {{}}), {{"model/w": torch.arange(3_000_000, dtype=torch.float32), "model/b": torch.ones(5)}})
+tensors = {{"model/w": torch.arange(3_000_000, dtype=torch.float32), "model/b": torch.ones(5)}}
+Checkpointer({root!r}).save(Manifest(1, 8, "h", {{}}, {{}}), tensors)
 """
 
 
@@ -35,8 +36,23 @@ def test_a_commit_fsyncs_payloads_and_the_folder_around_the_manifests_rename(tmp
     if strace is None:
         pytest.skip("strace is not installed (.ci/run installs Debian's strace)")
     root = tmp_path / "root"
-    traced = subprocess.run([strace, "-f", "-y", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2", "-o", str(tmp_path / "trace"),
-                             sys.executable, "-c", SAVE.format(root=str(root))], capture_output=True, text=True, timeout=300)  # fmt: skip
+    traced = subprocess.run(
+        [
+            strace,
+            "-f",
+            "-y",
+            "-e",
+            "trace=fsync,fdatasync,rename,renameat,renameat2",
+            "-o",
+            str(tmp_path / "trace"),
+            sys.executable,
+            "-c",
+            SAVE.format(root=str(root)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if traced.returncode != 0 and "ptrace" in traced.stderr:
         pytest.skip(f"this machine does not allow tracing: {traced.stderr.strip()[:200]}")
     assert traced.returncode == 0, traced.stderr[-2000:]

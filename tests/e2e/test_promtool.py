@@ -27,6 +27,10 @@ def test_the_local_prometheus_config_is_valid(promtool):
 
 
 def test_a_broken_rule_fails_the_check(promtool, tmp_path):
-    broken = (RULES / "elastune.rules.yml").read_text().replace("rate(elastune_samples_total[1m])", "rate(elastune_samples_total[1m]", 1)
+    broken = (
+        (RULES / "elastune.rules.yml")
+        .read_text()
+        .replace("rate(elastune_samples_total[1m])", "rate(elastune_samples_total[1m]", 1)
+    )
     (tmp_path / "broken.yml").write_text(broken)
     assert run(promtool, "check", "rules", "broken.yml", cwd=tmp_path).returncode != 0

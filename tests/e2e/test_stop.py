@@ -24,8 +24,15 @@ from tests.e2e.test_cli import ROOT, elastune
 def start(job: Path) -> subprocess.Popen:
     """`elastune run JOB` in a session of its own, as a terminal runs it (Ctrl-C reaches its group)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen([sys.executable, "-m", "elastune", "run", job.name], cwd=job.parent, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "elastune", "run", job.name],
+        cwd=job.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for_rows(run_root: Path, after: set[Path], count: int, timeout: float = 180) -> Path:
@@ -81,7 +88,11 @@ def test_one_root_one_writer_and_graceful_stops(long_job):
     assert reached == result["steps"] >= 5 and (checkpoints / f"step-{reached:09d}" / "manifest.json").is_file()
     assert [r["step"] for r in rows(run)] == list(range(1, reached + 1))  # every row up to the durable step, none after
     last = out.strip().splitlines()[-1]
-    assert last.startswith(f"Stopped at step {reached}") and f"newest durable checkpoint: step {reached}" in last and "elastune run job.yaml" in last
+    assert (
+        last.startswith(f"Stopped at step {reached}")
+        and f"newest durable checkpoint: step {reached}" in last
+        and "elastune run job.yaml" in last
+    )
     assert not (checkpoints / "LEASE.json").exists()
 
     # The next run resumes there, says what changed, and Ctrl-C (SIGINT to its process group, Ray's
@@ -98,7 +109,10 @@ def test_one_root_one_writer_and_graceful_stops(long_job):
     finally:
         third.kill()
     assert third.returncode == 130, out + err
-    assert f"Resuming from checkpoint step {reached}" in out and "these fields differ from the spec that saved it: optimizer.lr 0.003 -> 0.002" in out
+    assert (
+        f"Resuming from checkpoint step {reached}" in out
+        and "these fields differ from the spec that saved it: optimizer.lr 0.003 -> 0.002" in out
+    )
     resumed = rows(run)
     result = json.loads((run / "result.json").read_text())
     assert resumed[0]["step"] == reached + 1 and resumed[-1]["step"] == result["durable_step"] == result["steps"]

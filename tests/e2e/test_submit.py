@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def elastune(*args: str, env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "elastune", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "elastune", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def client_env(home: Path, token: str | None = None, **extra: str) -> dict[str, str]:
@@ -73,8 +75,17 @@ def long_job(secured, tmp_path_factory, stdlib_dataset):
 def test_bad_spec_is_refused_before_anything_is_submitted(tmp_path, secured, long_job):
     url, token = secured
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"name": "x", "model": {"recipe": "byte_gpt"}, "data": {"path": "d"},
-                                   "batch": {"global_batch_size": 8, "micro_batch_size": 16}, "stop": {"max_steps": 1}}))  # fmt: skip
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "name": "x",
+                "model": {"recipe": "byte_gpt"},
+                "data": {"path": "d"},
+                "batch": {"global_batch_size": 8, "micro_batch_size": 16},
+                "stop": {"max_steps": 1},
+            }
+        )
+    )
     result = elastune("submit", str(bad), "--address", url, env=client_env(tmp_path, token), cwd=tmp_path)
     assert result.returncode == 2 and "batch.micro_batch_size = 16" in result.stderr and "Traceback" not in result.stderr
     listed = elastune("list", "--json", "--address", url, env=client_env(tmp_path, token), cwd=tmp_path)
@@ -100,7 +111,9 @@ def test_the_token_is_required_and_never_printed(tmp_path, secured):
     assert refused.returncode == 4 and "a token was sent and refused" in refused.stderr
     assert wrong not in refused.stdout + refused.stderr and "Traceback" not in refused.stderr
     (tmp_path / "token").write_text(token + "\n")  # a token file, as Ray reads it
-    by_file = elastune("list", "--address", url, env=client_env(tmp_path, RAY_AUTH_TOKEN_PATH=str(tmp_path / "token")), cwd=tmp_path)
+    by_file = elastune(
+        "list", "--address", url, env=client_env(tmp_path, RAY_AUTH_TOKEN_PATH=str(tmp_path / "token")), cwd=tmp_path
+    )
     assert by_file.returncode == 0, by_file.stderr
     assert token not in by_file.stdout + by_file.stderr
     unknown = elastune("status", "no-such-job", "--address", url, env=client_env(tmp_path, token), cwd=tmp_path)
@@ -117,7 +130,9 @@ def test_submit_follows_to_the_end_and_the_same_name_is_idempotent(tmp_path, sec
     plan = json.loads(dry.stdout)
     assert dry.returncode == 0 and plan["address"] == url and plan["address_from"] == "--address"
     assert plan["entrypoint"] == "python -m elastune run job.yaml" and plan["upload"]["files"] == 2  # job.yaml, notes.txt
-    assert ".venv" in plan["runtime_env"]["excludes"] and plan["runtime_env"]["env_vars"]["ELASTUNE_REQUIRE"].startswith("python==3.")
+    assert ".venv" in plan["runtime_env"]["excludes"] and plan["runtime_env"]["env_vars"]["ELASTUNE_REQUIRE"].startswith(
+        "python==3."
+    )
 
     result = elastune("submit", "job.yaml", "--address", url, "--name", "sub-1", env=env, cwd=job.parent)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -150,8 +165,14 @@ def test_a_long_job_is_stopped_and_its_checkpoints_stay(secured, long_job):
         assert time.monotonic() < deadline, elastune("logs", "long-1", "--address", url, env=env, cwd=job.parent).stdout
         time.sleep(0.5)
     # Ctrl-C while following detaches: exit 0, the follow-up commands, the job still running.
-    follow = subprocess.Popen([sys.executable, "-m", "elastune", "logs", "long-1", "--follow", "--address", url],
-                              cwd=job.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "elastune", "logs", "long-1", "--follow", "--address", url],
+        cwd=job.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert follow.stdout.readline()  # following: the job's log has started to arrive
     follow.send_signal(signal.SIGINT)
     out, err = follow.communicate(timeout=30)
@@ -176,8 +197,14 @@ def test_a_long_job_is_stopped_and_its_checkpoints_stay(secured, long_job):
 
 def test_without_token_authentication_a_failing_job_reports_why_and_the_drivers_exit_code(tmp_path, stdlib_dataset):
     """Its model code lives beside the spec (it travels with the job) and raises in training."""
-    job = write_job(tmp_path / "crashy", stdlib_dataset, "crashy", steps=3, model={"factory": "crashy:build"},
-                    scaling={"min_workers": 1, "max_workers": 1, "max_failures": 0})  # fmt: skip
+    job = write_job(
+        tmp_path / "crashy",
+        stdlib_dataset,
+        "crashy",
+        steps=3,
+        model={"factory": "crashy:build"},
+        scaling={"min_workers": 1, "max_workers": 1, "max_failures": 0},
+    )
     (job.parent / "crashy.py").write_text(
         "from elastune.recipes import Recipe\n"
         "from elastune.recipes.byte_gpt import ByteGPT\n"

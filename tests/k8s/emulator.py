@@ -2,7 +2,8 @@
 with the API server behaviour kopf relies on and kmock 0.8 leaves out.
 
 - Creation fills in what an API server adds: the namespace from the URL, a name from
-  generateName, uid, creationTimestamp, generation; every write gets a resourceVersion from one counter (kopf's JSON patches test it).
+  generateName, uid, creationTimestamp, generation; every write gets a resourceVersion from one
+  counter (kopf's JSON patches test it).
 - LIST answers with the current resourceVersion, and a WATCH from a resourceVersion replays only
   the objects written after it (kmock replays everything as new, which makes kopf run handlers
   twice); the watch subscribes before it takes its snapshot, so no write in between is lost.
@@ -39,7 +40,7 @@ class Emulator(kmock.KubernetesEmulator):
                 if request.namespace:
                     meta.setdefault("namespace", request.namespace)
                 meta.setdefault("uid", str(uuid.uuid4()))
-                meta.setdefault("creationTimestamp", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                meta.setdefault("creationTimestamp", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
                 meta.setdefault("generation", 1)
                 meta["resourceVersion"] = rv
             elif isinstance(data, dict):  # a merge patch, to the object or its /status
@@ -53,7 +54,7 @@ class Emulator(kmock.KubernetesEmulator):
         try:
             return await super()._handle(request)
         except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
-            raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc))
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc)) from exc
 
     def _current(self, request):
         key = (request.resource, request.namespace, request.name)
@@ -69,9 +70,14 @@ class Emulator(kmock.KubernetesEmulator):
         since = int(request.params.get("resourceVersion") or 0)
         async with self._lock:  # writes publish under this lock: subscribe and snapshot at once
             mark = await self._buses[request.resource].mark()
-            replay = [obj.raw for (res, ns, _), obj in self.objects.items()
-                      if res == request.resource and not obj.deleted and request.namespace in (None, ns)
-                      and int(obj.raw.get("metadata", {}).get("resourceVersion") or 0) > since]  # fmt: skip
+            replay = [
+                obj.raw
+                for (res, ns, _), obj in self.objects.items()
+                if res == request.resource
+                and not obj.deleted
+                and request.namespace in (None, ns)
+                and int(obj.raw.get("metadata", {}).get("resourceVersion") or 0) > since
+            ]
         for raw in replay:
             yield {"type": "ADDED", "object": raw}
         async for event in mark:
@@ -86,5 +92,7 @@ def emulator(*resources: tuple[str, str, set[str]]) -> Emulator:
     k8s.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=VERBS)
     k8s.resources["v1/events"] = kmock.ResourceInfo(kind="Event", singular="event", namespaced=True, verbs=VERBS)
     for path, kind, subresources in resources:
-        k8s.resources[path] = kmock.ResourceInfo(kind=kind, singular=kind.lower(), namespaced=True, verbs=VERBS, subresources=subresources)
+        k8s.resources[path] = kmock.ResourceInfo(
+            kind=kind, singular=kind.lower(), namespaced=True, verbs=VERBS, subresources=subresources
+        )
     return k8s

@@ -11,8 +11,9 @@ versions of an object and are left out).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import celpy
 import jsonschema
@@ -72,8 +73,11 @@ def json_schema(node: Any) -> Any:
     """OpenAPI v3 (as CRDs write it) -> JSON Schema draft 4 (boolean exclusiveMinimum, as OpenAPI)."""
     if not isinstance(node, dict):
         return node
-    out = {k: json_schema(v) if isinstance(v, dict) else [json_schema(i) for i in v] if k in ("allOf", "anyOf", "oneOf") else v
-           for k, v in node.items() if k not in ("properties", "additionalProperties", "items")}  # fmt: skip
+    out = {
+        k: json_schema(v) if isinstance(v, dict) else [json_schema(i) for i in v] if k in ("allOf", "anyOf", "oneOf") else v
+        for k, v in node.items()
+        if k not in ("properties", "additionalProperties", "items")
+    }
     if node.get("x-kubernetes-int-or-string"):
         out.pop("type", None)
         out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])

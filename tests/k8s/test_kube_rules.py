@@ -17,8 +17,8 @@ from prometheus_client import generate_latest
 from elastune.errors import ElastuneError, SpecError
 from elastune.kube.crd import crd, spec_schema
 from elastune.kube.objects import Owner, Settings, cleanup_job, desired, job_spec, on_volume
-from elastune.kube.trust import Egress, deletable_root, image_allowed
 from elastune.kube.status import next_status, phase_of, progress_of
+from elastune.kube.trust import Egress, deletable_root, image_allowed
 from elastune.metrics.exporter import RunMetrics
 from tests.k8s.schemas import Invalid, validate
 
@@ -42,16 +42,25 @@ def test_the_schema_is_structural():
     nodes = list(walk(spec_schema()))
     assert len(nodes) > 100
     for path, node in nodes:
-        assert node.get("type") or node.get("x-kubernetes-preserve-unknown-fields") or node.get("x-kubernetes-int-or-string"), path
+        assert node.get("type") or node.get("x-kubernetes-preserve-unknown-fields") or node.get("x-kubernetes-int-or-string"), (
+            path
+        )
         assert not (node.get("type") and node.get("x-kubernetes-int-or-string")), path
         assert not {"$ref", "$defs", "default", "const", "prefixItems", *JUNCTORS} & set(node), (path, set(node))
         assert not ("properties" in node and "additionalProperties" in node), path
-        assert isinstance(node.get("exclusiveMinimum", False), bool) and isinstance(node.get("exclusiveMaximum", False), bool), path
+        assert isinstance(node.get("exclusiveMinimum", False), bool) and isinstance(node.get("exclusiveMaximum", False), bool), (
+            path
+        )
     assert crd()["spec"]["versions"][0]["subresources"] == {"status": {}}
 
 
 def resource(spec: dict) -> dict:
-    return {"apiVersion": "elastune.io/v1alpha1", "kind": "ElastuneJob", "metadata": {"name": "j", "namespace": "team-a"}, "spec": spec}
+    return {
+        "apiVersion": "elastune.io/v1alpha1",
+        "kind": "ElastuneJob",
+        "metadata": {"name": "j", "namespace": "team-a"},
+        "spec": spec,
+    }
 
 
 SHIPPED = sorted(ROOT.glob("jobs/*.yaml")) + sorted(ROOT.glob("k8s/**/jobs/*.yaml"))
@@ -71,10 +80,16 @@ REFUSED = {  # what the CRD refuses, and what its refusal names
     "a count as text": (lambda s: s["batch"].update(global_batch_size="32"), "global_batch_size"),
     "below a minimum": (lambda s: s["batch"].update(micro_batch_size=0), "micro_batch_size"),
     "an unknown schedule": (lambda s: s["schedule"].update(name="step"), "schedule.name"),
-    "a field of another schedule": (lambda s: s.update(schedule={"name": "cosine", "decay_fraction": 0.2}), "decay_fraction applies only with name wsd"),
+    "a field of another schedule": (
+        lambda s: s.update(schedule={"name": "cosine", "decay_fraction": 0.2}),
+        "decay_fraction applies only with name wsd",
+    ),
     "a schedule without what it needs": (lambda s: s.update(schedule={"name": "cyclical"}), "name cyclical needs cycle_samples"),
     "two model kinds": (lambda s: s["model"].update(factory="pkg.mod:fn"), "exactly one of recipe, factory"),
-    "a fault's field on another": (lambda s: s.update(faults=[{"action": "kill_rank", "rank": 0, "at_step": 3, "seconds": 2}]), "seconds applies only with action delay_rank"),
+    "a fault's field on another": (
+        lambda s: s.update(faults=[{"action": "kill_rank", "rank": 0, "at_step": 3, "seconds": 2}]),
+        "seconds applies only with action delay_rank",
+    ),
     "a worker pod quantity": (lambda s: s.update(cluster={"workers": {"cpu": "two"}}), "cpu"),
     "suspend as text": (lambda s: s.update(suspend="yes"), "suspend"),
 }
@@ -126,7 +141,9 @@ def test_worker_pods_are_sized_from_the_scaling_section():
         groups({**gpu, "cluster": {"workers": {"cpu": "8"}}})
     group = groups({**gpu, "cluster": {"workers": {"cpu": "8", "gpu": 1}, "storage": {"credentialsSecret": "s3-creds"}}})
     container = group["template"]["spec"]["containers"][0]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 and container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 and container["envFrom"] == [
+        {"secretRef": {"name": "s3-creds"}}
+    ]
     assert group["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
 
 
@@ -137,29 +154,37 @@ def test_the_head_trains_nothing_but_hosts_live_recoverys_lighthouse():
     assert head({**spec, "scaling": {**spec["scaling"], "recovery": "live"}}) == "1"
 
 
-@pytest.mark.parametrize("status, suspend, phase", [
-    (None, False, "Pending"),
-    (None, True, "Suspended"),
-    ({"jobDeploymentStatus": "Initializing"}, False, "Starting"),
-    ({"jobDeploymentStatus": "Running", "jobStatus": "PENDING"}, False, "Starting"),
-    ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, False, "Running"),
-    ({"jobDeploymentStatus": "Suspending", "jobStatus": "RUNNING"}, True, "Suspended"),
-    ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, False, "Succeeded"),
-    ({"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}, False, "Failed"),
-    ({"jobDeploymentStatus": "Failed"}, False, "Failed"),
-    ({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}, False, "Stopped"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "status, suspend, phase",
+    [
+        (None, False, "Pending"),
+        (None, True, "Suspended"),
+        ({"jobDeploymentStatus": "Initializing"}, False, "Starting"),
+        ({"jobDeploymentStatus": "Running", "jobStatus": "PENDING"}, False, "Starting"),
+        ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, False, "Running"),
+        ({"jobDeploymentStatus": "Suspending", "jobStatus": "RUNNING"}, True, "Suspended"),
+        ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, False, "Succeeded"),
+        ({"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}, False, "Failed"),
+        ({"jobDeploymentStatus": "Failed"}, False, "Failed"),
+        ({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"}, False, "Stopped"),
+    ],
+)
 def test_phase_follows_kuberay(status, suspend, phase):
     assert phase_of(status, suspend)[0] == phase
 
 
 def test_status_keeps_progress_and_transition_times():
-    running = {"metadata": {"name": "j"}, "status": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "rayClusterName": "j-abc"}}
+    running = {
+        "metadata": {"name": "j"},
+        "status": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "rayClusterName": "j-abc"},
+    }
     first = next_status(None, running, False, {"step": 10, "samples": 320}, 1, "T1")
     again = next_status(first, running, False, None, 1, "T2")  # a scrape that failed: progress stays
     assert (again["step"], again["samples"], again["phase"]) == (10, 320, "Running")
     assert {c["type"]: c["lastTransitionTime"] for c in again["conditions"]}["Running"] == "T1"
-    done = next_status(again, {**running, "status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}}, False, None, 1, "T3")
+    done = next_status(
+        again, {**running, "status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}}, False, None, 1, "T3"
+    )
     times = {c["type"]: (c["status"], c["lastTransitionTime"]) for c in done["conditions"]}
     assert times["Running"] == ("False", "T3") and times["Succeeded"] == ("True", "T3") and times["Failed"] == ("False", "T1")
 
@@ -167,8 +192,19 @@ def test_status_keeps_progress_and_transition_times():
 def test_progress_counts_from_the_start_of_training_not_of_this_run():
     """A run resumed at step 200 has done 3 steps itself; the status says 203."""
     metrics = RunMetrics("j", "resumed")
-    rows = [{"step": s, "samples_seen": 32 * s, "loss": 2.0, "lr": 1e-3, "world_size": 2, "global_batch_size": 32,
-             "micro_batches": [2, 2], "step_seconds": 0.1} for s in (201, 202, 203)]  # fmt: skip
+    rows = [
+        {
+            "step": s,
+            "samples_seen": 32 * s,
+            "loss": 2.0,
+            "lr": 1e-3,
+            "world_size": 2,
+            "global_batch_size": 32,
+            "micro_batches": [2, 2],
+            "step_seconds": 0.1,
+        }
+        for s in (201, 202, 203)
+    ]
     metrics.observe(rows, [])
     progress = progress_of(generate_latest(metrics.registry).decode())
     assert (progress["step"], progress["samples"], progress["worldSize"], progress["failuresSurvived"]) == (203, 203 * 32, 2, 0)
@@ -203,7 +239,9 @@ def resolved_inside(location: str, prefix: str) -> bool:
     return stack[: len(want)] == want
 
 
-@pytest.mark.parametrize("base, prefix", [("/mnt/elastune/checkpoints/team-a", VOLUME_PREFIX), ("s3://bucket/elastune/team-a", URI_PREFIX)])
+@pytest.mark.parametrize(
+    "base, prefix", [("/mnt/elastune/checkpoints/team-a", VOLUME_PREFIX), ("s3://bucket/elastune/team-a", URI_PREFIX)]
+)
 def test_delete_on_finish_stays_inside_the_jobs_own_prefix_generated(base, prefix):
     """Every path of up to three segments from SEGMENTS below the namespace's folder: accepted
     exactly when the reference resolves it inside the job's prefix, and then to that resolution."""
@@ -261,7 +299,7 @@ DELETABLE = [  # (checkpoint.path as written, the root ckpt clear gets, or None:
 ]
 
 
-@pytest.mark.parametrize("path, root", DELETABLE, ids=lambda v: str(v))
+@pytest.mark.parametrize("path, root", DELETABLE, ids=str)
 def test_delete_on_finish_is_refused_outside_the_jobs_own_prefix(path, root):
     spec = _quickstart()
     spec["checkpoint"] = {**spec["checkpoint"], "deleteOnFinish": True, **({"path": path} if path else {})}
@@ -291,19 +329,22 @@ def test_object_store_deletion_needs_the_operators_prefix():
     desired(OWNER, spec, Settings())
 
 
-@pytest.mark.parametrize("template, problem", [
-    ("s3://bucket/elastune/{namespace}/{name}", None),
-    ("gs://bucket/{namespace}/jobs/{name}/", None),
-    ("s3://bucket/elastune/{name}", "{namespace} once"),
-    ("s3://bucket/elastune/{namespace}", "{name} once"),
-    ("s3://bucket/elastune/{namespace}-{name}", "as a whole component"),  # ns a-b/job c and ns a/job b-c would share one
-    ("s3://{namespace}/{name}/x", "{namespace} once"),
-    ("/mnt/elastune/{namespace}/{name}", "object-store URI"),
-    ("file:///data/{namespace}/{name}", "object-store URI"),
-    ("s3://bucket/../{namespace}/{name}", "no '.', '..'"),
-    ("s3://bucket/x?region=eu/{namespace}/{name}", "no '?'"),
-    ("s3://bucket/{namespace}/{name}/{job}", "the only fields"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "template, problem",
+    [
+        ("s3://bucket/elastune/{namespace}/{name}", None),
+        ("gs://bucket/{namespace}/jobs/{name}/", None),
+        ("s3://bucket/elastune/{name}", "{namespace} once"),
+        ("s3://bucket/elastune/{namespace}", "{name} once"),
+        ("s3://bucket/elastune/{namespace}-{name}", "as a whole component"),  # ns a-b/job c and ns a/job b-c would share one
+        ("s3://{namespace}/{name}/x", "{namespace} once"),
+        ("/mnt/elastune/{namespace}/{name}", "object-store URI"),
+        ("file:///data/{namespace}/{name}", "object-store URI"),
+        ("s3://bucket/../{namespace}/{name}", "no '.', '..'"),
+        ("s3://bucket/x?region=eu/{namespace}/{name}", "no '?'"),
+        ("s3://bucket/{namespace}/{name}/{job}", "the only fields"),
+    ],
+)
 def test_the_checkpoint_prefix_template_is_checked(template, problem):
     if problem is None:
         assert Settings.from_env({"ELASTUNE_CHECKPOINT_PREFIX": template}).checkpoint_prefix == template.rstrip("/")
@@ -338,7 +379,7 @@ IMAGES = [  # (image, admitted by ALLOWED)
 ]
 
 
-@pytest.mark.parametrize("image, admitted", IMAGES, ids=lambda v: str(v))
+@pytest.mark.parametrize("image, admitted", IMAGES, ids=str)
 def test_the_image_allowlist_matches_whole_components(image, admitted):
     assert image_allowed(image, ALLOWED) is admitted
     assert image_allowed(image, ()) is True  # no allowlist: any image
@@ -352,31 +393,39 @@ def test_the_image_allowlist_matches_whole_components(image, admitted):
 
 
 def test_image_allowlist_settings():
-    settings = Settings.from_env({"ELASTUNE_ALLOWED_IMAGES": " registry.example.com/elastune/ , elastune,", "ELASTUNE_IMAGE": "elastune:0.1.0"})
+    settings = Settings.from_env(
+        {"ELASTUNE_ALLOWED_IMAGES": " registry.example.com/elastune/ , elastune,", "ELASTUNE_IMAGE": "elastune:0.1.0"}
+    )
     assert settings.allowed_images == ("registry.example.com/elastune", "elastune")
     assert Settings.from_env({"ELASTUNE_ALLOWED_IMAGES": ""}).allowed_images == ()
     with pytest.raises(ElastuneError, match="ELASTUNE_IMAGE 'elastune:0.1.0' is not admitted"):
         Settings.from_env({"ELASTUNE_ALLOWED_IMAGES": "registry.example.com/elastune"})  # the default image, refused
     spec = _quickstart()  # no image: the operator's, checked like any
     refusing = Settings(image="registry.example.com/elastune:1", allowed_images=("registry.example.com/elastune",))
-    assert desired(OWNER, spec, refusing)[2]["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"] == "registry.example.com/elastune:1"
+    assert (
+        desired(OWNER, spec, refusing)[2]["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"]
+        == "registry.example.com/elastune:1"
+    )
     spec["checkpoint"] = {"deleteOnFinish": True}
     assert cleanup_job(OWNER, {**spec, "cluster": {"image": "registry.example.com/elastune:2"}}, refusing)
     with pytest.raises(SpecError, match="spec.cluster.image"):
         cleanup_job(OWNER, {**spec, "cluster": {"image": "evil.io/elastune:1"}}, refusing)  # no clean-up in another image
 
 
-@pytest.mark.parametrize("value, parsed", [
-    ("10.0.0.0/8:9000,0.0.0.0/0:443", (Egress("10.0.0.0/8", 9000), Egress("0.0.0.0/0", 443))),
-    (" 10.1.2.3/32 , ::/0:443, fd00::/8", (Egress("10.1.2.3/32"), Egress("::/0", 443), Egress("fd00::/8"))),
-    ("10.1.2.3/8:9000", (Egress("10.0.0.0/8", 9000),)),
-    ("none", ()),
-    ("10.0.0.0:9000", "not CIDR[:PORT]"),
-    ("10.0.0.0/8:0", "outside 1..65535"),
-    ("10.0.0.0/8:http", "not CIDR[:PORT]"),
-    ("10.0.0.300/8", "not CIDR[:PORT]"),
-    ("minio.example.com/32:9000", "not CIDR[:PORT]"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "value, parsed",
+    [
+        ("10.0.0.0/8:9000,0.0.0.0/0:443", (Egress("10.0.0.0/8", 9000), Egress("0.0.0.0/0", 443))),
+        (" 10.1.2.3/32 , ::/0:443, fd00::/8", (Egress("10.1.2.3/32"), Egress("::/0", 443), Egress("fd00::/8"))),
+        ("10.1.2.3/8:9000", (Egress("10.0.0.0/8", 9000),)),
+        ("none", ()),
+        ("10.0.0.0:9000", "not CIDR[:PORT]"),
+        ("10.0.0.0/8:0", "outside 1..65535"),
+        ("10.0.0.0/8:http", "not CIDR[:PORT]"),
+        ("10.0.0.300/8", "not CIDR[:PORT]"),
+        ("minio.example.com/32:9000", "not CIDR[:PORT]"),
+    ],
+)
 def test_storage_egress_settings(value, parsed):
     if isinstance(parsed, str):
         with pytest.raises(ElastuneError, match=rf"ELASTUNE_STORAGE_EGRESS entry .*{re.escape(parsed)}"):
@@ -397,15 +446,22 @@ def test_egress_is_dns_the_jobs_own_ray_pods_and_storage():
     assert all(rule.get("to") for rule in policy["egress"]), "an egress rule without `to` opens every address"
     assert policy["egress"] == [
         {"to": [{"podSelector": {"matchLabels": OWNER.labels("ray")}}]},
-        {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}],
-         "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+        {
+            "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}],
+            "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+        },
         {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"protocol": "TCP", "port": 9000}]},
-    ]  # fmt: skip
+    ]
     default = _policy(spec, Settings())["egress"][2:]
-    assert [r["to"][0]["ipBlock"]["cidr"] for r in default] == ["0.0.0.0/0", "::/0"] and {r["ports"][0]["port"] for r in default} == {443}
+    assert [r["to"][0]["ipBlock"]["cidr"] for r in default] == ["0.0.0.0/0", "::/0"] and {
+        r["ports"][0]["port"] for r in default
+    } == {443}
     assert _policy(spec, Settings.from_env({"ELASTUNE_STORAGE_EGRESS": "none"}))["egress"][2:] == []
     nodelocal = _policy(spec, Settings.from_env({"ELASTUNE_DNS_EGRESS": "169.254.20.10/32"}))["egress"][1]
-    assert nodelocal["to"][1:] == [{"ipBlock": {"cidr": "169.254.20.10/32"}}] and nodelocal["ports"][0] == {"protocol": "UDP", "port": 53}
+    assert nodelocal["to"][1:] == [{"ipBlock": {"cidr": "169.254.20.10/32"}}] and nodelocal["ports"][0] == {
+        "protocol": "UDP",
+        "port": 53,
+    }
     with pytest.raises(ElastuneError, match="ELASTUNE_DNS_EGRESS takes CIDRs without a port"):
         Settings.from_env({"ELASTUNE_DNS_EGRESS": "169.254.20.10/32:53"})
 
@@ -427,4 +483,6 @@ def test_only_an_autoscaled_cluster_reaches_the_api_and_only_its_sidecar_holds_a
     fixed = desired(OWNER, {**spec, "scaling": {"min_workers": 2, "max_workers": 2, "cpus_per_worker": 1}}, Settings())
     assert all(r["ports"][0]["port"] != 6443 for r in fixed[1]["spec"]["egress"][2:])
     assert "autoscalerOptions" not in fixed[2]["spec"]["rayClusterSpec"]
-    assert all(v["name"] != "kube-api-access" for v in fixed[2]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"])
+    assert all(
+        v["name"] != "kube-api-access" for v in fixed[2]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"]
+    )

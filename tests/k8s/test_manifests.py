@@ -41,7 +41,9 @@ def pod_templates(obj: dict) -> list[dict]:
     if obj["kind"] == "RayCluster":
         return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
     if obj["kind"] == "RayJob":
-        return [spec["submitterPodTemplate"]] + (pod_templates({"kind": "RayCluster", "spec": spec["rayClusterSpec"]}) if "rayClusterSpec" in spec else [])
+        return [spec["submitterPodTemplate"]] + (
+            pod_templates({"kind": "RayCluster", "spec": spec["rayClusterSpec"]}) if "rayClusterSpec" in spec else []
+        )
     return []
 
 
@@ -60,13 +62,48 @@ def _break(objects, kind, name, edit):
 
 
 BROKEN = {  # case: (kind, name, the edit, what the refusal names)
-    "misspelled RayCluster field": ("RayCluster", "elastune", lambda o: o["spec"]["workerGroupSpecs"][0].update(maxReplica=4), "'maxReplica' was unexpected"),
-    "RayCluster replicas as text": ("RayCluster", "elastune", lambda o: o["spec"]["workerGroupSpecs"][0].update(minReplicas="one"), "minReplicas"),
-    "RayCluster auth mode": ("RayCluster", "elastune", lambda o: o["spec"]["authOptions"].update(mode="password"), "authOptions.mode"),
-    "RayJob deletion rule (CEL)": ("RayJob", "elastune-quickstart", lambda o: o["spec"].update(deletionStrategy={"onSuccess": {"policy": "DeleteCluster"}}), "deletionStrategy"),
-    "Deployment replicas as text": ("Deployment", "elastune-operator", lambda o: o["spec"].update(replicas="one"), "spec.replicas"),
-    "container field unknown": ("Deployment", "elastune-operator", lambda o: o["spec"]["template"]["spec"]["containers"][0].update(imagePolicy="Always"), "imagePolicy"),
-    "NetworkPolicy port as list": ("NetworkPolicy", "elastune-ray", lambda o: o["spec"]["ingress"][1]["ports"][0].update(port=[8265]), "port"),
+    "misspelled RayCluster field": (
+        "RayCluster",
+        "elastune",
+        lambda o: o["spec"]["workerGroupSpecs"][0].update(maxReplica=4),
+        "'maxReplica' was unexpected",
+    ),
+    "RayCluster replicas as text": (
+        "RayCluster",
+        "elastune",
+        lambda o: o["spec"]["workerGroupSpecs"][0].update(minReplicas="one"),
+        "minReplicas",
+    ),
+    "RayCluster auth mode": (
+        "RayCluster",
+        "elastune",
+        lambda o: o["spec"]["authOptions"].update(mode="password"),
+        "authOptions.mode",
+    ),
+    "RayJob deletion rule (CEL)": (
+        "RayJob",
+        "elastune-quickstart",
+        lambda o: o["spec"].update(deletionStrategy={"onSuccess": {"policy": "DeleteCluster"}}),
+        "deletionStrategy",
+    ),
+    "Deployment replicas as text": (
+        "Deployment",
+        "elastune-operator",
+        lambda o: o["spec"].update(replicas="one"),
+        "spec.replicas",
+    ),
+    "container field unknown": (
+        "Deployment",
+        "elastune-operator",
+        lambda o: o["spec"]["template"]["spec"]["containers"][0].update(imagePolicy="Always"),
+        "imagePolicy",
+    ),
+    "NetworkPolicy port as list": (
+        "NetworkPolicy",
+        "elastune-ray",
+        lambda o: o["spec"]["ingress"][1]["ports"][0].update(port=[8265]),
+        "port",
+    ),
     "Role without verbs": ("Role", "elastune-operator", lambda o: o["rules"][0].pop("verbs"), "verbs"),
 }
 
@@ -106,7 +143,9 @@ def test_rbac_is_namespaced_and_least_privilege(objects):
     binding = objects[("RoleBinding", "elastune-operator")]
     sa = objects[("ServiceAccount", "elastune-operator")]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "elastune"}]
-    assert objects[("Deployment", "elastune-operator")]["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+    assert (
+        objects[("Deployment", "elastune-operator")]["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+    )
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "k8s" / "examples").glob("*.yaml")), ids=lambda p: p.name)
@@ -129,7 +168,9 @@ def test_the_image_holds_what_the_manifests_run(objects):
 
 
 def test_the_crd_file_is_the_generated_one():
-    assert (ROOT / "k8s" / "operator" / "crd.yaml").read_text() == crd_yaml(), "run `elastune schema --crd > k8s/operator/crd.yaml`"
+    assert (ROOT / "k8s" / "operator" / "crd.yaml").read_text() == crd_yaml(), (
+        "run `elastune schema --crd > k8s/operator/crd.yaml`"
+    )
 
 
 def test_dashboards_are_the_ones_in_dashboards():
@@ -169,8 +210,11 @@ def test_the_pieces_fit(objects):
     assert {head_ports["dashboard"], head_ports["metrics"], head_ports["elastune-metrics"]} <= opened
     job = objects[("RayJob", "elastune-quickstart")]
     client = job["spec"]["submitterPodTemplate"]["metadata"]["labels"]
-    assert any(f.get("podSelector", {}).get("matchLabels", {}).items() <= client.items() and f.get("podSelector")
-               for rule in policy["spec"]["ingress"] for f in rule["from"])  # fmt: skip
+    assert any(
+        f.get("podSelector", {}).get("matchLabels", {}).items() <= client.items() and f.get("podSelector")
+        for rule in policy["spec"]["ingress"]
+        for f in rule["from"]
+    )
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
 
     mounts = {m["name"]: m["mountPath"] for m in head["spec"]["containers"][0]["volumeMounts"]}
@@ -208,19 +252,36 @@ def test_egress_is_limited_to_dns_ray_and_named_ports(objects):
     assert sorted(policies) == ["elastune-job-helpers", "elastune-ray"]
     for name, policy in policies.items():
         assert "Egress" in policy["policyTypes"], name
-        assert policy["egress"] and all(rule.get("to") for rule in policy["egress"]), f"{name}: a rule without `to` ({{}} included) opens every address"
-        assert any(r["to"] == DNS and r["ports"] == [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}] for r in policy["egress"]), name
+        assert policy["egress"] and all(rule.get("to") for rule in policy["egress"]), (
+            f"{name}: a rule without `to` ({{}} included) opens every address"
+        )
+        assert any(
+            r["to"] == DNS and r["ports"] == [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+            for r in policy["egress"]
+        ), name
         for rule in policy["egress"]:
             if any("ipBlock" in peer for peer in rule["to"]):
                 assert rule.get("ports"), f"{name}: an address block is open on named ports only: {rule}"
     ray = policies["elastune-ray"]
     assert {"to": [{"podSelector": ray["podSelector"]}]} in ray["egress"], "Ray pods reach each other on every port"
-    opened = {(peer["ipBlock"]["cidr"], port["port"]) for r in ray["egress"] for peer in r["to"] if "ipBlock" in peer for port in r["ports"]}
+    opened = {
+        (peer["ipBlock"]["cidr"], port["port"])
+        for r in ray["egress"]
+        for peer in r["to"]
+        if "ipBlock" in peer
+        for port in r["ports"]
+    }
     assert opened == {(c, p) for c in ("0.0.0.0/0", "::/0") for p in (443, 6443)}  # storage; the autoscaler's API server
     # The operator's own settings say the same for ElastuneJobs: its Deployment's values are valid and match.
     operator = objects[("Deployment", "elastune-operator")]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in operator["env"] if "value" in e}
-    assert {"ELASTUNE_ALLOWED_IMAGES", "ELASTUNE_CHECKPOINT_PREFIX", "ELASTUNE_STORAGE_EGRESS", "ELASTUNE_KUBE_API_EGRESS", "ELASTUNE_DNS_EGRESS"} <= set(env)
+    assert {
+        "ELASTUNE_ALLOWED_IMAGES",
+        "ELASTUNE_CHECKPOINT_PREFIX",
+        "ELASTUNE_STORAGE_EGRESS",
+        "ELASTUNE_KUBE_API_EGRESS",
+        "ELASTUNE_DNS_EGRESS",
+    } <= set(env)
     settings = Settings.from_env(env)
     assert (settings.storage_egress, settings.kube_api_egress) == (Settings().storage_egress, Settings().kube_api_egress)
     assert {(e.cidr, e.port) for e in settings.storage_egress + settings.kube_api_egress} == opened
@@ -243,7 +304,9 @@ def test_only_the_autoscaler_sidecar_holds_a_token(objects):
     head = cluster["headGroupSpec"]["template"]["spec"]
     volume = {v["name"]: v for v in head["volumes"]}[mount["name"]]
     assert mount["mountPath"] == TOKEN_PATH and mount["readOnly"] is True
-    assert [s for s in volume["projected"]["sources"] if "serviceAccountToken" in s] == [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]
+    assert [s for s in volume["projected"]["sources"] if "serviceAccountToken" in s] == [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}
+    ]
     for obj in objects.values():
         for t in pod_templates(obj):
             mounted = [m["mountPath"] for c in t["spec"]["containers"] for m in c.get("volumeMounts", [])]

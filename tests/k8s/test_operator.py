@@ -36,7 +36,13 @@ from tests.k8s.schemas import Invalid, validate
 
 ROOT = Path(__file__).resolve().parents[2]
 NS = "elastune"
-EJ, RJ, CM, NP, JOB = "elastune.io/v1alpha1/elastunejobs", "ray.io/v1/rayjobs", "v1/configmaps", "networking.k8s.io/v1/networkpolicies", "batch/v1/jobs"
+EJ, RJ, CM, NP, JOB = (
+    "elastune.io/v1alpha1/elastunejobs",
+    "ray.io/v1/rayjobs",
+    "v1/configmaps",
+    "networking.k8s.io/v1/networkpolicies",
+    "batch/v1/jobs",
+)
 MERGE = {"Content-Type": "application/merge-patch+json"}
 SETTINGS = {  # on top of the Deployment's environment; every case below runs under these
     "ELASTUNE_IMAGE": "registry.example/elastune:test",
@@ -54,7 +60,12 @@ def quickstart(**extra) -> dict:
 
 
 def resource(name: str, spec: dict) -> dict:
-    return {"apiVersion": "elastune.io/v1alpha1", "kind": "ElastuneJob", "metadata": {"name": name, "namespace": NS}, "spec": spec}
+    return {
+        "apiVersion": "elastune.io/v1alpha1",
+        "kind": "ElastuneJob",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    }
 
 
 class Head:
@@ -101,9 +112,14 @@ def operator_env() -> dict[str, str]:
 def operator_command(liveness_port: int) -> list[str]:
     """The Deployment's command, run from this checkout instead of the image's /opt/elastune."""
     command = _operator_container()["command"]
-    swap = {"$(POD_NAMESPACE)": NS, "0.0.0.0:8081": f"127.0.0.1:{liveness_port}", "/opt/elastune/operators": str(ROOT / "operators")}
+    swap = {
+        "$(POD_NAMESPACE)": NS,
+        "0.0.0.0:8081": f"127.0.0.1:{liveness_port}",
+        "/opt/elastune/operators": str(ROOT / "operators"),
+    }
     out = []
-    for arg in command:
+    for word in command:
+        arg = word
         for old, new in swap.items():
             arg = arg.replace(old, new)
         out.append(arg)
@@ -122,7 +138,10 @@ async def eventually(check, what: str, timeout: float = 15.0):
 def test_operator_end_to_end(head, tmp_path):
     requests = asyncio.run(_scenario(head, tmp_path))
     allowed = _role_rules()
-    made = {(r.resource.group or "", r.resource.plural + (f"/{r.subresource}" if r.subresource else ""), VERB[r.action]) for r in requests}
+    made = {
+        (r.resource.group or "", r.resource.plural + (f"/{r.subresource}" if r.subresource else ""), VERB[r.action])
+        for r in requests
+    }
     assert ("ray.io", "rayjobs", "create") in made and ("elastune.io", "elastunejobs/status", "patch") in made
     refused = sorted(m for m in made if not any(m[0] in g and m[1] in res and m[2] in verbs for g, res, verbs in allowed))
     assert not refused, f"the operator made requests its Role does not allow: {refused}"
@@ -130,8 +149,14 @@ def test_operator_end_to_end(head, tmp_path):
     assert granted == made, f"least privilege: the Role grants what the operator used, no more: {granted - made}"
 
 
-VERB = {kmock.action.LIST: "list", kmock.action.WATCH: "watch", kmock.action.FETCH: "get", kmock.action.CREATE: "create",
-        kmock.action.UPDATE: "patch", kmock.action.DELETE: "delete"}  # fmt: skip
+VERB = {
+    kmock.action.LIST: "list",
+    kmock.action.WATCH: "watch",
+    kmock.action.FETCH: "get",
+    kmock.action.CREATE: "create",
+    kmock.action.UPDATE: "patch",
+    kmock.action.DELETE: "delete",
+}
 
 
 def _role_rules():
@@ -140,24 +165,45 @@ def _role_rules():
 
 
 async def _scenario(head: Head, tmp_path: Path):
-    k8s = emulator((EJ, "ElastuneJob", {"status"}), (RJ, "RayJob", {"status"}), (CM, "ConfigMap", set()),
-                   (NP, "NetworkPolicy", set()), (JOB, "Job", set()))  # fmt: skip
+    k8s = emulator(
+        (EJ, "ElastuneJob", {"status"}),
+        (RJ, "RayJob", {"status"}),
+        (CM, "ConfigMap", set()),
+        (NP, "NetworkPolicy", set()),
+        (JOB, "Job", set()),
+    )
     async with k8s, kmock.Server(k8s) as server:
         kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": str(server.url)}}],
-            "users": [{"name": "operator", "user": {}}],
-            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "operator", "namespace": NS}}],
-        }))  # fmt: skip
-        env = {**os.environ, **operator_env(), **SETTINGS, "KUBECONFIG": str(kubeconfig), "ELASTUNE_METRICS_URL": head.url,
-               "PYTHONPATH": str(ROOT)}  # fmt: skip
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "emulator",
+                    "clusters": [{"name": "emulator", "cluster": {"server": str(server.url)}}],
+                    "users": [{"name": "operator", "user": {}}],
+                    "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "operator", "namespace": NS}}],
+                }
+            )
+        )
+        env = {
+            **os.environ,
+            **operator_env(),
+            **SETTINGS,
+            "KUBECONFIG": str(kubeconfig),
+            "ELASTUNE_METRICS_URL": head.url,
+            "PYTHONPATH": str(ROOT),
+        }
         liveness = free_port()
         with (tmp_path / "operator.log").open("w") as log:
-            operator = await asyncio.create_subprocess_exec(*operator_command(liveness), env=env, stdout=log, stderr=subprocess.STDOUT)
+            operator = await asyncio.create_subprocess_exec(
+                *operator_command(liveness), env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         try:
             async with aiohttp.ClientSession(str(server.url)) as http:
-                await eventually(lambda: operator.returncode is not None or alive(liveness), "the operator's liveness endpoint", 30)
+                await eventually(
+                    lambda: operator.returncode is not None or alive(liveness), "the operator's liveness endpoint", 30
+                )
                 assert operator.returncode is None, (tmp_path / "operator.log").read_text()
                 await _steps(k8s, http, head)
         except BaseException:
@@ -168,7 +214,13 @@ async def _scenario(head: Head, tmp_path: Path):
                 operator.terminate()
             await asyncio.wait_for(operator.wait(), 15)
         assert operator.returncode in (0, -signal.SIGTERM), (tmp_path / "operator.log").read_text()
-        return [r for r in k8s if r.resource is not None and r.resource.plural and r.headers.get("User-Agent", "").startswith(("kopf/", "elastune-operator"))]
+        return [
+            r
+            for r in k8s
+            if r.resource is not None
+            and r.resource.plural
+            and r.headers.get("User-Agent", "").startswith(("kopf/", "elastune-operator"))
+        ]
 
 
 def alive(port: int) -> bool:
@@ -207,8 +259,16 @@ async def _steps(k8s, http: aiohttp.ClientSession, head: Head) -> None:
     for res, name in ((RJ, "quickstart"), (CM, "quickstart-spec"), (NP, "quickstart-ray")):
         obj = await eventually(lambda: get(res, name), name)
         ref = obj["metadata"]["ownerReferences"]
-        assert ref == [{"apiVersion": "elastune.io/v1alpha1", "kind": "ElastuneJob", "name": "quickstart",
-                        "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]  # fmt: skip
+        assert ref == [
+            {
+                "apiVersion": "elastune.io/v1alpha1",
+                "kind": "ElastuneJob",
+                "name": "quickstart",
+                "uid": owner["metadata"]["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
         validate({k: v for k, v in obj.items() if k != "status"})
     spec = validate_spec(yaml.safe_load(get(CM, "quickstart-spec")["data"]["job.yaml"]), source="job.yaml")
     assert spec.name == "quickstart" and spec.checkpoint_path == f"/mnt/elastune/checkpoints/{NS}/quickstart"
@@ -224,28 +284,68 @@ async def _steps(k8s, http: aiohttp.ClientSession, head: Head) -> None:
     await eventually(lambda: status("quickstart").get("phase") == "Pending", "phase Pending")
 
     # 2. KubeRay reports the job running; the run's metrics say how far it got.
-    head.metrics.observe([{"step": 250 + i, "samples_seen": 32 * (250 + i), "loss": 2.5, "lr": 1e-3, "world_size": 3, "global_batch_size": 32,
-                           "micro_batches": [2, 1, 1], "step_seconds": 0.1} for i in (1, 2)],
-                         [{"kind": "checkpoint", "time": 1_790_000_000.0, "step": 200, "seconds": 0.2, "bytes": 10},
-                          {"kind": "recovery", "time": 1.0, "mttr_seconds": 2.0, "lost_steps": 0, "lost_samples": 0}])  # fmt: skip
-    await call("PATCH", RJ, "quickstart", {"status": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING",
-                                                      "rayClusterName": "quickstart-x7k2p", "dashboardURL": "quickstart-x7k2p-head-svc:8265"}}, "status")  # fmt: skip
+    head.metrics.observe(
+        [
+            {
+                "step": 250 + i,
+                "samples_seen": 32 * (250 + i),
+                "loss": 2.5,
+                "lr": 1e-3,
+                "world_size": 3,
+                "global_batch_size": 32,
+                "micro_batches": [2, 1, 1],
+                "step_seconds": 0.1,
+            }
+            for i in (1, 2)
+        ],
+        [
+            {"kind": "checkpoint", "time": 1_790_000_000.0, "step": 200, "seconds": 0.2, "bytes": 10},
+            {"kind": "recovery", "time": 1.0, "mttr_seconds": 2.0, "lost_steps": 0, "lost_samples": 0},
+        ],
+    )
+    await call(
+        "PATCH",
+        RJ,
+        "quickstart",
+        {
+            "status": {
+                "jobDeploymentStatus": "Running",
+                "jobStatus": "RUNNING",
+                "rayClusterName": "quickstart-x7k2p",
+                "dashboardURL": "quickstart-x7k2p-head-svc:8265",
+            }
+        },
+        "status",
+    )
     got = await eventually(lambda: status("quickstart").get("step") == 252 and status("quickstart"), "progress in status")
     assert got["phase"] == "Running" and got["rayCluster"] == "quickstart-x7k2p"
     assert (got["samples"], got["worldSize"], got["failuresSurvived"]) == (252 * 32, 3, 1)
     assert got["lastDurableCheckpoint"] == {"step": 200, "time": "2026-09-21T14:13:20Z"}
-    assert {c["type"]: c["status"] for c in got["conditions"]} == {"Running": "True", "Suspended": "False", "Succeeded": "False", "Failed": "False"}
+    assert {c["type"]: c["status"] for c in got["conditions"]} == {
+        "Running": "True",
+        "Suspended": "False",
+        "Succeeded": "False",
+        "Failed": "False",
+    }
     assert f"/{NS}/quickstart-x7k2p/metrics" in head.asked
     validate(get(EJ, "quickstart"))  # the status fits the CRD's status schema
 
     # 3. Suspend: the RayJob is suspended; KubeRay's answer shows; progress stays. Resume.
     await call("PATCH", EJ, "quickstart", {"spec": {"suspend": True}})
     await eventually(lambda: get(RJ, "quickstart")["spec"]["suspend"] is True, "the RayJob suspended")
-    await call("PATCH", RJ, "quickstart", {"status": {"jobDeploymentStatus": "Suspended", "jobStatus": "STOPPED", "rayClusterName": None}}, "status")
+    await call(
+        "PATCH",
+        RJ,
+        "quickstart",
+        {"status": {"jobDeploymentStatus": "Suspended", "jobStatus": "STOPPED", "rayClusterName": None}},
+        "status",
+    )
     got = await eventually(lambda: status("quickstart").get("phase") == "Suspended" and status("quickstart"), "phase Suspended")
     assert got["step"] == 252 and got["lastDurableCheckpoint"]["step"] == 200
     made = copy.deepcopy(get(RJ, "quickstart")["spec"])
-    await call("PATCH", EJ, "quickstart", {"spec": {"suspend": False, "stop": {"max_steps": 4000}, "cluster": {"workers": {"cpu": "1"}}}})
+    await call(
+        "PATCH", EJ, "quickstart", {"spec": {"suspend": False, "stop": {"max_steps": 4000}, "cluster": {"workers": {"cpu": "1"}}}}
+    )
     await eventually(lambda: get(RJ, "quickstart")["spec"]["suspend"] is False, "the RayJob resumed")
     # The resumed job reads the changed spec from its ConfigMap; KubeRay's job keeps its cluster.
     await eventually(lambda: "max_steps: 4000" in get(CM, "quickstart-spec")["data"]["job.yaml"], "the changed spec")
@@ -264,13 +364,22 @@ async def _steps(k8s, http: aiohttp.ClientSession, head: Head) -> None:
     # on another job's checkpoints (here the running quickstart's, by a name it prefixes).
     outside = quickstart()
     outside["checkpoint"] = {**outside["checkpoint"], "path": "checkpoints/elastune/quickstart", "deleteOnFinish": True}
-    for name, spec, said in (("evil-image", quickstart(cluster={"image": "registry.example/elastune-evil:1"}), "spec.cluster.image = 'registry.example/elastune-evil:1'"),
-                             ("quickstart-2", outside, "deletes only inside the job's own prefix /mnt/elastune/checkpoints/elastune/quickstart-2")):  # fmt: skip
+    for name, spec, said in (
+        (
+            "evil-image",
+            quickstart(cluster={"image": "registry.example/elastune-evil:1"}),
+            "spec.cluster.image = 'registry.example/elastune-evil:1'",
+        ),
+        ("quickstart-2", outside, "deletes only inside the job's own prefix /mnt/elastune/checkpoints/elastune/quickstart-2"),
+    ):
         validate(resource(name, spec))
         await call("POST", EJ, body=resource(name, spec))
         got = await eventually(lambda: status(name).get("phase") == "Invalid" and status(name), f"{name} Invalid")
         assert said in got["message"] and "fix:" in got["message"], got["message"]
-        warned = await eventually(lambda: [e for e in events(k8s) if e["reason"] == "InvalidSpec" and e["involvedObject"]["name"] == name], f"{name}'s event")
+        warned = await eventually(
+            lambda: [e for e in events(k8s) if e["reason"] == "InvalidSpec" and e["involvedObject"]["name"] == name],
+            f"{name}'s event",
+        )
         assert warned[0]["type"] == "Warning" and said in warned[0]["message"]
         assert get(RJ, name) is None and get(CM, f"{name}-spec") is None and get(NP, f"{name}-ray") is None
     # ... and one the CRD itself refuses (the API server's answer, before the operator sees it).
@@ -291,7 +400,14 @@ async def _steps(k8s, http: aiohttp.ClientSession, head: Head) -> None:
     await eventually(lambda: get(EJ, "scratch") is None, "the scratch ElastuneJob gone")
     cleanup = get(JOB, "scratch-cleanup")
     assert cleanup["spec"]["template"]["spec"]["containers"][0]["command"] == [
-        "python", "-m", "elastune", "ckpt", "clear", f"/mnt/elastune/checkpoints/{NS}/scratch", "--yes"]
+        "python",
+        "-m",
+        "elastune",
+        "ckpt",
+        "clear",
+        f"/mnt/elastune/checkpoints/{NS}/scratch",
+        "--yes",
+    ]
     validate(cleanup)
     assert get(JOB, "quickstart-cleanup") is None
 

@@ -38,24 +38,30 @@ DRAIN_NOTICE_S = 8.0
 
 
 def main(scenario: str, spec_path: str, out_path: str) -> None:
-    import ray
     from ray.cluster_utils import Cluster
     from rich.console import Console
 
+    import ray
     from elastune.spec import validate_spec
     from elastune.train.driver import run_job
 
     spec = validate_spec(json.loads(Path(spec_path).read_text()))
     # Node death noticed in about 3 s instead of Ray's default 15 s (health checks every 3 s, 5 misses).
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False,
-        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
-    })  # fmt: skip
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "include_dashboard": False,
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
+        },
+    )
     for _ in range(2 if scenario == "resize" else 3):
         cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address, log_to_driver=False)  # run_job finds Ray connected
     outcome: dict = {}
-    run = threading.Thread(target=lambda: outcome.update(result=run_job(spec, str(ROOT), console=Console(quiet=True))), daemon=True)
+    run = threading.Thread(
+        target=lambda: outcome.update(result=run_job(spec, str(ROOT), console=Console(quiet=True))), daemon=True
+    )
     run.start()
     added: list[float] = []
     drained: dict = {}
@@ -81,15 +87,24 @@ def main(scenario: str, spec_path: str, out_path: str) -> None:
                     added.append(time.time())
             run.join(0.2)
         result = outcome["result"]
-        Path(out_path).write_text(json.dumps({"status": result.status, "error": result.error, "run_dir": str(result.run_dir),
-                                              "nodes_added": added, "drained": drained}))
+        Path(out_path).write_text(
+            json.dumps(
+                {
+                    "status": result.status,
+                    "error": result.error,
+                    "run_dir": str(result.run_dir),
+                    "nodes_added": added,
+                    "drained": drained,
+                }
+            )
+        )
     finally:
         # A Ray Train fit the driver stopped waiting for (a replacement with no capacity) is cut
         # off here; Ray may raise SystemExit in whichever thread waits on it. The result is written.
         try:
             ray.shutdown()
             cluster.shutdown()
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             pass
 
 
@@ -99,13 +114,16 @@ def read_all(output_dir: str, name: str) -> list[dict]:
 
 def drain(node_id: str, seconds: float) -> bool:
     """Drain a node as a preemption notice does (what a cloud autoscaler asks Ray's GCS)."""
-    import ray
     from ray.core.generated.autoscaler_pb2 import DrainNodeReason
 
+    import ray
+
     accepted, _ = ray._private.worker.global_worker.gcs_client.drain_node(
-        node_id=node_id, reason=DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-        reason_message="preemption rehearsal", deadline_timestamp_ms=int((time.time() + seconds) * 1000),
-    )  # fmt: skip
+        node_id=node_id,
+        reason=DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+        reason_message="preemption rehearsal",
+        deadline_timestamp_ms=int((time.time() + seconds) * 1000),
+    )
     return bool(accepted)
 
 

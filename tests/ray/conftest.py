@@ -8,9 +8,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 
+import ray
 from elastune.cluster import start_local_ray
 
 
@@ -25,8 +25,8 @@ def local_ray():
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory, stdlib_dataset):
     """The uninterrupted 3-worker run (restart mode: no quorum) that live and node-loss runs track."""
-    from tests.ray.live_cases import job
     from tests.ray.jobs import run
+    from tests.ray.live_cases import job
 
     spec = job(tmp_path_factory.mktemp("uninterrupted"), stdlib_dataset, "uninterrupted", recovery="restart")
     # Snapshots spaced as the default spaces them: every run compared with this one also shows
@@ -49,8 +49,8 @@ def observed(tmp_path_factory, stdlib_dataset):
     the run's file_sd target and evaluates dashboards/rules. Yields (query, outcome, rows,
     events); query(path, **params) asks that Prometheus's HTTP API, or is the reason it could
     not run (a str: the run still happens, for the tests that need only the run)."""
-    from tests.ray.live_cases import G, STEPS
     from tests.ray.jobs import run, spec_for
+    from tests.ray.live_cases import STEPS, G
 
     tmp = tmp_path_factory.mktemp("observed")
     raw = spec_for(tmp, stdlib_dataset, "killed", 3, OBSERVED_STEPS).to_dict()
@@ -75,7 +75,9 @@ def prometheus_scraping(targets: Path, tmp: Path):
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ROOT / "dashboards" / "rules" / "elastune.rules.yml")],
-        "scrape_configs": [{"job_name": "elastune", "honor_labels": True, "file_sd_configs": [{"files": [str(targets / "*.json")]}]}],
+        "scrape_configs": [
+            {"job_name": "elastune", "honor_labels": True, "file_sd_configs": [{"files": [str(targets / "*.json")]}]}
+        ],
     }
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     with socket.socket() as s:
@@ -95,8 +97,16 @@ def prometheus_scraping(targets: Path, tmp: Path):
         yield str(why)
         return
     log = open(tmp / "prometheus.log", "w")
-    server = subprocess.Popen([prometheus, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-                               f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -21,7 +21,10 @@ def spec_for(tmp: Path, data: Path, name: str, workers: int, max_steps: int, lay
         {
             "name": name,
             "seed": 5,
-            "model": {"recipe": "byte_gpt", "options": {"num_layers": 1, "width": 16, "num_heads": 2, "context": 16, "dropout": 0.1}},
+            "model": {
+                "recipe": "byte_gpt",
+                "options": {"num_layers": 1, "width": 16, "num_heads": 2, "context": 16, "dropout": 0.1},
+            },
             "data": {"path": str(data), "window": 17},
             "batch": {"global_batch_size": 12, "micro_batch_size": 2},
             "optimizer": {"name": "adamw", "lr": 0.01, "weight_decay": 0.1},

@@ -62,11 +62,18 @@ def on_cluster(scenario: str, tmp: Path, spec, env: dict[str, str] | None = None
     process of its own, with `env` added to its environment); the run's metrics rows, events,
     and what the script reports."""
     # 2 CPUs a worker, so that no worker fits on the 1-CPU head; one thread, as the reference's.
-    spec = spec.model_validate({**spec.to_dict(), "scaling": {**spec.to_dict()["scaling"], "cpus_per_worker": 2, "torch_threads": 1}})
+    spec = spec.model_validate(
+        {**spec.to_dict(), "scaling": {**spec.to_dict()["scaling"], "cpus_per_worker": 2, "torch_threads": 1}}
+    )
     (tmp / "spec.json").write_text(json.dumps(spec.to_dict()))
     script = Path(__file__).with_name("cluster_job.py")
-    done = subprocess.run([sys.executable, str(script), scenario, str(tmp / "spec.json"), str(tmp / "out.json")],
-                          capture_output=True, text=True, timeout=420, env={**os.environ, **(env or {})})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(script), scenario, str(tmp / "spec.json"), str(tmp / "out.json")],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        env={**os.environ, **(env or {})},
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     out = json.loads((tmp / "out.json").read_text())
     assert out["status"] == "succeeded", out["error"]

@@ -11,8 +11,8 @@ import random
 
 import pytest
 
-from tests.ray.live_cases import STEPS, assert_read_once, assert_same_final_state, assert_tracks, job
 from tests.ray.jobs import run
+from tests.ray.live_cases import STEPS, assert_read_once, assert_same_final_state, assert_tracks, job
 
 SEED = 2026
 HOLD_S = 25  # at most (below the 30 s collective timeout): each straggler holds until the replacement has joined
@@ -32,8 +32,9 @@ def chaos(seed: int) -> tuple[list[dict], list[int]]:
         faults.append({"action": "kill_rank", "rank": rank, "at_step": step, "point": rng.choice(["start", "mid"])})
         last = STEPS if i == 2 else step + 2
         if i < 2:
-            faults.append({"action": "delay_rank", "rank": (rank + 1) % 3, "at_step": step + 2, "seconds": HOLD_S,
-                           "until_join": True})  # fmt: skip
+            faults.append(
+                {"action": "delay_rank", "rank": (rank + 1) % 3, "at_step": step + 2, "seconds": HOLD_S, "until_join": True}
+            )
         world[step - 1 : last] = [2] * (last - step + 1)
     return faults, world
 
@@ -64,7 +65,9 @@ def test_three_recoveries_and_two_resizes(chaotic):
     assert all(e["lost_steps"] == 0 and (e["world_size_before"], e["world_size_after"]) == (3, 2) for e in recoveries)
     assert [e["cause"].split(" at step")[0] for e in recoveries] == [f"fault: kill rank {f['rank']}" for f in kills]
     resizes = [e for e in events if e["kind"] == "resize"]
-    assert [(e["world_size_before"], e["world_size_after"], e["step"]) for e in resizes] == [(2, 3, f["at_step"] + 2) for f in kills[:2]]
+    assert [(e["world_size_before"], e["world_size_after"], e["step"]) for e in resizes] == [
+        (2, 3, f["at_step"] + 2) for f in kills[:2]
+    ]
 
 
 def test_failures_with_progress_between_them_do_not_end_a_live_run(chaotic):
@@ -73,4 +76,6 @@ def test_failures_with_progress_between_them_do_not_end_a_live_run(chaotic):
     kills = [f for f in faults if f["action"] == "kill_rank"]
     assert spec.scaling.max_failures == 2 < len(kills) == len(decisions)
     assert all(d["retry"] and d["in_a_row"] == 1 for d in decisions), decisions
-    assert [d["step"] for d in decisions] == sorted(d["step"] for d in decisions) and len({d["step"] for d in decisions}) == len(kills)
+    assert [d["step"] for d in decisions] == sorted(d["step"] for d in decisions) and len({d["step"] for d in decisions}) == len(
+        kills
+    )

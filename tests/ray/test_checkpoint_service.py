@@ -9,9 +9,9 @@ import shutil
 
 import numpy as np
 import pytest
-import ray
 import torch
 
+import ray
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.retention import RetentionPolicy
 from elastune.checkpoint.service import start_service
@@ -51,8 +51,14 @@ def worker(service, rank: int, last_step: int, die: bool, one_writer: bool = Fal
     stalls = []
     for step in range(1, last_step + 1):
         model, opt = trained(step)
-        header = {"step": step, "samples_seen": 8 * step, "spec_hash": "h", "layout": "replicated", "durable": step % 2 == 0,
-                  "meta": {"metrics": {"loss": 1.0 / step}}}  # fmt: skip
+        header = {
+            "step": step,
+            "samples_seen": 8 * step,
+            "spec_hash": "h",
+            "layout": "replicated",
+            "durable": step % 2 == 0,
+            "meta": {"metrics": {"loss": 1.0 / step}},
+        }
         held = state_pieces(model, opt)
         writer = snapshot_writer(held, step, WORLD) if one_writer else None
         stalls.append(snapshots.take(header, held, rank, WORLD, writer=writer))
@@ -67,7 +73,10 @@ def service_run(tmp_path_factory):
     uri = str(tmp_path_factory.mktemp("service") / "ckpt")
     service = start_service("test-service", uri, RetentionPolicy(keep_last=2))
     # Both ranks hand over steps 1..5 and die; rank 0 also got step 6 out before the crash.
-    done = [worker.options(max_retries=0).remote(service, 0, 6, die=True), worker.options(max_retries=0).remote(service, 1, 5, die=True)]
+    done = [
+        worker.options(max_retries=0).remote(service, 0, 6, die=True),
+        worker.options(max_retries=0).remote(service, 1, 5, die=True),
+    ]
     for ref in done:
         with pytest.raises(ray.exceptions.RayError):
             ray.get(ref)
@@ -135,7 +144,9 @@ def test_durable_steps_are_committed_in_the_background(service_run):
     manifest, tensors = ckpt.load_latest_valid()
     assert manifest.step == 4 and manifest.layout == {"kind": "replicated", "world_size": WORLD}
     assert {f["file"] for e in manifest.tensors.values() for f in e["fragments"]} == {
-        "rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors"}  # fmt: skip
+        "rank-00000-of-00002.safetensors",
+        "rank-00001-of-00002.safetensors",
+    }
     want = state_tensors(*trained(4))
     for name, t in want.items():
         assert torch.equal(tensors[name], t), name
@@ -165,20 +176,31 @@ def snapshot(service, steps: list[int], durable: bool = True) -> None:
 
 
 def header(step: int, durable: bool) -> dict:
-    return {"step": step, "samples_seen": 8 * step, "spec_hash": "h", "layout": "replicated", "durable": durable, "meta": {}, "world_size": 1}
+    return {
+        "step": step,
+        "samples_seen": 8 * step,
+        "spec_hash": "h",
+        "layout": "replicated",
+        "durable": durable,
+        "meta": {},
+        "world_size": 1,
+    }
 
 
 def corrupt_snapshot(service, step: int) -> None:
     """What a worker hands over when a byte changes after its checksums were taken (or in the
     object store's copy): the entries carry the checksums of the bytes as they were."""
-    from elastune.checkpoint.format import BLOCK_BYTES, SNAPSHOT_CHECKSUM, with_digests
     from elastune.checkpoint.checkpointer import pack
+    from elastune.checkpoint.format import BLOCK_BYTES, SNAPSHOT_CHECKSUM, with_digests
     from elastune.checkpoint.payload import digests_of
 
     pieces = state_pieces(*trained(step))
     plan, buffer = pack(pieces)
-    entries = with_digests(plan.entries(pieces, "rank-00000-of-00001.safetensors"),
-                           digests_of(plan.offsets, memoryview(buffer.numpy()), BLOCK_BYTES, SNAPSHOT_CHECKSUM), SNAPSHOT_CHECKSUM)  # fmt: skip
+    entries = with_digests(
+        plan.entries(pieces, "rank-00000-of-00001.safetensors"),
+        digests_of(plan.offsets, memoryview(buffer.numpy()), BLOCK_BYTES, SNAPSHOT_CHECKSUM),
+        SNAPSHOT_CHECKSUM,
+    )
     data = buffer.numpy().copy()
     data[-1] ^= 0xFF
     chunks = chunks_of(data, len(data))
@@ -212,7 +234,10 @@ def test_tier0_is_verified_and_a_corrupt_snapshot_is_never_made_durable(tmp_path
         model, opt = trained(0)
         progress, info = restore(service, Checkpointer(uri), model, opt)  # tier 0 (step 3) fails its checksums: tier 1
         assert (progress.step, info["resumed_from_tier"]) == (2, 1)
-        assert "checksum mismatch" in info["skipped_checkpoints"][0] and "newest durable checkpoint instead" in info["skipped_checkpoints"][0]
+        assert (
+            "checksum mismatch" in info["skipped_checkpoints"][0]
+            and "newest durable checkpoint instead" in info["skipped_checkpoints"][0]
+        )
         want = state_tensors(*trained(2))
         assert all(torch.equal(t, want[n]) for n, t in state_tensors(model, opt).items())
     finally:

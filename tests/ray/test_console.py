@@ -14,9 +14,21 @@ def test_raylet_messages_go_to_the_log_and_worker_logs_still_print(capsys, monke
     log_cluster_messages()
     log_cluster_messages()  # idempotent: one wrapper, however often a process connects
     caplog.set_level("INFO", logger="elastune.cluster")
-    ray_worker.print_to_stdstream({"lines": ["\x1b[33m12 PYTHON worker processes have been started\x1b[0m"], "pid": "raylet", "is_err": False}, False)
-    ray_worker.print_to_stdstream({"lines": ["a worker's own line"], "pid": 1234, "ip": "127.0.0.1", "is_err": False, "task_name": "w",
-                                   "actor_name": "", "job": "01000000"}, True)  # fmt: skip
+    ray_worker.print_to_stdstream(
+        {"lines": ["\x1b[33m12 PYTHON worker processes have been started\x1b[0m"], "pid": "raylet", "is_err": False}, False
+    )
+    ray_worker.print_to_stdstream(
+        {
+            "lines": ["a worker's own line"],
+            "pid": 1234,
+            "ip": "127.0.0.1",
+            "is_err": False,
+            "task_name": "w",
+            "actor_name": "",
+            "job": "01000000",
+        },
+        True,
+    )
     out = capsys.readouterr()
     assert "PYTHON worker processes" not in out.out + out.err and "a worker's own line" in out.out + out.err
     assert "PYTHON worker processes have been started" in caplog.text

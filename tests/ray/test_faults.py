@@ -39,7 +39,12 @@ def test_the_last_scrape_passes_promtool_and_agrees_with_the_run(runs, promtool)
     text = (run_dir / "metrics.prom").read_text()
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    got = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if "rank" not in s.labels and "le" not in s.labels}
+    got = {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if "rank" not in s.labels and "le" not in s.labels
+    }
     assert set(got) <= series_names()
     assert got["elastune_steps_total"] == STEPS and got["elastune_samples_total"] == STEPS * rows[-1]["global_batch_size"]
     assert got["elastune_loss"] == rows[-1]["loss"] and got["elastune_world_size"] == 3

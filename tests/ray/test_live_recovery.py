@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.ray.live_cases import G, assert_read_once, assert_same_final_state, assert_tracks, job
 from tests.ray.jobs import run
+from tests.ray.live_cases import G, assert_read_once, assert_same_final_state, assert_tracks, job
 
 KILL_AT, HOLD_AT, ALL_AT = 10, 20, 24
 
@@ -71,6 +71,11 @@ def test_survivors_carry_on_and_the_replacement_joins(live):
 
     # Every worker lost at once: the driver reports it (no survivor can), with what it cost.
     assert sorted(whole["cause"].split("; ")) == [f"fault: kill rank {r} at step {ALL_AT} (mid)" for r in range(3)]
-    assert (whole["world_size_before"], whole["resumed_from_step"], whole["resumed_from_tier"], whole["lost_steps"]) == (3, ALL_AT - 1, 0, 0)
+    assert (whole["world_size_before"], whole["resumed_from_step"], whole["resumed_from_tier"], whole["lost_steps"]) == (
+        3,
+        ALL_AT - 1,
+        0,
+        0,
+    )
     assert 0 < whole["restart_seconds"] < whole["mttr_seconds"]
     assert sorted(e["replica"] for e in joins if e not in before_all) == [0, 1, 2]

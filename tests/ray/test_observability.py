@@ -54,7 +54,7 @@ def test_every_panel_query_returns_series(scraped, dashboard):
 
 
 def test_every_recording_rule_and_template_variable_returns_series(scraped):
-    query, rows, events, _ = scraped
+    query, _, events, _ = scraped
     rules = yaml.safe_load((ROOT / "dashboards" / "rules" / "elastune.rules.yml").read_text())
     records = [r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r]
     empty = [r for r in records if not over_the_run(query, events, r)]
@@ -72,8 +72,12 @@ def test_the_report_renders_its_plots_in_headless_chromium(observed, chromium, t
 def test_runs_ls_lists_the_run_with_its_failure(observed):
     _, outcome, rows, _ = observed
     run_dir = outcome.run_dir
-    done = subprocess.run([sys.executable, "-m", "elastune", "runs", "ls", "--output-dir", str(run_dir.parent.parent), "--json"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "elastune", "runs", "ls", "--output-dir", str(run_dir.parent.parent), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     (line,) = [json.loads(x) for x in done.stdout.splitlines()]
     assert (line["job"], line["status"], line["steps"], line["failures"]) == ("killed", "succeeded", 16, 1)

@@ -11,8 +11,8 @@ import torch
 
 from elastune.checkpoint.checkpointer import Checkpointer
 from tests.helpers import rel_err
-from tests.ray.live_cases import STEPS, assert_read_once, job
 from tests.ray.jobs import run
+from tests.ray.live_cases import STEPS, assert_read_once, job
 
 KILL_AT = 10
 # Changing the world size re-associates the fp32 sum of the same micro-batch gradients (1e-7

@@ -27,7 +27,7 @@ def preempted(tmp_path_factory, stdlib_dataset):
 
 
 def test_durable_checkpoint_and_a_clean_leave_before_the_deadline(preempted):
-    spec, _, events, out = preempted
+    _, _, events, out = preempted
     drained = out["drained"]
     assert drained["accepted"] and drained["removed"] >= drained["deadline"]
     (notice,) = [e for e in events if e["kind"] == "preemption"]

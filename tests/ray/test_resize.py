@@ -54,7 +54,12 @@ def test_one_resize_and_one_recovery_each_losing_nothing(resized):
     (added,) = out["nodes_added"]
     (resize,) = [e for e in events if e["kind"] == "resize"]
     assert resize["cause"].startswith("capacity for 3 workers")
-    assert (resize["world_size_before"], resize["world_size_after"], resize["step"], resize["lost_steps"]) == (2, 3, HOLD_AT - 1, 0)
+    assert (resize["world_size_before"], resize["world_size_after"], resize["step"], resize["lost_steps"]) == (
+        2,
+        3,
+        HOLD_AT - 1,
+        0,
+    )
     assert resize["time"] > added
     (recovery,) = [e for e in events if e["kind"] == "recovery"]
     assert recovery["cause"].startswith(f"fault: kill the node of rank 1 at step {KILL_AT}")

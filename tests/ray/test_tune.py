@@ -37,8 +37,13 @@ def search(tmp_path_factory, stdlib_dataset):
     raw["stop"] = {"max_samples": BUDGET}
     raw["schedule"].pop("horizon_samples")
     raw["checkpoint"] = {"every_steps": 1000, "keep_last": 1}
-    raw["tune"] = {"population": 2, "quantile": 0.5, "interval_samples": INTERVAL, "resample_probability": 0.0,
-                   "search": {"optimizer.lr": {"scale": "log", "low": 0.001, "high": 0.1}}}  # fmt: skip
+    raw["tune"] = {
+        "population": 2,
+        "quantile": 0.5,
+        "interval_samples": INTERVAL,
+        "resample_probability": 0.0,
+        "search": {"optimizer.lr": {"scale": "log", "low": 0.001, "high": 0.1}},
+    }
     spec = validate_spec(raw)
     start = [base_values(spec) | {"optimizer.lr": GOOD_LR}, base_values(spec) | {"optimizer.lr": CRIPPLED_LR}]
     with prometheus_scraping(tmp / "runs" / "prometheus-targets", tmp) as query, pytest.MonkeyPatch.context() as mp:
@@ -56,7 +61,9 @@ def segment_rows(lineage, member, generation):
 
 def test_the_crippled_member_is_exploited(search):
     _, lineage, *_ = search
-    assert [(e["recipient"], e["donor"], e["generation"], e["samples"]) for e in lineage["exploits"]] == [("m1", "m0", 0, INTERVAL)]
+    assert [(e["recipient"], e["donor"], e["generation"], e["samples"]) for e in lineage["exploits"]] == [
+        ("m1", "m0", 0, INTERVAL)
+    ]
     assert lineage["boundaries"] == [INTERVAL, BUDGET]
     exploit = lineage["exploits"][0]
     assert exploit["recipient_fitness"] > 2 * exploit["donor_fitness"]  # the huge lr really crippled it
@@ -68,7 +75,10 @@ def test_the_recipient_continues_from_the_donors_exact_state(search):
     # Content hashes read the bytes through each checkpoint's own fragments (test_tune_population
     # shows one tells a clone that points at the wrong bytes).
     assert exploit["recipient_checkpoint"]["content_hash"] == exploit["donor_checkpoint"]["content_hash"]
-    assert exploit["donor_checkpoint"]["content_hash"] == next(s for s in lineage["segments"] if s["member"] == "m0")["checkpoint"]["content_hash"]
+    assert (
+        exploit["donor_checkpoint"]["content_hash"]
+        == next(s for s in lineage["segments"] if s["member"] == "m0")["checkpoint"]["content_hash"]
+    )
     donor, _ = segment_rows(lineage, "m0", 1)
     recipient, events = segment_rows(lineage, "m1", 1)
     start = next(e for e in events if e["kind"] == "start")
@@ -101,14 +111,14 @@ def test_the_best_schedule_replays_exactly(search):
 
 
 def test_the_search_report_draws_the_lineage(search, chromium, tmp_path):
-    outcome, lineage, *_ = search
+    outcome, *_ = search
     dom = report_in_chromium(chromium, outcome.tune_dir, tmp_path)
     assert dom.count("<svg") == 3  # lineage tree, stitched loss, stitched lr
     assert "m0 -&gt; m1" in dom and "optimizer.lr 0.01 -&gt;" in dom and "elastune run best.yaml" in dom
 
 
 def test_every_tuning_panel_query_returns_series(search):
-    outcome, _, query, (began, ended) = search
+    _, _, query, (began, ended) = search
     if isinstance(query, str):
         pytest.skip(query)
     over = lambda expr: query("/api/v1/query_range", query=expr, start=began, end=ended + 5, step=1)["result"]  # noqa: E731

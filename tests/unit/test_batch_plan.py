@@ -83,10 +83,15 @@ def test_a_batch_schedule_agrees_with_stepping_one_step_at_a_time():
 def test_steps_to_the_budget_follow_the_phases_batch():
     from elastune.spec import validate_spec
 
-    spec = validate_spec({
-        "name": "t", "model": {"recipe": "byte_gpt", "options": {"context": 16, "width": 16, "num_heads": 2}},
-        "data": {"path": "d", "window": 17}, "batch": {"global_batch_size": 12, "micro_batch_size": 4},
-        "optimizer": {"name": "adamw", "lr": 1e-3}, "stop": {"max_samples": 240},
-        "phases": [{"from_samples": 96, "global_batch_size": 24}],
-    })  # fmt: skip
+    spec = validate_spec(
+        {
+            "name": "t",
+            "model": {"recipe": "byte_gpt", "options": {"context": 16, "width": 16, "num_heads": 2}},
+            "data": {"path": "d", "window": 17},
+            "batch": {"global_batch_size": 12, "micro_batch_size": 4},
+            "optimizer": {"name": "adamw", "lr": 1e-3},
+            "stop": {"max_samples": 240},
+            "phases": [{"from_samples": 96, "global_batch_size": 24}],
+        }
+    )
     assert spec.max_steps == 8 + (240 - 96) // 24 == 14  # not 240 / 12

@@ -62,7 +62,9 @@ def test_a_small_replicated_state_is_snapshotted_whole_by_one_rank_in_turn():
     assert [snapshot_writer(small, step, 3) for step in range(1, 8)] == [1, 2, 0, 1, 2, 0, 1]
     assert [snapshot_writer(small, step, 1) for step in range(1, 4)] == [0, 0, 0]
     big = {"a": Piece.whole(torch.zeros(ONE_WRITER_BYTES // 4 + 1))}  # one element past the limit
-    assert snapshot_writer(big, 5, 2) is None and snapshot_writer({"a": Piece.whole(torch.zeros(ONE_WRITER_BYTES // 4))}, 5, 2) == 1
+    assert (
+        snapshot_writer(big, 5, 2) is None and snapshot_writer({"a": Piece.whole(torch.zeros(ONE_WRITER_BYTES // 4))}, 5, 2) == 1
+    )
     sharded = {**small, "c": Piece(torch.zeros(5), 0, 5, (10,), replicated=False)}  # a ZeRO-1 slice: only its rank has it
     assert snapshot_writer(sharded, 5, 2) is None and snapshot_writer({}, 5, 2) is None
 
@@ -110,7 +112,9 @@ def test_corrupt_bytes_name_file_and_tensor(tmp_path, caplog):
     data = bytearray(path.read_bytes())
     data[frag["offset"] + 5] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"checksum mismatch in rank-00000-of-00001.safetensors .*tensor 'model/tok.weight'"):
+    with pytest.raises(
+        CheckpointError, match=r"checksum mismatch in rank-00000-of-00001.safetensors .*tensor 'model/tok.weight'"
+    ):
         ckpt.load(ckpt.read_manifest(2))
     with caplog.at_level(logging.WARNING):
         assert ckpt.load_latest_valid()[0].step == 1
@@ -130,8 +134,9 @@ def test_manifest_is_plain_json_with_what_every_byte_is(tmp_path):
     assert frag["elements"] == [0, 256 * 16] and frag["length"] == 256 * 16 * 4 and len(frag["sha256"]) == 1
     with open(tmp_path / step_dir(3) / frag["file"], "rb") as f:  # the byte range is the tensor's raw data
         f.seek(frag["offset"])
-        assert torch.equal(torch.frombuffer(bytearray(f.read(frag["length"])), dtype=torch.float32).reshape(256, 16),
-                           model.tok.weight.detach())  # fmt: skip
+        assert torch.equal(
+            torch.frombuffer(bytearray(f.read(frag["length"])), dtype=torch.float32).reshape(256, 16), model.tok.weight.detach()
+        )
 
 
 def test_safetensors_payloads_open_with_the_safetensors_library(tmp_path):

@@ -63,7 +63,9 @@ def fresh(pristine: Path, tmp: Path) -> Path:
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def leaves(node, path=()):
@@ -78,13 +80,35 @@ def leaves(node, path=()):
 
 
 HOSTILE = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.sampled_from([0, -1, 1, 7, 4096, 2**62, 2**63, 10**30]),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
-    st.sampled_from(["../../outside/step-000000010/rank-00000-of-00002.safetensors", "/etc/passwd", "../step-000000005/rank-00000-of-00002.safetensors",
-                     "..", ".", "", "rank-00000-of-00002.safetensors\x00", "s3://bucket/x", "../" * 40 + "etc/passwd", "F32", "BF16", "U8",
-                     "0" * 64, "a" * 64, "sha256", "xxh3_64"]),
-    st.lists(st.integers(-5, 10**6), max_size=4), st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
-)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([0, -1, 1, 7, 4096, 2**62, 2**63, 10**30]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=40),
+    st.sampled_from(
+        [
+            "../../outside/step-000000010/rank-00000-of-00002.safetensors",
+            "/etc/passwd",
+            "../step-000000005/rank-00000-of-00002.safetensors",
+            "..",
+            ".",
+            "",
+            "rank-00000-of-00002.safetensors\x00",
+            "s3://bucket/x",
+            "../" * 40 + "etc/passwd",
+            "F32",
+            "BF16",
+            "U8",
+            "0" * 64,
+            "a" * 64,
+            "sha256",
+            "xxh3_64",
+        ]
+    ),
+    st.lists(st.integers(-5, 10**6), max_size=4),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+)
 
 
 @st.composite
@@ -137,9 +161,11 @@ def check(tmp: Path, reads: Reads, allowed: tuple[Path, ...]) -> None:
     roots = tuple(os.path.realpath(a) + os.sep for a in allowed)
     assert all(p.startswith(roots) for p in reads.paths), [p for p in reads.paths if not p.startswith(roots)]
     if valid:  # verify said valid: every byte a load returns is the original
-        assert set(loaded) <= set(STATE) and all(
-            loaded[n].reshape(-1).view(torch.uint8).equal(STATE[n].reshape(-1).view(torch.uint8)) for n in loaded
-        ) and set(loaded) == set(STATE), "verify said valid, but the bytes differ"
+        assert (
+            set(loaded) <= set(STATE)
+            and all(loaded[n].reshape(-1).view(torch.uint8).equal(STATE[n].reshape(-1).view(torch.uint8)) for n in loaded)
+            and set(loaded) == set(STATE)
+        ), "verify said valid, but the bytes differ"
     got = ckpt.load_latest_valid()  # the newest that loads: 10 if it is valid, else 7 (the clone) or 5
     assert got is not None and got[0].step in ((10,) if valid else (7, 5))
     ckpt.policy = ckpt.policy.__class__(keep_last=1)
@@ -149,8 +175,13 @@ def check(tmp: Path, reads: Reads, allowed: tuple[Path, ...]) -> None:
     assert (tmp / "donor" / step_dir(3) / MANIFEST).is_file()  # the clone's source stays (another root)
 
 
-@settings(max_examples=RUNS["manifest"], deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@settings(
+    max_examples=RUNS["manifest"],
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_mutated_manifests(pristine, tmp_path_factory, monkeypatch, data):
     tmp = fresh(pristine, tmp_path_factory.getbasetemp() / "case")
@@ -161,13 +192,27 @@ def test_mutated_manifests(pristine, tmp_path_factory, monkeypatch, data):
     check(tmp, Reads(monkeypatch), (tmp / "root", tmp / "donor"))
 
 
-FILE_MUTATIONS = ["flip a payload byte", "truncate a payload", "payload -> symlink to the outside copy", "step folder -> symlink to outside",
-                  "manifest -> symlink to the outside copy", "payload -> symlink to /etc/hosts", "empty manifest", "manifest is a folder",
-                  "payload is a folder", "remove a payload"]  # fmt: skip
+FILE_MUTATIONS = [
+    "flip a payload byte",
+    "truncate a payload",
+    "payload -> symlink to the outside copy",
+    "step folder -> symlink to outside",
+    "manifest -> symlink to the outside copy",
+    "payload -> symlink to /etc/hosts",
+    "empty manifest",
+    "manifest is a folder",
+    "payload is a folder",
+    "remove a payload",
+]
 
 
-@settings(max_examples=RUNS["files"], deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@settings(
+    max_examples=RUNS["files"],
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(what=st.sampled_from(FILE_MUTATIONS), rank=st.integers(0, 1), where=st.integers(0, 10**6))
 def test_mutated_files(pristine, tmp_path_factory, monkeypatch, what, rank, where):
     tmp = fresh(pristine, tmp_path_factory.getbasetemp() / "case")

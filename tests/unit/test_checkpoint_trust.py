@@ -21,7 +21,6 @@ from elastune.cli.main import main
 from elastune.errors import CheckpointError, StorageError
 from tests import helpers
 
-
 STATE = helpers.adam_state()
 
 
@@ -69,8 +68,13 @@ def test_a_fragment_without_checksums_is_corrupt_not_valid(root, capsys):
     def strip(raw):
         f = frag(raw)
         f["sha256"] = None
+
     edit(root, 10, strip)
-    payload = root / step_dir(10) / json.loads((root / step_dir(10) / MANIFEST).read_text())["tensors"]["model/tok.weight"]["fragments"][0]["file"]
+    payload = (
+        root
+        / step_dir(10)
+        / json.loads((root / step_dir(10) / MANIFEST).read_text())["tensors"]["model/tok.weight"]["fragments"][0]["file"]
+    )
     data = bytearray(payload.read_bytes())
     data[-1] ^= 0xFF
     payload.write_bytes(bytes(data))
@@ -102,8 +106,14 @@ MALFORMED = {
     "a missing field": (lambda r: r.pop("samples_seen"), "malformed"),
     "a file that is an absolute path": (lambda r: frag(r).update(file="/etc/passwd"), "refusing to read"),
     "a file that is a URI": (lambda r: frag(r).update(file="s3://bucket/x.safetensors"), "refusing to read"),
-    "a file with an empty part": (lambda r: frag(r).update(file="../step-000000005//rank-00000-of-00002.safetensors"), "refusing"),
-    "a file in another step not named a source": (lambda r: frag(r).update(file="../step-000000005/" + frag(r)["file"]), "outside"),
+    "a file with an empty part": (
+        lambda r: frag(r).update(file="../step-000000005//rank-00000-of-00002.safetensors"),
+        "refusing",
+    ),
+    "a file in another step not named a source": (
+        lambda r: frag(r).update(file="../step-000000005/" + frag(r)["file"]),
+        "outside",
+    ),
     "sources that are not records": (lambda r: r["meta"].update(sources="everything"), "sources"),
 }
 
@@ -114,7 +124,10 @@ def test_every_malformed_field_is_a_corrupt_checkpoint_named_and_the_previous_on
     edit(root, 10, mutate)
     code, out = cli(capsys, "ckpt", "verify", str(root / step_dir(10)))
     assert code == 1 and "CORRUPT" in out and reason in out, out
-    for command in (["ckpt", "show", str(root / step_dir(10))], ["ckpt", "export", str(root / step_dir(10)), "--format", "torch", str(root.parent / "x.pt")]):
+    for command in (
+        ["ckpt", "show", str(root / step_dir(10))],
+        ["ckpt", "export", str(root / step_dir(10)), "--format", "torch", str(root.parent / "x.pt")],
+    ):
         code, out = cli(capsys, *command)
         assert code == 1 and reason in out, (command, out)  # a corrupt checkpoint: a failure, told in a line
     code, out = cli(capsys, "ckpt", "ls", str(root))
@@ -127,12 +140,26 @@ def test_a_valid_payload_outside_the_root_is_never_read(root, tmp_path, capsys):
     elsewhere = tmp_path / "elsewhere" / step_dir(5)
     shutil.copytree(root / step_dir(5), elsewhere)
     (root / step_dir(10)).joinpath("rank-00000-of-00002.safetensors").unlink()  # nothing of its own to fall back on
-    edit(root, 10, lambda r: [f.update(file=f"../../elsewhere/{step_dir(5)}/{f['file']}") for e in r["tensors"].values() for f in e["fragments"]])
+    edit(
+        root,
+        10,
+        lambda r: [
+            f.update(file=f"../../elsewhere/{step_dir(5)}/{f['file']}") for e in r["tensors"].values() for f in e["fragments"]
+        ],
+    )
     code, out = cli(capsys, "ckpt", "verify", str(root / step_dir(10)))
     assert code == 1 and "outside" in out
     # ... nor by naming it a source: the source holds no referrer marker for this checkpoint.
     edit(root, 10, lambda r: r["meta"].update(sources=[{"uri": str(tmp_path / "elsewhere"), "step": 5}]))
-    edit(root, 10, lambda r: [f.update(file=f"../../elsewhere/{step_dir(5)}/{Path(f['file']).name}") for e in r["tensors"].values() for f in e["fragments"]])
+    edit(
+        root,
+        10,
+        lambda r: [
+            f.update(file=f"../../elsewhere/{step_dir(5)}/{Path(f['file']).name}")
+            for e in r["tensors"].values()
+            for f in e["fragments"]
+        ],
+    )
     code, out = cli(capsys, "ckpt", "verify", str(root / step_dir(10)))
     assert code == 1 and "no referrer marker" in out
     assert_falls_back(root, "referrer marker")
@@ -163,12 +190,23 @@ def test_prune_and_clear_never_follow_a_symlink_or_delete_what_is_not_theirs(roo
     assert any("did not write" in n for n in ckpt.notes)
     code, out = cli(capsys, "ckpt", "clear", str(root), "--yes")
     assert code == 0 and "deleted 1 checkpoint(s)" in out and "symlink" in out and "did not write" in out
-    assert sorted(p.name for p in (outside / step_dir(99)).iterdir()) == sorted(p.name for p in (tmp_path / "root").parent.joinpath("outside", step_dir(99)).iterdir())
+    assert sorted(p.name for p in (outside / step_dir(99)).iterdir()) == sorted(
+        p.name for p in (tmp_path / "root").parent.joinpath("outside", step_dir(99)).iterdir()
+    )
     assert (outside / step_dir(99) / MANIFEST).is_file() and len(list((outside / step_dir(99)).glob("*.safetensors"))) == 2
 
 
-@pytest.mark.parametrize("marker", [b"not json", b'{"uri": "nosuchscheme://x", "step": 1}', b'{"uri": 5, "step": 1}', b'{"uri": "/tmp/x"}',
-                                    b'{"uri": "hdfs://nohost:1/x", "step": 2}', b"[1, 2]"])  # fmt: skip
+@pytest.mark.parametrize(
+    "marker",
+    [
+        b"not json",
+        b'{"uri": "nosuchscheme://x", "step": 1}',
+        b'{"uri": 5, "step": 1}',
+        b'{"uri": "/tmp/x"}',
+        b'{"uri": "hdfs://nohost:1/x", "step": 2}',
+        b"[1, 2]",
+    ],
+)
 def test_a_bad_referrer_marker_is_reported_and_never_blocks_retention(root, marker):
     folder = root / step_dir(5) / "referrers"
     folder.mkdir()
@@ -186,7 +224,13 @@ def test_the_content_hash_reads_the_bytes_a_clone_points_at(root, tmp_path):
     assert recipient.content_hash(clone) == donor.content_hash(donor.read_manifest(10))
     # A clone whose files point at the other step's payloads, with the donor's checksums: unverifiable.
     helpers.save_from_ranks(donor, (11, 88, "h"), {n: t + 1 if t.is_floating_point() else t for n, t in STATE.items()}, 2)
-    edit(tmp_path / "recipient", 10, lambda r: [f.update(file=f["file"].replace(step_dir(10), step_dir(11))) for e in r["tensors"].values() for f in e["fragments"]])
+    edit(
+        tmp_path / "recipient",
+        10,
+        lambda r: [
+            f.update(file=f["file"].replace(step_dir(10), step_dir(11))) for e in r["tensors"].values() for f in e["fragments"]
+        ],
+    )
     edit(tmp_path / "recipient", 10, lambda r: r["meta"].update(sources=[{"uri": str(root), "step": 11}]))
     (root / step_dir(11) / "referrers").mkdir()
     shutil.copy(next((root / step_dir(10) / "referrers").iterdir()), root / step_dir(11) / "referrers")
@@ -195,8 +239,14 @@ def test_the_content_hash_reads_the_bytes_a_clone_points_at(root, tmp_path):
         recipient.content_hash(wrong)
     # ... and with that step's own checksums too: it loads, and its hash tells it apart.
     other = donor.read_manifest(11)
-    edit(tmp_path / "recipient", 10, lambda r: [e.update(fragments=[{**f, "file": f"../../root/{step_dir(11)}/{f['file']}"} for f in other.tensors[n]["fragments"]])
-                                                for n, e in r["tensors"].items()])  # fmt: skip
+    edit(
+        tmp_path / "recipient",
+        10,
+        lambda r: [
+            e.update(fragments=[{**f, "file": f"../../root/{step_dir(11)}/{f['file']}"} for f in other.tensors[n]["fragments"]])
+            for n, e in r["tensors"].items()
+        ],
+    )
     assert recipient.content_hash(recipient.read_manifest(10)) != donor.content_hash(donor.read_manifest(10))
 
 
@@ -218,7 +268,11 @@ def test_unusable_locations_are_bad_input_naming_the_uri(uri, capsys):
 
 
 def test_a_missing_root_is_bad_input(tmp_path, capsys):
-    for command in (["ckpt", "ls", str(tmp_path / "nope")], ["ckpt", "show", str(tmp_path / "nope")], ["ckpt", "clear", str(tmp_path / "nope"), "--yes"]):
+    for command in (
+        ["ckpt", "ls", str(tmp_path / "nope")],
+        ["ckpt", "show", str(tmp_path / "nope")],
+        ["ckpt", "clear", str(tmp_path / "nope"), "--yes"],
+    ):
         code, out = cli(capsys, *command)
         assert code == 2 and "does not exist" in out, out
     code, out = cli(capsys, "ckpt", "verify", str(tmp_path / "nope"))
@@ -247,8 +301,11 @@ def _dcp_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "dcp"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save({"model": {"w": torch.ones(3)}, "progress": {"step": torch.tensor(4), "samples_seen": torch.tensor(32)}},
-                 checkpoint_id=str(folder), no_dist=True)  # fmt: skip
+        dcp.save(
+            {"model": {"w": torch.ones(3)}, "progress": {"step": torch.tensor(4), "samples_seen": torch.tensor(32)}},
+            checkpoint_id=str(folder),
+            no_dist=True,
+        )
     return folder
 
 
@@ -260,8 +317,18 @@ def _rewrite_metadata(folder: Path, change) -> None:
     (folder / ".metadata").write_bytes(pickle.dumps(metadata))
 
 
-@pytest.mark.parametrize("case", ["outside the folder", "an absolute path", "a symlink out", "an unknown layout", "a non-mapping",
-                                  "a float step", "truncated"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case",
+    [
+        "outside the folder",
+        "an absolute path",
+        "a symlink out",
+        "an unknown layout",
+        "a non-mapping",
+        "a float step",
+        "truncated",
+    ],
+)
 def test_dcp_import_refuses_malformed_metadata_and_files_outside_its_folder(tmp_path, capsys, case):
     folder = _dcp_folder(tmp_path)
     (tmp_path / "secret.distcp").write_bytes((folder / "__0_0.distcp").read_bytes())  # a valid payload, outside
@@ -278,7 +345,9 @@ def test_dcp_import_refuses_malformed_metadata_and_files_outside_its_folder(tmp_
     elif case == "a float step":
         import torch.distributed.checkpoint as dcp
 
-        dcp.save({"model": {"w": torch.ones(3)}, "progress": {"step": torch.tensor(4.5)}}, checkpoint_id=str(folder), no_dist=True)
+        dcp.save(
+            {"model": {"w": torch.ones(3)}, "progress": {"step": torch.tensor(4.5)}}, checkpoint_id=str(folder), no_dist=True
+        )
     else:
         (folder / ".metadata").write_bytes((folder / ".metadata").read_bytes()[:40])
     code, out = cli(capsys, "ckpt", "import", str(folder), str(tmp_path / "ours"))

@@ -48,7 +48,21 @@ ALLOWED = {
     "report": {"errors", "train", "tune", "metrics"},
     "submit": {"errors", "spec"},  # talks to a cluster; never trains here
     "kube": {"errors", "spec"},  # pure rules of the Kubernetes operator; never trains, never calls an API
-    "cli": {"errors", "spec", "batch_plan", "data", "checkpoint", "recipes", "train", "tune", "cli", "metrics", "report", "submit", "kube"},
+    "cli": {
+        "errors",
+        "spec",
+        "batch_plan",
+        "data",
+        "checkpoint",
+        "recipes",
+        "train",
+        "tune",
+        "cli",
+        "metrics",
+        "report",
+        "submit",
+        "kube",
+    },
 }
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import yaml
 
-from elastune.data.sampler import positions, sample_indices, tally
 from elastune.batch_plan import BatchSchedule
+from elastune.data.sampler import positions, sample_indices, tally
 from elastune.errors import SpecError
 from elastune.spec import validate_spec
-from elastune.train.recovery import RecoveryTracker
 from elastune.train.group import Membership
 from elastune.train.progress import describe_event
+from elastune.train.recovery import RecoveryTracker
 from elastune.train.sink import RunSink
 
 QUICKSTART = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs" / "quickstart.yaml").read_text())
@@ -58,8 +58,15 @@ def test_a_worker_that_starts_late_reports_no_change():
 def test_the_driver_narrows_a_live_recovery_to_the_fault_time():
     tracker = RecoveryTracker(BatchSchedule(12))
     fault = {"kind": "fault", "action": "kill_rank", "time": 20.3, "rank": 1, "step": 10, "point": "mid"}
-    recovery = {"kind": "recovery", "recovery": "live", "time": 21.4, "failed_at": 20.0, "detection_seconds": 0.5,
-                "mttr_seconds": 1.4, "cause": "worker lost during step 10"}  # fmt: skip
+    recovery = {
+        "kind": "recovery",
+        "recovery": "live",
+        "time": 21.4,
+        "failed_at": 20.0,
+        "detection_seconds": 0.5,
+        "mttr_seconds": 1.4,
+        "cause": "worker lost during step 10",
+    }
     assert tracker.observe([fault, recovery], []) == []  # changed in place, nothing added
     assert recovery["cause"] == "fault: kill rank 1 at step 10 (mid)"
     assert (recovery["failed_at"], recovery["detection_seconds"], recovery["mttr_seconds"]) == (20.3, 0.2, 1.1)
@@ -70,11 +77,24 @@ def test_a_fault_before_this_survivors_step_start_still_explains_the_recovery():
     survivor that reports stamped its step start, but never before the survivor's last commit."""
     tracker = RecoveryTracker(BatchSchedule(12))
     fault = {"kind": "fault", "action": "kill_rank", "time": 20.3, "rank": 2, "step": 3, "point": "mid"}
-    recovery = {"kind": "recovery", "recovery": "live", "time": 21.4, "failed_at": 20.35, "failed_after": 20.2,
-                "detection_seconds": 0.5, "mttr_seconds": 1.05, "cause": "worker lost during step 3"}  # fmt: skip
+    recovery = {
+        "kind": "recovery",
+        "recovery": "live",
+        "time": 21.4,
+        "failed_at": 20.35,
+        "failed_after": 20.2,
+        "detection_seconds": 0.5,
+        "mttr_seconds": 1.05,
+        "cause": "worker lost during step 3",
+    }
     tracker.observe([fault, recovery], [])
     assert recovery["cause"] == "fault: kill rank 2 at step 3 (mid)" and recovery["failed_at"] == 20.3
-    before = {**recovery, "failed_at": 20.35, "failed_after": 20.31, "cause": "worker lost during step 3"}  # a crash before the last commit: another failure
+    before = {
+        **recovery,
+        "failed_at": 20.35,
+        "failed_after": 20.31,
+        "cause": "worker lost during step 3",
+    }  # a crash before the last commit: another failure
     tracker.observe([fault, before], [])
     assert before["cause"] == "worker lost during step 3"
 
@@ -134,12 +154,19 @@ def test_losing_every_live_worker_at_once_is_one_recovery_and_a_replacement_is_n
     assert tracker.observe(starting, [row(1, 2.0), row(2, 2.5)]) == []  # the first step: everyone is new
     # One replacement while two survivors train: not a loss of the group.
     assert tracker.observe([join(1, 3.0, 2)], [row(3, 3.5), row(4, 4.0)]) == []
-    kills = [{"kind": "fault", "action": "kill_rank", "time": 4.2 + r / 100, "rank": r, "step": 5, "point": "mid"} for r in range(3)]
+    kills = [
+        {"kind": "fault", "action": "kill_rank", "time": 4.2 + r / 100, "rank": r, "step": 5, "point": "mid"} for r in range(3)
+    ]
     assert tracker.observe(kills, []) == []
     # Ray Train starts a whole new group; two of it train the first step, the third heals in later.
     (event,) = tracker.observe([join(0, 15.0, 4), join(2, 15.2, 4)], [row(5, 16.0, world=2)])
     assert event["kind"] == "recovery" and event["cause"].startswith("fault: kill rank 0 at step 5 (mid); fault: kill rank 1")
-    assert (event["world_size_before"], event["world_size_after"], event["resumed_from_step"], event["resumed_from_tier"]) == (3, 2, 4, 0)
+    assert (event["world_size_before"], event["world_size_after"], event["resumed_from_step"], event["resumed_from_tier"]) == (
+        3,
+        2,
+        4,
+        0,
+    )
     assert (event["lost_steps"], event["failed_at"], event["restart_seconds"], event["mttr_seconds"]) == (0, 4.2, 10.8, 11.8)
     assert tracker.observe([join(1, 16.5, 5)], [row(6, 17.0)]) == []
     # Lost two steps past the newest complete snapshot, with no fault to name: the lost steps count

@@ -25,9 +25,20 @@ def scrape(metrics: RunMetrics) -> dict[tuple[str, tuple], float]:
 
 def row(step, world, **kw):
     counts = [2] * world
-    return {"step": step, "samples_seen": 12 * step, "loss": 3.0 - step / 10, "lr": 0.01, "grad_norm": 1.5, "world_size": world,
-            "global_batch_size": 12, "micro_batches": counts, "step_seconds": 0.2, "samples_per_s": 60.0,
-            "snapshot_stall_seconds": 0.001, **kw}  # fmt: skip
+    return {
+        "step": step,
+        "samples_seen": 12 * step,
+        "loss": 3.0 - step / 10,
+        "lr": 0.01,
+        "grad_norm": 1.5,
+        "world_size": world,
+        "global_batch_size": 12,
+        "micro_batches": counts,
+        "step_seconds": 0.2,
+        "samples_per_s": 60.0,
+        "snapshot_stall_seconds": 0.001,
+        **kw,
+    }
 
 
 def test_names_follow_prometheus_conventions():
@@ -47,12 +58,15 @@ def test_rows_and_events_become_the_values_they_describe():
     before = scrape(metrics)
     assert before[("elastune_worker_failures_total", ())] == 0 and before[("elastune_lost_steps_total", ())] == 0
     metrics.observe([row(1, 3), row(2, 3)], [])
-    metrics.observe([row(3, 2)], [
-        {"kind": "recovery", "time": 5.0, "mttr_seconds": 1.2, "detection_seconds": 0.3, "lost_steps": 1, "lost_samples": 12},
-        {"kind": "resize", "time": 6.0},
-        {"kind": "checkpoint", "time": 7.0, "step": 3, "seconds": 0.05, "bytes": 1000},
-        {"kind": "warning", "time": 8.0, "message": "not a metric"},
-    ])  # fmt: skip
+    metrics.observe(
+        [row(3, 2)],
+        [
+            {"kind": "recovery", "time": 5.0, "mttr_seconds": 1.2, "detection_seconds": 0.3, "lost_steps": 1, "lost_samples": 12},
+            {"kind": "resize", "time": 6.0},
+            {"kind": "checkpoint", "time": 7.0, "step": 3, "seconds": 0.05, "bytes": 1000},
+            {"kind": "warning", "time": 8.0, "message": "not a metric"},
+        ],
+    )
     got = scrape(metrics)
     assert got[("elastune_steps_total", ())] == 3 and got[("elastune_samples_total", ())] == 36
     assert got[("elastune_tokens_total", ())] == 36 * 16

@@ -27,8 +27,11 @@ def test_ranked_is_best_first_with_a_stable_tie_break():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.text("abcdefgh", min_size=1, max_size=4), st.floats(-1e6, 1e6), min_size=1, max_size=40),
-       st.sampled_from([0.1, 0.25, 0.5]), st.integers(0, 2**32))  # fmt: skip
+@given(
+    st.dictionaries(st.text("abcdefgh", min_size=1, max_size=4), st.floats(-1e6, 1e6), min_size=1, max_size=40),
+    st.sampled_from([0.1, 0.25, 0.5]),
+    st.integers(0, 2**32),
+)
 def test_the_bottom_quantile_exploits_the_top_and_nobody_else(fitness, quantile, seed):
     pairs = exploit_pairs(fitness, quantile, random.Random(seed))
     order = ranked(fitness)

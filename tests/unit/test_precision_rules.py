@@ -45,8 +45,13 @@ def test_what_a_device_cannot_run_is_named_with_the_fix(monkeypatch):
 
 
 def test_bad_step_fields_are_named_with_their_fix():
-    for field, value in (("step.bucket_mb", 0), ("step.bucket_mb", -1), ("step.precision", "fp8"),
-                         ("step.reduce_dtype", "fp16"), ("step.loss_scale.initial", 1000.0)):  # fmt: skip
+    for field, value in (
+        ("step.bucket_mb", 0),
+        ("step.bucket_mb", -1),
+        ("step.precision", "fp8"),
+        ("step.reduce_dtype", "fp16"),
+        ("step.loss_scale.initial", 1000.0),
+    ):
         msg = spec_problems(minimal(**{field: value}))
         assert f"{field} = " in msg and "fix:" in msg, msg
 
@@ -61,12 +66,15 @@ def test_a_bad_step_field_exits_2_without_a_traceback(tmp_path, capsys):
     assert "step.bucket_mb" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("sizes, elems, want", [
-    ([3, 4, 5], 100, [(0, 12)]),                      # all in one
-    ([3, 4, 5], 5, [(7, 12), (0, 7)]),                # from the end; a bucket closes once full
-    ([3, 4, 5], 1, [(7, 12), (3, 7), (0, 3)]),        # one parameter each
-    ([10, 1, 1], 2, [(10, 12), (0, 10)]),             # a large parameter is a bucket of its own
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "sizes, elems, want",
+    [
+        ([3, 4, 5], 100, [(0, 12)]),  # all in one
+        ([3, 4, 5], 5, [(7, 12), (0, 7)]),  # from the end; a bucket closes once full
+        ([3, 4, 5], 1, [(7, 12), (3, 7), (0, 3)]),  # one parameter each
+        ([10, 1, 1], 2, [(10, 12), (0, 10)]),  # a large parameter is a bucket of its own
+    ],
+)
 def test_buckets_are_whole_parameters_from_the_end(sizes, elems, want):
     assert bucket_bounds(sizes, elems) == want
 
@@ -82,15 +90,25 @@ def test_the_loss_scale_travels_in_checkpoints_and_other_precisions_ignore_it(tm
     model = tiny_model()
     opt = build_optimizer(model, AdamWSpec(name="adamw", lr=1e-2))
     ckpt = Checkpointer(str(tmp_path))
-    ckpt.save(Manifest(3, 72, "h", {"kind": "replicated"}, {}), state_pieces(model, opt, LossScale(512.0, 10, growth_tracker=7)), 0, 1)
+    ckpt.save(
+        Manifest(3, 72, "h", {"kind": "replicated"}, {}), state_pieces(model, opt, LossScale(512.0, 10, growth_tracker=7)), 0, 1
+    )
     m = ckpt.latest()
     scale = LossScale()
-    restore_state(tiny_model(seed=1), build_optimizer(tiny_model(), AdamWSpec(name="adamw", lr=1e-2)), m.shapes,
-                  lambda wanted: ckpt.load_pieces(m, wanted), "test", scale)  # fmt: skip
+    restore_state(
+        tiny_model(seed=1),
+        build_optimizer(tiny_model(), AdamWSpec(name="adamw", lr=1e-2)),
+        m.shapes,
+        lambda wanted: ckpt.load_pieces(m, wanted),
+        "test",
+        scale,
+    )
     assert (scale.scale, scale.growth_tracker) == (512.0, 7)
     # An fp32 run resumes from it, and an fp16 run from an fp32 checkpoint starts at its initial scale.
     other = tiny_model(seed=1)
-    restore_state(other, build_optimizer(other, AdamWSpec(name="adamw", lr=1e-2)), m.shapes, lambda w: ckpt.load_pieces(m, w), "test")
+    restore_state(
+        other, build_optimizer(other, AdamWSpec(name="adamw", lr=1e-2)), m.shapes, lambda w: ckpt.load_pieces(m, w), "test"
+    )
     fresh = LossScale(1024.0)
     fresh.load({})
     assert fresh.scale == 1024.0

@@ -7,8 +7,7 @@ import torch
 
 from elastune.errors import SpecError
 from elastune.recipes import Recipe, load_recipe
-from elastune.spec import spec_dir_of
-from elastune.spec import load_spec
+from elastune.spec import load_spec, spec_dir_of
 from elastune.spec.models import FactoryModel
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,7 +2,10 @@ from elastune.checkpoint.retention import CheckpointInfo, RetentionPolicy, decid
 
 
 def infos(**extra):
-    return [CheckpointInfo(step=s, metrics={"loss": {10: 3.0, 20: 1.0, 30: 2.0, 40: 2.5, 50: 2.6}[s]}, **extra.get(s, {})) for s in (10, 20, 30, 40, 50)]
+    return [
+        CheckpointInfo(step=s, metrics={"loss": {10: 3.0, 20: 1.0, 30: 2.0, 40: 2.5, 50: 2.6}[s]}, **extra.get(s, {}))
+        for s in (10, 20, 30, 40, 50)
+    ]
 
 
 def test_keep_last():

@@ -28,7 +28,9 @@ SHAPES = {"tok.weight": [256, 64], "blocks.0.qkv.weight": [192, 64], "ln_f.weigh
 
 def manifest(shapes=SHAPES, samples=320, spec=SPEC, optimizer="adamw") -> Manifest:
     tensors = {f"model/{n}": {"dtype": "F32", "shape": s, "fragments": []} for n, s in shapes.items()}
-    return Manifest(10, samples, "h", {"kind": "replicated"}, tensors, meta={"spec": saved_spec(spec), "optimizer": {"name": optimizer}})
+    return Manifest(
+        10, samples, "h", {"kind": "replicated"}, tensors, meta={"spec": saved_spec(spec), "optimizer": {"name": optimizer}}
+    )
 
 
 def test_a_fitting_checkpoint_resumes_and_says_what_changed():
@@ -56,11 +58,17 @@ def test_a_checkpoint_holding_the_whole_budget_is_complete():
     assert not plan_resume(manifest(samples=SPEC.budget_samples - 1), ModelState(SHAPES), SPEC, "x").complete
 
 
-@pytest.mark.parametrize("shapes,words", [
-    ({**SHAPES, "tok.weight": [256, 96]}, "tensor model/tok.weight has shape [256, 64] in the checkpoint and [256, 96] in the model"),
-    ({**SHAPES, "blocks.1.qkv.weight": [192, 64]}, "model/blocks.1.qkv.weight is not in it"),
-    ({n: s for n, s in SHAPES.items() if n != "ln_f.weight"}, "it holds model/ln_f.weight"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "shapes,words",
+    [
+        (
+            {**SHAPES, "tok.weight": [256, 96]},
+            "tensor model/tok.weight has shape [256, 64] in the checkpoint and [256, 96] in the model",
+        ),
+        ({**SHAPES, "blocks.1.qkv.weight": [192, 64]}, "model/blocks.1.qkv.weight is not in it"),
+        ({n: s for n, s in SHAPES.items() if n != "ln_f.weight"}, "it holds model/ln_f.weight"),
+    ],
+)
 def test_a_checkpoint_of_another_model_is_refused_naming_the_tensor_and_both_fixes(shapes, words):
     with pytest.raises(IncompatibleCheckpoint) as refused:
         plan_resume(manifest(), ModelState(shapes), SPEC, "checkpoint /c/step-000000010")
@@ -80,9 +88,22 @@ def test_another_optimizers_state_is_refused():
 
 
 def test_spec_changes_name_every_differing_leaf_and_skip_what_says_nothing_of_the_state():
-    a = {"optimizer": {"lr": 1, "betas": [0.9, 0.95]}, "batch": {"global_batch_size": 32}, "output_dir": "a", "stop": {"max_steps": 1}}
-    b = {"optimizer": {"lr": 1, "betas": [0.9, 0.99]}, "batch": {"global_batch_size": 64, "micro_batch_size": 8}, "output_dir": "b"}
-    assert spec_changes(a, b) == ("batch.global_batch_size 32 -> 64", "batch.micro_batch_size (unset) -> 8", "optimizer.betas [0.9, 0.95] -> [0.9, 0.99]")
+    a = {
+        "optimizer": {"lr": 1, "betas": [0.9, 0.95]},
+        "batch": {"global_batch_size": 32},
+        "output_dir": "a",
+        "stop": {"max_steps": 1},
+    }
+    b = {
+        "optimizer": {"lr": 1, "betas": [0.9, 0.99]},
+        "batch": {"global_batch_size": 64, "micro_batch_size": 8},
+        "output_dir": "b",
+    }
+    assert spec_changes(a, b) == (
+        "batch.global_batch_size 32 -> 64",
+        "batch.micro_batch_size (unset) -> 8",
+        "optimizer.betas [0.9, 0.95] -> [0.9, 0.99]",
+    )
 
 
 def test_a_live_run_gives_up_only_on_failures_without_progress_between_them():
@@ -98,7 +119,12 @@ def test_a_live_run_gives_up_only_on_failures_without_progress_between_them():
         assert decide_live(steps, 3).retry and decide_live(steps, 3).in_a_row == in_a_row
     steps.append(120)
     decision = decide_live(steps, 3)
-    assert not decision.retry and decision.in_a_row == 4 and "stayed 120" in decision.reason and "scaling.max_failures (3)" in decision.reason
+    assert (
+        not decision.retry
+        and decision.in_a_row == 4
+        and "stayed 120" in decision.reason
+        and "scaling.max_failures (3)" in decision.reason
+    )
     assert decide_live(steps, -1).retry  # -1 never gives up
     assert not decide_live([None, None], 1).retry and "before any step committed" in decide_live([None, None], 1).reason
     assert decide_live([None, None], 0).retry is False and decide_live([None], 0).retry is False
@@ -120,15 +146,18 @@ def holder(**changes) -> Holder:
     return Holder(**{**base, **changes})
 
 
-@pytest.mark.parametrize("current,alive,now,want", [
-    (None, None, 100.0, "free"),
-    (holder(run_id="me", pid=1), None, 100.0, "mine"),
-    (holder(), True, 100.0, "held"),  # its process runs
-    (holder(), False, 100.0, "gone"),  # same host, its process is gone (or its pid is another process now)
-    (holder(), None, 100.0 + TTL_S - 1, "held"),  # another host, renewed within TTL
-    (holder(), None, 100.0 + TTL_S + 1, "gone"),  # another host, silent for longer than TTL
-    (holder(), True, 100.0 + TTL_S + 1, "gone"),  # silence ends it even where the process is there (hung)
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "current,alive,now,want",
+    [
+        (None, None, 100.0, "free"),
+        (holder(run_id="me", pid=1), None, 100.0, "mine"),
+        (holder(), True, 100.0, "held"),  # its process runs
+        (holder(), False, 100.0, "gone"),  # same host, its process is gone (or its pid is another process now)
+        (holder(), None, 100.0 + TTL_S - 1, "held"),  # another host, renewed within TTL
+        (holder(), None, 100.0 + TTL_S + 1, "gone"),  # another host, silent for longer than TTL
+        (holder(), True, 100.0 + TTL_S + 1, "gone"),  # silence ends it even where the process is there (hung)
+    ],
+)
 def test_lease_verdicts(current, alive, now, want):
     assert verdict(current, holder(run_id="me", pid=1), now, lambda h: alive) == want
 
@@ -139,12 +168,18 @@ def test_one_root_one_writer_and_a_gone_holder_is_taken_over(tmp_path):
     first.acquire()
     with pytest.raises(LeaseHeld) as refused:
         Lease(ckpt.storage, this_process("run-2", "job-b")).acquire()
-    assert "run run-1 of job job-a" in str(refused.value) and f"pid {os.getpid()}" in str(refused.value) and "checkpoint.path" in str(refused.value)
+    assert (
+        "run run-1 of job job-a" in str(refused.value)
+        and f"pid {os.getpid()}" in str(refused.value)
+        and "checkpoint.path" in str(refused.value)
+    )
     first.release()
     assert not (tmp_path / "root" / LEASE).exists()
     # A holder whose process ended without releasing (killed): provably gone on this host.
-    code = ("from elastune.checkpoint.lease import Lease, this_process; from elastune.checkpoint.storage import Storage;"
-            f"Lease(Storage.from_uri({str(tmp_path / 'root')!r}), this_process('run-3', 'job-c')).acquire()")  # fmt: skip
+    code = (
+        "from elastune.checkpoint.lease import Lease, this_process; from elastune.checkpoint.storage import Storage;"
+        f"Lease(Storage.from_uri({str(tmp_path / 'root')!r}), this_process('run-3', 'job-c')).acquire()"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     taker = Lease(ckpt.storage, this_process("run-4", "job-d"))
     taker.acquire()

@@ -13,31 +13,74 @@ def make_run(root, job, run, steps, status=None, events=()):
     d = RunDir.create(str(root), job, run)
     d.write_spec({"name": job})
     d.append_events([{"time": 100.0 + len(run), "kind": "start", "world_size": 2}, *events])
-    d.append_metrics([{"time": 101.0 + s, "step": s, "samples_seen": 8 * s, "loss": 5.0 - s / 10, "lr": 0.01 * s, "world_size": 2,
-                       "global_batch_size": 8, "micro_batches": [1, 1], "step_seconds": 0.1, "samples_per_s": 80.0,
-                       "snapshot_stall_seconds": 0.001} for s in range(1, steps + 1)])  # fmt: skip
+    d.append_metrics(
+        [
+            {
+                "time": 101.0 + s,
+                "step": s,
+                "samples_seen": 8 * s,
+                "loss": 5.0 - s / 10,
+                "lr": 0.01 * s,
+                "world_size": 2,
+                "global_batch_size": 8,
+                "micro_batches": [1, 1],
+                "step_seconds": 0.1,
+                "samples_per_s": 80.0,
+                "snapshot_stall_seconds": 0.001,
+            }
+            for s in range(1, steps + 1)
+        ]
+    )
     if status:
         d.write_result({"status": status})
     return d.path
 
 
 def test_runs_ls_tells_finished_failed_and_unfinished_runs_apart(tmp_path):
-    recovery = {"time": 103.5, "kind": "recovery", "cause": "fault: kill rank 1 at step 3 (mid)", "step": 2, "world_size_before": 2,
-                "world_size_after": 2, "lost_steps": 0, "mttr_seconds": 12.5, "failed_at": 103.0}  # fmt: skip
+    recovery = {
+        "time": 103.5,
+        "kind": "recovery",
+        "cause": "fault: kill rank 1 at step 3 (mid)",
+        "step": 2,
+        "world_size_before": 2,
+        "world_size_after": 2,
+        "lost_steps": 0,
+        "mttr_seconds": 12.5,
+        "failed_at": 103.0,
+    }
     make_run(tmp_path, "a", "r-1", 5, "succeeded", [recovery])
     make_run(tmp_path, "a", "r-22", 2, "failed")
     make_run(tmp_path, "b", "r-333", 3)
     (tmp_path / "prometheus-targets").mkdir()  # not a run
     runs = list_runs(tmp_path)
     assert [(r["job"], r["status"], r["steps"], r["failures"]) for r in runs] == [
-        ("a", "succeeded", 5, 1), ("a", "failed", 2, 0), ("b", "unfinished", 3, 0)]  # fmt: skip
+        ("a", "succeeded", 5, 1),
+        ("a", "failed", 2, 0),
+        ("b", "unfinished", 3, 0),
+    ]
     assert runs[0]["final_loss"] == pytest.approx(4.5)
 
 
 def test_the_report_is_one_self_contained_page(tmp_path):
-    recovery = {"time": 103.5, "kind": "recovery", "cause": "fault: kill <rank> 1", "step": 2, "world_size_before": 2,
-                "world_size_after": 1, "lost_steps": 0, "mttr_seconds": 12.5, "failed_at": 103.0}  # fmt: skip
-    run = make_run(tmp_path, "a", "r-1", 6, "succeeded", [recovery, {"time": 104.0, "kind": "checkpoint", "step": 5, "seconds": 0.2, "bytes": 10}])
+    recovery = {
+        "time": 103.5,
+        "kind": "recovery",
+        "cause": "fault: kill <rank> 1",
+        "step": 2,
+        "world_size_before": 2,
+        "world_size_after": 1,
+        "lost_steps": 0,
+        "mttr_seconds": 12.5,
+        "failed_at": 103.0,
+    }
+    run = make_run(
+        tmp_path,
+        "a",
+        "r-1",
+        6,
+        "succeeded",
+        [recovery, {"time": 104.0, "kind": "checkpoint", "step": 5, "seconds": 0.2, "bytes": 10}],
+    )
     page = render(run)
     assert page.count("<svg") == 4 and "<script" not in page and "<?xml" not in page
     assert "fault: kill &lt;rank&gt; 1" in page and "12.50" in page  # text is escaped

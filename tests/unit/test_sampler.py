@@ -4,8 +4,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elastune.data.sampler import permute, positions, sample_indices
 from elastune.batch_plan import batch_plan
+from elastune.data.sampler import permute, positions, sample_indices
 
 
 @given(st.integers(1, 3000), st.integers(0, 2**32), st.integers(0, 50))

@@ -4,7 +4,15 @@ import math
 
 import pytest
 
-from elastune.spec.schedule import ConstantSchedule, CosineSchedule, CyclicalSchedule, InverseSqrtSchedule, LinearSchedule, RexSchedule, WSDSchedule
+from elastune.spec.schedule import (
+    ConstantSchedule,
+    CosineSchedule,
+    CyclicalSchedule,
+    InverseSqrtSchedule,
+    LinearSchedule,
+    RexSchedule,
+    WSDSchedule,
+)
 from elastune.train.schedules import lr_multiplier
 
 H, W = 10_000, 1_000
@@ -17,7 +25,10 @@ def _t(s):
 
 CASES = {
     "constant": (ConstantSchedule(name="constant", warmup_samples=W), lambda s: 1.0),
-    "cosine": (CosineSchedule(name="cosine", warmup_samples=W, min_lr_ratio=0.1), lambda s: 0.1 + 0.9 * (1 + math.cos(math.pi * _t(s))) / 2),
+    "cosine": (
+        CosineSchedule(name="cosine", warmup_samples=W, min_lr_ratio=0.1),
+        lambda s: 0.1 + 0.9 * (1 + math.cos(math.pi * _t(s))) / 2,
+    ),
     "linear": (LinearSchedule(name="linear", warmup_samples=W), lambda s: 1 - _t(s)),
     "wsd-linear": (
         WSDSchedule(name="wsd", warmup_samples=W, decay_fraction=0.2),

@@ -71,12 +71,12 @@ def test_window_must_match_context():
 
 
 def test_warmup_beyond_horizon():
-    msg = spec_problems(minimal(**{"schedule": {"name": "cosine", "warmup_samples": 10_000}}))
+    msg = spec_problems(minimal(schedule={"name": "cosine", "warmup_samples": 10_000}))
     assert "schedule.warmup_samples = 10000" in msg
 
 
 def test_unknown_schedule_name():
-    msg = spec_problems(minimal(**{"schedule": {"name": "cosin"}}))
+    msg = spec_problems(minimal(schedule={"name": "cosin"}))
     assert "schedule.name = 'cosin'" in msg and "'cosine'" in msg
 
 
@@ -89,7 +89,7 @@ def test_missing_stop():
 def test_budget_and_horizon():
     spec = validate_spec(minimal(**{"stop.max_samples": 100}))
     assert spec.budget_samples == 100 and spec.max_steps == 5  # min(10 * 24, 100) samples; ceil(100 / 24)
-    spec = validate_spec(minimal(**{"schedule": {"name": "cosine", "horizon_samples": 480}}))
+    spec = validate_spec(minimal(schedule={"name": "cosine", "horizon_samples": 480}))
     assert spec.horizon_samples == 480
 
 
@@ -149,13 +149,16 @@ def test_a_utf8_byte_order_mark_is_fine(tmp_path):
     assert load_spec(path).name == "quickstart"
 
 
-@pytest.mark.parametrize("content, said", [
-    ("", "is empty"),
-    ("# only a comment\n", "is empty"),
-    ("- 1\n", "got a list"),
-    ("42\n", "got a number"),
-    ("just text\n", "got a string"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "content, said",
+    [
+        ("", "is empty"),
+        ("# only a comment\n", "is empty"),
+        ("- 1\n", "got a list"),
+        ("42\n", "got a number"),
+        ("just text\n", "got a string"),
+    ],
+)
 def test_a_top_level_that_is_no_mapping_is_refused(tmp_path, content, said):
     assert said in _load_error(tmp_path, content)
 
@@ -205,38 +208,44 @@ def test_a_folder_is_not_a_spec(tmp_path):
         load_spec(tmp_path)
 
 
-@pytest.mark.parametrize("content, said", [
-    (b"\x00\x01\x02binary", "character U+0000 is not allowed"),
-    (b"name: x\nmodel:\n\trecipe: byte_gpt\n", "indent with spaces"),
-    (b"a: " + b"1" * 5000 + b"\n", "cannot be read as int: it has too many digits"),
-    (b"a: 2020-13-45\n", "cannot be read as timestamp: month must be in 1..12"),
-    (b"a: !!float x\n", "cannot be read as float"),
-    (b"a: !!python/object:os.system x\n", "not valid YAML"),
-    (b"a: 1\n---\nb: 2\n", "not valid YAML"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "content, said",
+    [
+        (b"\x00\x01\x02binary", "character U+0000 is not allowed"),
+        (b"name: x\nmodel:\n\trecipe: byte_gpt\n", "indent with spaces"),
+        (b"a: " + b"1" * 5000 + b"\n", "cannot be read as int: it has too many digits"),
+        (b"a: 2020-13-45\n", "cannot be read as timestamp: month must be in 1..12"),
+        (b"a: !!float x\n", "cannot be read as float"),
+        (b"a: !!python/object:os.system x\n", "not valid YAML"),
+        (b"a: 1\n---\nb: 2\n", "not valid YAML"),
+    ],
+)
 def test_yaml_that_python_cannot_build_is_a_spec_error(tmp_path, content, said):
     assert said in _load_error(tmp_path, content)
 
 
-@pytest.mark.parametrize("dotted, value", [
-    ("stop.max_steps", 99999999999999999999999),
-    ("stop.max_samples", MAX_SAMPLES + 1),
-    ("seed", MAX_SEED + 1),
-    ("scaling.max_workers", MAX_WORKERS + 1),
-    ("batch.global_batch_size", 2**24 + 1),
-    ("checkpoint.keep_last", 10_001),
-    ("scaling.max_failures", 10_001),
-    ("data.max_bytes", 2**60),
-    ("model.options.width", 2**20),
-    ("checkpoint.every_steps", 2**60),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "dotted, value",
+    [
+        ("stop.max_steps", 99999999999999999999999),
+        ("stop.max_samples", MAX_SAMPLES + 1),
+        ("seed", MAX_SEED + 1),
+        ("scaling.max_workers", MAX_WORKERS + 1),
+        ("batch.global_batch_size", 2**24 + 1),
+        ("checkpoint.keep_last", 10_001),
+        ("scaling.max_failures", 10_001),
+        ("data.max_bytes", 2**60),
+        ("model.options.width", 2**20),
+        ("checkpoint.every_steps", 2**60),
+    ],
+)
 def test_integers_have_upper_bounds(dotted, value):
     msg = spec_problems(minimal(**{dotted: value}))
     assert f"{dotted} = {value}" in msg and "less than or equal to" in msg
 
 
 def test_the_bounds_admit_their_own_limits():
-    spec = validate_spec(minimal(**{"seed": MAX_SEED, "stop": {"max_samples": MAX_SAMPLES}}))
+    spec = validate_spec(minimal(seed=MAX_SEED, stop={"max_samples": MAX_SAMPLES}))
     assert spec.seed == MAX_SEED and spec.budget_samples == MAX_SAMPLES
 
 
@@ -246,8 +255,12 @@ def test_fault_ranks_stay_below_the_most_workers():
 
 
 def test_micro_batches_per_step_are_bounded():
-    msg = spec_problems(minimal(**{"batch": {"global_batch_size": 2**24, "micro_batch_size": 1}}))
-    assert "batch.micro_batch_size = 1" in msg and "16,777,216 micro-batches, over 65,536" in msg and "set micro_batch_size >= 256" in msg
+    msg = spec_problems(minimal(batch={"global_batch_size": 2**24, "micro_batch_size": 1}))
+    assert (
+        "batch.micro_batch_size = 1" in msg
+        and "16,777,216 micro-batches, over 65,536" in msg
+        and "set micro_batch_size >= 256" in msg
+    )
 
 
 def test_steps_times_the_batch_stay_within_the_sample_bound():
@@ -282,52 +295,71 @@ def test_nan_and_infinity_are_refused(tmp_path, yaml_value):
     assert "optimizer.lr = " in msg and "must be a finite number (not NaN or infinity)" in msg
 
 
-@pytest.mark.parametrize("dotted, value", [
-    ("optimizer.betas", [float("nan"), 0.95]),
-    ("scaling.resize_check_seconds", float("inf")),
-    ("scaling.cpus_per_worker", float("inf")),
-    ("model.options.dropout", float("nan")),
-    ("schedule", {"name": "cosine", "min_lr_ratio": float("nan")}),
-    ("faults", [{"action": "delay_rank", "rank": 0, "at_step": 1, "seconds": float("inf")}]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "dotted, value",
+    [
+        ("optimizer.betas", [float("nan"), 0.95]),
+        ("scaling.resize_check_seconds", float("inf")),
+        ("scaling.cpus_per_worker", float("inf")),
+        ("model.options.dropout", float("nan")),
+        ("schedule", {"name": "cosine", "min_lr_ratio": float("nan")}),
+        ("faults", [{"action": "delay_rank", "rank": 0, "at_step": 1, "seconds": float("inf")}]),
+    ],
+)
 def test_every_float_field_refuses_nan_and_infinity(dotted, value):
     assert "must be a finite number" in spec_problems(minimal(**{dotted: value}))
 
 
-@pytest.mark.parametrize("uri", [
-    "s3://my-bucket/elastune/job", "s3://b", "s3://b/x?region=eu-west-1&endpoint_override=localhost:9000",
-    "gs://b/ckpt", "gcs://b/ckpt", "hdfs://namenode:8020/ckpt", "hdfs:///ckpt", "viewfs://cluster/ckpt",
-    "file:///tmp/ckpt", "file:///a%20b", "/abs/local path", "relative/dir", "~/ckpt",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://my-bucket/elastune/job",
+        "s3://b",
+        "s3://b/x?region=eu-west-1&endpoint_override=localhost:9000",
+        "gs://b/ckpt",
+        "gcs://b/ckpt",
+        "hdfs://namenode:8020/ckpt",
+        "hdfs:///ckpt",
+        "viewfs://cluster/ckpt",
+        "file:///tmp/ckpt",
+        "file:///a%20b",
+        "/abs/local path",
+        "relative/dir",
+        "~/ckpt",
+    ],
+)
 def test_supported_locations_pass(uri):
     assert check_uri(uri) is None
     assert validate_spec(minimal(**{"checkpoint.path": uri})).checkpoint_path == uri
 
 
-@pytest.mark.parametrize("uri, said", [
-    ("foo://bar", "URI scheme 'foo' is not supported"),
-    ("abfs://c/x", "URI scheme 'abfs' is not supported"),
-    ("S3://b/x", "not lower-case; write s3://"),
-    ("s3://", "names no bucket"),
-    ("s3:///x", "names no bucket"),
-    ("gs://b//x", "empty path segment"),
-    ("s3://b/x y", "percent-encode it as %20"),
-    ("s3://b/x#1", "percent-encode it as %23"),
-    ("s3://b/x\u00e9", "percent-encode it"),
-    ("s3://b/x%zz", "not followed by two hex digits"),
-    ("s3://key:secret@b/x", "holds credentials"),
-    ("s3://b/x?secret_key=s", "holds credentials"),
-    ("file://host/x", "names no host"),
-    ("file://", "names no path"),
-    ("file:///x?y=1", "takes no query"),
-    ("hdfs://nn:port/x", "port is not a number"),
-    ("s3:/b/x", "without '//'"),
-    ("://x", "not a URI scheme"),
-    ("", "is empty"),
-    (" /x", "white space"),
-    ("/x\ny", "control character (U+000A)"),
-    ("/x\x00", "control character (U+0000)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "uri, said",
+    [
+        ("foo://bar", "URI scheme 'foo' is not supported"),
+        ("abfs://c/x", "URI scheme 'abfs' is not supported"),
+        ("S3://b/x", "not lower-case; write s3://"),
+        ("s3://", "names no bucket"),
+        ("s3:///x", "names no bucket"),
+        ("gs://b//x", "empty path segment"),
+        ("s3://b/x y", "percent-encode it as %20"),
+        ("s3://b/x#1", "percent-encode it as %23"),
+        ("s3://b/x\u00e9", "percent-encode it"),
+        ("s3://b/x%zz", "not followed by two hex digits"),
+        ("s3://key:secret@b/x", "holds credentials"),
+        ("s3://b/x?secret_key=s", "holds credentials"),
+        ("file://host/x", "names no host"),
+        ("file://", "names no path"),
+        ("file:///x?y=1", "takes no query"),
+        ("hdfs://nn:port/x", "port is not a number"),
+        ("s3:/b/x", "without '//'"),
+        ("://x", "not a URI scheme"),
+        ("", "is empty"),
+        (" /x", "white space"),
+        ("/x\ny", "control character (U+000A)"),
+        ("/x\x00", "control character (U+0000)"),
+    ],
+)
 def test_unknown_schemes_and_malformed_uris_are_refused(uri, said):
     problem = check_uri(uri)
     assert problem is not None and said in problem and "; " in problem  # "<rule>; <fix>"
@@ -349,32 +381,38 @@ def test_pyarrow_refuses_what_check_uri_refuses_for_local_uris():
     pafs = pytest.importorskip("pyarrow.fs")
     for uri in ("file://host/x", "file://", "file:///x y", "file:///a%zz", "foo://bar", "file:///a|b"):
         assert check_uri(uri) is not None
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 (pyarrow raises several types; any refusal agrees)
             pafs.FileSystem.from_uri(uri)
     for uri in ("file:///tmp/x", "file:///a%20b"):
         assert check_uri(uri) is None
         pafs.FileSystem.from_uri(uri)
 
 
-@pytest.mark.parametrize("dotted, value, said", [
-    ("data.path", "s3://b/data", "data.path = 's3://b/data'"),
-    ("output_dir", "gs://b/runs", "output_dir = 'gs://b/runs'"),
-    ("data.source", "s3://b/x.txt", "data.source = 's3://b/x.txt'"),
-    ("data.source", ["a.txt", "s3://b/x.txt"], "item 1: datasets and run folders take local paths"),
-    ("data.path", "", "the location is empty"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "dotted, value, said",
+    [
+        ("data.path", "s3://b/data", "data.path = 's3://b/data'"),
+        ("output_dir", "gs://b/runs", "output_dir = 'gs://b/runs'"),
+        ("data.source", "s3://b/x.txt", "data.source = 's3://b/x.txt'"),
+        ("data.source", ["a.txt", "s3://b/x.txt"], "item 1: datasets and run folders take local paths"),
+        ("data.path", "", "the location is empty"),
+    ],
+)
 def test_data_and_output_paths_are_local(dotted, value, said):
     msg = spec_problems(minimal(**{dotted: value}))
     assert said in msg and "fix:" in msg
 
 
-@pytest.mark.parametrize("where, key, said", [
-    ((), 1, "1 = 1"),
-    ((), None, "None = None"),
-    (("model",), 2, "model.2 = 2"),
-    (("model", "options"), 2.5, "model.options.2.5 = 2.5"),
-    (("tune", "search"), 3, "tune.search.3 = 3"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "where, key, said",
+    [
+        ((), 1, "1 = 1"),
+        ((), None, "None = None"),
+        (("model",), 2, "model.2 = 2"),
+        (("model", "options"), 2.5, "model.options.2.5 = 2.5"),
+        (("tune", "search"), 3, "tune.search.3 = 3"),
+    ],
+)
 def test_keys_that_are_not_text_are_explained(tmp_path, where, key, said):
     raw = yaml.safe_load(QUICKSTART)
     node = raw

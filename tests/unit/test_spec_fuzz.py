@@ -24,22 +24,26 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from elastune.batch_plan import batch_plan
 from elastune.cli.main import main
 from elastune.errors import SpecError
 from elastune.spec import JobSpec, validate_spec
 from elastune.spec.load import MAX_PROBLEMS
-from elastune.batch_plan import batch_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART_TEXT = (ROOT / "jobs" / "quickstart.yaml").read_text()
 QUICKSTART = yaml.safe_load(QUICKSTART_TEXT)
 EXTRA = {  # sections the quickstart leaves out, each valid there, so mutations reach every model
-    "faults": [{"action": "kill_rank", "rank": 1, "at_step": 5}, {"action": "delay_rank", "rank": 0, "at_step": 7, "seconds": 1.5}],
+    "faults": [
+        {"action": "kill_rank", "rank": 1, "at_step": 5},
+        {"action": "delay_rank", "rank": 0, "at_step": 7, "seconds": 1.5},
+    ],
     "phases": [{"from_samples": 3200, "lr": 0.001, "schedule": {"name": "cosine", "min_lr_ratio": 0.1}}],
     "tune": yaml.safe_load((ROOT / "jobs" / "pbt.yaml").read_text())["tune"],
     "metrics": {"enabled": True, "host": "127.0.0.1", "port": 9100, "noise_scale": False},
     "checkpoint": {"path": "s3://bucket/elastune/quickstart", "every_steps": 50, "keep_last": 2, "keep_best": 1},
 }
+
 
 def fuzz(examples: int) -> settings:
     """A fixed number of examples, the same on every run (CI is reproducible), with no deadline."""
@@ -51,17 +55,53 @@ def fuzz(examples: int) -> settings:
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
     )
 
+
 HOSTILE = [
-    -1, 0, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64, 10**23, -(2**63) - 1,
-    math.nan, math.inf, -math.inf, -0.0, 1e308, 5e-324,
-    "", " ", "\x00", "\t", "a\nb", "\u202e", "\U0001f600", "://", "foo://bar", "s3://", "s3:///x",
-    "file://host/x", "S3://b/x", "nan", ".inf", "1e999", "0x10", "${HOME}", "../../../etc/passwd", "\ud800", "kill_rank", "wsd",
-]  # fmt: skip
+    -1,
+    0,
+    2**31,
+    2**53 + 1,
+    2**63 - 1,
+    2**63,
+    2**64,
+    10**23,
+    -(2**63) - 1,
+    math.nan,
+    math.inf,
+    -math.inf,
+    -0.0,
+    1e308,
+    5e-324,
+    "",
+    " ",
+    "\x00",
+    "\t",
+    "a\nb",
+    "\u202e",
+    "\U0001f600",
+    "://",
+    "foo://bar",
+    "s3://",
+    "s3:///x",
+    "file://host/x",
+    "S3://b/x",
+    "nan",
+    ".inf",
+    "1e999",
+    "0x10",
+    "${HOME}",
+    "../../../etc/passwd",
+    "\ud800",
+    "kill_rank",
+    "wsd",
+]
 HUGE = {"a 4,000-digit integer": 10**4000, "a 5,000-character string": "x" * 5000}
 
 
 def huge(name: str):
     return HUGE[name]  # by name: Hypothesis's statistics print strategies, values and all
+
+
 FIELD_NAMES = ["name", "lr", "path", "rank", "action", "recipe", "factory", "options", "schedule", "global_batch_size", "<<"]
 
 scalars = st.one_of(
@@ -95,8 +135,14 @@ def slots(node):
 
 def retyped(value):
     """`value` as another type: a string, a list, a mapping, a float, its negative."""
-    return [str(value), [value], {"value": value}, {1: value}, float(value) if isinstance(value, int) and abs(value) < 2**1000 else 0.5,
-            -value if isinstance(value, (int, float)) else None]  # fmt: skip
+    return [
+        str(value),
+        [value],
+        {"value": value},
+        {1: value},
+        float(value) if isinstance(value, int) and abs(value) < 2**1000 else 0.5,
+        -value if isinstance(value, (int, float)) else None,
+    ]
 
 
 @st.composite
@@ -224,8 +270,35 @@ def test_validate_exits_0_or_2_on_a_mutated_spec_file(spec_file, capsys, spec, u
     validate_file(spec_file, encoded(yaml.safe_dump(spec, allow_unicode=unicode, sort_keys=False)), capsys)
 
 
-SPLICES = ["\t", "\x00", "\x85", "\ufeff", " &a", " *a", " !!python/object:os.system", "{", "[", "]", "- ", ": ", ":", "---\n",
-           "%YAML 1.1\n", "'", '"', "\\", "<<: *a\n", "? ", "|\n", "#", "\n  x: 1", "\ud800", "1e999", ".nan", "0x" + "f" * 40]  # fmt: skip
+SPLICES = [
+    "\t",
+    "\x00",
+    "\x85",
+    "\ufeff",
+    " &a",
+    " *a",
+    " !!python/object:os.system",
+    "{",
+    "[",
+    "]",
+    "- ",
+    ": ",
+    ":",
+    "---\n",
+    "%YAML 1.1\n",
+    "'",
+    '"',
+    "\\",
+    "<<: *a\n",
+    "? ",
+    "|\n",
+    "#",
+    "\n  x: 1",
+    "\ud800",
+    "1e999",
+    ".nan",
+    "0x" + "f" * 40,
+]
 
 
 @st.composite
@@ -280,13 +353,19 @@ def test_validate_exits_2_on_deep_nesting_and_alias_bombs(spec_file, capsys, dep
 
 # --------------------------------------------------------------------------- the CLI, as a user runs it
 
-BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] + [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefg", "bcdefgh")])
+BOMB = "\n".join(
+    ["a: &a [x, x, x, x, x, x, x, x, x]"] + [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefg", "bcdefgh")]
+)
 END_TO_END = {
     "the quickstart": (QUICKSTART_TEXT.encode(), 0, "valid job 'quickstart'"),
     "not UTF-8": (QUICKSTART_TEXT.encode().replace(b"quickstart:", b"quickst\xe4rt:", 1), 2, "is not UTF-8 text: byte"),
     "a YAML bomb": (BOMB.encode(), 2, "a YAML bomb?"),
     "NaN": (QUICKSTART_TEXT.replace("lr: 0.003", "lr: .nan").encode(), 2, "optimizer.lr = nan"),
-    "an unknown scheme": (QUICKSTART_TEXT.replace("checkpoint: {", 'checkpoint: {path: "foo://bar", ').encode(), 2, "URI scheme 'foo'"),
+    "an unknown scheme": (
+        QUICKSTART_TEXT.replace("checkpoint: {", 'checkpoint: {path: "foo://bar", ').encode(),
+        2,
+        "URI scheme 'foo'",
+    ),
     "a duplicate key": ((QUICKSTART_TEXT + "seed: 1\n").encode(), 2, "duplicate key 'seed'"),
 }
 

@@ -43,8 +43,18 @@ def test_the_flag_wins_over_the_environment_which_only_defaults():
 
 
 def test_what_travels(tmp_path):
-    for path in ("job.yaml", "model.py", "pkg/layers.py", ".git/HEAD", ".venv/lib/x.py", "pkg/__pycache__/a.pyc", "runs/q/metrics.jsonl",
-                 ".elastune/data/tokens.arrow", "data/big/tokens.arrow", "weights.safetensors"):  # fmt: skip
+    for path in (
+        "job.yaml",
+        "model.py",
+        "pkg/layers.py",
+        ".git/HEAD",
+        ".venv/lib/x.py",
+        "pkg/__pycache__/a.pyc",
+        "runs/q/metrics.jsonl",
+        ".elastune/data/tokens.arrow",
+        "data/big/tokens.arrow",
+        "weights.safetensors",
+    ):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("x" * 10)
     raw = {**QUICKSTART, "data": {"path": str(tmp_path / "data" / "big"), "window": 65}, "output_dir": str(tmp_path / "out")}
@@ -77,9 +87,14 @@ def test_exclude_patterns():
 
 
 def test_pins_ignore_local_build_tags_but_not_releases():
-    assert mismatches("python==3.11 torch==2.13.0+cpu ray==2.60.0", {"python": "3.11", "torch": "2.13.0+cu128", "ray": "2.60.0"}) == []
+    assert (
+        mismatches("python==3.11 torch==2.13.0+cpu ray==2.60.0", {"python": "3.11", "torch": "2.13.0+cu128", "ray": "2.60.0"})
+        == []
+    )
     assert mismatches("python==3.11 torch==2.13.0 ray==2.60.0", {"python": "3.12", "torch": "2.12.0", "ray": "2.60.0"}) == [
-        "python 3.12 (the job was submitted with 3.11)", "torch 2.12.0 (the job was submitted with 2.13.0)"]
+        "python 3.12 (the job was submitted with 3.11)",
+        "torch 2.12.0 (the job was submitted with 2.13.0)",
+    ]
     assert mismatches("ray==2.60.0", {}) == ["ray missing (the job was submitted with 2.60.0)"]
 
 
@@ -135,10 +150,33 @@ SECRETS = {
     "**/.ray/auth_token": [".ray/auth_token"],
 }
 # Innocent files with secret-sounding names: all of them travel.
-LOOK_ALIKES = ["job.yaml", "id_map.py", "keys.py", "environment.yaml", "pem_utils.py", "env.py", "envs/train.yaml", "monkey.py",
-               "aws_utils.py", "ssh.py", "kube/deploy.yaml", "docker/config.json", ".docker/daemon.json", ".config/settings.json",
-               "credentials.py", "service_account.md", "tfstate.py", "key.txt", "pem/README.md", "netrc.md", ".ray/notes.txt",
-               "misc/.aws", ".environment", "identity.py", "identity_rsa.py"]  # fmt: skip
+LOOK_ALIKES = [
+    "job.yaml",
+    "id_map.py",
+    "keys.py",
+    "environment.yaml",
+    "pem_utils.py",
+    "env.py",
+    "envs/train.yaml",
+    "monkey.py",
+    "aws_utils.py",
+    "ssh.py",
+    "kube/deploy.yaml",
+    "docker/config.json",
+    ".docker/daemon.json",
+    ".config/settings.json",
+    "credentials.py",
+    "service_account.md",
+    "tfstate.py",
+    "key.txt",
+    "pem/README.md",
+    "netrc.md",
+    ".ray/notes.txt",
+    "misc/.aws",
+    ".environment",
+    "identity.py",
+    "identity_rsa.py",
+]
 
 
 def project(root: Path, extra: dict[str, str] | None = None) -> Path:
@@ -186,7 +224,7 @@ def test_include_secret_sends_exactly_what_it_names(tmp_path, include, sent):
     assert travelling(upload) == set(LOOK_ALIKES) | set(sent)
     kept = sorted(p for files in upload.kept_back.values() for p in files)
     assert kept == sorted({p for files in SECRETS.values() for p in files} - set(sent))
-    assert all(e.startswith("!/") for e in upload.excludes[len(EXCLUDES) + len(SECRET_EXCLUDES):])  # exact paths only
+    assert all(e.startswith("!/") for e in upload.excludes[len(EXCLUDES) + len(SECRET_EXCLUDES) :])  # exact paths only
 
 
 def test_an_exclude_wins_over_include_secret_and_nothing_else_puts_a_secret_back(tmp_path):
@@ -217,20 +255,37 @@ def test_the_elastune_package_itself_travels_whole(tmp_path):
     assert plan_upload(package, list(EXCLUDES)).kept_back == {}
 
 
-@pytest.mark.parametrize("include", [[], ["certs/ca.pem", ".aws", "certs.key/inside.txt", "[[]odd].pem", r"we\*ird\?.key", "kubeconfig"]],
-                         ids=["none", "some"])  # fmt: skip
+@pytest.mark.parametrize(
+    "include",
+    [[], ["certs/ca.pem", ".aws", "certs.key/inside.txt", "[[]odd].pem", r"we\*ird\?.key", "kubeconfig"]],
+    ids=["none", "some"],
+)
 def test_the_listing_is_what_rays_packing_packs(tmp_path, include):
     """Ray's own code composes the excludes (its defaults first) and zips the folder: the same files."""
     from ray._private.runtime_env.packaging import _zip_files
     from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
 
-    root = project(tmp_path / "proj", {"[odd].pem": "x", "we*ird?.key": "y", "notes/.gitignore": "draft.txt\n", "notes/draft.txt": "z",
-                                       "notes/final.txt": "z", ".rayignore": "*.log\n", "train.log": "z", ".venv/lib/x.py": "z"})  # fmt: skip
+    root = project(
+        tmp_path / "proj",
+        {
+            "[odd].pem": "x",
+            "we*ird?.key": "y",
+            "notes/.gitignore": "draft.txt\n",
+            "notes/draft.txt": "z",
+            "notes/final.txt": "z",
+            ".rayignore": "*.log\n",
+            "train.log": "z",
+            ".venv/lib/x.py": "z",
+        },
+    )
     (root / "linked").symlink_to(root / "certs")  # Ray follows links: linked/ca.pem is a secret too
     upload = plan_upload(root, list(EXCLUDES), include)
     composed = {}
-    upload_working_dir_if_needed({"working_dir": str(root), "excludes": upload.excludes}, include_gitignore=True,
-                                 upload_fn=lambda wd, excludes, is_file=False: composed.update(excludes=excludes))  # fmt: skip
+    upload_working_dir_if_needed(
+        {"working_dir": str(root), "excludes": upload.excludes},
+        include_gitignore=True,
+        upload_fn=lambda wd, excludes, is_file=False: composed.update(excludes=excludes),
+    )
     _zip_files(str(root), composed["excludes"], str(tmp_path / "package.zip"), include_gitignore=True)
     packed = {name for name in zipfile.ZipFile(tmp_path / "package.zip").namelist() if not name.endswith("/")}
     assert packed == travelling(upload)
@@ -241,7 +296,10 @@ def test_the_listing_is_what_rays_packing_packs(tmp_path, include):
 def test_rays_packing_settings_come_from_the_environment_as_ray_reads_them():
     from ray._private import ray_constants
 
-    assert ray_packing({}) == {"include_gitignore": True, "ray_defaults": ray_constants.RAY_RUNTIME_ENV_DEFAULT_EXCLUDES.split(",")}
+    assert ray_packing({}) == {
+        "include_gitignore": True,
+        "ray_defaults": ray_constants.RAY_RUNTIME_ENV_DEFAULT_EXCLUDES.split(","),
+    }
     off = {"RAY_RUNTIME_ENV_IGNORE_GITIGNORE": "1", "RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES": " data , "}
     assert ray_packing(off) == {"include_gitignore": False, "ray_defaults": ["data"]}
 

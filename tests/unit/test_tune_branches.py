@@ -20,7 +20,7 @@ G = 24
 
 
 def branched(budgets, warmup=48, fraction=0.25):
-    raw = minimal(**{"stop": {"max_samples": 2400}, "schedule": {"name": "wsd", "warmup_samples": warmup, "decay_fraction": fraction}})
+    raw = minimal(stop={"max_samples": 2400}, schedule={"name": "wsd", "warmup_samples": warmup, "decay_fraction": fraction})
     raw["tune"] = {"mode": "wsd_branches", "budgets": budgets}
     return validate_spec(raw)
 
@@ -41,7 +41,7 @@ def test_trunk_then_branch_follow_the_wsd_schedule_of_the_branchs_budget():
         branch = validate_spec(branch_spec(plan, f"b{budget}", "/r", budget, {**wsd, "horizon_samples": budget}))
         alone = validate_spec({**spec.to_dict(), "tune": None, "stop": {"max_samples": budget}})  # the WSD run of this budget
         for samples in range(0, budget, G):
-            got = (trunk if samples < fork else branch)
+            got = trunk if samples < fork else branch
             assert step_values(got, samples).lr == pytest.approx(step_values(alone, samples).lr, rel=1e-12), (budget, samples)
 
 
@@ -54,7 +54,10 @@ def test_the_searcher_forks_each_branch_from_a_clone_of_the_trunk(tmp_path):
 
     def finish(trial, config):
         root = Checkpointer(config["spec"]["checkpoint"]["path"])
-        root.save(Manifest(config["to_samples"] // G, config["to_samples"], "h", {}, {}), {"model/w": torch.full((3,), float(config["to_samples"]))})
+        root.save(
+            Manifest(config["to_samples"] // G, config["to_samples"], "h", {}, {}),
+            {"model/w": torch.full((3,), float(config["to_samples"]))},
+        )
         searcher.on_trial_complete(trial, {"fitness": 1.0 / config["to_samples"], "loss": 0.0, "run_dir": "/runs/x"})
 
     finish("t0", trunk)
@@ -78,20 +81,26 @@ def test_the_searcher_forks_each_branch_from_a_clone_of_the_trunk(tmp_path):
     assert (record["samples_trained"], record["cost_vs_one_run"]) == (1728, 1.125)
 
 
-@pytest.mark.parametrize("tune, words", [
-    ({"mode": "wsd_branches"}, ["needs tune.budgets"]),
-    ({"mode": "wsd_branches", "budgets": [960, 480]}, ["must ascend"]),
-    ({"mode": "wsd_branches", "budgets": [480], "search": {"optimizer.lr": {"scale": "log", "low": 0.001, "high": 0.01}}}, ["remove tune.search"]),
-    ({"mode": "wsd_branches", "budgets": [4800]}, ["beyond the job's stop"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "tune, words",
+    [
+        ({"mode": "wsd_branches"}, ["needs tune.budgets"]),
+        ({"mode": "wsd_branches", "budgets": [960, 480]}, ["must ascend"]),
+        (
+            {"mode": "wsd_branches", "budgets": [480], "search": {"optimizer.lr": {"scale": "log", "low": 0.001, "high": 0.01}}},
+            ["remove tune.search"],
+        ),
+        ({"mode": "wsd_branches", "budgets": [4800]}, ["beyond the job's stop"]),
+    ],
+)
 def test_bad_branch_searches_are_refused(tune, words):
-    raw = minimal(**{"stop": {"max_samples": 2400}, "schedule": {"name": "wsd"}})
+    raw = minimal(stop={"max_samples": 2400}, schedule={"name": "wsd"})
     raw["tune"] = tune
     problems = spec_problems(raw)
     assert all(w in problems for w in words), problems
 
 
 def test_branches_need_a_wsd_schedule():
-    raw = minimal(**{"stop": {"max_samples": 2400}, "schedule": {"name": "cosine"}})
+    raw = minimal(stop={"max_samples": 2400}, schedule={"name": "cosine"})
     raw["tune"] = {"mode": "wsd_branches", "budgets": [480]}
     assert "set schedule.name: wsd" in spec_problems(raw)

@@ -20,7 +20,7 @@ from tests.helpers import minimal, spec_problems
 
 
 def tuned(**search):
-    raw = minimal(**{"stop": {"max_samples": 2400}, "schedule": {"name": "wsd", "warmup_samples": 48, "decay_fraction": 0.3}})
+    raw = minimal(stop={"max_samples": 2400}, schedule={"name": "wsd", "warmup_samples": 48, "decay_fraction": 0.3})
     raw["tune"] = {"population": 4, "interval_samples": 480, "quantile": 0.25, "search": search}
     return validate_spec(raw)
 
@@ -39,7 +39,12 @@ def test_initial_values_draw_every_searched_value_in_range_and_keep_the_rest():
 
 
 def test_a_family_change_keeps_warmup_and_drops_fields_the_family_lacks():
-    spec = tuned(**{"schedule.name": {"scale": "choice", "choices": ["cosine", "wsd"]}, "schedule.decay_fraction": {"scale": "linear", "low": 0.1, "high": 0.5}})
+    spec = tuned(
+        **{
+            "schedule.name": {"scale": "choice", "choices": ["cosine", "wsd"]},
+            "schedule.decay_fraction": {"scale": "linear", "low": 0.1, "high": 0.5},
+        }
+    )
     raw = spec.to_dict()
     cosine = member_spec(raw, base_values(spec) | {"schedule.name": "cosine", "schedule.decay_fraction": 0.4})
     assert cosine["schedule"] == {"name": "cosine", "warmup_samples": 48}
@@ -53,7 +58,7 @@ def test_fitness_is_the_mean_loss_over_the_window_and_infinite_when_diverged():
     rows = [{"samples_seen": 24 * s, "global_batch_size": 24, "loss": float(s)} for s in range(1, 11)]
     # The last 96 samples: steps that started at 144, 168, 192, 216 -> steps 7..10.
     assert fitness(rows, 240, 96) == pytest.approx((7 + 8 + 9 + 10) / 4)
-    assert fitness(rows[:-1] + [{**rows[-1], "loss": math.nan}], 240, 96) == math.inf
+    assert fitness([*rows[:-1], {**rows[-1], "loss": math.nan}], 240, 96) == math.inf
     assert fitness([], 240, 96) == math.inf
 
 
@@ -87,25 +92,41 @@ def test_replay_spec_trains_each_value_from_its_sample_count():
     for samples in (0, 240, 456, 480, 720, 960, 2376):
         entry = [h for h in history if h["from_samples"] <= samples][-1]
         member = validate_spec(member_spec(spec.to_dict(), entry["values"]))
-        assert step_values(replay, samples).lr == pytest.approx(entry["values"]["optimizer.lr"] * lr_multiplier(member.schedule, samples, horizon), rel=1e-12)
+        assert step_values(replay, samples).lr == pytest.approx(
+            entry["values"]["optimizer.lr"] * lr_multiplier(member.schedule, samples, horizon), rel=1e-12
+        )
 
 
 def test_phases_change_batch_and_weight_decay_at_their_sample_counts():
-    raw = minimal(**{"stop": {"max_samples": 480}})
+    raw = minimal(stop={"max_samples": 480})
     raw["phases"] = [{"from_samples": 96, "global_batch_size": 48, "weight_decay": 0.3}, {"from_samples": 240, "lr": 0.01}]
     spec = validate_spec(raw)
     assert step_values(spec, 72) == step_values(spec, 0)
-    assert (step_values(spec, 96).global_batch_size, step_values(spec, 96).weight_decay, step_values(spec, 96).lr) == (48, 0.3, 1e-3)
-    assert (step_values(spec, 240).global_batch_size, step_values(spec, 240).weight_decay, step_values(spec, 240).lr) == (48, 0.3, 0.01)
+    assert (step_values(spec, 96).global_batch_size, step_values(spec, 96).weight_decay, step_values(spec, 96).lr) == (
+        48,
+        0.3,
+        1e-3,
+    )
+    assert (step_values(spec, 240).global_batch_size, step_values(spec, 240).weight_decay, step_values(spec, 240).lr) == (
+        48,
+        0.3,
+        0.01,
+    )
 
 
-@pytest.mark.parametrize("phases, words", [
-    ([{"from_samples": 96}, {"from_samples": 96}], ["phases.1.from_samples", "above the previous"]),
-    ([{"from_samples": 96, "global_batch_size": 2}], ["phases.0.global_batch_size", "micro_batch_size"]),
-    ([{"from_samples": 96, "schedule": {"name": "cosine", "horizon_samples": 10}}], ["phases.0.schedule.horizon_samples", "remove it"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "phases, words",
+    [
+        ([{"from_samples": 96}, {"from_samples": 96}], ["phases.1.from_samples", "above the previous"]),
+        ([{"from_samples": 96, "global_batch_size": 2}], ["phases.0.global_batch_size", "micro_batch_size"]),
+        (
+            [{"from_samples": 96, "schedule": {"name": "cosine", "horizon_samples": 10}}],
+            ["phases.0.schedule.horizon_samples", "remove it"],
+        ),
+    ],
+)
 def test_bad_phases_are_refused_with_the_field(phases, words):
-    raw = minimal(**{"stop": {"max_samples": 480}})
+    raw = minimal(stop={"max_samples": 480})
     raw["phases"] = phases
     problems = spec_problems(raw)
     assert all(w in problems for w in words), problems
@@ -125,12 +146,15 @@ def test_check_space_refuses_ranges_that_reach_an_invalid_job():
     check_space(tuned(**{"optimizer.lr": LR}))
 
 
-@pytest.mark.parametrize("search, words", [
-    ({"optimizer.momentum": LR}, ["optimizer.momentum cannot be searched", "searchable"]),
-    ({"schedule.name": LR}, ["schedule.name takes scale: choice"]),
-    ({"optimizer.lr": {"scale": "log", "low": 0, "high": 1}}, ["low > 0"]),
-    ({"optimizer.lr": {"scale": "linear", "low": 1, "high": 0.5}}, ["must be below high"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "search, words",
+    [
+        ({"optimizer.momentum": LR}, ["optimizer.momentum cannot be searched", "searchable"]),
+        ({"schedule.name": LR}, ["schedule.name takes scale: choice"]),
+        ({"optimizer.lr": {"scale": "log", "low": 0, "high": 1}}, ["low > 0"]),
+        ({"optimizer.lr": {"scale": "linear", "low": 1, "high": 0.5}}, ["must be below high"]),
+    ],
+)
 def test_bad_search_ranges_are_refused(search, words):
     raw = minimal()
     raw["tune"] = {"interval_samples": 240, "search": search}
@@ -149,7 +173,9 @@ def _finish_interval(searcher, configs, scores: dict[str, float | None]):
         if scores[member] is not None:
             state = {"model/w": torch.full((4,), float(int(member[1:]) + end))}
             Checkpointer(config["spec"]["checkpoint"]["path"]).save(Manifest(end // 24, end, "h", {}, {}), state)
-        searcher.on_trial_complete(trial, None if scores[member] is None else {"fitness": scores[member]}, error=scores[member] is None)
+        searcher.on_trial_complete(
+            trial, None if scores[member] is None else {"fitness": scores[member]}, error=scores[member] is None
+        )
 
 
 def test_the_searcher_runs_synchronous_intervals_and_exploits_by_clone(tmp_path):
@@ -212,8 +238,16 @@ def test_ranking_by_predicted_final_loss_prefers_the_member_that_will_anneal(tmp
             plan = validate_spec(member_spec(raw, member.values))
             lrs = [step_values(plan, 24 * i).lr for i in range(20)]
             after = law.predict(lrs)  # loss after each step; a row holds the loss before its step
-            rows = [{"step": i + 1, "samples_seen": 24 * (i + 1), "global_batch_size": 24, "lr": lrs[i], "loss": float(after[i - 1]) if i else 9.0}
-                    for i in range(20)]  # fmt: skip
+            rows = [
+                {
+                    "step": i + 1,
+                    "samples_seen": 24 * (i + 1),
+                    "global_batch_size": 24,
+                    "lr": lrs[i],
+                    "loss": float(after[i - 1]) if i else 9.0,
+                }
+                for i in range(20)
+            ]
             run_dir = folder / "runs" / m
             run_dir.mkdir(parents=True)
             (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -21,8 +21,8 @@ import logging
 import posixpath
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -241,7 +241,9 @@ class Checkpointer:
                 if len(parts) == 2 and (ref := parse_step_dir(parts[0])) is not None and ref != step:
                     refs.add(ref)
         metrics = {k: float(v) for k, v in manifest.meta.get("metrics", {}).items() if isinstance(v, (int, float))}
-        return CheckpointInfo(step, metrics=metrics, pinned=pinned, references=frozenset(refs), referenced_elsewhere=self._live_referrer(step))
+        return CheckpointInfo(
+            step, metrics=metrics, pinned=pinned, references=frozenset(refs), referenced_elsewhere=self._live_referrer(step)
+        )
 
     def _live_referrer(self, step: int) -> str | None:
         """A clone in another root that still exists and reads this checkpoint's payloads.
@@ -255,7 +257,12 @@ class Checkpointer:
         for name in self.storage.list_files(folder):
             try:
                 ref = json.loads(self.storage.read_range(f"{folder}/{name}", 0, min(4096, self._size(f"{folder}/{name}"))))
-                if not (isinstance(ref, dict) and isinstance(ref.get("uri"), str) and type(ref.get("step")) is int and ref["step"] >= 0):
+                if not (
+                    isinstance(ref, dict)
+                    and isinstance(ref.get("uri"), str)
+                    and type(ref.get("step")) is int
+                    and ref["step"] >= 0
+                ):
                     raise ValueError("not a {uri, step} record")
                 other = Storage.from_uri(ref["uri"])
             except (ValueError, CheckpointError, StorageError) as exc:
@@ -277,7 +284,9 @@ class Checkpointer:
         else:
             self.storage.delete_file(f"{step_dir(step)}/{PINNED}")
 
-    def clone(self, step: int, dst: "Checkpointer | None" = None, dst_step: int | None = None, meta: dict | None = None) -> Manifest:
+    def clone(
+        self, step: int, dst: Checkpointer | None = None, dst_step: int | None = None, meta: dict | None = None
+    ) -> Manifest:
         """A new checkpoint in `dst` (default: here) whose fragments point at this one's payloads.
 
         No payload byte is copied: the new manifest's fragment files are paths relative to its own
@@ -295,12 +304,14 @@ class Checkpointer:
         src_folder = self.storage.path(step_dir(step))
         dst_folder = dst.storage.path(step_dir(target))
         tensors = {
-            name: {**entry, "fragments": [
-                {**f, "file": posixpath.relpath(resolve_file(src_folder, f["file"]), dst_folder)}
-                for f in entry["fragments"]
-            ]}
+            name: {
+                **entry,
+                "fragments": [
+                    {**f, "file": posixpath.relpath(resolve_file(src_folder, f["file"]), dst_folder)} for f in entry["fragments"]
+                ],
+            }
             for name, entry in src.tensors.items()
-        }  # fmt: skip
+        }
         own = any("/" not in f["file"] for e in src.tensors.values() for f in e["fragments"])
         sources = ([{"uri": self.location, "step": step}] if own else []) + list(src.sources)
         clone = Manifest(
@@ -309,7 +320,13 @@ class Checkpointer:
             spec_hash=src.spec_hash,
             layout=src.layout,
             tensors=tensors,
-            meta={**src.meta, **(meta or {}), "cloned_from": {"uri": self.location, "step": step}, "sources": sources, "created": time.time()},
+            meta={
+                **src.meta,
+                **(meta or {}),
+                "cloned_from": {"uri": self.location, "step": step},
+                "sources": sources,
+                "created": time.time(),
+            },
         )
         for source in sources:  # each source's retention cannot see the other root: leave it a marker first
             home = Storage.from_uri(source["uri"])
@@ -374,7 +391,9 @@ class Checkpointer:
         flat = self.load_pieces(manifest, wanted, folder)
         return {n: t.reshape(manifest.tensors[n]["shape"]) for n, t in flat.items()}
 
-    def load_pieces(self, manifest: Manifest, wanted: dict[str, tuple[int, int]], folder: str | None = None) -> dict[str, torch.Tensor]:
+    def load_pieces(
+        self, manifest: Manifest, wanted: dict[str, tuple[int, int]], folder: str | None = None
+    ) -> dict[str, torch.Tensor]:
         """Flat element ranges of tensors, reading only the byte ranges they need. `folder`: the
         checkpoint's folder under the root when it is not step-<its step> (a copy under another name)."""
         folder = folder or step_dir(manifest.step)
@@ -391,8 +410,10 @@ class Checkpointer:
         for file in {f["file"] for e in manifest.tensors.values() for f in e["fragments"]}:
             full = resolve_file(own, file)
             if posixpath.dirname(full) not in allowed:
-                raise CheckpointError(f"{where}: fragment file {file!r} lies outside the checkpoint's folder and the folders of the "
-                                      f"sources its manifest names; refusing to read it")  # fmt: skip
+                raise CheckpointError(
+                    f"{where}: fragment file {file!r} lies outside the checkpoint's folder and the folders of the "
+                    f"sources its manifest names; refusing to read it"
+                )
             paths[file] = posixpath.relpath(full, self.storage.root)
         return StorageSource(self.storage.read_range, paths)
 
@@ -408,8 +429,10 @@ class Checkpointer:
         if home.root != self.storage.root:
             markers = [f"{folder}/{REFERRERS}/{n}" for n in home.list_files(f"{folder}/{REFERRERS}") if MARKER_FILE.match(n)]
             if not any(_marker_names(home, m, own) for m in markers):
-                raise CheckpointError(f"{where}: its source {source['uri']}/{folder} holds no referrer marker for it; a clone's "
-                                      f"source must know of the clone")  # fmt: skip
+                raise CheckpointError(
+                    f"{where}: its source {source['uri']}/{folder} holds no referrer marker for it; a clone's "
+                    f"source must know of the clone"
+                )
         return home.path(folder)
 
     def content_hash(self, manifest: Manifest, folder: str | None = None) -> str:

@@ -33,8 +33,16 @@ from elastune.errors import ElastuneError
 
 _SAFE_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", name)
-    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-                 "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")  # fmt: skip
+    for name in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
 } | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.serialization", "_get_layout"),
@@ -62,7 +70,7 @@ class _SafeReader(dcp.FileSystemReader):
             raise ElastuneError(f"{self.path} is not a DCP checkpoint (no .metadata)") from None
         except ElastuneError:
             raise
-        except Exception as exc:  # noqa: BLE001 - whatever a malformed pickle raises, it is a bad input
+        except Exception as exc:
             raise ElastuneError(f"{path}: unreadable DCP metadata ({type(exc).__name__}: {str(exc)[:200]})") from None
         if not isinstance(metadata, Metadata):
             raise ElastuneError(f"{path}: holds a {type(metadata).__name__}, not DCP metadata")
@@ -80,15 +88,20 @@ def _check_storage(metadata: Metadata, folder: str) -> None:
     for info in (metadata.storage_data or {}).values():
         name = getattr(info, "relative_path", None)
         if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise ElastuneError(f"{folder}/.metadata names the tensor file {str(name)[:120]!r}, which is not a file name in the DCP "
-                                f"folder; refusing to read outside it")  # fmt: skip
+            raise ElastuneError(
+                f"{folder}/.metadata names the tensor file {str(name)[:120]!r}, which is not a file name in the DCP "
+                f"folder; refusing to read outside it"
+            )
         if os.path.dirname(os.path.realpath(os.path.join(folder, name))) != real:
             raise ElastuneError(f"{folder}/{name} leads out of the DCP folder (a symlink); refusing to read it")
 
 
 def export_dcp(tensors: dict[str, torch.Tensor], manifest: Manifest, out: str) -> None:
-    state: dict[str, Any] = {"model": {}, "optimizer": {"state": {}}, "progress": {
-        "step": torch.tensor(manifest.step), "samples_seen": torch.tensor(manifest.samples_seen)}}  # fmt: skip
+    state: dict[str, Any] = {
+        "model": {},
+        "optimizer": {"state": {}},
+        "progress": {"step": torch.tensor(manifest.step), "samples_seen": torch.tensor(manifest.samples_seen)},
+    }
     for name, t in tensors.items():
         kind, _, rest = name.partition("/")
         if kind == "model":
@@ -108,18 +121,20 @@ def import_dcp(src: str, out: Checkpointer, spec_hash: str = "imported") -> tupl
         flat, skipped = _read_dcp(src)
     except ElastuneError:
         raise
-    except Exception as exc:  # noqa: BLE001 - DCP's reader on malformed input raises anything
+    except Exception as exc:
         raise ElastuneError(f"{src}: not a DCP checkpoint Elastune can read ({type(exc).__name__}: {str(exc)[:300]})") from None
     progress = {}
     for k in ("step", "samples_seen"):
         value = flat.pop(f"progress.{k}", None)
         if value is not None and (value.numel() != 1 or value.is_floating_point() or int(value) < 0):
-            raise ElastuneError(f"{src}: progress.{k} must be one non-negative integer, not a tensor of shape {list(value.shape)}")
+            raise ElastuneError(
+                f"{src}: progress.{k} must be one non-negative integer, not a tensor of shape {list(value.shape)}"
+            )
         progress[k] = 0 if value is None else int(value)
     tensors = {}
     for key, t in flat.items():
         if key.startswith("model."):
-            tensors[f"model/{key[len('model.'):]}"] = t
+            tensors[f"model/{key[len('model.') :]}"] = t
         elif key.startswith("optimizer.state."):
             param, _, state_key = key[len("optimizer.state.") :].rpartition(".")
             tensors[f"optim/{param}/{state_key}"] = t
@@ -129,8 +144,14 @@ def import_dcp(src: str, out: Checkpointer, spec_hash: str = "imported") -> tupl
         raise ElastuneError(f"{src}: the DCP checkpoint holds no tensors")
     if out.storage.exists(f"{step_dir(progress['step'])}/{MANIFEST}"):
         raise ElastuneError(f"{out.uri} already holds a checkpoint of step {progress['step']}; import into another root")
-    manifest = Manifest(progress["step"], progress["samples_seen"], spec_hash, {"kind": "replicated"}, {},
-                        meta={"imported_from": {"format": "dcp", "path": os.path.abspath(src)}})  # fmt: skip
+    manifest = Manifest(
+        progress["step"],
+        progress["samples_seen"],
+        spec_hash,
+        {"kind": "replicated"},
+        {},
+        meta={"imported_from": {"format": "dcp", "path": os.path.abspath(src)}},
+    )
     out.save(manifest, tensors)
     return manifest, skipped
 
@@ -143,7 +164,9 @@ def _read_dcp(src: str) -> tuple[dict[str, torch.Tensor], int]:
     for key, md in metadata.state_dict_metadata.items():
         if isinstance(md, TensorStorageMetadata):
             if md.properties.dtype not in STORED_DTYPES:
-                raise ElastuneError(f"{src}: tensor {key!r} has dtype {md.properties.dtype}, which the universal format does not hold")
+                raise ElastuneError(
+                    f"{src}: tensor {key!r} has dtype {md.properties.dtype}, which the universal format does not hold"
+                )
             flat[key] = torch.empty(md.size, dtype=md.properties.dtype)
         else:
             skipped += 1

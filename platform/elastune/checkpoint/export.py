@@ -29,8 +29,8 @@ def export(ckpt: Checkpointer, manifest: Manifest, fmt: str, out: str, folder: s
 
         export_dcp(tensors, manifest, out)
         return {"model": sum(k.startswith("model/") for k in tensors), "optimizer": sum(k.startswith("optim/") for k in tensors)}
-    model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    optim = {k[len("optim/"):]: v for k, v in tensors.items() if k.startswith("optim/")}
+    model = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+    optim = {k[len("optim/") :]: v for k, v in tensors.items() if k.startswith("optim/")}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if fmt == "safetensors":
         # The model alone, as inference and hub tools expect; progress goes into the header metadata.

@@ -116,7 +116,7 @@ class Piece:
     replicated: bool = False
 
     @classmethod
-    def whole(cls, t: torch.Tensor, replicated: bool = True) -> "Piece":
+    def whole(cls, t: torch.Tensor, replicated: bool = True) -> Piece:
         return cls(t.detach(), 0, t.numel(), tuple(t.shape), replicated)
 
     @property
@@ -133,7 +133,7 @@ class PayloadPlan:
     size: int
 
     @classmethod
-    def of(cls, pieces: dict[str, Piece]) -> "PayloadPlan":
+    def of(cls, pieces: dict[str, Piece]) -> PayloadPlan:
         header: dict[str, Any] = {}
         offset = 0
         for name in sorted(pieces):
@@ -232,7 +232,7 @@ class Manifest:
         return [self.meta["cloned_from"]] if "cloned_from" in self.meta else []
 
     @classmethod
-    def from_json(cls, data: bytes, where: str) -> "Manifest":
+    def from_json(cls, data: bytes, where: str) -> Manifest:
         """Parse and check a manifest; CheckpointError for anything that breaks a rule."""
         try:
             raw = json.loads(data)
@@ -243,8 +243,10 @@ class Manifest:
             if raw["format"] == FORMAT:
                 digest = raw.pop(SELF_CHECK, None)
                 if digest != content_digest(raw):
-                    raise CheckpointError(f"{where}: the manifest's content does not match its {SELF_CHECK}: it was edited or "
-                                          f"damaged after it was written")  # fmt: skip
+                    raise CheckpointError(
+                        f"{where}: the manifest's content does not match its {SELF_CHECK}: it was edited or "
+                        f"damaged after it was written"
+                    )
             elif raw["format"] == "elastune.checkpoint/1":
                 raw = _upgrade_v1(raw)
             manifest = cls(**{**raw, "format": FORMAT})
@@ -304,8 +306,10 @@ def _check_tensor(name: str, entry: Any, where: str) -> None:
     edge = 0
     for (lo, hi), i in spans:
         if lo != edge:
-            raise CheckpointError(f"{where}: fragments do not tile the tensor ({'gap' if lo > edge else 'overlap'} at element {edge}, "
-                                  f"fragment {i} starts at {lo})")  # fmt: skip
+            raise CheckpointError(
+                f"{where}: fragments do not tile the tensor ({'gap' if lo > edge else 'overlap'} at element {edge}, "
+                f"fragment {i} starts at {lo})"
+            )
         edge = hi
     if edge != total:
         raise CheckpointError(f"{where}: fragments cover {edge} of its {total} elements")
@@ -330,14 +334,20 @@ def _check_fragment(frag: Any, i: int, total: int, itemsize: int, where: str) ->
     blocks = max(1, -(-length // block))
     carried = [a for a in CHECKSUMS if frag.get(a) is not None]
     if not carried:
-        raise CheckpointError(f"{where}: carries no checksums (one of {', '.join(CHECKSUMS)} per {block}-byte block); its bytes cannot be verified")
+        raise CheckpointError(
+            f"{where}: carries no checksums (one of {', '.join(CHECKSUMS)} per {block}-byte block); its bytes cannot be verified"
+        )
     for algorithm in carried:
         digests = frag[algorithm]
         if not isinstance(digests, list) or len(digests) != blocks:
-            raise CheckpointError(f"{where}: {algorithm} must list {blocks} block checksum(s) for {length} bytes in blocks of {block}")
+            raise CheckpointError(
+                f"{where}: {algorithm} must list {blocks} block checksum(s) for {length} bytes in blocks of {block}"
+            )
         for d in digests:
             if not (isinstance(d, str) and len(d) == CHECKSUMS[algorithm] and all(c in "0123456789abcdef" for c in d)):
-                raise CheckpointError(f"{where}: {algorithm} entry {str(d)[:80]!r} is not a {CHECKSUMS[algorithm]}-digit hex digest")
+                raise CheckpointError(
+                    f"{where}: {algorithm} entry {str(d)[:80]!r} is not a {CHECKSUMS[algorithm]}-digit hex digest"
+                )
     return lo, hi
 
 
@@ -361,8 +371,10 @@ def check_file_name(file: Any, where: str) -> None:
         ok = ok and len(rest) >= 2 and STEP_NAME.match(rest[-2]) is not None
         ok = ok and len(parts) <= 64 and all(p not in ("", ".", "..") and p.isprintable() for p in rest[:-1])
     if not ok:
-        raise CheckpointError(f"{where}: file {file[:120]!r} is neither a payload in the checkpoint's folder nor a clone's path "
-                              f"to one in another checkpoint's step folder; refusing to read it")  # fmt: skip
+        raise CheckpointError(
+            f"{where}: file {file[:120]!r} is neither a payload in the checkpoint's folder nor a clone's path "
+            f"to one in another checkpoint's step folder; refusing to read it"
+        )
 
 
 def resolve_file(folder: str, file: str) -> str:

@@ -19,8 +19,9 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 from elastune.checkpoint.storage import Storage
 from elastune.errors import CheckpointError, LeaseHeld
@@ -43,8 +44,10 @@ class Holder:
     renewed_at: float
 
     def describe(self, now: float) -> str:
-        return (f"run {self.run_id} of job {self.job} (host {self.host}, pid {self.pid}; holding it since "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.taken_at))}, renewed {now - self.renewed_at:.0f} s ago)")  # fmt: skip
+        return (
+            f"run {self.run_id} of job {self.job} (host {self.host}, pid {self.pid}; holding it since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.taken_at))}, renewed {now - self.renewed_at:.0f} s ago)"
+        )
 
 
 Verdict = Literal["free", "mine", "gone", "held"]
@@ -127,8 +130,10 @@ class Lease:
             decision = verdict(current, self.me, now, self.alive)
             if decision == "held":
                 raise LeaseHeld(
-                    f"checkpoint root {self.storage.uri} is in use by {current.describe(now)}: one root, one writer. Wait for that "
-                    f"run to end or stop it, or give this run another checkpoint.path; a lease whose holder is gone is taken over "
+                    f"checkpoint root {self.storage.uri} is in use by "
+                    f"{current.describe(now)}: one root, one writer. Wait for that "
+                    "run to end or stop it, or give this run another checkpoint.path; "
+                    "a lease whose holder is gone is taken over "
                     f"(on another host, once it has not been renewed for {TTL_S:.0f} s)"
                 )
             if decision == "gone":
@@ -137,7 +142,9 @@ class Lease:
             if self._create():
                 self.renewed = time.monotonic()
                 return
-        raise LeaseHeld(f"checkpoint root {self.storage.uri}: another run took its lease at the same moment; run again to see which")
+        raise LeaseHeld(
+            f"checkpoint root {self.storage.uri}: another run took its lease at the same moment; run again to see which"
+        )
 
     def renew(self) -> None:
         """Renew the lease if it is due; LeaseHeld if another run has taken it over meanwhile (this
@@ -148,8 +155,10 @@ class Lease:
         self.renewed = time.monotonic()
         current = self.read()
         if current is not None and current.run_id != self.me.run_id:
-            raise LeaseHeld(f"checkpoint root {self.storage.uri} was taken over by {current.describe(time.time())} while this run went "
-                            f"unrenewed; this run's further checkpoints may conflict with it")  # fmt: skip
+            raise LeaseHeld(
+                f"checkpoint root {self.storage.uri} was taken over by {current.describe(time.time())} while this run went "
+                f"unrenewed; this run's further checkpoints may conflict with it"
+            )
         self.me = Holder(**{**asdict(self.me), "renewed_at": time.time()})
         self.storage.commit_bytes(LEASE, self._record())
 

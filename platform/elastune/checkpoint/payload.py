@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ def _new_pool() -> ThreadPoolExecutor:
 
 
 def _reset_pool() -> None:
-    global _POOL
+    global _POOL  # noqa: PLW0603 (one pool per process, replaced after fork)
     _POOL = _new_pool()  # a forked child inherits the pool but not its threads: work would never run
 
 
@@ -73,7 +74,9 @@ def check_header(source: Source, file: str, where: str) -> None:
             raise CheckpointError(f"header length {n} is implausible")
         json.loads(bytes(source.read(file, 8, n)))
     except (CheckpointError, ValueError, struct.error) as exc:
-        raise CheckpointError(f"{where}: {file.rsplit('/', 1)[-1]} is not a safetensors payload ({exc}); refusing to load it") from None
+        raise CheckpointError(
+            f"{where}: {file.rsplit('/', 1)[-1]} is not a safetensors payload ({exc}); refusing to load it"
+        ) from None
 
 
 @dataclass
@@ -158,7 +161,8 @@ def _verify(w: _Want, data: memoryview, start: int, file: str, where: str) -> No
         hi = f["offset"] + min((k + 1) * b, f["length"]) - start
         if digest(data[lo:hi]) != f[algorithm][k]:
             raise CheckpointError(
-                f"{where}: checksum mismatch in {file} (tensor {w.name!r}, bytes {lo + start}..{hi + start}, {algorithm}); the payload is corrupt"
+                f"{where}: checksum mismatch in {file} (tensor {w.name!r}, bytes "
+                f"{lo + start}..{hi + start}, {algorithm}); the payload is corrupt"
             )
 
 

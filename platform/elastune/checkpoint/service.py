@@ -101,7 +101,10 @@ class Snapshot:
 
     def handle(self) -> dict[str, Any]:
         """What a worker restores this snapshot from: the manifest and one object per payload."""
-        return {"manifest": self.manifest().to_json().decode(), "payloads": {p.file: p.ref() for p in self.parts.values() if p.file}}
+        return {
+            "manifest": self.manifest().to_json().decode(),
+            "payloads": {p.file: p.ref() for p in self.parts.values() if p.file},
+        }
 
 
 ROWS_EVERY_S = 0.5
@@ -134,7 +137,9 @@ class CheckpointService:
 
     # ------------------------------------------------------------------ tier 0
 
-    def stage(self, header: dict[str, Any], rank: int, file: str | None, entries: dict, stall_seconds: float, *chunks: Any) -> list[str]:
+    def stage(
+        self, header: dict[str, Any], rank: int, file: str | None, entries: dict, stall_seconds: float, *chunks: Any
+    ) -> list[str]:
         """Take one rank's part of a step (its payload in `chunks`, see Snapshotter); a step
         whose parts are all in (header "parts": W, or 1 from a single writer) becomes tier 0.
         Returns the ids of the nodes being drained
@@ -259,8 +264,13 @@ class CheckpointService:
             except Exception as exc:  # a failed write must not stop later ones; users see why
                 log.exception("persisting step %s failed", snap.step)
                 report = {"step": snap.step, "error": f"{type(exc).__name__}: {exc}", "uri": self.ckpt.uri}
-                self._emit({"kind": "warning", "message": f"durable checkpoint of step {snap.step} failed: {report['error']}; "
-                            f"what it wrote is removed, and training goes on"})  # fmt: skip
+                self._emit(
+                    {
+                        "kind": "warning",
+                        "message": f"durable checkpoint of step {snap.step} failed: {report['error']}; "
+                        f"what it wrote is removed, and training goes on",
+                    }
+                )
             with self.cv:
                 self.reports.append(report)
                 self.busy = False
@@ -275,8 +285,13 @@ class CheckpointService:
             freed = self.ckpt.make_room()
             if not freed:
                 raise
-            self._emit({"kind": "warning", "message": f"no space for step {snap.step} at {self.ckpt.uri}: deleted step(s) "
-                        f"{', '.join(map(str, freed))} to make room (the newest checkpoint stays); trying again"})  # fmt: skip
+            self._emit(
+                {
+                    "kind": "warning",
+                    "message": f"no space for step {snap.step} at {self.ckpt.uri}: deleted step(s) "
+                    f"{', '.join(map(str, freed))} to make room (the newest checkpoint stays); trying again",
+                }
+            )
             return self._persist(snap)
 
     def _persist(self, snap: Snapshot) -> dict[str, Any]:
@@ -323,8 +338,10 @@ class CheckpointService:
             for name, (offset, length) in offsets.items():
                 frag = part.entries[name]["fragments"][0]
                 if block_digests(data, offset, length, BLOCK_BYTES, SNAPSHOT_CHECKSUM) != frag[SNAPSHOT_CHECKSUM]:
-                    raise CheckpointError(f"in-memory snapshot of step {step} ({part.file}, tensor {name!r}) does not match the "
-                                          f"checksum its worker took; not writing it")  # fmt: skip
+                    raise CheckpointError(
+                        f"in-memory snapshot of step {step} ({part.file}, tensor {name!r}) does not match the "
+                        f"checksum its worker took; not writing it"
+                    )
             return digests_of(offsets, data, BLOCK_BYTES, DURABLE_CHECKSUM)
 
         hashing = self.sealer.submit(seal)  # overlaps the write

@@ -19,9 +19,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import ray
 import torch
 
+import ray
 from elastune.checkpoint.format import BLOCK_BYTES, SNAPSHOT_CHECKSUM, PayloadPlan, Piece, payload_file, with_digests
 from elastune.checkpoint.layout import pieces_to_write
 from elastune.checkpoint.payload import block_digests
@@ -55,8 +55,16 @@ class Snapshotter:
         self.entries: dict[str, Any] = {}
         self.costs: list[float] = []
 
-    def take(self, header: dict[str, Any], held: dict[str, Piece], rank: int, world_size: int,
-             rows: list[dict[str, Any]] | None = None, rows_final: bool = False, writer: int | None = None) -> float:  # fmt: skip
+    def take(
+        self,
+        header: dict[str, Any],
+        held: dict[str, Piece],
+        rank: int,
+        world_size: int,
+        rows: list[dict[str, Any]] | None = None,
+        rows_final: bool = False,
+        writer: int | None = None,
+    ) -> float:
         """Snapshot this rank's share of `held` (of `world_size` ranks that snapshot this step),
         or, with a `writer` (layout.snapshot_writer), all of it on that rank and nothing on the
         others; returns the seconds the caller was held up.
@@ -103,7 +111,9 @@ class Snapshotter:
         payload = self.buffer.numpy() if file else None
         if payload is not None:
             data = memoryview(payload)
-            digests = {n: block_digests(data, off, ln, BLOCK_BYTES, SNAPSHOT_CHECKSUM) for n, (off, ln) in self.plan.offsets.items()}
+            digests = {
+                n: block_digests(data, off, ln, BLOCK_BYTES, SNAPSHOT_CHECKSUM) for n, (off, ln) in self.plan.offsets.items()
+            }
             entries = with_digests(entries, digests, SNAPSHOT_CHECKSUM)
         chunks = chunks_of(payload, self.plan.size)
         self.draining = frozenset(ray.get(self.service.stage.remote(header, rank, file, entries, stall, *chunks)))

@@ -36,7 +36,7 @@ class Storage:
     uri: str
 
     @classmethod
-    def from_uri(cls, uri: str) -> "Storage":
+    def from_uri(cls, uri: str) -> Storage:
         """StorageError (exit 2) naming the URI and the fix for a scheme pyarrow cannot serve, a
         malformed URI, or a store that cannot be reached to be set up (e.g. HDFS without Java)."""
         problem = check_uri(uri) if "://" in uri else None
@@ -120,8 +120,12 @@ class Storage:
         """The path of `rel`, refused if on a local disk a symlink takes it anywhere else than the
         same path under the root's real location."""
         full = self.path(rel)
-        if self.is_local and os.path.realpath(full) != posixpath.normpath(posixpath.join(os.path.realpath(self.root), posixpath.relpath(full, self.root))):
-            raise CheckpointError(f"{self.uri}/{rel}: a symlink leads out of place ({os.path.realpath(full)}); refusing to read through it")
+        if self.is_local and os.path.realpath(full) != posixpath.normpath(
+            posixpath.join(os.path.realpath(self.root), posixpath.relpath(full, self.root))
+        ):
+            raise CheckpointError(
+                f"{self.uri}/{rel}: a symlink leads out of place ({os.path.realpath(full)}); refusing to read through it"
+            )
         return full
 
     def exists(self, rel: str) -> bool:

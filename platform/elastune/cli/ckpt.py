@@ -52,7 +52,9 @@ def add_parser(sub) -> None:
     prune.add_argument("uri")
     prune.add_argument("--keep-last", type=int, required=True, help="how many newest checkpoints to keep (>= 1)")
     prune.set_defaults(handler=cmd_prune)
-    clear = cmds.add_parser("clear", help="delete every checkpoint under a root, pinned ones too (a deleted ElastuneJob's deleteOnFinish)")
+    clear = cmds.add_parser(
+        "clear", help="delete every checkpoint under a root, pinned ones too (a deleted ElastuneJob's deleteOnFinish)"
+    )
     clear.add_argument("uri")
     clear.add_argument("--yes", action="store_true", help="required: there is no undo")
     clear.set_defaults(handler=cmd_clear)
@@ -70,7 +72,9 @@ def _open(ckpt_uri: str) -> tuple[Checkpointer, Manifest, str]:
     ckpt = _root(root)
     if step is not None:
         if not ckpt.storage.exists(f"{step_dir(step)}/{MANIFEST}"):
-            raise ElastuneError(f"{ckpt_uri} is not a committed checkpoint: {MANIFEST} is missing (an interrupted save leaves exactly this)")
+            raise ElastuneError(
+                f"{ckpt_uri} is not a committed checkpoint: {MANIFEST} is missing (an interrupted save leaves exactly this)"
+            )
         found = ckpt, ckpt.read_manifest(step), step_dir(step)
     elif steps := ckpt.committed_steps():
         found = ckpt, ckpt.read_manifest(steps[-1]), step_dir(steps[-1])
@@ -79,7 +83,9 @@ def _open(ckpt_uri: str) -> tuple[Checkpointer, Manifest, str]:
         outer = _root(parent or ".")
         found = outer, Manifest.from_json(outer.storage.read_bytes(f"{name}/{MANIFEST}"), ckpt_uri), name
     else:
-        raise ElastuneError(f"{ckpt_uri} holds no committed checkpoint (no step-*/{MANIFEST}); give a checkpoint root or ROOT/step-N")
+        raise ElastuneError(
+            f"{ckpt_uri} holds no committed checkpoint (no step-*/{MANIFEST}); give a checkpoint root or ROOT/step-N"
+        )
     found[0].source(found[1], found[2])  # its files are where they may be, or it is corrupt
     return found
 
@@ -165,7 +171,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     ckpt, m, folder = _open(args.ckpt)
     counts = export(ckpt, m, args.format, args.out, folder)
-    print(f"exported step {m.step} ({counts['model']} model, {counts['optimizer']} optimizer tensors) to {args.out} as {args.format}")
+    print(
+        f"exported step {m.step} ({counts['model']} model, {counts['optimizer']} "
+        f"optimizer tensors) to {args.out} as {args.format}"
+    )
     return 0
 
 
@@ -176,7 +185,11 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     out = Checkpointer(args.out, keep_last=10**9)  # importing never prunes what is already there
     manifest, skipped = import_dcp(args.dcp_dir, out)
-    note = f"; skipped {skipped} non-tensor entr{'y' if skipped == 1 else 'ies'} (pickled values are never loaded)" if skipped else ""
+    note = (
+        f"; skipped {skipped} non-tensor entr{'y' if skipped == 1 else 'ies'} (pickled values are never loaded)"
+        if skipped
+        else ""
+    )
     print(f"imported {len(manifest.tensors)} tensors as {out.uri}/{step_dir(manifest.step)} (step {manifest.step}){note}")
     return 0
 
@@ -200,7 +213,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     ckpt = _root(args.uri)
     ckpt.policy = RetentionPolicy(keep_last=args.keep_last)
     deleted = ckpt.prune()
-    print(f"deleted {len(deleted)} checkpoint(s){': steps ' + ', '.join(map(str, deleted)) if deleted else ''}; kept the newest {args.keep_last}")
+    print(
+        f"deleted {len(deleted)} "
+        f"checkpoint(s){': steps ' + ', '.join(map(str, deleted)) if deleted else ''}; kept the newest {args.keep_last}"
+    )
     for note in ckpt.notes:
         print(f"note: {note}")
     return 0
@@ -210,7 +226,9 @@ def cmd_clear(args: argparse.Namespace) -> int:
     from elastune.checkpoint.lease import Lease, this_process
 
     if not args.yes:
-        raise ElastuneError(f"ckpt clear deletes every checkpoint under {args.uri}, pinned ones too, with no undo; add --yes to do it")
+        raise ElastuneError(
+            f"ckpt clear deletes every checkpoint under {args.uri}, pinned ones too, with no undo; add --yes to do it"
+        )
     ckpt = _root(args.uri)
     # The root's lease, as a run takes it: a root a live run holds is refused (LeaseHeld), never cleared under it.
     lease = Lease(ckpt.storage, this_process("ckpt-clear", "ckpt-clear"))

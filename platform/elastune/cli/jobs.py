@@ -20,24 +20,43 @@ EXIT_OK, EXIT_FAILED = 0, 1  # 2, 3 and 4 are the errors' own (errors.py)
 
 def add_parser(sub) -> None:
     address = argparse.ArgumentParser(add_help=False)
-    address.add_argument("--address", help="the cluster's Ray Jobs API, e.g. http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, "
-                                           "an http RAY_ADDRESS, else http://127.0.0.1:8265); wins over both")  # fmt: skip
+    address.add_argument(
+        "--address",
+        help="the cluster's Ray Jobs API, e.g. http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, "
+        "an http RAY_ADDRESS, else http://127.0.0.1:8265); wins over both",
+    )
     address.add_argument("--json", action="store_true", help="print JSON for scripts instead of text")
 
-    submit = sub.add_parser("submit", parents=[address], help="submit a job to a Ray cluster (Ray Jobs API) and follow it",
-                            description="Submit JOB to the Ray cluster at --address. The entrypoint runs `elastune run JOB` there; "
-                                        "the job's folder and this elastune package travel with it. Follows the logs to the end "
-                                        "unless --no-wait; Ctrl-C detaches.")  # fmt: skip
+    submit = sub.add_parser(
+        "submit",
+        parents=[address],
+        help="submit a job to a Ray cluster (Ray Jobs API) and follow it",
+        description="Submit JOB to the Ray cluster at --address. The entrypoint runs `elastune run JOB` there; "
+        "the job's folder and this elastune package travel with it. Follows the logs to the end "
+        "unless --no-wait; Ctrl-C detaches.",
+    )
     submit.add_argument("job", help="job spec YAML")
-    submit.add_argument("--name", help="submission id (default: JOBNAME-TIME); submitting the same spec under the same name again "
-                                       "finds the existing job instead of starting another")  # fmt: skip
+    submit.add_argument(
+        "--name",
+        help="submission id (default: JOBNAME-TIME); submitting the same spec under the same name again "
+        "finds the existing job instead of starting another",
+    )
     submit.add_argument("--no-wait", action="store_true", help="return once submitted")
     submit.add_argument("--dry-run", action="store_true", help="print what would be submitted; contact nothing")
-    submit.add_argument("--working-dir", default=".", help="folder that travels with the job (default: the current one); holds the spec")
-    submit.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="also leave these out of the upload (gitignore style)")
-    submit.add_argument("--include-secret", action="append", default=[], metavar="PATTERN",
-                        help="send the files matching PATTERN (gitignore style) that the secret rules keep back (.env, keys, cloud "
-                             "credentials: docs/cluster.md); a warning names each one")  # fmt: skip
+    submit.add_argument(
+        "--working-dir", default=".", help="folder that travels with the job (default: the current one); holds the spec"
+    )
+    submit.add_argument(
+        "--exclude", action="append", default=[], metavar="PATTERN", help="also leave these out of the upload (gitignore style)"
+    )
+    submit.add_argument(
+        "--include-secret",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="send the files matching PATTERN (gitignore style) that the secret rules keep back (.env, keys, cloud "
+        "credentials: docs/cluster.md); a warning names each one",
+    )
     submit.set_defaults(handler=cmd_submit)
 
     status = sub.add_parser("status", parents=[address], help="a submitted job's status and the driver's exit code")
@@ -85,11 +104,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
     address = _address(args)
     name = args.name or f"{spec.name}-{new_run_id()}"
     upload = submission.upload
-    plan = {"address": address.url, "address_from": address.source, "submission_id": name, "entrypoint": submission.entrypoint,
-            "runtime_env": submission.runtime_env, "metadata": submission.metadata,
-            "upload": {"files": submission.upload_files, "bytes": submission.upload_bytes,
-                       "listing": [{"path": path, "bytes": size} for path, size in upload.files],  # largest first
-                       "kept_back": upload.kept_back, "secrets_sent": upload.secrets_sent}}  # fmt: skip
+    plan = {
+        "address": address.url,
+        "address_from": address.source,
+        "submission_id": name,
+        "entrypoint": submission.entrypoint,
+        "runtime_env": submission.runtime_env,
+        "metadata": submission.metadata,
+        "upload": {
+            "files": submission.upload_files,
+            "bytes": submission.upload_bytes,
+            "listing": [{"path": path, "bytes": size} for path, size in upload.files],  # largest first
+            "kept_back": upload.kept_back,
+            "secrets_sent": upload.secrets_sent,
+        },
+    }
     for warning in submission.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.dry_run:
@@ -99,8 +128,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_OK
     client = _client(args, address)
     view, submitted = client.submit(name, submission)
-    _say(args, f"{'Submitted' if submitted else 'Already submitted (same spec)'} {name} to {address.describe()}: "
-               f"{submission.upload_files} files, {submission.upload_bytes / 1024**2:.1f} MiB.")  # fmt: skip
+    _say(
+        args,
+        f"{'Submitted' if submitted else 'Already submitted (same spec)'} {name} to {address.describe()}: "
+        f"{submission.upload_files} files, {submission.upload_bytes / 1024**2:.1f} MiB.",
+    )
     if args.no_wait:
         _say(args, _follow_up(name, address.url))
         if args.json:
@@ -130,8 +162,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
     client = _client(args)
     stopped = client.stop(args.id)
     view = client.view(args.id)
-    _say(args, f"{'Stopping' if stopped else 'Not running'}: {args.id} ({view.status}). Its checkpoints stay; submitting the "
-               f"same job again resumes from the newest.")  # fmt: skip
+    _say(
+        args,
+        f"{'Stopping' if stopped else 'Not running'}: {args.id} ({view.status}). Its checkpoints stay; submitting the "
+        f"same job again resumes from the newest.",
+    )
     if args.json:
         print(json.dumps(view.to_dict(), indent=2))
     return EXIT_OK
@@ -150,8 +185,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     for column in ("submission id", "status", "job", "started", "ended", "exit code"):
         table.add_column(column)
     for v in views:
-        table.add_row(v.submission_id, v.status, v.job or "-", _when(v.start_time), _when(v.end_time),
-                      "-" if v.driver_exit_code is None else str(v.driver_exit_code))  # fmt: skip
+        table.add_row(
+            v.submission_id,
+            v.status,
+            v.job or "-",
+            _when(v.start_time),
+            _when(v.end_time),
+            "-" if v.driver_exit_code is None else str(v.driver_exit_code),
+        )
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)
@@ -188,8 +229,10 @@ def _describe(view) -> str:
 
 def _follow_up(name: str, url: str) -> str:
     where = f" --address {url}"
-    return (f"Follow: elastune logs {name} --follow{where} | status: elastune status {name}{where} | "
-            f"stop: elastune stop {name}{where}")  # fmt: skip
+    return (
+        f"Follow: elastune logs {name} --follow{where} | status: elastune status {name}{where} | "
+        f"stop: elastune stop {name}{where}"
+    )
 
 
 def _describe_plan(plan: dict) -> str:
@@ -207,7 +250,7 @@ def _describe_plan(plan: dict) -> str:
         f"  metadata     {', '.join(sorted(plan['metadata']))}",
         f"Travels ({upload['files']} files, {_size(upload['bytes'])}; largest first):",
         *(f"  {_size(f['bytes']):>10}  {f['path']}" for f in upload["listing"]),
-    ]  # fmt: skip
+    ]
     if upload["kept_back"]:
         kept = sum(len(files) for files in upload["kept_back"].values())
         plural = "s" if kept > 1 else ""

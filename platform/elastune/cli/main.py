@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from elastune.errors import ElastuneError
 
@@ -22,20 +22,31 @@ EXIT_NOT_DURABLE = 5  # trained to its stop, but the final state could not be ma
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elastune", description="Elastic PyTorch training on Ray with an exact global batch at any world size.")
+    parser = argparse.ArgumentParser(
+        prog="elastune", description="Elastic PyTorch training on Ray with an exact global batch at any world size."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="train a job (embedded local Ray, or --address)", description="Train a job spec. Resumes from the newest checkpoint at checkpoint.path unless --fresh.")
+    run = sub.add_parser(
+        "run",
+        help="train a job (embedded local Ray, or --address)",
+        description="Train a job spec. Resumes from the newest checkpoint at checkpoint.path unless --fresh.",
+    )
     run.add_argument("job", help="job spec YAML")
     run.add_argument("--workers", type=_positive, help="fixed number of workers (sets scaling.min_workers = max_workers)")
-    run.add_argument("--max-steps", type=_positive, help="stop after this many steps in all; the schedule keeps the spec's horizon")
+    run.add_argument(
+        "--max-steps", type=_positive, help="stop after this many steps in all; the schedule keeps the spec's horizon"
+    )
     run.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     run.add_argument("--fresh", action="store_true", help="delete this job's checkpoints and start over")
     run.add_argument("--verbose", action="store_true", help="show Ray's own and the workers' logs")
     run.set_defaults(handler=cmd_run)
 
-    tune = sub.add_parser("tune", help="population-based search over the job's schedule (its tune: section)",
-                          description="Search the job's schedule with population-based training on Ray Tune (docs/tuning.md).")  # fmt: skip
+    tune = sub.add_parser(
+        "tune",
+        help="population-based search over the job's schedule (its tune: section)",
+        description="Search the job's schedule with population-based training on Ray Tune (docs/tuning.md).",
+    )
     tune.add_argument("job", help="job spec YAML with a tune: section")
     tune.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     tune.add_argument("--verbose", action="store_true", help="show Ray Tune's own progress and Ray's logs")
@@ -46,12 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(handler=cmd_validate)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of job specs")
-    schema.add_argument("--crd", action="store_true", help="print the ElastuneJob CustomResourceDefinition (YAML) made from it instead")
+    schema.add_argument(
+        "--crd", action="store_true", help="print the ElastuneJob CustomResourceDefinition (YAML) made from it instead"
+    )
     schema.set_defaults(handler=cmd_schema)
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    prep = data_sub.add_parser("prepare", help="turn text, JSONL or Parquet into a token-window dataset", description="Prepare a byte-token window dataset (Arrow + manifest.json).")
+    prep = data_sub.add_parser(
+        "prepare",
+        help="turn text, JSONL or Parquet into a token-window dataset",
+        description="Prepare a byte-token window dataset (Arrow + manifest.json).",
+    )
     src = prep.add_mutually_exclusive_group(required=True)
     src.add_argument("--source", nargs="+", help="'stdlib' or files, folders, globs of .txt/.jsonl/.parquet")
     src.add_argument("--job", help="prepare what this job spec's data section says")
@@ -88,8 +105,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if require:  # a submitted job: the cluster must have the versions it was submitted with
         wrong = mismatches(require, installed_versions())
         if wrong:
-            raise ElastuneError(f"this cluster has {'; '.join(wrong)}: the job would train with other numerics; give the cluster's "
-                                f"image those versions, or submit from an environment that matches the cluster")  # fmt: skip
+            raise ElastuneError(
+                f"this cluster has {'; '.join(wrong)}: the job would train with other numerics; give the cluster's "
+                f"image those versions, or submit from an environment that matches the cluster"
+            )
     overrides: dict = {}
     if args.workers is not None:
         overrides |= {"scaling.min_workers": args.workers, "scaling.max_workers": args.workers}
@@ -122,14 +141,23 @@ def run_ending(outcome, job: str) -> tuple[str, int]:
         return "", EXIT_OK
     if outcome.status == "succeeded":
         loss = f"{outcome.final_loss:.4f}" if outcome.final_loss is not None else "n/a"
-        return f"Done: step {outcome.steps}, {outcome.samples_seen:,} samples, loss {loss}, {outcome.seconds:.1f} s. {where}", EXIT_OK
+        return (
+            f"Done: step {outcome.steps}, {outcome.samples_seen:,} samples, loss {loss}, {outcome.seconds:.1f} s. {where}",
+            EXIT_OK,
+        )
     if outcome.status == "not_durable":
-        return (f"[red]Trained to step {outcome.steps}, but its final state is not durable[/red]: {outcome.error}. The newest "
-                f"durable checkpoint at {outcome.uri} is {durable}: fix the store and run `elastune run {job}` again to train "
-                f"from there. {where}", EXIT_NOT_DURABLE)  # fmt: skip
+        return (
+            f"[red]Trained to step {outcome.steps}, but its final state is not durable[/red]: {outcome.error}. The newest "
+            f"durable checkpoint at {outcome.uri} is {durable}: fix the store and run `elastune run {job}` again to train "
+            f"from there. {where}",
+            EXIT_NOT_DURABLE,
+        )
     if outcome.status == "stopped":
-        return (f"Stopped at step {outcome.steps} ({outcome.samples_seen:,} samples); newest durable checkpoint: {durable} at "
-                f"{outcome.uri}. Resume with `elastune run {job}`. {where}", exit_code(outcome.signal))  # fmt: skip
+        return (
+            f"Stopped at step {outcome.steps} ({outcome.samples_seen:,} samples); newest durable checkpoint: {durable} at "
+            f"{outcome.uri}. Resume with `elastune run {job}`. {where}",
+            exit_code(outcome.signal),
+        )
     return f"[red]Training failed[/red]: {outcome.error}\n{where}", EXIT_FAILED
 
 
@@ -154,8 +182,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from elastune.spec import load_spec
     from elastune.batch_plan import batch_plan
+    from elastune.spec import load_spec
 
     spec = load_spec(args.job)
     low = batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, spec.scaling.min_workers)
@@ -164,7 +192,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"  {low.describe()}")
     if high.world_size != low.world_size:
         print(f"  {high.describe()}")
-    print(f"  stops after {spec.max_steps} steps ({spec.budget_samples:,} samples); schedule {spec.schedule.name} over {spec.horizon_samples:,} samples")
+    print(
+        f"  stops after {spec.max_steps} steps ({spec.budget_samples:,} samples); "
+        f"schedule {spec.schedule.name} over {spec.horizon_samples:,} samples"
+    )
     return EXIT_OK
 
 
@@ -187,15 +218,27 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     if args.job:
         data = load_spec(args.job).data
         if data.source is None:
-            raise ElastuneError(f"{args.job}: data.source is not set, so there is nothing to prepare; set data.source or use --source")
-        source, output, window, fmt, field, max_bytes = data.source, data.path, data.window, data.format, data.text_field, data.max_bytes
+            raise ElastuneError(
+                f"{args.job}: data.source is not set, so there is nothing to prepare; set data.source or use --source"
+            )
+        source, output, window, fmt, field, max_bytes = (
+            data.source,
+            data.path,
+            data.window,
+            data.format,
+            data.text_field,
+            data.max_bytes,
+        )
     else:
         if not args.output:
             raise ElastuneError("--output is required with --source; give the dataset folder to write")
         source = args.source[0] if args.source == ["stdlib"] else args.source
         output, window, fmt, field, max_bytes = args.output, args.window, args.format, args.text_field, args.max_bytes
     manifest = prepare(source, output, window, fmt, field, max_bytes)
-    print(f"Prepared {manifest.count:,} samples of {manifest.window} tokens at {output} (content sha256 {manifest.content_hash[:16]}...)")
+    print(
+        f"Prepared {manifest.count:,} samples of {manifest.window} tokens at "
+        f"{output} (content sha256 {manifest.content_hash[:16]}...)"
+    )
     return EXIT_OK
 
 

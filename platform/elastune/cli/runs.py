@@ -13,13 +13,21 @@ from elastune.errors import ElastuneError
 def add_parser(sub) -> None:
     runs = sub.add_parser("runs", help="list runs")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
-    ls = runs_sub.add_parser("ls", help="list the runs under an output directory", description="List runs: status, steps, final loss, failures survived.")
+    ls = runs_sub.add_parser(
+        "ls",
+        help="list the runs under an output directory",
+        description="List runs: status, steps, final loss, failures survived.",
+    )
     ls.add_argument("--output-dir", default="runs", help="the jobs' output_dir (default: runs)")
     ls.add_argument("--job", help="only this job's runs")
     ls.add_argument("--json", action="store_true", help="one JSON object per line, for scripts")
     ls.set_defaults(handler=cmd_ls)
 
-    report = sub.add_parser("report", help="write a run's HTML report", description="Write a self-contained HTML report of a run (plots inline, readable offline).")
+    report = sub.add_parser(
+        "report",
+        help="write a run's HTML report",
+        description="Write a self-contained HTML report of a run (plots inline, readable offline).",
+    )
     report.add_argument("run_dir", help="the run directory (OUTPUT_DIR/JOB/RUN)")
     report.add_argument("--output", help="where to write it (default: RUN_DIR/report.html)")
     report.set_defaults(handler=cmd_report)
@@ -40,7 +48,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from elastune.train.run_dir import list_runs
 
     if not Path(args.output_dir).is_dir():
-        raise ElastuneError(f"--output-dir {args.output_dir!r} is not a directory; give the output_dir your job specs use (default: runs)")
+        raise ElastuneError(
+            f"--output-dir {args.output_dir!r} is not a directory; give the output_dir your job specs use (default: runs)"
+        )
     runs = [r for r in list_runs(args.output_dir) if args.job in (None, r["job"])]
     if args.json:
         for r in runs:
@@ -48,11 +58,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     table = Table(box=None, header_style="bold")
     for column in ("job", "run", "status", "steps", "final loss", "failures", "resizes", "started"):
-        table.add_column(column, justify="right" if column in ("steps", "final loss", "failures", "resizes") else "left", no_wrap=True)
+        table.add_column(
+            column, justify="right" if column in ("steps", "final loss", "failures", "resizes") else "left", no_wrap=True
+        )
     for r in runs:
         loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
-        table.add_row(r["job"], r["run"], r["status"], str(r["steps"]), loss, str(r["failures"]), str(r["resizes"]),
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"])))  # fmt: skip
+        table.add_row(
+            r["job"],
+            r["run"],
+            r["status"],
+            str(r["steps"]),
+            loss,
+            str(r["failures"]),
+            str(r["resizes"]),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"])),
+        )
     console = Console()
     if not console.is_terminal:  # piped: whole lines, not the 80 columns rich assumes
         console.width = 200

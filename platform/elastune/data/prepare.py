@@ -13,8 +13,8 @@ import json
 import os
 import shutil
 import sysconfig
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -99,9 +99,8 @@ def _windows(documents: Iterable[bytes], window: int, max_bytes: int | None) -> 
     buffer = bytearray()
     taken = 0
     chunk_bytes = CHUNK_WINDOWS * window
-    for doc in documents:
-        if max_bytes is not None:
-            doc = doc[: max(0, max_bytes - taken)]
+    for whole in documents:
+        doc = whole if max_bytes is None else whole[: max(0, max_bytes - taken)]
         buffer += doc + DOC_SEPARATOR
         taken += len(doc)
         while len(buffer) >= chunk_bytes:
@@ -140,7 +139,11 @@ def prepare(
             writer.write_batch(pa.record_batch([pa.FixedSizeListArray.from_arrays(flat, window)], schema=schema))
     if count == 0:
         raise DataError(f"data.source {source!r} has fewer than {window} bytes: not one window; add text or lower data.window")
-    described = STDLIB if source == STDLIB else f"{len(files)} file(s): {', '.join(str(f) for f in files[:3])}{' ...' if len(files) > 3 else ''}"
+    described = (
+        STDLIB
+        if source == STDLIB
+        else f"{len(files)} file(s): {', '.join(str(f) for f in files[:3])}{' ...' if len(files) > 3 else ''}"
+    )
     manifest = DatasetManifest(
         source=described, tokenizer="bytes", window=window, count=count, dtype="uint8", content_hash=digest.hexdigest()
     )

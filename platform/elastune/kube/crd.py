@@ -95,8 +95,12 @@ def _merge_objects(variants: list[dict[str, Any]]) -> dict[str, Any]:
     rules = []
     if key is None:  # variants told apart by a field only each has: exactly one of them
         marks = [_own_required(v, variants) for v in variants]
-        rules.append({"rule": " + ".join(f"(has(self.{m}) ? 1 : 0)" for m in marks) + " == 1",
-                      "message": "give exactly one of " + ", ".join(marks)})
+        rules.append(
+            {
+                "rule": " + ".join(f"(has(self.{m}) ? 1 : 0)" for m in marks) + " == 1",
+                "message": "give exactly one of " + ", ".join(marks),
+            }
+        )
     for name in props:
         owners = [v for v in variants if name in v["properties"]]
         if len(owners) == len(variants):
@@ -116,7 +120,9 @@ def _merge_objects(variants: list[dict[str, Any]]) -> dict[str, Any]:
         for v in variants:
             tag = v["properties"][key]["enum"][0]
             for name in sorted(set(v.get("required", [])) - required):
-                rules.append({"rule": f"self.{key} != {json.dumps(tag)} || has(self.{name})", "message": f"{key} {tag} needs {name}"})
+                rules.append(
+                    {"rule": f"self.{key} != {json.dumps(tag)} || has(self.{name})", "message": f"{key} {tag} needs {name}"}
+                )
     out: dict[str, Any] = {"type": "object", "properties": props}
     if required:
         out["required"] = sorted(required)
@@ -161,34 +167,46 @@ def crd() -> dict[str, Any]:
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
-            "names": {"kind": KIND, "plural": PLURAL, "singular": KIND.lower(), "listKind": f"{KIND}List",
-                      "shortNames": ["ej"], "categories": ["elastune"]},
-            "versions": [{
-                "name": VERSION, "served": True, "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": [
-                    column("Phase", ".status.phase", "string"),
-                    column("Step", ".status.step"),
-                    column("Samples", ".status.samples"),
-                    column("Workers", ".status.worldSize"),
-                    column("Checkpoint", ".status.lastDurableCheckpoint.step"),
-                    column("Age", ".metadata.creationTimestamp", "date"),
-                ],
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": "An Elastune training job run on its own KubeRay cluster by the Elastune operator.",
-                    "properties": {
-                        "apiVersion": {"type": "string"},
-                        "kind": {"type": "string"},
-                        "metadata": {"type": "object"},
-                        "spec": spec_schema(),
-                        "status": structural(ElastuneJobStatus.model_json_schema()),
+            "names": {
+                "kind": KIND,
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "listKind": f"{KIND}List",
+                "shortNames": ["ej"],
+                "categories": ["elastune"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        column("Phase", ".status.phase", "string"),
+                        column("Step", ".status.step"),
+                        column("Samples", ".status.samples"),
+                        column("Workers", ".status.worldSize"),
+                        column("Checkpoint", ".status.lastDurableCheckpoint.step"),
+                        column("Age", ".metadata.creationTimestamp", "date"),
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "An Elastune training job run on its own KubeRay cluster by the Elastune operator.",
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema(),
+                                "status": structural(ElastuneJobStatus.model_json_schema()),
+                            },
+                            "required": ["spec"],
+                        }
                     },
-                    "required": ["spec"],
-                }},
-            }],
+                }
+            ],
         },
-    }  # fmt: skip
+    }
 
 
 def crd_yaml() -> str:

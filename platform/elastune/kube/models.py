@@ -32,15 +32,17 @@ class StorageSpec(Strict):
     """Where data, run directories and checkpoints live on the cluster."""
 
     claimName: str = Field(
-        "elastune-shared", pattern=NAME_RULE,
+        "elastune-shared",
+        pattern=NAME_RULE,
         description="PersistentVolumeClaim mounted at /mnt/elastune on every Ray pod: relative data.path, output_dir and "
         "checkpoint.path resolve there (default checkpoints: /mnt/elastune/checkpoints/NAMESPACE/NAME).",
-    )  # fmt: skip
+    )
     credentialsSecret: str | None = Field(
-        None, pattern=NAME_RULE,
+        None,
+        pattern=NAME_RULE,
         description="Secret whose keys become the Ray pods' environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
         "AWS_ENDPOINT_URL_S3) for an s3:// checkpoint.path; never written into the spec.",
-    )  # fmt: skip
+    )
 
 
 class ClusterSpec(Strict):
@@ -49,7 +51,10 @@ class ClusterSpec(Strict):
     image: str | None = Field(
         None,
         min_length=1,
-        description="Image of the Ray pods; default: the operator's ELASTUNE_IMAGE. With ELASTUNE_ALLOWED_IMAGES set, only those prefixes.",
+        description=(
+            "Image of the Ray pods; default: the operator's ELASTUNE_IMAGE. With "
+            "ELASTUNE_ALLOWED_IMAGES set, only those prefixes."
+        ),
     )
     head: PodResources = Field(default_factory=PodResources)
     workers: WorkerResources = Field(default_factory=WorkerResources)
@@ -60,8 +65,10 @@ class ClusterCheckpointSpec(CheckpointSpec):
     deleteOnFinish: bool = Field(
         False,
         description=(
-            "Delete the job's checkpoints when the ElastuneJob is deleted; by default they stay. Only a checkpoint.path inside the "
-            "job's own prefix (the volume's checkpoints/<namespace>/<name>, or the operator's ELASTUNE_CHECKPOINT_PREFIX) is accepted."
+            "Delete the job's checkpoints when the ElastuneJob is deleted; by "
+            "default they stay. Only a checkpoint.path inside the "
+            "job's own prefix (the volume's checkpoints/<namespace>/<name>, or the "
+            "operator's ELASTUNE_CHECKPOINT_PREFIX) is accepted."
         ),
     )
 
@@ -74,9 +81,10 @@ class ElastuneJobSpec(JobSpec):
     checkpoint: ClusterCheckpointSpec = Field(default_factory=ClusterCheckpointSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     suspend: bool = Field(
-        False, description="true stops the job and its Ray cluster, keeping its checkpoints; false again resumes "
+        False,
+        description="true stops the job and its Ray cluster, keeping its checkpoints; false again resumes "
         "from the newest durable checkpoint.",
-    )  # fmt: skip
+    )
 
 
 class Condition(Strict):

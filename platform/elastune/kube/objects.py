@@ -15,8 +15,9 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -24,8 +25,16 @@ from pydantic import ValidationError
 from elastune.errors import ElastuneError, SpecError
 from elastune.kube.crd import GROUP, KIND, VERSION
 from elastune.kube.models import K8S_FIELDS, ClusterSpec
-from elastune.kube.trust import (Egress, check_prefix_template, deletable_root, expand_prefix, image_allowed, parse_egress,
-                                 parse_image_prefixes, refusal)  # fmt: skip
+from elastune.kube.trust import (
+    Egress,
+    check_prefix_template,
+    deletable_root,
+    expand_prefix,
+    image_allowed,
+    parse_egress,
+    parse_image_prefixes,
+    refusal,
+)
 from elastune.spec import JobSpec
 from elastune.spec.load import validate_spec
 
@@ -35,7 +44,13 @@ METRICS_PORT = 9400  # the run's exporter on the head (the job's metrics.port)
 RAY_VERSION = "2.60.0"
 SUBMITTER, RAY = "submitter", "ray"  # the elastune.io/role of the pods the NetworkPolicy tells apart
 # Every pod: the image's non-root user (uid 1000, gid 100), nothing it could escalate to.
-POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100, "seccompProfile": {"type": "RuntimeDefault"}}
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 100,
+    "fsGroup": 100,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 # Object stores over HTTPS anywhere (s3://, gs:// work as they are); the Kubernetes API for the
 # autoscaler sidecar: its Service's address is rewritten to the API server's own (443 on managed
@@ -45,10 +60,21 @@ KUBE_API_EGRESS = "0.0.0.0/0:443,::/0:443,0.0.0.0/0:6443,::/0:6443"
 # The projected service-account token the autoscaler sidecar reads (Ray's KubeRay node provider
 # opens /var/run/secrets/kubernetes.io/serviceaccount/token): mounted in that container only, so
 # the Ray containers, where job code runs, hold no token (the pods set automountServiceAccountToken: false).
-KUBE_API_ACCESS = {"name": "kube-api-access", "projected": {"defaultMode": 420, "sources": [
-    {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
-    {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
-    {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}]}}  # fmt: skip
+KUBE_API_ACCESS = {
+    "name": "kube-api-access",
+    "projected": {
+        "defaultMode": 420,
+        "sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {
+                "downwardAPI": {
+                    "items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]
+                }
+            },
+        ],
+    },
+}
 KUBE_API_MOUNT = {"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": True}
 
 
@@ -70,22 +96,31 @@ class Settings:
         if self.checkpoint_prefix is not None:
             object.__setattr__(self, "checkpoint_prefix", check_prefix_template(self.checkpoint_prefix))
         if not image_allowed(self.image, self.allowed_images):
-            raise ElastuneError(f"ELASTUNE_IMAGE {self.image!r} is not admitted by ELASTUNE_ALLOWED_IMAGES "
-                                f"({', '.join(self.allowed_images)}): every job that names no image would be refused; "
-                                "add its repository to ELASTUNE_ALLOWED_IMAGES or change ELASTUNE_IMAGE")  # fmt: skip
+            raise ElastuneError(
+                f"ELASTUNE_IMAGE {self.image!r} is not admitted by ELASTUNE_ALLOWED_IMAGES "
+                f"({', '.join(self.allowed_images)}): every job that names no image would be refused; "
+                "add its repository to ELASTUNE_ALLOWED_IMAGES or change ELASTUNE_IMAGE"
+            )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
         """Unset or empty variables keep the defaults; a malformed one is an ElastuneError (the
         operator does not start)."""
-        names = {"image": "ELASTUNE_IMAGE", "kuberay_namespace": "ELASTUNE_KUBERAY_NAMESPACE",
-                 "monitoring_namespace": "ELASTUNE_MONITORING_NAMESPACE", "metrics_url": "ELASTUNE_METRICS_URL",
-                 "checkpoint_prefix": "ELASTUNE_CHECKPOINT_PREFIX"}  # fmt: skip
+        names = {
+            "image": "ELASTUNE_IMAGE",
+            "kuberay_namespace": "ELASTUNE_KUBERAY_NAMESPACE",
+            "monitoring_namespace": "ELASTUNE_MONITORING_NAMESPACE",
+            "metrics_url": "ELASTUNE_METRICS_URL",
+            "checkpoint_prefix": "ELASTUNE_CHECKPOINT_PREFIX",
+        }
         out: dict[str, Any] = {field: env[var] for field, var in names.items() if env.get(var)}
         if env.get("ELASTUNE_ALLOWED_IMAGES"):
             out["allowed_images"] = parse_image_prefixes(env["ELASTUNE_ALLOWED_IMAGES"])
-        for field, var in (("storage_egress", "ELASTUNE_STORAGE_EGRESS"), ("kube_api_egress", "ELASTUNE_KUBE_API_EGRESS"),
-                           ("dns_egress", "ELASTUNE_DNS_EGRESS")):  # fmt: skip
+        for field, var in (
+            ("storage_egress", "ELASTUNE_STORAGE_EGRESS"),
+            ("kube_api_egress", "ELASTUNE_KUBE_API_EGRESS"),
+            ("dns_egress", "ELASTUNE_DNS_EGRESS"),
+        ):
             if env.get(var):
                 out[field] = parse_egress(env[var], var)
         if any(e.port for e in out.get("dns_egress", ())):
@@ -102,11 +137,21 @@ class Owner:
     uid: str
 
     def reference(self) -> dict[str, Any]:
-        return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": self.name, "uid": self.uid,
-                "controller": True, "blockOwnerDeletion": True}  # fmt: skip
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
 
     def labels(self, role: str | None = None) -> dict[str, str]:
-        out = {"app.kubernetes.io/name": "elastune", "app.kubernetes.io/managed-by": "elastune-operator", "elastune.io/job": self.name}
+        out = {
+            "app.kubernetes.io/name": "elastune",
+            "app.kubernetes.io/managed-by": "elastune-operator",
+            "elastune.io/job": self.name,
+        }
         return {**out, "elastune.io/role": role} if role else out
 
     def meta(self, name: str) -> dict[str, Any]:
@@ -166,11 +211,14 @@ def admitted_image(owner: Owner, cluster: ClusterSpec, settings: Settings) -> st
     """The image of the job's pods, when the operator's allowlist admits it; SpecError otherwise."""
     image = cluster.image or settings.image
     if not image_allowed(image, settings.allowed_images):
-        raise refusal(owner.source, "spec.cluster.image", image,
-                      f"this operator runs only images under ELASTUNE_ALLOWED_IMAGES ({', '.join(settings.allowed_images)}): "
-                      "an entry itself, or it followed by ':' and a tag, '@' and a digest, or '/' and a path below it",
-                      "use an image from one of those repositories, or have its repository added to the operator's "
-                      "ELASTUNE_ALLOWED_IMAGES")  # fmt: skip
+        raise refusal(
+            owner.source,
+            "spec.cluster.image",
+            image,
+            f"this operator runs only images under ELASTUNE_ALLOWED_IMAGES ({', '.join(settings.allowed_images)}): "
+            "an entry itself, or it followed by ':' and a tag, '@' and a digest, or '/' and a path below it",
+            "use an image from one of those repositories, or have its repository added to the operator's ELASTUNE_ALLOWED_IMAGES",
+        )
     return image
 
 
@@ -218,11 +266,15 @@ def desired(owner: Owner, spec: Mapping[str, Any], settings: Settings) -> list[d
         checkpoint_root_to_delete(owner, job, settings)
     low, high = worker_pods(job, per_pod)
     return [
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": owner.meta(f"{owner.name}-spec"),
-         "data": {"job.yaml": yaml.safe_dump(job.to_dict(), sort_keys=False)}},
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": owner.meta(f"{owner.name}-spec"),
+            "data": {"job.yaml": yaml.safe_dump(job.to_dict(), sort_keys=False)},
+        },
         network_policy(owner, settings, autoscaling=high > low),
         ray_job(owner, job, cluster, image, (low, high), bool(spec.get("suspend", False))),
-    ]  # fmt: skip
+    ]
 
 
 def update_of(obj: dict[str, Any]) -> dict[str, Any]:
@@ -244,10 +296,32 @@ def ray_job(owner: Owner, job: JobSpec, cluster: ClusterSpec, image: str, pods: 
     worker_limits = {"cpu": cluster.workers.cpu, "memory": cluster.workers.memory}
     if cluster.workers.gpu:
         worker_limits["nvidia.com/gpu"] = cluster.workers.gpu
-    head = _pod(owner, image, "ray-head", {"cpu": cluster.head.cpu, "memory": cluster.head.memory}, env_from,
-                ports=[("gcs-server", 6379), ("dashboard", 8265), ("client", 10001), ("metrics", 8080), ("elastune-metrics", METRICS_PORT)],
-                spec_volume=f"{owner.name}-spec", claim=cluster.storage.claimName)  # fmt: skip
-    worker = _pod(owner, image, "ray-worker", worker_limits, env_from, ports=[("metrics", 8080)], spec_volume=None, claim=cluster.storage.claimName)
+    head = _pod(
+        owner,
+        image,
+        "ray-head",
+        {"cpu": cluster.head.cpu, "memory": cluster.head.memory},
+        env_from,
+        ports=[
+            ("gcs-server", 6379),
+            ("dashboard", 8265),
+            ("client", 10001),
+            ("metrics", 8080),
+            ("elastune-metrics", METRICS_PORT),
+        ],
+        spec_volume=f"{owner.name}-spec",
+        claim=cluster.storage.claimName,
+    )
+    worker = _pod(
+        owner,
+        image,
+        "ray-worker",
+        worker_limits,
+        env_from,
+        ports=[("metrics", 8080)],
+        spec_volume=None,
+        claim=cluster.storage.claimName,
+    )
     if high > low:  # KubeRay adds the autoscaler sidecar to the head; only it gets the token
         head["spec"]["volumes"].append(copy.deepcopy(KUBE_API_ACCESS))
     if cluster.workers.gpu:
@@ -271,21 +345,57 @@ def ray_job(owner: Owner, job: JobSpec, cluster: ClusterSpec, image: str, pods: 
                 "rayVersion": RAY_VERSION,
                 "authOptions": {"mode": "token"},
                 "enableInTreeAutoscaling": high > low,
-                **({"autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 120, "securityContext": CONTAINER_SECURITY,
-                                          "volumeMounts": [dict(KUBE_API_MOUNT)]}} if high > low else {}),  # fmt: skip
-                "headGroupSpec": {"rayStartParams": {"num-cpus": head_cpus, "dashboard-host": "0.0.0.0", "metrics-export-port": "8080"}, "template": head},
-                "workerGroupSpecs": [{"groupName": "workers", "replicas": low, "minReplicas": low, "maxReplicas": high,
-                                      "rayStartParams": {}, "template": worker}],  # fmt: skip
+                **(
+                    {
+                        "autoscalerOptions": {
+                            "upscalingMode": "Default",
+                            "idleTimeoutSeconds": 120,
+                            "securityContext": CONTAINER_SECURITY,
+                            "volumeMounts": [dict(KUBE_API_MOUNT)],
+                        }
+                    }
+                    if high > low
+                    else {}
+                ),
+                "headGroupSpec": {
+                    "rayStartParams": {"num-cpus": head_cpus, "dashboard-host": "0.0.0.0", "metrics-export-port": "8080"},
+                    "template": head,
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "workers",
+                        "replicas": low,
+                        "minReplicas": low,
+                        "maxReplicas": high,
+                        "rayStartParams": {},
+                        "template": worker,
+                    }
+                ],
             },
         },
     }
 
 
-def _pod(owner: Owner, image: str, container: str, limits: dict[str, Any], env_from: list[dict[str, Any]],
-         ports: list[tuple[str, int]], spec_volume: str | None, claim: str) -> dict[str, Any]:  # fmt: skip
-    mounts = [{"name": "shared", "mountPath": MOUNT}, {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
-    volumes = [{"name": "shared", "persistentVolumeClaim": {"claimName": claim}},
-               {"name": "dshm", "emptyDir": {"medium": "Memory"}}, {"name": "tmp", "emptyDir": {}}]  # fmt: skip
+def _pod(
+    owner: Owner,
+    image: str,
+    container: str,
+    limits: dict[str, Any],
+    env_from: list[dict[str, Any]],
+    ports: list[tuple[str, int]],
+    spec_volume: str | None,
+    claim: str,
+) -> dict[str, Any]:
+    mounts = [
+        {"name": "shared", "mountPath": MOUNT},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    volumes = [
+        {"name": "shared", "persistentVolumeClaim": {"claimName": claim}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
     if spec_volume:
         mounts.append({"name": "spec", "mountPath": SPEC_DIR, "readOnly": True})
         volumes.append({"name": "spec", "configMap": {"name": spec_volume}})
@@ -294,18 +404,21 @@ def _pod(owner: Owner, image: str, container: str, limits: dict[str, Any], env_f
         "spec": {
             "automountServiceAccountToken": False,
             "securityContext": POD_SECURITY,
-            "containers": [{
-                "name": container, "image": image,
-                "ports": [{"name": n, "containerPort": p} for n, p in ports],
-                "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
-                **({"envFrom": env_from} if env_from else {}),
-                "resources": {"requests": dict(limits), "limits": limits},  # equal: Ray sizes itself by them
-                "securityContext": CONTAINER_SECURITY,
-                "volumeMounts": mounts,
-            }],
+            "containers": [
+                {
+                    "name": container,
+                    "image": image,
+                    "ports": [{"name": n, "containerPort": p} for n, p in ports],
+                    "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+                    **({"envFrom": env_from} if env_from else {}),
+                    "resources": {"requests": dict(limits), "limits": limits},  # equal: Ray sizes itself by them
+                    "securityContext": CONTAINER_SECURITY,
+                    "volumeMounts": mounts,
+                }
+            ],
             "volumes": volumes,
         },
-    }  # fmt: skip
+    }
 
 
 def _submitter(owner: Owner, image: str) -> dict[str, Any]:
@@ -315,9 +428,14 @@ def _submitter(owner: Owner, image: str) -> dict[str, Any]:
             "restartPolicy": "Never",
             "automountServiceAccountToken": False,
             "securityContext": {k: v for k, v in POD_SECURITY.items() if k != "fsGroup"},
-            "containers": [{"name": "submitter", "image": image,  # KubeRay fills in `ray job submit ...`
-                            "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}},
-                            "securityContext": CONTAINER_SECURITY}],  # fmt: skip
+            "containers": [
+                {
+                    "name": "submitter",
+                    "image": image,  # KubeRay fills in `ray job submit ...`
+                    "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}},
+                    "securityContext": CONTAINER_SECURITY,
+                }
+            ],
         },
     }
 
@@ -360,8 +478,10 @@ def dns_egress(servers: tuple[Egress, ...] = ()) -> dict[str, Any]:
     `servers` (ELASTUNE_DNS_EGRESS) adds DNS servers off the pod network: NodeLocal DNSCache's
     169.254.20.10, GKE's Cloud DNS at 169.254.169.254."""
     to = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}]
-    return {"to": to + [{"ipBlock": {"cidr": e.cidr}} for e in servers],
-            "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}  # fmt: skip
+    return {
+        "to": to + [{"ipBlock": {"cidr": e.cidr}} for e in servers],
+        "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+    }
 
 
 def cleanup_job(owner: Owner, spec: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
@@ -386,16 +506,22 @@ def cleanup_job(owner: Owner, spec: Mapping[str, Any], settings: Settings) -> di
                     "restartPolicy": "Never",
                     "automountServiceAccountToken": False,
                     "securityContext": POD_SECURITY,
-                    "containers": [{
-                        "name": "cleanup", "image": image,
-                        "command": ["python", "-m", "elastune", "ckpt", "clear", root, "--yes"],
-                        **({"envFrom": env_from} if env_from else {}),
-                        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}},
-                        "securityContext": CONTAINER_SECURITY,
-                        "volumeMounts": [{"name": "shared", "mountPath": MOUNT}],
-                    }],
+                    "containers": [
+                        {
+                            "name": "cleanup",
+                            "image": image,
+                            "command": ["python", "-m", "elastune", "ckpt", "clear", root, "--yes"],
+                            **({"envFrom": env_from} if env_from else {}),
+                            "resources": {
+                                "requests": {"cpu": "100m", "memory": "256Mi"},
+                                "limits": {"cpu": "500m", "memory": "512Mi"},
+                            },
+                            "securityContext": CONTAINER_SECURITY,
+                            "volumeMounts": [{"name": "shared", "mountPath": MOUNT}],
+                        }
+                    ],
                     "volumes": [{"name": "shared", "persistentVolumeClaim": {"claimName": cluster.storage.claimName}}],
                 },
             },
         },
-    }  # fmt: skip
+    }

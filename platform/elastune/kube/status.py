@@ -5,7 +5,8 @@ job serves on its head). Progress survives a scrape that fails: the last values 
 from __future__ import annotations
 
 import datetime
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,7 +21,7 @@ def phase_of(rayjob_status: Mapping[str, Any] | None, suspend: bool) -> tuple[st
     job = rayjob_status.get("jobStatus", "")
     if deployment in ("Suspending", "Suspended"):
         return "Suspended", deployment
-    if job == "SUCCEEDED" or deployment == "Complete" and job not in ("FAILED", "STOPPED"):
+    if job == "SUCCEEDED" or (deployment == "Complete" and job not in ("FAILED", "STOPPED")):
         return "Succeeded", job or deployment
     if job == "FAILED" or deployment in ("Failed", "ValidationFailed"):
         return "Failed", job or deployment
@@ -39,22 +40,36 @@ def progress_of(metrics_text: str) -> dict[str, Any]:
             if sample.name.startswith("elastune_") and "rank" not in sample.labels:
                 values[sample.name] = sample.value
     out: dict[str, Any] = {}
-    for field, metric in (("step", "elastune_step"), ("samples", "elastune_samples_seen"), ("worldSize", "elastune_world_size"),
-                          ("failuresSurvived", "elastune_worker_failures_total"), ("resizes", "elastune_resizes_total")):  # fmt: skip
+    for field, metric in (
+        ("step", "elastune_step"),
+        ("samples", "elastune_samples_seen"),
+        ("worldSize", "elastune_world_size"),
+        ("failuresSurvived", "elastune_worker_failures_total"),
+        ("resizes", "elastune_resizes_total"),
+    ):
         if metric in values:
             out[field] = int(values[metric])
-    step, stamp = values.get("elastune_checkpoint_last_durable_step"), values.get("elastune_checkpoint_last_durable_timestamp_seconds")
+    step, stamp = (
+        values.get("elastune_checkpoint_last_durable_step"),
+        values.get("elastune_checkpoint_last_durable_timestamp_seconds"),
+    )
     if step is not None and step >= 0 and stamp:
         out["lastDurableCheckpoint"] = {"step": int(step), "time": rfc3339(stamp)}
     return out
 
 
 def rfc3339(seconds: float) -> str:
-    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def next_status(previous: Mapping[str, Any] | None, rayjob: Mapping[str, Any] | None, suspend: bool,
-                progress: Mapping[str, Any] | None, generation: int | None, now: str) -> dict[str, Any]:  # fmt: skip
+def next_status(
+    previous: Mapping[str, Any] | None,
+    rayjob: Mapping[str, Any] | None,
+    suspend: bool,
+    progress: Mapping[str, Any] | None,
+    generation: int | None,
+    now: str,
+) -> dict[str, Any]:
     """The status to write: phase and conditions from the RayJob, progress from the metrics
     (kept from `previous` when there are none), transition times kept while a condition holds."""
     previous = previous or {}
@@ -83,8 +98,15 @@ def conditions(previous: list[Mapping[str, Any]], phase: str, reason: str, messa
         status = "True" if phase == kind else "False"
         old = before.get(kind)
         since = old["lastTransitionTime"] if old and old.get("status") == status else now
-        out.append({"type": kind, "status": status, "reason": reason, "message": message if status == "True" else "",
-                    "lastTransitionTime": since})  # fmt: skip
+        out.append(
+            {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "message": message if status == "True" else "",
+                "lastTransitionTime": since,
+            }
+        )
     return out
 
 

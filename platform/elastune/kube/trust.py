@@ -15,8 +15,8 @@ from __future__ import annotations
 import ipaddress
 import posixpath
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from elastune.errors import ElastuneError, SpecError
 
@@ -67,22 +67,38 @@ def deletable_root(location: str, volume_prefix: str, uri_prefix: str | None, so
     field = "spec.checkpoint.path"
     keep = "or set checkpoint.deleteOnFinish: false and delete them yourself"
     if "://" in location and (bad := URI_UNSAFE.search(location)):
-        raise refusal(source, field, location, f"checkpoint.deleteOnFinish refuses a URI holding {bad.group()!r} (query options, "
-                      "fragments and %-escapes can make it name another place than its text)", f"write the URI plainly, {keep}")  # fmt: skip
+        raise refusal(
+            source,
+            field,
+            location,
+            f"checkpoint.deleteOnFinish refuses a URI holding {bad.group()!r} (query options, "
+            "fragments and %-escapes can make it name another place than its text)",
+            f"write the URI plainly, {keep}",
+        )
     if is_uri(location):
         if uri_prefix is None:
-            raise refusal(source, field, location, "checkpoint.deleteOnFinish deletes checkpoints in an object store only under the "
-                          "operator's ELASTUNE_CHECKPOINT_PREFIX, and this operator has none",
-                          f"keep the checkpoints on the shared volume under {volume_prefix}, have the operator configured with "
-                          f"ELASTUNE_CHECKPOINT_PREFIX, {keep}")  # fmt: skip
+            raise refusal(
+                source,
+                field,
+                location,
+                "checkpoint.deleteOnFinish deletes checkpoints in an object store only under the "
+                "operator's ELASTUNE_CHECKPOINT_PREFIX, and this operator has none",
+                f"keep the checkpoints on the shared volume under {volume_prefix}, have the operator configured with "
+                f"ELASTUNE_CHECKPOINT_PREFIX, {keep}",
+            )
         prefix = uri_prefix
     else:
         prefix = volume_prefix
     resolved = canonical(location)
     if not inside(resolved, prefix):
         shown = "" if resolved == location else f" (resolved: {resolved})"
-        raise refusal(source, field, location, f"checkpoint.deleteOnFinish deletes only inside the job's own prefix {prefix}{shown}",
-                      f"set checkpoint.path to {prefix} or a folder under it, {keep}")  # fmt: skip
+        raise refusal(
+            source,
+            field,
+            location,
+            f"checkpoint.deleteOnFinish deletes only inside the job's own prefix {prefix}{shown}",
+            f"set checkpoint.path to {prefix} or a folder under it, {keep}",
+        )
     return resolved
 
 
@@ -105,7 +121,9 @@ def check_prefix_template(template: str, var: str = "ELASTUNE_CHECKPOINT_PREFIX"
     if "." in parts[1:] or ".." in parts[1:] or "" in parts[1:-1]:
         problems.append("its path must hold no '.', '..' or '//'")
     if problems:
-        raise ElastuneError(f"{var} {template!r} is not a usable prefix: {'; '.join(problems)}; fix it in the operator's Deployment")
+        raise ElastuneError(
+            f"{var} {template!r} is not a usable prefix: {'; '.join(problems)}; fix it in the operator's Deployment"
+        )
     return template.rstrip("/")
 
 
@@ -124,7 +142,7 @@ def image_allowed(image: str, allowed: Sequence[str]) -> bool:
     for prefix in allowed:
         if image == prefix:
             return True
-        rest = image[len(prefix):] if image.startswith(prefix) else ""
+        rest = image[len(prefix) :] if image.startswith(prefix) else ""
         if rest[:1] in ("/", "@") or (rest[:1] == ":" and "/" not in rest):
             return True
     return False
@@ -136,8 +154,10 @@ def parse_image_prefixes(value: str, var: str = "ELASTUNE_ALLOWED_IMAGES") -> tu
     out = tuple(p.strip().rstrip("/") for p in value.split(",") if p.strip().rstrip("/"))
     for prefix in out:
         if re.search(r"\s|[:@]$", prefix):
-            raise ElastuneError(f"{var} entry {prefix!r} is not an image prefix; give registry/repository prefixes such as "
-                                "registry.example.com/elastune, separated by commas")  # fmt: skip
+            raise ElastuneError(
+                f"{var} entry {prefix!r} is not an image prefix; give registry/repository prefixes such as "
+                "registry.example.com/elastune, separated by commas"
+            )
     return out
 
 
@@ -172,7 +192,9 @@ def parse_egress(value: str, var: str) -> tuple[Egress, ...]:
             if port and not 1 <= int(port) <= 65535:
                 raise ValueError(f"port {port} is outside 1..65535")
         except ValueError as exc:
-            raise ElastuneError(f"{var} entry {entry!r} is not CIDR[:PORT] ({exc}); write e.g. 10.0.0.0/8:9000 or "
-                                "0.0.0.0/0:443, separated by commas, or none") from None  # fmt: skip
+            raise ElastuneError(
+                f"{var} entry {entry!r} is not CIDR[:PORT] ({exc}); write e.g. 10.0.0.0/8:9000 or "
+                "0.0.0.0/0:443, separated by commas, or none"
+            ) from None
         out.append(Egress(str(network), int(port) if port else None))
     return tuple(out)

@@ -41,9 +41,19 @@ CATALOGUE: tuple[Metric, ...] = (
     # Training
     Metric("elastune_steps", "counter", "Optimizer steps completed."),
     Metric("elastune_samples", "counter", "Training samples processed (global batch per step)."),
-    Metric("elastune_step", "gauge", "Optimizer step of the last step, counted from the start of training (a resumed run goes on from its checkpoint's)."),
-    Metric("elastune_samples_seen", "gauge", "Samples trained from the start of training, across resumes (the schedule's clock)."),
-    Metric("elastune_tokens", "counter", "Training tokens processed (samples times predicted tokens per sample; token-window data only)."),
+    Metric(
+        "elastune_step",
+        "gauge",
+        "Optimizer step of the last step, counted from the start of training (a resumed run goes on from its checkpoint's).",
+    ),
+    Metric(
+        "elastune_samples_seen", "gauge", "Samples trained from the start of training, across resumes (the schedule's clock)."
+    ),
+    Metric(
+        "elastune_tokens",
+        "counter",
+        "Training tokens processed (samples times predicted tokens per sample; token-window data only).",
+    ),
     Metric("elastune_loss", "gauge", "Mean per-sample training loss of the last step."),
     Metric("elastune_learning_rate", "gauge", "Learning rate of the last step."),
     Metric("elastune_global_batch_size", "gauge", "Samples per optimizer step (the same at every world size)."),
@@ -53,31 +63,58 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric("elastune_samples_per_second", "gauge", "Throughput of the last step (global batch over its step time)."),
     Metric("elastune_grad_norm", "gauge", "L2 norm of the applied (reduced, pre-clip) gradient of the last step."),
     Metric("elastune_loss_scale", "gauge", "fp16 runs: the dynamic loss scale the last step ran with."),
-    Metric("elastune_skipped_steps", "counter", "fp16 runs: steps whose reduced gradient held an inf or nan, applied on no worker (the scale halves)."),
-    Metric("elastune_gradient_noise_scale", "gauge",
-           "Simple gradient noise scale B_simple = tr(Sigma) / |G|^2 of the last step, estimated from micro-batch and "
-           "global-batch gradient norms (McCandlish et al.)."),  # fmt: skip
+    Metric(
+        "elastune_skipped_steps",
+        "counter",
+        "fp16 runs: steps whose reduced gradient held an inf or nan, applied on no worker (the scale halves).",
+    ),
+    Metric(
+        "elastune_gradient_noise_scale",
+        "gauge",
+        "Simple gradient noise scale B_simple = tr(Sigma) / |G|^2 of the last step, estimated from micro-batch and "
+        "global-batch gradient norms (McCandlish et al.).",
+    ),
     # Elasticity and faults
     Metric("elastune_worker_failures", "counter", "Failures recovered from (recovery events)."),
     Metric("elastune_resizes", "counter", "World-size changes without a failure (resize events)."),
-    Metric("elastune_recovery_seconds", "histogram", "Time to recover (MTTR): failure to the first step completed after it.",
-           buckets=SECONDS_BUCKETS),  # fmt: skip
-    Metric("elastune_failure_detection_seconds", "histogram", "Failure to its detection by the workers.", buckets=SECONDS_BUCKETS),
+    Metric(
+        "elastune_recovery_seconds",
+        "histogram",
+        "Time to recover (MTTR): failure to the first step completed after it.",
+        buckets=SECONDS_BUCKETS,
+    ),
+    Metric(
+        "elastune_failure_detection_seconds", "histogram", "Failure to its detection by the workers.", buckets=SECONDS_BUCKETS
+    ),
     Metric("elastune_lost_steps", "counter", "Completed steps lost to failures (run again after a restart)."),
     Metric("elastune_lost_samples", "counter", "Samples of the lost steps."),
     # Checkpoints
-    Metric("elastune_snapshot_stall_seconds", "histogram", "Time a step waited to hand its in-memory snapshot over (the snapshot's one writer, else rank 0).",
-           buckets=SECONDS_BUCKETS),  # fmt: skip
-    Metric("elastune_checkpoint_persist_seconds", "histogram", "Time to write and commit a durable checkpoint.", buckets=SECONDS_BUCKETS),
+    Metric(
+        "elastune_snapshot_stall_seconds",
+        "histogram",
+        "Time a step waited to hand its in-memory snapshot over (the snapshot's one writer, else rank 0).",
+        buckets=SECONDS_BUCKETS,
+    ),
+    Metric(
+        "elastune_checkpoint_persist_seconds",
+        "histogram",
+        "Time to write and commit a durable checkpoint.",
+        buckets=SECONDS_BUCKETS,
+    ),
     Metric("elastune_checkpoint_bytes", "counter", "Bytes written to durable checkpoints."),
     Metric("elastune_checkpoints", "counter", "Durable checkpoints committed."),
     Metric("elastune_checkpoint_last_durable_step", "gauge", "Step of the newest committed durable checkpoint."),
-    Metric("elastune_checkpoint_last_durable_timestamp_seconds", "gauge",
-           "Unix time the newest durable checkpoint was committed (its age: time() minus this)."),  # fmt: skip
+    Metric(
+        "elastune_checkpoint_last_durable_timestamp_seconds",
+        "gauge",
+        "Unix time the newest durable checkpoint was committed (its age: time() minus this).",
+    ),
     # Tuning (population-based search): a trial is one run of the tuning job
     Metric("elastune_trial_loss", "gauge", "Last reported training loss of a tuning trial.", (*RUN, "trial")),
     Metric("elastune_trial_learning_rate", "gauge", "Learning rate a tuning trial trains at now.", (*RUN, "trial")),
-    Metric("elastune_exploits", "counter", "Times a tuning trial took over a better trial's state (PBT exploit).", (*RUN, "trial")),
+    Metric(
+        "elastune_exploits", "counter", "Times a tuning trial took over a better trial's state (PBT exploit).", (*RUN, "trial")
+    ),
     Metric("elastune_population_size", "gauge", "Trials in the tuning population."),
 )
 

@@ -15,9 +15,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import ray
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+import ray
 from elastune.metrics.catalogue import CATALOGUE, RUN, Metric
 from elastune.metrics.noise import NoiseScale
 
@@ -74,9 +74,17 @@ class RunMetrics:
         self._("elastune_samples").inc(G)
         if self.tokens_per_sample:
             self._("elastune_tokens").inc(G * self.tokens_per_sample)
-        for name, key in (("elastune_step", "step"), ("elastune_samples_seen", "samples_seen"), ("elastune_loss", "loss"), ("elastune_learning_rate", "lr"), ("elastune_global_batch_size", "global_batch_size"),
-                          ("elastune_world_size", "world_size"), ("elastune_samples_per_second", "samples_per_s"),
-                          ("elastune_grad_norm", "grad_norm"), ("elastune_loss_scale", "loss_scale")):  # fmt: skip
+        for name, key in (
+            ("elastune_step", "step"),
+            ("elastune_samples_seen", "samples_seen"),
+            ("elastune_loss", "loss"),
+            ("elastune_learning_rate", "lr"),
+            ("elastune_global_batch_size", "global_batch_size"),
+            ("elastune_world_size", "world_size"),
+            ("elastune_samples_per_second", "samples_per_s"),
+            ("elastune_grad_norm", "grad_norm"),
+            ("elastune_loss_scale", "loss_scale"),
+        ):
             if row.get(key) is not None:
                 self._(name).set(row[key])
         if row.get("loss_scale") is not None and row.get("grad_norm") is None:
@@ -188,8 +196,17 @@ class RunExporter:
     driver drains from the sink, and at the end wait for a final scrape (if anything scrapes),
     keep the last scrape (run_dir/metrics.prom) and withdraw the file_sd target."""
 
-    def __init__(self, job: str, run: str, host: str, port: int, tokens_per_sample: int | None, targets: Path, strategy=None,
-                 name: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        job: str,
+        run: str,
+        host: str,
+        port: int,
+        tokens_per_sample: int | None,
+        targets: Path,
+        strategy=None,
+        name: str | None = None,
+    ):
         options = {"scheduling_strategy": strategy} if strategy is not None else {}
         if name is not None:  # others (a search's trials) find it by name
             options["name"] = name

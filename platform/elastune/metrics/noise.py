@@ -17,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-def noise_estimates(sum_sq: float, sum_inv_b: float, count: int, global_sq: float, global_batch: int) -> tuple[float, float] | None:
+def noise_estimates(
+    sum_sq: float, sum_inv_b: float, count: int, global_sq: float, global_batch: int
+) -> tuple[float, float] | None:
     """(S, |G|^2) of one step. `sum_sq`: the sum over the step's micro-batches of |g_b|^2 (each the
     micro-batch's mean gradient); `sum_inv_b`: the sum of their 1/b; `count`: how many;
     `global_sq`: |g_G|^2 of the step's mean gradient over `global_batch` samples. None when the

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -79,4 +80,3 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     if isinstance(batch, dict):
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return batch.to(device, non_blocking=True)
-

@@ -57,7 +57,7 @@ class ByteGPT(nn.Module):
         self.head.weight = self.tok.weight  # tied
         self.apply(self._init)
         for name, p in self.named_parameters():
-            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+            if name.endswith(("proj.weight", "mlp.2.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * o.num_layers))
 
     @staticmethod

@@ -10,7 +10,6 @@ from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
-
 NAME_RULE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 
 # Upper bounds: each is where a value stops describing any real run, well before it could break
@@ -141,7 +140,7 @@ def _check_bucket_uri(scheme: str, bucket: str, path: str) -> str | None:
 
 def _check_port(scheme: str, parts: Any) -> str | None:
     try:
-        parts.port
+        _ = parts.port  # urllib checks the port only when it is read
     except ValueError:
         return f"the URI's port is not a number in 0..65535; write {scheme}://HOST:PORT/path"
     return None

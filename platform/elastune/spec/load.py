@@ -49,11 +49,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
     """The spec at `path` as a mapping, or SpecError saying what keeps it from being one."""
     raw = parse_yaml(decode_spec(read_bytes(path), path), path)
     if raw is None:
-        raise SpecError(f"Job spec {path} is empty; write the job's fields (name, model, data, batch, ...), "
-                        f"e.g. copy jobs/quickstart.yaml")  # fmt: skip
+        raise SpecError(
+            f"Job spec {path} is empty; write the job's fields (name, model, data, batch, ...), e.g. copy jobs/quickstart.yaml"
+        )
     if not isinstance(raw, dict):
-        raise SpecError(f"Job spec {path} must be a YAML mapping of fields (name, model, data, batch, ...), got "
-                        f"{_KINDS.get(type(raw), type(raw).__name__)}; start from jobs/quickstart.yaml")  # fmt: skip
+        raise SpecError(
+            f"Job spec {path} must be a YAML mapping of fields (name, model, data, batch, ...), got "
+            f"{_KINDS.get(type(raw), type(raw).__name__)}; start from jobs/quickstart.yaml"
+        )
     return raw
 
 
@@ -72,8 +75,10 @@ def read_bytes(path: Path) -> bytes:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise SpecError(f"Job spec {path} cannot be read ({reason}); check the path and its permissions") from None
     if len(data) > MAX_SPEC_BYTES:
-        raise SpecError(f"Job spec {path} is over {MAX_SPEC_BYTES // 2**20} MiB, and a job spec is a few KiB of YAML; "
-                        f"pass the job spec's path (not a dataset or a binary)")  # fmt: skip
+        raise SpecError(
+            f"Job spec {path} is over {MAX_SPEC_BYTES // 2**20} MiB, and a job spec is a few KiB of YAML; "
+            f"pass the job spec's path (not a dataset or a binary)"
+        )
     return data
 
 
@@ -85,8 +90,10 @@ def decode_spec(data: bytes, path: Path) -> str:
     except UnicodeDecodeError as exc:
         offset = start + exc.start
         line = data.count(b"\n", 0, offset) + 1
-        raise SpecError(f"Job spec {path} is not UTF-8 text: byte {offset} (line {line}) is 0x{data[offset]:02x} "
-                        f"({exc.reason}); save the file as UTF-8") from None  # fmt: skip
+        raise SpecError(
+            f"Job spec {path} is not UTF-8 text: byte {offset} (line {line}) is 0x{data[offset]:02x} "
+            f"({exc.reason}); save the file as UTF-8"
+        ) from None
 
 
 def parse_yaml(text: str, path: Path) -> Any:
@@ -136,8 +143,11 @@ class _SpecLoader(yaml.SafeLoader):
             return node
         self._composed += 1
         if self._composed > MAX_NODES:
-            raise _Refused(f"the file holds over {MAX_NODES:,} values", node.start_mark,
-                           "a job spec holds a few hundred: check that this is the job spec")  # fmt: skip
+            raise _Refused(
+                f"the file holds over {MAX_NODES:,} values",
+                node.start_mark,
+                "a job spec holds a few hundred: check that this is the job spec",
+            )
         self._count(node)
         return node
 
@@ -152,8 +162,11 @@ class _SpecLoader(yaml.SafeLoader):
             children = []
         size = 1 + sum(self._sizes[id(child)] for child in children)
         if size > MAX_NODES:
-            raise _Refused(f"aliases expand this value to over {MAX_NODES:,} values (a YAML bomb?)", node.start_mark,
-                           "write the values out: a job spec needs no aliases")  # fmt: skip
+            raise _Refused(
+                f"aliases expand this value to over {MAX_NODES:,} values (a YAML bomb?)",
+                node.start_mark,
+                "write the values out: a job spec needs no aliases",
+            )
         self._sizes[id(node)] = size
 
     def construct_object(self, node: Any, deep: bool = False) -> Any:
@@ -180,8 +193,11 @@ class _SpecLoader(yaml.SafeLoader):
             if not isinstance(key, Hashable):
                 continue  # SafeLoader refuses it with its own message
             if key in seen:
-                raise _Refused(f"duplicate key {_show(key)} (first at line {seen[key].line + 1})", key_node.start_mark,
-                               "keep one of them: YAML would silently use the last")  # fmt: skip
+                raise _Refused(
+                    f"duplicate key {_show(key)} (first at line {seen[key].line + 1})",
+                    key_node.start_mark,
+                    "keep one of them: YAML would silently use the last",
+                )
             seen[key] = key_node.start_mark
 
 
@@ -242,7 +258,7 @@ def explain(err: dict[str, Any]) -> tuple[str, str, str, str]:
     value = _show(err.get("input"))
     msg = err["msg"]
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     ctx = err.get("ctx") or {}
     if kind == "extra_forbidden":
         allowed = _allowed_keys(err["loc"][:-1])
@@ -259,7 +275,12 @@ def explain(err: dict[str, Any]) -> tuple[str, str, str, str]:
         return field, value, "must be a finite number (not NaN or infinity)", f"give {field} a finite number"
     tag = str(ctx.get("discriminator", "'name'")).strip("'")  # "name" for optimizers and schedules, "action" for faults
     if kind == "union_tag_invalid":
-        return f"{field}.{tag}", _show(ctx.get("tag")), f"unknown {tag}; expected one of {ctx.get('expected_tags')}", f"use one of those {tag}s"
+        return (
+            f"{field}.{tag}",
+            _show(ctx.get("tag")),
+            f"unknown {tag}; expected one of {ctx.get('expected_tags')}",
+            f"use one of those {tag}s",
+        )
     if kind == "union_tag_not_found":
         return field, value, f"needs a '{tag}' that picks its kind", f"add {field}.{tag}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
@@ -276,7 +297,7 @@ def explain(err: dict[str, Any]) -> tuple[str, str, str, str]:
     rule, fix = _clip(rule, 400), _clip(fix, 400)  # a rule may quote the value, however long
     blamed = _BLAMED.match(rule)
     if blamed:
-        return ".".join(loc + [blamed["field"]]), _clip(blamed["value"]), rule, fix
+        return ".".join([*loc, blamed["field"]]), _clip(blamed["value"]), rule, fix
     return field, value, rule, fix or f"change {field} to follow the rule"
 
 

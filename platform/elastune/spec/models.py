@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, model_validator
 
@@ -38,11 +38,12 @@ class ByteGPTOptions(Strict):
     context: int = Field(64, ge=2, le=1_048_575, description="Tokens a sample predicts from; data.window must be context + 1.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     activation_checkpointing: bool = Field(
-        False, description="Keep only each block's input for backward and recompute the rest (less memory, about 1/3 more compute)."
+        False,
+        description="Keep only each block's input for backward and recompute the rest (less memory, about 1/3 more compute).",
     )
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "ByteGPTOptions":
+    def _heads_divide_width(self) -> ByteGPTOptions:
         if self.width % self.num_heads:
             raise ValueError(
                 f"width ({self.width}) must be a multiple of num_heads ({self.num_heads}); "
@@ -74,7 +75,7 @@ def _model_kind(value: Any) -> str:
 
 
 ModelSpec = Annotated[
-    Union[Annotated[RecipeModel, Tag("recipe")], Annotated[FactoryModel, Tag("factory")]],
+    Annotated[RecipeModel, Tag("recipe")] | Annotated[FactoryModel, Tag("factory")],
     Discriminator(_model_kind),
 ]
 
@@ -121,7 +122,7 @@ class BatchSpec(Strict):
         return micro_batch_count(self.global_batch_size, self.micro_batch_size)
 
     @model_validator(mode="after")
-    def _micro_fits(self) -> "BatchSpec":
+    def _micro_fits(self) -> BatchSpec:
         if self.micro_batch_size > self.global_batch_size:
             raise ValueError(
                 f"micro_batch_size ({self.micro_batch_size}) exceeds global_batch_size ({self.global_batch_size}); "
@@ -164,7 +165,7 @@ class SGDSpec(Strict):
     grad_clip_norm: float | None = Field(None, gt=0)
 
 
-OptimizerSpec = Annotated[Union[AdamWSpec, SGDSpec], Field(discriminator="name")]
+OptimizerSpec = Annotated[AdamWSpec | SGDSpec, Field(discriminator="name")]
 
 
 # --------------------------------------------------------------------------- job
@@ -200,7 +201,7 @@ class JobSpec(Strict):
         return checked(output_dir, check_local_path)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "JobSpec":
+    def _consistent(self) -> JobSpec:
         if self.budget_samples > MAX_SAMPLES:  # only max_steps can get there: max_samples is bounded itself
             raise ValueError(
                 f"stop.max_steps ({self.stop.max_steps}) times batch.global_batch_size ({self.batch.global_batch_size}) is "
@@ -235,10 +236,14 @@ class JobSpec(Strict):
         self._check_phases()
         if self.tune is not None and self.tune.mode == "wsd_branches":
             if not isinstance(self.schedule, WSDSchedule):
-                raise ValueError(f"tune.mode wsd_branches forks WSD decays, but schedule.name is {self.schedule.name}; set schedule.name: wsd")
+                raise ValueError(
+                    f"tune.mode wsd_branches forks WSD decays, but schedule.name is {self.schedule.name}; set schedule.name: wsd"
+                )
             if self.tune.budgets[-1] > self.budget_samples:
-                raise ValueError(f"tune.budgets reaches {self.tune.budgets[-1]} samples, beyond the job's stop ({self.budget_samples}); "
-                                 f"raise stop.max_samples or lower the budgets")  # fmt: skip
+                raise ValueError(
+                    f"tune.budgets reaches {self.tune.budgets[-1]} samples, beyond the job's stop ({self.budget_samples}); "
+                    f"raise stop.max_samples or lower the budgets"
+                )
         return self
 
     def _check_phases(self) -> None:
@@ -246,30 +251,45 @@ class JobSpec(Strict):
         for i, phase in enumerate(self.phases):
             where = f"phases.{i}"
             if phase.from_samples <= previous:
-                raise ValueError(f"{where}.from_samples ({phase.from_samples}) must be above the previous phase's ({previous}); list phases in order")
+                raise ValueError(
+                    f"{where}.from_samples ({phase.from_samples}) must be above the "
+                    f"previous phase's ({previous}); list phases in order"
+                )
             previous = phase.from_samples
             if phase.global_batch_size is not None:
                 if self.stop.max_steps is not None:
-                    raise ValueError(f"{where}.global_batch_size changes the batch, so stop.max_steps no longer says how many samples "
-                                     f"to train; set stop.max_samples instead")  # fmt: skip
+                    raise ValueError(
+                        f"{where}.global_batch_size changes the batch, so stop.max_steps no longer says how many samples "
+                        f"to train; set stop.max_samples instead"
+                    )
                 if phase.global_batch_size < self.batch.micro_batch_size:
-                    raise ValueError(f"{where}.global_batch_size ({phase.global_batch_size}) is below batch.micro_batch_size "
-                                     f"({self.batch.micro_batch_size}); raise it or lower micro_batch_size")  # fmt: skip
+                    raise ValueError(
+                        f"{where}.global_batch_size ({phase.global_batch_size}) is below batch.micro_batch_size "
+                        f"({self.batch.micro_batch_size}); raise it or lower micro_batch_size"
+                    )
                 k = micro_batch_count(phase.global_batch_size, self.batch.micro_batch_size)
                 if k > MAX_MICRO_BATCHES:
-                    raise ValueError(f"{where}.global_batch_size ({phase.global_batch_size}) makes {k:,} micro-batches of "
-                                     f"batch.micro_batch_size {self.batch.micro_batch_size}, over {MAX_MICRO_BATCHES:,}; "
-                                     f"lower it or raise micro_batch_size")  # fmt: skip
+                    raise ValueError(
+                        f"{where}.global_batch_size ({phase.global_batch_size}) makes {k:,} micro-batches of "
+                        f"batch.micro_batch_size {self.batch.micro_batch_size}, over {MAX_MICRO_BATCHES:,}; "
+                        f"lower it or raise micro_batch_size"
+                    )
                 if self.scaling.max_workers > k:
-                    raise ValueError(f"{where}.global_batch_size ({phase.global_batch_size}) has {k} micro-batches, fewer than "
-                                     f"scaling.max_workers ({self.scaling.max_workers}); raise it or lower max_workers")  # fmt: skip
+                    raise ValueError(
+                        f"{where}.global_batch_size ({phase.global_batch_size}) has {k} micro-batches, fewer than "
+                        f"scaling.max_workers ({self.scaling.max_workers}); raise it or lower max_workers"
+                    )
             if phase.schedule is not None:
                 if phase.schedule.horizon_samples is not None:
-                    raise ValueError(f"{where}.schedule.horizon_samples is set; a phase's schedule spans the job's horizon "
-                                     f"({self.horizon_samples} samples); remove it")  # fmt: skip
+                    raise ValueError(
+                        f"{where}.schedule.horizon_samples is set; a phase's schedule spans the job's horizon "
+                        f"({self.horizon_samples} samples); remove it"
+                    )
                 if phase.schedule.warmup_samples >= self.horizon_samples:
-                    raise ValueError(f"{where}.schedule.warmup_samples ({phase.schedule.warmup_samples}) must be below the "
-                                     f"schedule horizon ({self.horizon_samples} samples)")  # fmt: skip
+                    raise ValueError(
+                        f"{where}.schedule.warmup_samples ({phase.schedule.warmup_samples}) must be below the "
+                        f"schedule horizon ({self.horizon_samples} samples)"
+                    )
 
     @property
     def budget_samples(self) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -14,9 +14,7 @@ class ScalingSpec(Strict):
     max_workers: int = Field(1, ge=1, le=MAX_WORKERS)
     cpus_per_worker: float = Field(1.0, gt=0, le=1024)
     gpus_per_worker: float = Field(0.0, ge=0, le=64, description="0 trains on CPU with gloo; >0 on CUDA with NCCL.")
-    torch_threads: int | None = Field(
-        None, ge=1, le=1024, description="Intra-op threads per worker; default: cpus_per_worker."
-    )
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="Intra-op threads per worker; default: cpus_per_worker.")
     max_failures: int = Field(
         3,
         ge=-1,
@@ -52,7 +50,7 @@ class ScalingSpec(Strict):
     )
 
     @model_validator(mode="after")
-    def _ordered(self) -> "ScalingSpec":
+    def _ordered(self) -> ScalingSpec:
         if self.max_workers < self.min_workers:
             raise ValueError(
                 f"max_workers ({self.max_workers}) is below min_workers ({self.min_workers}); "
@@ -77,7 +75,7 @@ class CheckpointSpec(Strict):
         "auto",
         description="Steps between in-memory snapshots (tier 0) a restart resumes from; auto: spaced so a snapshot "
         "costs at most 2% of the training time between two (powers of two, at most every_steps); null turns them off.",
-    )  # fmt: skip
+    )
     keep_last: int = Field(3, ge=1, le=MAX_COUNT, description="Keep the newest this many checkpoints.")
     keep_best: int = Field(0, ge=0, le=MAX_COUNT, description="Also keep the best this many by best_metric.")
     best_metric: Literal["loss"] = Field("loss", description="Metric recorded with each checkpoint that ranks them.")
@@ -93,8 +91,10 @@ class CheckpointSpec(Strict):
     def _an_interval(cls, value: Any) -> Any:
         if value is None or value == "auto" or (type(value) is int and 1 <= value <= MAX_SAMPLES):
             return value
-        raise ValueError(f"must be a whole number of steps from 1 to {MAX_SAMPLES}, auto, or null (no snapshots); "
-                         f"write auto unless you need a fixed interval")  # fmt: skip
+        raise ValueError(
+            f"must be a whole number of steps from 1 to {MAX_SAMPLES}, auto, or null (no snapshots); "
+            f"write auto unless you need a fixed interval"
+        )
 
 
 class StopSpec(Strict):
@@ -102,7 +102,7 @@ class StopSpec(Strict):
     max_samples: int | None = Field(None, ge=1, le=MAX_SAMPLES)
 
     @model_validator(mode="after")
-    def _some_budget(self) -> "StopSpec":
+    def _some_budget(self) -> StopSpec:
         if self.max_steps is None and self.max_samples is None:
             raise ValueError("set stop.max_steps or stop.max_samples (or both: the run stops at the first reached)")
         return self
@@ -115,7 +115,11 @@ class _Kill(Strict):
     rank: int = Field(ge=0, lt=MAX_WORKERS)
     at_step: int = Field(ge=1, le=MAX_SAMPLES)
     point: Literal["start", "mid"] = Field(
-        "mid", description="start: before the step's first micro-batch; mid: after its backward, with its gradient reduction launched but not complete."
+        "mid",
+        description=(
+            "start: before the step's first micro-batch; mid: after its backward, "
+            "with its gradient reduction launched but not complete."
+        ),
     )
 
 
@@ -140,8 +144,11 @@ class DelayRank(Strict):
     rank: int = Field(ge=0, lt=MAX_WORKERS)
     at_step: int = Field(ge=1, le=MAX_SAMPLES)
     seconds: float = Field(gt=0, le=3600)
-    until_join: bool = Field(False, description="End the stall as soon as a worker has joined the run after its last kill fault "
-                                                "(the killed worker's replacement is ready to train); `seconds` at most.")  # fmt: skip
+    until_join: bool = Field(
+        False,
+        description="End the stall as soon as a worker has joined the run after its last kill fault "
+        "(the killed worker's replacement is ready to train); `seconds` at most.",
+    )
 
 
-Fault = Annotated[Union[KillRank, KillNode, DelayRank], Field(discriminator="action")]
+Fault = Annotated[KillRank | KillNode | DelayRank, Field(discriminator="action")]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -12,9 +12,11 @@ from elastune.spec.base import MAX_BATCH, MAX_SAMPLES, Strict
 class _Schedule(Strict):
     warmup_samples: int = Field(0, ge=0, le=MAX_SAMPLES, description="Linear warmup from 0 to the peak over this many samples.")
     horizon_samples: int | None = Field(
-        None, ge=1, le=MAX_SAMPLES,
+        None,
+        ge=1,
+        le=MAX_SAMPLES,
         description="Samples the schedule spans; default: the stop budget. Set it to stop early without bending the schedule.",
-    )  # fmt: skip
+    )
 
 
 class ConstantSchedule(_Schedule):
@@ -62,7 +64,7 @@ SCHEDULES = {
 }  # family name -> model
 
 ScheduleSpec = Annotated[
-    Union[ConstantSchedule, CosineSchedule, LinearSchedule, WSDSchedule, InverseSqrtSchedule, CyclicalSchedule, RexSchedule],
+    ConstantSchedule | CosineSchedule | LinearSchedule | WSDSchedule | InverseSqrtSchedule | CyclicalSchedule | RexSchedule,
     Field(discriminator="name"),
 ]
 

@@ -14,13 +14,17 @@ class LossScaleSpec(Strict):
     """fp16's dynamic loss scale (train.precision)."""
 
     initial: float = Field(65536.0, gt=0, le=2.0**64, description="Scale of the first step; a power of two keeps scaling exact.")
-    growth_interval: int = Field(2000, ge=1, le=MAX_COUNT, description="Steps without an inf or nan after which the scale doubles.")
+    growth_interval: int = Field(
+        2000, ge=1, le=MAX_COUNT, description="Steps without an inf or nan after which the scale doubles."
+    )
 
     @field_validator("initial")
     @classmethod
     def _power_of_two(cls, initial: float) -> float:
         if math.frexp(initial)[0] != 0.5:
-            raise ValueError(f"step.loss_scale.initial ({initial}) is not a power of two, so scaling would round gradients; use e.g. 65536")
+            raise ValueError(
+                f"step.loss_scale.initial ({initial}) is not a power of two, so scaling would round gradients; use e.g. 65536"
+            )
         return initial
 
 
@@ -38,7 +42,10 @@ class StepSpec(Strict):
         "fp32", description="Dtype gradients travel in when summed over workers; bf16 halves the bytes (error bound in the docs)."
     )
     bucket_mb: float = Field(
-        25.0, gt=0, le=65_536, description="Gradients are summed in buckets of about this many MiB, each launched as backward finishes it."
+        25.0,
+        gt=0,
+        le=65_536,
+        description="Gradients are summed in buckets of about this many MiB, each launched as backward finishes it.",
     )
     compile: bool = Field(False, description="torch.compile the model (each new world size may recompile).")
     loss_scale: LossScaleSpec = Field(default_factory=LossScaleSpec)

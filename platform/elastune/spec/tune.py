@@ -9,7 +9,6 @@ from pydantic import Field, field_validator, model_validator
 
 from elastune.spec.base import MAX_SAMPLES, Strict
 
-
 SEARCHABLE = {
     "optimizer.lr": "peak learning rate",
     "optimizer.weight_decay": "weight decay",
@@ -30,7 +29,7 @@ class SearchRange(Strict):
     choices: list[Any] | None = None
 
     @model_validator(mode="after")
-    def _well_formed(self) -> "SearchRange":
+    def _well_formed(self) -> SearchRange:
         if self.scale == "choice":
             if not self.choices or self.low is not None or self.high is not None:
                 raise ValueError("scale choice takes a non-empty `choices` list and no low/high; e.g. choices: [cosine, wsd]")
@@ -64,11 +63,15 @@ class TuneSpec(Strict):
     interval_samples: int | None = Field(
         None, ge=1, le=MAX_SAMPLES, description="Samples each trial trains between exploit decisions (pbt)."
     )
-    quantile: float = Field(0.25, gt=0, le=0.5, description="Share of trials at the bottom that take over a trial of the top share.")
+    quantile: float = Field(
+        0.25, gt=0, le=0.5, description="Share of trials at the bottom that take over a trial of the top share."
+    )
     fitness_samples: int | None = Field(
-        None, ge=1, le=MAX_SAMPLES,
+        None,
+        ge=1,
+        le=MAX_SAMPLES,
         description="Fitness is the mean loss over this many last samples of each interval (default: a quarter of it).",
-    )  # fmt: skip
+    )
     rank_by: Literal["loss", "predicted_final_loss"] = Field(
         "loss",
         description=(
@@ -77,26 +80,37 @@ class TuneSpec(Strict):
             "member's schedule, so a member still at a high lr is not ranked below one that has already annealed."
         ),
     )
-    resample_probability: float = Field(0.25, ge=0, le=1, description="Explore: chance each value is drawn afresh rather than perturbed.")
-    perturb_factors: tuple[float, float] = Field((0.8, 1.2), description="Explore: a perturbed value is the donor's times one of these.")
+    resample_probability: float = Field(
+        0.25, ge=0, le=1, description="Explore: chance each value is drawn afresh rather than perturbed."
+    )
+    perturb_factors: tuple[float, float] = Field(
+        (0.8, 1.2), description="Explore: a perturbed value is the donor's times one of these."
+    )
     lr_scaling: Literal["linear", "sqrt", "none"] = Field(
         "sqrt", description="How the peak lr follows a changed global batch: linear (SGD), sqrt (Adam) or none."
     )
     max_concurrent_trials: int | None = Field(
         None, ge=1, le=256, description="Trials running at once; default: as many as the cluster's CPUs hold."
     )
-    search: dict[str, SearchRange] = Field(default_factory=dict, description=f"Searched values by spec path (pbt): {', '.join(SEARCHABLE)}.")
+    search: dict[str, SearchRange] = Field(
+        default_factory=dict, description=f"Searched values by spec path (pbt): {', '.join(SEARCHABLE)}."
+    )
 
     @model_validator(mode="after")
-    def _mode_needs(self) -> "TuneSpec":
+    def _mode_needs(self) -> TuneSpec:
         if self.mode == "pbt":
             if self.interval_samples is None:
-                raise ValueError("tune.mode pbt needs tune.interval_samples (samples between exploit decisions); e.g. interval_samples: 1600")
+                raise ValueError(
+                    "tune.mode pbt needs tune.interval_samples (samples between exploit decisions); e.g. interval_samples: 1600"
+                )
             if not self.search:
                 raise ValueError(f"tune.search is empty; name at least one of {', '.join(SEARCHABLE)}")
         else:
             if not self.budgets:
-                raise ValueError("tune.mode wsd_branches needs tune.budgets, the budgets (samples) to fork decay branches for; e.g. budgets: [3200, 6400, 9600]")
+                raise ValueError(
+                    "tune.mode wsd_branches needs tune.budgets, the budgets (samples) to fork "
+                    "decay branches for; e.g. budgets: [3200, 6400, 9600]"
+                )
             if self.budgets != sorted(set(self.budgets)):
                 raise ValueError(f"tune.budgets ({self.budgets}) must ascend without repeats; e.g. {sorted(set(self.budgets))}")
             if self.search:

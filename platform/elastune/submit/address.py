@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping
 from urllib.parse import urlparse
 
 from elastune.errors import ElastuneError
@@ -50,8 +50,7 @@ def resolve_address(flag: str | None, env: Mapping[str, str]) -> Address:
 def check_url(value: str, where: str) -> str:
     parsed = urlparse(value if "://" in value else f"http://{value}")
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ElastuneError(f"{where} {value!r} is not a Ray Jobs API address; give the dashboard's URL, "
-                            f"e.g. http://HOST:8265")  # fmt: skip
+        raise ElastuneError(f"{where} {value!r} is not a Ray Jobs API address; give the dashboard's URL, e.g. http://HOST:8265")
     try:
         parsed.port  # noqa: B018 - raises on a port that is not a number
     except ValueError:
@@ -67,10 +66,13 @@ def token_in_clear(url: str, sends_token: bool) -> str | None:
     if not sends_token or parsed.scheme != "http" or is_loopback(parsed.hostname or ""):
         return None
     host, port = parsed.hostname, parsed.port or 80
-    return (f"the Ray token goes to {host} over plain http ({url}), readable by anyone on the network path, who can then use the "
-            f"cluster; reach the dashboard through https:// (a TLS-terminating proxy in front of it: --address https://...) or through "
-            f"a tunnel to 127.0.0.1 (ssh -L 8265:127.0.0.1:{port} {host}, or kubectl port-forward to the head's port {port}; then "
-            f"--address http://127.0.0.1:8265)")  # fmt: skip
+    return (
+        f"the Ray token goes to {host} over plain http ({url}), readable by anyone on the network path, who can then use the "
+        "cluster; reach the dashboard through https:// (a TLS-terminating proxy "
+        "in front of it: --address https://...) or through "
+        f"a tunnel to 127.0.0.1 (ssh -L 8265:127.0.0.1:{port} {host}, or kubectl port-forward to the head's port {port}; then "
+        f"--address http://127.0.0.1:8265)"
+    )
 
 
 def is_loopback(host: str) -> bool:

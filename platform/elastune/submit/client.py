@@ -16,9 +16,10 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 from elastune.errors import ElastuneError, Refused, Unreachable
@@ -26,10 +27,16 @@ from elastune.submit.address import Address, only, token_in_clear
 from elastune.submit.package import Submission
 
 CONNECT_TIMEOUT_S = 5.0
-QUIET_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir")
+QUIET_LOGGERS = (
+    "ray.dashboard.modules.dashboard_sdk",
+    "ray._private.runtime_env.packaging",
+    "ray._private.runtime_env.working_dir",
+)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-TOKEN_HELP = ("give the cluster's token in RAY_AUTH_TOKEN, in a file named by RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token "
-              "(`ray get-auth-token` on the head prints it)")  # fmt: skip
+TOKEN_HELP = (
+    "give the cluster's token in RAY_AUTH_TOKEN, in a file named by RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token "
+    "(`ray get-auth-token` on the head prints it)"
+)
 
 
 @dataclass
@@ -83,8 +90,10 @@ def probe(address: Address, timeout: float = CONNECT_TIMEOUT_S) -> None:
         with socket.create_connection((url.hostname, port), timeout=timeout):
             pass
     except OSError as exc:
-        raise Unreachable(f"no Ray Jobs API answers at {address.describe()}: {exc.strerror or exc}; is the cluster's "
-                          f"dashboard up (ray[default]) and the address its dashboard URL, e.g. http://HOST:8265?") from None  # fmt: skip
+        raise Unreachable(
+            f"no Ray Jobs API answers at {address.describe()}: {exc.strerror or exc}; is the cluster's "
+            f"dashboard up (ray[default]) and the address its dashboard URL, e.g. http://HOST:8265?"
+        ) from None
 
 
 class JobsClient:
@@ -117,8 +126,10 @@ class JobsClient:
             if f"status code {status}" in text:
                 return self._http_error(status, text)
         if "Version check returned 404" in text:
-            return Unreachable(f"something answers at {self.address.describe()}, but not a Ray Jobs API (404 for /api/version); "
-                               f"give the Ray dashboard's URL (port 8265 by default) of a cluster with ray[default]")  # fmt: skip
+            return Unreachable(
+                f"something answers at {self.address.describe()}, but not a Ray Jobs API (404 for /api/version); "
+                f"give the Ray dashboard's URL (port 8265 by default) of a cluster with ray[default]"
+            )
         if "status code 404" in text and "does not exist" in text:
             return ElastuneError(text.split(": ", 1)[-1].rstrip(".") + "; `elastune list` shows the jobs there")
         return ElastuneError(f"the Ray Jobs API at {self.address.describe()}: {text}")
@@ -158,11 +169,18 @@ class JobsClient:
         existing = self.find(submission_id)
         if existing is not None:
             if existing.metadata.get("elastune_spec") != submission.metadata["elastune_spec"]:
-                raise ElastuneError(f"--name {submission_id!r} is already a job at {self.address.url} ({existing.status}) with a "
-                                    f"different spec; pick another --name (a name stays taken while the cluster keeps the job's record)")  # fmt: skip
+                raise ElastuneError(
+                    f"--name {submission_id!r} is already a job at {self.address.url} ({existing.status}) with a "
+                    f"different spec; pick another --name (a name stays taken while the cluster keeps the job's record)"
+                )
             return existing, False
-        self._call(self.client.submit_job, entrypoint=submission.entrypoint, submission_id=submission_id,
-                   runtime_env=submission.runtime_env, metadata=submission.metadata)  # fmt: skip
+        self._call(
+            self.client.submit_job,
+            entrypoint=submission.entrypoint,
+            submission_id=submission_id,
+            runtime_env=submission.runtime_env,
+            metadata=submission.metadata,
+        )
         return self.view(submission_id), True
 
     def stop(self, submission_id: str) -> bool:
@@ -195,8 +213,17 @@ class JobsClient:
 def _view_of(d) -> JobView:
     """A JobView of Ray's JobDetails."""
     meta = dict(d.metadata or {})
-    return JobView(d.submission_id, getattr(d.status, "value", str(d.status)), meta.get("elastune_job"), d.entrypoint, d.message,
-                   d.driver_exit_code, _seconds(d.start_time), _seconds(d.end_time), meta)  # fmt: skip
+    return JobView(
+        d.submission_id,
+        getattr(d.status, "value", str(d.status)),
+        meta.get("elastune_job"),
+        d.entrypoint,
+        d.message,
+        d.driver_exit_code,
+        _seconds(d.start_time),
+        _seconds(d.end_time),
+        meta,
+    )
 
 
 def _seconds(ms: int | None) -> float | None:

@@ -24,29 +24,72 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from elastune.errors import ElastuneError
 from elastune.spec.models import JobSpec
 
 # Always left behind, as gitignore patterns relative to the working directory (Ray reads them as such).
-EXCLUDES = (".git", ".hg", ".venv", "venv", ".tox", ".pytest_cache", "__pycache__", "*.pyc", "node_modules",
-            ".elastune", "runs", "*.safetensors", "*.pt", "*.ckpt")  # fmt: skip
+EXCLUDES = (
+    ".git",
+    ".hg",
+    ".venv",
+    "venv",
+    ".tox",
+    ".pytest_cache",
+    "__pycache__",
+    "*.pyc",
+    "node_modules",
+    ".elastune",
+    "runs",
+    "*.safetensors",
+    "*.pt",
+    "*.ckpt",
+)
 # Credentials and keys: they never travel unless --include-secret names them. Gitignore semantics, as Ray
 # applies them: a pattern without '/' matches at any depth; one with '/' inside is anchored at the working
 # directory (hence '**/' on the nested ones); a trailing '/' means what a folder holds, which keeps the folder
 # walkable for Ray, so that --include-secret can still send one file inside it.
 SECRET_EXCLUDES = (
-    ".env", ".env.*", ".envrc",  # dotenv and direnv; .env.example is kept back too: send it with --include-secret
-    ".aws/", ".ssh/", ".gnupg/", ".azure/", "**/.config/gcloud/", ".kube/", "kubeconfig", "*.kubeconfig",
-    "*.pem", "*.key", "*.p12", "*.pfx",
+    ".env",
+    ".env.*",
+    ".envrc",  # dotenv and direnv; .env.example is kept back too: send it with --include-secret
+    ".aws/",
+    ".ssh/",
+    ".gnupg/",
+    ".azure/",
+    "**/.config/gcloud/",
+    ".kube/",
+    "kubeconfig",
+    "*.kubeconfig",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
     # ssh's key file names, not `id_*`: that would also keep back innocent code such as id_map.py.
-    "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*",
-    ".netrc", "_netrc", ".git-credentials", "**/.docker/config.json", ".pypirc", ".npmrc", ".pgpass", ".s3cfg", ".boto",
-    "credentials.json", "service-account*.json", "*.tfstate", "*.tfstate.backup", ".vault-token", "**/.ray/auth_token",
-)  # fmt: skip
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    ".netrc",
+    "_netrc",
+    ".git-credentials",
+    "**/.docker/config.json",
+    ".pypirc",
+    ".npmrc",
+    ".pgpass",
+    ".s3cfg",
+    ".boto",
+    "credentials.json",
+    "service-account*.json",
+    "*.tfstate",
+    "*.tfstate.backup",
+    ".vault-token",
+    "**/.ray/auth_token",
+)
 MAX_UPLOAD_BYTES = 512 * 1024**2  # Ray refuses a working_dir package above its gRPC message size (512 MiB by default)
 WARN_UPLOAD_BYTES = 50 * 1024**2
 REQUIRE_ENV = "ELASTUNE_REQUIRE"
@@ -87,34 +130,63 @@ class Submission:
         return self.upload.bytes
 
 
-def build_submission(spec: JobSpec, spec_path: Path, working_dir: Path, extra_excludes: list[str] | None = None,
-                     include_secret: list[str] | None = None, env: Mapping[str, str] = os.environ) -> Submission:  # fmt: skip
+def build_submission(
+    spec: JobSpec,
+    spec_path: Path,
+    working_dir: Path,
+    extra_excludes: list[str] | None = None,
+    include_secret: list[str] | None = None,
+    env: Mapping[str, str] = os.environ,
+) -> Submission:
     """The submission of `spec` (read from `spec_path`) with `working_dir` as the job's folder;
     `extra_excludes` and `include_secret` as --exclude and --include-secret give them, `env` for
     Ray's packing settings (RAY_RUNTIME_ENV_IGNORE_GITIGNORE, RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES)."""
     working_dir, spec_path = working_dir.resolve(), spec_path.resolve()
     if not spec_path.is_relative_to(working_dir):
-        raise ElastuneError(f"the job spec {spec_path} is outside the working directory {working_dir}, so it would not travel "
-                            f"with the job; run from the spec's project or pass --working-dir")  # fmt: skip
+        raise ElastuneError(
+            f"the job spec {spec_path} is outside the working directory {working_dir}, so it would not travel "
+            f"with the job; run from the spec's project or pass --working-dir"
+        )
     extra_excludes, include_secret = list(extra_excludes or []), list(include_secret or [])
     check_patterns(extra_excludes, include_secret)
-    upload = plan_upload(working_dir, [*EXCLUDES, *own_paths(spec, working_dir), *extra_excludes], include_secret, **ray_packing(env))
+    upload = plan_upload(
+        working_dir, [*EXCLUDES, *own_paths(spec, working_dir), *extra_excludes], include_secret, **ray_packing(env)
+    )
     files, total, biggest = len(upload.files), upload.bytes, upload.files[:5]
     if total > MAX_UPLOAD_BYTES:
-        raise ElastuneError(f"the working directory {working_dir} would upload {total / 1024**2:.0f} MiB ({files} files), over Ray's "
-                            f"{MAX_UPLOAD_BYTES // 1024**2} MiB limit; the biggest: {_listing(biggest)}; leave them out with "
-                            f"--exclude PATTERN or keep data outside the job's folder")  # fmt: skip
-    warnings = [f"the upload is {total / 1024**2:.0f} MiB ({files} files); the biggest: {_listing(biggest)} (--exclude PATTERN leaves files out)"] if total > WARN_UPLOAD_BYTES else []  # fmt: skip
+        raise ElastuneError(
+            f"the working directory {working_dir} would upload {total / 1024**2:.0f} MiB ({files} files), over Ray's "
+            f"{MAX_UPLOAD_BYTES // 1024**2} MiB limit; the biggest: {_listing(biggest)}; leave them out with "
+            f"--exclude PATTERN or keep data outside the job's folder"
+        )
+    warnings = (
+        [
+            f"the upload is {total / 1024**2:.0f} MiB ({files} files); the biggest: "
+            f"{_listing(biggest)} (--exclude PATTERN leaves files out)"
+        ]
+        if total > WARN_UPLOAD_BYTES
+        else []
+    )
     if upload.secrets_sent:
-        warnings.append(f"--include-secret sends {len(upload.secrets_sent)} file{'s' if len(upload.secrets_sent) > 1 else ''} that the "
-                        f"secret rules keep back: {', '.join(upload.secrets_sent)}")  # fmt: skip
+        warnings.append(
+            f"--include-secret sends {len(upload.secrets_sent)} file{'s' if len(upload.secrets_sent) > 1 else ''} that the "
+            f"secret rules keep back: {', '.join(upload.secrets_sent)}"
+        )
     for pattern in upload.unused_includes:
-        warnings.append(f"--include-secret {pattern!r} sends nothing: no file that the secret rules keep back matches it "
-                        f"(or another exclude, .gitignore or .rayignore leaves that file out anyway)")  # fmt: skip
-    relative = [name for name, value in (("output_dir", spec.output_dir), ("checkpoint.path", spec.checkpoint_path)) if "://" not in value and not os.path.isabs(value)]  # fmt: skip
+        warnings.append(
+            f"--include-secret {pattern!r} sends nothing: no file that the secret rules keep back matches it "
+            f"(or another exclude, .gitignore or .rayignore leaves that file out anyway)"
+        )
+    relative = [
+        name
+        for name, value in (("output_dir", spec.output_dir), ("checkpoint.path", spec.checkpoint_path))
+        if "://" not in value and not os.path.isabs(value)
+    ]
     if relative:
-        warnings.append(f"{' and '.join(relative)} {'is' if len(relative) == 1 else 'are'} relative: on the cluster that is inside the "
-                        f"job's temporary working directory; give a path on shared storage (or s3://...) to keep runs and checkpoints")  # fmt: skip
+        warnings.append(
+            f"{' and '.join(relative)} {'is' if len(relative) == 1 else 'are'} relative: on the cluster that is inside the "
+            f"job's temporary working directory; give a path on shared storage (or s3://...) to keep runs and checkpoints"
+        )
     pinned = pins()
     runtime_env = {
         "working_dir": str(working_dir),
@@ -128,7 +200,11 @@ def build_submission(spec: JobSpec, spec_path: Path, working_dir: Path, extra_ex
             "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S),
         },
     }
-    metadata = {"elastune_job": spec.name, "elastune_spec": json.dumps(spec.to_dict(), sort_keys=True), "elastune_require": pinned}
+    metadata = {
+        "elastune_job": spec.name,
+        "elastune_spec": json.dumps(spec.to_dict(), sort_keys=True),
+        "elastune_require": pinned,
+    }
     entry = f"python -m elastune run {spec_path.relative_to(working_dir).as_posix()}"
     return Submission(entry, runtime_env, metadata, upload, warnings)
 
@@ -139,20 +215,26 @@ def ray_packing(env: Mapping[str, str]) -> dict[str, Any]:
     from ray._private import ray_constants
 
     defaults = env.get("RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES", ray_constants.RAY_RUNTIME_ENV_DEFAULT_EXCLUDES)
-    return {"include_gitignore": env.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1",
-            "ray_defaults": [x.strip() for x in defaults.split(",") if x.strip()]}
+    return {
+        "include_gitignore": env.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1",
+        "ray_defaults": [x.strip() for x in defaults.split(",") if x.strip()],
+    }
 
 
 def check_patterns(excludes: list[str], include_secret: list[str]) -> None:
     """Refuse what would let a secret travel by accident: only --include-secret sends one."""
     for pattern in excludes:
         if pattern.strip().startswith("!"):
-            raise ElastuneError(f"--exclude {pattern!r} starts with '!', which would put files back into the upload; --exclude only "
-                                f"leaves files out. To send a file the secret rules keep back, name it with --include-secret PATTERN")  # fmt: skip
+            raise ElastuneError(
+                f"--exclude {pattern!r} starts with '!', which would put files back into the upload; --exclude only "
+                f"leaves files out. To send a file the secret rules keep back, name it with --include-secret PATTERN"
+            )
     for pattern in include_secret:
         if not pattern.strip() or pattern.strip().startswith(("!", "#")):
-            raise ElastuneError(f"--include-secret {pattern!r} is not a pattern of files to send; give one the way --exclude takes "
-                                f"it (gitignore style, without a leading '!' or '#'), e.g. --include-secret .env.example")  # fmt: skip
+            raise ElastuneError(
+                f"--include-secret {pattern!r} is not a pattern of files to send; give one the way --exclude takes "
+                f"it (gitignore style, without a leading '!' or '#'), e.g. --include-secret .env.example"
+            )
 
 
 def own_paths(spec: JobSpec, working_dir: Path) -> list[str]:
@@ -171,8 +253,14 @@ def own_paths(spec: JobSpec, working_dir: Path) -> list[str]:
 # ---------------------------------------------------------------- what Ray packs, and the secret rules
 
 
-def plan_upload(root: Path, excludes: Sequence[str], include_secret: Sequence[str] = (), *, include_gitignore: bool = True,
-                ray_defaults: Sequence[str] = ()) -> Upload:  # fmt: skip
+def plan_upload(
+    root: Path,
+    excludes: Sequence[str],
+    include_secret: Sequence[str] = (),
+    *,
+    include_gitignore: bool = True,
+    ray_defaults: Sequence[str] = (),
+) -> Upload:
     """What travels from `root` when Ray packs it with `excludes` and SECRET_EXCLUDES, and, of what a
     secret pattern matches, exactly the files that match an `include_secret` pattern besides. Ray puts
     `ray_defaults` before the runtime_env's excludes and reads each folder's .rayignore (and .gitignore
@@ -233,8 +321,10 @@ def _pathspec(patterns: Sequence[str]) -> Any:
                 compiled += PathSpec.from_lines("gitwildmatch", [pattern]).patterns
         except (re.error, IndexError) as exc:  # '[z-a]'; '!' or '\\' with nothing after it
             reason = exc if isinstance(exc, re.error) else "nothing follows its '!' or '\\'"
-            raise ElastuneError(f"the pattern {pattern!r} is not one Ray can read ({reason}); write it as a gitignore "
-                                f"pattern (escape a literal '[' as '\\[')") from None  # fmt: skip
+            raise ElastuneError(
+                f"the pattern {pattern!r} is not one Ray can read ({reason}); write it as a gitignore "
+                f"pattern (escape a literal '[' as '\\[')"
+            ) from None
     return PathSpec(compiled)
 
 
@@ -257,11 +347,14 @@ def _ray_walk(root: Path, excludes: list[str], include_gitignore: bool) -> list[
             # Our own logger: on its own, Ray notes each ignore file it reads at INFO on a logger that prints it.
             _dir_travel(root, [_get_excludes(root, excludes)], handler, include_gitignore=include_gitignore, logger=_log)
     except (re.error, IndexError, UnicodeDecodeError) as exc:  # the excludes were read before: a .gitignore or .rayignore
-        raise ElastuneError(f"a .gitignore or .rayignore file under {root} holds a line Ray's packing cannot read ({exc}); "
-                            f"Ray would fail to upload the folder too: fix or escape that line") from None  # fmt: skip
+        raise ElastuneError(
+            f"a .gitignore or .rayignore file under {root} holds a line Ray's packing cannot read ({exc}); "
+            f"Ray would fail to upload the folder too: fix or escape that line"
+        ) from None
     except OSError as exc:  # Ray's walk stops at the first file or folder it cannot read, and so would its upload
-        raise ElastuneError(f"Ray's packing cannot read {exc.filename} ({exc.strerror}); make it readable or leave it out "
-                            f"with --exclude PATTERN") from None  # fmt: skip
+        raise ElastuneError(
+            f"Ray's packing cannot read {exc.filename} ({exc.strerror}); make it readable or leave it out with --exclude PATTERN"
+        ) from None
     return out
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import ray
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
@@ -20,6 +19,7 @@ from ray.train.v2._internal.execution.failure_handling.default import _is_preemp
 from ray.train.v2.api.exceptions import WorkerGroupError
 from rich.console import Console
 
+import ray
 from elastune.checkpoint.service import service_name
 from elastune.cluster import placeable_workers, short_of_workers
 from elastune.spec.models import JobSpec
@@ -57,12 +57,20 @@ class LiveFailurePolicy(DefaultFailurePolicy):
         sink = ray.get_actor(self.sink_name)
         try:
             step = ray.get(sink.last_step.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - no answer: count it as no progress
+        except Exception:
             step = self.steps[-1] if self.steps else None
         self.steps.append(step)
         decision = decide_live(self.steps, self.max_failures)
-        sink.event.remote({"time": time.time(), "kind": "failure_policy", "retry": decision.retry, "in_a_row": decision.in_a_row,
-                           "step": step, "message": decision.reason})  # fmt: skip
+        sink.event.remote(
+            {
+                "time": time.time(),
+                "kind": "failure_policy",
+                "retry": decision.retry,
+                "in_a_row": decision.in_a_row,
+                "step": step,
+                "message": decision.reason,
+            }
+        )
         return RayDecision.RETRY if decision.retry else RayDecision.RAISE
 
 
@@ -102,20 +110,31 @@ def make_trainer(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, dri
         failure_config = FailureConfig(max_failures=-1)  # worker failures go by LiveFailurePolicy
         failure_policy = LiveFailurePolicy(failure_config, sink_name(run_id), scaling.max_failures)
     else:
-        workers = scaling.min_workers if scaling.min_workers == scaling.max_workers else (scaling.min_workers, scaling.max_workers)
+        workers = (
+            scaling.min_workers if scaling.min_workers == scaling.max_workers else (scaling.min_workers, scaling.max_workers)
+        )
         torch_config = None
         failure_config = FailureConfig(max_failures=scaling.max_failures)
     return ElastuneTrainer(
         run_worker,
         failure_policy=failure_policy,
-        train_loop_config=WorkerConfig(spec=spec.to_dict(), spec_dir=spec_dir, sink_name=sink_name(run_id),
-                                       service_name=service_name(run_id), run_id=run_id, driver_node=driver_node).__dict__,
+        train_loop_config=WorkerConfig(
+            spec=spec.to_dict(),
+            spec_dir=spec_dir,
+            sink_name=sink_name(run_id),
+            service_name=service_name(run_id),
+            run_id=run_id,
+            driver_node=driver_node,
+        ).__dict__,
         torch_config=torch_config,
         scaling_config=ScalingConfig(
             num_workers=workers,
             elastic_resize_monitor_interval_s=scaling.resize_check_seconds,
             use_gpu=scaling.gpus_per_worker > 0,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {})},
+            resources_per_worker={
+                "CPU": scaling.cpus_per_worker,
+                **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {}),
+            },
         ),
         run_config=RunConfig(
             name=f"{spec.name}-{run_id}",
@@ -123,4 +142,4 @@ def make_trainer(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, dri
             failure_config=failure_config,
             callbacks=[PublishController(sink_name(run_id))],
         ),
-    )  # fmt: skip
+    )

@@ -12,13 +12,15 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
+import ray
+from elastune.batch_plan import batch_plan
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.format import step_dir
 from elastune.checkpoint.lease import Lease, this_process
@@ -31,12 +33,11 @@ from elastune.metrics.exporter import RunExporter
 from elastune.recipes import load_recipe
 from elastune.spec.load import validate_spec
 from elastune.spec.models import JobSpec
-from elastune.batch_plan import batch_plan
 from elastune.train.controller import make_trainer
 from elastune.train.outcome import RunOutcome, conclude
+from elastune.train.precision import check_step
 from elastune.train.progress import ProgressView, describe_event
 from elastune.train.recovery import RecoveryTracker, stranded
-from elastune.train.precision import check_step
 from elastune.train.resume import plan_resume
 from elastune.train.run_dir import RunDir, new_run_id
 from elastune.train.sink import RunSink, sink_name
@@ -91,8 +92,19 @@ def run_job(
         lease.release()
 
 
-def _run(spec: JobSpec, spec_dir: str, recipe, run_id: str, ckpt: Checkpointer, lease: Lease, address: str | None, fresh: bool,
-         console: Console, verbose: bool, observe) -> RunOutcome:  # fmt: skip
+def _run(
+    spec: JobSpec,
+    spec_dir: str,
+    recipe,
+    run_id: str,
+    ckpt: Checkpointer,
+    lease: Lease,
+    address: str | None,
+    fresh: bool,
+    console: Console,
+    verbose: bool,
+    observe,
+) -> RunOutcome:
     events: list[dict[str, Any]] = []
 
     def note(kind: str, message: str, **fields: Any) -> None:
@@ -111,21 +123,34 @@ def _run(spec: JobSpec, spec_dir: str, recipe, run_id: str, ckpt: Checkpointer, 
     where = f"checkpoint {ckpt.uri}/{step_dir(latest.step)}" if latest else ""
     resume = plan_resume(latest, model_state(recipe.build_model), spec, where) if latest else None
     if resume is not None and resume.complete:
-        console.print(f"Nothing to train: {where} ({resume.samples_seen:,} samples) already holds this job's whole budget "
-                      f"({spec.budget_samples:,} samples). To train on, raise stop.max_steps or stop.max_samples (or pass a larger "
-                      f"--max-steps); to start over, run with --fresh.", highlight=False)  # fmt: skip
+        console.print(
+            f"Nothing to train: {where} ({resume.samples_seen:,} samples) already holds this job's whole budget "
+            f"({spec.budget_samples:,} samples). To train on, raise stop.max_steps or stop.max_samples (or pass a larger "
+            f"--max-steps); to start over, run with --fresh.",
+            highlight=False,
+        )
         return RunOutcome(None, "complete", resume.step, resume.samples_seen, None, 0.0, durable_step=resume.step, uri=ckpt.uri)
     run_dir = RunDir.create(spec.output_dir, spec.name, run_id)
     run_dir.write_spec(spec.to_dict())
     if recipe.dataset is None:  # the recipe reads prepared token windows
         manifest, prepared_now = ensure_prepared(spec.data)
         if prepared_now:
-            note("data_prepared", f"Prepared {manifest.count:,} samples of {manifest.window} tokens at {spec.data.path}.",
-                 count=manifest.count, content_hash=manifest.content_hash)  # fmt: skip
+            note(
+                "data_prepared",
+                f"Prepared {manifest.count:,} samples of {manifest.window} tokens at {spec.data.path}.",
+                count=manifest.count,
+                content_hash=manifest.content_hash,
+            )
     if resume is not None:
         changed = f"; these fields differ from the spec that saved it: {'; '.join(resume.changes)}" if resume.changes else ""
-        note("resume", f"Resuming from checkpoint step {resume.step} ({resume.samples_seen:,} samples) at {ckpt.uri}{changed}; "
-             f"pass --fresh to start over.", step=resume.step, samples_seen=resume.samples_seen, changes=list(resume.changes))  # fmt: skip
+        note(
+            "resume",
+            f"Resuming from checkpoint step {resume.step} ({resume.samples_seen:,} samples) at {ckpt.uri}{changed}; "
+            f"pass --fresh to start over.",
+            step=resume.step,
+            samples_seen=resume.samples_seen,
+            changes=list(resume.changes),
+        )
     run_dir.append_events(events)
     console.print(f"Run directory: {run_dir.path}", highlight=False)
 
@@ -140,8 +165,18 @@ def _run(spec: JobSpec, spec_dir: str, recipe, run_id: str, ckpt: Checkpointer, 
             ray.shutdown()
 
 
-def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: Console, start: dict[str, int],
-           tokens_per_sample: int | None, observe, lease: Lease, stop: StopRequest) -> RunOutcome:  # fmt: skip
+def _train(
+    spec: JobSpec,
+    spec_dir: str,
+    run_id: str,
+    run_dir: RunDir,
+    console: Console,
+    start: dict[str, int],
+    tokens_per_sample: int | None,
+    observe,
+    lease: Lease,
+    stop: StopRequest,
+) -> RunOutcome:
     # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
     # default), so a run's end and a dead worker are noticed up to that late. 0.5 s costs the
     # controller a few calls a second and saved about 1.7 s per run here (and per restart); Ray
@@ -192,9 +227,15 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
             if alive and stranded(spec.scaling.recovery, finished_at):
                 # A live group finished while Ray Train still waits to place a lost worker's
                 # replacement (no capacity came back): the run is done; end Ray Train's part.
-                events.append({"time": time.time(), "kind": "warning", "message": "training finished while a worker Ray Train "
-                               "started was not training (a replacement still starting, or one with no capacity to run on); "
-                               "the run is complete, so that worker was stopped"})  # fmt: skip
+                events.append(
+                    {
+                        "time": time.time(),
+                        "kind": "warning",
+                        "message": "training finished while a worker Ray Train "
+                        "started was not training (a replacement still starting, or one with no capacity to run on); "
+                        "the run is complete, so that worker was stopped",
+                    }
+                )
                 abort_controller(sink, thread)
                 alive, stranded_ended = False, True
             if not alive:  # everything the run will write is in now
@@ -227,8 +268,17 @@ def _train(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, console: 
     error = None if stranded_ended else outcome.get("error")
     result = conclude(spec, run_dir, last, started, error, gave_up, ray.get(service.flush.remote(0)), stop.signum)
     run_dir.write_result(result.__dict__ | {"run_dir": str(run_dir.path)})
-    run_dir.append_events([{"time": time.time(), "kind": "end", "status": result.status, "error": result.error,
-                            "durable_step": result.durable_step}])  # fmt: skip
+    run_dir.append_events(
+        [
+            {
+                "time": time.time(),
+                "kind": "end",
+                "status": result.status,
+                "error": result.error,
+                "durable_step": result.durable_step,
+            }
+        ]
+    )
     if exporter is not None:
         exporter.close(run_dir.path / "metrics.prom")
     ray.kill(sink)
@@ -251,8 +301,8 @@ def start_exporter(spec: JobSpec, run_id: str, tokens_per_sample: int | None, co
     m = spec.metrics
     if not m.enabled:
         return None
-    exporter = RunExporter(spec.name, run_id, m.host, m.port, tokens_per_sample, Path(spec.output_dir) / "prometheus-targets", strategy)
+    exporter = RunExporter(
+        spec.name, run_id, m.host, m.port, tokens_per_sample, Path(spec.output_dir) / "prometheus-targets", strategy
+    )
     console.print(f"Metrics: http://{exporter.address}/metrics (Prometheus file_sd target {exporter.target}).", highlight=False)
     return exporter
-
-

@@ -34,6 +34,12 @@ def decide_live(steps_at_failures: list[int | None], max_failures: int) -> Failu
         in_a_row += 1
     where = "before any step committed" if last is None else f"while the newest committed step stayed {last}"
     if max_failures != -1 and in_a_row > max_failures:
-        return FailureDecision(False, in_a_row, f"{in_a_row} worker failures in a row {where}, more than scaling.max_failures "
-                                                f"({max_failures}): the run is not making progress, so it stops here")  # fmt: skip
-    return FailureDecision(True, in_a_row, f"failure {in_a_row} in a row {where} (scaling.max_failures {max_failures}); recovering")
+        return FailureDecision(
+            False,
+            in_a_row,
+            f"{in_a_row} worker failures in a row {where}, more than scaling.max_failures "
+            f"({max_failures}): the run is not making progress, so it stops here",
+        )
+    return FailureDecision(
+        True, in_a_row, f"failure {in_a_row} in a row {where} (scaling.max_failures {max_failures}); recovering"
+    )

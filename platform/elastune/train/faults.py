@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from elastune.spec.scaling import DelayRank, Fault, KillNode
 
@@ -20,16 +21,24 @@ POLL_S = 0.05  # how often a stall that ends at a join asks the run's sink
 def due(faults: list[Fault], rank: int, step: int, point: str) -> list[int]:
     """Indexes of the faults that fire on `rank` during `step` at `point` ("start" or "mid")."""
     return [
-        i for i, f in enumerate(faults)
+        i
+        for i, f in enumerate(faults)
         if f.rank == rank and f.at_step == step and (f.point if hasattr(f, "point") else "start") == point
-    ]  # fmt: skip
+    ]
 
 
 class FaultInjector:
     """`on_driver_node`: whether this worker shares the driver's node (a node kill is skipped there)."""
 
-    def __init__(self, faults: list[Fault], rank: int, claim: Callable[[str], bool], record: Callable[[dict[str, Any]], None],
-                 on_driver_node: bool = False, rejoined: Callable[[], bool] = lambda: False):  # fmt: skip
+    def __init__(
+        self,
+        faults: list[Fault],
+        rank: int,
+        claim: Callable[[str], bool],
+        record: Callable[[dict[str, Any]], None],
+        on_driver_node: bool = False,
+        rejoined: Callable[[], bool] = lambda: False,
+    ):
         self.faults, self.rank, self.claim, self.record = faults, rank, claim, record
         self.on_driver_node, self.rejoined = on_driver_node, rejoined
 
@@ -38,7 +47,15 @@ class FaultInjector:
             if not self.claim(f"fault-{i}"):
                 continue  # already happened in this run
             fault = self.faults[i]
-            event = {"time": time.time(), "kind": "fault", "index": i, "step": step, "point": point, "rank": self.rank, **fault.model_dump()}
+            event = {
+                "time": time.time(),
+                "kind": "fault",
+                "index": i,
+                "step": step,
+                "point": point,
+                "rank": self.rank,
+                **fault.model_dump(),
+            }
             if isinstance(fault, DelayRank):
                 self.record(event)
                 self.stall(fault)
@@ -47,7 +64,9 @@ class FaultInjector:
             if isinstance(fault, KillNode):
                 raylet = None if self.on_driver_node else node_process()
                 if raylet is None:
-                    event["skipped"] = "the worker runs on the driver's node" if self.on_driver_node else "no raylet above this worker"
+                    event["skipped"] = (
+                        "the worker runs on the driver's node" if self.on_driver_node else "no raylet above this worker"
+                    )
                     self.record(event)
                     continue
             self.record(event)  # before acting: a killed worker says nothing afterwards

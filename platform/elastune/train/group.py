@@ -8,7 +8,8 @@ the start of a step and reduce its gradients.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from elastune.train.state import Progress
 from elastune.train.step import GradBuffer
@@ -85,26 +86,61 @@ class Membership:
 
     def failed(self, step: int, world: int, started_at: float, error: str | None) -> None:
         if self.failure is None:
-            self.failure = {"step": step, "world": world, "at": started_at, "after": self.last_commit, "detected": time.time(), "error": error}
+            self.failure = {
+                "step": step,
+                "world": world,
+                "at": started_at,
+                "after": self.last_commit,
+                "detected": time.time(),
+                "error": error,
+            }
 
     def committed(self, step: int, world: int, micro_batches: list[int], global_batch_size: int) -> list[dict[str, Any]]:
         """Events for `step` committed by `world` workers (its plan's split and global batch)."""
         now, before = time.time(), self.world
         events = []
         if self.failure is not None or (before is not None and world < before):
-            f = self.failure or {"step": step, "world": before, "at": self.last_commit, "after": self.last_commit, "detected": None, "error": None}
+            f = self.failure or {
+                "step": step,
+                "world": before,
+                "at": self.last_commit,
+                "after": self.last_commit,
+                "detected": None,
+                "error": None,
+            }
             cause = f"worker lost during step {f['step']}" if self.failure else f"worker left before step {step}"
-            events.append({
-                "kind": "recovery", "time": now, "step": step, "recovery": "live",
-                "cause": cause + (f" ({f['error']})" if f["error"] else ""),
-                "world_size_before": f["world"], "world_size_after": world,
-                "resumed_from_step": step - 1, "resumed_from_tier": None, "lost_steps": 0, "lost_samples": 0,
-                "failed_at": f["at"], "failed_after": f["after"], "restart_seconds": None,
-                "detection_seconds": None if f["detected"] is None else round(f["detected"] - f["at"], 3),
-                "mttr_seconds": round(now - f["at"], 3), "micro_batches": micro_batches,
-            })  # fmt: skip
+            events.append(
+                {
+                    "kind": "recovery",
+                    "time": now,
+                    "step": step,
+                    "recovery": "live",
+                    "cause": cause + (f" ({f['error']})" if f["error"] else ""),
+                    "world_size_before": f["world"],
+                    "world_size_after": world,
+                    "resumed_from_step": step - 1,
+                    "resumed_from_tier": None,
+                    "lost_steps": 0,
+                    "lost_samples": 0,
+                    "failed_at": f["at"],
+                    "failed_after": f["after"],
+                    "restart_seconds": None,
+                    "detection_seconds": None if f["detected"] is None else round(f["detected"] - f["at"], 3),
+                    "mttr_seconds": round(now - f["at"], 3),
+                    "micro_batches": micro_batches,
+                }
+            )
         elif before is not None and world > before:
-            events.append({"kind": "resize", "time": now, "step": step - 1, "world_size_before": before, "world_size_after": world,
-                           "global_batch_size": global_batch_size, "micro_batches": micro_batches})  # fmt: skip
+            events.append(
+                {
+                    "kind": "resize",
+                    "time": now,
+                    "step": step - 1,
+                    "world_size_before": before,
+                    "world_size_after": world,
+                    "global_batch_size": global_batch_size,
+                    "micro_batches": micro_batches,
+                }
+            )
         self.world, self.last_commit, self.failure = world, now, None
         return events

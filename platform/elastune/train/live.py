@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
-import ray
 from torch.distributed import ReduceOp
 from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
 from torchft.checkpointing.transport import CheckpointTransport
 
+import ray
 from elastune.checkpoint.snapshot import Snapshotter
 from elastune.train.group import first_line
 from elastune.train.state import Progress
@@ -67,9 +68,17 @@ class LiveGroup:
     a snapshot the service returned ({"manifest", "payloads"}) and returns its progress.
     """
 
-    def __init__(self, replica: int, min_workers: int, service, header: Callable[[Progress], dict[str, Any]],
-                 state: Callable[[], tuple[Progress, dict]], load: Callable[[dict[str, Any]], Progress],
-                 progress: Progress, on_gpu: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        replica: int,
+        min_workers: int,
+        service,
+        header: Callable[[Progress], dict[str, Any]],
+        state: Callable[[], tuple[Progress, dict]],
+        load: Callable[[dict[str, Any]], Progress],
+        progress: Progress,
+        on_gpu: bool = False,
+    ):
         self.load, self.healed = load, None
         self.transport = ServiceTransport(service, header, state)
         self.pg = ProcessGroupNCCL(timeout=TIMEOUT) if on_gpu else ProcessGroupGloo(timeout=TIMEOUT)

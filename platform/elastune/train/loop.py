@@ -10,11 +10,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 import ray.train
 import ray.train.torch
 import torch
 
+import ray
+from elastune.batch_plan import BatchPlan, batch_plan
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.format import Manifest
 from elastune.checkpoint.interval import SnapshotPace, snapshot_due
@@ -25,7 +26,6 @@ from elastune.data.dataset import TokenWindows
 from elastune.errors import CheckpointError
 from elastune.recipes import Recipe, SampleSource, load_recipe
 from elastune.spec.models import JobSpec
-from elastune.batch_plan import BatchPlan, batch_plan
 from elastune.train.faults import FaultInjector
 from elastune.train.group import Group, Membership, StaticGroup
 from elastune.train.optim import build_optimizer, set_hyper
@@ -61,8 +61,14 @@ def run_worker(config: dict[str, Any]) -> None:
     sink, service = ray.get_actor(job.sink_name), ray.get_actor(job.service_name)
     c = spec.checkpoint
     report = Reporter(sink, replica, live, with_snapshots=c.snapshot_every_steps is not None)
-    faults = FaultInjector(spec.faults, replica, lambda key: ray.get(sink.claim.remote(key)), lambda e: ray.get(sink.event.remote(e)),
-                           on_driver_node=node == job.driver_node, rejoined=lambda: ray.get(sink.rejoined.remote()))  # fmt: skip
+    faults = FaultInjector(
+        spec.faults,
+        replica,
+        lambda key: ray.get(sink.claim.remote(key)),
+        lambda e: ray.get(sink.event.remote(e)),
+        on_driver_node=node == job.driver_node,
+        rejoined=lambda: ray.get(sink.rejoined.remote()),
+    )
 
     recipe = load_recipe(spec.model, job.spec_dir)
     source = open_source(recipe, spec)
@@ -74,34 +80,59 @@ def run_worker(config: dict[str, Any]) -> None:
         optimizer = ZeroOptimizer(model, spec.optimizer, replica, workers)
     else:
         optimizer = build_optimizer(model, spec.optimizer)
-    grads = GradBuffer(model, micro_batch_norms=spec.metrics.noise_scale, bucket_bytes=int(spec.step.bucket_mb * 2**20),
-                       reduce_dtype=REDUCE_DTYPES[spec.step.reduce_dtype], overlap=not live)  # fmt: skip
-    scaler = LossScale(spec.step.loss_scale.initial, spec.step.loss_scale.growth_interval) if spec.step.precision == "fp16" else None
+    grads = GradBuffer(
+        model,
+        micro_batch_norms=spec.metrics.noise_scale,
+        bucket_bytes=int(spec.step.bucket_mb * 2**20),
+        reduce_dtype=REDUCE_DTYPES[spec.step.reduce_dtype],
+        overlap=not live,
+    )
+    scaler = (
+        LossScale(spec.step.loss_scale.initial, spec.step.loss_scale.growth_interval) if spec.step.precision == "fp16" else None
+    )
     progress, restored = restore(service, Checkpointer(spec.checkpoint_path), model, optimizer, scaler, keep_partial=live)
     # The compiled module runs the steps and shares the parameters; state is read and written
     # through `model` itself, under the universal names (a compiled module's would be prefixed).
     forward = compile_model(model) if spec.step.compile else model
     if not live or ray.get(sink.claim.remote("start")):  # a live group's replacements only join
         first = step_values(spec, progress.samples_seen).global_batch_size
-        announce(report.emit, batch_plan(first, spec.batch.micro_batch_size, workers), progress, restored, dataset_identity(source))
+        announce(
+            report.emit, batch_plan(first, spec.batch.micro_batch_size, workers), progress, restored, dataset_identity(source)
+        )
     base = snapshot_base(spec, layout_of(optimizer), dataset_identity(source))
 
     def header(p: Progress, durable: bool = False, loss: float | None = None) -> dict[str, Any]:
-        meta = {**base["meta"], "metrics": {"loss": loss}} if loss is not None else base["meta"]  # loss ranks checkpoints for keep_best
+        meta = (
+            {**base["meta"], "metrics": {"loss": loss}} if loss is not None else base["meta"]
+        )  # loss ranks checkpoints for keep_best
         return {**base, "step": p.step, "samples_seen": p.samples_seen, "durable": durable, "meta": meta}
 
     group: Group
     if live:
         from elastune.train.live import LiveGroup, start_together  # torchft is imported only by live groups
 
-        group = LiveGroup(replica, spec.scaling.min_workers, service, header, lambda: (progress, state_pieces(model, optimizer, scaler)),
-                          lambda found: progress_of(load_snapshot(found, model, optimizer, scaler)[0]), progress, spec.scaling.gpus_per_worker > 0)  # fmt: skip
+        group = LiveGroup(
+            replica,
+            spec.scaling.min_workers,
+            service,
+            header,
+            lambda: (progress, state_pieces(model, optimizer, scaler)),
+            lambda found: progress_of(load_snapshot(found, model, optimizer, scaler)[0]),
+            progress,
+            spec.scaling.gpus_per_worker > 0,
+        )
         start_together(sink, workers)
     else:
         group = StaticGroup(replica, workers, lambda error: report.collective_failed(replica, progress.step + 1, error))
     # Joined: restored and in a group, so its next step's quorum (live) takes it in.
-    report.emit("join", replica=replica, node=node, step=progress.step, samples_seen=progress.samples_seen,
-                **{k: restored.get(k) for k in ("resumed_from_tier", "load_seconds")})  # fmt: skip
+    report.emit(
+        "join",
+        replica=replica,
+        node=node,
+        step=progress.step,
+        samples_seen=progress.samples_seen,
+        **{k: restored.get(k) for k in ("resumed_from_tier", "load_seconds")},
+    )
     snapshots, pace = Snapshotter(service), SnapshotPace(c.snapshot_every_steps, cap=c.every_steps)
     budget = spec.budget_samples
     while progress.samples_seen < budget:
@@ -115,10 +146,22 @@ def run_worker(config: dict[str, Any]) -> None:
         faults.at(progress.step + 1, "start")
         grads.offer = pace.offer()  # travels in the step's statistics: every rank agrees on the interval
         result = train_step(
-            forward, optimizer, grads, recipe, source, plan, rank, progress.step, progress.samples_seen, spec.seed,
-            spec.optimizer.grad_clip_norm, before_reduce=lambda: faults.at(progress.step + 1, "mid"), reduce=group.reduce,
-            precision=spec.step.precision, scaler=scaler,
-        )  # fmt: skip
+            forward,
+            optimizer,
+            grads,
+            recipe,
+            source,
+            plan,
+            rank,
+            progress.step,
+            progress.samples_seen,
+            spec.seed,
+            spec.optimizer.grad_clip_norm,
+            before_reduce=lambda: faults.at(progress.step + 1, "mid"),  # noqa: B023 (called within this step)
+            reduce=group.reduce,
+            precision=spec.step.precision,
+            scaler=scaler,
+        )
         if result is None:  # a peer was lost mid-step: nothing applied anywhere; the next quorum runs the step again
             report.failed(progress.step + 1, world, started_at, group.error())
             continue
@@ -131,9 +174,13 @@ def run_worker(config: dict[str, Any]) -> None:
             held = state_pieces(model, optimizer, scaler)
             turn = progress.step // (pace.interval or c.every_steps)
             writer = None if live else snapshot_writer(held, turn, world)  # a live group heals from every rank's share
-            snapshots.take(header(progress, durable, result.loss), held, rank, world, report.rows_for_snapshot(rank, writer), live, writer)
+            snapshots.take(
+                header(progress, durable, result.loss), held, rank, world, report.rows_for_snapshot(rank, writer), live, writer
+            )
         if live and node in snapshots.draining:  # a preemption notice for this node: leave at this step boundary
-            report.emit("leave", replica=replica, node=node, step=progress.step, reason="its node is draining (preemption notice)")
+            report.emit(
+                "leave", replica=replica, node=node, step=progress.step, reason="its node is draining (preemption notice)"
+            )
             break
     snapshots.wait()  # the last step is with the service before this worker reports done
     report.flush()
@@ -153,18 +200,28 @@ def dataset_identity(source: SampleSource) -> dict[str, Any]:
 
 
 def announce(emit, plan: BatchPlan, progress: Progress, restored: dict[str, Any], dataset: dict[str, Any]) -> None:
-    emit("start", world_size=plan.world_size, plan=plan.describe(), micro_batches=plan.counts(),
-         **{k: v for k, v in restored.items() if k not in ("dataset", "skipped_checkpoints")})  # fmt: skip
+    emit(
+        "start",
+        world_size=plan.world_size,
+        plan=plan.describe(),
+        micro_batches=plan.counts(),
+        **{k: v for k, v in restored.items() if k not in ("dataset", "skipped_checkpoints")},
+    )
     for reason in restored.get("skipped_checkpoints", []):
         emit("warning", message=f"CHECKPOINT CORRUPT, used an older one: {reason}")
     saved = restored.get("dataset")
     if saved and saved != dataset:
         # Positions still resume exactly, but they now name other samples: say so loudly.
-        emit("warning", message=f"the dataset changed since the checkpoint (then {saved}, now {dataset}); "
-             f"samples_seen continues, but the epoch's order is over different data")  # fmt: skip
+        emit(
+            "warning",
+            message=f"the dataset changed since the checkpoint (then {saved}, now {dataset}); "
+            f"samples_seen continues, but the epoch's order is over different data",
+        )
 
 
-def restore(service, ckpt: Checkpointer, model, optimizer, scaler=None, keep_partial: bool = False) -> tuple[Progress, dict[str, Any]]:
+def restore(
+    service, ckpt: Checkpointer, model, optimizer, scaler=None, keep_partial: bool = False
+) -> tuple[Progress, dict[str, Any]]:
     """Newest state from the service's in-memory snapshot (tier 0) when it is the newest there is,
     else from the newest valid durable checkpoint (tier 1); only the ranges this layout needs.
     A snapshot that fails its checksums is passed over for tier 1, with a warning.
@@ -222,7 +279,9 @@ def load_snapshot(snap: dict[str, Any], model, optimizer, scaler=None) -> tuple[
         return ray.get(snap["payloads"][file])
 
     source = BufferSource(fetch)
-    nbytes = restore_state(model, optimizer, manifest.shapes, lambda wanted: read_pieces(manifest, source, wanted, where), where, scaler)
+    nbytes = restore_state(
+        model, optimizer, manifest.shapes, lambda wanted: read_pieces(manifest, source, wanted, where), where, scaler
+    )
     return manifest, nbytes
 
 
@@ -239,7 +298,10 @@ def snapshot_base(spec: JobSpec, layout: str, dataset: dict[str, Any]) -> dict[s
             "model_hash": spec.fingerprint("model"),
             "optimizer": sections["optimizer"],
             "schedule": {**sections["schedule"], "horizon_samples": spec.horizon_samples},
-            "rng": {"seed": spec.seed, "scheme": "each micro-batch seeds the device generators with sha256(seed, step, micro_batch_index)"},
+            "rng": {
+                "seed": spec.seed,
+                "scheme": "each micro-batch seeds the device generators with sha256(seed, step, micro_batch_index)",
+            },
             "batch": sections["batch"],
             "dataset": dataset,
         },
@@ -260,7 +322,8 @@ def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds:
         "micro_batches": plan.counts(),
         "step_seconds": seconds,
         "samples_per_s": plan.global_batch_size / seconds if seconds > 0 else None,
-        "snapshot_stall_seconds": None,  # of the rank that sent the row, set by Snapshotter.take; every part's is in checkpoint events
+        # of the rank that sent the row, set by Snapshotter.take; every part's is in checkpoint events
+        "snapshot_stall_seconds": None,
         "sample_tally": list(result.tally),  # data.sampler.tally of what all ranks read: proves each sample once
         "noise": None if result.noise is None else list(result.noise),  # (tr(Sigma), |G|^2) of this step: metrics.noise
     }
@@ -308,7 +371,7 @@ class Reporter:
         try:
             event = {"time": time.time(), "kind": "collective_failed", "rank": rank, "step": step, "error": error}
             ray.get(self.sink.event.remote(event), timeout=5)
-        except Exception:  # noqa: BLE001 - the failure being reported matters more
+        except Exception:
             pass
 
     def committed(self, row: dict[str, Any], plan: BatchPlan) -> None:

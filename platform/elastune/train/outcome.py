@@ -33,21 +33,38 @@ class RunOutcome:
     uri: str = ""
 
 
-def conclude(spec: JobSpec, run_dir: RunDir, last: dict[str, Any], started: float, error: BaseException | None, gave_up: str | None,
-             reports: list[dict[str, Any]], signum: int | None) -> RunOutcome:  # fmt: skip
+def conclude(
+    spec: JobSpec,
+    run_dir: RunDir,
+    last: dict[str, Any],
+    started: float,
+    error: BaseException | None,
+    gave_up: str | None,
+    reports: list[dict[str, Any]],
+    signum: int | None,
+) -> RunOutcome:
     """The run's outcome, with the newest checkpoint its root holds: a run that trained to its stop
     but could not make its last step durable says so (not_durable), with the write's error."""
     ckpt = Checkpointer(spec.checkpoint_path)
     steps = ckpt.committed_steps()
     durable = steps[-1] if steps else None
-    common = {"run_dir": run_dir.path, "steps": last["step"], "samples_seen": last["samples_seen"], "final_loss": last["loss"],
-              "seconds": round(time.time() - started, 3), "durable_step": durable, "uri": ckpt.uri}  # fmt: skip
+    common = {
+        "run_dir": run_dir.path,
+        "steps": last["step"],
+        "samples_seen": last["samples_seen"],
+        "final_loss": last["loss"],
+        "seconds": round(time.time() - started, 3),
+        "durable_step": durable,
+        "uri": ckpt.uri,
+    }
     if signum is not None:
         return RunOutcome(status="stopped", signal=signum, **common)
     if error is not None:
         return RunOutcome(status="failed", error=gave_up or failure_reason(error), **common)
     if durable != last["step"]:
-        failed = next((r["error"] for r in reversed(reports) if r.get("step") == last["step"] and "error" in r), "it was not written")
+        failed = next(
+            (r["error"] for r in reversed(reports) if r.get("step") == last["step"] and "error" in r), "it was not written"
+        )
         return RunOutcome(status="not_durable", error=f"the final step {last['step']} is not durable: {failed}", **common)
     return RunOutcome(status="succeeded", **common)
 

@@ -31,8 +31,10 @@ SCALE_STATE = ("amp/loss_scale", "amp/growth_tracker")
 def precision_problem(precision: str, device: str, bf16_supported: bool) -> str | None:
     """Why `precision` cannot run on a `device` ("cpu" or "cuda"), or None."""
     if precision == "bf16" and device == "cuda" and not bf16_supported:
-        return ("step.precision is bf16, but this GPU has no bfloat16 arithmetic (compute capability below 8.0); "
-                "set step.precision: fp16 (with its loss scale) or fp32")  # fmt: skip
+        return (
+            "step.precision is bf16, but this GPU has no bfloat16 arithmetic (compute capability below 8.0); "
+            "set step.precision: fp16 (with its loss scale) or fp32"
+        )
     return None
 
 
@@ -43,8 +45,10 @@ def compile_problem(device: str) -> str | None:
     if not torch._dynamo.is_dynamo_supported():
         return f"step.compile is true, but torch {torch.__version__} cannot compile on this Python; set step.compile: false"
     if device == "cpu" and shutil.which("cc") is None and shutil.which("gcc") is None:
-        return ("step.compile is true, but no C compiler (cc or gcc) is on PATH, and torch.compile needs one for CPU kernels; "
-                "install one (e.g. apt-get install gcc) or set step.compile: false")  # fmt: skip
+        return (
+            "step.compile is true, but no C compiler (cc or gcc) is on PATH, and torch.compile needs one for CPU kernels; "
+            "install one (e.g. apt-get install gcc) or set step.compile: false"
+        )
     return None
 
 

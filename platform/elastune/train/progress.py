@@ -52,8 +52,9 @@ class ProgressView:
 def describe_row(row: dict[str, Any]) -> str:
     sps = row.get("samples_per_s")
     return (
-        f"loss {row['loss']:.4f}  lr {row['lr']:.3g}  "
-        f"{sps:,.0f} samples/s  world {row['world_size']}" if sps else f"loss {row['loss']:.4f}  lr {row['lr']:.3g}  world {row['world_size']}"
+        f"loss {row['loss']:.4f}  lr {row['lr']:.3g}  {sps:,.0f} samples/s  world {row['world_size']}"
+        if sps
+        else f"loss {row['loss']:.4f}  lr {row['lr']:.3g}  world {row['world_size']}"
     )
 
 
@@ -81,7 +82,9 @@ def describe_event(event: dict[str, Any]) -> str | None:
             f"micro-batches per rank {counts}; global batch stays {event['global_batch_size']}."
         )
         if "mttr_seconds" in event:  # Ray Train restarted the group to resize it
-            line += f" Lost {event['lost_steps']} step(s); training again {event['mttr_seconds']:.1f} s after the old group stopped."
+            line += (
+                f" Lost {event['lost_steps']} step(s); training again {event['mttr_seconds']:.1f} s after the old group stopped."
+            )
         return line
     if kind == "fault":
         what = {
@@ -90,7 +93,8 @@ def describe_event(event: dict[str, Any]) -> str | None:
             "delay_rank": f"delaying rank {event['rank']} {event.get('seconds')} s",
         }[event["action"]]
         if event.get("skipped"):
-            return f"[yellow]Fault skipped[/yellow] (spec faults.{event['index']}): {what} at step {event['step']}: {event['skipped']}."
+            where = f"(spec faults.{event['index']}): {what} at step {event['step']}"
+            return f"[yellow]Fault skipped[/yellow] {where}: {event['skipped']}."
         return f"[yellow]Fault[/yellow] (spec faults.{event['index']}): {what} at step {event['step']}."
     if kind == "recovery" and event.get("recovery") == "live":
         counts = ",".join(map(str, event["micro_batches"]))
@@ -102,7 +106,8 @@ def describe_event(event: dict[str, Any]) -> str | None:
     if kind == "recovery":
         return (
             f"Recovered from {event['cause']}: {event['world_size_before']} -> {event['world_size_after']} workers, "
-            f"resumed at step {event['resumed_from_step']} (tier {event['resumed_from_tier']}), lost {event['lost_steps']} step(s), "
+            f"resumed at step {event['resumed_from_step']} (tier "
+            f"{event['resumed_from_tier']}), lost {event['lost_steps']} step(s), "
             f"new workers up in {event['restart_seconds']:.1f} s, training again {event['mttr_seconds']:.1f} s after the failure."
         )
     if kind == "preemption":

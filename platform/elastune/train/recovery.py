@@ -102,23 +102,45 @@ class RecoveryTracker:
         resumed = min(j["step"] for j in joins)
         lost = max(0, before["step"] - resumed)
         resumed_samples = min(j["samples_seen"] for j in joins if j["step"] == resumed)
-        return [{
-            "time": row["time"], "kind": "recovery", "recovery": "restart", "step": row["step"],
-            "cause": "; ".join(map(fault_cause, kills)) if kills else "every worker of the live group was lost",
-            "world_size_before": before["world_size"], "world_size_after": row["world_size"],
-            "resumed_from_step": resumed, "resumed_from_tier": max((j["resumed_from_tier"] for j in joins if j.get("resumed_from_tier") is not None), default=None),
-            "lost_steps": lost, "lost_samples": max(0, before["samples_seen"] - resumed_samples), "failed_at": failed_at,
-            "detection_seconds": None, "restart_seconds": round(min(j["time"] for j in joins) - failed_at, 3),
-            "mttr_seconds": round(row["time"] - failed_at, 3), "micro_batches": row["micro_batches"],
-        }]  # fmt: skip
+        return [
+            {
+                "time": row["time"],
+                "kind": "recovery",
+                "recovery": "restart",
+                "step": row["step"],
+                "cause": "; ".join(map(fault_cause, kills)) if kills else "every worker of the live group was lost",
+                "world_size_before": before["world_size"],
+                "world_size_after": row["world_size"],
+                "resumed_from_step": resumed,
+                "resumed_from_tier": max(
+                    (j["resumed_from_tier"] for j in joins if j.get("resumed_from_tier") is not None), default=None
+                ),
+                "lost_steps": lost,
+                "lost_samples": max(0, before["samples_seen"] - resumed_samples),
+                "failed_at": failed_at,
+                "detection_seconds": None,
+                "restart_seconds": round(min(j["time"] for j in joins) - failed_at, 3),
+                "mttr_seconds": round(row["time"] - failed_at, 3),
+                "micro_batches": row["micro_batches"],
+            }
+        ]
 
     def _resumed_resized(self, start: dict[str, Any]) -> list[dict[str, Any]]:
         saved = start.get("saved_world_size")
         if saved in (None, start["world_size"]):
             return []
-        return [{"time": start["time"], "kind": "resize", "cause": f"resumed a checkpoint saved by {saved} worker(s)",
-                 "step": start["resumed_from_step"], "world_size_before": saved, "world_size_after": start["world_size"],
-                 "global_batch_size": self.batches.at(start.get("resumed_samples_seen") or 0), "micro_batches": start["micro_batches"]}]  # fmt: skip
+        return [
+            {
+                "time": start["time"],
+                "kind": "resize",
+                "cause": f"resumed a checkpoint saved by {saved} worker(s)",
+                "step": start["resumed_from_step"],
+                "world_size_before": saved,
+                "world_size_after": start["world_size"],
+                "global_batch_size": self.batches.at(start.get("resumed_samples_seen") or 0),
+                "micro_batches": start["micro_batches"],
+            }
+        ]
 
     def _restarted(self, start: dict[str, Any], before: int) -> dict[str, Any]:
         fault, self.last_fault = self.last_fault, None
@@ -137,14 +159,21 @@ class RecoveryTracker:
         else:
             kind, cause = "recovery", "worker group restarted"
         return {
-            "kind": kind, "cause": cause, "failed_at": failed_at, "step": start["resumed_from_step"],
-            "world_size_before": before, "world_size_after": start["world_size"],
-            "global_batch_size": self.batches.at(resumed), "micro_batches": start.get("micro_batches"),
-            "resumed_from_step": start["resumed_from_step"], "resumed_from_tier": start.get("resumed_from_tier"),
-            "lost_steps": lost, "lost_samples": self.batches.samples_after(lost, resumed) - resumed,
+            "kind": kind,
+            "cause": cause,
+            "failed_at": failed_at,
+            "step": start["resumed_from_step"],
+            "world_size_before": before,
+            "world_size_after": start["world_size"],
+            "global_batch_size": self.batches.at(resumed),
+            "micro_batches": start.get("micro_batches"),
+            "resumed_from_step": start["resumed_from_step"],
+            "resumed_from_tier": start.get("resumed_from_tier"),
+            "lost_steps": lost,
+            "lost_samples": self.batches.samples_after(lost, resumed) - resumed,
             "detection_seconds": None if detected is None else round(detected - failed_at, 3),
             "restart_seconds": round(start["time"] - failed_at, 3),
-        }  # fmt: skip
+        }
 
     def _narrow(self, event: dict[str, Any]) -> None:
         """A live group's recovery, as its survivors saw it: their failure time is the failed

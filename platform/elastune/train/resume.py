@@ -54,24 +54,32 @@ class ModelState:
 
 
 def check_fits(manifest: Manifest, model: ModelState, spec: JobSpec, where: str) -> None:
-    fixes = ("it is not corrupt, and this run will not write over it. To start over at this location, run with --fresh "
-             "(it deletes the checkpoints there); to keep them, set checkpoint.path to another location")  # fmt: skip
+    fixes = (
+        "it is not corrupt, and this run will not write over it. To start over at this location, run with --fresh "
+        "(it deletes the checkpoints there); to keep them, set checkpoint.path to another location"
+    )
     model_shapes = model.shapes
-    saved = {k[len("model/"):]: v for k, v in manifest.shapes.items() if k.startswith("model/")}
+    saved = {k[len("model/") :]: v for k, v in manifest.shapes.items() if k.startswith("model/")}
     missing, extra = sorted(set(model_shapes) - set(saved)), sorted(set(saved) - set(model_shapes) - model.aliases)
     if missing or extra:
-        raise IncompatibleCheckpoint(f"{where} was saved from another model: this model's {_names(missing)} "
-                                     f"{'is' if len(missing) == 1 else 'are'} not in it{', and it holds ' + _names(extra) if extra else ''}; {fixes}")  # fmt: skip
+        raise IncompatibleCheckpoint(
+            f"{where} was saved from another model: this model's {_names(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not in it{', and it holds ' + _names(extra) if extra else ''}; {fixes}"
+        )
     differ = [n for n in sorted(model_shapes) if list(saved[n]) != list(model_shapes[n])]
     if differ:
         first = differ[0]
         more = f" (and {len(differ) - 1} more tensor(s) differ)" if len(differ) > 1 else ""
-        raise IncompatibleCheckpoint(f"{where} does not fit this job's model: tensor model/{first} has shape {list(saved[first])} in "
-                                     f"the checkpoint and {list(model_shapes[first])} in the model{more}; {fixes}")  # fmt: skip
+        raise IncompatibleCheckpoint(
+            f"{where} does not fit this job's model: tensor model/{first} has shape {list(saved[first])} in "
+            f"the checkpoint and {list(model_shapes[first])} in the model{more}; {fixes}"
+        )
     was = (manifest.meta.get("optimizer") or {}).get("name") if isinstance(manifest.meta.get("optimizer"), dict) else None
     if was is not None and was != spec.optimizer.name:
-        raise IncompatibleCheckpoint(f"{where} holds {was} optimizer state and this job's optimizer.name is {spec.optimizer.name}: "
-                                     f"the saved state does not fit it; set optimizer.name: {was}, or {fixes}")  # fmt: skip
+        raise IncompatibleCheckpoint(
+            f"{where} holds {was} optimizer state and this job's optimizer.name is {spec.optimizer.name}: "
+            f"the saved state does not fit it; set optimizer.name: {was}, or {fixes}"
+        )
 
 
 def spec_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[str, ...]:

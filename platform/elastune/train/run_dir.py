@@ -1,10 +1,10 @@
 """The run directory: runs/<job>/<run-id>/ with the resolved spec, metrics, events and result.
 
-  spec.yaml       the spec exactly as run (overrides applied, paths resolved)
-  metrics.jsonl   one line per step: step, samples_seen, loss, lr, world_size, global_batch_size, ...
-  events.jsonl    starts, resumes, resizes, checkpoints, the end; each with `time` and `kind`
-  result.json     status, steps, samples, final loss, seconds
-  ray/            Ray Train's own run storage
+spec.yaml       the spec exactly as run (overrides applied, paths resolved)
+metrics.jsonl   one line per step: step, samples_seen, loss, lr, world_size, global_batch_size, ...
+events.jsonl    starts, resumes, resizes, checkpoints, the end; each with `time` and `kind`
+result.json     status, steps, samples, final loss, seconds
+ray/            Ray Train's own run storage
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -28,7 +29,7 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def create(cls, output_dir: str, job: str, run_id: str) -> "RunDir":
+    def create(cls, output_dir: str, job: str, run_id: str) -> RunDir:
         return cls(Path(output_dir) / job / run_id)
 
     def write_spec(self, spec_dict: dict[str, Any]) -> None:

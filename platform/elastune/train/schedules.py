@@ -11,7 +11,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from elastune.spec.schedule import ConstantSchedule, CosineSchedule, CyclicalSchedule, InverseSqrtSchedule, LinearSchedule, RexSchedule, WSDSchedule
+from elastune.spec.schedule import (
+    ConstantSchedule,
+    CosineSchedule,
+    CyclicalSchedule,
+    InverseSqrtSchedule,
+    LinearSchedule,
+    RexSchedule,
+    WSDSchedule,
+)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ Randomness has no state to save: every micro-batch reseeds from (seed, step, mic
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ class Progress:
     step: int = 0
     samples_seen: int = 0
 
-    def advance(self, global_batch_size: int) -> "Progress":
+    def advance(self, global_batch_size: int) -> Progress:
         return Progress(self.step + 1, self.samples_seen + global_batch_size)
 
 
@@ -72,15 +72,21 @@ def model_state(build: Callable[[], nn.Module]) -> ModelState:
     try:
         with torch.device("meta"):
             model = build()
-    except Exception:  # noqa: BLE001 - a factory that insists on real tensors
+    except Exception:
         model = build()
     aliases = tied_aliases(model)
     shapes = {n: list(t.shape) for n, t in model.state_dict().items() if n not in aliases}
     return ModelState(shapes, frozenset(aliases))
 
 
-def restore_state(model: nn.Module, optimizer: Optimizer, shapes: dict[str, list[int]], read: ReadPieces, where: str,
-                  scaler: LossScale | None = None) -> int:  # fmt: skip
+def restore_state(
+    model: nn.Module,
+    optimizer: Optimizer,
+    shapes: dict[str, list[int]],
+    read: ReadPieces,
+    where: str,
+    scaler: LossScale | None = None,
+) -> int:
     """Load saved tensors of these `shapes` into model, optimizer and fp16's loss scale, reading
     through `read` only the ranges this rank's layout needs. Returns the bytes read. A saved
     loss scale is for fp16 only: another precision leaves it unread, and an fp16 run resuming
@@ -130,4 +136,6 @@ def restore_state(model: nn.Module, optimizer: Optimizer, shapes: dict[str, list
 def load_state(model: nn.Module, optimizer: Optimizer, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Load whole tensors (as `Checkpointer.load` returns them)."""
     shapes = {n: list(t.shape) for n, t in tensors.items()}
-    restore_state(model, optimizer, shapes, lambda wanted: {n: tensors[n].reshape(-1)[lo:hi] for n, (lo, hi) in wanted.items()}, where)
+    restore_state(
+        model, optimizer, shapes, lambda wanted: {n: tensors[n].reshape(-1)[lo:hi] for n, (lo, hi) in wanted.items()}, where
+    )

@@ -8,17 +8,17 @@ whatever the split. A rank with no micro-batch contributes zeros but still joins
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from elastune.batch_plan import BatchPlan
 from elastune.data.sampler import positions, sample_indices, tally
 from elastune.metrics.noise import noise_estimates
 from elastune.recipes import Recipe, SampleSource, to_device
-from elastune.batch_plan import BatchPlan
 from elastune.train.optim import named_params
 from elastune.train.precision import AUTOCAST, LossScale, unscale_and_check
 from elastune.train.reduce import Bucket, bucket_bounds, finish_all
@@ -61,8 +61,14 @@ class GradBuffer:
     bit). The last micro-batch's norm is taken bucket by bucket as each is final.
     """
 
-    def __init__(self, model: nn.Module, micro_batch_norms: bool = False, bucket_bytes: int = 25 << 20,
-                 reduce_dtype: torch.dtype = torch.float32, overlap: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        micro_batch_norms: bool = False,
+        bucket_bytes: int = 25 << 20,
+        reduce_dtype: torch.dtype = torch.float32,
+        overlap: bool = True,
+    ):
         self.params = [p for _, p in named_params(model)]
         by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
         for p in self.params:
@@ -114,14 +120,16 @@ class GradBuffer:
         self._record_norm(sq, size, global_batch_size, loss_scale)
         for total, f in zip(self.sums, self.flats):
             if self._folded:
-                total += f
+                total += f  # noqa: PLW2901 (in place: adds into the sum buffer)
             else:  # the first: 0 + f is f, so copy (and the sums never need zeroing)
                 total.copy_(f)
             f.zero_()
         self._folded += 1
 
     def _record_norm(self, sq: torch.Tensor, size: int, global_batch_size: int, loss_scale: float) -> None:
-        scale = global_batch_size / size / loss_scale  # the buffer holds S * sum(grads) / G; the micro-batch's mean gradient is that times G / (S b)
+        scale = (
+            global_batch_size / size / loss_scale
+        )  # the buffer holds S * sum(grads) / G; the micro-batch's mean gradient is that times G / (S b)
         self.norms[0] += sq * scale**2
         self.norms[1] += 1.0 / size
         self.norms[2] += 1.0

@@ -13,7 +13,6 @@ from types import FrameType
 from typing import Any
 
 import ray
-
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.train.progress import ProgressView
 
@@ -38,7 +37,7 @@ class StopRequest:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)  # replaces Ray's own (it dumps a stack trace)

@@ -98,6 +98,10 @@ class ZeroOptimizer:
         """Install the ranges `wanted` asked for (scalars stay on the CPU, as torch keeps them)."""
         for s in self.slices:
             prefix = f"optim/{s.name}/"
-            state = {k[len(prefix) :]: v.reshape(()) if shapes[k] == [] else v.to(s.view.device) for k, v in flat.items() if k.startswith(prefix)}
+            state = {
+                k[len(prefix) :]: v.reshape(()) if shapes[k] == [] else v.to(s.view.device)
+                for k, v in flat.items()
+                if k.startswith(prefix)
+            }
             if state:
                 self.inner.state[s.view] = state

@@ -76,8 +76,9 @@ def fit(curves: list[tuple[list[float], list[float]]], skip: int = 0) -> Anneali
     return best[1]
 
 
-def predicted_final_losses(curves: dict[str, tuple[list[float], list[float]]], futures: dict[str, list[float]],
-                           skip: int = 0) -> dict[str, float]:  # fmt: skip
+def predicted_final_losses(
+    curves: dict[str, tuple[list[float], list[float]]], futures: dict[str, list[float]], skip: int = 0
+) -> dict[str, float]:
     """Each member's loss at the end of its planned future lrs, by the law fitted to all members'
     pasts. A member whose past is not finite (diverged) is +inf."""
     usable = {m: c for m, c in curves.items() if len(c[1]) >= 2 and np.all(np.isfinite(c[1]))}

@@ -41,8 +41,10 @@ def fork_points(spec: JobSpec) -> list[tuple[int, int]]:
         decay_start = s.warmup_samples + (1 - s.decay_fraction) * (budget - s.warmup_samples)
         fork = int(decay_start // batch) * batch
         if fork <= s.warmup_samples:
-            raise SpecError(f"tune.budgets: budget {budget} decays from sample {decay_start:.0f}, within the warmup "
-                            f"({s.warmup_samples}); raise the budget or lower schedule.warmup_samples")  # fmt: skip
+            raise SpecError(
+                f"tune.budgets: budget {budget} decays from sample {decay_start:.0f}, within the warmup "
+                f"({s.warmup_samples}); raise the budget or lower schedule.warmup_samples"
+            )
         out.append((fork, budget))
     return out
 
@@ -79,8 +81,14 @@ class BranchSearcher(Searcher):
         config = self.running.pop(trial_id, None)
         if config is None:
             return
-        entry = {"from_samples": config["from_samples"], "to_samples": config["to_samples"], "run_dir": (result or {}).get("run_dir"),
-                 "loss": (result or {}).get("loss"), "fitness": (result or {}).get("fitness"), "error": error}  # fmt: skip
+        entry = {
+            "from_samples": config["from_samples"],
+            "to_samples": config["to_samples"],
+            "run_dir": (result or {}).get("run_dir"),
+            "loss": (result or {}).get("loss"),
+            "fitness": (result or {}).get("fitness"),
+            "error": error,
+        }
         if config["member"] == "trunk":
             self.record["trunk"].append(entry)
             if error:
@@ -107,8 +115,17 @@ class BranchSearcher(Searcher):
             self._forked(k)
             return
         spec = branch_spec(self.plan, "trunk", str(self.roots / "trunk"), fork, self.trunk_schedule)
-        self.queue.append({"member": "trunk", "generation": k, "from_samples": start, "to_samples": fork, "spec": spec,
-                           "fitness_samples": max(1, (fork - start) // 4), "metrics_actor": self.plan.metrics_actor})  # fmt: skip
+        self.queue.append(
+            {
+                "member": "trunk",
+                "generation": k,
+                "from_samples": start,
+                "to_samples": fork,
+                "spec": spec,
+                "fitness_samples": max(1, (fork - start) // 4),
+                "metrics_actor": self.plan.metrics_actor,
+            }
+        )
 
     def _forked(self, k: int) -> None:
         """The trunk is at fork k: clone its checkpoint for branch k, queue the branch and the
@@ -117,7 +134,9 @@ class BranchSearcher(Searcher):
         trunk = Checkpointer(str(self.roots / "trunk"))
         manifest = trunk.latest()
         if manifest is None or manifest.samples_seen != fork:
-            raise CheckpointError(f"the trunk has no checkpoint at {fork} samples in {trunk.uri}; a trunk interval must end durable")
+            raise CheckpointError(
+                f"the trunk has no checkpoint at {fork} samples in {trunk.uri}; a trunk interval must end durable"
+            )
         started = time.perf_counter()
         root = str(self.roots / f"branch-{budget}")
         trunk.clone(manifest.step, Checkpointer(root))
@@ -125,9 +144,19 @@ class BranchSearcher(Searcher):
         schedule = {**self.branch_schedule, "horizon_samples": budget}
         spec = branch_spec(self.plan, f"b{budget}", root, budget, schedule)
         decay = budget - fork
-        self.queue.append({"member": f"b{budget}", "generation": k, "from_samples": fork, "to_samples": budget, "spec": spec,
-                           "fitness_samples": max(1, decay // 4), "metrics_actor": self.plan.metrics_actor,
-                           "clone_seconds": round(cloned_s, 6), "content_hash": trunk.content_hash(manifest)})  # fmt: skip
+        self.queue.append(
+            {
+                "member": f"b{budget}",
+                "generation": k,
+                "from_samples": fork,
+                "to_samples": budget,
+                "spec": spec,
+                "fitness_samples": max(1, decay // 4),
+                "metrics_actor": self.plan.metrics_actor,
+                "clone_seconds": round(cloned_s, 6),
+                "content_hash": trunk.content_hash(manifest),
+            }
+        )
         say(f"Trunk at {fork:,} samples: branch for {budget:,} forked (clone, {cloned_s * 1000:.1f} ms)")
         if k + 1 < len(self.forks):
             self._queue_trunk(k + 1)

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 import yaml
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
+import ray
 from elastune.cluster import connect_ray
 from elastune.data.prepare import ensure_prepared
 from elastune.metrics.exporter import RunExporter
@@ -38,7 +38,6 @@ from elastune.tune.branches import BRANCHES, BranchSearcher, fork_points
 from elastune.tune.population import check_search
 from elastune.tune.search import LINEAGE, PopulationSearcher, SearchPlan
 from elastune.tune.segment import train_segment
-
 
 TRIAL_CPUS = 0.01  # a trial only waits for its Ray Train run, whose workers ask for their own CPUs (Tune wants > 0)
 
@@ -52,7 +51,9 @@ class TuneOutcome:
     error: str | None = None
 
 
-def run_tune(spec: JobSpec, spec_dir: str, *, address: str | None = None, console: Console | None = None, verbose: bool = False) -> TuneOutcome:
+def run_tune(
+    spec: JobSpec, spec_dir: str, *, address: str | None = None, console: Console | None = None, verbose: bool = False
+) -> TuneOutcome:
     console = console or Console()
     check_search(spec)
     spec = resolve_paths(spec)
@@ -78,10 +79,16 @@ def run_tune(spec: JobSpec, spec_dir: str, *, address: str | None = None, consol
         room = ray.cluster_resources().get("CPU", 1) - side_by_side * TRIAL_CPUS
         concurrent = t.max_concurrent_trials or max(1, min(side_by_side, int(room // per_member)))
         if t.mode == "pbt":
-            console.print(f"Population {t.population}, {len(plan.boundaries())} intervals of {t.interval_samples:,} samples, "
-                          f"{concurrent} member(s) at a time.", highlight=False)  # fmt: skip
+            console.print(
+                f"Population {t.population}, {len(plan.boundaries())} intervals of {t.interval_samples:,} samples, "
+                f"{concurrent} member(s) at a time.",
+                highlight=False,
+            )
         else:
-            console.print(f"WSD branches for budgets {', '.join(f'{b:,}' for b in t.budgets)} samples from one constant-lr trunk.", highlight=False)
+            console.print(
+                f"WSD branches for budgets {', '.join(f'{b:,}' for b in t.budgets)} samples from one constant-lr trunk.",
+                highlight=False,
+            )
         error = _fit(plan, spec_dir, concurrent, console, verbose)
     finally:
         if exporter is not None:
@@ -94,28 +101,42 @@ def run_tune(spec: JobSpec, spec_dir: str, *, address: str | None = None, consol
     best = lineage.get("best")
     if best:
         (tune_dir / "best.yaml").write_text(yaml.safe_dump(best["spec"], sort_keys=False))
-        console.print(f"Best: {best['member']} (fitness {best['fitness']:.4f}), {len(lineage['exploits'])} exploit(s). "
-                      f"Replay its schedule: elastune run {tune_dir / 'best.yaml'}", highlight=False)  # fmt: skip
+        console.print(
+            f"Best: {best['member']} (fitness {best['fitness']:.4f}), {len(lineage['exploits'])} exploit(s). "
+            f"Replay its schedule: elastune run {tune_dir / 'best.yaml'}",
+            highlight=False,
+        )
     # A member whose interval failed (after Tune's retries) ranked last and was replaced; the search still stands.
-    return _finished(TuneOutcome(tune_dir, "succeeded" if best else "failed", best, round(time.time() - started, 3), lineage.get("error") or error))
+    return _finished(
+        TuneOutcome(
+            tune_dir, "succeeded" if best else "failed", best, round(time.time() - started, 3), lineage.get("error") or error
+        )
+    )
 
 
 def _finished(outcome: TuneOutcome) -> TuneOutcome:
     """The outcome, recorded as the search directory's result.json."""
-    (outcome.tune_dir / "result.json").write_text(json.dumps({**outcome.__dict__, "tune_dir": str(outcome.tune_dir)}, indent=2, default=str) + "\n")
+    (outcome.tune_dir / "result.json").write_text(
+        json.dumps({**outcome.__dict__, "tune_dir": str(outcome.tune_dir)}, indent=2, default=str) + "\n"
+    )
     return outcome
 
 
 def _branches_outcome(tune_dir: Path, console: Console, seconds: float, error: str | None) -> TuneOutcome:
     """The loss-vs-budget table of a wsd_branches search."""
-    record = json.loads((tune_dir / BRANCHES).read_text()) if (tune_dir / BRANCHES).exists() else {"branches": [], "forks": [None]}
+    record = (
+        json.loads((tune_dir / BRANCHES).read_text()) if (tune_dir / BRANCHES).exists() else {"branches": [], "forks": [None]}
+    )
     done = sorted((b for b in record["branches"] if not b["error"]), key=lambda b: b["budget"])
     for b in done:
         console.print(f"  budget {b['budget']:>10,} samples (forked at {b['fork']:,}): loss {b['fitness']:.4f}", highlight=False)
     ok = len(done) == len(record["forks"]) and not record.get("error")
     if ok:
-        console.print(f"Cost: {record['samples_trained']:,} samples trained, {record['cost_vs_one_run']:.2f}x one run of the largest budget.",
-                      highlight=False)  # fmt: skip
+        console.print(
+            f"Cost: {record['samples_trained']:,} samples trained, "
+            f"{record['cost_vs_one_run']:.2f}x one run of the largest budget.",
+            highlight=False,
+        )
     return _finished(TuneOutcome(tune_dir, "succeeded" if ok else "failed", None, seconds, record.get("error") or error))
 
 
@@ -128,7 +149,9 @@ def search_exporter(spec: JobSpec, search_id: str, console: Console) -> RunExpor
         return None
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     name = f"elastune-search-metrics-{search_id}"
-    exporter = RunExporter(spec.name, search_id, m.host, m.port, None, Path(spec.output_dir) / "prometheus-targets", here, name=name)
+    exporter = RunExporter(
+        spec.name, search_id, m.host, m.port, None, Path(spec.output_dir) / "prometheus-targets", here, name=name
+    )
     if spec.tune.mode == "pbt":
         exporter.observe([], [{"kind": "population", "size": spec.tune.population}])
         for i in range(spec.tune.population):
@@ -149,8 +172,9 @@ def _fit(plan: SearchPlan, spec_dir: str, concurrent: int, console: Console, ver
     spec = plan.spec
     t = spec.tune
     window = t.fitness_samples or max(1, (t.interval_samples or 4) // 4)  # wsd_branches: each trial says its own
-    trainable = functools.partial(train_segment, spec_dir=spec_dir, fitness_samples=window,
-                                  log_dir=str(Path(plan.tune_dir) / "logs"))  # fmt: skip
+    trainable = functools.partial(
+        train_segment, spec_dir=spec_dir, fitness_samples=window, log_dir=str(Path(plan.tune_dir) / "logs")
+    )
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": TRIAL_CPUS}),
         tune_config=tune.TuneConfig(
@@ -175,4 +199,3 @@ def _fit(plan: SearchPlan, spec_dir: str, concurrent: int, console: Console, ver
 
 def _trial_name(trial) -> str:
     return f"{trial.config['member']}-interval{trial.config['generation'] + 1}-{trial.trial_id}"
-

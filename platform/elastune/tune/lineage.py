@@ -26,7 +26,9 @@ def path_of(lineage: dict[str, Any], member: str) -> list[dict[str, Any]]:
     out, current = [], member
     for generation in range(last, -1, -1):
         out.append(by_key[(current, generation)])
-        current = donor_of.get((current, generation - 1), current)  # exploited after the interval before: its state was the donor's
+        current = donor_of.get(
+            (current, generation - 1), current
+        )  # exploited after the interval before: its state was the donor's
     return out[::-1]
 
 

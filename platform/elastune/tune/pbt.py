@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 Scale = Literal["linear", "log", "int", "choice"]
 
@@ -50,7 +51,7 @@ class Dimension:
         else:  # linear and int: the same relative step, of the range rather than the value (which may be 0)
             moved = value + (factor - 1.0) * (self.high - self.low)
         moved = min(self.high, max(self.low, moved))
-        return int(round(moved)) if self.scale == "int" else moved
+        return round(moved) if self.scale == "int" else moved
 
 
 def ranked(fitness: Mapping[str, float], mode: Literal["min", "max"] = "min") -> list[str]:
@@ -59,8 +60,9 @@ def ranked(fitness: Mapping[str, float], mode: Literal["min", "max"] = "min") ->
     return sorted(fitness, key=lambda t: (sign * fitness[t], t))
 
 
-def exploit_pairs(fitness: Mapping[str, float], quantile: float, rng: random.Random,
-                  mode: Literal["min", "max"] = "min") -> list[tuple[str, str]]:  # fmt: skip
+def exploit_pairs(
+    fitness: Mapping[str, float], quantile: float, rng: random.Random, mode: Literal["min", "max"] = "min"
+) -> list[tuple[str, str]]:
     """(recipient, donor) pairs: every trial in the bottom `quantile` of the ranking takes a donor
     drawn from the top `quantile`. With fewer than 2 trials, or a quantile too small to hold one
     trial, nobody exploits."""
@@ -74,8 +76,13 @@ def exploit_pairs(fitness: Mapping[str, float], quantile: float, rng: random.Ran
     return [(recipient, rng.choice(top)) for recipient in bottom]
 
 
-def explore(donor: Mapping[str, object], space: Sequence[Dimension], rng: random.Random,
-            resample_probability: float = 0.25, factors: tuple[float, float] = (0.8, 1.2)) -> dict[str, object]:  # fmt: skip
+def explore(
+    donor: Mapping[str, object],
+    space: Sequence[Dimension],
+    rng: random.Random,
+    resample_probability: float = 0.25,
+    factors: tuple[float, float] = (0.8, 1.2),
+) -> dict[str, object]:
     """The recipient's new hyperparameters: each searched one resampled from its range with
     `resample_probability`, else the donor's perturbed; anything not searched stays the donor's."""
     out = dict(donor)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import copy
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from elastune.errors import SpecError
 from elastune.spec.load import validate_spec
@@ -66,8 +67,10 @@ def check_search(spec: JobSpec) -> None:
     """What `elastune tune` refuses before it imports torch or Ray: a job without `tune:`, and a
     population search whose space reaches invalid jobs (check_space)."""
     if spec.tune is None:
-        raise SpecError("the job has no tune: section; add one (population, interval_samples, search) to search its schedule, "
-                        "see docs/tuning.md")  # fmt: skip
+        raise SpecError(
+            "the job has no tune: section; add one (population, interval_samples, search) to search its schedule, "
+            "see docs/tuning.md"
+        )
     if spec.tune.mode == "pbt":
         check_space(spec)
 
@@ -77,17 +80,21 @@ def check_space(spec: JobSpec) -> None:
     ends and every choice are tried) or whose interval ends mid-step for some global batch."""
     raw, base = spec.to_dict(), base_values(spec)
     for dim in space_of(spec.tune):
-        for value in dim.choices or (dim.low, dim.high):
-            value = int(value) if dim.scale == "int" else value
+        for raw_value in dim.choices or (dim.low, dim.high):
+            value = int(raw_value) if dim.scale == "int" else raw_value
             try:
                 validate_spec(member_spec(raw, base | {dim.name: value}))
             except SpecError as err:
-                raise SpecError(f"tune.search.{dim.name} reaches {value!r}, which makes the job invalid:\n{err.message}\n"
-                                f"narrow the range or fix the job") from None  # fmt: skip
+                raise SpecError(
+                    f"tune.search.{dim.name} reaches {value!r}, which makes the job invalid:\n{err.message}\n"
+                    f"narrow the range or fix the job"
+                ) from None
     batches = sorted({spec.batch.global_batch_size, *spec.tune.search.get("batch.global_batch_size", _NO_CHOICES).choices})
     if odd := [g for g in batches if spec.tune.interval_samples % g]:
-        raise SpecError(f"tune.interval_samples ({spec.tune.interval_samples}) is not a multiple of global batch {odd}: an "
-                        f"interval must end at a step boundary; use a multiple of {math.lcm(*batches)}")  # fmt: skip
+        raise SpecError(
+            f"tune.interval_samples ({spec.tune.interval_samples}) is not a multiple of global batch {odd}: an "
+            f"interval must end at a step boundary; use a multiple of {math.lcm(*batches)}"
+        )
 
 
 def member_spec(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +103,11 @@ def member_spec(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(raw)
     out.pop("tune", None)
     family = values.get("schedule.name", out["schedule"]["name"])
-    schedule = out["schedule"] if family == out["schedule"]["name"] else {"name": family, "warmup_samples": out["schedule"].get("warmup_samples", 0)}
+    schedule = (
+        out["schedule"]
+        if family == out["schedule"]["name"]
+        else {"name": family, "warmup_samples": out["schedule"].get("warmup_samples", 0)}
+    )
     if "horizon_samples" in out["schedule"]:
         schedule["horizon_samples"] = out["schedule"]["horizon_samples"]
     for path, value in values.items():
@@ -120,15 +131,21 @@ def fitness(rows: Iterable[dict[str, Any]], end_samples: int, window_samples: in
     return sum(losses) / len(losses)
 
 
-def decide(members: dict[str, Member], scores: dict[str, float], samples: int, tune: TuneSpec, rng: random.Random) -> list[Exploit]:
+def decide(
+    members: dict[str, Member], scores: dict[str, float], samples: int, tune: TuneSpec, rng: random.Random
+) -> list[Exploit]:
     """Who exploits whom after an interval ending at `samples`, and the recipients' new values
     (explored from the donor's; the peak lr follows a changed global batch by tune.lr_scaling)."""
     out = []
     for recipient, donor in exploit_pairs(scores, tune.quantile, rng):
         old = members[donor].values
-        new = {k: _native(v) for k, v in explore(old, space_of(tune), rng, tune.resample_probability, tune.perturb_factors).items()}
+        new = {
+            k: _native(v) for k, v in explore(old, space_of(tune), rng, tune.resample_probability, tune.perturb_factors).items()
+        }
         if new["batch.global_batch_size"] != old["batch.global_batch_size"]:  # the rule first, the search's own step on top
-            new["optimizer.lr"] = _native(scaled_lr(new["optimizer.lr"], old["batch.global_batch_size"], new["batch.global_batch_size"], tune.lr_scaling))
+            new["optimizer.lr"] = _native(
+                scaled_lr(new["optimizer.lr"], old["batch.global_batch_size"], new["batch.global_batch_size"], tune.lr_scaling)
+            )
         diff = {k: (old[k], new[k]) for k in new if new[k] != old[k]}
         out.append(Exploit(recipient, donor, samples, new, diff))
     return out
@@ -144,16 +161,26 @@ def replay_spec(raw: dict[str, Any], history: list[dict[str, Any]]) -> dict[str,
     for entry in history[1:]:
         spec = member_spec(raw, entry["values"])
         schedule = {k: v for k, v in spec["schedule"].items() if k != "horizon_samples"}
-        phases.append({"from_samples": entry["from_samples"], "lr": spec["optimizer"]["lr"], "weight_decay": spec["optimizer"].get("weight_decay", 0.0),
-                       "global_batch_size": spec["batch"]["global_batch_size"], "schedule": schedule})  # fmt: skip
+        phases.append(
+            {
+                "from_samples": entry["from_samples"],
+                "lr": spec["optimizer"]["lr"],
+                "weight_decay": spec["optimizer"].get("weight_decay", 0.0),
+                "global_batch_size": spec["batch"]["global_batch_size"],
+                "schedule": schedule,
+            }
+        )
     out["phases"] = phases
-    if any(p["global_batch_size"] != out["batch"]["global_batch_size"] for p in phases) and out["stop"].get("max_steps") is not None:
+    if (
+        any(p["global_batch_size"] != out["batch"]["global_batch_size"] for p in phases)
+        and out["stop"].get("max_steps") is not None
+    ):
         out["stop"] = {"max_samples": JobSpec.model_validate(raw).budget_samples}  # a changing batch needs a budget in samples
     return out
 
 
 class _NO_CHOICES:
-    choices: list = []
+    choices: tuple = ()
 
 
 def _get(raw: dict[str, Any], path: str) -> Any:

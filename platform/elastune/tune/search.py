@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray.tune.search import Searcher
 
+import ray
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.retention import RetentionPolicy
 from elastune.errors import CheckpointError
@@ -89,8 +89,10 @@ class PopulationSearcher(Searcher):
         spec = plan.spec
         self.rng = random.Random(spec.seed)
         roots = Path(plan.tune_dir) / "checkpoints"
-        self.members = {f"m{i}": Member(f"m{i}", v, str(roots / f"m{i}-0"), [{"from_samples": 0, "values": v}])
-                        for i, v in enumerate(initial_values(spec, self.rng))}  # fmt: skip
+        self.members = {
+            f"m{i}": Member(f"m{i}", v, str(roots / f"m{i}-0"), [{"from_samples": 0, "values": v}])
+            for i, v in enumerate(initial_values(spec, self.rng))
+        }
         self.ends = plan.boundaries()
         self.generation = 0
         self.done = False
@@ -119,12 +121,22 @@ class PopulationSearcher(Searcher):
         # A member whose trial failed after Tune's retries ranks last: it takes over a donor's state.
         score = result["fitness"] if result and not error and "fitness" in result else math.inf
         self.scores[member] = score
-        self.lineage["segments"].append({
-            "member": member, "generation": self.generation, "from_samples": start, "to_samples": end,
-            "values": self.members[member].values, "root": self.members[member].root, "fitness": score,
-            "loss": (result or {}).get("loss"), "run_dir": (result or {}).get("run_dir"), "error": error,
-            "checkpoint": {k.split("/", 1)[1]: v for k, v in (result or {}).items() if k.startswith("elastune_checkpoint/")} or None,  # Tune flattens results
-        })  # fmt: skip
+        self.lineage["segments"].append(
+            {
+                "member": member,
+                "generation": self.generation,
+                "from_samples": start,
+                "to_samples": end,
+                "values": self.members[member].values,
+                "root": self.members[member].root,
+                "fitness": score,
+                "loss": (result or {}).get("loss"),
+                "run_dir": (result or {}).get("run_dir"),
+                "error": error,
+                "checkpoint": {k.split("/", 1)[1]: v for k, v in (result or {}).items() if k.startswith("elastune_checkpoint/")}
+                or None,  # Tune flattens results
+            }
+        )
         if not self.running and not self.queue:
             self._interval_done()
 
@@ -144,23 +156,40 @@ class PopulationSearcher(Searcher):
         start, end = self._span()
         self.scores = {}
         for m in self.members.values():
-            self.queue.append({"member": m.id, "generation": self.generation, "from_samples": start, "to_samples": end,
-                               "values": dict(m.values), "spec": segment_spec(self.plan, m, end), "metrics_actor": self.plan.metrics_actor})  # fmt: skip
+            self.queue.append(
+                {
+                    "member": m.id,
+                    "generation": self.generation,
+                    "from_samples": start,
+                    "to_samples": end,
+                    "values": dict(m.values),
+                    "spec": segment_spec(self.plan, m, end),
+                    "metrics_actor": self.plan.metrics_actor,
+                }
+            )
 
     def _interval_done(self) -> None:
         start, end = self._span()
         if self.plan.spec.tune.rank_by == "predicted_final_loss" and end < self.ends[-1]:
             self.scores = self._predicted(end)
         order = sorted(self.scores, key=lambda m: (self.scores[m], m))
-        say(f"Interval {self.generation + 1}/{len(self.ends)} ({start:,} -> {end:,} samples): "
-                 + ", ".join(f"{m} {self.scores[m]:.4f}" for m in order))  # fmt: skip
+        say(
+            f"Interval {self.generation + 1}/{len(self.ends)} ({start:,} -> {end:,} samples): "
+            + ", ".join(f"{m} {self.scores[m]:.4f}" for m in order)
+        )
         if all(math.isinf(score) for score in self.scores.values()):
-            self.lineage["error"] = f"every member failed interval {self.generation + 1} (see the logs/ folder); nothing to continue from"
+            self.lineage["error"] = (
+                f"every member failed interval {self.generation + 1} (see the logs/ folder); nothing to continue from"
+            )
             self.done = True
         elif self.generation == len(self.ends) - 1:
             best, self.done = self.members[order[0]], True
-            self.lineage["best"] = {"member": best.id, "fitness": self.scores[best.id], "history": best.history,
-                                    "spec": replay_spec(self.plan.raw, best.history)}  # fmt: skip
+            self.lineage["best"] = {
+                "member": best.id,
+                "fitness": self.scores[best.id],
+                "history": best.history,
+                "spec": replay_spec(self.plan.raw, best.history),
+            }
         else:
             for exploit in decide(self.members, self.scores, end, self.plan.spec.tune, self.rng):
                 self._exploit(exploit, self.generation)
@@ -197,26 +226,43 @@ class PopulationSearcher(Searcher):
         source = Checkpointer(donor.root)
         manifest = source.latest()
         if manifest is None or manifest.samples_seen != exploit.samples:
-            raise CheckpointError(f"donor {donor.id} has no checkpoint at {exploit.samples} samples in {donor.root} "
-                                  f"(newest: {None if manifest is None else manifest.samples_seen}); the interval's end must be durable")  # fmt: skip
+            raise CheckpointError(
+                f"donor {donor.id} has no checkpoint at {exploit.samples} samples in {donor.root} "
+                f"(newest: {None if manifest is None else manifest.samples_seen}); the interval's end must be durable"
+            )
         incarnation = int(recipient.root.rsplit("-", 1)[1]) + 1
         old_root = recipient.root
         recipient.root = str(Path(self.plan.tune_dir) / "checkpoints" / f"{recipient.id}-{incarnation}")
-        clone = source.clone(manifest.step, Checkpointer(recipient.root), meta={"exploit": {"donor": donor.id, "generation": generation}})
+        clone = source.clone(
+            manifest.step, Checkpointer(recipient.root), meta={"exploit": {"donor": donor.id, "generation": generation}}
+        )
         cloned_s = time.perf_counter() - started
         # What the recipient trained before is not its lineage any more: keep only what clones read.
         Checkpointer(old_root, policy=RetentionPolicy(keep_last=0)).prune()
         recipient.values = exploit.values
         recipient.history = [*donor.history, {"from_samples": exploit.samples, "values": exploit.values}]
-        self.lineage["exploits"].append({
-            "generation": generation, "samples": exploit.samples, "recipient": recipient.id, "donor": donor.id,
-            # Both read through their own fragments: equal only if the clone really reads the donor's bytes.
-            "donor_checkpoint": {"uri": source.uri, "step": manifest.step, "content_hash": source.content_hash(manifest)},
-            "recipient_checkpoint": {"uri": recipient.root, "step": clone.step, "content_hash": Checkpointer(recipient.root).content_hash(clone)},
-            "diff": {k: list(v) for k, v in exploit.diff.items()}, "values": exploit.values,
-            "donor_fitness": self.scores[donor.id], "recipient_fitness": self.scores[recipient.id],
-            "clone_seconds": round(cloned_s, 6), "clone_bytes": len(clone.to_json()), "time": time.time(),
-        })  # fmt: skip
+        self.lineage["exploits"].append(
+            {
+                "generation": generation,
+                "samples": exploit.samples,
+                "recipient": recipient.id,
+                "donor": donor.id,
+                # Both read through their own fragments: equal only if the clone really reads the donor's bytes.
+                "donor_checkpoint": {"uri": source.uri, "step": manifest.step, "content_hash": source.content_hash(manifest)},
+                "recipient_checkpoint": {
+                    "uri": recipient.root,
+                    "step": clone.step,
+                    "content_hash": Checkpointer(recipient.root).content_hash(clone),
+                },
+                "diff": {k: list(v) for k, v in exploit.diff.items()},
+                "values": exploit.values,
+                "donor_fitness": self.scores[donor.id],
+                "recipient_fitness": self.scores[recipient.id],
+                "clone_seconds": round(cloned_s, 6),
+                "clone_bytes": len(clone.to_json()),
+                "time": time.time(),
+            }
+        )
         if self.plan.metrics_actor:
             ray.get_actor(self.plan.metrics_actor).observe_trial.remote(recipient.id, [], [{"kind": "exploit"}])
         changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in exploit.diff.items()) or "no change"

@@ -40,7 +40,12 @@ def train_segment(config: dict[str, Any], *, spec_dir: str, fitness_samples: int
     rows = read_jsonl(outcome.run_dir / "metrics.jsonl")
     ckpt = Checkpointer(spec.checkpoint_path)
     end = ckpt.latest()
-    pointer = {"uri": spec.checkpoint_path, "step": end.step, "samples_seen": end.samples_seen, "content_hash": ckpt.content_hash(end)}
+    pointer = {
+        "uri": spec.checkpoint_path,
+        "step": end.step,
+        "samples_seen": end.samples_seen,
+        "content_hash": ckpt.content_hash(end),
+    }
     metrics = {
         "fitness": fitness(rows, config["to_samples"], config.get("fitness_samples", fitness_samples)),
         "loss": rows[-1]["loss"] if rows else None,
