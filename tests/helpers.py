@@ -54,14 +54,14 @@ def adam_state(steps: int = 2) -> dict[str, torch.Tensor]:
     """A tiny model's state after `steps` AdamW updates, as named tensors (model/..., optim/...)."""
     from elastune.spec.models import AdamWSpec
     from elastune.train.optim import build_optimizer
-    from elastune.train.state import state_tensors
+    from elastune.train.state import TrainState, state_tensors
 
     model = tiny_model()
     opt = build_optimizer(model, AdamWSpec(name="adamw", lr=1e-2))
     for _ in range(steps):
         model(torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))).sum().backward()
         opt.step()
-    return state_tensors(model, opt)
+    return state_tensors(TrainState(model, opt))
 
 
 def reference_sgd_update(model, source, indices: np.ndarray, lr: float) -> dict[str, torch.Tensor]:
@@ -193,3 +193,35 @@ def dashboard_queries(name: str) -> list[tuple[str, str]]:
     template variables matching everything."""
     d = json.loads((ROOT / "dashboards" / "grafana" / f"elastune-{name}.json").read_text())
     return [(p["title"], t["expr"].replace("$job", ".*").replace("$run", ".*")) for p in d["panels"] for t in p["targets"]]
+
+
+def ev(kind: str, **fields):
+    """A typed event from the fields a test names (the others None, as a version-1 line reads)."""
+    from elastune.events import event_from_json
+
+    return event_from_json({"kind": kind, **fields}, format=1)
+
+
+def row(**fields):
+    """A typed metrics row from the fields a test names (the others None)."""
+    from elastune.events import row_from_json
+
+    return row_from_json(fields, format=1)
+
+
+def derived(tracker, events, rows):
+    """What a RecoveryTracker adds to a drain: its output after the events it was given."""
+    return tracker.observe(events, rows)[len(events) :]
+
+
+class Clock:
+    """An injected clock: returns the given times in turn, then the last one until `set`."""
+
+    def __init__(self, *times: float):
+        self.times = list(times)
+
+    def __call__(self) -> float:
+        return self.times.pop(0) if len(self.times) > 1 else self.times[0]
+
+    def set(self, t: float) -> None:
+        self.times = [t]

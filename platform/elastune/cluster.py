@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 
 import ray
+from elastune.events import Preemption
 from elastune.spec.models import JobSpec
 
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -114,7 +115,7 @@ class DrainWatch:
         self.seen: set[str] = set()
         self.polled = 0.0
 
-    def poll(self) -> list[dict[str, Any]]:
+    def poll(self) -> list[Preemption]:
         if time.monotonic() - self.polled < self.POLL_S:
             return []
         self.polled = time.monotonic()
@@ -125,15 +126,7 @@ class DrainWatch:
         self.seen |= set(new)
         step = ray.get(self.service.drain.remote(new))
         deadlines = [draining[n] / 1000 for n in new if draining[n]]
-        return [
-            {
-                "time": time.time(),
-                "kind": "preemption",
-                "nodes": new,
-                "deadline": min(deadlines) if deadlines else None,
-                "persisted_step": step,
-            }
-        ]
+        return [Preemption(time=time.time(), nodes=tuple(new), deadline=min(deadlines, default=None), persisted_step=step)]
 
 
 def placeable_workers(nodes: list[dict[str, Any]], cpus_per_worker: float, gpus_per_worker: float) -> int:

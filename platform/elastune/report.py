@@ -19,7 +19,33 @@ from pathlib import Path
 from typing import Any
 
 from elastune.errors import ElastuneError
-from elastune.train.run_dir import read_jsonl, summarize
+from elastune.events import (
+    Change,
+    Checkpoint,
+    CollectiveFailed,
+    DataPrepared,
+    End,
+    Event,
+    Exploit,
+    FailurePolicy,
+    Fault,
+    Finish,
+    Fresh,
+    Join,
+    LeaseTakenOver,
+    Leave,
+    Population,
+    Preemption,
+    Recovery,
+    Resize,
+    Resume,
+    Row,
+    RunWarning,
+    Start,
+    read_events,
+    read_rows,
+)
+from elastune.train.run_dir import summarize
 from elastune.tune.lineage import path_of, read_lineage, stitched
 
 STYLE = """
@@ -64,8 +90,8 @@ def _figures(figures: list[tuple[str, str]]) -> list[str]:
 
 def render(run_dir: Path) -> str:
     summary = summarize(run_dir)
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    events = read_jsonl(run_dir / "events.jsonl")
+    rows = read_rows(run_dir)
+    events = read_events(run_dir)
     title = f"{summary['job']} / {summary['run']}"
     parts = [f"<h1>Elastune run {html.escape(title)}</h1>", table([summary_row(summary, rows)])]
     if rows:
@@ -78,7 +104,7 @@ def render(run_dir: Path) -> str:
         parts += _figures(figures)
     else:
         parts.append("<p>No step completed: nothing to plot.</p>")
-    changes = [e for e in events if e["kind"] in ("recovery", "resize")]
+    changes = [e for e in events if isinstance(e, Change)]
     parts.append("<h2>Failures and resizes</h2>")
     parts.append(table([change_row(e) for e in changes]) if changes else "<p>None.</p>")
     parts.append("<h2>Spec</h2><pre>" + html.escape((run_dir / "spec.yaml").read_text()) + "</pre>")
@@ -146,11 +172,11 @@ def render_search(tune_dir: Path) -> str:
     return _page(title, parts)
 
 
-def summary_row(summary: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summary_row(summary: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
     return {
         "status": summary["status"],
         "steps": summary["steps"],
-        "samples": rows[-1]["samples_seen"] if rows else 0,
+        "samples": rows[-1].samples_seen if rows else 0,
         "final loss": "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}",
         "failures survived": summary["failures"],
         "resizes": summary["resizes"],
@@ -158,16 +184,27 @@ def summary_row(summary: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str
     }
 
 
-def change_row(e: dict[str, Any]) -> dict[str, Any]:
-    mttr = e.get("mttr_seconds")
+def change_row(e: Change) -> dict[str, Any]:
     return {
-        "kind": e["kind"],
-        "step": e.get("step"),
-        "cause": e.get("cause", ""),
-        "world size": f"{e.get('world_size_before')} -> {e.get('world_size_after')}",
-        "lost steps": e.get("lost_steps", 0),
-        "MTTR (s)": "-" if mttr is None else f"{mttr:.2f}",
+        "kind": e.kind,
+        "step": e.step,
+        "cause": e.cause or "",
+        "world size": f"{e.world_size_before} -> {e.world_size_after}",
+        "lost steps": e.lost_steps,
+        "MTTR (s)": "-" if e.mttr_seconds is None else f"{e.mttr_seconds:.2f}",
     }
+
+
+# Where a run's report shows each event kind (None: not shown; the run directory has it).
+# tests/unit/test_events.py holds every kind in events.KINDS to an entry here.
+REPORT_SHOWS: dict[type[Event], str | None] = {
+    Recovery: "world-size timeline (red) and the failures and resizes table",
+    Resize: "world-size timeline (blue) and the failures and resizes table",
+    Checkpoint: "snapshot stall and durable checkpoints plot",
+    Start: "world-size timeline (its time origin)",
+    **dict.fromkeys((Join, Leave, Finish, CollectiveFailed, Fault, FailurePolicy, Preemption, RunWarning), None),
+    **dict.fromkeys((LeaseTakenOver, Fresh, DataPrepared, Resume, End, Population, Exploit), None),
+}
 
 
 def table(records: list[dict[str, Any]]) -> str:
@@ -196,54 +233,51 @@ def _svg(plt, fig) -> str:
     return text[text.index("<svg") :]  # drop the XML prolog: the SVG is inline in HTML
 
 
-def loss_and_lr(rows: list[dict[str, Any]]) -> str:
+def loss_and_lr(rows: list[Row]) -> str:
     plt, fig, ax = _figure()
-    samples = [r["samples_seen"] for r in rows]
-    ax.plot(samples, [r["loss"] for r in rows], color="#1f77b4", label="loss")
+    samples = [r.samples_seen for r in rows]
+    ax.plot(samples, [r.loss for r in rows], color="#1f77b4", label="loss")
     ax.set_xlabel("samples seen")
     ax.set_ylabel("loss", color="#1f77b4")
     lr = ax.twinx()
-    lr.plot(samples, [r["lr"] for r in rows], color="#ff7f0e", label="learning rate")
+    lr.plot(samples, [r.lr for r in rows], color="#ff7f0e", label="learning rate")
     lr.set_ylabel("learning rate", color="#ff7f0e")
     return _svg(plt, fig)
 
 
-def world_timeline(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> str:
+def world_timeline(rows: list[Row], events: list[Event]) -> str:
     plt, fig, ax = _figure()
-    t0 = events[0]["time"] if events else rows[0]["time"]
-    ax.step([r["time"] - t0 for r in rows], [r["world_size"] for r in rows], where="post", color="#2ca02c", label="workers")
+    t0 = events[0].time if events else rows[0].time
+    ax.step([r.time - t0 for r in rows], [r.world_size for r in rows], where="post", color="#2ca02c", label="workers")
     for e in events:
-        if e["kind"] in ("recovery", "resize"):
-            ax.axvline(
-                e.get("failed_at", e["time"]) - t0, color="#d62728" if e["kind"] == "recovery" else "#1f77b4", linestyle="--"
-            )
+        if isinstance(e, Change):
+            at = e.failed_at if e.failed_at is not None else e.time
+            ax.axvline(at - t0, color="#d62728" if isinstance(e, Recovery) else "#1f77b4", linestyle="--")
     ax.set_xlabel("seconds since the run started")
     ax.set_ylabel("world size")
-    ax.set_ylim(0, max(r["world_size"] for r in rows) + 1)
+    ax.set_ylim(0, max(r.world_size for r in rows) + 1)
     return _svg(plt, fig)
 
 
-def throughput(rows: list[dict[str, Any]]) -> str:
+def throughput(rows: list[Row]) -> str:
     plt, fig, ax = _figure()
-    ax.plot([r["step"] for r in rows], [r.get("samples_per_s") or 0 for r in rows], color="#9467bd")
+    ax.plot([r.step for r in rows], [r.samples_per_s or 0 for r in rows], color="#9467bd")
     ax.set_xlabel("step")
     ax.set_ylabel("samples/s")
     return _svg(plt, fig)
 
 
-def checkpoints(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> str:
+def checkpoints(rows: list[Row], events: list[Event]) -> str:
     plt, fig, ax = _figure()
-    stalls = [(r["step"], r["snapshot_stall_seconds"] * 1e3) for r in rows if r.get("snapshot_stall_seconds") is not None]
+    stalls = [(r.step, r.snapshot_stall_seconds * 1e3) for r in rows if r.snapshot_stall_seconds is not None]
     if stalls:
         ax.plot(*zip(*stalls), color="#8c564b", label="snapshot stall (ms)")
     ax.set_xlabel("step")
     ax.set_ylabel("snapshot stall (ms)")
-    saves = [e for e in events if e["kind"] == "checkpoint"]
+    saves = [e for e in events if isinstance(e, Checkpoint)]
     if saves:
         persist = ax.twinx()
-        persist.bar(
-            [e["step"] for e in saves], [e["seconds"] for e in saves], color="#17becf", alpha=0.6, label="durable write (s)"
-        )
+        persist.bar([e.step for e in saves], [e.seconds for e in saves], color="#17becf", alpha=0.6, label="durable write (s)")
         persist.set_ylabel("durable write (s)")
     return _svg(plt, fig)
 
@@ -274,8 +308,8 @@ def render_branches(tune_dir: Path) -> str:
             f"<p>{record['samples_trained']:,} samples trained: "
             f"{record['cost_vs_one_run']:.2f}x one run of the largest budget.</p>"
         )
-    trunk = [r for t in record["trunk"] if t["run_dir"] for r in read_jsonl(Path(t["run_dir"]) / "metrics.jsonl")]
-    curves = {"trunk": trunk, **{f"{b['budget']:,}": read_jsonl(Path(b["run_dir"]) / "metrics.jsonl") for b in done}}
+    trunk = [r for t in record["trunk"] if t["run_dir"] for r in read_rows(Path(t["run_dir"]))]
+    curves = {"trunk": trunk, **{f"{b['budget']:,}": read_rows(Path(b["run_dir"])) for b in done}}
     if trunk:
         parts += _figures(
             [
@@ -314,17 +348,17 @@ def lineage_tree(lineage: dict[str, Any], best: str | None) -> str:
     return _svg(plt, fig)
 
 
-def stitched_plot(curves: dict[str, list[dict[str, Any]]], key: str) -> str:
+def stitched_plot(curves: dict[str, list[Row]], key: str) -> str:
     plt, fig, ax = _figure()
     for member, rows in curves.items():
-        shown = [r for r in rows if key != "lr" or r["lr"] > 0]  # lr on a log scale (peaks differ by orders of magnitude)
-        ax.plot([r["samples_seen"] for r in shown], [r[key] for r in shown], label=member)
+        shown = [r for r in rows if key != "lr" or r.lr > 0]  # lr on a log scale (peaks differ by orders of magnitude)
+        ax.plot([r.samples_seen for r in shown], [getattr(r, key) for r in shown], label=member)
     ax.set_xlabel("samples seen")
     ax.set_ylabel("learning rate" if key == "lr" else key)
     if key == "lr":
         ax.set_yscale("log")
     if key == "loss":
-        finite = [r["loss"] for rows in curves.values() for r in rows if r["loss"] == r["loss"] and abs(r["loss"]) < float("inf")]
+        finite = [r.loss for rows in curves.values() for r in rows if r.loss == r.loss and abs(r.loss) < float("inf")]
         if finite:  # a diverged member must not squash everyone else's curve
             ax.set_ylim(min(finite) * 0.95, min(max(finite), 3 * sorted(finite)[len(finite) // 2]) * 1.05)
     ax.legend(loc="upper right", fontsize="small")

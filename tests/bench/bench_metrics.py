@@ -67,7 +67,8 @@ def quickstart_step_seconds(steps: int = 40) -> tuple[float, float]:
     from elastune.spec import validate_spec
     from elastune.train.loop import open_source
     from elastune.train.optim import build_optimizer
-    from elastune.train.step import GradBuffer, train_step
+    from elastune.train.state import Progress, TrainState
+    from elastune.train.step import GradBuffer, StepContext, train_step
 
     raw = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
     raw["data"]["path"] = str(ROOT / raw["data"]["path"])
@@ -85,7 +86,14 @@ def quickstart_step_seconds(steps: int = 40) -> tuple[float, float]:
     for step in range(steps):
         for model, optimizer, grads, times in arms:
             started = time.perf_counter()
-            train_step(model, optimizer, grads, recipe, source, plan, 0, step, step * plan.global_batch_size, spec.seed)
+            train_step(
+                StepContext(model, recipe, source, spec.seed),
+                TrainState(model, optimizer),
+                grads,
+                plan,
+                0,
+                Progress(step, step * plan.global_batch_size),
+            )
             times.append(time.perf_counter() - started)
     plain, norms = (statistics.median(times[3:]) for *_, times in arms)
     return plain, norms

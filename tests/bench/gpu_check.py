@@ -75,8 +75,8 @@ def elastune_step(o, device: str, g: int, m: int, snapshot: bool):
     from elastune.spec.models import AdamWSpec
     from elastune.train.optim import build_optimizer, set_hyper
     from elastune.train.precision import compile_model
-    from elastune.train.state import state_pieces
-    from elastune.train.step import GradBuffer, train_step
+    from elastune.train.state import Progress, TrainState, state_pieces
+    from elastune.train.step import GradBuffer, StepContext, train_step
 
     torch.manual_seed(0)
     model = ByteGPT(o).to(device)
@@ -95,7 +95,14 @@ def elastune_step(o, device: str, g: int, m: int, snapshot: bool):
 
     def step() -> None:
         s = counter["step"]
-        train_step(forward, opt, grads, recipe, source, plan, 0, s, s * g, 0, 1.0, precision="bf16")
+        train_step(
+            StepContext(forward, recipe, source, 0, 1.0, precision="bf16"),
+            TrainState(forward, opt),
+            grads,
+            plan,
+            0,
+            Progress(s, s * g),
+        )
         counter["step"] += 1
         if snapshot:
             header = {
@@ -106,7 +113,7 @@ def elastune_step(o, device: str, g: int, m: int, snapshot: bool):
                 "meta": {},
                 "durable": False,
             }
-            stalls.append(snapshots.take(header, state_pieces(model, opt), 0, 1))
+            stalls.append(snapshots.take(header, state_pieces(TrainState(model, opt)), 0, 1))
 
     return step, stalls, snapshots
 

@@ -17,7 +17,8 @@ from elastune.data.dataset import TokenWindows
 from elastune.recipes import load_recipe
 from elastune.spec import load_spec
 from elastune.train.optim import build_optimizer, set_hyper
-from elastune.train.step import GradBuffer, train_step
+from elastune.train.state import Progress, TrainState
+from elastune.train.step import GradBuffer, StepContext, train_step
 
 
 def main(job: str, steps: int, warmup: int) -> None:
@@ -36,7 +37,14 @@ def main(job: str, steps: int, warmup: int) -> None:
     stamps = []
     for step in range(steps):
         set_hyper(opt, spec.optimizer.lr, spec.optimizer.weight_decay)
-        train_step(model, opt, grads, recipe, source, plan, rank, step, step * g, spec.seed, spec.optimizer.grad_clip_norm)
+        train_step(
+            StepContext(model, recipe, source, spec.seed, spec.optimizer.grad_clip_norm),
+            TrainState(model, opt),
+            grads,
+            plan,
+            rank,
+            Progress(step, step * g),
+        )
         stamps.append(time.perf_counter())
     if rank == 0:
         window = stamps[warmup:]

@@ -17,7 +17,8 @@ from elastune.recipes.byte_gpt import sample_losses
 from elastune.spec.models import SGDSpec
 from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.precision import compile_model, compile_problem
-from elastune.train.step import GradBuffer, train_step
+from elastune.train.state import Progress, TrainState
+from elastune.train.step import GradBuffer, StepContext, train_step
 from tests.helpers import TINY, RandomTokens, free_port, rel_err, start_ranks, tiny_model
 
 pytestmark = pytest.mark.skipif(compile_problem("cpu") is not None, reason=str(compile_problem("cpu")))
@@ -40,7 +41,14 @@ def _train(rank: int, world: int, port: int, out: str, compiled: bool) -> None:
         forward = compile_model(model) if compiled else model
         recipe = Recipe(build_model=lambda: model, sample_losses=sample_losses)
         for step in range(STEPS):
-            train_step(forward, opt, grads, recipe, RandomTokens(), batch_plan(G, M, world), rank, step, step * G, SEED)
+            train_step(
+                StepContext(forward, recipe, RandomTokens(), SEED),
+                TrainState(forward, opt),
+                grads,
+                batch_plan(G, M, world),
+                rank,
+                Progress(step, step * G),
+            )
         save_file(
             {n: p.detach().clone() for n, p in model.named_parameters()},
             os.path.join(out, f"{compiled}-{world}-r{rank}.safetensors"),

@@ -19,7 +19,8 @@ from elastune.recipes import Recipe
 from elastune.recipes.byte_gpt import sample_losses
 from elastune.spec.models import SGDSpec
 from elastune.train.optim import build_optimizer, set_hyper
-from elastune.train.step import GradBuffer, train_step
+from elastune.train.state import Progress, TrainState
+from elastune.train.step import GradBuffer, StepContext, train_step
 from tests.helpers import TINY, RandomTokens, free_port, reference_sgd_update, rel_err, start_ranks, tiny_model
 
 G, M, LR, SEED = 24, 4, 0.5, 11
@@ -35,7 +36,14 @@ def _worker(rank: int, world: int, port: int, out: str, dropout: float) -> None:
         set_hyper(opt, LR, 0.0)
         recipe = Recipe(build_model=lambda: model, sample_losses=sample_losses)
         grads = GradBuffer(model, micro_batch_norms=True)
-        result = train_step(model, opt, grads, recipe, RandomTokens(), batch_plan(G, M, world), rank, 0, 0, SEED)
+        result = train_step(
+            StepContext(model, recipe, RandomTokens(), SEED),
+            TrainState(model, opt),
+            grads,
+            batch_plan(G, M, world),
+            rank,
+            Progress(0, 0),
+        )
         tensors = {n: p.detach().clone() for n, p in model.named_parameters()}
         tensors["loss"] = torch.tensor([result.loss])
         tensors["noise"] = torch.tensor(result.noise, dtype=torch.float64)

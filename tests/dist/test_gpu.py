@@ -13,7 +13,8 @@ from elastune.recipes import Recipe
 from elastune.recipes.byte_gpt import sample_losses
 from elastune.spec.models import SGDSpec
 from elastune.train.optim import build_optimizer, set_hyper
-from elastune.train.step import GradBuffer, train_step
+from elastune.train.state import Progress, TrainState
+from elastune.train.step import GradBuffer, StepContext, train_step
 from tests.helpers import TINY, RandomTokens, reference_sgd_update, rel_err, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -27,7 +28,14 @@ def test_cuda_step_matches_cpu_reference():
     opt = build_optimizer(model, SGDSpec(name="sgd", lr=lr, momentum=0.0))
     set_hyper(opt, lr, 0.0)
     recipe = Recipe(build_model=lambda: model, sample_losses=sample_losses)
-    train_step(model, opt, GradBuffer(model), recipe, source, batch_plan(g, m, 1), 0, 0, 0, seed)
+    train_step(
+        StepContext(model, recipe, source, seed),
+        TrainState(model, opt),
+        GradBuffer(model),
+        batch_plan(g, m, 1),
+        0,
+        Progress(0, 0),
+    )
     for name, p in model.named_parameters():
         assert p.device.type == "cuda"
         # TF32 and other kernels differ from the CPU's; 1e-4 still catches a wrong scale or split.
@@ -45,13 +53,13 @@ def test_checkpoint_from_cuda_loads_on_cpu_and_back(tmp_path):
     model(torch.randint(0, 256, (2, 8), device="cuda")).sum().backward()
     opt.step()
     ckpt = Checkpointer(str(tmp_path))
-    ckpt.save(Manifest(1, 24, "h", {}, {}), state_tensors(model, opt))
-    saved = {k: v.detach().cpu() for k, v in state_tensors(model, opt).items()}
+    ckpt.save(Manifest(1, 24, "h", {}, {}), state_tensors(TrainState(model, opt)))
+    saved = {k: v.detach().cpu() for k, v in state_tensors(TrainState(model, opt)).items()}
     for device in ("cpu", "cuda"):
         other = tiny_model(seed=9).to(device)
         other_opt = build_optimizer(other, AdamWSpec(name="adamw", lr=1e-2))
-        load_state(other, other_opt, ckpt.load(ckpt.latest()), "ckpt")
-        for name, t in state_tensors(other, other_opt).items():
+        load_state(TrainState(other, other_opt), ckpt.load(ckpt.latest()), "ckpt")
+        for name, t in state_tensors(TrainState(other, other_opt)).items():
             assert torch.equal(t.detach().cpu(), saved[name]), (device, name)
         other_opt.step()  # optimizer state landed where the optimizer can use it
 
@@ -91,18 +99,12 @@ def test_each_precision_on_cuda_matches_its_single_process_reference(precision):
     recipe = Recipe(build_model=lambda: model, sample_losses=sample_losses)
     scaler = LossScale(scale) if precision == "fp16" else None
     result = train_step(
-        model,
-        opt,
+        StepContext(model, recipe, RandomTokens(), seed, precision=precision),
+        TrainState(model, opt, scaler=scaler),
         GradBuffer(model, micro_batch_norms=True, bucket_bytes=4096),
-        recipe,
-        RandomTokens(),
         batch_plan(g, m, 1),
         0,
-        0,
-        0,
-        seed,
-        precision=precision,
-        scaler=scaler,
+        Progress(0, 0),
     )
     assert not result.skipped
     for name, p in model.named_parameters():
@@ -123,7 +125,12 @@ def test_a_compiled_step_on_cuda_trains_like_the_eager_one():
         forward, grads = compile_model(model) if compiled else model, GradBuffer(model)
         for step in range(2):
             train_step(
-                forward, opt, grads, recipe, RandomTokens(), batch_plan(g, m, 1), 0, step, step * g, seed, precision="bf16"
+                StepContext(forward, recipe, RandomTokens(), seed, precision="bf16"),
+                TrainState(forward, opt),
+                grads,
+                batch_plan(g, m, 1),
+                0,
+                Progress(step, step * g),
             )
         updates.append((torch.cat([p.detach().flatten() for p in model.parameters()]) - start).cpu())
     # Fused kernels re-associate reductions, and in bf16 a re-associated activation may round one
@@ -144,15 +151,22 @@ def test_a_checkpoint_of_bf16_cuda_training_loads_bit_exact_on_cpu(tmp_path):
     recipe = Recipe(build_model=lambda: model, sample_losses=sample_losses)
     grads = GradBuffer(model)
     for step in range(3):
-        train_step(model, opt, grads, recipe, RandomTokens(), batch_plan(g, m, 1), 0, step, step * g, seed, precision="bf16")
+        train_step(
+            StepContext(model, recipe, RandomTokens(), seed, precision="bf16"),
+            TrainState(model, opt),
+            grads,
+            batch_plan(g, m, 1),
+            0,
+            Progress(step, step * g),
+        )
     ckpt = Checkpointer(str(tmp_path))
-    held = state_pieces(model, opt)
+    held = state_pieces(TrainState(model, opt))
     ckpt.save(Manifest(3, 3 * g, "h", {"kind": "replicated"}, {}), held, 0, 1)
     other = tiny_model(seed=9)
     other_opt = build_optimizer(other, AdamWSpec(name="adamw", lr=1e-2))
     m_ = ckpt.latest()
-    restore_state(other, other_opt, m_.shapes, lambda wanted: ckpt.load_pieces(m_, wanted), "ckpt")
-    loaded = state_pieces(other, other_opt)
+    restore_state(TrainState(other, other_opt), m_.shapes, lambda wanted: ckpt.load_pieces(m_, wanted), "ckpt")
+    loaded = state_pieces(TrainState(other, other_opt))
     assert set(loaded) == set(held)
     for name, piece in held.items():
         assert piece.data.dtype == loaded[name].data.dtype and (name.startswith("optim/") or piece.data.dtype == torch.float32)

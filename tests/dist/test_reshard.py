@@ -18,10 +18,8 @@ from elastune.checkpoint.format import Manifest
 from elastune.recipes import Recipe
 from elastune.recipes.byte_gpt import sample_losses
 from elastune.spec.models import AdamWSpec
-from elastune.train.optim import build_optimizer
-from elastune.train.state import restore_state, state_pieces
-from elastune.train.step import GradBuffer, train_step
-from elastune.train.zero import ZeroOptimizer
+from elastune.train.state import Progress, TrainState, restore_state, state_pieces
+from elastune.train.step import GradBuffer, StepContext, train_step
 from tests.helpers import RandomTokens, free_port, rel_err, start_ranks, tiny_model
 
 G, MB, SEED, K = 24, 4, 5, 3
@@ -30,20 +28,19 @@ LAYOUTS = ("replicated", "zero1")
 WORLDS = (1, 2, 3, 4)
 
 
-def _make(layout: str, rank: int, world: int):
+def _make(layout: str, rank: int, world: int) -> tuple[TrainState, GradBuffer]:
     model = tiny_model()
-    opt = ZeroOptimizer(model, ADAM, rank, world) if layout == "zero1" else build_optimizer(model, ADAM)
-    return model, opt, GradBuffer(model)
+    return TrainState.build(model, ADAM, layout, rank, world), GradBuffer(model)
 
 
-def _step(model, opt, grads, step: int, rank: int, world: int) -> float:
-    recipe = Recipe(build_model=lambda: model, sample_losses=sample_losses)
-    plan = batch_plan(G, MB, world)
-    return train_step(model, opt, grads, recipe, RandomTokens(), plan, rank, step, step * G, SEED).loss
+def _step(state: TrainState, grads, step: int, rank: int, world: int) -> float:
+    recipe = Recipe(build_model=lambda: state.model, sample_losses=sample_losses)
+    ctx = StepContext(state.model, recipe, RandomTokens(), SEED)
+    return train_step(ctx, state, grads, batch_plan(G, MB, world), rank, Progress(step, step * G)).loss
 
 
-def _dump(model, opt, path: str) -> None:
-    pieces = state_pieces(model, opt)
+def _dump(state: TrainState, path: str) -> None:
+    pieces = state_pieces(state)
     save_file({f"{n}@{p.lo}:{p.hi}": p.data.detach().reshape(-1).contiguous().clone() for n, p in pieces.items()}, path)
 
 
@@ -52,12 +49,12 @@ def _saver(rank: int, world: int, port: int, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         for layout in LAYOUTS:
-            model, opt, grads = _make(layout, rank, world)
+            state, grads = _make(layout, rank, world)
             for step in range(K):
-                _step(model, opt, grads, step, rank, world)
+                _step(state, grads, step, rank, world)
             manifest = Manifest(K, K * G, "h", {"kind": layout}, {})
-            Checkpointer(f"{root}/{layout}-{world}").save(manifest, state_pieces(model, opt), rank, world)
-            _dump(model, opt, f"{root}/held-{layout}-{world}-r{rank}.safetensors")
+            Checkpointer(f"{root}/{layout}-{world}").save(manifest, state_pieces(state), rank, world)
+            _dump(state, f"{root}/held-{layout}-{world}-r{rank}.safetensors")
     finally:
         dist.destroy_process_group()
 
@@ -68,12 +65,12 @@ def _loader(rank: int, world: int, port: int, root: str) -> None:
     losses = {}
     try:
         for src, n, dst in itertools.product(LAYOUTS, WORLDS, LAYOUTS):
-            model, opt, grads = _make(dst, rank, world)
+            state, grads = _make(dst, rank, world)
             ckpt = Checkpointer(f"{root}/{src}-{n}")
             m = ckpt.latest()
-            restore_state(model, opt, m.shapes, lambda wanted: ckpt.load_pieces(m, wanted), "test")
-            _dump(model, opt, f"{root}/loaded-{src}-{n}-{dst}-{world}-r{rank}.safetensors")
-            losses[f"{src}-{n}-{dst}"] = _step(model, opt, grads, K, rank, world)
+            restore_state(state, m.shapes, lambda wanted: ckpt.load_pieces(m, wanted), "test")
+            _dump(state, f"{root}/loaded-{src}-{n}-{dst}-{world}-r{rank}.safetensors")
+            losses[f"{src}-{n}-{dst}"] = _step(state, grads, K, rank, world)
     finally:
         dist.destroy_process_group()
     if rank == 0:
@@ -109,8 +106,8 @@ def runs(tmp_path_factory):
         start_ranks(_saver, (world, free_port(), root), world)
     for world in WORLDS:
         start_ranks(_loader, (world, free_port(), root), world)
-    model, opt, grads = _make("replicated", 0, 1)
-    reference = [_step(model, opt, grads, step, 0, 1) for step in range(K + 1)]
+    state, grads = _make("replicated", 0, 1)
+    reference = [_step(state, grads, step, 0, 1) for step in range(K + 1)]
     return root, reference
 
 

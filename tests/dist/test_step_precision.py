@@ -29,7 +29,8 @@ from elastune.spec.models import SGDSpec
 from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.precision import AUTOCAST, LossScale
 from elastune.train.rng import micro_batch_seed
-from elastune.train.step import GradBuffer, train_step
+from elastune.train.state import Progress, TrainState
+from elastune.train.step import GradBuffer, StepContext, train_step
 from tests.helpers import TINY, RandomTokens, free_port, rel_err, tiny_model
 
 G, M, LR, SEED, DROPOUT = 24, 4, 0.5, 5, 0.1
@@ -76,18 +77,12 @@ def _worker(rank: int, world: int, port: int, out: str, precision: str, poison: 
             steps = 2 if poison else 1
             for step in range(steps):
                 result = train_step(
-                    model,
-                    opt,
+                    StepContext(model, recipe, RandomTokens(), SEED, precision=precision),
+                    TrainState(model, opt, scaler=scaler),
                     grads,
-                    recipe,
-                    RandomTokens(),
                     plan,
                     rank,
-                    step,
-                    step * G,
-                    SEED,
-                    precision=precision,
-                    scaler=scaler,
+                    Progress(step, step * G),
                 )
                 tensors[f"{label}/skipped{step}"] = torch.tensor([result.skipped])
             for n, p in model.named_parameters():
@@ -273,26 +268,25 @@ def _fp16_worker(rank: int, world: int, port: int, root: str, phase: str) -> Non
         steps = {"save": range(K16), "load": range(K16, K16 + MORE16), "through": range(K16 + MORE16)}[phase]
         if phase == "load":
             m = ckpt.latest()
-            restore_state(model, opt, m.shapes, lambda wanted: ckpt.load_pieces(m, wanted), "test", scaler)
+            restore_state(TrainState(model, opt, scaler=scaler), m.shapes, lambda wanted: ckpt.load_pieces(m, wanted), "test")
         record = {}
         for step in steps:
             r = train_step(
-                model,
-                opt,
+                StepContext(model, recipe, RandomTokens(), SEED, precision="fp16"),
+                TrainState(model, opt, scaler=scaler),
                 grads,
-                recipe,
-                RandomTokens(),
                 batch_plan(G, M, world),
                 rank,
-                step,
-                step * G,
-                SEED,
-                precision="fp16",
-                scaler=scaler,
+                Progress(step, step * G),
             )
             record[f"step{step}"] = torch.tensor([r.loss, float(r.skipped), r.loss_scale], dtype=torch.float64)
         if phase == "save":
-            ckpt.save(Manifest(K16, K16 * G, "h", {"kind": "replicated"}, {}), state_pieces(model, opt, scaler), rank, world)
+            ckpt.save(
+                Manifest(K16, K16 * G, "h", {"kind": "replicated"}, {}),
+                state_pieces(TrainState(model, opt, scaler=scaler)),
+                rank,
+                world,
+            )
         record |= {f"param/{n}": p.detach().clone() for n, p in model.named_parameters()}
         save_file(record, f"{root}/{phase}-r{rank}.safetensors")
     finally:

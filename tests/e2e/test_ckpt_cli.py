@@ -96,10 +96,10 @@ def test_export_dcp_reads_back_with_torch_and_imports_bit_exact(tmp_path):
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from elastune.train.state import state_tensors
+    from elastune.train.state import TrainState, state_tensors
 
     model, opt = _adamw_state()
-    tensors = state_tensors(model, opt)
+    tensors = state_tensors(TrainState(model, opt))
     src = Checkpointer(str(tmp_path / "src"))
     src.save(Manifest(7, 168, "abc", {}, {}), tensors)
     out = elastune("ckpt", "export", str(tmp_path / "src"), "--format", "dcp", str(tmp_path / "dcp"))
@@ -129,7 +129,7 @@ def test_import_a_dcp_checkpoint_torch_wrote(tmp_path):
 
     from elastune.spec.models import AdamWSpec
     from elastune.train.optim import build_optimizer
-    from elastune.train.state import load_state, state_tensors
+    from elastune.train.state import TrainState, load_state, state_tensors
 
     model, opt = _adamw_state()
     msd, osd = get_state_dict(model, opt)
@@ -139,9 +139,9 @@ def test_import_a_dcp_checkpoint_torch_wrote(tmp_path):
     fresh = tiny_model(seed=3)
     fresh_opt = build_optimizer(fresh, AdamWSpec(name="adamw", lr=1e-2))
     _, got = Checkpointer(str(tmp_path / "ours")).load_latest_valid()
-    load_state(fresh, fresh_opt, got, "imported")
-    for name, t in state_tensors(model, opt).items():
-        assert torch.equal(state_tensors(fresh, fresh_opt)[name], t), name
+    load_state(TrainState(fresh, fresh_opt), got, "imported")
+    for name, t in state_tensors(TrainState(model, opt)).items():
+        assert torch.equal(state_tensors(TrainState(fresh, fresh_opt))[name], t), name
 
 
 def test_import_refuses_a_hostile_dcp_metadata_pickle(tmp_path):

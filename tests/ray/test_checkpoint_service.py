@@ -17,9 +17,10 @@ from elastune.checkpoint.retention import RetentionPolicy
 from elastune.checkpoint.service import start_service
 from elastune.checkpoint.snapshot import CHUNK_BYTES, INLINE_BYTES, chunks_of
 from elastune.spec.models import AdamWSpec
+from elastune.train.layouts import ZERO1
 from elastune.train.loop import restore
 from elastune.train.optim import build_optimizer
-from elastune.train.state import state_pieces, state_tensors
+from elastune.train.state import TrainState, state_pieces, state_tensors
 from elastune.train.zero import ZeroOptimizer
 from tests.helpers import tiny_model
 
@@ -59,7 +60,7 @@ def worker(service, rank: int, last_step: int, die: bool, one_writer: bool = Fal
             "durable": step % 2 == 0,
             "meta": {"metrics": {"loss": 1.0 / step}},
         }
-        held = state_pieces(model, opt)
+        held = state_pieces(TrainState(model, opt))
         writer = snapshot_writer(held, step, WORLD) if one_writer else None
         stalls.append(snapshots.take(header, held, rank, WORLD, writer=writer))
     snapshots.wait()
@@ -99,13 +100,13 @@ def test_with_one_writer_a_step_is_complete_once_its_writer_handed_it_over(tmp_p
         reports = ray.get(service.flush.remote())
         assert [(r["step"], len(r["rank_bytes"])) for r in reports] == [(2, 1), (4, 1)]
         model, opt = trained(0)
-        progress, info = restore(service, Checkpointer(uri), model, opt)
+        progress, info = restore(service, Checkpointer(uri), TrainState(model, opt))
         assert (progress.step, info["resumed_from_tier"]) == (5, 0)
         manifest, tensors = Checkpointer(uri).load_latest_valid()
         assert {f["file"] for e in manifest.tensors.values() for f in e["fragments"]} == {"rank-00000-of-00002.safetensors"}
-        assert manifest.step == 4 and all(torch.equal(tensors[n], t) for n, t in state_tensors(*trained(4)).items())
-        want = state_tensors(*trained(5))
-        assert all(torch.equal(t, want[n]) for n, t in state_tensors(model, opt).items())
+        assert manifest.step == 4 and all(torch.equal(tensors[n], t) for n, t in state_tensors(TrainState(*trained(4))).items())
+        want = state_tensors(TrainState(*trained(5)))
+        assert all(torch.equal(t, want[n]) for n, t in state_tensors(TrainState(model, opt)).items())
     finally:
         ray.kill(service)
 
@@ -113,11 +114,11 @@ def test_with_one_writer_a_step_is_complete_once_its_writer_handed_it_over(tmp_p
 def test_restart_resumes_from_the_newest_complete_snapshot(service_run):
     service, uri, _ = service_run
     model, opt = trained(0)
-    progress, info = restore(service, Checkpointer(uri), model, opt)
+    progress, info = restore(service, Checkpointer(uri), TrainState(model, opt))
     assert (progress.step, progress.samples_seen, info["resumed_from_tier"]) == (5, 40, 0)  # not 6: rank 1 never staged it
     want_model, want_opt = trained(5)
-    want = state_tensors(want_model, want_opt)
-    got = state_tensors(model, opt)
+    want = state_tensors(TrainState(want_model, want_opt))
+    got = state_tensors(TrainState(model, opt))
     assert set(got) == set(want)
     for name in want:
         assert torch.equal(got[name], want[name]), name
@@ -127,10 +128,10 @@ def test_restart_into_zero1_takes_only_its_slice(service_run):
     service, uri, _ = service_run
     model = tiny_model()
     opt = ZeroOptimizer(model, ADAM, rank=1, world_size=3)
-    progress, info = restore(service, Checkpointer(uri), model, opt)
+    progress, info = restore(service, Checkpointer(uri), TrainState(model, opt, ZERO1))
     assert progress.step == 5
-    full = state_tensors(*trained(5))
-    for name, piece in state_pieces(model, opt).items():
+    full = state_tensors(TrainState(*trained(5)))
+    for name, piece in state_pieces(TrainState(model, opt, ZERO1)).items():
         assert torch.equal(piece.data.reshape(-1).cpu(), full[name].reshape(-1)[piece.lo : piece.hi]), name
     assert info["load_bytes"] < sum(t.numel() * t.element_size() for t in full.values())
 
@@ -147,7 +148,7 @@ def test_durable_steps_are_committed_in_the_background(service_run):
         "rank-00000-of-00002.safetensors",
         "rank-00001-of-00002.safetensors",
     }
-    want = state_tensors(*trained(4))
+    want = state_tensors(TrainState(*trained(4)))
     for name, t in want.items():
         assert torch.equal(tensors[name], t), name
 
@@ -155,10 +156,10 @@ def test_durable_steps_are_committed_in_the_background(service_run):
 def test_a_newer_durable_checkpoint_wins_over_an_older_snapshot(tmp_path, service_run):
     service, uri, _ = service_run
     ckpt = Checkpointer(uri)
-    ckpt.save(ckpt.read_manifest(4).__class__(7, 56, "h", {"kind": "replicated"}, {}), state_tensors(*trained(7)))
+    ckpt.save(ckpt.read_manifest(4).__class__(7, 56, "h", {"kind": "replicated"}, {}), state_tensors(TrainState(*trained(7))))
     try:
         model, opt = trained(0)
-        progress, info = restore(service, Checkpointer(uri), model, opt)
+        progress, info = restore(service, Checkpointer(uri), TrainState(model, opt))
         assert (progress.step, info["resumed_from_tier"]) == (7, 1)
     finally:
         shutil.rmtree(os.path.join(uri, "step-000000007"))
@@ -171,7 +172,7 @@ def snapshot(service, steps: list[int], durable: bool = True) -> None:
     snapshots = Snapshotter(service)
     for step in steps:
         model, opt = trained(step)
-        snapshots.take(header(step, durable), state_pieces(model, opt), 0, 1)
+        snapshots.take(header(step, durable), state_pieces(TrainState(model, opt)), 0, 1)
     snapshots.wait()
 
 
@@ -194,7 +195,7 @@ def corrupt_snapshot(service, step: int) -> None:
     from elastune.checkpoint.format import BLOCK_BYTES, SNAPSHOT_CHECKSUM, with_digests
     from elastune.checkpoint.payload import digests_of
 
-    pieces = state_pieces(*trained(step))
+    pieces = state_pieces(TrainState(*trained(step)))
     plan, buffer = pack(pieces)
     entries = with_digests(
         plan.entries(pieces, "rank-00000-of-00001.safetensors"),
@@ -232,14 +233,15 @@ def test_tier0_is_verified_and_a_corrupt_snapshot_is_never_made_durable(tmp_path
         assert [r["step"] for r in reports] == [2, 3] and "does not match the checksum its worker took" in reports[1]["error"]
         assert Checkpointer(uri).committed_steps() == [2] and not os.path.exists(os.path.join(uri, "step-000000003"))
         model, opt = trained(0)
-        progress, info = restore(service, Checkpointer(uri), model, opt)  # tier 0 (step 3) fails its checksums: tier 1
+        # tier 0 (step 3) fails its checksums: tier 1
+        progress, info = restore(service, Checkpointer(uri), TrainState(model, opt))
         assert (progress.step, info["resumed_from_tier"]) == (2, 1)
         assert (
             "checksum mismatch" in info["skipped_checkpoints"][0]
             and "newest durable checkpoint instead" in info["skipped_checkpoints"][0]
         )
-        want = state_tensors(*trained(2))
-        assert all(torch.equal(t, want[n]) for n, t in state_tensors(model, opt).items())
+        want = state_tensors(TrainState(*trained(2)))
+        assert all(torch.equal(t, want[n]) for n, t in state_tensors(TrainState(model, opt)).items())
     finally:
         ray.kill(service)
 
@@ -248,7 +250,7 @@ def checkpoint_bytes(tmp_path) -> int:
     from elastune.checkpoint.format import Manifest
 
     probe = Checkpointer(str(tmp_path / "probe"))
-    probe.save(Manifest(1, 8, "h", {}, {}), state_tensors(*trained(1)))
+    probe.save(Manifest(1, 8, "h", {}, {}), state_tensors(TrainState(*trained(1))))
     return sum(f.stat().st_size for f in (tmp_path / "probe").rglob("*") if f.is_file())
 
 

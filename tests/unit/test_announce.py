@@ -2,22 +2,20 @@
 checkpoint as loud warnings (a changed world size is the driver's to report: test_faults)."""
 
 from elastune.batch_plan import batch_plan
+from elastune.events import to_json
 from elastune.train.loop import announce
 from elastune.train.progress import describe_event
-from elastune.train.state import Progress
 
 
 def collect(restored, dataset, world=3):
-    events = []
-    announce(lambda kind, **f: events.append({"kind": kind, **f}), batch_plan(24, 4, world), Progress(20, 480), restored, dataset)
-    return events
+    return announce(batch_plan(24, 4, world), restored, dataset)
 
 
 DATA = {"count": 100, "content_hash": "abc"}
 
 
 def test_fresh_start_is_just_a_start():
-    assert [e["kind"] for e in collect({"resumed_from_step": None}, DATA)] == ["start"]
+    assert [e.kind for e in collect({"resumed_from_step": None}, DATA)] == ["start"]
 
 
 def test_resume_at_another_world_size_says_what_was_loaded():
@@ -32,10 +30,10 @@ def test_resume_at_another_world_size_says_what_was_loaded():
         },
         DATA,
     )
-    assert [e["kind"] for e in events] == ["start"]
+    assert [e.kind for e in events] == ["start"]
     assert describe_event(events[0]).endswith("checkpoint saved by 2 worker(s), 2.00 MB loaded in 0.50 s.")
-    assert events[0]["saved_world_size"] == 2 and events[0]["micro_batches"] == [2, 2, 2]  # what the driver's resize rule reads
-    assert "dataset" not in events[0]
+    assert events[0].saved_world_size == 2 and events[0].micro_batches == (2, 2, 2)  # what the driver's resize rule reads
+    assert "dataset" not in to_json(events[0])
 
 
 def test_changed_dataset_is_a_loud_warning():
@@ -43,7 +41,7 @@ def test_changed_dataset_is_a_loud_warning():
         {"resumed_from_step": 20, "resumed_samples_seen": 480, "saved_world_size": 3, "dataset": DATA},
         {"count": 90, "content_hash": "def"},
     )
-    assert [e["kind"] for e in events] == ["start", "warning"]
+    assert [e.kind for e in events] == ["start", "warning"]
     assert "dataset changed since the checkpoint" in describe_event(events[1])
 
 
@@ -60,5 +58,5 @@ def test_corrupt_checkpoints_passed_over_are_reported():
         },
         DATA,
     )
-    assert [e["kind"] for e in events] == ["start", "warning"]
+    assert [e.kind for e in events] == ["start", "warning"]
     assert describe_event(events[1]).endswith("CHECKPOINT CORRUPT, used an older one: step 20: checksum mismatch")

@@ -13,7 +13,7 @@ from elastune.checkpoint.retention import RetentionPolicy
 from elastune.errors import CheckpointError, IncompatibleCheckpoint
 from elastune.spec.models import AdamWSpec
 from elastune.train.optim import build_optimizer
-from elastune.train.state import load_state, state_tensors
+from elastune.train.state import TrainState, load_state, state_tensors
 from tests import helpers
 from tests.helpers import tiny_model
 
@@ -34,7 +34,7 @@ def save_from_ranks(ckpt: Checkpointer, step: int, tensors, world: int) -> Manif
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_save_from_n_ranks_loads_bit_exact(tmp_path, world):
     model, opt = trained_state()
-    tensors = state_tensors(model, opt)
+    tensors = state_tensors(TrainState(model, opt))
     assert any(k.endswith("/exp_avg") for k in tensors) and any(k.endswith("/step") for k in tensors)
     ckpt = Checkpointer(str(tmp_path))
     report = helpers.save_from_ranks(ckpt, (5, 50, "h"), tensors, world)
@@ -46,8 +46,8 @@ def test_save_from_n_ranks_loads_bit_exact(tmp_path, world):
     assert len(files) == min(world, len(tensors))  # each rank wrote a share, nothing twice
     fresh_model, fresh_opt = trained_state(seed=1)
     got = ckpt.load(ckpt.latest())
-    load_state(fresh_model, fresh_opt, got, "test")
-    for name, t in state_tensors(fresh_model, fresh_opt).items():
+    load_state(TrainState(fresh_model, fresh_opt), got, "test")
+    for name, t in state_tensors(TrainState(fresh_model, fresh_opt)).items():
         assert torch.equal(t.cpu(), tensors[name].cpu()), name
 
 
@@ -72,7 +72,7 @@ def test_a_small_replicated_state_is_snapshotted_whole_by_one_rank_in_turn():
 def test_uncommitted_checkpoint_is_invisible(tmp_path):
     model, opt = trained_state()
     ckpt = Checkpointer(str(tmp_path))
-    save_from_ranks(ckpt, 1, state_tensors(model, opt), 1)
+    save_from_ranks(ckpt, 1, state_tensors(TrainState(model, opt)), 1)
     (tmp_path / step_dir(2)).mkdir()
     (tmp_path / step_dir(2) / "rank-00000-of-00001.safetensors").write_bytes(b"partial")
     assert ckpt.latest().step == 1
@@ -82,14 +82,14 @@ def test_retention_keeps_last_k(tmp_path):
     model, opt = trained_state()
     ckpt = Checkpointer(str(tmp_path), keep_last=2)
     for step in (1, 2, 3, 4):
-        save_from_ranks(ckpt, step, state_tensors(model, opt), 2)
+        save_from_ranks(ckpt, step, state_tensors(TrainState(model, opt)), 2)
     assert ckpt.committed_steps() == [3, 4]
     assert not (tmp_path / step_dir(1)).exists()
 
 
 def test_pickled_payload_is_refused_and_previous_is_used(tmp_path, caplog):
     model, opt = trained_state()
-    tensors = state_tensors(model, opt)
+    tensors = state_tensors(TrainState(model, opt))
     ckpt = Checkpointer(str(tmp_path))
     save_from_ranks(ckpt, 1, tensors, 1)
     m2 = save_from_ranks(ckpt, 2, tensors, 1)
@@ -105,8 +105,8 @@ def test_pickled_payload_is_refused_and_previous_is_used(tmp_path, caplog):
 def test_corrupt_bytes_name_file_and_tensor(tmp_path, caplog):
     model, opt = trained_state()
     ckpt = Checkpointer(str(tmp_path))
-    save_from_ranks(ckpt, 1, state_tensors(model, opt), 1)
-    m2 = save_from_ranks(ckpt, 2, state_tensors(model, opt), 1)
+    save_from_ranks(ckpt, 1, state_tensors(TrainState(model, opt)), 1)
+    m2 = save_from_ranks(ckpt, 2, state_tensors(TrainState(model, opt)), 1)
     frag = m2.tensors["model/tok.weight"]["fragments"][0]
     path = tmp_path / step_dir(2) / frag["file"]
     data = bytearray(path.read_bytes())
@@ -124,7 +124,7 @@ def test_corrupt_bytes_name_file_and_tensor(tmp_path, caplog):
 def test_manifest_is_plain_json_with_what_every_byte_is(tmp_path):
     model, opt = trained_state()
     ckpt = Checkpointer(str(tmp_path))
-    save_from_ranks(ckpt, 3, state_tensors(model, opt), 2)
+    save_from_ranks(ckpt, 3, state_tensors(TrainState(model, opt)), 2)
     raw = json.loads((tmp_path / step_dir(3) / "manifest.json").read_text())
     entry = raw["tensors"]["model/tok.weight"]
     assert raw["format"] == "elastune.checkpoint/3" and raw["samples_seen"] == 30
@@ -143,7 +143,7 @@ def test_safetensors_payloads_open_with_the_safetensors_library(tmp_path):
     from safetensors.torch import load_file
 
     model, opt = trained_state()
-    tensors = state_tensors(model, opt)
+    tensors = state_tensors(TrainState(model, opt))
     ckpt = Checkpointer(str(tmp_path))
     save_from_ranks(ckpt, 1, tensors, 2)
     loaded = {}
@@ -158,15 +158,15 @@ def test_different_model_is_refused_with_advice(tmp_path):
 
     model, opt = trained_state()
     ckpt = Checkpointer(str(tmp_path))
-    save_from_ranks(ckpt, 1, state_tensors(model, opt), 1)
+    save_from_ranks(ckpt, 1, state_tensors(TrainState(model, opt)), 1)
     other = tiny_model(TINY.model_copy(update={"num_layers": 2}))
     with pytest.raises(IncompatibleCheckpoint, match="different model .*--fresh"):  # not corrupt: nothing falls back past it
-        load_state(other, build_optimizer(other, AdamWSpec(name="adamw", lr=1e-2)), ckpt.load(ckpt.latest()), "ckpt")
+        load_state(TrainState(other, build_optimizer(other, AdamWSpec(name="adamw", lr=1e-2))), ckpt.load(ckpt.latest()), "ckpt")
 
 
 def test_clone_copies_no_bytes_loads_the_same_and_protects_its_source(tmp_path):
     model, opt = trained_state()
-    tensors = state_tensors(model, opt)
+    tensors = state_tensors(TrainState(model, opt))
     ckpt = Checkpointer(str(tmp_path / "a"), keep_last=1)
     save_from_ranks(ckpt, 10, tensors, 2)
     before = sorted(p.name for p in (tmp_path / "a").rglob("*.safetensors"))
@@ -183,7 +183,7 @@ def test_clone_copies_no_bytes_loads_the_same_and_protects_its_source(tmp_path):
 
 def test_clone_into_another_root_references_across_roots(tmp_path):
     model, opt = trained_state()
-    tensors = state_tensors(model, opt)
+    tensors = state_tensors(TrainState(model, opt))
     donor = Checkpointer(str(tmp_path / "donor"))
     save_from_ranks(donor, 5, tensors, 1)
     recipient = Checkpointer(str(tmp_path / "recipient"))
@@ -204,10 +204,10 @@ def test_clone_into_another_root_references_across_roots(tmp_path):
 def test_pinned_checkpoints_survive_prune(tmp_path):
     model, opt = trained_state()
     ckpt = Checkpointer(str(tmp_path), keep_last=1)
-    save_from_ranks(ckpt, 1, state_tensors(model, opt), 1)
+    save_from_ranks(ckpt, 1, state_tensors(TrainState(model, opt)), 1)
     ckpt.pin(1)
     for step in (2, 3):
-        save_from_ranks(ckpt, step, state_tensors(model, opt), 1)
+        save_from_ranks(ckpt, step, state_tensors(TrainState(model, opt)), 1)
     assert ckpt.committed_steps() == [1, 3]
     ckpt.pin(1, pinned=False)
     assert ckpt.prune() == [1]
@@ -220,7 +220,7 @@ def test_export_safetensors_and_torch(tmp_path):
 
     model, opt = trained_state()
     ckpt = Checkpointer(str(tmp_path / "c"))
-    save_from_ranks(ckpt, 4, state_tensors(model, opt), 2)
+    save_from_ranks(ckpt, 4, state_tensors(TrainState(model, opt)), 2)
     manifest = ckpt.latest()
     export(ckpt, manifest, "safetensors", str(tmp_path / "model.safetensors"))
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:

@@ -15,6 +15,7 @@ from elastune.train.faults import FaultInjector, due
 from elastune.train.progress import describe_event
 from elastune.train.recovery import RecoveryTracker
 from elastune.train.sink import RunSink
+from tests.helpers import derived, ev, row
 
 QUICKSTART = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs" / "quickstart.yaml").read_text())
 
@@ -33,14 +34,14 @@ def test_due_matches_rank_step_and_point():
 
 def test_a_stall_until_join_ends_at_the_replacements_join_and_no_later_than_its_seconds():
     sink = RunSink.__ray_actor_class__()
-    sink.event({"time": 1.0, "kind": "join", "replica": 1})
+    sink.event(ev("join", time=1.0, replica=1))
     assert not sink.rejoined()  # joins before any kill are the run's first workers
-    sink.event({"time": 2.0, "kind": "fault", "action": "kill_rank", "rank": 1})
-    sink.event({"time": 2.5, "kind": "fault", "action": "delay_rank", "rank": 0})
+    sink.event(ev("fault", time=2.0, action="kill_rank", rank=1))
+    sink.event(ev("fault", time=2.5, action="delay_rank", rank=0))
     assert not sink.rejoined()
-    sink.event({"time": 3.0, "kind": "join", "replica": 1})
+    sink.event(ev("join", time=3.0, replica=1))
     assert sink.rejoined()
-    sink.event({"time": 4.0, "kind": "fault", "action": "kill_node", "rank": 2})
+    sink.event(ev("fault", time=4.0, action="kill_node", rank=2))
     assert not sink.rejoined()  # the next kill wants its own replacement
 
     asked = []
@@ -73,59 +74,58 @@ def test_a_fault_must_name_a_worker(tmp_path):
 
 def test_restart_becomes_one_recovery_event():
     tracker = RecoveryTracker(BatchSchedule(12))
-    first = {"kind": "start", "time": 10.0, "world_size": 3, "resumed_from_step": None}
-    assert tracker.observe([first], [{"step": 1, "time": 11.0}]) == []
-    fault = {"kind": "fault", "action": "kill_rank", "time": 20.0, "rank": 1, "step": 7, "point": "mid"}
+    first = ev("start", time=10.0, world_size=3, resumed_from_step=None)
+    assert derived(tracker, [first], [row(step=1, time=11.0)]) == []
+    fault = ev("fault", action="kill_rank", time=20.0, rank=1, step=7, point="mid")
     noticed = [
-        {"kind": "collective_failed", "time": t, "rank": r, "step": 7, "error": "Connection closed by peer"}
-        for r, t in ((2, 20.4), (0, 20.3))
+        ev("collective_failed", time=t, rank=r, step=7, error="Connection closed by peer") for r, t in ((2, 20.4), (0, 20.3))
     ]
-    restart = {"kind": "start", "time": 32.0, "world_size": 2, "resumed_from_step": 6, "resumed_from_tier": 0, "lost_steps": 1}
-    assert tracker.observe([fault, *noticed, restart], []) == []  # recovered only once a step completes
-    (event,) = tracker.observe([], [{"step": 7, "time": 35.5}])
-    assert event["cause"] == "fault: kill rank 1 at step 7 (mid)" and (event["world_size_before"], event["world_size_after"]) == (
+    restart = ev("start", time=32.0, world_size=2, resumed_from_step=6, resumed_from_tier=0, lost_steps=1)
+    assert derived(tracker, [fault, *noticed, restart], []) == []  # recovered only once a step completes
+    (event,) = derived(tracker, [], [row(step=7, time=35.5)])
+    assert event.cause == "fault: kill rank 1 at step 7 (mid)" and (event.world_size_before, event.world_size_after) == (
         3,
         2,
     )
-    assert event["detection_seconds"] == 0.3  # the first survivor whose reduction failed
-    assert (event["lost_steps"], event["lost_samples"], event["restart_seconds"], event["mttr_seconds"]) == (1, 12, 12.0, 15.5)
-    assert tracker.observe([], [{"step": 8, "time": 36.0}]) == []
+    assert event.detection_seconds == 0.3  # the first survivor whose reduction failed
+    assert (event.lost_steps, event.lost_samples, event.restart_seconds, event.mttr_seconds) == (1, 12, 12.0, 15.5)
+    assert derived(tracker, [], [row(step=8, time=36.0)]) == []
 
 
 def test_steps_done_after_the_newest_snapshot_count_as_lost():
     """Snapshots every 4 steps: the service last heard of step 4, but the survivors' reductions
     failed in step 7, so steps 5 and 6 were completed and are run again."""
     tracker = RecoveryTracker(BatchSchedule(12))
-    tracker.observe([{"kind": "start", "time": 10.0, "world_size": 3, "resumed_from_step": None}], [{"step": 1, "time": 11.0}])
-    noticed = {"kind": "collective_failed", "time": 20.3, "rank": 0, "step": 7, "error": "Connection closed by peer"}
-    restart = {"kind": "start", "time": 32.0, "world_size": 3, "resumed_from_step": 4, "resumed_from_tier": 0, "lost_steps": 0}
+    tracker.observe([ev("start", time=10.0, world_size=3, resumed_from_step=None)], [row(step=1, time=11.0)])
+    noticed = ev("collective_failed", time=20.3, rank=0, step=7, error="Connection closed by peer")
+    restart = ev("start", time=32.0, world_size=3, resumed_from_step=4, resumed_from_tier=0, lost_steps=0)
     tracker.observe([noticed, restart], [])
-    (event,) = tracker.observe([], [{"step": 5, "time": 35.0}])
-    assert (event["lost_steps"], event["lost_samples"], event["resumed_from_step"]) == (2, 24, 4)
+    (event,) = derived(tracker, [], [row(step=5, time=35.0)])
+    assert (event.lost_steps, event.lost_samples, event.resumed_from_step) == (2, 24, 4)
 
 
 def test_a_group_restarted_bigger_without_a_fault_is_a_resize_with_its_cost():
     # Ray Train's elastic policy saw capacity for a third worker and restarted the group at 3.
     tracker = RecoveryTracker(BatchSchedule(12))
     tracker.observe(
-        [{"kind": "start", "time": 10.0, "world_size": 2, "resumed_from_step": None, "micro_batches": [3, 3]}],
-        [{"step": 1, "time": 11.0}],
+        [ev("start", time=10.0, world_size=2, resumed_from_step=None, micro_batches=[3, 3])],
+        [row(step=1, time=11.0)],
     )
-    bigger = {
-        "kind": "start",
-        "time": 40.0,
-        "world_size": 3,
-        "resumed_from_step": 7,
-        "resumed_from_tier": 0,
-        "lost_steps": 0,
-        "last_staged_at": 30.0,
-        "micro_batches": [2, 2, 2],
-    }
-    assert tracker.observe([bigger], []) == []
-    (event,) = tracker.observe([], [{"step": 8, "time": 42.5}])
-    assert event["kind"] == "resize" and event["cause"].startswith("capacity for 3 workers")
-    assert (event["world_size_before"], event["world_size_after"], event["step"]) == (2, 3, 7)
-    assert (event["lost_steps"], event["lost_samples"], event["restart_seconds"], event["mttr_seconds"]) == (0, 0, 10.0, 12.5)
+    bigger = ev(
+        kind="start",
+        time=40.0,
+        world_size=3,
+        resumed_from_step=7,
+        resumed_from_tier=0,
+        lost_steps=0,
+        last_staged_at=30.0,
+        micro_batches=[2, 2, 2],
+    )
+    assert derived(tracker, [bigger], []) == []
+    (event,) = derived(tracker, [], [row(step=8, time=42.5)])
+    assert event.kind == "resize" and event.cause.startswith("capacity for 3 workers")
+    assert (event.world_size_before, event.world_size_after, event.step) == (2, 3, 7)
+    assert (event.lost_steps, event.lost_samples, event.restart_seconds, event.mttr_seconds) == (0, 0, 10.0, 12.5)
     assert describe_event(event) == (
         "Resized 2 -> 3 workers at step 7; micro-batches per rank 2,2,2; global batch stays 12. "
         "Lost 0 step(s); training again 12.5 s after the old group stopped."
@@ -134,21 +134,21 @@ def test_a_group_restarted_bigger_without_a_fault_is_a_resize_with_its_cost():
 
 def test_a_group_restarted_smaller_without_a_fault_is_a_recovery():
     tracker = RecoveryTracker(BatchSchedule(12))
-    tracker.observe([{"kind": "start", "time": 10.0, "world_size": 3, "resumed_from_step": None, "micro_batches": [2, 2, 2]}], [])
-    smaller = {
-        "kind": "start",
-        "time": 40.0,
-        "world_size": 2,
-        "resumed_from_step": 9,
-        "resumed_from_tier": 0,
-        "lost_steps": 0,
-        "last_staged_at": 30.0,
-        "micro_batches": [3, 3],
-    }
+    tracker.observe([ev("start", time=10.0, world_size=3, resumed_from_step=None, micro_batches=[2, 2, 2])], [])
+    smaller = ev(
+        kind="start",
+        time=40.0,
+        world_size=2,
+        resumed_from_step=9,
+        resumed_from_tier=0,
+        lost_steps=0,
+        last_staged_at=30.0,
+        micro_batches=[3, 3],
+    )
     tracker.observe([smaller], [])
-    (event,) = tracker.observe([], [{"step": 10, "time": 41.0}])
-    assert event["kind"] == "recovery" and event["cause"] == "worker group restarted"
-    assert (event["world_size_before"], event["world_size_after"]) == (3, 2)
+    (event,) = derived(tracker, [], [row(step=10, time=41.0)])
+    assert event.kind == "recovery" and event.cause == "worker group restarted"
+    assert (event.world_size_before, event.world_size_after) == (3, 2)
 
 
 def test_a_run_resumed_at_another_world_size_starts_with_a_resize():
@@ -162,10 +162,10 @@ def test_a_run_resumed_at_another_world_size_starts_with_a_resize():
         "saved_world_size": 2,
         "micro_batches": [2, 2, 2],
     }
-    (event,) = tracker.observe([start], [])
+    (event,) = derived(tracker, [ev(**start)], [])
     assert describe_event(event) == "Resized 2 -> 3 workers at step 20; micro-batches per rank 2,2,2; global batch stays 24."
     same = {**start, "saved_world_size": 3}
-    assert RecoveryTracker(BatchSchedule(24)).observe([same], []) == []
+    assert derived(RecoveryTracker(BatchSchedule(24)), [ev(**same)], []) == []
 
 
 def test_error_texts_print_as_they_are(capsys):
@@ -173,7 +173,7 @@ def test_error_texts_print_as_they_are(capsys):
 
     error = "[/__w/pytorch/third_party/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:43218"
     console = Console(width=400, force_terminal=False)
-    console.print(describe_event({"kind": "collective_failed", "rank": 0, "step": 7, "error": error}))
-    console.print(describe_event({"kind": "warning", "message": error}))
+    console.print(describe_event(ev("collective_failed", rank=0, step=7, error=error)))
+    console.print(describe_event(ev("warning", message=error)))
     out = capsys.readouterr().out
     assert out.count(error) == 2 and "Rank 0 saw step 7's reduction fail" in out and "Warning: " in out

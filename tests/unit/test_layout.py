@@ -36,20 +36,22 @@ def _imports(path: Path) -> set[str]:
 # DESIGN.md: spec <- data, train, checkpoint <- tune <- submit, cli. errors is a leaf; nothing imports cli.
 ALLOWED = {
     "errors": set(),
-    "metrics": set(),  # a leaf anyone may import (DESIGN.md)
+    "events": set(),  # the run's records (events and metrics rows): a leaf anyone may import
+    "metrics": {"events"},  # a leaf anyone may import (DESIGN.md)
     "batch_plan": {"errors"},  # the batch arithmetic: the spec's checks and training read it alike
     "spec": {"errors", "metrics", "batch_plan"},
-    "cluster": {"errors", "spec"},  # Ray bring-up and capacity rules for train/ and tune/
+    "cluster": {"errors", "events", "spec"},  # Ray bring-up and capacity rules for train/ and tune/
     "data": {"errors", "spec", "metrics"},
-    "checkpoint": {"errors", "spec", "metrics"},
+    "checkpoint": {"errors", "events", "spec", "metrics"},
     "recipes": {"errors", "spec", "recipes", "metrics"},
-    "train": {"errors", "spec", "batch_plan", "cluster", "data", "checkpoint", "recipes", "train", "metrics"},
-    "tune": {"errors", "spec", "batch_plan", "cluster", "data", "checkpoint", "recipes", "train", "metrics", "tune"},
-    "report": {"errors", "train", "tune", "metrics"},
+    "train": {"errors", "events", "spec", "batch_plan", "cluster", "data", "checkpoint", "recipes", "train", "metrics"},
+    "tune": {"errors", "events", "spec", "batch_plan", "cluster", "data", "checkpoint", "recipes", "train", "metrics", "tune"},
+    "report": {"errors", "events", "train", "tune", "metrics"},
     "submit": {"errors", "spec"},  # talks to a cluster; never trains here
     "kube": {"errors", "spec"},  # pure rules of the Kubernetes operator; never trains, never calls an API
     "cli": {
         "errors",
+        "events",
         "spec",
         "batch_plan",
         "data",

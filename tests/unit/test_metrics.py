@@ -8,8 +8,10 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from elastune.events import Row
 from elastune.metrics.catalogue import BY_NAME, CATALOGUE, series_names
 from elastune.metrics.exporter import RunMetrics
+from tests.helpers import ev
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,20 +27,21 @@ def scrape(metrics: RunMetrics) -> dict[tuple[str, tuple], float]:
 
 def row(step, world, **kw):
     counts = [2] * world
-    return {
-        "step": step,
-        "samples_seen": 12 * step,
-        "loss": 3.0 - step / 10,
-        "lr": 0.01,
-        "grad_norm": 1.5,
-        "world_size": world,
-        "global_batch_size": 12,
-        "micro_batches": counts,
-        "step_seconds": 0.2,
-        "samples_per_s": 60.0,
-        "snapshot_stall_seconds": 0.001,
-        **kw,
-    }
+    fields = dict(
+        time=float(step),
+        step=step,
+        samples_seen=12 * step,
+        loss=3.0 - step / 10,
+        lr=0.01,
+        grad_norm=1.5,
+        world_size=world,
+        global_batch_size=12,
+        micro_batches=tuple(counts),
+        step_seconds=0.2,
+        samples_per_s=60.0,
+        snapshot_stall_seconds=0.001,
+    )
+    return Row(**{**fields, **kw})
 
 
 def test_names_follow_prometheus_conventions():
@@ -61,10 +64,10 @@ def test_rows_and_events_become_the_values_they_describe():
     metrics.observe(
         [row(3, 2)],
         [
-            {"kind": "recovery", "time": 5.0, "mttr_seconds": 1.2, "detection_seconds": 0.3, "lost_steps": 1, "lost_samples": 12},
-            {"kind": "resize", "time": 6.0},
-            {"kind": "checkpoint", "time": 7.0, "step": 3, "seconds": 0.05, "bytes": 1000},
-            {"kind": "warning", "time": 8.0, "message": "not a metric"},
+            ev("recovery", time=5.0, mttr_seconds=1.2, detection_seconds=0.3, lost_steps=1, lost_samples=12),
+            ev("resize", time=6.0),
+            ev("checkpoint", time=7.0, step=3, seconds=0.05, bytes=1000),
+            ev("warning", time=8.0, message="not a metric"),
         ],
     )
     got = scrape(metrics)

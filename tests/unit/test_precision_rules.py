@@ -84,30 +84,34 @@ def test_the_loss_scale_travels_in_checkpoints_and_other_precisions_ignore_it(tm
     from elastune.checkpoint.format import Manifest
     from elastune.spec.models import AdamWSpec
     from elastune.train.optim import build_optimizer
-    from elastune.train.state import restore_state, state_pieces
+    from elastune.train.state import TrainState, restore_state, state_pieces
     from tests.helpers import tiny_model
 
     model = tiny_model()
     opt = build_optimizer(model, AdamWSpec(name="adamw", lr=1e-2))
     ckpt = Checkpointer(str(tmp_path))
     ckpt.save(
-        Manifest(3, 72, "h", {"kind": "replicated"}, {}), state_pieces(model, opt, LossScale(512.0, 10, growth_tracker=7)), 0, 1
+        Manifest(3, 72, "h", {"kind": "replicated"}, {}),
+        state_pieces(TrainState(model, opt, scaler=LossScale(512.0, 10, growth_tracker=7))),
+        0,
+        1,
     )
     m = ckpt.latest()
     scale = LossScale()
     restore_state(
-        tiny_model(seed=1),
-        build_optimizer(tiny_model(), AdamWSpec(name="adamw", lr=1e-2)),
+        TrainState(tiny_model(seed=1), build_optimizer(tiny_model(), AdamWSpec(name="adamw", lr=1e-2)), scaler=scale),
         m.shapes,
         lambda wanted: ckpt.load_pieces(m, wanted),
         "test",
-        scale,
     )
     assert (scale.scale, scale.growth_tracker) == (512.0, 7)
     # An fp32 run resumes from it, and an fp16 run from an fp32 checkpoint starts at its initial scale.
     other = tiny_model(seed=1)
     restore_state(
-        other, build_optimizer(other, AdamWSpec(name="adamw", lr=1e-2)), m.shapes, lambda w: ckpt.load_pieces(m, w), "test"
+        TrainState(other, build_optimizer(other, AdamWSpec(name="adamw", lr=1e-2))),
+        m.shapes,
+        lambda w: ckpt.load_pieces(m, w),
+        "test",
     )
     fresh = LossScale(1024.0)
     fresh.load({})

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import yaml
 
 from elastune.errors import ElastuneError
 from elastune.report import render, write_report
-from elastune.train.run_dir import RunDir, list_runs
+from elastune.train.run_dir import list_runs
 
 
 def make_run(root, job, run, steps, status=None, events=()):
-    d = RunDir.create(str(root), job, run)
-    d.write_spec({"name": job})
-    d.append_events([{"time": 100.0 + len(run), "kind": "start", "world_size": 2}, *events])
-    d.append_metrics(
+    """A run directory as version 1 wrote it (no format.json; events with fewer fields): the
+    format stays readable."""
+    d = root / job / run
+    d.mkdir(parents=True)
+    (d / "spec.yaml").write_text(yaml.safe_dump({"name": job}))
+    write_lines(d / "events.jsonl", [{"time": 100.0 + len(run), "kind": "start", "world_size": 2}, *events])
+    write_lines(
+        d / "metrics.jsonl",
         [
             {
                 "time": 101.0 + s,
@@ -29,11 +36,15 @@ def make_run(root, job, run, steps, status=None, events=()):
                 "snapshot_stall_seconds": 0.001,
             }
             for s in range(1, steps + 1)
-        ]
+        ],
     )
     if status:
-        d.write_result({"status": status})
-    return d.path
+        (d / "result.json").write_text(json.dumps({"status": status}))
+    return d
+
+
+def write_lines(path, objects):
+    path.write_text("".join(json.dumps(o) + "\n" for o in objects))
 
 
 def test_runs_ls_tells_finished_failed_and_unfinished_runs_apart(tmp_path):

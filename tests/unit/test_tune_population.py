@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from elastune.spec import validate_spec
 from elastune.train.schedules import lr_multiplier, step_values
 from elastune.tune.lineage import read_lineage
 from elastune.tune.population import Member, base_values, check_space, decide, fitness, initial_values, member_spec, replay_spec
-from tests.helpers import minimal, spec_problems
+from tests.helpers import minimal, row, spec_problems
 
 
 def tuned(**search):
@@ -55,10 +56,10 @@ def test_a_family_change_keeps_warmup_and_drops_fields_the_family_lacks():
 
 
 def test_fitness_is_the_mean_loss_over_the_window_and_infinite_when_diverged():
-    rows = [{"samples_seen": 24 * s, "global_batch_size": 24, "loss": float(s)} for s in range(1, 11)]
+    rows = [row(samples_seen=24 * s, global_batch_size=24, loss=float(s)) for s in range(1, 11)]
     # The last 96 samples: steps that started at 144, 168, 192, 216 -> steps 7..10.
     assert fitness(rows, 240, 96) == pytest.approx((7 + 8 + 9 + 10) / 4)
-    assert fitness([*rows[:-1], {**rows[-1], "loss": math.nan}], 240, 96) == math.inf
+    assert fitness([*rows[:-1], replace(rows[-1], loss=math.nan)], 240, 96) == math.inf
     assert fitness([], 240, 96) == math.inf
 
 
@@ -252,7 +253,8 @@ def test_ranking_by_predicted_final_loss_prefers_the_member_that_will_anneal(tmp
             run_dir.mkdir(parents=True)
             (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             Checkpointer(config["spec"]["checkpoint"]["path"]).save(Manifest(20, 480, "h", {}, {}), {"model/w": torch.zeros(2)})
-            searcher.on_trial_complete(trial, {"fitness": fitness(rows, 480, 120), "run_dir": str(run_dir)})
+            fit = fitness([row(**r) for r in rows], 480, 120)
+            searcher.on_trial_complete(trial, {"fitness": fit, "run_dir": str(run_dir)})
         (exploit,) = read_lineage(folder)["exploits"]
         return exploit["recipient"], exploit["donor"]
 

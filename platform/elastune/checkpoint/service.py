@@ -43,6 +43,7 @@ from elastune.checkpoint.payload import block_digests, digests_of
 from elastune.checkpoint.retention import RetentionPolicy
 from elastune.checkpoint.snapshot import INLINE_BYTES
 from elastune.errors import CheckpointError
+from elastune.events import Checkpoint, Event, Row, RunWarning
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class Part:
 class Snapshot:
     header: dict[str, Any]  # step, samples_seen, spec_hash, layout, world_size, durable, meta
     parts: dict[int, Part] = field(default_factory=dict)
-    rows: list[dict[str, Any]] = field(default_factory=list)  # metrics rows delivered when complete
+    rows: list[Row] = field(default_factory=list)  # metrics rows delivered when complete
 
     @property
     def step(self) -> int:
@@ -119,7 +120,7 @@ class CheckpointService:
         self.ckpt = Checkpointer(uri, policy=RetentionPolicy(**policy))
         self.sink_name, self._sink = sink_name, None
         self.final_rows_step = 0  # the newest step whose final rows (a live group's) went to the sink
-        self.outbox: list[dict[str, Any]] = []  # rows of complete steps not yet passed to the sink
+        self.outbox: list[Row] = []  # rows of complete steps not yet passed to the sink
         self.outbox_once, self.sent_at = False, time.monotonic()
         self.cv = threading.Condition()
         self.partial: dict[tuple[int, int], Snapshot] = {}
@@ -151,9 +152,9 @@ class CheckpointService:
         rows, rows_final = header.pop("rows", []), header.pop("rows_final", False)
         with self.cv:
             if rows_final:  # a live group's: final at once; every participant sends them, the sink gets them once
-                rows = [r for r in rows if r["step"] > self.final_rows_step]
+                rows = [r for r in rows if r.step > self.final_rows_step]
                 if rows:
-                    self.final_rows_step = rows[-1]["step"]
+                    self.final_rows_step = rows[-1].step
                     self._send_rows(rows, once=True)
                 rows = []
             self.high_water = max(self.high_water or 0, header["step"])  # this step's update happened
@@ -174,7 +175,7 @@ class CheckpointService:
             self._send_rows(snap.rows)  # under the lock: steps reach the sink in order
             return sorted(self.draining)
 
-    def _send_rows(self, rows: list[dict[str, Any]], once: bool = False, now: bool = False) -> None:
+    def _send_rows(self, rows: list[Row], once: bool = False, now: bool = False) -> None:
         """Pass metrics rows on to the run's sink, in batches at most every ROWS_EVERY_S (a call
         per step cost the service and the sink measurable CPU); `now`: everything held, at once.
         Call with the lock held."""
@@ -260,16 +261,13 @@ class CheckpointService:
                 self.busy = True
             try:
                 report = self._persist_or_make_room(snap)
-                self._emit({"kind": "checkpoint", **report})
+                self._emit(Checkpoint(time=time.time(), **report))
             except Exception as exc:  # a failed write must not stop later ones; users see why
                 log.exception("persisting step %s failed", snap.step)
                 report = {"step": snap.step, "error": f"{type(exc).__name__}: {exc}", "uri": self.ckpt.uri}
-                self._emit(
-                    {
-                        "kind": "warning",
-                        "message": f"durable checkpoint of step {snap.step} failed: {report['error']}; "
-                        f"what it wrote is removed, and training goes on",
-                    }
+                self._warn(
+                    f"durable checkpoint of step {snap.step} failed: {report['error']}; "
+                    f"what it wrote is removed, and training goes on"
                 )
             with self.cv:
                 self.reports.append(report)
@@ -285,12 +283,9 @@ class CheckpointService:
             freed = self.ckpt.make_room()
             if not freed:
                 raise
-            self._emit(
-                {
-                    "kind": "warning",
-                    "message": f"no space for step {snap.step} at {self.ckpt.uri}: deleted step(s) "
-                    f"{', '.join(map(str, freed))} to make room (the newest checkpoint stays); trying again",
-                }
+            self._warn(
+                f"no space for step {snap.step} at {self.ckpt.uri}: deleted step(s) "
+                f"{', '.join(map(str, freed))} to make room (the newest checkpoint stays); trying again"
             )
             return self._persist(snap)
 
@@ -312,7 +307,7 @@ class CheckpointService:
         committed = time.perf_counter()
         self.ckpt.prune()
         for note in self.ckpt.notes:
-            self._emit({"kind": "warning", "message": f"retention at {self.ckpt.uri}: {note}"})
+            self._warn(f"retention at {self.ckpt.uri}: {note}")
         return {
             "write_seconds": round(written - started, 4),  # payloads (checksummed as they are written)
             "commit_seconds": round(committed - written, 4),  # the manifest
@@ -321,8 +316,8 @@ class CheckpointService:
             "reason": snap.header.get("reason", "every_steps"),
             "uri": self.ckpt.uri,
             "bytes": sum(snap.parts[r].nbytes for r in ranks),
-            "rank_bytes": [snap.parts[r].nbytes for r in ranks],
-            "stall_seconds": [round(snap.parts[r].stall_seconds, 6) for r in ranks],
+            "rank_bytes": tuple(snap.parts[r].nbytes for r in ranks),
+            "stall_seconds": tuple(round(snap.parts[r].stall_seconds, 6) for r in ranks),
             "seconds": round(committed - started, 4),  # until durable
         }
 
@@ -354,10 +349,13 @@ class CheckpointService:
             self._sink = ray.get_actor(self.sink_name)
         return self._sink
 
-    def _emit(self, event: dict[str, Any]) -> None:
+    def _emit(self, event: Event) -> None:
         if self.sink_name:
             # Waited for, so the event is in the sink before `flush` returns and the driver drains.
-            ray.get(self.sink().event.remote({"time": time.time(), **event}))
+            ray.get(self.sink().event.remote(event))
+
+    def _warn(self, message: str) -> None:
+        self._emit(RunWarning(time=time.time(), message=message))
 
 
 def start_service(run_id: str, uri: str, policy: RetentionPolicy, sink_name: str | None = None, scheduling_strategy=None):

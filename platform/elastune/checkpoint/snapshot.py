@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ import ray
 from elastune.checkpoint.format import BLOCK_BYTES, SNAPSHOT_CHECKSUM, PayloadPlan, Piece, payload_file, with_digests
 from elastune.checkpoint.layout import pieces_to_write
 from elastune.checkpoint.payload import block_digests
+from elastune.events import Row
 
 # A call's arguments up to Ray's max_direct_call_object_size (100 KiB) travel inside the call, up to
 # task_rpc_inlined_bytes_limit (10 MiB) in all; beyond either, Ray puts them in the object store.
@@ -61,7 +63,7 @@ class Snapshotter:
         held: dict[str, Piece],
         rank: int,
         world_size: int,
-        rows: list[dict[str, Any]] | None = None,
+        rows: list[Row] | None = None,
         rows_final: bool = False,
         writer: int | None = None,
     ) -> float:
@@ -98,7 +100,7 @@ class Snapshotter:
             copied.record()
         stall = time.perf_counter() - started
         if rows:
-            rows[-1]["snapshot_stall_seconds"] = stall
+            rows = [*rows[:-1], replace(rows[-1], snapshot_stall_seconds=stall)]
         parts = 1 if whole else world_size  # hand-overs that make the step complete
         header = {**header, "world_size": world_size, "parts": parts, "rows": rows or [], "rows_final": rows_final}
         self.pending = self.pool.submit(self._hand_off, header, rank, self.file, self.entries, copied, stall)

@@ -12,12 +12,36 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 import ray
+from elastune.events import (
+    Checkpoint,
+    CollectiveFailed,
+    DataPrepared,
+    End,
+    Event,
+    Exploit,
+    FailurePolicy,
+    Fault,
+    Finish,
+    Fresh,
+    Join,
+    LeaseTakenOver,
+    Leave,
+    Population,
+    Preemption,
+    Recovery,
+    Resize,
+    Resume,
+    Row,
+    RunWarning,
+    Start,
+)
 from elastune.metrics.catalogue import CATALOGUE, RUN, Metric
 from elastune.metrics.noise import NoiseScale
 
@@ -51,25 +75,25 @@ class RunMetrics:
     def _(self, name: str, **labels: str):
         return self.m[name].labels(job=self.job, run=self.run, **labels)
 
-    def observe(self, rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+    def observe(self, rows: list[Row], events: list[Event]) -> None:
         for row in rows:
             self._row(row)
         for event in events:
-            self._event(event)
+            handler = EXPORTED[type(event)]
+            if handler is not None:
+                handler(self, event)
 
-    def observe_trial(self, trial: str, rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+    def observe_trial(self, trial: str, rows: list[Row], events: list[Event]) -> None:
         """A tuning trial's rows (its newest loss and learning rate) and its `exploit` events;
         a trial's exploit count exists, at 0, from its first observation."""
         exploits = self._("elastune_exploits", trial=trial)
         for row in rows[-1:]:
-            self._("elastune_trial_loss", trial=trial).set(row["loss"])
-            self._("elastune_trial_learning_rate", trial=trial).set(row["lr"])
-        for event in events:
-            if event["kind"] == "exploit":
-                exploits.inc()
+            self._("elastune_trial_loss", trial=trial).set(row.loss)
+            self._("elastune_trial_learning_rate", trial=trial).set(row.lr)
+        exploits.inc(sum(isinstance(e, Exploit) for e in events))
 
-    def _row(self, row: dict[str, Any]) -> None:
-        G = row["global_batch_size"]
+    def _row(self, row: Row) -> None:
+        G = row.global_batch_size
         self._("elastune_steps").inc()
         self._("elastune_samples").inc(G)
         if self.tokens_per_sample:
@@ -85,41 +109,59 @@ class RunMetrics:
             ("elastune_grad_norm", "grad_norm"),
             ("elastune_loss_scale", "loss_scale"),
         ):
-            if row.get(key) is not None:
-                self._(name).set(row[key])
-        if row.get("loss_scale") is not None and row.get("grad_norm") is None:
+            if (value := getattr(row, key)) is not None:
+                self._(name).set(value)
+        if row.loss_scale is not None and row.grad_norm is None:
             self._("elastune_skipped_steps").inc()
-        b_simple = self.noise.update(row.get("noise"))
+        b_simple = self.noise.update(row.noise)
         self._("elastune_gradient_noise_scale").set(math.nan if b_simple is None else b_simple)  # NaN: no estimate yet
-        counts = row["micro_batches"]
+        counts = row.micro_batches
         for rank, count in enumerate(counts):
             self._("elastune_micro_batches", rank=str(rank)).set(count)
         for rank in range(len(counts), self.ranks):
             self.m["elastune_micro_batches"].remove(self.job, self.run, str(rank))
         self.ranks = len(counts)
-        self._("elastune_step_seconds").observe(row["step_seconds"])
-        if row.get("snapshot_stall_seconds") is not None:
-            self._("elastune_snapshot_stall_seconds").observe(row["snapshot_stall_seconds"])
+        self._("elastune_step_seconds").observe(row.step_seconds)
+        if row.snapshot_stall_seconds is not None:
+            self._("elastune_snapshot_stall_seconds").observe(row.snapshot_stall_seconds)
 
-    def _event(self, event: dict[str, Any]) -> None:
-        kind = event["kind"]
-        if kind == "recovery":
-            self._("elastune_worker_failures").inc()
-            self._("elastune_recovery_seconds").observe(event["mttr_seconds"])
-            if event.get("detection_seconds") is not None:
-                self._("elastune_failure_detection_seconds").observe(event["detection_seconds"])
-            self._("elastune_lost_steps").inc(event["lost_steps"])
-            self._("elastune_lost_samples").inc(event["lost_samples"])
-        elif kind == "resize":
-            self._("elastune_resizes").inc()
-        elif kind == "population":
-            self._("elastune_population_size").set(event["size"])
-        elif kind == "checkpoint":
-            self._("elastune_checkpoints").inc()
-            self._("elastune_checkpoint_persist_seconds").observe(event["seconds"])
-            self._("elastune_checkpoint_bytes").inc(event["bytes"])
-            self._("elastune_checkpoint_last_durable_step").set(event["step"])
-            self._("elastune_checkpoint_last_durable_timestamp_seconds").set(event["time"])
+    def _recovery(self, event: Recovery) -> None:
+        self._("elastune_worker_failures").inc()
+        if event.mttr_seconds is not None:
+            self._("elastune_recovery_seconds").observe(event.mttr_seconds)
+        if event.detection_seconds is not None:
+            self._("elastune_failure_detection_seconds").observe(event.detection_seconds)
+        self._("elastune_lost_steps").inc(event.lost_steps)
+        self._("elastune_lost_samples").inc(event.lost_samples)
+
+    def _resize(self, event: Resize) -> None:
+        self._("elastune_resizes").inc()
+
+    def _population(self, event: Population) -> None:
+        self._("elastune_population_size").set(event.size)
+
+    def _checkpoint(self, event: Checkpoint) -> None:
+        self._("elastune_checkpoints").inc()
+        self._("elastune_checkpoint_persist_seconds").observe(event.seconds)
+        self._("elastune_checkpoint_bytes").inc(event.bytes)
+        self._("elastune_checkpoint_last_durable_step").set(event.step)
+        self._("elastune_checkpoint_last_durable_timestamp_seconds").set(event.time)
+
+
+# What each event kind adds to the metrics (None: nothing; rows carry the run's figures, and
+# `exploit` counts per trial through observe_trial). tests/unit/test_events.py holds every kind
+# in events.KINDS to an entry here, and every handler to the catalogue metrics it sets.
+EXPORTED: dict[type[Event], Callable[[RunMetrics, Any], None] | None] = {
+    Recovery: RunMetrics._recovery,
+    Resize: RunMetrics._resize,
+    Population: RunMetrics._population,
+    Checkpoint: RunMetrics._checkpoint,
+    **dict.fromkeys(
+        (Start, Join, Leave, Finish, CollectiveFailed, Fault, FailurePolicy, Preemption, RunWarning, LeaseTakenOver),
+        None,
+    ),
+    **dict.fromkeys((Fresh, DataPrepared, Resume, End, Exploit), None),
+}
 
 
 class ScrapeClock:
@@ -164,10 +206,10 @@ class MetricsExporter:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.server.server_port}"
 
-    def observe(self, rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+    def observe(self, rows: list[Row], events: list[Event]) -> None:
         self.metrics.observe(rows, events)
 
-    def observe_trial(self, trial: str, rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+    def observe_trial(self, trial: str, rows: list[Row], events: list[Event]) -> None:
         self.metrics.observe_trial(trial, rows, events)
 
     def shutdown(self) -> None:
@@ -215,7 +257,7 @@ class RunExporter:
         self.address = ray.get(self.actor.address.remote())
         self.target = write_file_sd(targets, job, run, self.address)
 
-    def observe(self, rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+    def observe(self, rows: list[Row], events: list[Event]) -> None:
         if rows or events:
             self.actor.observe.remote(rows, events)
 

@@ -22,6 +22,7 @@ from rich.console import Console
 import ray
 from elastune.checkpoint.service import service_name
 from elastune.cluster import placeable_workers, short_of_workers
+from elastune.events import FailurePolicy, RunWarning
 from elastune.spec.models import JobSpec
 from elastune.train.failure_policy import decide_live
 from elastune.train.loop import WorkerConfig, run_worker
@@ -62,14 +63,7 @@ class LiveFailurePolicy(DefaultFailurePolicy):
         self.steps.append(step)
         decision = decide_live(self.steps, self.max_failures)
         sink.event.remote(
-            {
-                "time": time.time(),
-                "kind": "failure_policy",
-                "retry": decision.retry,
-                "in_a_row": decision.in_a_row,
-                "step": step,
-                "message": decision.reason,
-            }
+            FailurePolicy(time=time.time(), retry=decision.retry, in_a_row=decision.in_a_row, step=step, message=decision.reason)
         )
         return RayDecision.RETRY if decision.retry else RayDecision.RAISE
 
@@ -104,7 +98,7 @@ def make_trainer(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, dri
         room = placeable_workers(ray.nodes(), scaling.cpus_per_worker, scaling.gpus_per_worker)
         if warning := short_of_workers(scaling.max_workers, room):
             console.print(f"[yellow]Warning:[/yellow] {warning}", highlight=False)
-            run_dir.append_events([{"time": time.time(), "kind": "warning", "message": warning}])
+            run_dir.append_events([RunWarning(time=time.time(), message=warning)])
         backend = "nccl" if scaling.gpus_per_worker > 0 else "gloo"
         torch_config = TorchftConfig(backend=backend, lighthouse_kwargs={"min_replicas": scaling.min_workers, **LIGHTHOUSE})
         failure_config = FailureConfig(max_failures=-1)  # worker failures go by LiveFailurePolicy

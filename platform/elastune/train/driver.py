@@ -29,6 +29,7 @@ from elastune.checkpoint.service import start_service
 from elastune.cluster import DrainWatch, connect_ray
 from elastune.data.prepare import ensure_prepared
 from elastune.errors import LeaseHeld
+from elastune.events import DataPrepared, End, Event, FailurePolicy, Finish, Fresh, LeaseTakenOver, Resume, Row, RunWarning
 from elastune.metrics.exporter import RunExporter
 from elastune.recipes import load_recipe
 from elastune.spec.load import validate_spec
@@ -105,20 +106,29 @@ def _run(
     verbose: bool,
     observe,
 ) -> RunOutcome:
-    events: list[dict[str, Any]] = []
+    events: list[Event] = []
 
-    def note(kind: str, message: str, **fields: Any) -> None:
-        console.print(message, highlight=False)
-        events.append({"time": time.time(), "kind": kind, **fields})
+    def note(event: Event) -> None:
+        console.print(describe_event(event), highlight=False)
+        events.append(event)
 
+    now = time.time
     if lease.took_over is not None:
-        note("lease", f"Took over the checkpoint root from {lease.took_over.describe(time.time())}, which is gone.")
+        note(
+            LeaseTakenOver(
+                time=now(), message=f"Took over the checkpoint root from {lease.took_over.describe(now())}, which is gone."
+            )
+        )
     if fresh:
         removed = ckpt.clear()
         if removed:
-            note("fresh", f"--fresh: deleted {removed} checkpoint(s) at {ckpt.uri}; starting over.", deleted=removed)
+            note(
+                Fresh(
+                    time=now(), deleted=removed, message=f"--fresh: deleted {removed} checkpoint(s) at {ckpt.uri}; starting over."
+                )
+            )
         for left in ckpt.notes:
-            note("warning", f"--fresh: {left}", message=f"--fresh: {left}")
+            note(RunWarning(time=now(), message=f"--fresh: {left}"))
     latest = ckpt.latest()
     where = f"checkpoint {ckpt.uri}/{step_dir(latest.step)}" if latest else ""
     resume = plan_resume(latest, model_state(recipe.build_model), spec, where) if latest else None
@@ -135,21 +145,16 @@ def _run(
     if recipe.dataset is None:  # the recipe reads prepared token windows
         manifest, prepared_now = ensure_prepared(spec.data)
         if prepared_now:
-            note(
-                "data_prepared",
-                f"Prepared {manifest.count:,} samples of {manifest.window} tokens at {spec.data.path}.",
-                count=manifest.count,
-                content_hash=manifest.content_hash,
-            )
+            message = f"Prepared {manifest.count:,} samples of {manifest.window} tokens at {spec.data.path}."
+            note(DataPrepared(time=now(), count=manifest.count, content_hash=manifest.content_hash, message=message))
     if resume is not None:
         changed = f"; these fields differ from the spec that saved it: {'; '.join(resume.changes)}" if resume.changes else ""
-        note(
-            "resume",
+        message = (
             f"Resuming from checkpoint step {resume.step} ({resume.samples_seen:,} samples) at {ckpt.uri}{changed}; "
-            f"pass --fresh to start over.",
-            step=resume.step,
-            samples_seen=resume.samples_seen,
-            changes=list(resume.changes),
+            f"pass --fresh to start over."
+        )
+        note(
+            Resume(time=now(), step=resume.step, samples_seen=resume.samples_seen, changes=tuple(resume.changes), message=message)
         )
     run_dir.append_events(events)
     console.print(f"Run directory: {run_dir.path}", highlight=False)
@@ -204,7 +209,7 @@ def _train(
 
     view = ProgressView(console, spec.max_steps)
     started = time.time()
-    last: dict[str, Any] = {**start, "loss": None}
+    last: Row | None = None
     recoveries = RecoveryTracker(spec.batches, live=spec.scaling.recovery == "live")
     thread = threading.Thread(target=fit, name="elastune-fit", daemon=True)
     thread.start()
@@ -220,31 +225,27 @@ def _train(
                 stopping = begin_stop(stop, service, sink, view, Checkpointer(spec.checkpoint_path))
                 alive = False
             rows, events = ray.get(sink.drain.remote())
-            if finished_at is None and any(e["kind"] == "finish" for e in events):
+            if finished_at is None and any(isinstance(e, Finish) for e in events):
                 finished_at = time.monotonic()
             events += notices.poll()
-            gave_up = next((e["message"] for e in events if e["kind"] == "failure_policy" and not e["retry"]), gave_up)
+            gave_up = next((e.message for e in events if isinstance(e, FailurePolicy) and not e.retry), gave_up)
             if alive and stranded(spec.scaling.recovery, finished_at):
                 # A live group finished while Ray Train still waits to place a lost worker's
                 # replacement (no capacity came back): the run is done; end Ray Train's part.
-                events.append(
-                    {
-                        "time": time.time(),
-                        "kind": "warning",
-                        "message": "training finished while a worker Ray Train "
-                        "started was not training (a replacement still starting, or one with no capacity to run on); "
-                        "the run is complete, so that worker was stopped",
-                    }
+                message = (
+                    "training finished while a worker Ray Train started was not training (a replacement still "
+                    "starting, or one with no capacity to run on); the run is complete, so that worker was stopped"
                 )
+                events.append(RunWarning(time=time.time(), message=message))
                 abort_controller(sink, thread)
                 alive, stranded_ended = False, True
             if not alive:  # everything the run will write is in now
                 ray.get(service.flush.remote(STOP_GRACE_S if stopping else None))
                 more_rows, more_events = ray.get(sink.drain.remote())
                 rows, events = rows + more_rows, events + more_events
-            events += recoveries.observe(events, rows)  # after the last drain: the service passes rows on in batches
+            events = recoveries.observe(events, rows)  # after the last drain: the service passes rows on in batches
             if stopping is not None:
-                rows = [r for r in rows if r["step"] <= stopping["keep_rows_to"]]  # later steps are redone on resume
+                rows = [r for r in rows if r.step <= stopping["keep_rows_to"]]  # later steps are redone on resume
             run_dir.append_metrics(rows)
             run_dir.append_events(events)
             if exporter is not None:
@@ -266,19 +267,9 @@ def _train(
     if stopping is not None:
         abort_controller(sink, thread)
     error = None if stranded_ended else outcome.get("error")
-    result = conclude(spec, run_dir, last, started, error, gave_up, ray.get(service.flush.remote(0)), stop.signum)
+    result = conclude(spec, run_dir, last, start, started, error, gave_up, ray.get(service.flush.remote(0)), stop.signum)
     run_dir.write_result(result.__dict__ | {"run_dir": str(run_dir.path)})
-    run_dir.append_events(
-        [
-            {
-                "time": time.time(),
-                "kind": "end",
-                "status": result.status,
-                "error": result.error,
-                "durable_step": result.durable_step,
-            }
-        ]
-    )
+    run_dir.append_events([End(time=time.time(), status=result.status, error=result.error, durable_step=result.durable_step)])
     if exporter is not None:
         exporter.close(run_dir.path / "metrics.prom")
     ray.kill(sink)

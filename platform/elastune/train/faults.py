@@ -11,8 +11,9 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import replace
 
+from elastune.events import Fault as Fired
 from elastune.spec.scaling import DelayRank, Fault, KillNode
 
 POLL_S = 0.05  # how often a stall that ends at a join asks the run's sink
@@ -35,7 +36,7 @@ class FaultInjector:
         faults: list[Fault],
         rank: int,
         claim: Callable[[str], bool],
-        record: Callable[[dict[str, Any]], None],
+        record: Callable[[Fired], None],
         on_driver_node: bool = False,
         rejoined: Callable[[], bool] = lambda: False,
     ):
@@ -47,15 +48,7 @@ class FaultInjector:
             if not self.claim(f"fault-{i}"):
                 continue  # already happened in this run
             fault = self.faults[i]
-            event = {
-                "time": time.time(),
-                "kind": "fault",
-                "index": i,
-                "step": step,
-                "point": point,
-                "rank": self.rank,
-                **fault.model_dump(),
-            }
+            event = Fired(time=time.time(), index=i, step=step, point=point, **fault.model_dump(exclude={"point"}))
             if isinstance(fault, DelayRank):
                 self.record(event)
                 self.stall(fault)
@@ -64,9 +57,8 @@ class FaultInjector:
             if isinstance(fault, KillNode):
                 raylet = None if self.on_driver_node else node_process()
                 if raylet is None:
-                    event["skipped"] = (
-                        "the worker runs on the driver's node" if self.on_driver_node else "no raylet above this worker"
-                    )
+                    skipped = "the worker runs on the driver's node" if self.on_driver_node else "no raylet above this worker"
+                    event = replace(event, skipped=skipped)
                     self.record(event)
                     continue
             self.record(event)  # before acting: a killed worker says nothing afterwards

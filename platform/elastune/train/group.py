@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
+from elastune.events import Recovery, Resize
 from elastune.train.state import Progress
 from elastune.train.step import GradBuffer
 
@@ -68,7 +70,7 @@ class StaticGroup:
 
 class Membership:
     """Who trained each step, as events: a step that failed, or a quorum smaller than the last,
-    is a `recovery` once a step commits again; a larger quorum is a `resize` (a worker joined).
+    is a `Recovery` once a step commits again; a larger quorum is a `Resize` (a worker joined).
 
     Every participant keeps one and reports what it saw; the run's sink keeps the first report of
     each event (the worker that would have been the one to report may be the one that died).
@@ -77,70 +79,55 @@ class Membership:
     injected fault's time when there is one). `failed_after` is this worker's last commit: the
     peer's crash came after it, but not necessarily after this worker's step start (ranks start a
     step at slightly different moments), so it bounds the window in which a fault explains it.
+    `clock`: Unix seconds (tests give their own).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
         self.world: int | None = None
-        self.last_commit = time.time()
-        self.failure: dict[str, Any] | None = None
+        self.last_commit = clock()
+        self.failure: _Failure | None = None
 
     def failed(self, step: int, world: int, started_at: float, error: str | None) -> None:
         if self.failure is None:
-            self.failure = {
-                "step": step,
-                "world": world,
-                "at": started_at,
-                "after": self.last_commit,
-                "detected": time.time(),
-                "error": error,
-            }
+            self.failure = _Failure(step, world, started_at, self.last_commit, self.clock(), error)
 
-    def committed(self, step: int, world: int, micro_batches: list[int], global_batch_size: int) -> list[dict[str, Any]]:
+    def committed(self, step: int, world: int, micro_batches: tuple[int, ...], global_batch_size: int) -> list[Recovery | Resize]:
         """Events for `step` committed by `world` workers (its plan's split and global batch)."""
-        now, before = time.time(), self.world
-        events = []
+        now, before = self.clock(), self.world
+        events: list[Recovery | Resize] = []
+        common = {"time": now, "world_size_after": world, "micro_batches": micro_batches, "global_batch_size": global_batch_size}
         if self.failure is not None or (before is not None and world < before):
-            f = self.failure or {
-                "step": step,
-                "world": before,
-                "at": self.last_commit,
-                "after": self.last_commit,
-                "detected": None,
-                "error": None,
-            }
-            cause = f"worker lost during step {f['step']}" if self.failure else f"worker left before step {step}"
+            f = self.failure or _Failure(step, before, self.last_commit, self.last_commit, None, None)
+            cause = f"worker lost during step {f.step}" if self.failure else f"worker left before step {step}"
             events.append(
-                {
-                    "kind": "recovery",
-                    "time": now,
-                    "step": step,
-                    "recovery": "live",
-                    "cause": cause + (f" ({f['error']})" if f["error"] else ""),
-                    "world_size_before": f["world"],
-                    "world_size_after": world,
-                    "resumed_from_step": step - 1,
-                    "resumed_from_tier": None,
-                    "lost_steps": 0,
-                    "lost_samples": 0,
-                    "failed_at": f["at"],
-                    "failed_after": f["after"],
-                    "restart_seconds": None,
-                    "detection_seconds": None if f["detected"] is None else round(f["detected"] - f["at"], 3),
-                    "mttr_seconds": round(now - f["at"], 3),
-                    "micro_batches": micro_batches,
-                }
+                Recovery(
+                    step=step,
+                    recovery="live",
+                    cause=cause + (f" ({f.error})" if f.error else ""),
+                    world_size_before=f.world,
+                    resumed_from_step=step - 1,
+                    failed_at=f.at,
+                    failed_after=f.after,
+                    detection_seconds=None if f.detected is None else round(f.detected - f.at, 3),
+                    mttr_seconds=round(now - f.at, 3),
+                    **common,
+                )
             )
         elif before is not None and world > before:
-            events.append(
-                {
-                    "kind": "resize",
-                    "time": now,
-                    "step": step - 1,
-                    "world_size_before": before,
-                    "world_size_after": world,
-                    "global_batch_size": global_batch_size,
-                    "micro_batches": micro_batches,
-                }
-            )
+            events.append(Resize(step=step - 1, world_size_before=before, **common))
         self.world, self.last_commit, self.failure = world, now, None
         return events
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A step that failed on this worker: when it started, this worker's last commit before it,
+    and when the failure was seen (None: a worker left between steps)."""
+
+    step: int
+    world: int | None
+    at: float
+    after: float
+    detected: float | None
+    error: str | None

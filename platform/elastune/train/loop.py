@@ -24,18 +24,18 @@ from elastune.checkpoint.payload import BufferSource, read_pieces
 from elastune.checkpoint.snapshot import Snapshotter
 from elastune.data.dataset import TokenWindows
 from elastune.errors import CheckpointError
+from elastune.events import CollectiveFailed, Event, Finish, Join, Leave, Row, RunWarning, Start
 from elastune.recipes import Recipe, SampleSource, load_recipe
 from elastune.spec.models import JobSpec
 from elastune.train.faults import FaultInjector
 from elastune.train.group import Group, Membership, StaticGroup
-from elastune.train.optim import build_optimizer, set_hyper
+from elastune.train.optim import set_hyper
 from elastune.train.precision import LossScale, check_step, compile_model
 from elastune.train.reduce import REDUCE_DTYPES
 from elastune.train.resume import saved_spec
 from elastune.train.schedules import step_values
-from elastune.train.state import Progress, layout_of, restore_state, state_pieces
-from elastune.train.step import GradBuffer, train_step
-from elastune.train.zero import ZeroOptimizer
+from elastune.train.state import Progress, TrainState, restore_state, state_pieces
+from elastune.train.step import GradBuffer, StepContext, train_step
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,10 @@ def run_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     check_step(spec.step.precision, spec.step.compile, device.type)
     model = recipe.build_model().to(device)
-    if spec.scaling.layout == "zero1":
-        optimizer = ZeroOptimizer(model, spec.optimizer, replica, workers)
-    else:
-        optimizer = build_optimizer(model, spec.optimizer)
+    scaler = (
+        LossScale(spec.step.loss_scale.initial, spec.step.loss_scale.growth_interval) if spec.step.precision == "fp16" else None
+    )
+    state = TrainState.build(model, spec.optimizer, spec.scaling.layout, replica, workers, scaler)
     grads = GradBuffer(
         model,
         micro_batch_norms=spec.metrics.noise_scale,
@@ -87,19 +87,12 @@ def run_worker(config: dict[str, Any]) -> None:
         reduce_dtype=REDUCE_DTYPES[spec.step.reduce_dtype],
         overlap=not live,
     )
-    scaler = (
-        LossScale(spec.step.loss_scale.initial, spec.step.loss_scale.growth_interval) if spec.step.precision == "fp16" else None
-    )
-    progress, restored = restore(service, Checkpointer(spec.checkpoint_path), model, optimizer, scaler, keep_partial=live)
-    # The compiled module runs the steps and shares the parameters; state is read and written
-    # through `model` itself, under the universal names (a compiled module's would be prefixed).
-    forward = compile_model(model) if spec.step.compile else model
+    progress, restored = restore(service, Checkpointer(spec.checkpoint_path), state, keep_partial=live)
     if not live or ray.get(sink.claim.remote("start")):  # a live group's replacements only join
         first = step_values(spec, progress.samples_seen).global_batch_size
-        announce(
-            report.emit, batch_plan(first, spec.batch.micro_batch_size, workers), progress, restored, dataset_identity(source)
-        )
-    base = snapshot_base(spec, layout_of(optimizer), dataset_identity(source))
+        for event in announce(batch_plan(first, spec.batch.micro_batch_size, workers), restored, dataset_identity(source)):
+            report.emit(event)
+    base = snapshot_base(spec, state.layout.name, dataset_identity(source))
 
     def header(p: Progress, durable: bool = False, loss: float | None = None) -> dict[str, Any]:
         meta = (
@@ -116,8 +109,8 @@ def run_worker(config: dict[str, Any]) -> None:
             spec.scaling.min_workers,
             service,
             header,
-            lambda: (progress, state_pieces(model, optimizer, scaler)),
-            lambda found: progress_of(load_snapshot(found, model, optimizer, scaler)[0]),
+            lambda: (progress, state_pieces(state)),
+            lambda found: progress_of(load_snapshot(found, state)[0]),
             progress,
             spec.scaling.gpus_per_worker > 0,
         )
@@ -126,14 +119,29 @@ def run_worker(config: dict[str, Any]) -> None:
         group = StaticGroup(replica, workers, lambda error: report.collective_failed(replica, progress.step + 1, error))
     # Joined: restored and in a group, so its next step's quorum (live) takes it in.
     report.emit(
-        "join",
-        replica=replica,
-        node=node,
-        step=progress.step,
-        samples_seen=progress.samples_seen,
-        **{k: restored.get(k) for k in ("resumed_from_tier", "load_seconds")},
+        Join(
+            time=time.time(),
+            replica=replica,
+            node=node,
+            step=progress.step,
+            samples_seen=progress.samples_seen,
+            resumed_from_tier=restored.get("resumed_from_tier"),
+            load_seconds=restored.get("load_seconds"),
+        )
     )
     snapshots, pace = Snapshotter(service), SnapshotPace(c.snapshot_every_steps, cap=c.every_steps)
+    # The compiled module runs the steps and shares the parameters; state is read and written
+    # through `model` itself, under the universal names (a compiled module's would be prefixed).
+    step = StepContext(
+        compile_model(model) if spec.step.compile else model,
+        recipe,
+        source,
+        spec.seed,
+        spec.optimizer.grad_clip_norm,
+        spec.step.precision,
+        reduce=group.reduce,
+        before_reduce=lambda: faults.at(progress.step + 1, "mid"),
+    )
     budget = spec.budget_samples
     while progress.samples_seen < budget:
         progress, rank, world = group.begin(progress)  # live: this step's quorum; a worker behind heals here
@@ -141,27 +149,11 @@ def run_worker(config: dict[str, Any]) -> None:
             break
         values = step_values(spec, progress.samples_seen)  # peak lr x schedule, weight decay, global batch (spec phases)
         plan, lr = batch_plan(values.global_batch_size, spec.batch.micro_batch_size, world), values.lr
-        set_hyper(optimizer, lr, values.weight_decay)
+        set_hyper(state.optimizer, lr, values.weight_decay)
         started, started_at = time.perf_counter(), time.time()
         faults.at(progress.step + 1, "start")
         grads.offer = pace.offer()  # travels in the step's statistics: every rank agrees on the interval
-        result = train_step(
-            forward,
-            optimizer,
-            grads,
-            recipe,
-            source,
-            plan,
-            rank,
-            progress.step,
-            progress.samples_seen,
-            spec.seed,
-            spec.optimizer.grad_clip_norm,
-            before_reduce=lambda: faults.at(progress.step + 1, "mid"),  # noqa: B023 (called within this step)
-            reduce=group.reduce,
-            precision=spec.step.precision,
-            scaler=scaler,
-        )
+        result = train_step(step, state, grads, plan, rank, progress)
         if result is None:  # a peer was lost mid-step: nothing applied anywhere; the next quorum runs the step again
             report.failed(progress.step + 1, world, started_at, group.error())
             continue
@@ -171,21 +163,20 @@ def run_worker(config: dict[str, Any]) -> None:
         report.committed(metrics_row(progress, result, lr, plan, seconds), plan)
         pace.settle(grads.pace.tolist(), seconds, snapshots.drain_costs())
         if durable or snapshot_due(progress.step, pace.interval):
-            held = state_pieces(model, optimizer, scaler)
+            held = state_pieces(state)
             turn = progress.step // (pace.interval or c.every_steps)
             writer = None if live else snapshot_writer(held, turn, world)  # a live group heals from every rank's share
             snapshots.take(
                 header(progress, durable, result.loss), held, rank, world, report.rows_for_snapshot(rank, writer), live, writer
             )
         if live and node in snapshots.draining:  # a preemption notice for this node: leave at this step boundary
-            report.emit(
-                "leave", replica=replica, node=node, step=progress.step, reason="its node is draining (preemption notice)"
-            )
+            reason = "its node is draining (preemption notice)"
+            report.emit(Leave(time=time.time(), replica=replica, node=node, step=progress.step, reason=reason))
             break
     snapshots.wait()  # the last step is with the service before this worker reports done
     report.flush()
     if progress.samples_seen >= budget:
-        report.emit("finish", key="finish", step=progress.step, samples_seen=progress.samples_seen)
+        report.emit(Finish(time=time.time(), step=progress.step, samples_seen=progress.samples_seen), key="finish")
     group.close()
 
 
@@ -199,29 +190,28 @@ def dataset_identity(source: SampleSource) -> dict[str, Any]:
     return {"count": len(source), "content_hash": getattr(manifest, "content_hash", None)}
 
 
-def announce(emit, plan: BatchPlan, progress: Progress, restored: dict[str, Any], dataset: dict[str, Any]) -> None:
-    emit(
-        "start",
-        world_size=plan.world_size,
-        plan=plan.describe(),
-        micro_batches=plan.counts(),
-        **{k: v for k, v in restored.items() if k not in ("dataset", "skipped_checkpoints")},
-    )
+def announce(plan: BatchPlan, restored: dict[str, Any], dataset: dict[str, Any]) -> list[Event]:
+    """What a worker group says as it starts: its plan and what `restore` found, then a loud
+    warning for each corrupt checkpoint passed over and for a dataset that changed since."""
+    now = time.time()
+    found = {k: v for k, v in restored.items() if k not in ("dataset", "skipped_checkpoints")}
+    out: list[Event] = [
+        Start(time=now, world_size=plan.world_size, plan=plan.describe(), micro_batches=tuple(plan.counts()), **found)
+    ]
     for reason in restored.get("skipped_checkpoints", []):
-        emit("warning", message=f"CHECKPOINT CORRUPT, used an older one: {reason}")
+        out.append(RunWarning(time=now, message=f"CHECKPOINT CORRUPT, used an older one: {reason}"))
     saved = restored.get("dataset")
     if saved and saved != dataset:
         # Positions still resume exactly, but they now name other samples: say so loudly.
-        emit(
-            "warning",
-            message=f"the dataset changed since the checkpoint (then {saved}, now {dataset}); "
-            f"samples_seen continues, but the epoch's order is over different data",
+        message = (
+            f"the dataset changed since the checkpoint (then {saved}, now {dataset}); "
+            f"samples_seen continues, but the epoch's order is over different data"
         )
+        out.append(RunWarning(time=now, message=message))
+    return out
 
 
-def restore(
-    service, ckpt: Checkpointer, model, optimizer, scaler=None, keep_partial: bool = False
-) -> tuple[Progress, dict[str, Any]]:
+def restore(service, ckpt: Checkpointer, state: TrainState, keep_partial: bool = False) -> tuple[Progress, dict[str, Any]]:
     """Newest state from the service's in-memory snapshot (tier 0) when it is the newest there is,
     else from the newest valid durable checkpoint (tier 1); only the ranges this layout needs.
     A snapshot that fails its checksums is passed over for tier 1, with a warning.
@@ -232,14 +222,14 @@ def restore(
     manifest = None
     if found["tier0"] is not None:
         try:
-            (manifest, nbytes), tier = load_snapshot(found["tier0"], model, optimizer, scaler), 0
+            (manifest, nbytes), tier = load_snapshot(found["tier0"], state), 0
         except CheckpointError as exc:
             skipped.append(f"{exc}; resuming from the newest durable checkpoint instead")
     if manifest is None:
         loaded: dict[str, int] = {}
 
         def apply(m: Manifest, read) -> None:
-            loaded["bytes"] = restore_state(model, optimizer, m.shapes, read, f"{ckpt.uri} step {m.step}", scaler)
+            loaded["bytes"] = restore_state(state, m.shapes, read, f"{ckpt.uri} step {m.step}")
 
         manifest, tier = ckpt.restore_latest(apply), 1
         nbytes = loaded.get("bytes")
@@ -267,7 +257,7 @@ def progress_of(manifest: Manifest) -> Progress:
     return Progress(manifest.step, manifest.samples_seen)
 
 
-def load_snapshot(snap: dict[str, Any], model, optimizer, scaler=None) -> tuple[Manifest, int]:
+def load_snapshot(snap: dict[str, Any], state: TrainState) -> tuple[Manifest, int]:
     """Load an in-memory snapshot the service handed out ({"manifest", "payloads"}), every block
     checked against the checksums its workers took; returns its manifest and the bytes read."""
     manifest = Manifest.from_json(snap["manifest"].encode(), "in-memory snapshot")
@@ -279,9 +269,7 @@ def load_snapshot(snap: dict[str, Any], model, optimizer, scaler=None) -> tuple[
         return ray.get(snap["payloads"][file])
 
     source = BufferSource(fetch)
-    nbytes = restore_state(
-        model, optimizer, manifest.shapes, lambda wanted: read_pieces(manifest, source, wanted, where), where, scaler
-    )
+    nbytes = restore_state(state, manifest.shapes, lambda wanted: read_pieces(manifest, source, wanted, where), where)
     return manifest, nbytes
 
 
@@ -308,25 +296,23 @@ def snapshot_base(spec: JobSpec, layout: str, dataset: dict[str, Any]) -> dict[s
     }
 
 
-def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds: float) -> dict[str, Any]:
-    return {
-        "time": time.time(),
-        "step": progress.step,
-        "samples_seen": progress.samples_seen,
-        "loss": result.loss,
-        "lr": lr,
-        "grad_norm": result.grad_norm,  # None: an fp16 step whose reduced gradient held an inf or nan, applied nowhere
-        "loss_scale": result.loss_scale,  # fp16 only
-        "world_size": plan.world_size,
-        "global_batch_size": plan.global_batch_size,
-        "micro_batches": plan.counts(),
-        "step_seconds": seconds,
-        "samples_per_s": plan.global_batch_size / seconds if seconds > 0 else None,
-        # of the rank that sent the row, set by Snapshotter.take; every part's is in checkpoint events
-        "snapshot_stall_seconds": None,
-        "sample_tally": list(result.tally),  # data.sampler.tally of what all ranks read: proves each sample once
-        "noise": None if result.noise is None else list(result.noise),  # (tr(Sigma), |G|^2) of this step: metrics.noise
-    }
+def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds: float) -> Row:
+    return Row(
+        time=time.time(),
+        step=progress.step,
+        samples_seen=progress.samples_seen,
+        loss=result.loss,
+        lr=lr,
+        grad_norm=result.grad_norm,
+        loss_scale=result.loss_scale,
+        world_size=plan.world_size,
+        global_batch_size=plan.global_batch_size,
+        micro_batches=tuple(plan.counts()),
+        step_seconds=seconds,
+        samples_per_s=plan.global_batch_size / seconds if seconds > 0 else None,
+        sample_tally=tuple(result.tally),
+        noise=None if result.noise is None else tuple(result.noise),
+    )
 
 
 class Reporter:
@@ -355,12 +341,12 @@ class Reporter:
         self.with_snapshots = with_snapshots
         self.keeps_rows = self.speaks or with_snapshots
         self.membership = Membership() if live else None
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[Row] = []
         self.flushed = time.monotonic()
 
-    def emit(self, kind: str, key: str | None = None, **fields: Any) -> None:
+    def emit(self, event: Event, key: str | None = None) -> None:
         if self.speaks:
-            self.sink.event.remote({"time": time.time(), "kind": kind, **fields}, key)
+            self.sink.event.remote(event, key)
 
     def failed(self, step: int, world: int, started_at: float, error: str | None) -> None:
         self.membership.failed(step, world, started_at, error)
@@ -369,22 +355,22 @@ class Reporter:
         """Any rank of a static group whose reduction failed (it is about to go down with the
         group): delivered before that, within a bounded wait, and never in the way of the error."""
         try:
-            event = {"time": time.time(), "kind": "collective_failed", "rank": rank, "step": step, "error": error}
+            event = CollectiveFailed(time=time.time(), rank=rank, step=step, error=error)
             ray.get(self.sink.event.remote(event), timeout=5)
         except Exception:
             pass
 
-    def committed(self, row: dict[str, Any], plan: BatchPlan) -> None:
+    def committed(self, row: Row, plan: BatchPlan) -> None:
         if not self.keeps_rows:
             return
         self.rows.append(row)
         if self.membership is not None:
-            for event in self.membership.committed(row["step"], plan.world_size, plan.counts(), plan.global_batch_size):
-                self.sink.event.remote(event, f"{event['kind']}-{event['step']}")
+            for event in self.membership.committed(row.step, plan.world_size, tuple(plan.counts()), plan.global_batch_size):
+                self.sink.event.remote(event, f"{event.kind}-{event.step}")
         if not self.with_snapshots and time.monotonic() - self.flushed >= self.FLUSH_S:
             self.flush()
 
-    def rows_for_snapshot(self, rank: int, writer: int | None) -> list[dict[str, Any]] | None:
+    def rows_for_snapshot(self, rank: int, writer: int | None) -> list[Row] | None:
         """The rows this rank's hand-over of a snapshot carries (None: none)."""
         if not self.with_snapshots:
             return None

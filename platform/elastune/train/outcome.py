@@ -10,6 +10,7 @@ from typing import Any
 
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.errors import ElastuneError
+from elastune.events import Row
 from elastune.spec.models import JobSpec
 from elastune.train.run_dir import RunDir
 
@@ -36,7 +37,8 @@ class RunOutcome:
 def conclude(
     spec: JobSpec,
     run_dir: RunDir,
-    last: dict[str, Any],
+    last: Row | None,
+    start: dict[str, int],
     started: float,
     error: BaseException | None,
     gave_up: str | None,
@@ -44,15 +46,17 @@ def conclude(
     signum: int | None,
 ) -> RunOutcome:
     """The run's outcome, with the newest checkpoint its root holds: a run that trained to its stop
-    but could not make its last step durable says so (not_durable), with the write's error."""
+    but could not make its last step durable says so (not_durable), with the write's error.
+    `last`: the newest step's row (None: no step completed, and the run is where it `start`ed)."""
     ckpt = Checkpointer(spec.checkpoint_path)
     steps = ckpt.committed_steps()
     durable = steps[-1] if steps else None
+    step = last.step if last else start["step"]
     common = {
         "run_dir": run_dir.path,
-        "steps": last["step"],
-        "samples_seen": last["samples_seen"],
-        "final_loss": last["loss"],
+        "steps": step,
+        "samples_seen": last.samples_seen if last else start["samples_seen"],
+        "final_loss": last.loss if last else None,
         "seconds": round(time.time() - started, 3),
         "durable_step": durable,
         "uri": ckpt.uri,
@@ -61,11 +65,9 @@ def conclude(
         return RunOutcome(status="stopped", signal=signum, **common)
     if error is not None:
         return RunOutcome(status="failed", error=gave_up or failure_reason(error), **common)
-    if durable != last["step"]:
-        failed = next(
-            (r["error"] for r in reversed(reports) if r.get("step") == last["step"] and "error" in r), "it was not written"
-        )
-        return RunOutcome(status="not_durable", error=f"the final step {last['step']} is not durable: {failed}", **common)
+    if durable != step:
+        failed = next((r["error"] for r in reversed(reports) if r.get("step") == step and "error" in r), "it was not written")
+        return RunOutcome(status="not_durable", error=f"the final step {step} is not durable: {failed}", **common)
     return RunOutcome(status="succeeded", **common)
 
 

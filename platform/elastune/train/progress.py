@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from elastune.events import (
+    Checkpoint,
+    CollectiveFailed,
+    DataPrepared,
+    End,
+    Event,
+    Exploit,
+    FailurePolicy,
+    Fault,
+    Finish,
+    Fresh,
+    Join,
+    LeaseTakenOver,
+    Leave,
+    Population,
+    Preemption,
+    Recovery,
+    Resize,
+    Resume,
+    Row,
+    RunWarning,
+    Start,
+)
 
 
 class ProgressView:
@@ -31,15 +56,15 @@ class ProgressView:
             self._task = self._bar.add_task("train", total=total_steps, stats="starting workers...")
             self._bar.start()
 
-    def update(self, row: dict[str, Any]) -> None:
+    def update(self, row: Row) -> None:
         stats = describe_row(row)
         if self._bar is not None:
-            self._bar.update(self._task, completed=row["step"], stats=stats)
+            self._bar.update(self._task, completed=row.step, stats=stats)
             return
         now = time.monotonic()
-        if now - self._last_line >= self.every_s or row["step"] == self.total:
+        if now - self._last_line >= self.every_s or row.step == self.total:
             self._last_line = now
-            self.console.print(f"step {row['step']}/{self.total}  {stats}", highlight=False, soft_wrap=True)
+            self.console.print(f"step {row.step}/{self.total}  {stats}", highlight=False, soft_wrap=True)
 
     def say(self, message: str) -> None:
         self.console.print(message, highlight=False, soft_wrap=True)
@@ -49,81 +74,105 @@ class ProgressView:
             self._bar.stop()
 
 
-def describe_row(row: dict[str, Any]) -> str:
-    sps = row.get("samples_per_s")
+def describe_row(row: Row) -> str:
+    sps = f"  {row.samples_per_s:,.0f} samples/s" if row.samples_per_s else ""
+    return f"loss {row.loss:.4f}  lr {row.lr:.3g}{sps}  world {row.world_size}"
+
+
+def describe_event(event: Event) -> str | None:
+    """A sentence for the events a user should see (console markup); None for the rest."""
+    return CONSOLE[type(event)](event)
+
+
+def _text(value: object) -> str:
+    """Free text as markup: error texts carry brackets ("[/path/pair.cc:553] Connection closed")."""
+    return escape(str(value))
+
+
+def _start(e: Start) -> str:
+    line = f"Worker group up: {e.world_size} worker(s); {_text(e.plan)}"
+    if e.resumed_from_step is not None:
+        line += (
+            f"; resumed at step {e.resumed_from_step} ({e.resumed_samples_seen} samples), "
+            f"checkpoint saved by {e.saved_world_size} worker(s), "
+            f"{(e.load_bytes or 0) / 1e6:.2f} MB loaded in {e.load_seconds or 0:.2f} s"
+        )
+    return line + "."
+
+
+def _resize(e: Resize) -> str:
+    counts = ",".join(map(str, e.micro_batches or ()))
+    line = (
+        f"Resized {e.world_size_before} -> {e.world_size_after} workers at step {e.step}; "
+        f"micro-batches per rank {counts}; global batch stays {e.global_batch_size}."
+    )
+    if e.mttr_seconds is not None:  # Ray Train restarted the group to resize it
+        line += f" Lost {e.lost_steps} step(s); training again {e.mttr_seconds:.1f} s after the old group stopped."
+    return line
+
+
+def _fault(e: Fault) -> str:
+    what = {
+        "kill_rank": f"killing rank {e.rank}",
+        "kill_node": f"killing the node of rank {e.rank}",
+        "delay_rank": f"delaying rank {e.rank} {e.seconds} s",
+    }[e.action]
+    where = f"(spec faults.{e.index}): {what} at step {e.step}"
+    if e.skipped:
+        return f"[yellow]Fault skipped[/yellow] {where}: {_text(e.skipped)}."
+    return f"[yellow]Fault[/yellow] {where}."
+
+
+def _recovery(e: Recovery) -> str:
+    if e.recovery == "live":
+        counts = ",".join(map(str, e.micro_batches or ()))
+        return (
+            f"Recovered from {_text(e.cause)}: the {e.world_size_after} survivor(s) of {e.world_size_before} "
+            f"carried on at step {(e.resumed_from_step or 0) + 1} with the same global batch ({counts} micro-batches per rank), "
+            f"lost 0 steps, training again {e.mttr_seconds or 0:.2f} s after it."
+        )
     return (
-        f"loss {row['loss']:.4f}  lr {row['lr']:.3g}  {sps:,.0f} samples/s  world {row['world_size']}"
-        if sps
-        else f"loss {row['loss']:.4f}  lr {row['lr']:.3g}  world {row['world_size']}"
+        f"Recovered from {_text(e.cause)}: {e.world_size_before} -> {e.world_size_after} workers, "
+        f"resumed at step {e.resumed_from_step} (tier {e.resumed_from_tier}), lost {e.lost_steps} step(s), "
+        f"new workers up in {e.restart_seconds or 0:.1f} s, training again {e.mttr_seconds or 0:.1f} s after the failure."
     )
 
 
-FREE_TEXT = ("cause", "error", "message", "reason", "skipped", "uri", "plan")
+def _preemption(e: Preemption) -> str:
+    when = f", deadline in {e.deadline - e.time:.0f} s" if e.deadline else ""
+    saved = f"; making step {e.persisted_step} durable now" if e.persisted_step is not None else ""
+    return f"[yellow]Preemption notice[/yellow] for node(s) {', '.join(n[:12] for n in e.nodes)}{when}{saved}."
 
 
-def describe_event(event: dict[str, Any]) -> str | None:
-    """A sentence for the events a user should see (console markup); None for the rest."""
-    kind = event["kind"]
-    # Error texts carry brackets ("[/path/pair.cc:553] Connection closed"), which are markup.
-    event = {**event, **{k: escape(str(event[k])) for k in FREE_TEXT if event.get(k) is not None}}
-    if kind == "start":
-        line = f"Worker group up: {event['world_size']} worker(s); {event['plan']}"
-        if event.get("resumed_from_step") is not None:
-            line += (
-                f"; resumed at step {event['resumed_from_step']} ({event['resumed_samples_seen']} samples), "
-                f"checkpoint saved by {event['saved_world_size']} worker(s), "
-                f"{event['load_bytes'] / 1e6:.2f} MB loaded in {event['load_seconds']:.2f} s"
-            )
-        return line + "."
-    if kind == "resize":
-        counts = ",".join(map(str, event["micro_batches"]))
-        line = (
-            f"Resized {event['world_size_before']} -> {event['world_size_after']} workers at step {event['step']}; "
-            f"micro-batches per rank {counts}; global batch stays {event['global_batch_size']}."
-        )
-        if "mttr_seconds" in event:  # Ray Train restarted the group to resize it
-            line += (
-                f" Lost {event['lost_steps']} step(s); training again {event['mttr_seconds']:.1f} s after the old group stopped."
-            )
-        return line
-    if kind == "fault":
-        what = {
-            "kill_rank": f"killing rank {event['rank']}",
-            "kill_node": f"killing the node of rank {event['rank']}",
-            "delay_rank": f"delaying rank {event['rank']} {event.get('seconds')} s",
-        }[event["action"]]
-        if event.get("skipped"):
-            where = f"(spec faults.{event['index']}): {what} at step {event['step']}"
-            return f"[yellow]Fault skipped[/yellow] {where}: {event['skipped']}."
-        return f"[yellow]Fault[/yellow] (spec faults.{event['index']}): {what} at step {event['step']}."
-    if kind == "recovery" and event.get("recovery") == "live":
-        counts = ",".join(map(str, event["micro_batches"]))
-        return (
-            f"Recovered from {event['cause']}: the {event['world_size_after']} survivor(s) of {event['world_size_before']} "
-            f"carried on at step {event['resumed_from_step'] + 1} with the same global batch ({counts} micro-batches per rank), "
-            f"lost 0 steps, training again {event['mttr_seconds']:.2f} s after it."
-        )
-    if kind == "recovery":
-        return (
-            f"Recovered from {event['cause']}: {event['world_size_before']} -> {event['world_size_after']} workers, "
-            f"resumed at step {event['resumed_from_step']} (tier "
-            f"{event['resumed_from_tier']}), lost {event['lost_steps']} step(s), "
-            f"new workers up in {event['restart_seconds']:.1f} s, training again {event['mttr_seconds']:.1f} s after the failure."
-        )
-    if kind == "preemption":
-        when = f", deadline in {event['deadline'] - event['time']:.0f} s" if event.get("deadline") else ""
-        saved = f"; making step {event['persisted_step']} durable now" if event.get("persisted_step") is not None else ""
-        return f"[yellow]Preemption notice[/yellow] for node(s) {', '.join(n[:12] for n in event['nodes'])}{when}{saved}."
-    if kind == "collective_failed":
-        return f"Rank {event['rank']} saw step {event['step']}'s reduction fail: {event['error']}"
-    if kind == "leave":
-        return f"Rank {event['replica']} left after step {event['step']}: {event['reason']}."
-    if kind == "warning":
-        return f"[yellow]Warning[/yellow]: {event['message']}"
-    if kind == "checkpoint":
-        stalls = ", ".join(f"{x:.2f}" for x in event["stall_seconds"])
-        return (
-            f"Checkpoint step {event['step']}: {event['bytes'] / 1e6:.2f} MB in {event['seconds']:.2f} s "
-            f"(per-rank stall {stalls} s) -> {event['uri']}"
-        )
+def _checkpoint(e: Checkpoint) -> str:
+    stalls = ", ".join(f"{x:.2f}" for x in e.stall_seconds)
+    return f"Checkpoint step {e.step}: {e.bytes / 1e6:.2f} MB in {e.seconds:.2f} s (per-rank stall {stalls} s) -> {_text(e.uri)}"
+
+
+def _quiet(e: Event) -> None:
     return None
+
+
+# How the console shows each kind (None: not shown; the run directory and the report have it).
+# tests/unit/test_events.py holds every kind in events.KINDS to an entry here.
+CONSOLE: dict[type[Event], Callable[[Any], str | None]] = {
+    Start: _start,
+    Resize: _resize,
+    Fault: _fault,
+    Recovery: _recovery,
+    Preemption: _preemption,
+    Checkpoint: _checkpoint,
+    CollectiveFailed: lambda e: f"Rank {e.rank} saw step {e.step}'s reduction fail: {_text(e.error)}",
+    Leave: lambda e: f"Rank {e.replica} left after step {e.step}: {_text(e.reason)}.",
+    RunWarning: lambda e: f"[yellow]Warning[/yellow]: {_text(e.message)}",
+    LeaseTakenOver: lambda e: _text(e.message),
+    Fresh: lambda e: _text(e.message),
+    DataPrepared: lambda e: _text(e.message),
+    Resume: lambda e: _text(e.message),
+    Join: _quiet,  # a worker group's start says who is in it
+    Finish: _quiet,  # the progress bar reaches its end
+    FailurePolicy: _quiet,  # a give-up decision is the run's error; a retry is a recovery to come
+    End: _quiet,  # `elastune run` prints the outcome
+    Population: _quiet,  # the tuner's own lines
+    Exploit: _quiet,
+}

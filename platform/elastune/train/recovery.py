@@ -6,9 +6,10 @@ Pure: no Ray, unit-tested with made-up events (tests/unit/test_faults.py, test_l
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import replace
 
 from elastune.batch_plan import BatchSchedule
+from elastune.events import Change, CollectiveFailed, Event, Fault, Join, Leave, Recovery, Resize, Row, Start
 
 FINISH_GRACE_S = 5.0  # after the last step, how long a live group's Ray Train run may take to end before it is ended
 
@@ -47,153 +48,163 @@ class RecoveryTracker:
 
     def __init__(self, batches: BatchSchedule, live: bool = False):
         self.batches, self.live = batches, live
-        self.last_start: dict[str, Any] | None = None
-        self.last_fault: dict[str, Any] | None = None
-        self.pending: dict[str, Any] | None = None
-        self.last_leave: dict[str, Any] | None = None
-        self.last_row: dict[str, Any] | None = None
-        self.since_row: list[dict[str, Any]] = []  # joins and kills after the last row (live)
+        self.last_start: Start | None = None
+        self.last_fault: Fault | None = None
+        self.pending: Change | None = None
+        self.last_leave: Leave | None = None
+        self.last_row: Row | None = None
+        self.since_row: list[Join | Fault] = []  # joins and kills after the last row (live)
         self.noticed: list[float] = []  # when workers of the current group saw a reduction fail
         self.completed = 0  # the newest step the current group is known to have completed
 
-    def observe(self, events: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        out = []
+    def observe(self, events: list[Event], rows: list[Row]) -> list[Event]:
+        """The events to record for this drain: those given (a live group's recoveries narrowed
+        to the injected fault or the leave that explains them), then what the starts and rows
+        given mean. The inputs are left as they are."""
+        out: list[Event] = []
+        derived: list[Event] = []
         for event in events:
-            if event["kind"] == "fault" and event["action"] in ("kill_rank", "kill_node") and not event.get("skipped"):
+            if isinstance(event, Fault) and event.kills:
                 self.last_fault = event
                 self.since_row.append(event)
-                self.completed = max(self.completed, event["step"] - 1)
-            if event["kind"] == "join":
+                self.completed = max(self.completed, event.step - 1)
+            elif isinstance(event, Join):
                 self.since_row.append(event)
-            if event["kind"] == "collective_failed":
-                self.noticed.append(event["time"])
-                self.completed = max(self.completed, event["step"] - 1)
-            if event["kind"] == "leave":
+            elif isinstance(event, CollectiveFailed):
+                self.noticed.append(event.time)
+                self.completed = max(self.completed, event.step - 1)
+            elif isinstance(event, Leave):
                 self.last_leave = event
-            if event["kind"] == "recovery" and event.get("recovery") == "live":
-                self._narrow(event)
-            if event["kind"] == "start":
+            elif isinstance(event, Recovery) and event.recovery == "live":
+                out.append(self._narrow(event))
+                continue
+            elif isinstance(event, Start):
                 if self.last_start is None:
-                    out += self._resumed_resized(event)
+                    derived += self._resumed_resized(event)
                 else:
-                    self.pending = self._restarted(event, self.last_start["world_size"])
+                    self.pending = self._restarted(event, self.last_start.world_size)
                 self.last_start = event
-        done = next((r for r in rows if self.pending and r["time"] >= self.last_start["time"]), None)
-        if done is not None:  # the first step the new group completed
-            out.append({**self.pending, "time": done["time"], "mttr_seconds": round(done["time"] - self.pending["failed_at"], 3)})
-            self.pending = None
+            out.append(event)
+        if self.pending is not None and self.last_start is not None:
+            done = next((r for r in rows if r.time >= self.last_start.time), None)
+            if done is not None:  # the first step the new group completed
+                failed_at = self.pending.failed_at or done.time
+                derived.append(replace(self.pending, time=done.time, mttr_seconds=round(done.time - failed_at, 3)))
+                self.pending = None
         if self.live:
             for row in rows:
-                out += self._whole_group_lost(row)
-                self.since_row = [e for e in self.since_row if e["time"] > row["time"]]
+                derived += self._whole_group_lost(row)
+                self.since_row = [e for e in self.since_row if e.time > row.time]
                 self.last_row = row
-        return out
+        return out + derived
 
-    def _whole_group_lost(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+    def _whole_group_lost(self, row: Row) -> list[Event]:
         before = self.last_row
-        news = [e for e in self.since_row if e["time"] <= row["time"]]
-        joins = [e for e in news if e["kind"] == "join"]
-        if before is None or len({j["replica"] for j in joins}) < row["world_size"]:
+        news = [e for e in self.since_row if e.time <= row.time]
+        joins = [e for e in news if isinstance(e, Join)]
+        if before is None or len({j.replica for j in joins}) < row.world_size:
             return []  # the run's first step, or a survivor trained this step
-        kills = [e for e in news if e["kind"] == "fault"]
+        kills = [e for e in news if isinstance(e, Fault)]
         if kills:
             self.last_fault = None  # accounted for here
-        failed_at = min(e["time"] for e in kills) if kills else before["time"]
-        resumed = min(j["step"] for j in joins)
-        lost = max(0, before["step"] - resumed)
-        resumed_samples = min(j["samples_seen"] for j in joins if j["step"] == resumed)
+        failed_at = min(e.time for e in kills) if kills else before.time
+        resumed = min(j.step for j in joins)
+        resumed_samples = min(j.samples_seen for j in joins if j.step == resumed)
+        tiers = [j.resumed_from_tier for j in joins if j.resumed_from_tier is not None]
         return [
-            {
-                "time": row["time"],
-                "kind": "recovery",
-                "recovery": "restart",
-                "step": row["step"],
-                "cause": "; ".join(map(fault_cause, kills)) if kills else "every worker of the live group was lost",
-                "world_size_before": before["world_size"],
-                "world_size_after": row["world_size"],
-                "resumed_from_step": resumed,
-                "resumed_from_tier": max(
-                    (j["resumed_from_tier"] for j in joins if j.get("resumed_from_tier") is not None), default=None
-                ),
-                "lost_steps": lost,
-                "lost_samples": max(0, before["samples_seen"] - resumed_samples),
-                "failed_at": failed_at,
-                "detection_seconds": None,
-                "restart_seconds": round(min(j["time"] for j in joins) - failed_at, 3),
-                "mttr_seconds": round(row["time"] - failed_at, 3),
-                "micro_batches": row["micro_batches"],
-            }
+            Recovery(
+                time=row.time,
+                recovery="restart",
+                step=row.step,
+                cause="; ".join(map(fault_cause, kills)) if kills else "every worker of the live group was lost",
+                world_size_before=before.world_size,
+                world_size_after=row.world_size,
+                global_batch_size=row.global_batch_size,
+                micro_batches=row.micro_batches,
+                resumed_from_step=resumed,
+                resumed_from_tier=max(tiers, default=None),
+                lost_steps=max(0, before.step - resumed),
+                lost_samples=max(0, before.samples_seen - resumed_samples),
+                failed_at=failed_at,
+                restart_seconds=round(min(j.time for j in joins) - failed_at, 3),
+                mttr_seconds=round(row.time - failed_at, 3),
+            )
         ]
 
-    def _resumed_resized(self, start: dict[str, Any]) -> list[dict[str, Any]]:
-        saved = start.get("saved_world_size")
-        if saved in (None, start["world_size"]):
+    def _resumed_resized(self, start: Start) -> list[Event]:
+        saved = start.saved_world_size
+        if saved in (None, start.world_size) or start.resumed_from_step is None:
             return []
         return [
-            {
-                "time": start["time"],
-                "kind": "resize",
-                "cause": f"resumed a checkpoint saved by {saved} worker(s)",
-                "step": start["resumed_from_step"],
-                "world_size_before": saved,
-                "world_size_after": start["world_size"],
-                "global_batch_size": self.batches.at(start.get("resumed_samples_seen") or 0),
-                "micro_batches": start["micro_batches"],
-            }
+            Resize(
+                time=start.time,
+                cause=f"resumed a checkpoint saved by {saved} worker(s)",
+                step=start.resumed_from_step,
+                world_size_before=saved,
+                world_size_after=start.world_size,
+                global_batch_size=self.batches.at(start.resumed_samples_seen or 0),
+                micro_batches=start.micro_batches,
+            )
         ]
 
-    def _restarted(self, start: dict[str, Any], before: int) -> dict[str, Any]:
+    def _restarted(self, start: Start, before: int) -> Change:
+        """The change a restarted group makes, but for its MTTR (known at its first step)."""
         fault, self.last_fault = self.last_fault, None
-        failed_at = fault["time"] if fault else start.get("last_staged_at") or start["time"]
+        failed_at = fault.time if fault else start.last_staged_at or start.time
         detected = min((t for t in self.noticed if t >= failed_at), default=None)
         # Steps past the resumed one: those handed over in snapshots (the worker's restore counts
         # them) or completed before a step that failed or was killed (between spaced snapshots).
-        lost = max(start["lost_steps"], self.completed - (start["resumed_from_step"] or 0))
-        resumed = start.get("resumed_samples_seen") or 0
+        lost = max(start.lost_steps, self.completed - (start.resumed_from_step or 0))
+        resumed = start.resumed_samples_seen or 0
         self.noticed, self.completed = [], 0
-        grew = fault is None and start["world_size"] > before
-        if fault:
-            kind, cause = "recovery", fault_cause(fault)
-        elif grew:
-            kind, cause = "resize", f"capacity for {start['world_size']} workers (Ray Train's elastic policy restarted the group)"
-        else:
-            kind, cause = "recovery", "worker group restarted"
-        return {
-            "kind": kind,
-            "cause": cause,
+        figures = {
+            "time": start.time,
             "failed_at": failed_at,
-            "step": start["resumed_from_step"],
+            "step": start.resumed_from_step,
             "world_size_before": before,
-            "world_size_after": start["world_size"],
+            "world_size_after": start.world_size,
             "global_batch_size": self.batches.at(resumed),
-            "micro_batches": start.get("micro_batches"),
-            "resumed_from_step": start["resumed_from_step"],
-            "resumed_from_tier": start.get("resumed_from_tier"),
+            "micro_batches": start.micro_batches,
+            "resumed_from_step": start.resumed_from_step,
+            "resumed_from_tier": start.resumed_from_tier,
             "lost_steps": lost,
             "lost_samples": self.batches.samples_after(lost, resumed) - resumed,
             "detection_seconds": None if detected is None else round(detected - failed_at, 3),
-            "restart_seconds": round(start["time"] - failed_at, 3),
+            "restart_seconds": round(start.time - failed_at, 3),
         }
+        if fault is None and start.world_size > before:
+            cause = f"capacity for {start.world_size} workers (Ray Train's elastic policy restarted the group)"
+            return Resize(cause=cause, **figures)
+        return Recovery(recovery="restart", cause=fault_cause(fault) if fault else "worker group restarted", **figures)
 
-    def _narrow(self, event: dict[str, Any]) -> None:
+    def _narrow(self, event: Recovery) -> Recovery:
         """A live group's recovery, as its survivors saw it: their failure time is the failed
         step's start; an injected fault's time, when there is one, is closer to the crash."""
         leave, self.last_leave = self.last_leave, None
-        if leave is not None and event["detection_seconds"] is None:  # no step failed: a worker left
-            event["cause"] = f"rank {leave['replica']} left: {leave['reason']}"
-            event["failed_at"] = leave["time"]
-            event["mttr_seconds"] = round(event["time"] - leave["time"], 3)
-            return
+        if leave is not None and event.detection_seconds is None:  # no step failed: a worker left
+            return replace(
+                event,
+                cause=f"rank {leave.replica} left: {leave.reason}",
+                failed_at=leave.time,
+                mttr_seconds=round(event.time - leave.time, 3),
+            )
         fault, self.last_fault = self.last_fault, None
-        if fault is not None and event.get("failed_after", event["failed_at"]) <= fault["time"] <= event["time"]:
-            if event["detection_seconds"] is not None:
-                detected_at = event["failed_at"] + event["detection_seconds"]
-                event["detection_seconds"] = round(max(0.0, detected_at - fault["time"]), 3)
-            event["cause"] = fault_cause(fault)
-            event["failed_at"] = fault["time"]
-            event["mttr_seconds"] = round(event["time"] - fault["time"], 3)
+        failed_at = event.failed_at if event.failed_at is not None else event.time
+        after = event.failed_after if event.failed_after is not None else failed_at
+        if fault is None or not after <= fault.time <= event.time:
+            return event
+        detection = event.detection_seconds
+        if detection is not None:
+            detection = round(max(0.0, failed_at + detection - fault.time), 3)
+        return replace(
+            event,
+            cause=fault_cause(fault),
+            failed_at=fault.time,
+            detection_seconds=detection,
+            mttr_seconds=round(event.time - fault.time, 3),
+        )
 
 
-def fault_cause(fault: dict[str, Any]) -> str:
-    what = "kill rank" if fault["action"] == "kill_rank" else "kill the node of rank"
-    return f"fault: {what} {fault['rank']} at step {fault['step']} ({fault['point']})"
+def fault_cause(fault: Fault) -> str:
+    what = "kill rank" if fault.action == "kill_rank" else "kill the node of rank"
+    return f"fault: {what} {fault.rank} at step {fault.step} ({fault.point})"

@@ -1,10 +1,13 @@
 """The run directory: runs/<job>/<run-id>/ with the resolved spec, metrics, events and result.
 
 spec.yaml       the spec exactly as run (overrides applied, paths resolved)
-metrics.jsonl   one line per step: step, samples_seen, loss, lr, world_size, global_batch_size, ...
-events.jsonl    starts, resumes, resizes, checkpoints, the end; each with `time` and `kind`
+metrics.jsonl   one `events.Row` per step: step, samples_seen, loss, lr, world_size, global_batch_size, ...
+events.jsonl    one `events.Event` per line: starts, recoveries, resizes, checkpoints, the end; each with `time` and `kind`
+format.json     the format version of the two (events.FORMAT)
 result.json     status, steps, samples, final loss, seconds
 ray/            Ray Train's own run storage
+
+docs/run-directory.md describes every field.
 """
 
 from __future__ import annotations
@@ -18,6 +21,35 @@ from typing import Any
 
 import yaml
 
+from elastune.events import (
+    Checkpoint,
+    CollectiveFailed,
+    DataPrepared,
+    End,
+    Event,
+    Exploit,
+    FailurePolicy,
+    Fault,
+    Finish,
+    Fresh,
+    Join,
+    LeaseTakenOver,
+    Leave,
+    Population,
+    Preemption,
+    Recovery,
+    Resize,
+    Resume,
+    Row,
+    RunWarning,
+    Start,
+    append_jsonl,
+    read_events,
+    read_lines,
+    read_rows,
+    write_format,
+)
+
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
@@ -27,6 +59,7 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = path
         self.path.mkdir(parents=True, exist_ok=True)
+        write_format(path)
 
     @classmethod
     def create(cls, output_dir: str, job: str, run_id: str) -> RunDir:
@@ -35,27 +68,19 @@ class RunDir:
     def write_spec(self, spec_dict: dict[str, Any]) -> None:
         (self.path / "spec.yaml").write_text(yaml.safe_dump(spec_dict, sort_keys=False))
 
-    def append_metrics(self, rows: Iterable[dict[str, Any]]) -> None:
-        _append(self.path / "metrics.jsonl", rows)
+    def append_metrics(self, rows: Iterable[Row]) -> None:
+        append_jsonl(self.path / "metrics.jsonl", rows)
 
-    def append_events(self, events: Iterable[dict[str, Any]]) -> None:
-        _append(self.path / "events.jsonl", events)
+    def append_events(self, events: Iterable[Event]) -> None:
+        append_jsonl(self.path / "events.jsonl", events)
 
     def write_result(self, result: dict[str, Any]) -> None:
         (self.path / "result.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
-def _append(path: Path, items: Iterable[dict[str, Any]]) -> None:
-    lines = [json.dumps(item, sort_keys=True) + "\n" for item in items]
-    if lines:
-        with path.open("a") as f:
-            f.writelines(lines)
-
-
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A .jsonl file's lines as plain JSON objects: the format as written (tests read it so)."""
+    return read_lines(path)
 
 
 def summarize(path: Path) -> dict[str, Any]:
@@ -63,20 +88,28 @@ def summarize(path: Path) -> dict[str, Any]:
     resizes, started (unix time). A run without result.json is still running, or was stopped
     before it could write one ("unfinished")."""
     result = json.loads((path / "result.json").read_text()) if (path / "result.json").is_file() else None
-    events = read_jsonl(path / "events.jsonl")
-    rows = read_jsonl(path / "metrics.jsonl")
-    last = rows[-1] if rows else {}
+    events = read_events(path)
+    rows = read_rows(path)
+    last = rows[-1] if rows else None
     return {
         "job": path.parent.name,
         "run": path.name,
         "status": result["status"] if result else "unfinished",
-        "steps": last.get("step", 0),
-        "final_loss": last.get("loss"),
-        "failures": sum(e["kind"] == "recovery" for e in events),
-        "resizes": sum(e["kind"] == "resize" for e in events),
-        "started": events[0]["time"] if events else path.stat().st_mtime,
+        "steps": last.step if last else 0,
+        "final_loss": last.loss if last else None,
+        **{column: sum(isinstance(e, kinds) for e in events) for column, kinds in SUMMARY_COUNTS.items()},
+        "started": events[0].time if events else path.stat().st_mtime,
         "path": str(path),
     }
+
+
+# The event kinds `runs ls` counts, by column; the others it summarises by the run's status, steps
+# and loss (NOT_COUNTED). tests/unit/test_events.py holds every kind to one of the two.
+SUMMARY_COUNTS: dict[str, tuple[type[Event], ...]] = {"failures": (Recovery,), "resizes": (Resize,)}
+NOT_COUNTED: frozenset[type[Event]] = frozenset(
+    {Start, Join, Leave, Finish, CollectiveFailed, Fault, Checkpoint, FailurePolicy, Preemption, RunWarning}
+    | {LeaseTakenOver, Fresh, DataPrepared, Resume, End, Population, Exploit}
+)
 
 
 def list_runs(output_dir: str | Path) -> list[dict[str, Any]]:

@@ -6,39 +6,38 @@ The driver drains it to write the run directory and draw the progress bar. This 
 
 from __future__ import annotations
 
-from typing import Any
-
 import ray
+from elastune.events import Event, Fault, Join, Row
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class RunSink:
     def __init__(self) -> None:
-        self._rows: list[dict[str, Any]] = []
-        self._events: list[dict[str, Any]] = []
+        self._rows: list[Row] = []
+        self._events: list[Event] = []
         self._claimed: set[str] = set()
         self._last_step = 0
         self._arrived: dict[str, int] = {}
         self._kill_at = self._join_at = self._received = 0  # arrival order of the last kill fault and the last join
         self._controller = None  # Ray Train's controller of this run (train.controller.PublishController)
 
-    def record(self, rows: list[dict[str, Any]], once: bool = False) -> None:
+    def record(self, rows: list[Row], once: bool = False) -> None:
         """Append metrics rows. `once`: several workers send the same steps (a live group's
         participants all do); keep each step's first row, in step order."""
         if once:
-            rows = [r for r in rows if r["step"] > self._last_step]
+            rows = [r for r in rows if r.step > self._last_step]
         if rows:
-            self._last_step = max(self._last_step, rows[-1]["step"])
+            self._last_step = max(self._last_step, rows[-1].step)
         self._rows.extend(rows)
 
-    def event(self, event: dict[str, Any], key: str | None = None) -> None:
+    def event(self, event: Event, key: str | None = None) -> None:
         """Append an event; one with a `key` only the first time that key is given in this run."""
         if key is None or self.claim(key):
             self._events.append(event)
             self._received += 1
-            if event["kind"] == "join":
+            if isinstance(event, Join):
                 self._join_at = self._received
-            elif event["kind"] == "fault" and event.get("action", "").startswith("kill"):
+            elif isinstance(event, Fault) and event.action.startswith("kill"):
                 self._kill_at = self._received  # recorded before the kill (a killed worker says nothing afterwards)
 
     def rejoined(self) -> bool:
@@ -69,7 +68,7 @@ class RunSink:
     def controller(self):
         return self._controller
 
-    def drain(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def drain(self) -> tuple[list[Row], list[Event]]:
         rows, events = self._rows, self._events
         self._rows, self._events = [], []
         return rows, events

@@ -4,8 +4,9 @@ Names are universal (independent of world size, layout and parameter order):
   model/<parameter or buffer name>
   optim/<parameter name>/<state key>      e.g. optim/blocks.0.qkv.weight/exp_avg
   amp/loss_scale, amp/growth_tracker      fp16's loss scale (train.precision), when training in fp16
-A rank holds them as Pieces (checkpoint.format): whole replicated tensors, or under ZeRO-1 its
-flat slice of each optimizer tensor. Progress (step, samples_seen) lives in the manifest.
+A rank holds them as Pieces (checkpoint.format): whole replicated tensors, or its share of the
+optimizer tensors as its layout (train.layouts) holds them. Progress (step, samples_seen) lives in
+the manifest.
 Randomness has no state to save: every micro-batch reseeds from (seed, step, micro-batch index).
 """
 
@@ -20,12 +21,10 @@ from torch import nn
 from elastune.checkpoint.checkpointer import ReadPieces
 from elastune.checkpoint.format import Piece, numel
 from elastune.errors import IncompatibleCheckpoint
-from elastune.train.optim import named_params
+from elastune.spec.models import AdamWSpec, SGDSpec
+from elastune.train.layouts import LAYOUTS, REPLICATED, Layout, Optimizer
 from elastune.train.precision import SCALE_STATE, LossScale
 from elastune.train.resume import ModelState
-from elastune.train.zero import ZeroOptimizer
-
-Optimizer = torch.optim.Optimizer | ZeroOptimizer
 
 
 @dataclass(frozen=True)
@@ -37,27 +36,45 @@ class Progress:
         return Progress(self.step + 1, self.samples_seen + global_batch_size)
 
 
-def layout_of(optimizer: Optimizer) -> str:
-    return "zero1" if isinstance(optimizer, ZeroOptimizer) else "replicated"
+@dataclass(frozen=True)
+class TrainState:
+    """What a worker trains and checkpoints: the model, its optimizer as `layout` holds it, and
+    fp16's loss scale (None in other precisions)."""
+
+    model: nn.Module
+    optimizer: Optimizer
+    layout: Layout = REPLICATED
+    scaler: LossScale | None = None
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        spec: AdamWSpec | SGDSpec,
+        layout: str,
+        rank: int,
+        world_size: int,
+        scaler: LossScale | None = None,
+    ) -> TrainState:
+        chosen = LAYOUTS[layout]
+        return cls(model, chosen.optimizer(model, spec, rank, world_size), chosen, scaler)
+
+    def step(self) -> None:
+        """Apply the reduced gradients (the layout's optimizer updates what this rank holds)."""
+        self.optimizer.step()
 
 
-def state_pieces(model: nn.Module, optimizer: Optimizer, scaler: LossScale | None = None) -> dict[str, Piece]:
-    aliases = tied_aliases(model)
-    out = {f"model/{n}": Piece.whole(t) for n, t in model.state_dict().items() if n not in aliases}
-    if scaler is not None:
-        out |= scaler.pieces()
-    if isinstance(optimizer, ZeroOptimizer):
-        return out | optimizer.pieces()
-    for name, p in named_params(model):
-        for key, value in optimizer.state.get(p, {}).items():
-            if isinstance(value, torch.Tensor):
-                out[f"optim/{name}/{key}"] = Piece.whole(value)
-    return out
+def state_pieces(state: TrainState) -> dict[str, Piece]:
+    aliases = tied_aliases(state.model)
+    out = {f"model/{n}": Piece.whole(t) for n, t in state.model.state_dict().items() if n not in aliases}
+    if state.scaler is not None:
+        out |= state.scaler.pieces()
+    return out | state.layout.pieces(state.model, state.optimizer)
 
 
-def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def state_tensors(state: TrainState) -> dict[str, torch.Tensor]:
     """The whole state of a replicated layout as plain tensors."""
-    return {n: p.data.reshape(p.shape) for n, p in state_pieces(model, optimizer).items()}
+    return {n: p.data.reshape(p.shape) for n, p in state_pieces(state).items()}
 
 
 def tied_aliases(model: nn.Module) -> set[str]:
@@ -79,18 +96,12 @@ def model_state(build: Callable[[], nn.Module]) -> ModelState:
     return ModelState(shapes, frozenset(aliases))
 
 
-def restore_state(
-    model: nn.Module,
-    optimizer: Optimizer,
-    shapes: dict[str, list[int]],
-    read: ReadPieces,
-    where: str,
-    scaler: LossScale | None = None,
-) -> int:
+def restore_state(state: TrainState, shapes: dict[str, list[int]], read: ReadPieces, where: str) -> int:
     """Load saved tensors of these `shapes` into model, optimizer and fp16's loss scale, reading
     through `read` only the ranges this rank's layout needs. Returns the bytes read. A saved
     loss scale is for fp16 only: another precision leaves it unread, and an fp16 run resuming
     from a checkpoint without one starts from its spec's initial scale."""
+    model, scaler = state.model, state.scaler
     aliases = tied_aliases(model)
     own = set(model.state_dict()) - aliases
     saved = {k[len("model/") :] for k in shapes if k.startswith("model/")} - aliases  # imports may carry tied copies
@@ -102,10 +113,7 @@ def restore_state(
         )
     wanted = {f"model/{n}": (0, numel(shapes[f"model/{n}"])) for n in own}
     optim_shapes = {k: v for k, v in shapes.items() if k.startswith("optim/")}
-    if isinstance(optimizer, ZeroOptimizer):
-        wanted |= optimizer.wanted(optim_shapes)
-    else:
-        wanted |= {k: (0, numel(v)) for k, v in optim_shapes.items()}
+    wanted |= state.layout.wanted(state.optimizer, optim_shapes)
     if scaler is not None:
         wanted |= {k: (0, 1) for k in SCALE_STATE if k in shapes}
     flat = read(wanted)
@@ -118,24 +126,13 @@ def restore_state(
                         f"the model changed since the checkpoint; run with --fresh or restore the model options"
                     )
                 t.copy_(flat[f"model/{name}"].view(t.shape))
-    if isinstance(optimizer, ZeroOptimizer):
-        optimizer.load({k: v for k, v in flat.items() if k.startswith("optim/")}, shapes)
-    else:
-        device = next(model.parameters()).device
-        for name, p in named_params(model):
-            prefix = f"optim/{name}/"
-            state = {k[len(prefix) :]: v.view(shapes[k]) for k, v in flat.items() if k.startswith(prefix)}
-            if state:
-                # Optimizer step counters stay on CPU (torch keeps `step` there unless capturable).
-                optimizer.state[p] = {k: (v if k == "step" else v.to(device)) for k, v in state.items()}
+    state.layout.load(model, state.optimizer, {k: v for k, v in flat.items() if k.startswith("optim/")}, shapes)
     if scaler is not None:
         scaler.load(flat)
     return sum(t.numel() * t.element_size() for t in flat.values())
 
 
-def load_state(model: nn.Module, optimizer: Optimizer, tensors: dict[str, torch.Tensor], where: str) -> None:
+def load_state(state: TrainState, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Load whole tensors (as `Checkpointer.load` returns them)."""
     shapes = {n: list(t.shape) for n, t in tensors.items()}
-    restore_state(
-        model, optimizer, shapes, lambda wanted: {n: tensors[n].reshape(-1)[lo:hi] for n, (lo, hi) in wanted.items()}, where
-    )
+    restore_state(state, shapes, lambda wanted: {n: tensors[n].reshape(-1)[lo:hi] for n, (lo, hi) in wanted.items()}, where)

@@ -20,9 +20,10 @@ from elastune.data.sampler import positions, sample_indices, tally
 from elastune.metrics.noise import noise_estimates
 from elastune.recipes import Recipe, SampleSource, to_device
 from elastune.train.optim import named_params
-from elastune.train.precision import AUTOCAST, LossScale, unscale_and_check
+from elastune.train.precision import AUTOCAST, unscale_and_check
 from elastune.train.reduce import Bucket, bucket_bounds, finish_all
 from elastune.train.rng import micro_batch_seed, seed_device
+from elastune.train.state import Progress, TrainState
 
 
 @dataclass(frozen=True)
@@ -206,47 +207,51 @@ def _squared_norm(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t).double() ** 2
 
 
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    grads: GradBuffer,
-    recipe: Recipe,
-    source: SampleSource,
-    plan: BatchPlan,
-    rank: int,
-    step: int,
-    samples_seen: int,
-    seed: int,
-    grad_clip_norm: float | None = None,
-    before_reduce: Callable[[], None] | None = None,
-    reduce: Callable[[GradBuffer], bool] = GradBuffer.all_reduce,
-    precision: str = "fp32",
-    scaler: LossScale | None = None,
-) -> StepResult | None:
-    """Run this rank's share of the step and apply the update (the lr is already set).
+@dataclass(frozen=True)
+class StepContext:
+    """What every step of a run shares besides the training state.
 
-    `before_reduce` runs between the backward passes and the completion of the reduction (fault
-    rehearsal). `reduce` completes the SUM over the step's participants and says whether the
-    step may apply; when it says no (a live group lost a peer mid-step), nothing is applied and
-    None is returned: the caller runs the step again. `precision` and `scaler` (fp16):
-    train.precision."""
+    `forward`: the module that computes the losses (the model, or its compiled form sharing its
+    parameters). Samples come from `source` in the order `seed` gives every position; `recipe`
+    turns a batch into per-sample losses. `before_reduce` runs between the backward passes and
+    the completion of the reduction (fault rehearsal). `reduce` completes the SUM over the step's
+    participants and says whether the step may apply. `precision`: train.precision."""
+
+    forward: nn.Module
+    recipe: Recipe
+    source: SampleSource
+    seed: int
+    grad_clip_norm: float | None = None
+    precision: str = "fp32"
+    reduce: Callable[[GradBuffer], bool] = GradBuffer.all_reduce
+    before_reduce: Callable[[], None] | None = None
+
+
+def train_step(
+    ctx: StepContext, state: TrainState, grads: GradBuffer, plan: BatchPlan, rank: int, at: Progress
+) -> StepResult | None:
+    """Run this rank's share of the step after `at` and apply the update (the lr is already set).
+
+    When `ctx.reduce` says no (a live group lost a peer mid-step), nothing is applied and None is
+    returned: the caller runs the step again. fp16 steps scale by `state.scaler`."""
+    model, scaler, source, seed, step = ctx.forward, state.scaler, ctx.source, ctx.seed, at.step
     model.train()
     grads.zero()
     device = grads.flats[0].device
     G = plan.global_batch_size
     S = scaler.scale if scaler is not None else 1.0
-    autocast = AUTOCAST[precision]
+    autocast = AUTOCAST[ctx.precision]
     micro_batches = plan.for_rank(rank)
     if micro_batches:  # this rank's micro-batches are contiguous positions: index them in one call
         first = micro_batches[0].start
-        indices = sample_indices(positions(samples_seen, first, sum(mb.size for mb in micro_batches)), len(source), seed)
+        indices = sample_indices(positions(at.samples_seen, first, sum(mb.size for mb in micro_batches)), len(source), seed)
         grads.read(tally(indices))
     for mb in micro_batches:
         last = mb is micro_batches[-1]
         batch = to_device(source.take(indices[mb.start - first : mb.start - first + mb.size]), device)
         seed_device(micro_batch_seed(seed, step, mb.index), device)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            total = recipe.sample_losses(model, batch).float().sum()
+            total = ctx.recipe.sample_losses(model, batch).float().sum()
         if last:
             grads.arm()
         # Each backward adds a gradient sum into the buffer; dividing by the global batch here
@@ -256,9 +261,9 @@ def train_step(
         if grads.sums is not None and not last:
             grads.fold(mb.size, G, S)
     grads.close(micro_batches[-1].size if micro_batches else None, G, S)
-    if before_reduce is not None:
-        before_reduce()
-    if not reduce(grads):
+    if ctx.before_reduce is not None:
+        ctx.before_reduce()
+    if not ctx.reduce(grads):
         return None
     counts = tuple(int(v) for v in grads.tally.tolist())
     loss = grads.loss_sum() / G
@@ -268,9 +273,9 @@ def train_step(
         if found_inf:  # every rank holds the same reduced bytes, so every rank skips
             return StepResult(loss=loss, grad_norm=None, tally=counts, loss_scale=S)
     norm = torch.nn.utils.get_total_norm([p.grad for p in grads.params], foreach=True)
-    if grad_clip_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(grads.params, grad_clip_norm, norm, foreach=True)
-    optimizer.step()
+    if ctx.grad_clip_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(grads.params, ctx.grad_clip_norm, norm, foreach=True)
+    state.step()
     noise = None
     if grads.sums is not None:
         sum_sq, sum_inv_b, count = grads.norms.tolist()

@@ -29,6 +29,7 @@ from rich.console import Console
 import ray
 from elastune.cluster import connect_ray
 from elastune.data.prepare import ensure_prepared
+from elastune.events import Population
 from elastune.metrics.exporter import RunExporter
 from elastune.recipes import load_recipe
 from elastune.spec.models import JobSpec
@@ -153,11 +154,12 @@ def search_exporter(spec: JobSpec, search_id: str, console: Console) -> RunExpor
         spec.name, search_id, m.host, m.port, None, Path(spec.output_dir) / "prometheus-targets", here, name=name
     )
     if spec.tune.mode == "pbt":
-        exporter.observe([], [{"kind": "population", "size": spec.tune.population}])
+        exporter.observe([], [Population(time=time.time(), size=spec.tune.population)])
         for i in range(spec.tune.population):
             exporter.actor.observe_trial.remote(f"m{i}", [], [])  # every trial's exploit count starts at 0
     else:
-        exporter.observe([], [{"kind": "population", "size": len(spec.tune.budgets) + 1}])  # the trunk and its branches
+        trunk_and_branches = Population(time=time.time(), size=len(spec.tune.budgets) + 1)
+        exporter.observe([], [trunk_and_branches])
     console.print(f"Metrics: http://{exporter.address}/metrics (Prometheus file_sd target {exporter.target}).", highlight=False)
     return exporter
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from elastune.train.run_dir import read_jsonl
+from elastune.events import Row, read_rows
 
 
 def read_lineage(tune_dir: str | Path) -> dict[str, Any]:
@@ -32,9 +32,6 @@ def path_of(lineage: dict[str, Any], member: str) -> list[dict[str, Any]]:
     return out[::-1]
 
 
-def stitched(lineage: dict[str, Any], member: str) -> list[dict[str, Any]]:
-    """Metrics rows of `member`'s lineage, in order, each tagged with the member that trained it."""
-    rows = []
-    for segment in path_of(lineage, member):
-        rows += [{**r, "member": segment["member"]} for r in read_jsonl(Path(segment["run_dir"]) / "metrics.jsonl")]
-    return rows
+def stitched(lineage: dict[str, Any], member: str) -> list[Row]:
+    """Metrics rows of `member`'s lineage, in order (each interval's run directory in turn)."""
+    return [r for segment in path_of(lineage, member) for r in read_rows(Path(segment["run_dir"]))]

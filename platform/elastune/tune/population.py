@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from elastune.errors import SpecError
+from elastune.events import Row
 from elastune.spec.load import validate_spec
 from elastune.spec.models import JobSpec
 from elastune.spec.schedule import SCHEDULES
@@ -121,11 +122,11 @@ def member_spec(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def fitness(rows: Iterable[dict[str, Any]], end_samples: int, window_samples: int) -> float:
+def fitness(rows: Iterable[Row], end_samples: int, window_samples: int) -> float:
     """Mean loss of the steps that started within the last `window_samples` before `end_samples`.
     Each step's loss is measured before its update on samples the model has not yet trained on in
     this epoch, so it estimates held-out loss. A diverged member (no finite loss) is +inf."""
-    losses = [r["loss"] for r in rows if r["samples_seen"] - r["global_batch_size"] >= end_samples - window_samples]
+    losses = [r.loss for r in rows if r.samples_seen - r.global_batch_size >= end_samples - window_samples]
     if not losses or not all(math.isfinite(x) for x in losses):
         return math.inf
     return sum(losses) / len(losses)

@@ -33,6 +33,7 @@ import ray
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.retention import RetentionPolicy
 from elastune.errors import CheckpointError
+from elastune.events import Exploit
 from elastune.spec.models import JobSpec
 from elastune.train.schedules import step_values
 from elastune.tune.annealing import predicted_final_losses
@@ -207,8 +208,8 @@ class PopulationSearcher(Searcher):
                 rows = stitched(self.lineage, m)
             except (OSError, KeyError, TypeError):  # an interval that failed has no run directory: the member ranks last
                 rows = []
-            lrs = [r["lr"] for r in rows]
-            curves[m] = (lrs[:-1], [r["loss"] for r in rows[1:]])  # a row's loss is measured after the step before it
+            lrs = [r.lr for r in rows]
+            curves[m] = (lrs[:-1], [r.loss for r in rows[1:]])  # a row's loss is measured after the step before it
             plan = JobSpec.model_validate(member_spec(self.plan.raw, member.values))
             future = [v.lr for v in (step_values(plan, s) for s in range(end, spec.budget_samples, plan.batch.global_batch_size))]
             futures[m] = lrs[-1:] + future
@@ -264,7 +265,8 @@ class PopulationSearcher(Searcher):
             }
         )
         if self.plan.metrics_actor:
-            ray.get_actor(self.plan.metrics_actor).observe_trial.remote(recipient.id, [], [{"kind": "exploit"}])
+            exploited = Exploit(time=time.time(), recipient=recipient.id, donor=donor.id)
+            ray.get_actor(self.plan.metrics_actor).observe_trial.remote(recipient.id, [], [exploited])
         changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in exploit.diff.items()) or "no change"
         say(f"  exploit: {recipient.id} takes {donor.id}'s step {manifest.step} (clone, {cloned_s * 1000:.1f} ms); {changes}")
 

@@ -18,9 +18,9 @@ from rich.console import Console
 
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.errors import ElastuneError
+from elastune.events import Event, Row, read_rows
 from elastune.spec.load import validate_spec
 from elastune.train.driver import run_job
-from elastune.train.run_dir import read_jsonl
 from elastune.tune.population import fitness
 
 POINTER = "elastune-checkpoint.json"
@@ -37,7 +37,7 @@ def train_segment(config: dict[str, Any], *, spec_dir: str, fitness_samples: int
         outcome = run_job(spec, spec_dir, console=Console(file=out, width=160, soft_wrap=True), observe=observe)
     if outcome.status != "succeeded":
         raise ElastuneError(f"member {config['member']} interval {config['generation'] + 1} failed: {outcome.error} (log: {log})")
-    rows = read_jsonl(outcome.run_dir / "metrics.jsonl")
+    rows = read_rows(outcome.run_dir)
     ckpt = Checkpointer(spec.checkpoint_path)
     end = ckpt.latest()
     pointer = {
@@ -48,7 +48,7 @@ def train_segment(config: dict[str, Any], *, spec_dir: str, fitness_samples: int
     }
     metrics = {
         "fitness": fitness(rows, config["to_samples"], config.get("fitness_samples", fitness_samples)),
-        "loss": rows[-1]["loss"] if rows else None,
+        "loss": rows[-1].loss if rows else None,
         "samples_seen": outcome.samples_seen,
         "member": config["member"],
         "generation": config["generation"],
@@ -66,7 +66,7 @@ def trial_observer(actor_name: str, member: str):
 
     exporter = ray.get_actor(actor_name)
 
-    def observe(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+    def observe(rows: list[Row], events: list[Event]) -> None:
         if rows:
             exporter.observe_trial.remote(member, rows, [])
 
