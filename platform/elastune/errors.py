@@ -20,7 +20,7 @@ class ElastuneError(Exception):
         super().__init__(message)
         self.message = message
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[ElastuneError], tuple[str]]:
         # Ray pickles exceptions across processes; keep only the message so subclasses with
         # other constructor signatures still round-trip.
         return (type(self), (self.message,))

@@ -15,13 +15,14 @@ anything else is left, and said so.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
 import posixpath
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,7 @@ class Checkpointer:
     def save(
         self,
         manifest: Manifest,
-        state: dict[str, Piece | torch.Tensor],
+        state: Mapping[str, Piece | torch.Tensor],
         rank: int = 0,
         world_size: int = 1,
         gather: Gather = all_gather,
@@ -457,7 +458,7 @@ class Checkpointer:
         for step in reversed(self.committed_steps()):
             try:
                 manifest = self.read_manifest(step)
-                apply(manifest, lambda wanted, m=manifest: self.load_pieces(m, wanted))
+                apply(manifest, functools.partial(self.load_pieces, manifest))
                 return manifest
             except CheckpointError as exc:
                 log.warning("CHECKPOINT CORRUPT, falling back to the previous one: %s", exc)
@@ -501,5 +502,5 @@ def pack(pieces: dict[str, Piece]) -> tuple[PayloadPlan, torch.Tensor]:
 
 def seal(plan: PayloadPlan, pieces: dict[str, Piece], buffer: torch.Tensor, file: str) -> dict[str, dict]:
     """Manifest entries of a packed payload, with its block checksums."""
-    digests = digests_of(plan.offsets, memoryview(buffer.numpy()), BLOCK_BYTES, DURABLE_CHECKSUM)
+    digests = digests_of(plan.offsets, buffer.numpy().data, BLOCK_BYTES, DURABLE_CHECKSUM)
     return with_digests(plan.entries(pieces, file), digests, DURABLE_CHECKSUM)

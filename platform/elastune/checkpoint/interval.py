@@ -18,6 +18,8 @@ one: while the estimates move, the gap between snapshots never exceeds the large
 
 from __future__ import annotations
 
+from typing import Literal
+
 SNAPSHOT_BUDGET = 0.02  # of the training time between two snapshots
 # Rows reach the run directory with snapshots (exactly once after a failure), so the gap is also
 # how stale the metrics a user watches may be: never more than this much training time.
@@ -48,9 +50,9 @@ class SnapshotPace:
     while it lacks either estimate (a rank that has not written a snapshot yet). The agreed
     interval is 1 until some rank knows both, then follows the mean over the ranks that do."""
 
-    def __init__(self, fixed: int | str | None, cap: int):
+    def __init__(self, fixed: int | Literal["auto"] | None, cap: int):
         self.auto = fixed == "auto"
-        self.interval: int | None = 1 if self.auto else fixed  # type: ignore[assignment]
+        self.interval: int | None = 1 if fixed == "auto" else fixed
         self.cap = cap
         self.cost_s: float | None = None
         self.step_s: float | None = None

@@ -129,6 +129,7 @@ class Lease:
             current = self.read()
             decision = verdict(current, self.me, now, self.alive)
             if decision == "held":
+                assert current is not None  # verdict() says "held" only of a holder
                 raise LeaseHeld(
                     f"checkpoint root {self.storage.uri} is in use by "
                     f"{current.describe(now)}: one root, one writer. Wait for that "

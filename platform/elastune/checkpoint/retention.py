@@ -41,12 +41,13 @@ def decide_retention(checkpoints: list[CheckpointInfo], policy: RetentionPolicy)
     reasons: dict[int, str] = {}
     for step in sorted(by_step)[-policy.keep_last :] if policy.keep_last > 0 else []:
         reasons.setdefault(step, f"one of the newest {policy.keep_last}")
-    if policy.keep_best and policy.best_metric:
-        scored = [c for c in checkpoints if policy.best_metric in c.metrics]
+    metric = policy.best_metric
+    if policy.keep_best and metric:
+        scored = [c for c in checkpoints if metric in c.metrics]
         sign = 1 if policy.best_mode == "min" else -1
-        scored.sort(key=lambda c: (sign * c.metrics[policy.best_metric], -c.step))
+        scored.sort(key=lambda c: (sign * c.metrics[metric], -c.step))
         for c in scored[: policy.keep_best]:
-            reasons.setdefault(c.step, f"one of the best {policy.keep_best} by {policy.best_metric}")
+            reasons.setdefault(c.step, f"one of the best {policy.keep_best} by {metric}")
     for c in checkpoints:
         if c.pinned:
             reasons.setdefault(c.step, "pinned")

@@ -110,9 +110,10 @@ class Snapshotter:
         cpu = time.thread_time()
         if copied is not None:
             copied.synchronize()
+        assert self.buffer is not None  # take() filled it before handing off
         payload = self.buffer.numpy() if file else None
         if payload is not None:
-            data = memoryview(payload)
+            data = payload.data
             digests = {
                 n: block_digests(data, off, ln, BLOCK_BYTES, SNAPSHOT_CHECKSUM) for n, (off, ln) in self.plan.offsets.items()
             }

@@ -72,7 +72,7 @@ def _union(node: dict[str, Any], options: list[dict[str, Any]]) -> dict[str, Any
         return {**options[0], **_described(node), **extra}
     if all(o.get("type") == "object" and "properties" in o for o in options):
         return {**_merge_objects(options), **_described(node), **extra}
-    if sorted(o.get("type") for o in options) == ["integer", "string"]:  # a count or a word (auto)
+    if sorted(o["type"] for o in options) == ["integer", "string"]:  # a count or a word (auto)
         return {**_described(node), "x-kubernetes-int-or-string": True, **extra}
     # Differing scalar or array types (a path or a list of paths): any value here, checked by
     # the operator with the job spec's own rules.

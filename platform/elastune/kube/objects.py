@@ -293,7 +293,7 @@ def ray_job(owner: Owner, job: JobSpec, cluster: ClusterSpec, image: str, pods: 
     head_cpus = "1" if job.scaling.recovery == "live" else "0"
     low, high = pods
     env_from = [{"secretRef": {"name": cluster.storage.credentialsSecret}}] if cluster.storage.credentialsSecret else []
-    worker_limits = {"cpu": cluster.workers.cpu, "memory": cluster.workers.memory}
+    worker_limits: dict[str, str | int] = {"cpu": cluster.workers.cpu, "memory": cluster.workers.memory}
     if cluster.workers.gpu:
         worker_limits["nvidia.com/gpu"] = cluster.workers.gpu
     head = _pod(
@@ -386,7 +386,7 @@ def _pod(
     spec_volume: str | None,
     claim: str,
 ) -> dict[str, Any]:
-    mounts = [
+    mounts: list[dict[str, str | bool]] = [
         {"name": "shared", "mountPath": MOUNT},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "tmp", "mountPath": "/tmp"},

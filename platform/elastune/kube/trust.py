@@ -168,9 +168,9 @@ class Egress:
     cidr: str
     port: int | None = None
 
-    def rule(self) -> dict:
+    def rule(self) -> dict[str, list[dict[str, object]]]:
         """The NetworkPolicy egress rule."""
-        out: dict = {"to": [{"ipBlock": {"cidr": self.cidr}}]}
+        out: dict[str, list[dict[str, object]]] = {"to": [{"ipBlock": {"cidr": self.cidr}}]}
         return {**out, "ports": [{"protocol": "TCP", "port": self.port}]} if self.port else out
 
 

@@ -48,6 +48,7 @@ class NoiseScale:
             if self.trace is None:
                 self.trace, self.grad_sq = s, g2
             else:
+                assert self.grad_sq is not None  # set together with trace
                 self.trace = self.decay * self.trace + (1 - self.decay) * s
                 self.grad_sq = self.decay * self.grad_sq + (1 - self.decay) * g2
         return self.value

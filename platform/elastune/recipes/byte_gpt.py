@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from elastune.recipes import Recipe
+from elastune.recipes import Batch, Recipe
 from elastune.spec.models import ByteGPTOptions
 
 VOCAB = 256
@@ -75,8 +75,9 @@ class ByteGPT(nn.Module):
         return self.head(self.ln(x))
 
 
-def sample_losses(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+def sample_losses(model: nn.Module, windows: Batch) -> torch.Tensor:
     """Mean next-byte cross-entropy of each window: shape [batch]."""
+    assert isinstance(windows, torch.Tensor)  # its dataset (the prepared token windows) yields one tensor
     inputs, targets = windows[:, :-1], windows[:, 1:]
     logits = model(inputs)
     per_token = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), reduction="none")

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from elastune.errors import SpecError
 from elastune.spec.models import FactoryModel, JobSpec, RecipeModel
@@ -246,7 +247,7 @@ def validate_spec(raw: dict[str, Any], source: str = "<spec>") -> JobSpec:
         raise SpecError("\n".join(lines)) from None
 
 
-def explain(err: dict[str, Any]) -> tuple[str, str, str, str]:
+def explain(err: ErrorDetails) -> tuple[str, str, str, str]:
     """(field path, shown value, rule, fix) for one pydantic error."""
     loc = [_clip(str(p)) for p in err["loc"]]  # keys may be numbers or null, and long
     # Discriminated unions insert the tag ("adamw") into the path; drop it for the user.
@@ -365,8 +366,9 @@ def _tag(model: type[BaseModel]) -> str | None:
     return typing.get_args(field.annotation)[0]
 
 
-# Per union field, the tags pydantic inserts into error paths (dropped when shown to the user).
-_TAGS = {
+# Per union field, the tags pydantic inserts into error paths (dropped when shown to the user);
+# looked up with None too, for a path's first part (_section_of).
+_TAGS: dict[str | None, set[str]] = {
     section: {t for m in _models_in(JobSpec.model_fields[section].annotation) if (t := _tag(m))}
     for section in ("model", "optimizer", "schedule", "faults")
 }

@@ -239,6 +239,7 @@ class JobSpec(Strict):
                 raise ValueError(
                     f"tune.mode wsd_branches forks WSD decays, but schedule.name is {self.schedule.name}; set schedule.name: wsd"
                 )
+            assert self.tune.budgets is not None  # TuneSpec refuses wsd_branches without budgets
             if self.tune.budgets[-1] > self.budget_samples:
                 raise ValueError(
                     f"tune.budgets reaches {self.tune.budgets[-1]} samples, beyond the job's stop ({self.budget_samples}); "

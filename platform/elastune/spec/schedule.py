@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field
 
@@ -59,7 +59,7 @@ class RexSchedule(_Schedule):
 
 
 SCHEDULES = {
-    cls.model_fields["name"].annotation.__args__[0]: cls
+    get_args(cls.model_fields["name"].annotation)[0]: cls
     for cls in (ConstantSchedule, CosineSchedule, LinearSchedule, WSDSchedule, InverseSqrtSchedule, CyclicalSchedule, RexSchedule)
 }  # family name -> model
 

@@ -144,6 +144,7 @@ class JobsClient:
         except AuthenticationError as exc:
             raise self._http_error(403 if "Forbidden" in str(exc) else 401, str(exc)) from None
         except requests.HTTPError as exc:
+            assert exc.response is not None  # raised by raise_for_status(), which attaches the response
             raise self._http_error(exc.response.status_code, str(exc)) from None
         except ConnectionError as exc:
             raise Unreachable(f"no Ray Jobs API answers at {self.address.describe()}: {exc}") from None

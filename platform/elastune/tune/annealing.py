@@ -37,7 +37,8 @@ class AnnealingLaw:
     def predict(self, lrs: np.ndarray | list[float]) -> np.ndarray:
         """Loss after each step of a run with these per-step lrs (from the start)."""
         s1, s2 = areas(np.asarray(lrs, dtype=float), skip=self.skip)
-        return self.l0 + self.a * np.power(np.maximum(s1, 1e-12), -self.alpha) - self.c * s2
+        losses: np.ndarray = self.l0 + self.a * np.power(np.maximum(s1, 1e-12), -self.alpha) - self.c * s2
+        return losses
 
 
 def areas(lrs: np.ndarray, momentum: float = MOMENTUM, skip: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -73,6 +74,7 @@ def fit(curves: list[tuple[list[float], list[float]]], skip: int = 0) -> Anneali
         err = float(np.sum((x @ coef - y) ** 2))
         if best is None or err < best[0]:
             best = (err, AnnealingLaw(float(coef[0]), float(coef[1]), float(alpha), float(coef[2]), skip))
+    assert best is not None  # ALPHAS is not empty
     return best[1]
 
 

@@ -27,6 +27,7 @@ from ray.tune.search import Searcher
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.errors import CheckpointError, SpecError
 from elastune.spec.models import JobSpec
+from elastune.spec.schedule import WSDSchedule
 from elastune.tune.search import SearchPlan, say, trial_spec, write_json
 
 BRANCHES = "branches.json"
@@ -36,6 +37,8 @@ def fork_points(spec: JobSpec) -> list[tuple[int, int]]:
     """(fork, budget) for each budget: the last step boundary at or before the budget's WSD decay
     starts (warmup + (1 - decay_fraction) * (budget - warmup) samples)."""
     s, batch = spec.schedule, spec.batch.global_batch_size
+    # a wsd_branches job: JobSpec holds it to a WSD schedule, TuneSpec to a list of budgets
+    assert isinstance(s, WSDSchedule) and spec.tune is not None and spec.tune.budgets is not None
     out = []
     for budget in spec.tune.budgets:
         decay_start = s.warmup_samples + (1 - s.decay_fraction) * (budget - s.warmup_samples)
@@ -70,7 +73,8 @@ class BranchSearcher(Searcher):
         self.done = False
         self._queue_trunk(0)
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+    # Ray annotates suggest() as Optional[Dict], yet documents Searcher.FINISHED (a str) as its way to end a search.
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if self.queue:
             config = self.queue.pop(0)
             self.running[trial_id] = config

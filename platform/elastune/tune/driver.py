@@ -58,7 +58,9 @@ def run_tune(
     console = console or Console()
     check_search(spec)
     spec = resolve_paths(spec)
-    if spec.tune.mode == "wsd_branches":
+    t = spec.tune
+    assert t is not None  # check_search refused a job without a tune: section
+    if t.mode == "wsd_branches":
         fork_points(spec)  # refuses budgets that fork inside the warmup
     recipe = load_recipe(spec.model, spec_dir)
     if recipe.dataset is None:
@@ -68,7 +70,6 @@ def run_tune(
     raw = spec.to_dict()
     (tune_dir / "spec.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     console.print(f"Search directory: {tune_dir}", highlight=False)
-    t = spec.tune
     per_member = spec.scaling.max_workers * spec.scaling.cpus_per_worker
     side_by_side = t.population if t.mode == "pbt" else 2  # wsd_branches: the trunk and the branch it just forked
     started_ray = connect_ray(spec, address, console, verbose, cpus=side_by_side * (per_member + TRIAL_CPUS) + 1)
@@ -76,7 +77,7 @@ def run_tune(
     exporter = None
     try:
         exporter = search_exporter(spec, tune_dir.name, console)
-        plan = SearchPlan(raw, str(tune_dir), exporter and exporter.name)
+        plan = SearchPlan(raw, str(tune_dir), None if exporter is None else exporter.name)
         room = ray.cluster_resources().get("CPU", 1) - side_by_side * TRIAL_CPUS
         concurrent = t.max_concurrent_trials or max(1, min(side_by_side, int(room // per_member)))
         if t.mode == "pbt":
@@ -86,6 +87,7 @@ def run_tune(
                 highlight=False,
             )
         else:
+            assert t.budgets is not None  # TuneSpec requires them of wsd_branches
             console.print(
                 f"WSD branches for budgets {', '.join(f'{b:,}' for b in t.budgets)} samples from one constant-lr trunk.",
                 highlight=False,
@@ -125,7 +127,7 @@ def _finished(outcome: TuneOutcome) -> TuneOutcome:
 
 def _branches_outcome(tune_dir: Path, console: Console, seconds: float, error: str | None) -> TuneOutcome:
     """The loss-vs-budget table of a wsd_branches search."""
-    record = (
+    record: dict[str, Any] = (
         json.loads((tune_dir / BRANCHES).read_text()) if (tune_dir / BRANCHES).exists() else {"branches": [], "forks": [None]}
     )
     done = sorted((b for b in record["branches"] if not b["error"]), key=lambda b: b["budget"])
@@ -145,20 +147,22 @@ def search_exporter(spec: JobSpec, search_id: str, console: Console) -> RunExpor
     """The search's Prometheus exporter (`metrics:` in the spec; run label: the search's id):
     population size, each trial's loss and lr as it trains, exploits per trial. Trials find it by
     name; their own runs serve no exporter."""
-    m = spec.metrics
+    m, t = spec.metrics, spec.tune
     if not m.enabled:
         return None
+    assert t is not None  # the searched job (run_tune)
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     name = f"elastune-search-metrics-{search_id}"
     exporter = RunExporter(
         spec.name, search_id, m.host, m.port, None, Path(spec.output_dir) / "prometheus-targets", here, name=name
     )
-    if spec.tune.mode == "pbt":
-        exporter.observe([], [Population(time=time.time(), size=spec.tune.population)])
-        for i in range(spec.tune.population):
+    if t.mode == "pbt":
+        exporter.observe([], [Population(time=time.time(), size=t.population)])
+        for i in range(t.population):
             exporter.actor.observe_trial.remote(f"m{i}", [], [])  # every trial's exploit count starts at 0
     else:
-        trunk_and_branches = Population(time=time.time(), size=len(spec.tune.budgets) + 1)
+        assert t.budgets is not None  # TuneSpec requires them of wsd_branches
+        trunk_and_branches = Population(time=time.time(), size=len(t.budgets) + 1)
         exporter.observe([], [trunk_and_branches])
     console.print(f"Metrics: http://{exporter.address}/metrics (Prometheus file_sd target {exporter.target}).", highlight=False)
     return exporter
@@ -173,6 +177,7 @@ def _fit(plan: SearchPlan, spec_dir: str, concurrent: int, console: Console, ver
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     spec = plan.spec
     t = spec.tune
+    assert t is not None  # the searched job (run_tune)
     window = t.fitness_samples or max(1, (t.interval_samples or 4) // 4)  # wsd_branches: each trial says its own
     trainable = functools.partial(
         train_segment, spec_dir=spec_dir, fitness_samples=window, log_dir=str(Path(plan.tune_dir) / "logs")
@@ -195,7 +200,8 @@ def _fit(plan: SearchPlan, spec_dir: str, concurrent: int, console: Console, ver
         ),
     )
     results = tuner.fit()
-    errors = [str(r.error) for r in results if r.error is not None]
+    # ResultGrid iterates (by __getitem__ and __len__), though Ray's annotations do not declare it iterable.
+    errors = [str(r.error) for r in results if r.error is not None]  # type: ignore[attr-defined]
     return "; ".join(errors) or None
 
 

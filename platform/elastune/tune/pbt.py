@@ -14,7 +14,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Scale = Literal["linear", "log", "int", "choice"]
 
@@ -28,29 +28,38 @@ class Dimension:
     scale: Scale
     low: float | None = None
     high: float | None = None
-    choices: tuple = ()
+    choices: tuple[Any, ...] = ()  # the spec's values as YAML gave them (SearchRange.choices)
 
-    def sample(self, rng: random.Random):
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a linear, log or int dimension, which always has both (SearchRange checks)."""
+        assert self.low is not None and self.high is not None, f"{self.name}: a {self.scale} dimension needs low and high"
+        return self.low, self.high
+
+    def sample(self, rng: random.Random) -> object:
         if self.scale == "choice":
             return rng.choice(self.choices)
+        low, high = self.bounds()
         if self.scale == "log":
-            return math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+            return math.exp(rng.uniform(math.log(low), math.log(high)))
         if self.scale == "int":
-            return rng.randint(int(self.low), int(self.high))
-        return rng.uniform(self.low, self.high)
+            return rng.randint(int(low), int(high))
+        return rng.uniform(low, high)
 
-    def perturb(self, value, rng: random.Random, factors: tuple[float, float]):
+    def perturb(self, value: object, rng: random.Random, factors: tuple[float, float]) -> object:
         """The donor's `value` moved one step: scaled by one of `factors` (log, linear: a step
         relative to the range; int: rounded), or, for a choice, a neighbouring choice."""
         if self.scale == "choice":
             i = self.choices.index(value)
             return self.choices[min(len(self.choices) - 1, max(0, i + rng.choice((-1, 1))))]
+        # a linear, log or int value is a number: sample() drew it, or perturb() moved one
+        assert isinstance(value, int | float), f"{self.name}: {value!r} is not a number"
+        low, high = self.bounds()
         factor = rng.choice(factors)
         if self.scale == "log":
             moved = value * factor
         else:  # linear and int: the same relative step, of the range rather than the value (which may be 0)
-            moved = value + (factor - 1.0) * (self.high - self.low)
-        moved = min(self.high, max(self.low, moved))
+            moved = value + (factor - 1.0) * (high - low)
+        moved = min(high, max(low, moved))
         return round(moved) if self.scale == "int" else moved
 
 

@@ -60,6 +60,7 @@ def base_values(spec: JobSpec) -> dict[str, Any]:
 
 def initial_values(spec: JobSpec, rng: random.Random) -> list[dict[str, Any]]:
     """Each member's first values: every searched one drawn from its range, the rest the job's."""
+    assert spec.tune is not None  # a search's job: check_search refused one without tune:
     space = space_of(spec.tune)
     return [base_values(spec) | {d.name: _native(d.sample(rng)) for d in space} for _ in range(spec.tune.population)]
 
@@ -79,8 +80,10 @@ def check_search(spec: JobSpec) -> None:
 def check_space(spec: JobSpec) -> None:
     """Refuse, before anything runs, a search whose ranges reach an invalid job (each range's
     ends and every choice are tried) or whose interval ends mid-step for some global batch."""
+    tune = spec.tune
+    assert tune is not None and tune.interval_samples is not None  # check_search's pbt job: TuneSpec requires its interval
     raw, base = spec.to_dict(), base_values(spec)
-    for dim in space_of(spec.tune):
+    for dim in space_of(tune):
         for raw_value in dim.choices or (dim.low, dim.high):
             value = int(raw_value) if dim.scale == "int" else raw_value
             try:
@@ -90,10 +93,11 @@ def check_space(spec: JobSpec) -> None:
                     f"tune.search.{dim.name} reaches {value!r}, which makes the job invalid:\n{err.message}\n"
                     f"narrow the range or fix the job"
                 ) from None
-    batches = sorted({spec.batch.global_batch_size, *spec.tune.search.get("batch.global_batch_size", _NO_CHOICES).choices})
-    if odd := [g for g in batches if spec.tune.interval_samples % g]:
+    searched_batch = tune.search.get("batch.global_batch_size")  # a choice range (TuneSpec), if searched
+    batches = sorted({spec.batch.global_batch_size, *(searched_batch.choices or () if searched_batch else ())})
+    if odd := [g for g in batches if tune.interval_samples % g]:
         raise SpecError(
-            f"tune.interval_samples ({spec.tune.interval_samples}) is not a multiple of global batch {odd}: an "
+            f"tune.interval_samples ({tune.interval_samples}) is not a multiple of global batch {odd}: an "
             f"interval must end at a step boundary; use a multiple of {math.lcm(*batches)}"
         )
 
@@ -178,10 +182,6 @@ def replay_spec(raw: dict[str, Any], history: list[dict[str, Any]]) -> dict[str,
     ):
         out["stop"] = {"max_samples": JobSpec.model_validate(raw).budget_samples}  # a changing batch needs a budget in samples
     return out
-
-
-class _NO_CHOICES:
-    choices: tuple = ()
 
 
 def _get(raw: dict[str, Any], path: str) -> Any:

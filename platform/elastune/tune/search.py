@@ -35,6 +35,7 @@ from elastune.checkpoint.retention import RetentionPolicy
 from elastune.errors import CheckpointError
 from elastune.events import Exploit
 from elastune.spec.models import JobSpec
+from elastune.spec.tune import TuneSpec
 from elastune.train.schedules import step_values
 from elastune.tune.annealing import predicted_final_losses
 from elastune.tune.lineage import stitched
@@ -53,9 +54,17 @@ class SearchPlan:
     def spec(self) -> JobSpec:
         return JobSpec.model_validate(self.raw)
 
+    @property
+    def tune(self) -> TuneSpec:
+        """The job's tune section: a searched job has one (population.check_search)."""
+        tune = self.spec.tune
+        assert tune is not None
+        return tune
+
     def boundaries(self) -> list[int]:
         """Samples at the end of each interval; the last is the job's budget."""
-        budget, step = self.spec.budget_samples, self.spec.tune.interval_samples
+        budget, step = self.spec.budget_samples, self.tune.interval_samples
+        assert step is not None  # a population search (mode pbt), which TuneSpec gives an interval
         return [min(k * step, budget) for k in range(1, math.ceil(budget / step) + 1)]
 
 
@@ -105,7 +114,8 @@ class PopulationSearcher(Searcher):
 
     # ------------------------------------------------------------------ Tune's side
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+    # Ray annotates suggest() as Optional[Dict], yet documents Searcher.FINISHED (a str) as its way to end a search.
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if self.queue:
             config = self.queue.pop(0)
             self.running[trial_id] = config["member"]
@@ -171,7 +181,7 @@ class PopulationSearcher(Searcher):
 
     def _interval_done(self) -> None:
         start, end = self._span()
-        if self.plan.spec.tune.rank_by == "predicted_final_loss" and end < self.ends[-1]:
+        if self.plan.tune.rank_by == "predicted_final_loss" and end < self.ends[-1]:
             self.scores = self._predicted(end)
         order = sorted(self.scores, key=lambda m: (self.scores[m], m))
         say(
@@ -192,7 +202,7 @@ class PopulationSearcher(Searcher):
                 "spec": replay_spec(self.plan.raw, best.history),
             }
         else:
-            for exploit in decide(self.members, self.scores, end, self.plan.spec.tune, self.rng):
+            for exploit in decide(self.members, self.scores, end, self.plan.tune, self.rng):
                 self._exploit(exploit, self.generation)
             self.generation += 1
             self._queue_generation()

@@ -37,9 +37,11 @@ def train_segment(config: dict[str, Any], *, spec_dir: str, fitness_samples: int
         outcome = run_job(spec, spec_dir, console=Console(file=out, width=160, soft_wrap=True), observe=observe)
     if outcome.status != "succeeded":
         raise ElastuneError(f"member {config['member']} interval {config['generation'] + 1} failed: {outcome.error} (log: {log})")
+    assert outcome.run_dir is not None  # a run that succeeded has its run directory
     rows = read_rows(outcome.run_dir)
     ckpt = Checkpointer(spec.checkpoint_path)
     end = ckpt.latest()
+    assert end is not None  # a run that succeeded made its final step durable
     pointer = {
         "uri": spec.checkpoint_path,
         "step": end.step,
