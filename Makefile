@@ -1,5 +1,6 @@
 # make run   -> set up .venv if missing, then train jobs/quickstart.yaml on an embedded local Ray
 # make test  -> set up .venv if missing, then run the whole test suite
+# make lint  -> the formatter and the linter (ruff) and the type checker (mypy), as CI runs them
 #
 # TORCH selects the torch build. The default is 2.13.0 taken from pip's configured indexes; on a
 # machine whose PyPI would serve a CUDA build, ask for the CPU one explicitly:
@@ -17,13 +18,19 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.elastune-installed
 
-.PHONY: run test setup bench gpu-check clean k8s-dashboards k8s-crd
+.PHONY: run test lint setup bench gpu-check clean k8s-dashboards k8s-crd
 
 run: $(STAMP)
 	$(BIN)/elastune run $(JOB)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# `ruff format platform tests operators` and `ruff check --fix ...` repair most of what this finds.
+lint: $(STAMP)
+	$(BIN)/ruff format --check platform tests operators
+	$(BIN)/ruff check platform tests operators
+	$(BIN)/mypy
 
 setup: $(STAMP)
 

@@ -60,6 +60,7 @@ class Part:
     def of(cls, file: str | None, entries: dict, chunks: tuple, stall_seconds: float) -> Part:
         """The service's own copy of what a worker handed over (`chunks`: see Snapshotter)."""
         nbytes = sum(len(c) for c in chunks)
+        payload: Any
         if not chunks:
             payload = None
         elif nbytes <= INLINE_BYTES:
@@ -362,7 +363,7 @@ def start_service(run_id: str, uri: str, policy: RetentionPolicy, sink_name: str
     """The run's service actor (created, or found if it exists: restarted drivers rejoin it).
     The driver places it on its own node (`scheduling_strategy`): tier 0 lives in that node's
     object store."""
-    actor = ray.remote(num_cpus=0, max_concurrency=32)(CheckpointService)
+    actor = ray.remote(num_cpus=0, max_concurrency=32)(CheckpointService)  # type: ignore[call-overload]  # actor options Ray's stubs omit
     options = {"name": service_name(run_id), "get_if_exists": True}
     if scheduling_strategy is not None:
         options["scheduling_strategy"] = scheduling_strategy

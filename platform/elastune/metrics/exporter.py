@@ -52,6 +52,7 @@ def build(metric: Metric, registry: CollectorRegistry):
         return Counter(metric.name, metric.help, metric.labels, registry=registry)
     if metric.kind == "gauge":
         return Gauge(metric.name, metric.help, metric.labels, registry=registry)
+    assert metric.buckets is not None  # the catalogue gives every histogram its buckets (tests/unit/test_metrics.py)
     return Histogram(metric.name, metric.help, metric.labels, buckets=metric.buckets, registry=registry)
 
 
@@ -253,7 +254,8 @@ class RunExporter:
         if name is not None:  # others (a search's trials) find it by name
             options["name"] = name
         self.name = name
-        self.actor = MetricsExporter.options(**options).remote(job, run, host, port, tokens_per_sample)
+        actor_class: Any = MetricsExporter  # an actor class (@ray.remote); Ray's stubs type it as the plain class
+        self.actor = actor_class.options(**options).remote(job, run, host, port, tokens_per_sample)
         self.address = ray.get(self.actor.address.remote())
         self.target = write_file_sd(targets, job, run, self.address)
 

@@ -13,10 +13,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
 import ray
@@ -24,24 +22,21 @@ from elastune.batch_plan import batch_plan
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.format import step_dir
 from elastune.checkpoint.lease import Lease, this_process
-from elastune.checkpoint.retention import RetentionPolicy
-from elastune.checkpoint.service import start_service
 from elastune.cluster import DrainWatch, connect_ray
-from elastune.data.prepare import ensure_prepared
 from elastune.errors import LeaseHeld
-from elastune.events import DataPrepared, End, Event, FailurePolicy, Finish, Fresh, LeaseTakenOver, Resume, Row, RunWarning
-from elastune.metrics.exporter import RunExporter
+from elastune.events import End, Event, FailurePolicy, Finish, Row, RunWarning
 from elastune.recipes import load_recipe
 from elastune.spec.load import validate_spec
 from elastune.spec.models import JobSpec
+from elastune.train.actors import RunActors
 from elastune.train.controller import make_trainer
 from elastune.train.outcome import RunOutcome, conclude
 from elastune.train.precision import check_step
+from elastune.train.preflight import prepare_data, resuming, settle_root
 from elastune.train.progress import ProgressView, describe_event
 from elastune.train.recovery import RecoveryTracker, stranded
 from elastune.train.resume import plan_resume
 from elastune.train.run_dir import RunDir, new_run_id
-from elastune.train.sink import RunSink, sink_name
 from elastune.train.state import model_state
 from elastune.train.stopping import STOP_GRACE_S, StopRequest, abort_controller, begin_stop
 
@@ -69,7 +64,7 @@ def run_job(
     fresh: bool = False,
     console: Console | None = None,
     verbose: bool = False,
-    observe: Callable[[list[dict[str, Any]], list[dict[str, Any]]], None] | None = None,
+    observe: Callable[[list[Row], list[Event]], None] | None = None,
 ) -> RunOutcome:
     """Train `spec` to its stop; `observe(rows, events)`, when given, sees every batch of metrics
     rows and events as the driver drains them (a search forwards its trials' to its exporter).
@@ -106,29 +101,8 @@ def _run(
     verbose: bool,
     observe,
 ) -> RunOutcome:
-    events: list[Event] = []
-
-    def note(event: Event) -> None:
+    for event in (events := settle_root(ckpt, lease, fresh)):
         console.print(describe_event(event), highlight=False)
-        events.append(event)
-
-    now = time.time
-    if lease.took_over is not None:
-        note(
-            LeaseTakenOver(
-                time=now(), message=f"Took over the checkpoint root from {lease.took_over.describe(now())}, which is gone."
-            )
-        )
-    if fresh:
-        removed = ckpt.clear()
-        if removed:
-            note(
-                Fresh(
-                    time=now(), deleted=removed, message=f"--fresh: deleted {removed} checkpoint(s) at {ckpt.uri}; starting over."
-                )
-            )
-        for left in ckpt.notes:
-            note(RunWarning(time=now(), message=f"--fresh: {left}"))
     latest = ckpt.latest()
     where = f"checkpoint {ckpt.uri}/{step_dir(latest.step)}" if latest else ""
     resume = plan_resume(latest, model_state(recipe.build_model), spec, where) if latest else None
@@ -142,21 +116,10 @@ def _run(
         return RunOutcome(None, "complete", resume.step, resume.samples_seen, None, 0.0, durable_step=resume.step, uri=ckpt.uri)
     run_dir = RunDir.create(spec.output_dir, spec.name, run_id)
     run_dir.write_spec(spec.to_dict())
-    if recipe.dataset is None:  # the recipe reads prepared token windows
-        manifest, prepared_now = ensure_prepared(spec.data)
-        if prepared_now:
-            message = f"Prepared {manifest.count:,} samples of {manifest.window} tokens at {spec.data.path}."
-            note(DataPrepared(time=now(), count=manifest.count, content_hash=manifest.content_hash, message=message))
-    if resume is not None:
-        changed = f"; these fields differ from the spec that saved it: {'; '.join(resume.changes)}" if resume.changes else ""
-        message = (
-            f"Resuming from checkpoint step {resume.step} ({resume.samples_seen:,} samples) at {ckpt.uri}{changed}; "
-            f"pass --fresh to start over."
-        )
-        note(
-            Resume(time=now(), step=resume.step, samples_seen=resume.samples_seen, changes=tuple(resume.changes), message=message)
-        )
-    run_dir.append_events(events)
+    more = prepare_data(spec, recipe) + ([resuming(resume, ckpt.uri)] if resume is not None else [])
+    for event in more:
+        console.print(describe_event(event), highlight=False)
+    run_dir.append_events(events + more)
     console.print(f"Run directory: {run_dir.path}", highlight=False)
 
     connected = connect_ray(spec, address, console, verbose)
@@ -187,16 +150,9 @@ def _train(
     # controller a few calls a second and saved about 1.7 s per run here (and per restart); Ray
     # Train passes the variable on to its controller. A value the user set wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_S))
-    # The run's actors live on the driver's node: the in-memory snapshots (objects the service
-    # put) outlive any worker node, and the driver's node going means the run goes anyway.
-    driver_node = ray.get_runtime_context().get_node_id()
-    here = NodeAffinitySchedulingStrategy(node_id=driver_node, soft=False)
-    sink = RunSink.options(name=sink_name(run_id), scheduling_strategy=here).remote()
-    c = spec.checkpoint
-    policy = RetentionPolicy(c.keep_last, c.keep_best, c.best_metric, c.best_mode)
-    service = start_service(run_id, spec.checkpoint_path, policy, sink_name(run_id), scheduling_strategy=here)
-    exporter = start_exporter(spec, run_id, tokens_per_sample, console, here)
-    trainer = make_trainer(spec, spec_dir, run_id, run_dir, driver_node, console)
+    actors = RunActors.start(spec, run_id, tokens_per_sample, console)
+    sink, service, exporter = actors.sink, actors.service, actors.exporter
+    trainer = make_trainer(spec, spec_dir, run_id, run_dir, actors.driver_node, console)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -270,10 +226,7 @@ def _train(
     result = conclude(spec, run_dir, last, start, started, error, gave_up, ray.get(service.flush.remote(0)), stop.signum)
     run_dir.write_result(result.__dict__ | {"run_dir": str(run_dir.path)})
     run_dir.append_events([End(time=time.time(), status=result.status, error=result.error, durable_step=result.durable_step)])
-    if exporter is not None:
-        exporter.close(run_dir.path / "metrics.prom")
-    ray.kill(sink)
-    ray.kill(service)
+    actors.stop(run_dir.path)
     return result
 
 
@@ -284,16 +237,3 @@ def renew(lease: Lease, view: ProgressView) -> None:
         view.say(f"[yellow]Warning[/yellow]: could not renew the checkpoint root's lease: {exc}")
     except LeaseHeld as exc:
         view.say(f"[yellow]Warning[/yellow]: {exc}")
-
-
-def start_exporter(spec: JobSpec, run_id: str, tokens_per_sample: int | None, console: Console, strategy) -> RunExporter | None:
-    """The run's Prometheus exporter on the driver's node (`metrics:` in the spec), announced with
-    its address and the file_sd target a local Prometheus finds it by."""
-    m = spec.metrics
-    if not m.enabled:
-        return None
-    exporter = RunExporter(
-        spec.name, run_id, m.host, m.port, tokens_per_sample, Path(spec.output_dir) / "prometheus-targets", strategy
-    )
-    console.print(f"Metrics: http://{exporter.address}/metrics (Prometheus file_sd target {exporter.target}).", highlight=False)
-    return exporter

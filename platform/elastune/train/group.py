@@ -96,26 +96,37 @@ class Membership:
         """Events for `step` committed by `world` workers (its plan's split and global batch)."""
         now, before = self.clock(), self.world
         events: list[Recovery | Resize] = []
-        common = {"time": now, "world_size_after": world, "micro_batches": micro_batches, "global_batch_size": global_batch_size}
         if self.failure is not None or (before is not None and world < before):
             f = self.failure or _Failure(step, before, self.last_commit, self.last_commit, None, None)
             cause = f"worker lost during step {f.step}" if self.failure else f"worker left before step {step}"
             events.append(
                 Recovery(
+                    time=now,
                     step=step,
                     recovery="live",
                     cause=cause + (f" ({f.error})" if f.error else ""),
                     world_size_before=f.world,
+                    world_size_after=world,
+                    micro_batches=micro_batches,
+                    global_batch_size=global_batch_size,
                     resumed_from_step=step - 1,
                     failed_at=f.at,
                     failed_after=f.after,
                     detection_seconds=None if f.detected is None else round(f.detected - f.at, 3),
                     mttr_seconds=round(now - f.at, 3),
-                    **common,
                 )
             )
         elif before is not None and world > before:
-            events.append(Resize(step=step - 1, world_size_before=before, **common))
+            events.append(
+                Resize(
+                    time=now,
+                    step=step - 1,
+                    world_size_before=before,
+                    world_size_after=world,
+                    micro_batches=micro_batches,
+                    global_batch_size=global_batch_size,
+                )
+            )
         self.world, self.last_commit, self.failure = world, now, None
         return events
 

@@ -50,6 +50,7 @@ class Replicated:
         return build_optimizer(model, spec)
 
     def pieces(self, model: nn.Module, optimizer: Optimizer) -> dict[str, Piece]:
+        assert isinstance(optimizer, torch.optim.Optimizer)  # built by `optimizer` above
         out = {}
         for name, p in named_params(model):
             for key, value in optimizer.state.get(p, {}).items():

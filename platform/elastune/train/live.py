@@ -79,7 +79,8 @@ class LiveGroup:
         progress: Progress,
         on_gpu: bool = False,
     ):
-        self.load, self.healed = load, None
+        self.load = load
+        self.healed: Progress | None = None
         self.transport = ServiceTransport(service, header, state)
         self.pg = ProcessGroupNCCL(timeout=TIMEOUT) if on_gpu else ProcessGroupGloo(timeout=TIMEOUT)
         self.manager = Manager(

@@ -33,6 +33,7 @@ from elastune.train.optim import set_hyper
 from elastune.train.precision import LossScale, check_step, compile_model
 from elastune.train.reduce import REDUCE_DTYPES
 from elastune.train.resume import saved_spec
+from elastune.train.rng import SCHEME as RNG_SCHEME
 from elastune.train.schedules import step_values
 from elastune.train.state import Progress, TrainState, restore_state, state_pieces
 from elastune.train.step import GradBuffer, StepContext, train_step
@@ -58,7 +59,8 @@ def run_worker(config: dict[str, Any]) -> None:
     node = ray.get_runtime_context().get_node_id()
     live = spec.scaling.recovery == "live"
     torch.set_num_threads(spec.scaling.torch_threads or max(1, int(spec.scaling.cpus_per_worker)))
-    sink, service = ray.get_actor(job.sink_name), ray.get_actor(job.service_name)
+    sink: Any = ray.get_actor(job.sink_name)  # actor handles: their methods are looked up at run time
+    service: Any = ray.get_actor(job.service_name)
     c = spec.checkpoint
     report = Reporter(sink, replica, live, with_snapshots=c.snapshot_every_steps is not None)
     faults = FaultInjector(
@@ -219,7 +221,8 @@ def restore(service, ckpt: Checkpointer, state: TrainState, keep_partial: bool =
     started = time.perf_counter()
     found = ray.get(service.snapshot.remote(keep_partial))
     skipped: list[str] = []
-    manifest = None
+    manifest: Manifest | None = None
+    nbytes: int | None = None
     if found["tier0"] is not None:
         try:
             (manifest, nbytes), tier = load_snapshot(found["tier0"], state), 0
@@ -288,7 +291,7 @@ def snapshot_base(spec: JobSpec, layout: str, dataset: dict[str, Any]) -> dict[s
             "schedule": {**sections["schedule"], "horizon_samples": spec.horizon_samples},
             "rng": {
                 "seed": spec.seed,
-                "scheme": "each micro-batch seeds the device generators with sha256(seed, step, micro_batch_index)",
+                "scheme": RNG_SCHEME,
             },
             "batch": sections["batch"],
             "dataset": dataset,
@@ -349,6 +352,7 @@ class Reporter:
             self.sink.event.remote(event, key)
 
     def failed(self, step: int, world: int, started_at: float, error: str | None) -> None:
+        assert self.membership is not None  # live groups only
         self.membership.failed(step, world, started_at, error)
 
     def collective_failed(self, rank: int, step: int, error: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 from torch import nn
 
@@ -33,7 +35,14 @@ def optimizer_for(spec: AdamWSpec | SGDSpec, params: list[tuple[torch.Tensor, bo
     return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov, foreach=True)
 
 
-def set_hyper(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+class HasParamGroups(Protocol):
+    """An optimizer as set_hyper sees it: torch's, or a layout's wrapper of one (train.zero)."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]: ...
+
+
+def set_hyper(optimizer: HasParamGroups, lr: float, weight_decay: float) -> None:
     """This step's learning rate, and weight decay for the groups that decay."""
     for group in optimizer.param_groups:
         group["lr"] = lr

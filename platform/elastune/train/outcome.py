@@ -4,7 +4,7 @@ last row, the checkpoint root and the error, if any."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,23 +52,24 @@ def conclude(
     steps = ckpt.committed_steps()
     durable = steps[-1] if steps else None
     step = last.step if last else start["step"]
-    common = {
-        "run_dir": run_dir.path,
-        "steps": step,
-        "samples_seen": last.samples_seen if last else start["samples_seen"],
-        "final_loss": last.loss if last else None,
-        "seconds": round(time.time() - started, 3),
-        "durable_step": durable,
-        "uri": ckpt.uri,
-    }
+    reached = RunOutcome(
+        run_dir=run_dir.path,
+        status="succeeded",
+        steps=step,
+        samples_seen=last.samples_seen if last else start["samples_seen"],
+        final_loss=last.loss if last else None,
+        seconds=round(time.time() - started, 3),
+        durable_step=durable,
+        uri=ckpt.uri,
+    )
     if signum is not None:
-        return RunOutcome(status="stopped", signal=signum, **common)
+        return replace(reached, status="stopped", signal=signum)
     if error is not None:
-        return RunOutcome(status="failed", error=gave_up or failure_reason(error), **common)
+        return replace(reached, status="failed", error=gave_up or failure_reason(error))
     if durable != step:
         failed = next((r["error"] for r in reversed(reports) if r.get("step") == step and "error" in r), "it was not written")
-        return RunOutcome(status="not_durable", error=f"the final step {step} is not durable: {failed}", **common)
-    return RunOutcome(status="succeeded", **common)
+        return replace(reached, status="not_durable", error=f"the final step {step} is not durable: {failed}")
+    return reached
 
 
 def failure_reason(error: BaseException) -> str:

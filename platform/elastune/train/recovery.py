@@ -157,25 +157,28 @@ class RecoveryTracker:
         lost = max(start.lost_steps, self.completed - (start.resumed_from_step or 0))
         resumed = start.resumed_samples_seen or 0
         self.noticed, self.completed = [], 0
-        figures = {
-            "time": start.time,
-            "failed_at": failed_at,
-            "step": start.resumed_from_step,
-            "world_size_before": before,
-            "world_size_after": start.world_size,
-            "global_batch_size": self.batches.at(resumed),
-            "micro_batches": start.micro_batches,
-            "resumed_from_step": start.resumed_from_step,
-            "resumed_from_tier": start.resumed_from_tier,
-            "lost_steps": lost,
-            "lost_samples": self.batches.samples_after(lost, resumed) - resumed,
-            "detection_seconds": None if detected is None else round(detected - failed_at, 3),
-            "restart_seconds": round(start.time - failed_at, 3),
-        }
-        if fault is None and start.world_size > before:
+        grew = fault is None and start.world_size > before
+        change: type[Recovery] | type[Resize] = Resize if grew else Recovery
+        if grew:
             cause = f"capacity for {start.world_size} workers (Ray Train's elastic policy restarted the group)"
-            return Resize(cause=cause, **figures)
-        return Recovery(recovery="restart", cause=fault_cause(fault) if fault else "worker group restarted", **figures)
+        else:
+            cause = fault_cause(fault) if fault else "worker group restarted"
+        return change(
+            time=start.time,
+            cause=cause,
+            failed_at=failed_at,
+            step=start.resumed_from_step,
+            world_size_before=before,
+            world_size_after=start.world_size,
+            global_batch_size=self.batches.at(resumed),
+            micro_batches=start.micro_batches,
+            resumed_from_step=start.resumed_from_step,
+            resumed_from_tier=start.resumed_from_tier,
+            lost_steps=lost,
+            lost_samples=self.batches.samples_after(lost, resumed) - resumed,
+            detection_seconds=None if detected is None else round(detected - failed_at, 3),
+            restart_seconds=round(start.time - failed_at, 3),
+        )
 
     def _narrow(self, event: Recovery) -> Recovery:
         """A live group's recovery, as its survivors saw it: their failure time is the failed

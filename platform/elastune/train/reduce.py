@@ -103,6 +103,7 @@ class Bucket:
         if not self._ordered or self._work is None:
             return
         self._work.wait()
+        assert self._recv is not None  # `start` made it
         world, n = dist.get_world_size(), self.view.numel()
         share = -(-n // world)
         parts = self._recv.view(world, -1)
@@ -124,6 +125,7 @@ class Bucket:
         if not self._ordered:
             self.land(self._staged if self._staged is not None else self.view)
             return
+        assert self._gathered is not None  # `gather` made it
         world, n = dist.get_world_size(), self.view.numel()
         shares = self._gathered.view(world, -1)
         for r in range(world):

@@ -19,7 +19,9 @@ UNCOMPARED = ("name", "output_dir", "checkpoint", "metrics", "faults", "tune", "
 
 
 @dataclass(frozen=True)
-class Resume:
+class ResumePlan:
+    """What a run does with the newest checkpoint at its root: resume at `step`, or nothing is left to train."""
+
     step: int
     samples_seen: int
     changes: tuple[str, ...]  # "optimizer.lr 0.001 -> 0.002", for the fields that differ
@@ -33,7 +35,7 @@ def saved_spec(spec: JobSpec) -> dict[str, Any]:
     return raw
 
 
-def plan_resume(manifest: Manifest | None, model: ModelState, spec: JobSpec, where: str) -> Resume | None:
+def plan_resume(manifest: Manifest | None, model: ModelState, spec: JobSpec, where: str) -> ResumePlan | None:
     """None: nothing to resume. IncompatibleCheckpoint: the checkpoint at `where` does not fit
     this job's model or optimizer."""
     if manifest is None:
@@ -41,7 +43,7 @@ def plan_resume(manifest: Manifest | None, model: ModelState, spec: JobSpec, whe
     check_fits(manifest, model, spec, where)
     saved = manifest.meta.get("spec")
     changes = spec_changes(saved, saved_spec(spec)) if isinstance(saved, dict) else ()
-    return Resume(manifest.step, manifest.samples_seen, changes, manifest.samples_seen >= spec.budget_samples)
+    return ResumePlan(manifest.step, manifest.samples_seen, changes, manifest.samples_seen >= spec.budget_samples)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,10 @@ import hashlib
 
 import torch
 
+# How a checkpoint's manifest names the scheme (meta.rng.scheme): what a reader must do to draw
+# the same numbers.
+SCHEME = "each micro-batch seeds the device generators with sha256(seed, step, micro_batch_index)"
+
 
 def micro_batch_seed(seed: int, step: int, micro_batch: int) -> int:
     """Seed of one micro-batch's randomness (dropout, augmentation): the same on every rank."""

@@ -9,7 +9,9 @@ size, so it does not bend when either changes. Every family starts with an optio
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from elastune.spec.schedule import (
     ConstantSchedule,
@@ -98,7 +100,7 @@ def _rex(s: RexSchedule, samples: int, t: float) -> float:
     return s.min_lr_ratio + (1 - s.min_lr_ratio) * shape
 
 
-_SHAPES = {
+_SHAPES: dict[type, Callable[[Any, int, float], float]] = {
     ConstantSchedule: _constant,
     CosineSchedule: _cosine,
     LinearSchedule: _linear,

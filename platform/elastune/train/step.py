@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ from elastune.train.state import Progress, TrainState
 class StepResult:
     loss: float  # mean per-sample loss over the global batch
     grad_norm: float | None  # of the applied (all-reduced, pre-clip) gradient; None: an fp16 step skipped
-    tally: tuple[int, int, int]  # data.sampler.tally of every sample every rank read this step
+    tally: tuple[int, ...]  # data.sampler.tally of every sample every rank read this step
     noise: tuple[float, float] | None = None  # metrics.noise.noise_estimates of this step: (tr(Sigma), |G|^2)
     loss_scale: float | None = None  # fp16: the scale this step ran with
 
@@ -100,7 +101,7 @@ class GradBuffer:
         self.sums = [torch.zeros_like(f) for f in self.flats] if micro_batch_norms else None
         self._sum_views = [self.sums[f][lo:hi] for f, lo, hi in ranges] if self.sums is not None else []
         self.overlap = overlap
-        self._bucket_of = {p: i for i, members in enumerate(self._members) for p in members}
+        self._bucket_of: dict[torch.Tensor, int] = {p: i for i, members in enumerate(self._members) for p in members}
         self._waiting: list[int] = []  # per bucket: parameters whose final gradient is still to come
         self._launched = len(self.buckets)  # buckets launched this step (all: not armed)
         self._last_sq: list[torch.Tensor] = []  # the last micro-batch's |g|^2, bucket by bucket
@@ -117,7 +118,8 @@ class GradBuffer:
         """Record the gradient norm of the micro-batch just backpropagated (alone in the buffer)
         and move it to the step's sums (every micro-batch of the rank's but the last)."""
         # On the device, no host round trip per micro-batch.
-        sq = sum(_squared_norm(f) for f in self.flats)
+        assert self.sums is not None  # only with micro_batch_norms
+        sq = cast(torch.Tensor, sum(_squared_norm(f) for f in self.flats))  # the same sums as before, on the device
         self._record_norm(sq, size, global_batch_size, loss_scale)
         for total, f in zip(self.sums, self.flats):
             if self._folded:
@@ -174,7 +176,7 @@ class GradBuffer:
         while self._launched < len(self.buckets):
             self._launch(self._launched)
         if last_size is not None and self.sums is not None:
-            self._record_norm(sum(self._last_sq), last_size, global_batch_size, loss_scale)
+            self._record_norm(cast(torch.Tensor, sum(self._last_sq)), last_size, global_batch_size, loss_scale)
         self._last_sq = []
 
     def add_loss(self, loss_sum: torch.Tensor) -> None:
@@ -272,7 +274,7 @@ def train_step(
         scaler.update(found_inf)
         if found_inf:  # every rank holds the same reduced bytes, so every rank skips
             return StepResult(loss=loss, grad_norm=None, tally=counts, loss_scale=S)
-    norm = torch.nn.utils.get_total_norm([p.grad for p in grads.params], foreach=True)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in grads.params if p.grad is not None], foreach=True)
     if ctx.grad_clip_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(grads.params, ctx.grad_clip_norm, norm, foreach=True)
     state.step()

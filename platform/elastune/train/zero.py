@@ -12,6 +12,7 @@ replicated optimizer does, so the two layouts train alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,11 +54,12 @@ class ZeroOptimizer:
         self.inner = optimizer_for(spec, [(s.view, s.param.ndim >= 2) for s in self.slices])
 
     @property
-    def param_groups(self) -> list[dict]:
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.inner.param_groups
 
     def step(self) -> None:
         for s in self.slices:
+            assert s.param.grad is not None  # GradBuffer gives every trainable parameter its .grad view
             s.view.grad = s.param.grad.view(-1)[s.lo : s.hi]
         self.inner.step()
         if self.world_size > 1 and dist.is_initialized():

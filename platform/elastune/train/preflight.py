@@ -1,0 +1,52 @@
+"""What a run settles before any worker starts, each as an event the console shows and the run
+directory keeps: the checkpoint root (a lease taken over, what --fresh deleted), the data (token
+windows prepared now) and the resume (the step, and which spec fields changed since)."""
+
+from __future__ import annotations
+
+import time
+
+from elastune.checkpoint.checkpointer import Checkpointer
+from elastune.checkpoint.lease import Lease
+from elastune.data.prepare import ensure_prepared
+from elastune.events import DataPrepared, Event, Fresh, LeaseTakenOver, Resume, RunWarning
+from elastune.recipes import Recipe
+from elastune.spec.models import JobSpec
+from elastune.train.resume import ResumePlan
+
+
+def settle_root(ckpt: Checkpointer, lease: Lease, fresh: bool) -> list[Event]:
+    """The root's lease taken over from a holder that is gone; with `fresh`, its checkpoints deleted."""
+    out: list[Event] = []
+    if lease.took_over is not None:
+        gone = lease.took_over.describe(time.time())
+        out.append(LeaseTakenOver(time=time.time(), message=f"Took over the checkpoint root from {gone}, which is gone."))
+    if fresh:
+        removed = ckpt.clear()
+        if removed:
+            message = f"--fresh: deleted {removed} checkpoint(s) at {ckpt.uri}; starting over."
+            out.append(Fresh(time=time.time(), deleted=removed, message=message))
+        out += [RunWarning(time=time.time(), message=f"--fresh: {left}") for left in ckpt.notes]
+    return out
+
+
+def prepare_data(spec: JobSpec, recipe: Recipe) -> list[Event]:
+    """Token windows for a recipe that reads them, prepared now if they are not yet."""
+    if recipe.dataset is not None:
+        return []
+    manifest, prepared_now = ensure_prepared(spec.data)
+    if not prepared_now:
+        return []
+    message = f"Prepared {manifest.count:,} samples of {manifest.window} tokens at {spec.data.path}."
+    return [DataPrepared(time=time.time(), count=manifest.count, content_hash=manifest.content_hash, message=message)]
+
+
+def resuming(resume: ResumePlan, uri: str) -> Resume:
+    changed = f"; these fields differ from the spec that saved it: {'; '.join(resume.changes)}" if resume.changes else ""
+    message = (
+        f"Resuming from checkpoint step {resume.step} ({resume.samples_seen:,} samples) at {uri}{changed}; "
+        f"pass --fresh to start over."
+    )
+    return Resume(
+        time=time.time(), step=resume.step, samples_seen=resume.samples_seen, changes=tuple(resume.changes), message=message
+    )
