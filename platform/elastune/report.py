@@ -18,33 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from elastune import events as ev
 from elastune.errors import ElastuneError
-from elastune.events import (
-    Change,
-    Checkpoint,
-    CollectiveFailed,
-    DataPrepared,
-    End,
-    Event,
-    Exploit,
-    FailurePolicy,
-    Fault,
-    Finish,
-    Fresh,
-    Join,
-    LeaseTakenOver,
-    Leave,
-    Population,
-    Preemption,
-    Recovery,
-    Resize,
-    Resume,
-    Row,
-    RunWarning,
-    Start,
-    read_events,
-    read_rows,
-)
 from elastune.train.run_dir import summarize
 from elastune.tune.lineage import path_of, read_lineage, stitched
 
@@ -90,8 +65,8 @@ def _figures(figures: list[tuple[str, str]]) -> list[str]:
 
 def render(run_dir: Path) -> str:
     summary = summarize(run_dir)
-    rows = read_rows(run_dir)
-    events = read_events(run_dir)
+    rows = ev.read_rows(run_dir)
+    events = ev.read_events(run_dir)
     title = f"{summary['job']} / {summary['run']}"
     parts = [f"<h1>Elastune run {html.escape(title)}</h1>", table([summary_row(summary, rows)])]
     if rows:
@@ -104,7 +79,7 @@ def render(run_dir: Path) -> str:
         parts += _figures(figures)
     else:
         parts.append("<p>No step completed: nothing to plot.</p>")
-    changes = [e for e in events if isinstance(e, Change)]
+    changes = [e for e in events if isinstance(e, ev.Change)]
     parts.append("<h2>Failures and resizes</h2>")
     parts.append(table([change_row(e) for e in changes]) if changes else "<p>None.</p>")
     parts.append("<h2>Spec</h2><pre>" + html.escape((run_dir / "spec.yaml").read_text()) + "</pre>")
@@ -172,7 +147,7 @@ def render_search(tune_dir: Path) -> str:
     return _page(title, parts)
 
 
-def summary_row(summary: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
+def summary_row(summary: dict[str, Any], rows: list[ev.Row]) -> dict[str, Any]:
     return {
         "status": summary["status"],
         "steps": summary["steps"],
@@ -184,7 +159,7 @@ def summary_row(summary: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
     }
 
 
-def change_row(e: Change) -> dict[str, Any]:
+def change_row(e: ev.Change) -> dict[str, Any]:
     return {
         "kind": e.kind,
         "step": e.step,
@@ -197,13 +172,15 @@ def change_row(e: Change) -> dict[str, Any]:
 
 # Where a run's report shows each event kind (None: not shown; the run directory has it).
 # tests/unit/test_events.py holds every kind in events.KINDS to an entry here.
-REPORT_SHOWS: dict[type[Event], str | None] = {
-    Recovery: "world-size timeline (red) and the failures and resizes table",
-    Resize: "world-size timeline (blue) and the failures and resizes table",
-    Checkpoint: "snapshot stall and durable checkpoints plot",
-    Start: "world-size timeline (its time origin)",
-    **dict.fromkeys((Join, Leave, Finish, CollectiveFailed, Fault, FailurePolicy, Preemption, RunWarning), None),
-    **dict.fromkeys((LeaseTakenOver, Fresh, DataPrepared, Resume, End, Population, Exploit), None),
+REPORT_SHOWS: dict[type[ev.Event], str | None] = {
+    ev.Recovery: "world-size timeline (red) and the failures and resizes table",
+    ev.Resize: "world-size timeline (blue) and the failures and resizes table",
+    ev.Checkpoint: "snapshot stall and durable checkpoints plot",
+    ev.Start: "world-size timeline (its time origin)",
+    **dict.fromkeys(
+        (ev.Join, ev.Leave, ev.Finish, ev.CollectiveFailed, ev.Fault, ev.FailurePolicy, ev.Preemption, ev.RunWarning), None
+    ),
+    **dict.fromkeys((ev.LeaseTakenOver, ev.Fresh, ev.DataPrepared, ev.Resume, ev.End, ev.Population, ev.Exploit), None),
 }
 
 
@@ -233,7 +210,7 @@ def _svg(plt, fig) -> str:
     return text[text.index("<svg") :]  # drop the XML prolog: the SVG is inline in HTML
 
 
-def loss_and_lr(rows: list[Row]) -> str:
+def loss_and_lr(rows: list[ev.Row]) -> str:
     plt, fig, ax = _figure()
     samples = [r.samples_seen for r in rows]
     ax.plot(samples, [r.loss for r in rows], color="#1f77b4", label="loss")
@@ -245,21 +222,21 @@ def loss_and_lr(rows: list[Row]) -> str:
     return _svg(plt, fig)
 
 
-def world_timeline(rows: list[Row], events: list[Event]) -> str:
+def world_timeline(rows: list[ev.Row], events: list[ev.Event]) -> str:
     plt, fig, ax = _figure()
     t0 = events[0].time if events else rows[0].time
     ax.step([r.time - t0 for r in rows], [r.world_size for r in rows], where="post", color="#2ca02c", label="workers")
     for e in events:
-        if isinstance(e, Change):
+        if isinstance(e, ev.Change):
             at = e.failed_at if e.failed_at is not None else e.time
-            ax.axvline(at - t0, color="#d62728" if isinstance(e, Recovery) else "#1f77b4", linestyle="--")
+            ax.axvline(at - t0, color="#d62728" if isinstance(e, ev.Recovery) else "#1f77b4", linestyle="--")
     ax.set_xlabel("seconds since the run started")
     ax.set_ylabel("world size")
     ax.set_ylim(0, max(r.world_size for r in rows) + 1)
     return _svg(plt, fig)
 
 
-def throughput(rows: list[Row]) -> str:
+def throughput(rows: list[ev.Row]) -> str:
     plt, fig, ax = _figure()
     ax.plot([r.step for r in rows], [r.samples_per_s or 0 for r in rows], color="#9467bd")
     ax.set_xlabel("step")
@@ -267,14 +244,14 @@ def throughput(rows: list[Row]) -> str:
     return _svg(plt, fig)
 
 
-def checkpoints(rows: list[Row], events: list[Event]) -> str:
+def checkpoints(rows: list[ev.Row], events: list[ev.Event]) -> str:
     plt, fig, ax = _figure()
     stalls = [(r.step, r.snapshot_stall_seconds * 1e3) for r in rows if r.snapshot_stall_seconds is not None]
     if stalls:
         ax.plot(*zip(*stalls), color="#8c564b", label="snapshot stall (ms)")
     ax.set_xlabel("step")
     ax.set_ylabel("snapshot stall (ms)")
-    saves = [e for e in events if isinstance(e, Checkpoint)]
+    saves = [e for e in events if isinstance(e, ev.Checkpoint)]
     if saves:
         persist = ax.twinx()
         persist.bar([e.step for e in saves], [e.seconds for e in saves], color="#17becf", alpha=0.6, label="durable write (s)")
@@ -308,8 +285,8 @@ def render_branches(tune_dir: Path) -> str:
             f"<p>{record['samples_trained']:,} samples trained: "
             f"{record['cost_vs_one_run']:.2f}x one run of the largest budget.</p>"
         )
-    trunk = [r for t in record["trunk"] if t["run_dir"] for r in read_rows(Path(t["run_dir"]))]
-    curves = {"trunk": trunk, **{f"{b['budget']:,}": read_rows(Path(b["run_dir"])) for b in done}}
+    trunk = [r for t in record["trunk"] if t["run_dir"] for r in ev.read_rows(Path(t["run_dir"]))]
+    curves = {"trunk": trunk, **{f"{b['budget']:,}": ev.read_rows(Path(b["run_dir"])) for b in done}}
     if trunk:
         parts += _figures(
             [
@@ -348,7 +325,7 @@ def lineage_tree(lineage: dict[str, Any], best: str | None) -> str:
     return _svg(plt, fig)
 
 
-def stitched_plot(curves: dict[str, list[Row]], key: str) -> str:
+def stitched_plot(curves: dict[str, list[ev.Row]], key: str) -> str:
     plt, fig, ax = _figure()
     for member, rows in curves.items():
         shown = [r for r in rows if key != "lr" or r.lr > 0]  # lr on a log scale (peaks differ by orders of magnitude)

@@ -19,29 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 import ray
-from elastune.events import (
-    Checkpoint,
-    CollectiveFailed,
-    DataPrepared,
-    End,
-    Event,
-    Exploit,
-    FailurePolicy,
-    Fault,
-    Finish,
-    Fresh,
-    Join,
-    LeaseTakenOver,
-    Leave,
-    Population,
-    Preemption,
-    Recovery,
-    Resize,
-    Resume,
-    Row,
-    RunWarning,
-    Start,
-)
+from elastune import events as ev
 from elastune.metrics.catalogue import CATALOGUE, RUN, Metric
 from elastune.metrics.noise import NoiseScale
 
@@ -76,7 +54,7 @@ class RunMetrics:
     def _(self, name: str, **labels: str):
         return self.m[name].labels(job=self.job, run=self.run, **labels)
 
-    def observe(self, rows: list[Row], events: list[Event]) -> None:
+    def observe(self, rows: list[ev.Row], events: list[ev.Event]) -> None:
         for row in rows:
             self._row(row)
         for event in events:
@@ -84,16 +62,16 @@ class RunMetrics:
             if handler is not None:
                 handler(self, event)
 
-    def observe_trial(self, trial: str, rows: list[Row], events: list[Event]) -> None:
+    def observe_trial(self, trial: str, rows: list[ev.Row], events: list[ev.Event]) -> None:
         """A tuning trial's rows (its newest loss and learning rate) and its `exploit` events;
         a trial's exploit count exists, at 0, from its first observation."""
         exploits = self._("elastune_exploits", trial=trial)
         for row in rows[-1:]:
             self._("elastune_trial_loss", trial=trial).set(row.loss)
             self._("elastune_trial_learning_rate", trial=trial).set(row.lr)
-        exploits.inc(sum(isinstance(e, Exploit) for e in events))
+        exploits.inc(sum(isinstance(e, ev.Exploit) for e in events))
 
-    def _row(self, row: Row) -> None:
+    def _row(self, row: ev.Row) -> None:
         G = row.global_batch_size
         self._("elastune_steps").inc()
         self._("elastune_samples").inc(G)
@@ -126,7 +104,7 @@ class RunMetrics:
         if row.snapshot_stall_seconds is not None:
             self._("elastune_snapshot_stall_seconds").observe(row.snapshot_stall_seconds)
 
-    def _recovery(self, event: Recovery) -> None:
+    def _recovery(self, event: ev.Recovery) -> None:
         self._("elastune_worker_failures").inc()
         if event.mttr_seconds is not None:
             self._("elastune_recovery_seconds").observe(event.mttr_seconds)
@@ -135,13 +113,13 @@ class RunMetrics:
         self._("elastune_lost_steps").inc(event.lost_steps)
         self._("elastune_lost_samples").inc(event.lost_samples)
 
-    def _resize(self, event: Resize) -> None:
+    def _resize(self, event: ev.Resize) -> None:
         self._("elastune_resizes").inc()
 
-    def _population(self, event: Population) -> None:
+    def _population(self, event: ev.Population) -> None:
         self._("elastune_population_size").set(event.size)
 
-    def _checkpoint(self, event: Checkpoint) -> None:
+    def _checkpoint(self, event: ev.Checkpoint) -> None:
         self._("elastune_checkpoints").inc()
         self._("elastune_checkpoint_persist_seconds").observe(event.seconds)
         self._("elastune_checkpoint_bytes").inc(event.bytes)
@@ -152,16 +130,27 @@ class RunMetrics:
 # What each event kind adds to the metrics (None: nothing; rows carry the run's figures, and
 # `exploit` counts per trial through observe_trial). tests/unit/test_events.py holds every kind
 # in events.KINDS to an entry here, and every handler to the catalogue metrics it sets.
-EXPORTED: dict[type[Event], Callable[[RunMetrics, Any], None] | None] = {
-    Recovery: RunMetrics._recovery,
-    Resize: RunMetrics._resize,
-    Population: RunMetrics._population,
-    Checkpoint: RunMetrics._checkpoint,
+EXPORTED: dict[type[ev.Event], Callable[[RunMetrics, Any], None] | None] = {
+    ev.Recovery: RunMetrics._recovery,
+    ev.Resize: RunMetrics._resize,
+    ev.Population: RunMetrics._population,
+    ev.Checkpoint: RunMetrics._checkpoint,
     **dict.fromkeys(
-        (Start, Join, Leave, Finish, CollectiveFailed, Fault, FailurePolicy, Preemption, RunWarning, LeaseTakenOver),
+        (
+            ev.Start,
+            ev.Join,
+            ev.Leave,
+            ev.Finish,
+            ev.CollectiveFailed,
+            ev.Fault,
+            ev.FailurePolicy,
+            ev.Preemption,
+            ev.RunWarning,
+            ev.LeaseTakenOver,
+        ),
         None,
     ),
-    **dict.fromkeys((Fresh, DataPrepared, Resume, End, Exploit), None),
+    **dict.fromkeys((ev.Fresh, ev.DataPrepared, ev.Resume, ev.End, ev.Exploit), None),
 }
 
 
@@ -207,10 +196,10 @@ class MetricsExporter:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.server.server_port}"
 
-    def observe(self, rows: list[Row], events: list[Event]) -> None:
+    def observe(self, rows: list[ev.Row], events: list[ev.Event]) -> None:
         self.metrics.observe(rows, events)
 
-    def observe_trial(self, trial: str, rows: list[Row], events: list[Event]) -> None:
+    def observe_trial(self, trial: str, rows: list[ev.Row], events: list[ev.Event]) -> None:
         self.metrics.observe_trial(trial, rows, events)
 
     def shutdown(self) -> None:
@@ -259,7 +248,7 @@ class RunExporter:
         self.address = ray.get(self.actor.address.remote())
         self.target = write_file_sd(targets, job, run, self.address)
 
-    def observe(self, rows: list[Row], events: list[Event]) -> None:
+    def observe(self, rows: list[ev.Row], events: list[ev.Event]) -> None:
         if rows or events:
             self.actor.observe.remote(rows, events)
 

@@ -10,29 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from elastune.events import (
-    Checkpoint,
-    CollectiveFailed,
-    DataPrepared,
-    End,
-    Event,
-    Exploit,
-    FailurePolicy,
-    Fault,
-    Finish,
-    Fresh,
-    Join,
-    LeaseTakenOver,
-    Leave,
-    Population,
-    Preemption,
-    Recovery,
-    Resize,
-    Resume,
-    Row,
-    RunWarning,
-    Start,
-)
+from elastune import events as ev
 
 
 class ProgressView:
@@ -56,7 +34,7 @@ class ProgressView:
             self._task = self._bar.add_task("train", total=total_steps, stats="starting workers...")
             self._bar.start()
 
-    def update(self, row: Row) -> None:
+    def update(self, row: ev.Row) -> None:
         stats = describe_row(row)
         if self._bar is not None:
             self._bar.update(self._task, completed=row.step, stats=stats)
@@ -74,12 +52,12 @@ class ProgressView:
             self._bar.stop()
 
 
-def describe_row(row: Row) -> str:
+def describe_row(row: ev.Row) -> str:
     sps = f"  {row.samples_per_s:,.0f} samples/s" if row.samples_per_s else ""
     return f"loss {row.loss:.4f}  lr {row.lr:.3g}{sps}  world {row.world_size}"
 
 
-def describe_event(event: Event) -> str | None:
+def describe_event(event: ev.Event) -> str | None:
     """A sentence for the events a user should see (console markup); None for the rest."""
     return CONSOLE[type(event)](event)
 
@@ -89,7 +67,7 @@ def _text(value: object) -> str:
     return escape(str(value))
 
 
-def _start(e: Start) -> str:
+def _start(e: ev.Start) -> str:
     line = f"Worker group up: {e.world_size} worker(s); {_text(e.plan)}"
     if e.resumed_from_step is not None:
         line += (
@@ -100,7 +78,7 @@ def _start(e: Start) -> str:
     return line + "."
 
 
-def _resize(e: Resize) -> str:
+def _resize(e: ev.Resize) -> str:
     counts = ",".join(map(str, e.micro_batches or ()))
     line = (
         f"Resized {e.world_size_before} -> {e.world_size_after} workers at step {e.step}; "
@@ -111,7 +89,7 @@ def _resize(e: Resize) -> str:
     return line
 
 
-def _fault(e: Fault) -> str:
+def _fault(e: ev.Fault) -> str:
     what = {
         "kill_rank": f"killing rank {e.rank}",
         "kill_node": f"killing the node of rank {e.rank}",
@@ -123,7 +101,7 @@ def _fault(e: Fault) -> str:
     return f"[yellow]Fault[/yellow] {where}."
 
 
-def _recovery(e: Recovery) -> str:
+def _recovery(e: ev.Recovery) -> str:
     if e.recovery == "live":
         counts = ",".join(map(str, e.micro_batches or ()))
         return (
@@ -138,41 +116,41 @@ def _recovery(e: Recovery) -> str:
     )
 
 
-def _preemption(e: Preemption) -> str:
+def _preemption(e: ev.Preemption) -> str:
     when = f", deadline in {e.deadline - e.time:.0f} s" if e.deadline else ""
     saved = f"; making step {e.persisted_step} durable now" if e.persisted_step is not None else ""
     return f"[yellow]Preemption notice[/yellow] for node(s) {', '.join(n[:12] for n in e.nodes)}{when}{saved}."
 
 
-def _checkpoint(e: Checkpoint) -> str:
+def _checkpoint(e: ev.Checkpoint) -> str:
     stalls = ", ".join(f"{x:.2f}" for x in e.stall_seconds)
     return f"Checkpoint step {e.step}: {e.bytes / 1e6:.2f} MB in {e.seconds:.2f} s (per-rank stall {stalls} s) -> {_text(e.uri)}"
 
 
-def _quiet(e: Event) -> None:
+def _quiet(e: ev.Event) -> None:
     return None
 
 
 # How the console shows each kind (None: not shown; the run directory and the report have it).
 # tests/unit/test_events.py holds every kind in events.KINDS to an entry here.
-CONSOLE: dict[type[Event], Callable[[Any], str | None]] = {
-    Start: _start,
-    Resize: _resize,
-    Fault: _fault,
-    Recovery: _recovery,
-    Preemption: _preemption,
-    Checkpoint: _checkpoint,
-    CollectiveFailed: lambda e: f"Rank {e.rank} saw step {e.step}'s reduction fail: {_text(e.error)}",
-    Leave: lambda e: f"Rank {e.replica} left after step {e.step}: {_text(e.reason)}.",
-    RunWarning: lambda e: f"[yellow]Warning[/yellow]: {_text(e.message)}",
-    LeaseTakenOver: lambda e: _text(e.message),
-    Fresh: lambda e: _text(e.message),
-    DataPrepared: lambda e: _text(e.message),
-    Resume: lambda e: _text(e.message),
-    Join: _quiet,  # a worker group's start says who is in it
-    Finish: _quiet,  # the progress bar reaches its end
-    FailurePolicy: _quiet,  # a give-up decision is the run's error; a retry is a recovery to come
-    End: _quiet,  # `elastune run` prints the outcome
-    Population: _quiet,  # the tuner's own lines
-    Exploit: _quiet,
+CONSOLE: dict[type[ev.Event], Callable[[Any], str | None]] = {
+    ev.Start: _start,
+    ev.Resize: _resize,
+    ev.Fault: _fault,
+    ev.Recovery: _recovery,
+    ev.Preemption: _preemption,
+    ev.Checkpoint: _checkpoint,
+    ev.CollectiveFailed: lambda e: f"Rank {e.rank} saw step {e.step}'s reduction fail: {_text(e.error)}",
+    ev.Leave: lambda e: f"Rank {e.replica} left after step {e.step}: {_text(e.reason)}.",
+    ev.RunWarning: lambda e: f"[yellow]Warning[/yellow]: {_text(e.message)}",
+    ev.LeaseTakenOver: lambda e: _text(e.message),
+    ev.Fresh: lambda e: _text(e.message),
+    ev.DataPrepared: lambda e: _text(e.message),
+    ev.Resume: lambda e: _text(e.message),
+    ev.Join: _quiet,  # a worker group's start says who is in it
+    ev.Finish: _quiet,  # the progress bar reaches its end
+    ev.FailurePolicy: _quiet,  # a give-up decision is the run's error; a retry is a recovery to come
+    ev.End: _quiet,  # `elastune run` prints the outcome
+    ev.Population: _quiet,  # the tuner's own lines
+    ev.Exploit: _quiet,
 }

@@ -21,34 +21,7 @@ from typing import Any
 
 import yaml
 
-from elastune.events import (
-    Checkpoint,
-    CollectiveFailed,
-    DataPrepared,
-    End,
-    Event,
-    Exploit,
-    FailurePolicy,
-    Fault,
-    Finish,
-    Fresh,
-    Join,
-    LeaseTakenOver,
-    Leave,
-    Population,
-    Preemption,
-    Recovery,
-    Resize,
-    Resume,
-    Row,
-    RunWarning,
-    Start,
-    append_jsonl,
-    read_events,
-    read_lines,
-    read_rows,
-    write_format,
-)
+from elastune import events as ev
 
 
 def new_run_id() -> str:
@@ -59,7 +32,7 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = path
         self.path.mkdir(parents=True, exist_ok=True)
-        write_format(path)
+        ev.write_format(path)
 
     @classmethod
     def create(cls, output_dir: str, job: str, run_id: str) -> RunDir:
@@ -68,11 +41,11 @@ class RunDir:
     def write_spec(self, spec_dict: dict[str, Any]) -> None:
         (self.path / "spec.yaml").write_text(yaml.safe_dump(spec_dict, sort_keys=False))
 
-    def append_metrics(self, rows: Iterable[Row]) -> None:
-        append_jsonl(self.path / "metrics.jsonl", rows)
+    def append_metrics(self, rows: Iterable[ev.Row]) -> None:
+        ev.append_jsonl(self.path / "metrics.jsonl", rows)
 
-    def append_events(self, events: Iterable[Event]) -> None:
-        append_jsonl(self.path / "events.jsonl", events)
+    def append_events(self, events: Iterable[ev.Event]) -> None:
+        ev.append_jsonl(self.path / "events.jsonl", events)
 
     def write_result(self, result: dict[str, Any]) -> None:
         (self.path / "result.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -80,7 +53,7 @@ class RunDir:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """A .jsonl file's lines as plain JSON objects: the format as written (tests read it so)."""
-    return read_lines(path)
+    return ev.read_lines(path)
 
 
 def summarize(path: Path) -> dict[str, Any]:
@@ -88,8 +61,8 @@ def summarize(path: Path) -> dict[str, Any]:
     resizes, started (unix time). A run without result.json is still running, or was stopped
     before it could write one ("unfinished")."""
     result = json.loads((path / "result.json").read_text()) if (path / "result.json").is_file() else None
-    events = read_events(path)
-    rows = read_rows(path)
+    events = ev.read_events(path)
+    rows = ev.read_rows(path)
     last = rows[-1] if rows else None
     return {
         "job": path.parent.name,
@@ -105,10 +78,21 @@ def summarize(path: Path) -> dict[str, Any]:
 
 # The event kinds `runs ls` counts, by column; the others it summarises by the run's status, steps
 # and loss (NOT_COUNTED). tests/unit/test_events.py holds every kind to one of the two.
-SUMMARY_COUNTS: dict[str, tuple[type[Event], ...]] = {"failures": (Recovery,), "resizes": (Resize,)}
-NOT_COUNTED: frozenset[type[Event]] = frozenset(
-    {Start, Join, Leave, Finish, CollectiveFailed, Fault, Checkpoint, FailurePolicy, Preemption, RunWarning}
-    | {LeaseTakenOver, Fresh, DataPrepared, Resume, End, Population, Exploit}
+SUMMARY_COUNTS: dict[str, tuple[type[ev.Event], ...]] = {"failures": (ev.Recovery,), "resizes": (ev.Resize,)}
+NOT_COUNTED: frozenset[type[ev.Event]] = frozenset(
+    {
+        ev.Start,
+        ev.Join,
+        ev.Leave,
+        ev.Finish,
+        ev.CollectiveFailed,
+        ev.Fault,
+        ev.Checkpoint,
+        ev.FailurePolicy,
+        ev.Preemption,
+        ev.RunWarning,
+    }
+    | {ev.LeaseTakenOver, ev.Fresh, ev.DataPrepared, ev.Resume, ev.End, ev.Population, ev.Exploit}
 )
 
 
