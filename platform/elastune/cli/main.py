@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--format", choices=["auto", "text", "jsonl", "parquet"], default="auto")
     prep.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
     prep.add_argument("--max-bytes", type=_positive, help="read at most this many bytes of source")
+    prep.add_argument(
+        "--eval-fraction", type=_fraction, help="share of documents held out for evaluation, in (0, 0.5] (default: none)"
+    )
     prep.set_defaults(handler=cmd_data_prepare)
 
     from elastune.cli import ckpt, jobs, runs
@@ -94,6 +97,18 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a whole number >= 1") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is below 1; give a whole number >= 1")
+    return value
+
+
+def _fraction(text: str) -> float:
+    from elastune.data.split import fraction_problem
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a share of the documents, e.g. 0.05") from None
+    if problem := fraction_problem(value):
+        raise argparse.ArgumentTypeError(f"{value} {problem}")
     return value
 
 
@@ -221,22 +236,25 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
             raise ElastuneError(
                 f"{args.job}: data.source is not set, so there is nothing to prepare; set data.source or use --source"
             )
-        source, output, window, fmt, field, max_bytes = (
+        source, output, window, fmt, field, max_bytes, held = (
             data.source,
             data.path,
             data.window,
             data.format,
             data.text_field,
             data.max_bytes,
+            data.eval_fraction,
         )
     else:
         if not args.output:
             raise ElastuneError("--output is required with --source; give the dataset folder to write")
         source = args.source[0] if args.source == ["stdlib"] else args.source
         output, window, fmt, field, max_bytes = args.output, args.window, args.format, args.text_field, args.max_bytes
-    manifest = prepare(source, output, window, fmt, field, max_bytes)
+        held = args.eval_fraction
+    manifest = prepare(source, output, window, fmt, field, max_bytes, held)
+    heldout = f", {manifest.eval_count:,} held out for evaluation" if manifest.eval_fraction else ""
     print(
-        f"Prepared {manifest.count:,} samples of {manifest.window} tokens at "
+        f"Prepared {manifest.count:,} samples of {manifest.window} tokens{heldout} at "
         f"{output} (content sha256 {manifest.content_hash[:16]}...)"
     )
     return EXIT_OK

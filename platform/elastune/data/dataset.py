@@ -2,7 +2,9 @@
 
 Layout of a prepared dataset folder:
   tokens.arrow     Arrow IPC file, one column `tokens`: fixed_size_list<uint8>[window] (byte tokens)
-  manifest.json    format, source, tokenizer, window, count, dtype, content_hash
+  eval.arrow       the same for the documents held out for evaluation (with an eval fraction)
+  manifest.json    format, source, tokenizer, window, count, dtype, content_hash, and the held-out
+                   side's eval_fraction, eval_count and eval_hash
 
 Reading maps the file; `take(indices)` touches only the pages holding those windows.
 """
@@ -21,6 +23,7 @@ from elastune.errors import DataError
 
 FORMAT = "elastune.token-windows/1"
 TOKENS_FILE = "tokens.arrow"
+EVAL_FILE = "eval.arrow"
 MANIFEST_FILE = "manifest.json"
 
 
@@ -31,11 +34,23 @@ class DatasetManifest:
     window: int
     count: int
     dtype: str
-    content_hash: str
+    content_hash: str  # sha256 of the training windows, in order
     format: str = FORMAT
+    eval_fraction: float | None = None  # the share of documents held out (None: none)
+    eval_count: int = 0
+    eval_hash: str | None = None  # sha256 of the held-out windows, in order
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True) + "\n"
+
+    @property
+    def identity(self) -> dict[str, object]:
+        """What a checkpoint records of the data its positions refer to: the training windows and,
+        when there is one, the held-out split (another split trains on other windows)."""
+        out: dict[str, object] = {"count": self.count, "content_hash": self.content_hash}
+        if self.eval_fraction is not None:
+            out |= {"eval_fraction": self.eval_fraction, "eval_count": self.eval_count, "eval_hash": self.eval_hash}
+        return out
 
 
 def read_manifest(path: str | Path) -> DatasetManifest:
@@ -57,12 +72,20 @@ def read_manifest(path: str | Path) -> DatasetManifest:
 
 
 class TokenWindows:
-    """Memory-mapped fixed-length token windows; `take` returns a LongTensor [len(indices), window]."""
+    """Memory-mapped fixed-length token windows; `take` returns a LongTensor [len(indices), window].
+    `split`: "train", or "eval" for the held-out documents' windows."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, split: str = "train"):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        reader = pa.ipc.open_file(pa.memory_map(str(self.path / TOKENS_FILE), "r"))
+        if split == "eval" and self.manifest.eval_fraction is None:
+            raise DataError(
+                f"Dataset {self.path} holds no held-out split; prepare it again with --eval-fraction "
+                f"(or data.eval_fraction in the job spec)"
+            )
+        expected = self.manifest.count if split == "train" else self.manifest.eval_count
+        file = TOKENS_FILE if split == "train" else EVAL_FILE
+        reader = pa.ipc.open_file(pa.memory_map(str(self.path / file), "r"))
         chunks, starts, total = [], [], 0
         for i in range(reader.num_record_batches):
             column = reader.get_batch(i).column(0)
@@ -71,15 +94,16 @@ class TokenWindows:
             chunks.append(values)
             starts.append(total)
             total += len(column)
-        if total != self.manifest.count:
+        if total != expected:
             raise DataError(
-                f"Dataset {self.path} holds {total} windows but its manifest says {self.manifest.count}; prepare it again"
+                f"Dataset {self.path} holds {total} {split} windows but its manifest says {expected}; prepare it again"
             )
+        self._count = total
         self._chunks = chunks
         self._starts = np.asarray(starts, dtype=np.int64)
 
     def __len__(self) -> int:
-        return self.manifest.count
+        return self._count
 
     @property
     def window(self) -> int:

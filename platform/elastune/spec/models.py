@@ -94,6 +94,12 @@ class DataSpec(Strict):
     text_field: str = Field("text", description="Field holding the text in JSONL records or Parquet columns.")
     window: int = Field(65, ge=2, le=1_048_576, description="Tokens per sample (context + 1 for next-token models).")
     max_bytes: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="Stop reading the source after this many bytes.")
+    eval_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=0.5,
+        description="Share of the source's documents held out for evaluation (whole documents, chosen by their content).",
+    )
 
     @field_validator("path")
     @classmethod

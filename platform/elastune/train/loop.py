@@ -189,7 +189,8 @@ def open_source(recipe: Recipe, spec: JobSpec) -> SampleSource:
 def dataset_identity(source: SampleSource) -> dict[str, Any]:
     """What identifies the data a checkpoint's positions refer to (count, and content hash if known)."""
     manifest = getattr(source, "manifest", None)
-    return {"count": len(source), "content_hash": getattr(manifest, "content_hash", None)}
+    identity = getattr(manifest, "identity", None)  # a prepared dataset's (data.dataset.DatasetManifest)
+    return identity if identity is not None else {"count": len(source), "content_hash": getattr(manifest, "content_hash", None)}
 
 
 def announce(plan: BatchPlan, restored: dict[str, Any], dataset: dict[str, Any]) -> list[Event]:
