@@ -316,6 +316,7 @@ class Row:
     snapshot_stall_seconds: float | None = None  # of the rank that sent the row (every rank's: checkpoint events)
     sample_tally: tuple[int, ...] = ()  # data.sampler.tally of what all ranks read: proves each sample once
     noise: tuple[float, float] | None = None  # (tr(Sigma), |G|^2) of this step: metrics.noise
+    eval_loss: float | None = None  # held-out loss of the parameters the step started from, if it evaluated
 
 
 # ---------------------------------------------------------------------- the JSON form

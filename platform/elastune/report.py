@@ -71,7 +71,7 @@ def render(run_dir: Path) -> str:
     parts = [f"<h1>Elastune run {html.escape(title)}</h1>", table([summary_row(summary, rows)])]
     if rows:
         figures = [
-            ("Loss and learning rate against samples seen", loss_and_lr(rows)),
+            ("Loss (held-out loss in green, with eval:) and learning rate against samples seen", loss_and_lr(rows)),
             ("World size over time; failures (red) and resizes (blue) marked", world_timeline(rows, events)),
             ("Throughput per step", throughput(rows)),
             ("In-memory snapshot stall per step (rank 0) and durable checkpoints", checkpoints(rows, events)),
@@ -153,6 +153,7 @@ def summary_row(summary: dict[str, Any], rows: list[ev.Row]) -> dict[str, Any]:
         "steps": summary["steps"],
         "samples": rows[-1].samples_seen if rows else 0,
         "final loss": "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}",
+        "held-out loss": "-" if summary["eval_loss"] is None else f"{summary['eval_loss']:.4f}",
         "failures survived": summary["failures"],
         "resizes": summary["resizes"],
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["started"])),
@@ -214,6 +215,10 @@ def loss_and_lr(rows: list[ev.Row]) -> str:
     plt, fig, ax = _figure()
     samples = [r.samples_seen for r in rows]
     ax.plot(samples, [r.loss for r in rows], color="#1f77b4", label="loss")
+    evaluated = [(r.samples_seen - r.global_batch_size, r.eval_loss) for r in rows if r.eval_loss is not None]
+    if evaluated:  # at the parameters each evaluating step started from
+        ax.plot(*zip(*evaluated), "o-", color="#2ca02c", markersize=3, label="held-out loss")
+        ax.legend(loc="upper right", fontsize="small")
     ax.set_xlabel("samples seen")
     ax.set_ylabel("loss", color="#1f77b4")
     lr = ax.twinx()

@@ -27,6 +27,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "platform"))
 
+from elastune.events import Row  # noqa: E402
+
 
 def per_call(fn, n: int) -> tuple[float, float]:
     times = []
@@ -38,22 +40,21 @@ def per_call(fn, n: int) -> tuple[float, float]:
     return statistics.median(times), times[int(0.99 * (n - 1))]
 
 
-def row(step: int) -> dict:
-    return {
-        "time": time.time(),
-        "step": step,
-        "samples_seen": 32 * step,
-        "loss": 3.0,
-        "lr": 1e-3,
-        "grad_norm": 1.0,
-        "world_size": 2,
-        "global_batch_size": 32,
-        "micro_batches": [2, 2],
-        "step_seconds": 0.1,
-        "samples_per_s": 320.0,
-        "snapshot_stall_seconds": None,
-        "sample_tally": [32, 1000, 12345],
-    }
+def row(step: int) -> Row:
+    return Row(
+        time=time.time(),
+        step=step,
+        samples_seen=32 * step,
+        loss=3.0,
+        lr=1e-3,
+        grad_norm=1.0,
+        world_size=2,
+        global_batch_size=32,
+        micro_batches=(2, 2),
+        step_seconds=0.1,
+        samples_per_s=320.0,
+        sample_tally=(32, 1000, 12345),
+    )
 
 
 def quickstart_step_seconds(steps: int = 40) -> tuple[float, float]:

@@ -15,6 +15,7 @@ import yaml
 from prometheus_client import generate_latest
 
 from elastune.errors import ElastuneError, SpecError
+from elastune.events import Row
 from elastune.kube.crd import crd, spec_schema
 from elastune.kube.objects import Owner, Settings, cleanup_job, desired, job_spec, on_volume
 from elastune.kube.status import next_status, phase_of, progress_of
@@ -193,16 +194,17 @@ def test_progress_counts_from_the_start_of_training_not_of_this_run():
     """A run resumed at step 200 has done 3 steps itself; the status says 203."""
     metrics = RunMetrics("j", "resumed")
     rows = [
-        {
-            "step": s,
-            "samples_seen": 32 * s,
-            "loss": 2.0,
-            "lr": 1e-3,
-            "world_size": 2,
-            "global_batch_size": 32,
-            "micro_batches": [2, 2],
-            "step_seconds": 0.1,
-        }
+        Row(
+            time=float(s),
+            step=s,
+            samples_seen=32 * s,
+            loss=2.0,
+            lr=1e-3,
+            world_size=2,
+            global_batch_size=32,
+            micro_batches=(2, 2),
+            step_seconds=0.1,
+        )
         for s in (201, 202, 203)
     ]
     metrics.observe(rows, [])

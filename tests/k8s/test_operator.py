@@ -30,7 +30,7 @@ from prometheus_client import generate_latest
 
 from elastune.metrics.exporter import RunMetrics
 from elastune.spec.load import validate_spec
-from tests.helpers import free_port
+from tests.helpers import ev, free_port, row
 from tests.k8s.emulator import emulator
 from tests.k8s.schemas import Invalid, validate
 
@@ -286,21 +286,22 @@ async def _steps(k8s, http: aiohttp.ClientSession, head: Head) -> None:
     # 2. KubeRay reports the job running; the run's metrics say how far it got.
     head.metrics.observe(
         [
-            {
-                "step": 250 + i,
-                "samples_seen": 32 * (250 + i),
-                "loss": 2.5,
-                "lr": 1e-3,
-                "world_size": 3,
-                "global_batch_size": 32,
-                "micro_batches": [2, 1, 1],
-                "step_seconds": 0.1,
-            }
+            row(
+                time=1.0,
+                step=250 + i,
+                samples_seen=32 * (250 + i),
+                loss=2.5,
+                lr=1e-3,
+                world_size=3,
+                global_batch_size=32,
+                micro_batches=(2, 1, 1),
+                step_seconds=0.1,
+            )
             for i in (1, 2)
         ],
         [
-            {"kind": "checkpoint", "time": 1_790_000_000.0, "step": 200, "seconds": 0.2, "bytes": 10},
-            {"kind": "recovery", "time": 1.0, "mttr_seconds": 2.0, "lost_steps": 0, "lost_samples": 0},
+            ev("checkpoint", time=1_790_000_000.0, step=200, seconds=0.2, bytes=10),
+            ev("recovery", time=1.0, mttr_seconds=2.0, lost_steps=0, lost_samples=0),
         ],
     )
     await call(

@@ -104,3 +104,21 @@ def test_data_prepare_refuses_a_bad_fraction_naming_the_rule(tmp_path, bad):
 def test_the_spec_refuses_a_bad_fraction_naming_the_field(bad):
     message = spec_problems(minimal(**{"data.eval_fraction": bad}))
     assert ("data.eval_fraction" in message and "0.5" in message) or "greater than 0" in message, message
+
+
+def test_eval_needs_a_held_out_split(tmp_path):
+    # The spec refuses an eval section whose data.source would be prepared without one ...
+    message = spec_problems(minimal(**{"data.source": "stdlib", "eval": {"every_samples": 96}}))
+    assert "eval needs held-out documents" in message and "set data.eval_fraction" in message
+    # ... and a run refuses a dataset prepared without one (exit 2: a DataError), naming the fix.
+    from elastune.recipes import load_recipe
+    from elastune.spec import validate_spec
+    from elastune.train.preflight import prepare_data
+
+    docs = [f"{i} ".encode() * 40 for i in range(50)]
+    _write_docs(tmp_path / "src", docs)
+    prepare(str(tmp_path / "src" / "docs.jsonl"), tmp_path / "ds", window=17)
+    spec = validate_spec(minimal(**{"data.path": str(tmp_path / "ds"), "eval": {"every_samples": 96}}))
+    with pytest.raises(DataError, match="has no held-out split; prepare it again with --eval-fraction") as info:
+        prepare_data(spec, load_recipe(spec.model, str(tmp_path)))
+    assert info.value.exit_code == 2

@@ -117,3 +117,11 @@ def test_the_scrape_clock_counts_scrapes_only():
     assert clock.scrapes == 0  # registering is not a scrape: a run nobody scrapes does not wait at its end
     before = generate_latest(metrics.registry)
     assert clock.scrapes == 1 and generate_latest(metrics.registry) == before  # and it adds no metric
+
+
+def test_the_held_out_loss_is_a_gauge_only_where_a_run_evaluates():
+    metrics = RunMetrics("j", "r1")
+    metrics.observe([row(1, 2)], [])
+    assert ("elastune_eval_loss", ()) not in scrape(metrics)  # no evaluation: no series
+    metrics.observe([row(2, 2, eval_loss=3.25), row(3, 2)], [])
+    assert scrape(metrics)[("elastune_eval_loss", ())] == 3.25  # a step without one leaves the last

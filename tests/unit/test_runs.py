@@ -98,3 +98,30 @@ def test_the_report_is_one_self_contained_page(tmp_path):
     assert write_report(run) == run / "report.html"
     with pytest.raises(ElastuneError, match="not a run directory"):
         write_report(tmp_path)
+
+
+def test_runs_ls_and_the_report_show_the_last_held_out_loss(tmp_path):
+    from elastune.events import Row
+    from elastune.train.run_dir import RunDir, summarize
+
+    run = RunDir.create(str(tmp_path), "a", "r-1")
+    run.write_spec({"name": "a"})
+    rows = [
+        Row(
+            time=100.0 + s,
+            step=s,
+            samples_seen=8 * s,
+            loss=5.0 - s / 10,
+            lr=0.01,
+            world_size=2,
+            global_batch_size=8,
+            micro_batches=(1, 1),
+            step_seconds=0.1,
+            eval_loss={1: 5.5, 3: 5.25}.get(s),
+        )
+        for s in range(1, 5)
+    ]
+    run.append_metrics(rows)
+    assert summarize(run.path)["eval_loss"] == 5.25
+    page = render(run.path)
+    assert "held-out loss" in page and "5.2500" in page

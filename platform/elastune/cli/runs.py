@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     ls = runs_sub.add_parser(
         "ls",
         help="list the runs under an output directory",
-        description="List runs: status, steps, final loss, failures survived.",
+        description="List runs: status, steps, final loss, the last held-out loss, failures survived.",
     )
     ls.add_argument("--output-dir", default="runs", help="the jobs' output_dir (default: runs)")
     ls.add_argument("--job", help="only this job's runs")
@@ -57,18 +57,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
             print(json.dumps(r))
         return 0
     table = Table(box=None, header_style="bold")
-    for column in ("job", "run", "status", "steps", "final loss", "failures", "resizes", "started"):
-        table.add_column(
-            column, justify="right" if column in ("steps", "final loss", "failures", "resizes") else "left", no_wrap=True
-        )
+    numbers = ("steps", "final loss", "eval loss", "failures", "resizes")
+    for column in ("job", "run", "status", "steps", "final loss", "eval loss", "failures", "resizes", "started"):
+        table.add_column(column, justify="right" if column in numbers else "left", no_wrap=True)
     for r in runs:
         loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
+        held = "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}"
         table.add_row(
             r["job"],
             r["run"],
             r["status"],
             str(r["steps"]),
             loss,
+            held,
             str(r["failures"]),
             str(r["resizes"]),
             time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"])),

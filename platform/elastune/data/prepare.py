@@ -198,7 +198,9 @@ def ensure_prepared(data) -> tuple[DatasetManifest, bool]:
     path = Path(data.path)
     if (path / MANIFEST_FILE).is_file():
         manifest = read_manifest(path)
-        if manifest.window == data.window and manifest.eval_fraction == data.eval_fraction:
+        # Without a source the dataset is the user's to prepare: its split is whatever they chose.
+        split = data.eval_fraction if data.source is not None else manifest.eval_fraction
+        if manifest.window == data.window and manifest.eval_fraction == split:
             return manifest, False
         if data.source is None:
             raise DataError(

@@ -55,6 +55,7 @@ CATALOGUE: tuple[Metric, ...] = (
         "Training tokens processed (samples times predicted tokens per sample; token-window data only).",
     ),
     Metric("elastune_loss", "gauge", "Mean per-sample training loss of the last step."),
+    Metric("elastune_eval_loss", "gauge", "Mean per-sample loss over the held-out windows at the last evaluation (`eval:`)."),
     Metric("elastune_learning_rate", "gauge", "Learning rate of the last step."),
     Metric("elastune_global_batch_size", "gauge", "Samples per optimizer step (the same at every world size)."),
     Metric("elastune_micro_batches", "gauge", "Micro-batches the worker at this rank ran in the last step.", (*RUN, "rank")),

@@ -87,6 +87,7 @@ class RunMetrics:
             ("elastune_samples_per_second", "samples_per_s"),
             ("elastune_grad_norm", "grad_norm"),
             ("elastune_loss_scale", "loss_scale"),
+            ("elastune_eval_loss", "eval_loss"),
         ):
             if (value := getattr(row, key)) is not None:
                 self._(name).set(value)

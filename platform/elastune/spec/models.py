@@ -20,6 +20,7 @@ from pydantic import BaseModel, Discriminator, Field, Tag, field_validator, mode
 
 from elastune.batch_plan import BatchSchedule, micro_batch_count
 from elastune.spec.base import MAX_BATCH, MAX_MICRO_BATCHES, MAX_SAMPLES, MAX_SEED, NAME_RULE, Strict, check_local_path, checked
+from elastune.spec.evaluation import EvalSpec
 from elastune.spec.metrics import MetricsSpec
 from elastune.spec.scaling import CheckpointSpec, Fault, ScalingSpec, StopSpec
 from elastune.spec.schedule import ConstantSchedule, Phase, ScheduleSpec, WSDSchedule
@@ -200,6 +201,9 @@ class JobSpec(Strict):
         default_factory=list, description="Changes of peak lr, weight decay, schedule or global batch at given sample counts."
     )
     tune: TuneSpec | None = Field(None, description="Population-based search (`elastune tune`); `elastune run` ignores it.")
+    eval: EvalSpec | None = Field(
+        None, description="Held-out evaluation during training (needs a dataset with a held-out split)."
+    )
 
     @field_validator("output_dir")
     @classmethod
@@ -240,6 +244,11 @@ class JobSpec(Strict):
                 f"({horizon} samples); lower warmup_samples or raise the horizon"
             )
         self._check_phases()
+        if self.eval is not None and self.data.source is not None and self.data.eval_fraction is None:
+            raise ValueError(
+                "eval needs held-out documents, but data.eval_fraction is not set, so the dataset prepared from data.source "
+                "holds none; set data.eval_fraction (e.g. 0.05) or remove the eval section"
+            )
         if self.tune is not None and self.tune.mode == "wsd_branches":
             if not isinstance(self.schedule, WSDSchedule):
                 raise ValueError(

@@ -27,6 +27,7 @@ from elastune.errors import CheckpointError
 from elastune.events import CollectiveFailed, Event, Finish, Join, Leave, Row, RunWarning, Start
 from elastune.recipes import Recipe, SampleSource, load_recipe
 from elastune.spec.models import JobSpec
+from elastune.train.evaluate import Evaluation
 from elastune.train.faults import FaultInjector
 from elastune.train.group import Group, Membership, StaticGroup
 from elastune.train.optim import set_hyper
@@ -143,6 +144,7 @@ def run_worker(config: dict[str, Any]) -> None:
         spec.step.precision,
         reduce=group.reduce,
         before_reduce=lambda: faults.at(progress.step + 1, "mid"),
+        evaluation=evaluation_of(spec),
     )
     budget = spec.budget_samples
     while progress.samples_seen < budget:
@@ -184,6 +186,16 @@ def run_worker(config: dict[str, Any]) -> None:
 
 def open_source(recipe: Recipe, spec: JobSpec) -> SampleSource:
     return recipe.dataset(spec.data) if recipe.dataset is not None else TokenWindows(spec.data.path)
+
+
+def evaluation_of(spec: JobSpec) -> Evaluation | None:
+    """The run's held-out evaluation (`eval:`), reading the dataset's held-out split."""
+    if spec.eval is None:
+        return None
+    source = TokenWindows(spec.data.path, "eval")
+    samples = min(spec.eval.samples or len(source), len(source))
+    micro = spec.eval.micro_batch_size or spec.batch.micro_batch_size
+    return Evaluation(source, spec.eval.every_samples, samples, micro)
 
 
 def dataset_identity(source: SampleSource) -> dict[str, Any]:
@@ -316,6 +328,7 @@ def metrics_row(progress: Progress, result, lr: float, plan: BatchPlan, seconds:
         samples_per_s=plan.global_batch_size / seconds if seconds > 0 else None,
         sample_tally=tuple(result.tally),
         noise=None if result.noise is None else tuple(result.noise),
+        eval_loss=result.eval_loss,
     )
 
 

@@ -9,6 +9,7 @@ import time
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.lease import Lease
 from elastune.data.prepare import ensure_prepared
+from elastune.errors import DataError
 from elastune.events import DataPrepared, Event, Fresh, LeaseTakenOver, Resume, RunWarning
 from elastune.recipes import Recipe
 from elastune.spec.models import JobSpec
@@ -31,10 +32,21 @@ def settle_root(ckpt: Checkpointer, lease: Lease, fresh: bool) -> list[Event]:
 
 
 def prepare_data(spec: JobSpec, recipe: Recipe) -> list[Event]:
-    """Token windows for a recipe that reads them, prepared now if they are not yet."""
+    """Token windows for a recipe that reads them, prepared now if they are not yet; an `eval`
+    section needs them, with a held-out split (DataError, exit 2, otherwise)."""
     if recipe.dataset is not None:
+        if spec.eval is not None:
+            raise DataError(
+                "eval reads the held-out windows of a prepared dataset, but this model's recipe brings its own dataset; "
+                "remove the eval section or use prepared token windows (data.path, data.source)"
+            )
         return []
     manifest, prepared_now = ensure_prepared(spec.data)
+    if spec.eval is not None and manifest.eval_fraction is None:
+        raise DataError(
+            f"eval needs held-out documents, but the dataset at {spec.data.path} has no held-out split; prepare it "
+            f"again with --eval-fraction, or set data.eval_fraction and data.source so the run prepares it"
+        )
     if not prepared_now:
         return []
     message = f"Prepared {manifest.count:,} samples of {manifest.window} tokens at {spec.data.path}."

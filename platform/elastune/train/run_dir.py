@@ -57,9 +57,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def summarize(path: Path) -> dict[str, Any]:
-    """One run directory in a line: job, run, status, steps, final loss, failures survived,
-    resizes, started (unix time). A run without result.json is still running, or was stopped
-    before it could write one ("unfinished")."""
+    """One run directory in a line: job, run, status, steps, final loss, the last held-out loss
+    (None: no evaluation), failures survived, resizes, started (unix time). A run without
+    result.json is still running, or was stopped before it could write one ("unfinished")."""
     result = json.loads((path / "result.json").read_text()) if (path / "result.json").is_file() else None
     events = ev.read_events(path)
     rows = ev.read_rows(path)
@@ -70,6 +70,7 @@ def summarize(path: Path) -> dict[str, Any]:
         "status": result["status"] if result else "unfinished",
         "steps": last.step if last else 0,
         "final_loss": last.loss if last else None,
+        "eval_loss": next((r.eval_loss for r in reversed(rows) if r.eval_loss is not None), None),  # the last evaluation
         **{column: sum(isinstance(e, kinds) for e in events) for column, kinds in SUMMARY_COUNTS.items()},
         "started": events[0].time if events else path.stat().st_mtime,
         "path": str(path),

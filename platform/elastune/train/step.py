@@ -20,6 +20,7 @@ from elastune.batch_plan import BatchPlan
 from elastune.data.sampler import positions, sample_indices, tally
 from elastune.metrics.noise import noise_estimates
 from elastune.recipes import Recipe, SampleSource, to_device
+from elastune.train.evaluate import Evaluation
 from elastune.train.optim import named_params
 from elastune.train.precision import AUTOCAST, unscale_and_check
 from elastune.train.reduce import Bucket, bucket_bounds, finish_all
@@ -34,6 +35,7 @@ class StepResult:
     tally: tuple[int, ...]  # data.sampler.tally of every sample every rank read this step
     noise: tuple[float, float] | None = None  # metrics.noise.noise_estimates of this step: (tr(Sigma), |G|^2)
     loss_scale: float | None = None  # fp16: the scale this step ran with
+    eval_loss: float | None = None  # held-out loss of the parameters the step started from, if it evaluated
 
     @property
     def skipped(self) -> bool:
@@ -94,9 +96,11 @@ class GradBuffer:
                 ranges.append((len(self.flats), lo, hi))
             self.flats.append(flat)
         # [tally count, sum, hashed sum; sum of micro-batch |g_b|^2, sum of 1/b, micro-batches; loss sum;
-        #  snapshot pace: cost seconds, step seconds, ranks offering them (checkpoint.interval)]
-        self.stats = torch.zeros(10, dtype=torch.float64, device=self.flats[0].device)
-        self.tally, self.norms, self.loss, self.pace = self.stats[:3], self.stats[3:6], self.stats[6:7], self.stats[7:]
+        #  snapshot pace: cost seconds, step seconds, ranks offering them (checkpoint.interval);
+        #  held-out evaluation: loss sum, windows (train.evaluate)]
+        self.stats = torch.zeros(12, dtype=torch.float64, device=self.flats[0].device)
+        self.tally, self.norms, self.loss = self.stats[:3], self.stats[3:6], self.stats[6:7]
+        self.pace, self.evals = self.stats[7:10], self.stats[10:12]
         self.offer: tuple[float, float, float] = (0.0, 0.0, 0.0)  # this rank's pace figures for the next step
         self.sums = [torch.zeros_like(f) for f in self.flats] if micro_batch_norms else None
         self._sum_views = [self.sums[f][lo:hi] for f, lo, hi in ranges] if self.sums is not None else []
@@ -227,6 +231,7 @@ class StepContext:
     precision: str = "fp32"
     reduce: Callable[[GradBuffer], bool] = GradBuffer.all_reduce
     before_reduce: Callable[[], None] | None = None
+    evaluation: Evaluation | None = None  # held-out evaluation, at the steps it is due
 
 
 def train_step(
@@ -243,6 +248,10 @@ def train_step(
     G = plan.global_batch_size
     S = scaler.scale if scaler is not None else 1.0
     autocast = AUTOCAST[ctx.precision]
+    if ctx.evaluation is not None and ctx.evaluation.due(at.samples_seen, G):
+        total, count = ctx.evaluation.share(model, ctx.recipe, rank, plan.world_size, ctx.precision)
+        grads.evals[0] += total
+        grads.evals[1] += count
     micro_batches = plan.for_rank(rank)
     if micro_batches:  # this rank's micro-batches are contiguous positions: index them in one call
         first = micro_batches[0].start
@@ -269,11 +278,13 @@ def train_step(
         return None
     counts = tuple(int(v) for v in grads.tally.tolist())
     loss = grads.loss_sum() / G
+    eval_sum, eval_count = grads.evals.tolist()
+    eval_loss = eval_sum / eval_count if eval_count else None
     if scaler is not None:
         found_inf = unscale_and_check(grads.flats, S)
         scaler.update(found_inf)
         if found_inf:  # every rank holds the same reduced bytes, so every rank skips
-            return StepResult(loss=loss, grad_norm=None, tally=counts, loss_scale=S)
+            return StepResult(loss=loss, grad_norm=None, tally=counts, loss_scale=S, eval_loss=eval_loss)
     norm = torch.nn.utils.get_total_norm([p.grad for p in grads.params if p.grad is not None], foreach=True)
     if ctx.grad_clip_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(grads.params, ctx.grad_clip_norm, norm, foreach=True)
@@ -282,4 +293,6 @@ def train_step(
     if grads.sums is not None:
         sum_sq, sum_inv_b, count = grads.norms.tolist()
         noise = noise_estimates(sum_sq, sum_inv_b, int(count), float(norm) ** 2, G)
-    return StepResult(loss=loss, grad_norm=float(norm), tally=counts, noise=noise, loss_scale=None if scaler is None else S)
+    return StepResult(
+        loss=loss, grad_norm=float(norm), tally=counts, noise=noise, loss_scale=None if scaler is None else S, eval_loss=eval_loss
+    )

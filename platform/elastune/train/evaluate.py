@@ -1,0 +1,70 @@
+"""Held-out evaluation, exact at any world size.
+
+The held-out windows of one evaluation are cut into micro-batches exactly as a global batch of
+that many samples is (batch_plan), and each rank adds the per-sample losses of its share in
+float64; the sums ride in the step's statistics reduction (train.step.GradBuffer), so the mean
+over every window, read once, does not depend on the world size or on how the windows fall to
+ranks, and an evaluation is redone with the step when the step fails (never counted twice).
+
+It runs at the start of the step whose samples include a multiple of eval.every_samples, on the
+parameters that step starts from, with dropout off and no random number drawn: a run trains the
+same with evaluation on or off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from elastune.batch_plan import batch_plan, micro_batch_count
+from elastune.recipes import Recipe, SampleSource, to_device
+from elastune.train.precision import AUTOCAST
+
+
+def eval_due(samples_seen: int, global_batch_size: int, every: int) -> bool:
+    """Whether the step training samples [samples_seen, samples_seen + G) evaluates first: its
+    samples include a multiple of `every` (so does the first step: 0 is one)."""
+    return (samples_seen + global_batch_size - 1) // every > (samples_seen - 1) // every
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What every evaluation of a run reads: the first `samples` windows of `source` (the held-out
+    split), `micro_batch_size` at a time."""
+
+    source: SampleSource
+    every_samples: int
+    samples: int
+    micro_batch_size: int
+
+    def due(self, samples_seen: int, global_batch_size: int) -> bool:
+        return eval_due(samples_seen, global_batch_size, self.every_samples)
+
+    def share(
+        self, model: nn.Module, recipe: Recipe, rank: int, world_size: int, precision: str = "fp32"
+    ) -> tuple[torch.Tensor, int]:
+        """This rank's (sum of per-sample losses in float64, samples read) of one evaluation."""
+        # More ranks than micro-batches: the first ones take one each, the rest none.
+        k = micro_batch_count(self.samples, self.micro_batch_size)
+        plan = batch_plan(self.samples, self.micro_batch_size, min(world_size, k))
+        mine = plan.for_rank(rank) if rank < plan.world_size else ()
+        device = next(model.parameters()).device
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        count = 0
+        autocast = AUTOCAST[precision]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for mb in mine:
+                    batch = to_device(self.source.take(np.arange(mb.start, mb.start + mb.size)), device)
+                    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                        losses = recipe.sample_losses(model, batch)
+                    total += losses.double().sum()
+                    count += mb.size
+        finally:
+            model.train(was_training)
+        return total, count
