@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
     prep.add_argument("--max-bytes", type=_positive, help="read at most this many bytes of source")
     prep.add_argument(
+        "--tokenizer",
+        default="bytes",
+        help="bytes (default), bpe (trained on the source; needs --vocab-size) or a tokenizer.json path",
+    )
+    prep.add_argument("--vocab-size", type=_positive, help="token ids a bpe tokenizer trains, e.g. 4096")
+    prep.add_argument(
         "--eval-fraction", type=_fraction, help="share of documents held out for evaluation, in (0, 0.5] (default: none)"
     )
     prep.set_defaults(handler=cmd_data_prepare)
@@ -245,16 +251,18 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
             data.max_bytes,
             data.eval_fraction,
         )
+        tokenizer, vocab_size = data.tokenizer, data.vocab_size
     else:
         if not args.output:
             raise ElastuneError("--output is required with --source; give the dataset folder to write")
         source = args.source[0] if args.source == ["stdlib"] else args.source
         output, window, fmt, field, max_bytes = args.output, args.window, args.format, args.text_field, args.max_bytes
-        held = args.eval_fraction
-    manifest = prepare(source, output, window, fmt, field, max_bytes, held)
+        held, tokenizer, vocab_size = args.eval_fraction, args.tokenizer, args.vocab_size
+    manifest = prepare(source, output, window, fmt, field, max_bytes, held, tokenizer, vocab_size)
     heldout = f", {manifest.eval_count:,} held out for evaluation" if manifest.eval_fraction else ""
     print(
-        f"Prepared {manifest.count:,} samples of {manifest.window} tokens{heldout} at "
+        f"Prepared {manifest.count:,} samples of {manifest.window} tokens ({manifest.tokenizer}, vocabulary "
+        f"{manifest.vocab_size:,}){heldout} at "
         f"{output} (content sha256 {manifest.content_hash[:16]}...)"
     )
     return EXIT_OK

@@ -1,7 +1,9 @@
 """A prepared token-window dataset: Arrow IPC file, memory-mapped, random access by index.
 
 Layout of a prepared dataset folder:
-  tokens.arrow     Arrow IPC file, one column `tokens`: fixed_size_list<uint8>[window] (byte tokens)
+  tokens.arrow     Arrow IPC file, one column `tokens`: fixed_size_list<uint8|uint16|uint32>[window]
+                   (byte tokens, or a BPE's ids in the narrowest type that holds its vocabulary)
+  tokenizer.json   a BPE's tokenizer (data.tokenize), when the dataset has one
   eval.arrow       the same for the documents held out for evaluation (with an eval fraction)
   manifest.json    format, source, tokenizer, window, count, dtype, content_hash, and the held-out
                    side's eval_fraction, eval_count and eval_hash
@@ -39,6 +41,8 @@ class DatasetManifest:
     eval_fraction: float | None = None  # the share of documents held out (None: none)
     eval_count: int = 0
     eval_hash: str | None = None  # sha256 of the held-out windows, in order
+    vocab_size: int = 256
+    tokenizer_hash: str | None = None  # sha256 of tokenizer.json (a BPE's), stored beside the windows
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True) + "\n"
@@ -48,6 +52,8 @@ class DatasetManifest:
         """What a checkpoint records of the data its positions refer to: the training windows and,
         when there is one, the held-out split (another split trains on other windows)."""
         out: dict[str, object] = {"count": self.count, "content_hash": self.content_hash}
+        if self.tokenizer_hash is not None:
+            out |= {"tokenizer": self.tokenizer, "vocab_size": self.vocab_size, "tokenizer_hash": self.tokenizer_hash}
         if self.eval_fraction is not None:
             out |= {"eval_fraction": self.eval_fraction, "eval_count": self.eval_count, "eval_hash": self.eval_hash}
         return out

@@ -1,8 +1,9 @@
 """Turn text, JSONL or Parquet sources into a token-window dataset (see dataset.py).
 
-Tokens are bytes of UTF-8 text (vocabulary 256). Documents are joined with a 0 byte between
-them and cut into non-overlapping windows of `window` tokens; the tail shorter than a window is
-dropped. The source is streamed: memory stays bounded by one chunk of windows.
+Tokens are bytes of UTF-8 text (vocabulary 256), or a byte-level BPE's ids (data.tokenize).
+Documents are joined with a separator (the byte 0, or the BPE's `<|endoftext|>`) and cut into
+non-overlapping windows of `window` tokens; the tail shorter than a window is dropped. The source
+is streamed: memory stays bounded by one chunk of windows.
 
 With an `eval_fraction`, whole documents are held out for evaluation (data.split) and cut into
 windows of their own (eval.arrow): no document, and so no window, is on both sides.
@@ -16,7 +17,7 @@ import json
 import os
 import shutil
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 
 from elastune.data.dataset import EVAL_FILE, MANIFEST_FILE, TOKENS_FILE, DatasetManifest, read_manifest
 from elastune.data.split import fraction_problem, held_out
+from elastune.data.tokenize import BPE, BYTE_TOKENS, BYTES, TOKENIZER_FILE, Tokens, read_bpe, token_dtype, train_bpe
 from elastune.errors import DataError
 
 STDLIB = "stdlib"
@@ -98,36 +100,69 @@ def iter_documents(files: list[Path], fmt: str, text_field: str) -> Iterator[byt
                         yield text.encode("utf-8")
 
 
-class _WindowWriter:
-    """One side's windows: documents joined by DOC_SEPARATOR, cut into rows of `window` bytes and
-    written in chunks of CHUNK_WINDOWS rows; the sha256 of every row written, in order."""
+ARROW_TYPES = {np.dtype(np.uint8): pa.uint8(), np.dtype(np.uint16): pa.uint16(), np.dtype(np.uint32): pa.uint32()}
 
-    def __init__(self, path: Path, window: int):
-        self.window, self.count, self.digest, self.buffer = window, 0, hashlib.sha256(), bytearray()
-        self.schema = pa.schema([pa.field("tokens", pa.list_(pa.uint8(), window))])
+
+class _WindowWriter:
+    """One side's windows: documents' token ids joined by the separator, cut into rows of `window`
+    tokens and written in chunks of CHUNK_WINDOWS rows; the sha256 of every row written, in order."""
+
+    def __init__(self, path: Path, window: int, dtype: np.dtype, separator: int):
+        self.window, self.dtype, self.count, self.digest = window, dtype, 0, hashlib.sha256()
+        self.separator = np.array([separator], dtype=dtype)
+        self.parts: list[np.ndarray] = []
+        self.pending = 0
+        self.schema = pa.schema([pa.field("tokens", pa.list_(ARROW_TYPES[dtype], window))])
         self.sink = pa.OSFile(str(path), "wb")
         self.writer = pa.ipc.new_file(self.sink, self.schema)
 
-    def add(self, doc: bytes) -> None:
-        self.buffer += doc + DOC_SEPARATOR
-        chunk_bytes = CHUNK_WINDOWS * self.window
-        while len(self.buffer) >= chunk_bytes:
-            self._write(bytes(self.buffer[:chunk_bytes]))
-            del self.buffer[:chunk_bytes]
+    def add(self, ids: np.ndarray) -> None:
+        self.parts += [ids.astype(self.dtype, copy=False), self.separator]
+        self.pending += len(ids) + 1
+        if self.pending >= CHUNK_WINDOWS * self.window:
+            self._write(whole_chunks=True)
 
     def close(self) -> None:
-        rows = len(self.buffer) // self.window
-        if rows:
-            self._write(bytes(self.buffer[: rows * self.window]))
+        self._write(whole_chunks=False)
         self.writer.close()
         self.sink.close()
 
-    def _write(self, data: bytes) -> None:
-        rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, self.window)
-        self.digest.update(rows.tobytes())
-        self.count += len(rows)
-        flat = pa.array(rows.reshape(-1), type=pa.uint8())
-        self.writer.write_batch(pa.record_batch([pa.FixedSizeListArray.from_arrays(flat, self.window)], schema=self.schema))
+    def _write(self, whole_chunks: bool) -> None:
+        """Write what is held: whole chunks (the rest stays), or every whole window (the tail goes)."""
+        tokens = np.concatenate(self.parts) if self.parts else np.empty(0, dtype=self.dtype)
+        chunk = CHUNK_WINDOWS * self.window
+        cut = len(tokens) // (chunk if whole_chunks else self.window) * (chunk if whole_chunks else self.window)
+        for lo in range(0, cut, chunk):
+            rows = tokens[lo : min(cut, lo + chunk)].reshape(-1, self.window)
+            self.digest.update(rows.tobytes())
+            self.count += len(rows)
+            flat = pa.array(rows.reshape(-1), type=ARROW_TYPES[self.dtype])
+            self.writer.write_batch(pa.record_batch([pa.FixedSizeListArray.from_arrays(flat, self.window)], schema=self.schema))
+        self.parts = [tokens[cut:]] if whole_chunks else []
+        self.pending = len(tokens) - cut if whole_chunks else 0
+
+
+def _documents(files: list[Path], fmt: str, text_field: str, max_bytes: int | None) -> Iterator[bytes]:
+    """The source's documents, the last one cut where `max_bytes` of source are read."""
+    taken = 0
+    for whole in iter_documents(files, fmt, text_field):
+        doc = whole if max_bytes is None else whole[: max(0, max_bytes - taken)]
+        taken += len(doc)
+        yield doc
+        if max_bytes is not None and taken >= max_bytes:
+            return
+
+
+def tokens_for(tokenizer: str, vocab_size: int | None, training_texts: Callable[[], Iterator[str]]) -> Tokens:
+    """`tokenizer`: bytes, bpe (trained on `training_texts` to `vocab_size` ids) or the path of a
+    tokenizer.json."""
+    if tokenizer == BYTES:
+        return BYTE_TOKENS
+    if tokenizer == BPE:
+        if vocab_size is None:
+            raise DataError("--tokenizer bpe needs --vocab-size (data.vocab_size): the ids it trains, e.g. 4096")
+        return train_bpe(training_texts(), vocab_size)
+    return read_bpe(tokenizer)
 
 
 def prepare(
@@ -138,27 +173,34 @@ def prepare(
     text_field: str = "text",
     max_bytes: int | None = None,
     eval_fraction: float | None = None,
+    tokenizer: str = BYTES,
+    vocab_size: int | None = None,
 ) -> DatasetManifest:
     """Prepare the dataset into `output`; written to a temporary folder and renamed, so never torn.
-    `eval_fraction`: the share of documents held out for evaluation (data.split)."""
+    `eval_fraction`: the share of documents held out for evaluation (data.split). `tokenizer`:
+    bytes, bpe (trained on the training documents, `vocab_size` ids) or a tokenizer.json path."""
     files = resolve_sources(source)
     if not files:
         raise DataError(f"data.source {source!r} holds no files")
     if eval_fraction is not None and (problem := fraction_problem(eval_fraction)):
         raise DataError(f"data.eval_fraction ({eval_fraction}) {problem}")
+    fraction = eval_fraction or 0.0
+
+    def training_texts() -> Iterator[str]:  # a BPE learns from the training side only
+        for doc in _documents(files, fmt, text_field, max_bytes):
+            if not held_out(doc, fraction):
+                yield doc.decode("utf-8", errors="replace")
+
+    tokens = tokens_for(tokenizer, vocab_size, training_texts)
+    dtype = token_dtype(tokens.vocab_size)
     output = Path(output)
     tmp = output.with_name(output.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    train = _WindowWriter(tmp / TOKENS_FILE, window)
-    held = _WindowWriter(tmp / EVAL_FILE, window) if eval_fraction else None
-    taken = 0
+    train = _WindowWriter(tmp / TOKENS_FILE, window, dtype, tokens.separator)
+    held = _WindowWriter(tmp / EVAL_FILE, window, dtype, tokens.separator) if eval_fraction else None
     try:
-        for whole in iter_documents(files, fmt, text_field):
-            doc = whole if max_bytes is None else whole[: max(0, max_bytes - taken)]
-            taken += len(doc)
-            (held if held is not None and held_out(doc, eval_fraction or 0.0) else train).add(doc)
-            if max_bytes is not None and taken >= max_bytes:
-                break
+        for doc in _documents(files, fmt, text_field, max_bytes):
+            (held if held is not None and held_out(doc, fraction) else train).add(tokens.encode(doc))
     finally:
         train.close()
         if held is not None:
@@ -175,16 +217,20 @@ def prepare(
         if source == STDLIB
         else f"{len(files)} file(s): {', '.join(str(f) for f in files[:3])}{' ...' if len(files) > 3 else ''}"
     )
+    if tokens.json is not None:
+        (tmp / TOKENIZER_FILE).write_text(tokens.json, encoding="utf-8")
     manifest = DatasetManifest(
         source=described,
-        tokenizer="bytes",
+        tokenizer=tokens.kind,
         window=window,
         count=train.count,
-        dtype="uint8",
+        dtype=dtype.name,
         content_hash=train.digest.hexdigest(),
         eval_fraction=eval_fraction,
         eval_count=held.count if held is not None else 0,
         eval_hash=held.digest.hexdigest() if held is not None else None,
+        vocab_size=tokens.vocab_size,
+        tokenizer_hash=tokens.sha256,
     )
     (tmp / MANIFEST_FILE).write_text(manifest.to_json())
     if output.exists():
@@ -198,19 +244,43 @@ def ensure_prepared(data) -> tuple[DatasetManifest, bool]:
     path = Path(data.path)
     if (path / MANIFEST_FILE).is_file():
         manifest = read_manifest(path)
-        # Without a source the dataset is the user's to prepare: its split is whatever they chose.
-        split = data.eval_fraction if data.source is not None else manifest.eval_fraction
-        if manifest.window == data.window and manifest.eval_fraction == split:
+        if _as_asked(manifest, data):
             return manifest, False
         if data.source is None:
             raise DataError(
-                f"Dataset {path} has window {manifest.window} and eval fraction {manifest.eval_fraction} but the spec "
-                f"asks for data.window {data.window} and data.eval_fraction {data.eval_fraction}; prepare it again "
-                f"(--window, --eval-fraction) or set data.source so the run re-prepares it"
+                f"Dataset {path} has window {manifest.window} but data.window is {data.window}; "
+                f"prepare it again with --window {data.window} or set data.source so the run re-prepares it"
             )
     elif data.source is None:
         raise DataError(
             f"No prepared dataset at {path}; run `elastune data prepare --source ... --output {path}` "
             f"or set data.source in the job spec"
         )
-    return prepare(data.source, path, data.window, data.format, data.text_field, data.max_bytes, data.eval_fraction), True
+    prepared = prepare(
+        data.source,
+        path,
+        data.window,
+        data.format,
+        data.text_field,
+        data.max_bytes,
+        data.eval_fraction,
+        data.tokenizer,
+        data.vocab_size,
+    )
+    return prepared, True
+
+
+def _as_asked(manifest: DatasetManifest, data) -> bool:
+    """Whether a prepared dataset is what `data` asks for. Without a source it is the user's to
+    prepare: its split and tokenizer are theirs, and only the window must match."""
+    if manifest.window != data.window:
+        return False
+    if data.source is None:
+        return True
+    if manifest.eval_fraction != data.eval_fraction:
+        return False
+    if data.tokenizer == BYTES:
+        return manifest.tokenizer == BYTES
+    if data.tokenizer == BPE:  # trained here: of the vocabulary size asked for
+        return manifest.tokenizer == BPE and manifest.vocab_size == data.vocab_size
+    return manifest.tokenizer_hash == read_bpe(data.tokenizer).sha256  # the user's tokenizer.json: that very file

@@ -95,6 +95,15 @@ class DataSpec(Strict):
     text_field: str = Field("text", description="Field holding the text in JSONL records or Parquet columns.")
     window: int = Field(65, ge=2, le=1_048_576, description="Tokens per sample (context + 1 for next-token models).")
     max_bytes: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="Stop reading the source after this many bytes.")
+    tokenizer: str = Field(
+        "bytes",
+        min_length=1,
+        max_length=4096,
+        description="bytes (vocabulary 256), bpe (a byte-level BPE trained on the source: data.vocab_size) or tokenizer.json.",
+    )
+    vocab_size: int | None = Field(
+        None, ge=257, le=2**32, description="Token ids a `bpe` tokenizer trains (at least 256 bytes and the separator)."
+    )
     eval_fraction: float | None = Field(
         None,
         gt=0,
@@ -106,6 +115,17 @@ class DataSpec(Strict):
     @classmethod
     def _local_path(cls, path: str) -> str:
         return checked(path, check_local_path)
+
+    @model_validator(mode="after")
+    def _vocab_for_bpe(self) -> DataSpec:
+        if self.tokenizer == "bpe" and self.vocab_size is None:
+            raise ValueError("data.tokenizer bpe trains a vocabulary: set data.vocab_size (e.g. 4096)")
+        if self.tokenizer != "bpe" and self.vocab_size is not None:
+            raise ValueError(
+                f"data.vocab_size ({self.vocab_size}) is for data.tokenizer bpe (a trained tokenizer); remove it, or set "
+                f"data.tokenizer: bpe"
+            )
+        return self
 
     @field_validator("source")
     @classmethod

@@ -116,7 +116,8 @@ def _run(
         return RunOutcome(None, "complete", resume.step, resume.samples_seen, None, 0.0, durable_step=resume.step, uri=ckpt.uri)
     run_dir = RunDir.create(spec.output_dir, spec.name, run_id)
     run_dir.write_spec(spec.to_dict())
-    more = prepare_data(spec, recipe) + ([resuming(resume, ckpt.uri)] if resume is not None else [])
+    saved = latest.meta.get("dataset") if latest is not None and resume is not None else None
+    more = prepare_data(spec, recipe, saved) + ([resuming(resume, ckpt.uri)] if resume is not None else [])
     for event in more:
         console.print(describe_event(event), highlight=False)
     run_dir.append_events(events + more)

@@ -5,14 +5,16 @@ windows prepared now) and the resume (the step, and which spec fields changed si
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.lease import Lease
 from elastune.data.prepare import ensure_prepared
+from elastune.data.tokenize import BYTES
 from elastune.errors import DataError
 from elastune.events import DataPrepared, Event, Fresh, LeaseTakenOver, Resume, RunWarning
 from elastune.recipes import Recipe
-from elastune.spec.models import JobSpec
+from elastune.spec.models import JobSpec, RecipeModel
 from elastune.train.resume import ResumePlan
 
 
@@ -31,9 +33,11 @@ def settle_root(ckpt: Checkpointer, lease: Lease, fresh: bool) -> list[Event]:
     return out
 
 
-def prepare_data(spec: JobSpec, recipe: Recipe) -> list[Event]:
+def prepare_data(spec: JobSpec, recipe: Recipe, saved: dict[str, Any] | None = None) -> list[Event]:
     """Token windows for a recipe that reads them, prepared now if they are not yet; an `eval`
-    section needs them, with a held-out split (DataError, exit 2, otherwise)."""
+    section needs them, with a held-out split, the byte-level GPT needs byte tokens, and a run
+    resuming a checkpoint (`saved`: the identity of the data it trained on) needs the tokenizer it
+    trained with (DataError, exit 2, otherwise)."""
     if recipe.dataset is not None:
         if spec.eval is not None:
             raise DataError(
@@ -42,6 +46,19 @@ def prepare_data(spec: JobSpec, recipe: Recipe) -> list[Event]:
             )
         return []
     manifest, prepared_now = ensure_prepared(spec.data)
+    if isinstance(spec.model, RecipeModel) and manifest.tokenizer != BYTES:
+        raise DataError(
+            f"model.recipe {spec.model.recipe} reads byte tokens (vocabulary 256), but the dataset at {spec.data.path} "
+            f"holds {manifest.tokenizer} tokens (vocabulary {manifest.vocab_size:,}); prepare it with --tokenizer bytes "
+            f"(data.tokenizer: bytes), or train a model whose vocabulary is the dataset's (model.factory)"
+        )
+    trained_with = (saved or {}).get("tokenizer_hash")
+    if saved is not None and trained_with != manifest.tokenizer_hash:
+        raise DataError(
+            f"the checkpoint was trained on tokens of another tokenizer (tokenizer sha256 {str(trained_with)[:16]}) than "
+            f"the dataset at {spec.data.path} holds ({str(manifest.tokenizer_hash)[:16]}): the same ids would mean other "
+            f"text; prepare the data with the checkpoint's tokenizer, or start over with --fresh"
+        )
     if spec.eval is not None and manifest.eval_fraction is None:
         raise DataError(
             f"eval needs held-out documents, but the dataset at {spec.data.path} has no held-out split; prepare it "
