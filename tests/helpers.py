@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from elastune.errors import SpecError
-from elastune.recipes.byte_gpt import ByteGPT, sample_losses
+from elastune.recipes.gpt import GPT, sample_losses
 from elastune.spec import validate_spec
 from elastune.spec.models import ByteGPTOptions
 
@@ -45,9 +45,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_model(options: ByteGPTOptions = TINY, seed: int = 0) -> ByteGPT:
+def tiny_model(options: ByteGPTOptions = TINY, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    return ByteGPT(options)
+    return GPT(options)
 
 
 def adam_state(steps: int = 2) -> dict[str, torch.Tensor]:

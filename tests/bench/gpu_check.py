@@ -71,7 +71,7 @@ def elastune_step(o, device: str, g: int, m: int, snapshot: bool):
     from elastune.batch_plan import batch_plan
     from elastune.checkpoint import snapshot as snapshot_module
     from elastune.recipes import Recipe
-    from elastune.recipes.byte_gpt import ByteGPT, sample_losses
+    from elastune.recipes.gpt import GPT, sample_losses
     from elastune.spec.models import AdamWSpec
     from elastune.train.optim import build_optimizer, set_hyper
     from elastune.train.precision import compile_model
@@ -79,7 +79,7 @@ def elastune_step(o, device: str, g: int, m: int, snapshot: bool):
     from elastune.train.step import GradBuffer, StepContext, train_step
 
     torch.manual_seed(0)
-    model = ByteGPT(o).to(device)
+    model = GPT(o).to(device)
     opt = build_optimizer(model, AdamWSpec(name="adamw", lr=3e-4, weight_decay=0.1, grad_clip_norm=1.0))
     set_hyper(opt, 3e-4, 0.1)
     grads = GradBuffer(model, micro_batch_norms=True)
@@ -120,11 +120,11 @@ def elastune_step(o, device: str, g: int, m: int, snapshot: bool):
 
 def plain_step(o, device: str, g: int, m: int):
     """The anchor: the same model and batch in a plain PyTorch bf16 loop."""
-    from elastune.recipes.byte_gpt import ByteGPT, sample_losses
+    from elastune.recipes.gpt import GPT, sample_losses
     from elastune.train.precision import compile_model
 
     torch.manual_seed(0)
-    model = ByteGPT(o).to(device)
+    model = GPT(o).to(device)
     forward = compile_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     source = Tokens(4096, o.context + 1)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from elastune.data.dataset import TokenWindows
-from elastune.recipes.byte_gpt import ByteGPT, sample_losses
+from elastune.recipes.gpt import GPT, sample_losses
 from elastune.spec import load_spec
 
 
@@ -27,7 +27,7 @@ def main(job: str, steps: int, warmup: int) -> None:
     torch.set_num_threads(1)
     spec = load_spec(job)
     torch.manual_seed(spec.seed)
-    model = DDP(ByteGPT(spec.model.options))
+    model = DDP(GPT(spec.model.options))
     opt = torch.optim.AdamW(model.parameters(), lr=spec.optimizer.lr, weight_decay=spec.optimizer.weight_decay, foreach=True)
     data = TokenWindows(os.path.abspath(spec.data.path))
     g, m = spec.batch.global_batch_size, spec.batch.micro_batch_size

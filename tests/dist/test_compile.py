@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from elastune.batch_plan import batch_plan
 from elastune.recipes import Recipe
-from elastune.recipes.byte_gpt import sample_losses
+from elastune.recipes.gpt import sample_losses
 from elastune.spec.models import SGDSpec
 from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.precision import compile_model, compile_problem

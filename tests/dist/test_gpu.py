@@ -10,7 +10,7 @@ import torch
 from elastune.batch_plan import batch_plan
 from elastune.data.sampler import positions, sample_indices
 from elastune.recipes import Recipe
-from elastune.recipes.byte_gpt import sample_losses
+from elastune.recipes.gpt import sample_losses
 from elastune.spec.models import SGDSpec
 from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.state import Progress, TrainState

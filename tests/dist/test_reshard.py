@@ -16,7 +16,7 @@ from elastune.batch_plan import batch_plan
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.format import Manifest
 from elastune.recipes import Recipe
-from elastune.recipes.byte_gpt import sample_losses
+from elastune.recipes.gpt import sample_losses
 from elastune.spec.models import AdamWSpec
 from elastune.train.state import Progress, TrainState, restore_state, state_pieces
 from elastune.train.step import GradBuffer, StepContext, train_step

@@ -207,12 +207,12 @@ def test_without_token_authentication_a_failing_job_reports_why_and_the_drivers_
     )
     (job.parent / "crashy.py").write_text(
         "from elastune.recipes import Recipe\n"
-        "from elastune.recipes.byte_gpt import ByteGPT\n"
+        "from elastune.recipes.gpt import GPT\n"
         "from elastune.spec.models import ByteGPTOptions\n"
         "def build():\n"
         "    def losses(model, batch):\n"
         "        raise RuntimeError('model exploded on purpose')\n"
-        "    return Recipe(build_model=lambda: ByteGPT(ByteGPTOptions(num_layers=1, width=16, num_heads=2, context=16)),\n"
+        "    return Recipe(build_model=lambda: GPT(ByteGPTOptions(num_layers=1, width=16, num_heads=2, context=16)),\n"
         "                  sample_losses=losses)\n"
     )
     with ray_head(num_cpus=2, token=None) as url:

@@ -65,14 +65,14 @@ def test_options_reach_the_factory_and_bad_options_are_named(tmp_path):
 
 def test_activation_checkpointing_gives_the_same_gradients_bit_for_bit():
     """Recomputing each block in backward replays its dropout masks: the same gradients."""
-    from elastune.recipes.byte_gpt import ByteGPT, sample_losses
+    from elastune.recipes.gpt import GPT, sample_losses
     from elastune.spec.models import ByteGPTOptions
 
     windows = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(1))
     grads, kept = [], []
     for ac in (False, True):
         torch.manual_seed(0)
-        model = ByteGPT(ByteGPTOptions(num_layers=2, width=16, num_heads=2, context=16, dropout=0.2, activation_checkpointing=ac))
+        model = GPT(ByteGPTOptions(num_layers=2, width=16, num_heads=2, context=16, dropout=0.2, activation_checkpointing=ac))
         torch.manual_seed(7)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):

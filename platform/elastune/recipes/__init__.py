@@ -39,18 +39,27 @@ class Recipe:
     sample_losses: (model, batch) -> per-sample losses, shape [batch size]. Elastune sums them and
         divides by the global batch size, so the gradient is exact at any world size; do not average.
     dataset: optional (DataSpec) -> SampleSource; default: the prepared token windows at data.path.
+    flops_per_token: optional () -> model FLOPs of one trained token (forward and backward), for
+        utilisation figures; built-in recipes give it.
     """
 
     build_model: Callable[[], nn.Module]
     sample_losses: Callable[[nn.Module, Batch], torch.Tensor]
     dataset: Callable[[Any], SampleSource] | None = None
+    flops_per_token: Callable[[], int] | None = None
 
 
-def load_recipe(model_spec, spec_dir: str | None = None) -> Recipe:
-    if isinstance(model_spec, RecipeModel):  # the only built-in today: byte_gpt
-        from elastune.recipes.byte_gpt import recipe
+def load_recipe(model_spec, spec_dir: str | None = None, data_path: str | None = None) -> Recipe:
+    """The recipe of `model_spec`: a built-in one (`gpt` reads its vocabulary from the dataset at
+    `data_path` when it builds a model), or what the user's factory returns."""
+    if isinstance(model_spec, RecipeModel):
+        from elastune.recipes.gpt import recipe
 
-        return recipe(model_spec.options)
+        if model_spec.recipe == "byte_gpt":
+            return recipe(model_spec.options)
+        if data_path is None:
+            raise SpecError("model.recipe gpt takes its vocabulary from the dataset: give data.path")
+        return recipe(model_spec.options, lambda: dataset_vocabulary(data_path))
     module_name, _, attr = model_spec.factory.partition(":")
     if spec_dir and spec_dir not in sys.path:
         sys.path.insert(0, spec_dir)
@@ -74,6 +83,12 @@ def load_recipe(model_spec, spec_dir: str | None = None) -> Recipe:
             f"return Recipe(build_model=..., sample_losses=..., dataset=...)"
         )
     return recipe
+
+
+def dataset_vocabulary(data_path: str) -> int:
+    from elastune.data.dataset import read_manifest
+
+    return read_manifest(data_path).vocab_size
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

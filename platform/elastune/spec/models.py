@@ -30,8 +30,20 @@ from elastune.spec.tune import TuneSpec
 # --------------------------------------------------------------------------- model
 
 
+GPT_PRESETS: dict[str, dict[str, int]] = {
+    "quickstart": {"num_layers": 2, "width": 64, "num_heads": 4, "context": 64},
+    "8m": {"num_layers": 6, "width": 256, "num_heads": 8, "context": 256},
+    "gpt2-124m": {"num_layers": 12, "width": 768, "num_heads": 12, "context": 1024},  # GPT-2 small's shape
+}
+
+
 class ByteGPTOptions(Strict):
-    """Options of the built-in byte-level GPT recipe (`recipe: byte_gpt`)."""
+    """Options of the built-in GPT recipes (`recipe: byte_gpt`, `recipe: gpt`). A `preset` gives
+    num_layers, width, num_heads and context; options given next to it win."""
+
+    preset: Literal["quickstart", "8m", "gpt2-124m"] | None = Field(
+        None, description="quickstart (2x64, context 64), 8m (6x256, context 256) or gpt2-124m (12x768, 12 heads, context 1024)."
+    )
 
     num_layers: int = Field(2, ge=1, le=96)
     width: int = Field(64, ge=8, le=65_536, description="Embedding width; a multiple of num_heads.")
@@ -42,6 +54,13 @@ class ByteGPTOptions(Strict):
         False,
         description="Keep only each block's input for backward and recompute the rest (less memory, about 1/3 more compute).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("preset") in GPT_PRESETS:
+            return {**GPT_PRESETS[raw["preset"]], **raw}
+        return raw
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ByteGPTOptions:
@@ -57,9 +76,11 @@ FACTORY_RULE = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 
 
 class RecipeModel(Strict):
-    """A built-in recipe: `recipe: byte_gpt` with its typed options."""
+    """A built-in recipe: `recipe: byte_gpt` or `gpt`, with its typed options."""
 
-    recipe: Literal["byte_gpt"]
+    recipe: Literal["byte_gpt", "gpt"] = Field(
+        description="byte_gpt: byte tokens (vocabulary 256); gpt: the vocabulary of the dataset's tokenizer (docs/data.md)."
+    )
     options: ByteGPTOptions = Field(default_factory=ByteGPTOptions)
 
 
@@ -248,7 +269,7 @@ class JobSpec(Strict):
             ctx = self.model.options.context
             if self.data.window != ctx + 1:
                 raise ValueError(
-                    f"data.window ({self.data.window}) must be model.options.context + 1 ({ctx + 1}) for byte_gpt; "
+                    f"data.window ({self.data.window}) must be model.options.context + 1 ({ctx + 1}) for {self.model.recipe}; "
                     f"set data.window: {ctx + 1}"
                 )
         for i, fault in enumerate(self.faults):

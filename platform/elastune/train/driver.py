@@ -74,7 +74,7 @@ def run_job(
     another model stops it (IncompatibleCheckpoint), one that holds the whole budget ends it."""
     console = console or Console()
     spec = resolve_paths(spec)
-    recipe = load_recipe(spec.model, spec_dir)  # import errors surface here, before any worker starts
+    recipe = load_recipe(spec.model, spec_dir, spec.data.path)  # import errors surface here, before any worker starts
     batch_plan(spec.batch.global_batch_size, spec.batch.micro_batch_size, spec.scaling.min_workers)
     check_step(spec.step.precision, spec.step.compile, "cuda" if spec.scaling.gpus_per_worker > 0 else "cpu")
     run_id = new_run_id()

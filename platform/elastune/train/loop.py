@@ -73,7 +73,7 @@ def run_worker(config: dict[str, Any]) -> None:
         rejoined=lambda: ray.get(sink.rejoined.remote()),
     )
 
-    recipe = load_recipe(spec.model, job.spec_dir)
+    recipe = load_recipe(spec.model, job.spec_dir, spec.data.path)
     source = open_source(recipe, spec)
     torch.manual_seed(spec.seed)  # identical initial parameters on every rank
     device = ray.train.torch.get_device()

@@ -46,11 +46,11 @@ def prepare_data(spec: JobSpec, recipe: Recipe, saved: dict[str, Any] | None = N
             )
         return []
     manifest, prepared_now = ensure_prepared(spec.data)
-    if isinstance(spec.model, RecipeModel) and manifest.tokenizer != BYTES:
+    if isinstance(spec.model, RecipeModel) and spec.model.recipe == "byte_gpt" and manifest.tokenizer != BYTES:
         raise DataError(
             f"model.recipe {spec.model.recipe} reads byte tokens (vocabulary 256), but the dataset at {spec.data.path} "
             f"holds {manifest.tokenizer} tokens (vocabulary {manifest.vocab_size:,}); prepare it with --tokenizer bytes "
-            f"(data.tokenizer: bytes), or train a model whose vocabulary is the dataset's (model.factory)"
+            f"(data.tokenizer: bytes), or use model.recipe gpt, whose vocabulary is the dataset's"
         )
     trained_with = (saved or {}).get("tokenizer_hash")
     if saved is not None and trained_with != manifest.tokenizer_hash:

@@ -62,7 +62,7 @@ def run_tune(
     assert t is not None  # check_search refused a job without a tune: section
     if t.mode == "wsd_branches":
         fork_points(spec)  # refuses budgets that fork inside the warmup
-    recipe = load_recipe(spec.model, spec_dir)
+    recipe = load_recipe(spec.model, spec_dir, spec.data.path)
     if recipe.dataset is None:
         ensure_prepared(spec.data)  # once, before members start side by side
     tune_dir = Path(spec.output_dir) / spec.name / f"tune-{new_run_id()}"

@@ -1,4 +1,8 @@
-"""A small byte-level GPT: vocabulary 256, pre-norm blocks, tied embeddings, dropout.
+"""The built-in GPT recipes: pre-norm blocks, tied embeddings, dropout.
+
+`byte_gpt` reads byte tokens (vocabulary 256); `gpt` takes its vocabulary from the prepared
+dataset (a BPE's, docs/data.md) and offers presets up to GPT-2 small (`gpt2-124m`: 12 layers,
+768 wide, 12 heads, context 1024). The architecture is the same: so are a checkpoint's names.
 
 With `activation_checkpointing`, backward recomputes each block from its input instead of keeping
 its activations (torch.utils.checkpoint, non-reentrant: the recomputation replays the block's
@@ -8,6 +12,7 @@ dropout masks from the saved RNG state, so gradients are the same bits as withou
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,17 +48,17 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
-class ByteGPT(nn.Module):
-    def __init__(self, o: ByteGPTOptions):
+class GPT(nn.Module):
+    def __init__(self, o: ByteGPTOptions, vocab: int = VOCAB):
         super().__init__()
         self.context = o.context
         self.activation_checkpointing = o.activation_checkpointing
-        self.tok = nn.Embedding(VOCAB, o.width)
+        self.tok = nn.Embedding(vocab, o.width)
         self.pos = nn.Embedding(o.context, o.width)
         self.drop = nn.Dropout(o.dropout)
         self.blocks = nn.ModuleList(Block(o) for _ in range(o.num_layers))
         self.ln = nn.LayerNorm(o.width)
-        self.head = nn.Linear(o.width, VOCAB, bias=False)
+        self.head = nn.Linear(o.width, vocab, bias=False)
         self.head.weight = self.tok.weight  # tied
         self.apply(self._init)
         for name, p in self.named_parameters():
@@ -76,13 +81,32 @@ class ByteGPT(nn.Module):
 
 
 def sample_losses(model: nn.Module, windows: Batch) -> torch.Tensor:
-    """Mean next-byte cross-entropy of each window: shape [batch]."""
+    """Mean next-token cross-entropy of each window: shape [batch]."""
     assert isinstance(windows, torch.Tensor)  # its dataset (the prepared token windows) yields one tensor
     inputs, targets = windows[:, :-1], windows[:, 1:]
     logits = model(inputs)
-    per_token = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), reduction="none")
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return per_token.view(targets.shape).mean(dim=1)
 
 
-def recipe(options: ByteGPTOptions) -> Recipe:
-    return Recipe(build_model=lambda: ByteGPT(options), sample_losses=sample_losses)
+def parameters(o: ByteGPTOptions, vocab: int) -> int:
+    """Trainable parameters of a GPT (closed form; the tied head counts once)."""
+    w = o.width
+    block = 2 * 2 * w + 3 * w * w + (w * w + w) + (4 * w * w + 4 * w) + (4 * w * w + w)  # 2 norms, qkv, proj, mlp
+    return vocab * w + o.context * w + o.num_layers * block + 2 * w
+
+
+def flops_per_token(o: ByteGPTOptions, vocab: int) -> int:
+    """Model FLOPs of one trained token (forward and backward): 6 per parameter, and attention's
+    12 * layers * width * context (the PaLM appendix's accounting, used for utilisation figures)."""
+    return 6 * parameters(o, vocab) + 12 * o.num_layers * o.width * o.context
+
+
+def recipe(options: ByteGPTOptions, vocab: Callable[[], int] = lambda: VOCAB) -> Recipe:
+    """`vocab` is asked when a model is built: a `gpt` recipe's comes from its dataset, which a run
+    may prepare after it loaded the recipe."""
+    return Recipe(
+        build_model=lambda: GPT(options, vocab()),
+        sample_losses=sample_losses,
+        flops_per_token=lambda: flops_per_token(options, vocab()),
+    )
