@@ -79,3 +79,20 @@ def test_survivors_carry_on_and_the_replacement_joins(live):
     )
     assert 0 < whole["restart_seconds"] < whole["mttr_seconds"]
     assert sorted(e["replica"] for e in joins if e not in before_all) == [0, 1, 2]
+
+
+def test_the_run_leaves_no_workers_cpus_reserved(live):
+    """However the run ended (Ray Train's own end, or the driver ending a finished run whose
+    replacement was still starting: train.stopping.abort_controller), no placement group of its
+    worker groups holds resources afterwards; the next run on this cluster needs them."""
+    import time
+
+    import ray
+
+    def held() -> list[str]:
+        return [pg for pg, info in ray.util.placement_group_table().items() if info["state"] == "CREATED"]
+
+    deadline = time.monotonic() + 10  # Ray's removal is asynchronous: given a moment, not a sleep
+    while held() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not held(), held()

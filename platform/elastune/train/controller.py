@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
 from ray.train.v2._internal.execution.failure_handling import FailureDecision as RayDecision
 from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
@@ -68,15 +68,23 @@ class LiveFailurePolicy(DefaultFailurePolicy):
         return RayDecision.RETRY if decision.retry else RayDecision.RAISE
 
 
-class PublishController(ControllerCallback):
+class PublishController(ControllerCallback, WorkerGroupCallback):
     """Hands the controller's actor handle to the run's sink as the controller starts, so the
-    driver can abort the run (TrainController.abort) when it must end it."""
+    driver can abort the run (TrainController.abort) when it must end it, and each worker group's
+    placement group as the group starts, so the driver can release it when it has to kill the
+    controller (stopping.abort_controller): Ray Train's own cleaner stops at an abort, and a killed
+    controller would otherwise leave its workers' CPUs reserved for good."""
 
     def __init__(self, sink_name: str):
         self.sink_name = sink_name
 
     def after_controller_start(self, train_run_context) -> None:
         ray.get_actor(self.sink_name).set_controller.remote(ray.get_runtime_context().current_actor)
+
+    def after_worker_group_start(self, worker_group) -> None:
+        # Where Ray Train's PlacementGroupCleanerCallback reads it (Ray 2.60, pinned).
+        group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+        ray.get(ray.get_actor(self.sink_name).add_placement_group.remote(group))
 
 
 def make_trainer(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, driver_node: str, console: Console):

@@ -20,6 +20,7 @@ class RunSink:
         self._arrived: dict[str, int] = {}
         self._kill_at = self._join_at = self._received = 0  # arrival order of the last kill fault and the last join
         self._controller = None  # Ray Train's controller of this run (train.controller.PublishController)
+        self._placement_groups: list = []  # its worker groups' (the same)
 
     def record(self, rows: list[Row], once: bool = False) -> None:
         """Append metrics rows. `once`: several workers send the same steps (a live group's
@@ -64,6 +65,13 @@ class RunSink:
 
     def set_controller(self, controller) -> None:
         self._controller = controller
+
+    def add_placement_group(self, group) -> None:
+        """A worker group's placement group (train.controller.PublishController)."""
+        self._placement_groups.append(group)
+
+    def placement_groups(self) -> list:
+        return list(self._placement_groups)
 
     def controller(self):
         return self._controller

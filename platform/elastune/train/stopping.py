@@ -6,6 +6,7 @@ workers and says where the run stands); a second ends the process at once, quiet
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -82,4 +83,9 @@ def abort_controller(sink, thread: threading.Thread, grace_s: float = 3.0) -> No
         thread.join(grace_s)
         if thread.is_alive():
             ray.kill(controller, no_restart=True)
+            # The abort stopped Ray Train's placement group cleaner, and a killed controller removes
+            # nothing: release its worker groups' CPUs here (removing one twice is harmless).
+            for group in ray.get(sink.placement_groups.remote()):
+                with contextlib.suppress(Exception):
+                    ray.util.remove_placement_group(group)
     thread.join(10 * grace_s)
