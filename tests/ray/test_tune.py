@@ -103,11 +103,11 @@ def test_the_best_schedule_replays_exactly(search):
     best = lineage["best"]
     replay = validate_spec(yaml.safe_load((outcome.tune_dir / "best.yaml").read_text()))
     _, rows, _ = run(replay)
-    want = stitched(lineage, best["member"])
-    assert [r["step"] for r in rows] == [r["step"] for r in want] == list(range(1, BUDGET // G + 1))
+    want = stitched(lineage, best["member"])  # typed rows (events.Row)
+    assert [r["step"] for r in rows] == [r.step for r in want] == list(range(1, BUDGET // G + 1))
     for got, ref in zip(rows, want):
-        assert got["lr"] == pytest.approx(ref["lr"], rel=1e-12)
-        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+        assert got["lr"] == pytest.approx(ref.lr, rel=1e-12)
+        assert got["loss"] == pytest.approx(ref.loss, rel=1e-6)
 
 
 def test_the_search_report_draws_the_lineage(search, chromium, tmp_path):

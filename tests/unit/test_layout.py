@@ -43,7 +43,7 @@ ALLOWED = {
     "cluster": {"errors", "events", "spec"},  # Ray bring-up and capacity rules for train/ and tune/
     "data": {"errors", "spec", "metrics"},
     "checkpoint": {"errors", "events", "spec", "metrics"},
-    "recipes": {"errors", "spec", "recipes", "metrics"},
+    "recipes": {"errors", "spec", "recipes", "metrics", "data"},  # gpt reads its vocabulary from the dataset's manifest
     "train": {"errors", "events", "spec", "batch_plan", "cluster", "data", "checkpoint", "recipes", "train", "metrics"},
     "tune": {"errors", "events", "spec", "batch_plan", "cluster", "data", "checkpoint", "recipes", "train", "metrics", "tune"},
     "report": {"errors", "events", "train", "tune", "metrics"},
