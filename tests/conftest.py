@@ -25,11 +25,12 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def stdlib_dataset(tmp_path_factory) -> Path:
-    """A small prepared byte dataset (window 17) from the stdlib sources, shared by a session."""
+    """A small prepared byte dataset (window 17) from the stdlib sources, a tenth of its documents
+    held out for evaluation, shared by a session."""
     from elastune.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("data") / "stdlib-w17"
-    prepare("stdlib", out, window=17, max_bytes=400_000)
+    prepare("stdlib", out, window=17, max_bytes=400_000, eval_fraction=0.1)
     return out
 
 

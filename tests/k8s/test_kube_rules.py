@@ -6,6 +6,7 @@ inside the job's own prefix, the image allowlist, egress)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from pathlib import Path
@@ -211,6 +212,9 @@ def test_progress_counts_from_the_start_of_training_not_of_this_run():
     progress = progress_of(generate_latest(metrics.registry).decode())
     assert (progress["step"], progress["samples"], progress["worldSize"], progress["failuresSurvived"]) == (203, 203 * 32, 2, 0)
     assert "lastDurableCheckpoint" not in progress  # none in this run yet
+    assert progress["loss"] == 2.0 and "evalLoss" not in progress  # no evaluation yet: the gauge is NaN, left out
+    metrics.observe([dataclasses.replace(rows[-1], step=204, samples_seen=204 * 32, eval_loss=2.25)], [])
+    assert progress_of(generate_latest(metrics.registry).decode())["evalLoss"] == 2.25
 
 
 # The trust boundary (elastune.kube.trust): deleteOnFinish inside the job's own prefix, the image

@@ -296,6 +296,7 @@ async def _steps(k8s, http: aiohttp.ClientSession, head: Head) -> None:
                 global_batch_size=32,
                 micro_batches=(2, 1, 1),
                 step_seconds=0.1,
+                eval_loss=2.75 if i == 1 else None,  # step 251 evaluated
             )
             for i in (1, 2)
         ],
@@ -321,6 +322,7 @@ async def _steps(k8s, http: aiohttp.ClientSession, head: Head) -> None:
     got = await eventually(lambda: status("quickstart").get("step") == 252 and status("quickstart"), "progress in status")
     assert got["phase"] == "Running" and got["rayCluster"] == "quickstart-x7k2p"
     assert (got["samples"], got["worldSize"], got["failuresSurvived"]) == (252 * 32, 3, 1)
+    assert (got["loss"], got["evalLoss"]) == (2.5, 2.75)  # the last step's, and the last evaluation's
     assert got["lastDurableCheckpoint"] == {"step": 200, "time": "2026-09-21T14:13:20Z"}
     assert {c["type"]: c["status"] for c in got["conditions"]} == {
         "Running": "True",

@@ -14,6 +14,9 @@ from elastune.train.driver import run_job
 from elastune.train.run_dir import read_jsonl
 
 STEPS = 28  # steps of the uninterrupted reference run (conftest `uninterrupted`)
+# Every run evaluates 24 held-out windows each 36 samples: with the global batch of 12, steps
+# 1, 4, 7, ... (step s trains samples [12(s-1), 12s), which holds a multiple of 36 when s-1 is one of 3).
+EVAL_EVERY = 36
 
 
 def spec_for(tmp: Path, data: Path, name: str, workers: int, max_steps: int, layout: str = "replicated"):
@@ -33,6 +36,7 @@ def spec_for(tmp: Path, data: Path, name: str, workers: int, max_steps: int, lay
             "scaling": {"min_workers": workers, "max_workers": workers, "layout": layout},
             # Every step in tier 0: a failure or resize loses no step (the `observed` run spaces them).
             "checkpoint": {"path": str(tmp / name / "ckpt"), "every_steps": 10, "snapshot_every_steps": 1},
+            "eval": {"every_samples": EVAL_EVERY, "samples": 24, "micro_batch_size": 4},
             "stop": {"max_steps": max_steps},
             "output_dir": str(tmp / "runs"),
         }

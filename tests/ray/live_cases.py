@@ -40,6 +40,16 @@ def assert_tracks(reference: list[dict], rows: list[dict]) -> None:
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), f"step {got['step']}"
 
 
+def assert_evaluated_once(reference: list[dict], rows: list[dict], steps: int) -> None:
+    """One held-out loss at each evaluating step (1, 4, 7, ...: jobs.EVAL_EVERY) and none
+    elsewhere, equal (1e-5 relative) to the uninterrupted run's: a step that failed took its
+    evaluation down with it and evaluated again, never counted twice."""
+    assert [r["step"] for r in rows if r["eval_loss"] is not None] == list(range(1, steps + 1, 3))
+    for want, got in zip(reference[:steps], rows):
+        if want["eval_loss"] is not None:
+            assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-5), f"step {got['step']}"
+
+
 def assert_read_once(rows: list[dict], data: Path, seed: int) -> None:
     """Each step read exactly the samples the stateless sampler puts at its positions."""
     n = len(TokenWindows(data))

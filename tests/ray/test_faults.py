@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tests.ray.conftest import OBSERVED_STEPS
+from tests.ray.live_cases import assert_evaluated_once
 
 STEPS = OBSERVED_STEPS
 
@@ -26,6 +27,13 @@ def test_every_step_once_and_the_same_losses(runs):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # nothing lost, nothing twice
     for want, got in zip(reference, rows):
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * abs(want["loss"]), (got["step"], got["loss"], want["loss"])
+
+
+def test_the_killed_step_evaluates_once(runs):
+    """Step 7 evaluates; rank 1 died in its middle, after its share of the evaluation and before
+    the reduction that carries it: the evaluation is lost with the step and taken again."""
+    reference, rows, _, _ = runs
+    assert_evaluated_once(reference, rows, STEPS)
 
 
 def test_the_last_scrape_passes_promtool_and_agrees_with_the_run(runs, promtool):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.ray.jobs import run
-from tests.ray.live_cases import G, assert_read_once, assert_same_final_state, assert_tracks, job
+from tests.ray.jobs import STEPS, run
+from tests.ray.live_cases import G, assert_evaluated_once, assert_read_once, assert_same_final_state, assert_tracks, job
 
 KILL_AT, HOLD_AT, ALL_AT = 10, 20, 24
 
@@ -40,6 +40,14 @@ def test_every_step_once_with_the_uninterrupted_losses(uninterrupted, live):
     # The new group's quorums hold the workers up by then (at least min_workers, 2): a slow one
     # heals in later, or the last steps finish without it.
     assert set(sizes[ALL_AT - 1 :]) <= {2, 3}
+
+
+def test_the_evaluating_step_of_the_kill_evaluates_once(uninterrupted, live):
+    """Step 10 evaluates (jobs.EVAL_EVERY) and rank 1 dies in its middle: the survivors run it
+    again, evaluation included, and it counts once."""
+    _, reference = uninterrupted
+    _, rows, _ = live
+    assert_evaluated_once(reference, rows, STEPS)
 
 
 def test_every_sample_read_once_where_the_sampler_puts_it(live, stdlib_dataset):

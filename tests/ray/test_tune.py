@@ -41,6 +41,7 @@ def search(tmp_path_factory, stdlib_dataset):
         "population": 2,
         "quantile": 0.5,
         "interval_samples": INTERVAL,
+        "fitness": "eval_loss",  # ranked by held-out loss at each interval's end (the job's eval: 24 windows)
         "resample_probability": 0.0,
         "search": {"optimizer.lr": {"scale": "log", "low": 0.001, "high": 0.1}},
     }
@@ -67,6 +68,44 @@ def test_the_crippled_member_is_exploited(search):
     assert lineage["boundaries"] == [INTERVAL, BUDGET]
     exploit = lineage["exploits"][0]
     assert exploit["recipient_fitness"] > 2 * exploit["donor_fitness"]  # the huge lr really crippled it
+
+
+def test_fitness_is_the_held_out_loss_where_each_interval_ends(search, stdlib_dataset):
+    """Each segment's fitness against the mean per-window loss of the 24 held-out windows, taken
+    here in one batch from the tensors of the checkpoint the segment ended with."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from elastune.checkpoint.checkpointer import Checkpointer
+    from elastune.data.dataset import TokenWindows
+    from elastune.recipes import load_recipe
+
+    outcome, lineage, *_ = search
+    spec = validate_spec(yaml.safe_load((outcome.tune_dir / "best.yaml").read_text()))
+    recipe = load_recipe(spec.model, os.getcwd(), spec.data.path)
+    windows = TokenWindows(stdlib_dataset, "eval").take(np.arange(24))
+    checked = set()
+    for segment in lineage["segments"]:
+        pointer = segment["checkpoint"]
+        ckpt = Checkpointer(pointer["uri"])
+        if pointer["step"] not in ckpt.committed_steps():  # retention (keep_last: 1) has removed it since
+            continue
+        checked.add((segment["member"], segment["generation"]))
+        manifest = ckpt.read_manifest(pointer["step"])
+        assert manifest.samples_seen == segment["to_samples"]
+        model = recipe.build_model()
+        tensors = ckpt.load(manifest, [n for n in manifest.tensors if n.startswith("model/")])
+        loaded = model.load_state_dict({n.removeprefix("model/"): t for n, t in tensors.items()}, strict=False)
+        assert not loaded.unexpected_keys and loaded.missing_keys == ["head.weight"]  # tied to the embedding
+        model.eval()
+        with torch.no_grad():
+            want = recipe.sample_losses(model, windows).double().mean().item()
+        want = want if math.isfinite(want) else math.inf
+        assert segment["fitness"] == pytest.approx(want, rel=1e-5), segment["member"]
+        assert segment["eval_loss"] == segment["fitness"] or not math.isfinite(want)
+    assert {("m0", 1), ("m1", 1)} <= checked  # both members' last intervals at least
 
 
 def test_the_recipient_continues_from_the_donors_exact_state(search):

@@ -66,3 +66,47 @@ def test_missing_dataset_says_how_to_prepare(tmp_path):
 def test_source_matching_nothing(tmp_path):
     with pytest.raises(DataError, match="matches no file"):
         prepare(str(tmp_path / "*.txt"), tmp_path / "out", window=4)
+
+
+@pytest.mark.parametrize("kind", ["text", "jsonl", "parquet"])
+def test_a_preparation_reports_its_progress_to_the_whole_source(tmp_path, kind):
+    """Every phase climbs to the source's size on disk, never past it (a BPE reads it twice: once
+    to train, once to tokenize), and a terminal shows a bar for each."""
+    import io
+
+    from rich.console import Console
+
+    from elastune.data.progress_bar import preparing
+
+    texts = [f"document {i}: " + "lorem ipsum dolor " * (5 + i % 7) for i in range(300)]
+    src = tmp_path / "src"
+    src.mkdir()
+    if kind == "text":
+        for i, t in enumerate(texts):
+            (src / f"{i}.txt").write_text(t)
+    elif kind == "jsonl":
+        (src / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    else:
+        pq.write_table(pa.table({"text": texts}), src / "docs.parquet", row_group_size=50)
+    size = sum(f.stat().st_size for f in src.iterdir())
+    seen: dict[str, list[int]] = {}
+    prepare(
+        str(src),
+        tmp_path / "ds",
+        window=9,
+        tokenizer="bpe",
+        vocab_size=300,
+        on_progress=lambda phase, done, total: seen.setdefault(phase, []).append((done, total)),
+    )
+    assert list(seen) == ["training the tokenizer", "tokenizing"]
+    for reports in seen.values():
+        done = [d for d, _ in reports]
+        assert {t for _, t in reports} == {size} and done == sorted(done) and done[-1] <= size
+        # Parquet reports row groups by their share of the file (integer division: a few bytes short).
+        assert done[-1] == size if kind != "parquet" else size - done[-1] < 8
+    shown = io.StringIO()
+    with preparing(Console(file=shown, force_terminal=True, width=120)) as on_progress:
+        prepare(str(src), tmp_path / "ds2", window=9, on_progress=on_progress)
+    assert "tokenizing" in shown.getvalue()
+    with preparing(Console(file=io.StringIO())) as on_progress:  # not a terminal: no bar
+        assert on_progress is None

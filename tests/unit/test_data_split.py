@@ -122,3 +122,14 @@ def test_eval_needs_a_held_out_split(tmp_path):
     with pytest.raises(DataError, match="has no held-out split; prepare it again with --eval-fraction") as info:
         prepare_data(spec, load_recipe(spec.model, str(tmp_path)))
     assert info.value.exit_code == 2
+
+
+def test_fitness_by_held_out_loss_needs_an_eval_section_and_plain_pbt():
+    pbt = {"interval_samples": 96, "search": {"optimizer.lr": {"scale": "log", "low": 1e-4, "high": 1e-2}}}
+    message = spec_problems(minimal(tune={**pbt, "fitness": "eval_loss"}))
+    assert "tune.fitness eval_loss" in message and "add one" in message and "tune.fitness: loss" in message
+    ranked = minimal(tune={**pbt, "fitness": "eval_loss", "rank_by": "predicted_final_loss"}, eval={"every_samples": 96})
+    assert "use mode pbt with rank_by loss" in spec_problems(ranked)
+    from elastune.spec import validate_spec
+
+    assert validate_spec(minimal(tune={**pbt, "fitness": "eval_loss"}, eval={"every_samples": 96})).tune.fitness == "eval_loss"

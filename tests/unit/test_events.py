@@ -168,3 +168,24 @@ def test_records_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         event.cause = "changed"  # type: ignore[misc]
     assert all(issubclass(cls, Event) and cls.__dataclass_params__.frozen for cls in EVERY_KIND)
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_the_console_prints_every_evaluating_step(terminal):
+    """Between the periodic lines, a step that evaluated always gets its line, held-out loss included."""
+    import io
+
+    from rich.console import Console
+
+    from elastune.train.progress import ProgressView
+    from tests.helpers import row
+
+    out = io.StringIO()
+    view = ProgressView(Console(file=out, force_terminal=terminal, width=160), total_steps=10, every_s=3600)
+    for step in range(1, 11):
+        view.update(row(step=step, loss=3.0, lr=1e-3, world_size=2, eval_loss=2.5 + step if step in (4, 7) else None))
+    view.close()
+    text = out.getvalue()
+    assert "held-out 6.5000" in text and "held-out 9.5000" in text
+    if not terminal:
+        assert [line.split()[1] for line in text.splitlines()] == ["1/10", "4/10", "7/10", "10/10"]

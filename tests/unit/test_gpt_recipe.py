@@ -68,3 +68,17 @@ def test_the_shipped_bpe_and_124m_jobs_validate():
     bpe, big = load_spec(ROOT / "jobs" / "bpe.yaml"), load_spec(ROOT / "jobs" / "gpt2-124m.yaml")
     assert (bpe.model.recipe, bpe.data.tokenizer, bpe.data.vocab_size, bpe.eval is not None) == ("gpt", "bpe", 4096, True)
     assert (big.model.options.num_layers, big.model.options.width, big.data.window) == (12, 768, 1025)
+
+
+def test_the_worked_examples_spec_validates():
+    """docs/example-own-text.md's job spec, as printed there."""
+    import re
+
+    import yaml
+
+    from elastune.spec import validate_spec
+
+    text = (ROOT / "docs" / "example-own-text.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if b.startswith("name: notes")]
+    spec = validate_spec(yaml.safe_load(block))
+    assert (spec.model.recipe, spec.data.path, spec.eval.every_samples, spec.stop.max_steps) == ("gpt", "data/notes", 1600, 300)

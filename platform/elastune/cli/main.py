@@ -233,7 +233,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from elastune.data.prepare import prepare
+    from elastune.data.progress_bar import preparing
     from elastune.spec import load_spec
 
     if args.job:
@@ -258,7 +261,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         source = args.source[0] if args.source == ["stdlib"] else args.source
         output, window, fmt, field, max_bytes = args.output, args.window, args.format, args.text_field, args.max_bytes
         held, tokenizer, vocab_size = args.eval_fraction, args.tokenizer, args.vocab_size
-    manifest = prepare(source, output, window, fmt, field, max_bytes, held, tokenizer, vocab_size)
+    with preparing(Console(stderr=True)) as on_progress:
+        manifest = prepare(source, output, window, fmt, field, max_bytes, held, tokenizer, vocab_size, on_progress)
     heldout = f", {manifest.eval_count:,} held out for evaluation" if manifest.eval_fraction else ""
     print(
         f"Prepared {manifest.count:,} samples of {manifest.window} tokens ({manifest.tokenizer}, vocabulary "

@@ -32,6 +32,11 @@ from elastune.errors import DataError
 STDLIB = "stdlib"
 CHUNK_WINDOWS = 8192
 DOC_SEPARATOR = b"\x00"
+# What a long preparation tells its caller as it reads: (phase, source bytes read, source bytes
+# in all). Phases: "training the tokenizer" (bpe only: one pass over the training documents),
+# then "tokenizing". Bytes are the files' sizes on disk, so a JSONL or Parquet source's count
+# is of its lines or row groups.
+OnProgress = Callable[[str, int, int], None]
 
 
 def stdlib_files() -> list[Path]:
@@ -68,14 +73,18 @@ def _format_of(path: Path, fmt: str) -> str:
     return "text"
 
 
-def iter_documents(files: list[Path], fmt: str, text_field: str) -> Iterator[bytes]:
+def iter_documents(files: list[Path], fmt: str, text_field: str, read: Callable[[int], None] = lambda n: None) -> Iterator[bytes]:
+    """Each file's documents; `read(n)`: n more bytes of the files have been read."""
     for path in files:
         kind = _format_of(path, fmt)
         if kind == "text":
-            yield path.read_bytes()
+            doc = path.read_bytes()
+            read(len(doc))
+            yield doc
         elif kind == "jsonl":
             with path.open("rb") as f:
                 for lineno, line in enumerate(f, 1):
+                    read(len(line))
                     if not line.strip():
                         continue
                     try:
@@ -94,7 +103,9 @@ def iter_documents(files: list[Path], fmt: str, text_field: str) -> Iterator[byt
                     f"{path} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
                     f"set data.text_field to the text column"
                 )
+            size, rows = path.stat().st_size, max(1, pf.metadata.num_rows)
             for batch in pf.iter_batches(columns=[text_field]):
+                read(size * batch.num_rows // rows)
                 for text in batch.column(0).to_pylist():
                     if text is not None:
                         yield text.encode("utf-8")
@@ -142,10 +153,12 @@ class _WindowWriter:
         self.pending = len(tokens) - cut if whole_chunks else 0
 
 
-def _documents(files: list[Path], fmt: str, text_field: str, max_bytes: int | None) -> Iterator[bytes]:
+def _documents(
+    files: list[Path], fmt: str, text_field: str, max_bytes: int | None, read: Callable[[int], None] = lambda n: None
+) -> Iterator[bytes]:
     """The source's documents, the last one cut where `max_bytes` of source are read."""
     taken = 0
-    for whole in iter_documents(files, fmt, text_field):
+    for whole in iter_documents(files, fmt, text_field, read):
         doc = whole if max_bytes is None else whole[: max(0, max_bytes - taken)]
         taken += len(doc)
         yield doc
@@ -175,19 +188,34 @@ def prepare(
     eval_fraction: float | None = None,
     tokenizer: str = BYTES,
     vocab_size: int | None = None,
+    on_progress: OnProgress | None = None,
 ) -> DatasetManifest:
     """Prepare the dataset into `output`; written to a temporary folder and renamed, so never torn.
     `eval_fraction`: the share of documents held out for evaluation (data.split). `tokenizer`:
-    bytes, bpe (trained on the training documents, `vocab_size` ids) or a tokenizer.json path."""
+    bytes, bpe (trained on the training documents, `vocab_size` ids) or a tokenizer.json path.
+    `on_progress`: told of each phase's progress as the source is read (OnProgress)."""
     files = resolve_sources(source)
     if not files:
         raise DataError(f"data.source {source!r} holds no files")
     if eval_fraction is not None and (problem := fraction_problem(eval_fraction)):
         raise DataError(f"data.eval_fraction ({eval_fraction}) {problem}")
     fraction = eval_fraction or 0.0
+    on_disk = sum(f.stat().st_size for f in files)
+    total = on_disk if max_bytes is None else min(on_disk, max_bytes)
+
+    def counter(phase: str) -> Callable[[int], None]:
+        done = 0
+
+        def read(n: int) -> None:
+            nonlocal done
+            done += n
+            if on_progress is not None:
+                on_progress(phase, min(done, total), total)
+
+        return read
 
     def training_texts() -> Iterator[str]:  # a BPE learns from the training side only
-        for doc in _documents(files, fmt, text_field, max_bytes):
+        for doc in _documents(files, fmt, text_field, max_bytes, counter("training the tokenizer")):
             if not held_out(doc, fraction):
                 yield doc.decode("utf-8", errors="replace")
 
@@ -199,7 +227,7 @@ def prepare(
     train = _WindowWriter(tmp / TOKENS_FILE, window, dtype, tokens.separator)
     held = _WindowWriter(tmp / EVAL_FILE, window, dtype, tokens.separator) if eval_fraction else None
     try:
-        for doc in _documents(files, fmt, text_field, max_bytes):
+        for doc in _documents(files, fmt, text_field, max_bytes, counter("tokenizing")):
             (held if held is not None and held_out(doc, fraction) else train).add(tokens.encode(doc))
     finally:
         train.close()
@@ -239,7 +267,7 @@ def prepare(
     return manifest
 
 
-def ensure_prepared(data) -> tuple[DatasetManifest, bool]:
+def ensure_prepared(data, on_progress: OnProgress | None = None) -> tuple[DatasetManifest, bool]:
     """Prepare `data` (a DataSpec) at data.path when missing or stale; returns (manifest, prepared_now)."""
     path = Path(data.path)
     if (path / MANIFEST_FILE).is_file():
@@ -266,6 +294,7 @@ def ensure_prepared(data) -> tuple[DatasetManifest, bool]:
         data.eval_fraction,
         data.tokenizer,
         data.vocab_size,
+        on_progress,
     )
     return prepared, True
 

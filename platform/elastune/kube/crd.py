@@ -186,6 +186,7 @@ def crd() -> dict[str, Any]:
                         column("Step", ".status.step"),
                         column("Samples", ".status.samples"),
                         column("Workers", ".status.worldSize"),
+                        column("Eval loss", ".status.evalLoss", "number"),
                         column("Checkpoint", ".status.lastDurableCheckpoint.step"),
                         column("Age", ".metadata.creationTimestamp", "date"),
                     ],

@@ -111,6 +111,8 @@ class ElastuneJobStatus(Strict):
     step: int | None = Field(None, description="Optimizer steps done (from the job's metrics).")
     samples: int | None = Field(None, description="Samples trained.")
     worldSize: int | None = Field(None, description="Workers in the last step.")
+    loss: float | None = Field(None, description="Training loss of the last step.")
+    evalLoss: float | None = Field(None, description="Held-out loss at the last evaluation (jobs with an eval section).")
     lastDurableCheckpoint: CheckpointStatus | None = None
     failuresSurvived: int | None = Field(None, description="Worker failures the run recovered from.")
     resizes: int | None = None

@@ -5,12 +5,15 @@ job serves on its head). Progress survives a scrape that fails: the last values 
 from __future__ import annotations
 
 import datetime
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 CONDITIONS = ("Running", "Suspended", "Succeeded", "Failed")
+# The status fields progress_of reads from the run's metrics (kept when a scrape fails).
+PROGRESS = ("step", "samples", "worldSize", "loss", "evalLoss", "lastDurableCheckpoint", "failuresSurvived", "resizes")
 
 
 def phase_of(rayjob_status: Mapping[str, Any] | None, suspend: bool) -> tuple[str, str]:
@@ -49,6 +52,9 @@ def progress_of(metrics_text: str) -> dict[str, Any]:
     ):
         if metric in values:
             out[field] = int(values[metric])
+    for field, metric in (("loss", "elastune_loss"), ("evalLoss", "elastune_eval_loss")):
+        if math.isfinite(values.get(metric, math.nan)):  # NaN until the first step or evaluation; JSON holds no NaN
+            out[field] = values[metric]
     step, stamp = (
         values.get("elastune_checkpoint_last_durable_step"),
         values.get("elastune_checkpoint_last_durable_timestamp_seconds"),
@@ -81,7 +87,7 @@ def next_status(
     for field, key in (("rayCluster", "rayClusterName"), ("dashboardURL", "dashboardURL")):
         if rj_status.get(key):
             out[field] = rj_status[key]
-    for field in ("step", "samples", "worldSize", "lastDurableCheckpoint", "failuresSurvived", "resizes"):
+    for field in PROGRESS:
         value = (progress or {}).get(field, previous.get(field))
         if value is not None:
             out[field] = value

@@ -290,6 +290,11 @@ class JobSpec(Strict):
                 "eval needs held-out documents, but data.eval_fraction is not set, so the dataset prepared from data.source "
                 "holds none; set data.eval_fraction (e.g. 0.05) or remove the eval section"
             )
+        if self.tune is not None and self.tune.fitness == "eval_loss" and self.eval is None:
+            raise ValueError(
+                "tune.fitness eval_loss evaluates each member on the held-out windows the eval section names, but the job "
+                "has no eval section; add one (e.g. eval: {every_samples: 1600, samples: 256}) or set tune.fitness: loss"
+            )
         if self.tune is not None and self.tune.mode == "wsd_branches":
             if not isinstance(self.schedule, WSDSchedule):
                 raise ValueError(

@@ -72,6 +72,14 @@ class TuneSpec(Strict):
         le=MAX_SAMPLES,
         description="Fitness is the mean loss over this many last samples of each interval (default: a quarter of it).",
     )
+    fitness: Literal["loss", "eval_loss"] = Field(
+        "loss",
+        description=(
+            "loss: the mean training loss over each interval's last fitness_samples (each step's loss is taken before "
+            "its update, on samples not yet trained on this epoch). eval_loss: the held-out loss of the member's "
+            "parameters at the interval's end, over the eval section's windows (needs `eval:` and a held-out split)."
+        ),
+    )
     rank_by: Literal["loss", "predicted_final_loss"] = Field(
         "loss",
         description=(
@@ -115,6 +123,15 @@ class TuneSpec(Strict):
                 raise ValueError(f"tune.budgets ({self.budgets}) must ascend without repeats; e.g. {sorted(set(self.budgets))}")
             if self.search:
                 raise ValueError("tune.search is for mode pbt; wsd_branches searches the budget only: remove tune.search")
+        return self
+
+    @model_validator(mode="after")
+    def _one_ranking(self) -> TuneSpec:
+        if self.fitness == "eval_loss" and (self.mode != "pbt" or self.rank_by != "loss"):
+            raise ValueError(
+                f"tune.fitness eval_loss ranks pbt members by held-out loss; mode {self.mode} with rank_by {self.rank_by} "
+                f"ranks otherwise: use mode pbt with rank_by loss, or fitness loss"
+            )
         return self
 
     @field_validator("search")

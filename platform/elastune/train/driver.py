@@ -23,6 +23,7 @@ from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.format import step_dir
 from elastune.checkpoint.lease import Lease, this_process
 from elastune.cluster import DrainWatch, connect_ray
+from elastune.data.progress_bar import preparing
 from elastune.errors import LeaseHeld
 from elastune.events import End, Event, FailurePolicy, Finish, Row, RunWarning
 from elastune.recipes import load_recipe
@@ -117,7 +118,9 @@ def _run(
     run_dir = RunDir.create(spec.output_dir, spec.name, run_id)
     run_dir.write_spec(spec.to_dict())
     saved = latest.meta.get("dataset") if latest is not None and resume is not None else None
-    more = prepare_data(spec, recipe, saved) + ([resuming(resume, ckpt.uri)] if resume is not None else [])
+    with preparing(console) as on_progress:
+        more = prepare_data(spec, recipe, saved, on_progress)
+    more += [resuming(resume, ckpt.uri)] if resume is not None else []
     for event in more:
         console.print(describe_event(event), highlight=False)
     run_dir.append_events(events + more)

@@ -20,8 +20,13 @@ import torch
 from torch import nn
 
 from elastune.batch_plan import batch_plan, micro_batch_count
-from elastune.recipes import Recipe, SampleSource, to_device
+from elastune.checkpoint.checkpointer import Checkpointer
+from elastune.checkpoint.format import Manifest
+from elastune.data.dataset import TokenWindows
+from elastune.recipes import Recipe, SampleSource, load_recipe, to_device
+from elastune.spec.models import JobSpec
 from elastune.train.precision import AUTOCAST
+from elastune.train.state import tied_aliases
 
 
 def eval_due(samples_seen: int, global_batch_size: int, every: int) -> bool:
@@ -68,3 +73,30 @@ class Evaluation:
         finally:
             model.train(was_training)
         return total, count
+
+
+def evaluation_of(spec: JobSpec) -> Evaluation | None:
+    """The run's held-out evaluation (`eval:`), reading the dataset's held-out split."""
+    if spec.eval is None:
+        return None
+    source = TokenWindows(spec.data.path, "eval")
+    samples = min(spec.eval.samples or len(source), len(source))
+    micro = spec.eval.micro_batch_size or spec.batch.micro_batch_size
+    return Evaluation(source, spec.eval.every_samples, samples, micro)
+
+
+def checkpoint_eval_loss(spec: JobSpec, spec_dir: str, ckpt: Checkpointer, manifest: Manifest) -> float:
+    """The held-out loss of a checkpoint's parameters, in one process and in fp32: the windows
+    and float64 sums a run's evaluation takes (so the same mean, to summation order). Only the
+    model's tensors are read."""
+    evaluation = evaluation_of(spec)
+    assert evaluation is not None  # the spec has an eval section (JobSpec holds tune.fitness eval_loss to one)
+    recipe = load_recipe(spec.model, spec_dir, spec.data.path)
+    model = recipe.build_model()
+    own = {n: t for n, t in model.state_dict().items() if n not in tied_aliases(model)}
+    tensors = ckpt.load(manifest, [f"model/{n}" for n in own])
+    with torch.no_grad():
+        for name, t in own.items():
+            t.copy_(tensors[f"model/{name}"].view(t.shape))
+    total, count = evaluation.share(model, recipe, 0, 1)
+    return float(total) / count

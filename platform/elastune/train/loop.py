@@ -27,7 +27,7 @@ from elastune.errors import CheckpointError
 from elastune.events import CollectiveFailed, Event, Finish, Join, Leave, Row, RunWarning, Start
 from elastune.recipes import Recipe, SampleSource, load_recipe
 from elastune.spec.models import JobSpec
-from elastune.train.evaluate import Evaluation
+from elastune.train.evaluate import evaluation_of
 from elastune.train.faults import FaultInjector
 from elastune.train.group import Group, Membership, StaticGroup
 from elastune.train.optim import set_hyper
@@ -186,16 +186,6 @@ def run_worker(config: dict[str, Any]) -> None:
 
 def open_source(recipe: Recipe, spec: JobSpec) -> SampleSource:
     return recipe.dataset(spec.data) if recipe.dataset is not None else TokenWindows(spec.data.path)
-
-
-def evaluation_of(spec: JobSpec) -> Evaluation | None:
-    """The run's held-out evaluation (`eval:`), reading the dataset's held-out split."""
-    if spec.eval is None:
-        return None
-    source = TokenWindows(spec.data.path, "eval")
-    samples = min(spec.eval.samples or len(source), len(source))
-    micro = spec.eval.micro_batch_size or spec.batch.micro_batch_size
-    return Evaluation(source, spec.eval.every_samples, samples, micro)
 
 
 def dataset_identity(source: SampleSource) -> dict[str, Any]:

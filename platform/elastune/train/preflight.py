@@ -9,7 +9,7 @@ from typing import Any
 
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.lease import Lease
-from elastune.data.prepare import ensure_prepared
+from elastune.data.prepare import OnProgress, ensure_prepared
 from elastune.data.tokenize import BYTES
 from elastune.errors import DataError
 from elastune.events import DataPrepared, Event, Fresh, LeaseTakenOver, Resume, RunWarning
@@ -33,7 +33,9 @@ def settle_root(ckpt: Checkpointer, lease: Lease, fresh: bool) -> list[Event]:
     return out
 
 
-def prepare_data(spec: JobSpec, recipe: Recipe, saved: dict[str, Any] | None = None) -> list[Event]:
+def prepare_data(
+    spec: JobSpec, recipe: Recipe, saved: dict[str, Any] | None = None, on_progress: OnProgress | None = None
+) -> list[Event]:
     """Token windows for a recipe that reads them, prepared now if they are not yet; an `eval`
     section needs them, with a held-out split, the byte-level GPT needs byte tokens, and a run
     resuming a checkpoint (`saved`: the identity of the data it trained on) needs the tokenizer it
@@ -45,7 +47,7 @@ def prepare_data(spec: JobSpec, recipe: Recipe, saved: dict[str, Any] | None = N
                 "remove the eval section or use prepared token windows (data.path, data.source)"
             )
         return []
-    manifest, prepared_now = ensure_prepared(spec.data)
+    manifest, prepared_now = ensure_prepared(spec.data, on_progress)
     if isinstance(spec.model, RecipeModel) and spec.model.recipe == "byte_gpt" and manifest.tokenizer != BYTES:
         raise DataError(
             f"model.recipe {spec.model.recipe} reads byte tokens (vocabulary 256), but the dataset at {spec.data.path} "

@@ -35,12 +35,16 @@ class ProgressView:
             self._bar.start()
 
     def update(self, row: ev.Row) -> None:
+        """A line every `every_s` and for every step that evaluated (a bar on a terminal, with
+        the evaluating steps' lines above it)."""
         stats = describe_row(row)
         if self._bar is not None:
             self._bar.update(self._task, completed=row.step, stats=stats)
+            if row.eval_loss is not None:
+                self.say(f"step {row.step}/{self.total}  {stats}")
             return
         now = time.monotonic()
-        if now - self._last_line >= self.every_s or row.step == self.total:
+        if now - self._last_line >= self.every_s or row.step == self.total or row.eval_loss is not None:
             self._last_line = now
             self.console.print(f"step {row.step}/{self.total}  {stats}", highlight=False, soft_wrap=True)
 
@@ -54,7 +58,8 @@ class ProgressView:
 
 def describe_row(row: ev.Row) -> str:
     sps = f"  {row.samples_per_s:,.0f} samples/s" if row.samples_per_s else ""
-    return f"loss {row.loss:.4f}  lr {row.lr:.3g}{sps}  world {row.world_size}"
+    held_out = f"  held-out {row.eval_loss:.4f}" if row.eval_loss is not None else ""
+    return f"loss {row.loss:.4f}{held_out}  lr {row.lr:.3g}{sps}  world {row.world_size}"
 
 
 def describe_event(event: ev.Event) -> str | None:

@@ -180,7 +180,11 @@ def _fit(plan: SearchPlan, spec_dir: str, concurrent: int, console: Console, ver
     assert t is not None  # the searched job (run_tune)
     window = t.fitness_samples or max(1, (t.interval_samples or 4) // 4)  # wsd_branches: each trial says its own
     trainable = functools.partial(
-        train_segment, spec_dir=spec_dir, fitness_samples=window, log_dir=str(Path(plan.tune_dir) / "logs")
+        train_segment,
+        spec_dir=spec_dir,
+        fitness_samples=window,
+        log_dir=str(Path(plan.tune_dir) / "logs"),
+        fitness_of=t.fitness,
     )
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": TRIAL_CPUS}),

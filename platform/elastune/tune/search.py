@@ -142,6 +142,7 @@ class PopulationSearcher(Searcher):
                 "root": self.members[member].root,
                 "fitness": score,
                 "loss": (result or {}).get("loss"),
+                "eval_loss": (result or {}).get("eval_loss"),
                 "run_dir": (result or {}).get("run_dir"),
                 "error": error,
                 "checkpoint": {k.split("/", 1)[1]: v for k, v in (result or {}).items() if k.startswith("elastune_checkpoint/")}

@@ -10,6 +10,7 @@ service's checkpoints are the only copy.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,15 @@ from elastune.errors import ElastuneError
 from elastune.events import Event, Row, read_rows
 from elastune.spec.load import validate_spec
 from elastune.train.driver import run_job
+from elastune.train.evaluate import checkpoint_eval_loss
 from elastune.tune.population import fitness
 
 POINTER = "elastune-checkpoint.json"
 
 
-def train_segment(config: dict[str, Any], *, spec_dir: str, fitness_samples: int, log_dir: str) -> None:
+def train_segment(config: dict[str, Any], *, spec_dir: str, fitness_samples: int, log_dir: str, fitness_of: str = "loss") -> None:
+    """`fitness_of` (tune.fitness): "loss", the mean training loss over the interval's last
+    `fitness_samples`, or "eval_loss", the held-out loss of the parameters it ends with."""
     from ray import tune
 
     spec = validate_spec(config["spec"])
@@ -48,8 +52,14 @@ def train_segment(config: dict[str, Any], *, spec_dir: str, fitness_samples: int
         "samples_seen": end.samples_seen,
         "content_hash": ckpt.content_hash(end),
     }
+    eval_loss = checkpoint_eval_loss(spec, spec_dir, ckpt, end) if fitness_of == "eval_loss" else None
+    if eval_loss is not None:
+        score = eval_loss if math.isfinite(eval_loss) else math.inf  # a diverged member ranks last
+    else:
+        score = fitness(rows, config["to_samples"], config.get("fitness_samples", fitness_samples))
     metrics = {
-        "fitness": fitness(rows, config["to_samples"], config.get("fitness_samples", fitness_samples)),
+        "fitness": score,
+        "eval_loss": eval_loss,
         "loss": rows[-1].loss if rows else None,
         "samples_seen": outcome.samples_seen,
         "member": config["member"],
