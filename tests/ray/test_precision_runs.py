@@ -20,6 +20,13 @@ KILL_AT = 10
 # activation by one unit, 2^-8 relative, and a few such moves per step are all that separates
 # the runs. A wrong split or scale moves the loss by far more.
 BF16_REL = 2.0**-8
+# Adam's moments are gradient statistics, and a gradient is a sum of per-sample terms that largely
+# cancel: parameters 2^-8 apart give gradients, and so moments, a few % apart (the fp32 and bf16
+# runs of this job, whose parameters differ by about as much, differ in their moments by up to
+# 3.4 %). No fixed bound follows from bf16's resolution; 2^-4 passes that drift and catches what a
+# broken recovery does to them: lost or replayed state moves them by order one (moments reset at
+# step 10 would hold 18 of 28 steps' worth), and the step counts below must match exactly.
+MOMENTS_REL = 2.0**-4
 
 
 def bf16(spec):
@@ -45,7 +52,11 @@ def test_a_live_recovery_in_bf16_tracks_the_uninterrupted_bf16_run(runs, stdlib_
     _, got = Checkpointer(spec.checkpoint_path).load_latest_valid()
     assert all(t.dtype == torch.float32 for n, t in got.items() if n.startswith("model/"))  # fp32 masters
     for name in want:
-        assert rel_err(got[name], want[name]) <= BF16_REL, name
+        if name.startswith("optim/") and want[name].ndim == 0:  # Adam's step count
+            assert torch.equal(got[name], want[name]), name
+        else:
+            bound = MOMENTS_REL if name.startswith("optim/") else BF16_REL
+            assert rel_err(got[name], want[name]) <= bound, name
     # It trained in bf16: the same job in fp32 (conftest's run) has other losses, by more than
     # the recovery moved them.
     fp32 = max(abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(uninterrupted[1], reference))
