@@ -1,6 +1,8 @@
-"""Resume at another world size and layout: 2 replicated workers to step 14, then 3 ZeRO-1
-workers to step 28, tracks the uninterrupted 3-worker replicated run (conftest's `uninterrupted`)
-step for step (loss within 1e-5 relative, final parameters too)."""
+"""Resume at another world size and layout: 2 fully sharded (FSDP2) workers, rank 1 SIGKILLed in
+the middle of step 5 (the group restarts from its in-memory snapshot, still sharded), to step 9;
+then 3 replicated workers to step 19; then 2 fully sharded workers again to step 28. The whole
+tracks the uninterrupted 3-worker replicated run (conftest's `uninterrupted`) step for step:
+every step once, loss and held-out loss within 1e-5 relative, final parameters too."""
 
 from __future__ import annotations
 
@@ -9,35 +11,48 @@ import pytest
 from elastune.checkpoint.checkpointer import Checkpointer
 from tests.helpers import rel_err
 from tests.ray.jobs import STEPS, run, spec_for
+from tests.ray.live_cases import assert_evaluated_once
 
-HALF = STEPS // 2
+FIRST, SECOND = 9, 19
+KILL_AT = 5
+
+
+def sharded(spec, faults=()):
+    """`spec` in the fsdp layout (no noise-scale estimate there: spec.models refuses it)."""
+    raw = spec.to_dict()
+    raw["scaling"]["layout"] = "fsdp"
+    raw["metrics"] = {**raw["metrics"], "noise_scale": False}
+    raw["faults"] = list(faults)
+    return spec.model_validate(raw)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, stdlib_dataset, uninterrupted):
     tmp = tmp_path_factory.mktemp("resume")
     reference_spec, reference = uninterrupted
-    _, first, _ = run(spec_for(tmp, stdlib_dataset, "elastic", 2, HALF))
-    _, second, events = run(spec_for(tmp, stdlib_dataset, "elastic", 3, STEPS, layout="zero1"))
-    return tmp, (reference_spec, reference), first + second, events
+    kill = {"action": "kill_rank", "rank": 1, "at_step": KILL_AT, "point": "mid"}
+    _, first, first_events = run(sharded(spec_for(tmp, stdlib_dataset, "elastic", 2, FIRST), [kill]))
+    _, second, events = run(spec_for(tmp, stdlib_dataset, "elastic", 3, SECOND))
+    _, third, third_events = run(sharded(spec_for(tmp, stdlib_dataset, "elastic", 2, STEPS)))
+    return tmp, (reference_spec, reference), first + second + third, (first_events, events, third_events)
 
 
-def test_resumed_run_continues_at_the_exact_step(runs):
-    _, _, rows, events = runs
+def test_every_step_once_through_a_kill_and_two_layout_changes(runs):
+    _, _, rows, (first, second, third) = runs
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    assert [r["world_size"] for r in rows] == [2] * HALF + [3] * (STEPS - HALF)
+    assert [r["world_size"] for r in rows] == [2] * FIRST + [3] * (SECOND - FIRST) + [2] * (STEPS - SECOND)
     assert [r["samples_seen"] for r in rows] == [12 * s for s in range(1, STEPS + 1)]
-    start = next(e for e in events if e["kind"] == "start")
-    assert start["resumed_from_step"] == HALF and start["saved_world_size"] == 2 and start["micro_batches"] == [2, 2, 2]
-    assert start["saved_layout"] == "replicated" and start["resumed_from_tier"] == 1  # a new run: its service starts empty
-    assert start["load_bytes"] > 0 and start["load_seconds"] >= 0
-    saves = [e for e in events if e["kind"] == "checkpoint"]
-    assert [e["step"] for e in saves] == [20, STEPS]  # every 10 steps, and the end
-    # ZeRO-1: every rank hands over its own slice (one writer is for replicated states only).
-    assert all(len(e["stall_seconds"]) == len(e["rank_bytes"]) == 3 and sum(e["rank_bytes"]) == e["bytes"] for e in saves)
-    assert any(e["kind"] == "resume" and e["step"] == HALF for e in events)
-    resize = next(e for e in events if e["kind"] == "resize")
-    assert (resize["world_size_before"], resize["world_size_after"], resize["step"]) == (2, 3, HALF)
+    (recovery,) = [e for e in first if e["kind"] == "recovery"]
+    assert recovery["resumed_from_tier"] == 0 and recovery["resumed_from_step"] < KILL_AT  # a sharded snapshot
+    start = next(e for e in second if e["kind"] == "start")
+    assert (start["resumed_from_step"], start["saved_world_size"], start["saved_layout"]) == (FIRST, 2, "fsdp")
+    assert start["resumed_from_tier"] == 1 and start["micro_batches"] == [2, 2, 2]  # a new run: its service starts empty
+    start = next(e for e in third if e["kind"] == "start")
+    assert (start["resumed_from_step"], start["saved_world_size"], start["saved_layout"]) == (SECOND, 3, "replicated")
+    # Sharded: every rank hands over its own rows (one writer is for replicated states only).
+    saves = [e for e in third if e["kind"] == "checkpoint"]
+    assert [e["step"] for e in saves] == [20, STEPS]
+    assert all(len(e["rank_bytes"]) == 2 and sum(e["rank_bytes"]) == e["bytes"] and min(e["rank_bytes"]) > 0 for e in saves)
 
 
 def test_loss_curve_matches_uninterrupted_run(runs):
@@ -47,6 +62,7 @@ def test_loss_curve_matches_uninterrupted_run(runs):
         assert got["lr"] == pytest.approx(ref["lr"], rel=1e-12)
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), f"step {got['step']}"
     assert rows[-1]["loss"] < rows[0]["loss"]  # it trained
+    assert_evaluated_once(reference, rows, STEPS)  # sharded evaluations too (every rank runs as many passes)
 
 
 def test_final_parameters_match_uninterrupted_run(runs):
@@ -54,7 +70,7 @@ def test_final_parameters_match_uninterrupted_run(runs):
     ref = Checkpointer(reference_spec.checkpoint_path).load_latest_valid()
     got = Checkpointer(str(tmp / "elastic" / "ckpt")).load_latest_valid()
     assert ref[0].step == got[0].step == STEPS
-    assert got[0].layout["world_size"] == 3
+    assert (got[0].layout["world_size"], got[0].layout["kind"]) == (2, "fsdp")
     for name, want in ref[1].items():
         if want.is_floating_point():
             assert rel_err(got[1][name], want) <= 1e-5, name

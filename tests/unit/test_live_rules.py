@@ -110,10 +110,31 @@ def test_the_sink_keeps_each_step_once_and_each_keyed_event_once():
     assert [sink.arrive("go"), sink.arrive("go"), sink.arrived("go"), sink.arrived("other")] == [1, 2, 2, 0]
 
 
-def test_live_recovery_needs_the_replicated_layout():
-    raw = {**QUICKSTART, "scaling": {"min_workers": 1, "max_workers": 2, "layout": "zero1", "recovery": "live"}}
+@pytest.mark.parametrize("layout", ["zero1", "fsdp"])
+def test_live_recovery_needs_the_replicated_layout(layout):
+    raw = {**QUICKSTART, "scaling": {"min_workers": 1, "max_workers": 2, "layout": layout, "recovery": "live"}}
     with pytest.raises(SpecError, match="recovery live needs layout replicated"):
         validate_spec(raw)
+
+
+@pytest.mark.parametrize(
+    ("section", "setting", "field"),
+    [
+        ("step", {"precision": "fp16"}, "step.precision: bf16"),
+        ("step", {"compile": True}, "step.compile: false"),
+        ("step", {"reduce_dtype": "bf16"}, "step.reduce_dtype: fp32"),
+        ("metrics", {"noise_scale": True}, "metrics.noise_scale: false"),
+    ],
+)
+def test_fsdp_refuses_what_it_does_not_do_naming_the_setting(section, setting, field):
+    from tests.helpers import spec_problems
+
+    raw = {**QUICKSTART, "scaling": {"min_workers": 2, "max_workers": 2, "layout": "fsdp"}, "metrics": {"noise_scale": False}}
+    raw[section] = {**raw.get(section, {}), **setting}
+    message = spec_problems(raw)
+    assert "fsdp" in message and field in message and "layout: replicated" in message, message
+    ok = {**QUICKSTART, "scaling": {"min_workers": 2, "max_workers": 2, "layout": "fsdp"}, "metrics": {"noise_scale": False}}
+    assert validate_spec(ok).scaling.layout == "fsdp"
 
 
 def test_tally_adds_up_across_any_split_and_tells_samples_apart():

@@ -1,9 +1,11 @@
 """Who writes what at save, and who owns which slice under ZeRO-1: pure rules, no I/O.
 
-Two training layouts exist (`scaling.layout`):
+Three training layouts exist:
   replicated  every rank holds all parameters and all optimizer state (DDP);
   zero1       every rank holds all parameters, but only its slice of the optimizer state: the
-              trainable parameters of each dtype, flattened in order, split into W even ranges.
+              trainable parameters of each dtype, flattened in order, split into W even ranges;
+  fsdp        every rank holds its rows of each parameter, of its gradient and of its optimizer
+              state (FSDP2's dim-0 sharding: fsdp_rows).
 Every rank computes the same answers from the same inputs, so nobody has to talk to agree.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from elastune.checkpoint.format import Piece
 
-LAYOUTS = ("replicated", "zero1")
+LAYOUTS = ("replicated", "zero1", "fsdp")
 
 
 def assign_owners(sizes: dict[str, int], world_size: int) -> dict[str, int]:
@@ -54,6 +56,15 @@ def snapshot_writer(held: dict[str, Piece], turn: int, world_size: int) -> int |
 def even_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
     """Rank's range of `total` elements split into W contiguous ranges differing by at most one."""
     return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def fsdp_rows(rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank's rows [r0, r1) of a tensor of `rows` rows sharded on dim 0 as FSDP2 (torch.chunk)
+    cuts it: ceil(rows / W) a rank, so the last ranks may hold fewer rows, or none (5 rows on 4
+    ranks: 2, 2, 1, 0)."""
+    per = -(-rows // world_size)
+    start = min(rank * per, rows)
+    return start, min(start + per, rows)
 
 
 def zero1_slices(sizes: list[int], rank: int, world_size: int) -> list[tuple[int, int, int]]:

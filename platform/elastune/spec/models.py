@@ -285,6 +285,7 @@ class JobSpec(Strict):
                 f"({horizon} samples); lower warmup_samples or raise the horizon"
             )
         self._check_phases()
+        self._check_fsdp()
         if self.eval is not None and self.data.source is not None and self.data.eval_fraction is None:
             raise ValueError(
                 "eval needs held-out documents, but data.eval_fraction is not set, so the dataset prepared from data.source "
@@ -307,6 +308,30 @@ class JobSpec(Strict):
                     f"raise stop.max_samples or lower the budgets"
                 )
         return self
+
+    def _check_fsdp(self) -> None:
+        """What the fully sharded layout does not do (yet): each with the setting to change."""
+        if self.scaling.layout != "fsdp":
+            return
+        if self.step.precision == "fp16":
+            raise ValueError(
+                "scaling.layout fsdp trains in fp32 or bf16 (FSDP2 keeps fp32 masters and reduces in fp32); "
+                "fp16's loss scale is not carried over to shards: set step.precision: bf16, or layout: replicated"
+            )
+        if self.step.reduce_dtype != "fp32":
+            raise ValueError(
+                f"scaling.layout fsdp reduces gradients in fp32 (FSDP2's reduce-scatter), not step.reduce_dtype "
+                f"{self.step.reduce_dtype}; set step.reduce_dtype: fp32, or layout: replicated"
+            )
+        if self.step.compile:
+            raise ValueError(
+                "scaling.layout fsdp does not compile the step yet (step.compile); set step.compile: false, or layout: replicated"
+            )
+        if self.metrics.noise_scale:
+            raise ValueError(
+                "metrics.noise_scale needs each micro-batch's gradient norm, which the fsdp layout does not take "
+                "(gradients are reduced in shards); set metrics.noise_scale: false, or layout: replicated"
+            )
 
     def _check_phases(self) -> None:
         previous = 0

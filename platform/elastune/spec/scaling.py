@@ -24,9 +24,13 @@ class ScalingSpec(Strict):
             "after more than this many failures in a row without a committed step between them. -1 never gives up."
         ),
     )
-    layout: Literal["replicated", "zero1"] = Field(
+    layout: Literal["replicated", "zero1", "fsdp"] = Field(
         "replicated",
-        description="replicated: every worker holds all optimizer state (DDP); zero1: each holds a 1/W slice of it (ZeRO-1).",
+        description=(
+            "replicated: every worker holds all optimizer state (DDP); zero1: each holds a 1/W slice of it (ZeRO-1); "
+            "fsdp: each holds its rows of every parameter, gradient and optimizer state tensor (FSDP2): about 1/W of the "
+            "model's training state (recovery restart; fp32 or bf16)."
+        ),
     )
     recovery: Literal["restart", "live"] = Field(
         "restart",

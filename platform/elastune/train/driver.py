@@ -24,13 +24,14 @@ from elastune.checkpoint.format import step_dir
 from elastune.checkpoint.lease import Lease, this_process
 from elastune.cluster import DrainWatch, connect_ray
 from elastune.data.progress_bar import preparing
-from elastune.errors import LeaseHeld
+from elastune.errors import LeaseHeld, SpecError
 from elastune.events import End, Event, FailurePolicy, Finish, Row, RunWarning
 from elastune.recipes import load_recipe
 from elastune.spec.load import validate_spec
 from elastune.spec.models import JobSpec
 from elastune.train.actors import RunActors
 from elastune.train.controller import make_trainer
+from elastune.train.fsdp import shard_problem
 from elastune.train.outcome import RunOutcome, conclude
 from elastune.train.precision import check_step
 from elastune.train.preflight import prepare_data, resuming, settle_root
@@ -120,6 +121,8 @@ def _run(
     saved = latest.meta.get("dataset") if latest is not None and resume is not None else None
     with preparing(console) as on_progress:
         more = prepare_data(spec, recipe, saved, on_progress)
+    if spec.scaling.layout == "fsdp" and (problem := shard_problem(recipe.build_model)):
+        raise SpecError(problem)
     more += [resuming(resume, ckpt.uri)] if resume is not None else []
     for event in more:
         console.print(describe_event(event), highlight=False)

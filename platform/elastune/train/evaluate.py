@@ -49,13 +49,17 @@ class Evaluation:
         return eval_due(samples_seen, global_batch_size, self.every_samples)
 
     def share(
-        self, model: nn.Module, recipe: Recipe, rank: int, world_size: int, precision: str = "fp32"
+        self, model: nn.Module, recipe: Recipe, rank: int, world_size: int, precision: str = "fp32", together: bool = False
     ) -> tuple[torch.Tensor, int]:
-        """This rank's (sum of per-sample losses in float64, samples read) of one evaluation."""
+        """This rank's (sum of per-sample losses in float64, samples read) of one evaluation.
+        `together`: every rank runs as many forward passes as the busiest one, the extra ones on
+        no windows (a sharded model gathers its parameters collectively in each)."""
         # More ranks than micro-batches: the first ones take one each, the rest none.
         k = micro_batch_count(self.samples, self.micro_batch_size)
         plan = batch_plan(self.samples, self.micro_batch_size, min(world_size, k))
-        mine = plan.for_rank(rank) if rank < plan.world_size else ()
+        mine: list[tuple[int, int]] = [(mb.start, mb.size) for mb in plan.for_rank(rank)] if rank < plan.world_size else []
+        if together:
+            mine += [(0, 0)] * (max(plan.counts()) - len(mine))
         device = next(model.parameters()).device
         total = torch.zeros((), dtype=torch.float64, device=device)
         count = 0
@@ -64,12 +68,12 @@ class Evaluation:
         model.eval()
         try:
             with torch.no_grad():
-                for mb in mine:
-                    batch = to_device(self.source.take(np.arange(mb.start, mb.start + mb.size)), device)
+                for start, size in mine:
+                    batch = to_device(self.source.take(np.arange(start, start + size)), device)
                     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                         losses = recipe.sample_losses(model, batch)
                     total += losses.double().sum()
-                    count += mb.size
+                    count += size
         finally:
             model.train(was_training)
         return total, count

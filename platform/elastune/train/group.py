@@ -14,7 +14,7 @@ from typing import Protocol
 
 from elastune.events import Recovery, Resize
 from elastune.train.state import Progress
-from elastune.train.step import GradBuffer
+from elastune.train.step import StepStats
 
 
 def first_line(error: BaseException) -> str:
@@ -30,7 +30,7 @@ class Group(Protocol):
         group's quorum may heal this worker first, so progress may move."""
         ...
 
-    def reduce(self, grads: GradBuffer) -> bool:
+    def reduce(self, grads: StepStats) -> bool:
         """Complete the step's SUM over its participants; False: a peer was lost, apply nothing."""
         ...
 
@@ -54,7 +54,7 @@ class StaticGroup:
     def begin(self, progress: Progress) -> tuple[Progress, int, int]:
         return progress, self.rank, self.world_size
 
-    def reduce(self, grads: GradBuffer) -> bool:
+    def reduce(self, grads: StepStats) -> bool:
         try:
             return grads.all_reduce()
         except Exception as exc:

@@ -1,9 +1,12 @@
-"""Training layouts: what replicated and ZeRO-1 training do differently, each in one class.
+"""Training layouts: what replicated, ZeRO-1 and fully sharded training do differently, each in
+one class.
 
 A layout decides how a rank holds the optimizer state and therefore what it saves, which saved
-ranges it reads back and how it installs them; the model's own tensors are whole on every rank
-in both. Names stay universal (train.state): a checkpoint saved in one layout loads into the other.
-A third layout is one more class here and an entry in LAYOUTS.
+ranges it reads back and how it installs them. The model's own tensors are whole on every rank
+in replicated and zero1, and rows of each tensor under fsdp (train.fsdp shards the model before
+the layout builds its optimizer; train.shards reads and writes such rows). Names stay universal
+(train.state): a checkpoint saved in one layout loads into any other. A fourth layout is one
+more class here and an entry in LAYOUTS.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from elastune.checkpoint.format import Piece, numel
+from elastune.checkpoint.format import Piece
 from elastune.spec.models import AdamWSpec, SGDSpec
+from elastune.train import shards
 from elastune.train.optim import build_optimizer, named_params
 from elastune.train.zero import ZeroOptimizer
 
@@ -32,7 +37,7 @@ class Layout(Protocol):
         """The optimizer state this rank holds, as pieces of the universal optim/ tensors."""
         ...
 
-    def wanted(self, optimizer: Optimizer, shapes: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
+    def wanted(self, model: nn.Module, optimizer: Optimizer, shapes: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
         """The element ranges of the saved optim/ tensors (`shapes`) this rank reads."""
         ...
 
@@ -42,7 +47,8 @@ class Layout(Protocol):
 
 
 class Replicated:
-    """Every rank holds the whole optimizer state and runs the whole update."""
+    """Every rank runs the whole update of what it holds of each parameter, with that part's
+    optimizer state: the whole model and state here; under Fsdp (below) its rows."""
 
     name: ClassVar[str] = "replicated"
 
@@ -55,21 +61,24 @@ class Replicated:
         for name, p in named_params(model):
             for key, value in optimizer.state.get(p, {}).items():
                 if isinstance(value, torch.Tensor):
-                    out[f"optim/{name}/{key}"] = Piece.whole(value)
+                    out[f"optim/{name}/{key}"] = shards.piece(value)
         return out
 
-    def wanted(self, optimizer: Optimizer, shapes: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
-        return {k: (0, numel(v)) for k, v in shapes.items()}
+    def wanted(self, model: nn.Module, optimizer: Optimizer, shapes: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        for name, p in named_params(model):  # a parameter's state is held as the parameter is
+            prefix = f"optim/{name}/"
+            out |= {k: (0, 1) if v == [] else shards.held_range(p) for k, v in shapes.items() if k.startswith(prefix)}
+        return out
 
     def load(self, model: nn.Module, optimizer: Optimizer, flat: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> None:
         assert isinstance(optimizer, torch.optim.Optimizer)  # built by `optimizer` above
-        device = next(model.parameters()).device
         for name, p in named_params(model):
             prefix = f"optim/{name}/"
-            state = {k[len(prefix) :]: v.view(shapes[k]) for k, v in flat.items() if k.startswith(prefix)}
+            state = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
             if state:
                 # Optimizer step counters stay on CPU (torch keeps `step` there unless capturable).
-                optimizer.state[p] = {k: (v if k == "step" else v.to(device)) for k, v in state.items()}
+                optimizer.state[p] = {k: (v.reshape(()) if k == "step" else shards.like(p, v)) for k, v in state.items()}
 
 
 class Zero1:
@@ -84,7 +93,7 @@ class Zero1:
         assert isinstance(optimizer, ZeroOptimizer)
         return optimizer.pieces()
 
-    def wanted(self, optimizer: Optimizer, shapes: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
+    def wanted(self, model: nn.Module, optimizer: Optimizer, shapes: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
         assert isinstance(optimizer, ZeroOptimizer)
         return optimizer.wanted(shapes)
 
@@ -93,5 +102,17 @@ class Zero1:
         optimizer.load(flat, shapes)
 
 
-REPLICATED, ZERO1 = Replicated(), Zero1()
-LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (REPLICATED, ZERO1)}
+class Fsdp(Replicated):
+    """Each rank holds its rows of every parameter, gradient and optimizer state tensor (FSDP2:
+    train.fsdp.shard_model, called before the optimizer is built) and updates them."""
+
+    name: ClassVar[str] = "fsdp"
+
+    def optimizer(self, model: nn.Module, spec: AdamWSpec | SGDSpec, rank: int, world_size: int) -> Optimizer:
+        if not isinstance(next(model.parameters()), DTensor):
+            raise ValueError("the fsdp layout's optimizer is built over a sharded model: shard it first (train.fsdp.shard_model)")
+        return build_optimizer(model, spec)
+
+
+REPLICATED, ZERO1, FSDP = Replicated(), Zero1(), Fsdp()
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (REPLICATED, ZERO1, FSDP)}

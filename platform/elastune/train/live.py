@@ -32,7 +32,7 @@ import ray
 from elastune.checkpoint.snapshot import Snapshotter
 from elastune.train.group import first_line
 from elastune.train.state import Progress
-from elastune.train.step import GradBuffer
+from elastune.train.step import GradBuffer, StepStats
 
 # The lighthouse's settings (TorchftConfig.lighthouse_kwargs), measured on a 2-core machine
 # (docs/elastic.md). A quorum forms at once when everyone of the last one asks (plus any joiner);
@@ -112,7 +112,7 @@ class LiveGroup:
     def _heal(self, found: dict[str, Any]) -> None:
         self.healed = self.load(found)
 
-    def reduce(self, grads: GradBuffer) -> bool:
+    def reduce(self, grads: StepStats) -> bool:
         """SUM over this step's quorum; True only if every participant's reduction went through.
 
         A participant that fails gives up on the step and closes this quorum's connections at
@@ -123,6 +123,7 @@ class LiveGroup:
         them in flight. So a live group does not overlap reduction with backward (the GradBuffer
         is built with overlap off), and its sums are the Manager's all-reduce (gloo's ring order,
         not train.reduce's rank order: bitwise equal to a flat reduction only at W <= 2)."""
+        assert isinstance(grads, GradBuffer)  # a live group trains whole replicas (no fsdp: spec.scaling refuses it)
         for wire, land in [*((b.wire(), b.land) for b in grads.buckets), (grads.stats, lambda _: None)]:
             self.manager.allreduce(wire, reduce_op=ReduceOp.SUM).wait()
             if self.manager.errored() is not None:

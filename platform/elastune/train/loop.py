@@ -29,6 +29,7 @@ from elastune.recipes import Recipe, SampleSource, load_recipe
 from elastune.spec.models import JobSpec
 from elastune.train.evaluate import evaluation_of
 from elastune.train.faults import FaultInjector
+from elastune.train.fsdp import fsdp_step, shard_model
 from elastune.train.group import Group, Membership, StaticGroup
 from elastune.train.optim import set_hyper
 from elastune.train.precision import LossScale, check_step, compile_model
@@ -37,7 +38,7 @@ from elastune.train.resume import saved_spec
 from elastune.train.rng import SCHEME as RNG_SCHEME
 from elastune.train.schedules import step_values
 from elastune.train.state import Progress, TrainState, restore_state, state_pieces
-from elastune.train.step import GradBuffer, StepContext, train_step
+from elastune.train.step import GradBuffer, StepContext, StepStats, train_step
 
 
 @dataclass(frozen=True)
@@ -79,17 +80,25 @@ def run_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     check_step(spec.step.precision, spec.step.compile, device.type)
     model = recipe.build_model().to(device)
+    sharded = spec.scaling.layout == "fsdp"
+    if sharded:  # rows of every parameter on each rank (FSDP2), before the optimizer is built over them
+        model = shard_model(model, spec.step.precision)
     scaler = (
         LossScale(spec.step.loss_scale.initial, spec.step.loss_scale.growth_interval) if spec.step.precision == "fp16" else None
     )
     state = TrainState.build(model, spec.optimizer, spec.scaling.layout, replica, workers, scaler)
-    grads = GradBuffer(
-        model,
-        micro_batch_norms=spec.metrics.noise_scale,
-        bucket_bytes=int(spec.step.bucket_mb * 2**20),
-        reduce_dtype=REDUCE_DTYPES[spec.step.reduce_dtype],
-        overlap=not live,
+    grads = (
+        None
+        if sharded  # FSDP2 reduces the gradients itself, in backward
+        else GradBuffer(
+            model,
+            micro_batch_norms=spec.metrics.noise_scale,
+            bucket_bytes=int(spec.step.bucket_mb * 2**20),
+            reduce_dtype=REDUCE_DTYPES[spec.step.reduce_dtype],
+            overlap=not live,
+        )
     )
+    stats = grads or StepStats(device)
     progress, restored = restore(service, Checkpointer(spec.checkpoint_path), state, keep_partial=live)
     if not live or ray.get(sink.claim.remote("start")):  # a live group's replacements only join
         first = step_values(spec, progress.samples_seen).global_batch_size
@@ -156,8 +165,11 @@ def run_worker(config: dict[str, Any]) -> None:
         set_hyper(state.optimizer, lr, values.weight_decay)
         started, started_at = time.perf_counter(), time.time()
         faults.at(progress.step + 1, "start")
-        grads.offer = pace.offer()  # travels in the step's statistics: every rank agrees on the interval
-        result = train_step(step, state, grads, plan, rank, progress)
+        stats.offer = pace.offer()  # travels in the step's statistics: every rank agrees on the interval
+        if grads is None:
+            result = fsdp_step(step, state, stats, plan, rank, progress)
+        else:
+            result = train_step(step, state, grads, plan, rank, progress)
         if result is None:  # a peer was lost mid-step: nothing applied anywhere; the next quorum runs the step again
             report.failed(progress.step + 1, world, started_at, group.error())
             continue
@@ -165,7 +177,7 @@ def run_worker(config: dict[str, Any]) -> None:
         durable = progress.step % c.every_steps == 0 or progress.samples_seen >= budget
         seconds = time.perf_counter() - started
         report.committed(metrics_row(progress, result, lr, plan, seconds), plan)
-        pace.settle(grads.pace.tolist(), seconds, snapshots.drain_costs())
+        pace.settle(stats.pace.tolist(), seconds, snapshots.drain_costs())
         if durable or snapshot_due(progress.step, pace.interval):
             held = state_pieces(state)
             turn = progress.step // (pace.interval or c.every_steps)

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from elastune.checkpoint.checkpointer import ReadPieces
-from elastune.checkpoint.format import Piece, numel
+from elastune.checkpoint.format import Piece
 from elastune.errors import IncompatibleCheckpoint
 from elastune.spec.models import AdamWSpec, SGDSpec
+from elastune.train import shards
 from elastune.train.layouts import LAYOUTS, REPLICATED, Layout, Optimizer
 from elastune.train.precision import SCALE_STATE, LossScale
 from elastune.train.resume import ModelState
@@ -66,7 +67,7 @@ class TrainState:
 
 def state_pieces(state: TrainState) -> dict[str, Piece]:
     aliases = tied_aliases(state.model)
-    out = {f"model/{n}": Piece.whole(t) for n, t in state.model.state_dict().items() if n not in aliases}
+    out = {f"model/{n}": shards.piece(t) for n, t in state.model.state_dict().items() if n not in aliases}
     if state.scaler is not None:
         out |= state.scaler.pieces()
     return out | state.layout.pieces(state.model, state.optimizer)
@@ -83,14 +84,20 @@ def tied_aliases(model: nn.Module) -> set[str]:
     return every - {n for n, _ in model.named_parameters()}
 
 
+def without_memory(build: Callable[[], nn.Module]) -> nn.Module:
+    """The model `build` makes, on torch's meta device (names and shapes, no memory) where it can
+    be built there, else on the CPU."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except Exception:
+        return build()
+
+
 def model_state(build: Callable[[], nn.Module]) -> ModelState:
     """The names and shapes of the state a model built by `build` holds, without its memory
     where the model can be built on torch's meta device (else it is built on the CPU)."""
-    try:
-        with torch.device("meta"):
-            model = build()
-    except Exception:
-        model = build()
+    model = without_memory(build)
     aliases = tied_aliases(model)
     shapes = {n: list(t.shape) for n, t in model.state_dict().items() if n not in aliases}
     return ModelState(shapes, frozenset(aliases))
@@ -111,21 +118,21 @@ def restore_state(state: TrainState, shapes: dict[str, list[int]], read: ReadPie
             f"{where} was saved from a different model (missing {missing[:3]}, unexpected {extra[:3]}); "
             f"point checkpoint.path elsewhere or run with --fresh"
         )
-    wanted = {f"model/{n}": (0, numel(shapes[f"model/{n}"])) for n in own}
+    tensors = {n: t for n, t in model.state_dict(keep_vars=True).items() if n in own}
+    for name, t in tensors.items():  # before any read: the ranges a rank reads follow the model's shapes
+        if list(t.shape) != shapes[f"model/{name}"]:
+            raise IncompatibleCheckpoint(
+                f"{where}: {name} has shape {shapes[f'model/{name}']} but the model's is {list(t.shape)}; "
+                f"the model changed since the checkpoint; run with --fresh or restore the model options"
+            )
+    wanted = {f"model/{n}": shards.held_range(t) for n, t in tensors.items()}  # whole, or this rank's rows (fsdp)
     optim_shapes = {k: v for k, v in shapes.items() if k.startswith("optim/")}
-    wanted |= state.layout.wanted(state.optimizer, optim_shapes)
+    wanted |= state.layout.wanted(model, state.optimizer, optim_shapes)
     if scaler is not None:
         wanted |= {k: (0, 1) for k in SCALE_STATE if k in shapes}
     flat = read(wanted)
-    with torch.no_grad():
-        for name, t in model.state_dict(keep_vars=True).items():
-            if name in own:
-                if list(t.shape) != shapes[f"model/{name}"]:
-                    raise IncompatibleCheckpoint(
-                        f"{where}: {name} has shape {shapes[f'model/{name}']} but the model's is {list(t.shape)}; "
-                        f"the model changed since the checkpoint; run with --fresh or restore the model options"
-                    )
-                t.copy_(flat[f"model/{name}"].view(t.shape))
+    for name, t in tensors.items():
+        shards.install(t, flat[f"model/{name}"])
     state.layout.load(model, state.optimizer, {k: v for k, v in flat.items() if k.startswith("optim/")}, shapes)
     if scaler is not None:
         scaler.load(flat)

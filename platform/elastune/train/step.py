@@ -43,15 +43,56 @@ class StepResult:
         return self.grad_norm is None
 
 
-class GradBuffer:
+class StepStats:
+    """What a step reduces besides gradients, in one float64 buffer (exact sums of integers, and
+    sums a rank adds to): [tally count, sum, hashed sum of the samples read; sum of micro-batch
+    |g_b|^2, sum of 1/b, micro-batches (the noise scale); loss sum; snapshot pace: cost seconds,
+    step seconds, ranks offering them (checkpoint.interval); held-out evaluation: loss sum, windows
+    (train.evaluate)]. `offer`: this rank's pace figures, carried by the next step."""
+
+    def __init__(self, device: torch.device):
+        self.stats = torch.zeros(12, dtype=torch.float64, device=device)
+        self.tally, self.norms, self.loss = self.stats[:3], self.stats[3:6], self.stats[6:7]
+        self.pace, self.evals = self.stats[7:10], self.stats[10:12]
+        self.offer: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def zero(self) -> None:
+        """Start a step: nothing summed yet but this rank's `offer`."""
+        self.stats.zero_()
+        if any(self.offer):
+            self.pace.copy_(torch.tensor(self.offer, dtype=torch.float64))
+
+    def add_loss(self, loss_sum: torch.Tensor) -> None:
+        self.loss += loss_sum.to(torch.float64)
+
+    def loss_sum(self) -> float:
+        return float(self.loss)
+
+    def read(self, counts: tuple[int, int, int]) -> None:
+        self.tally += torch.tensor(counts, dtype=torch.float64, device=self.tally.device)
+
+    def evaluated(self, total: torch.Tensor, count: int) -> None:
+        self.evals[0] += total
+        self.evals[1] += count
+
+    def eval_loss(self) -> float | None:
+        total, count = self.evals.tolist()
+        return total / count if count else None
+
+    def all_reduce(self) -> bool:
+        """SUM the statistics over the default process group (True: the step may apply)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.stats, op=dist.ReduceOp.SUM)
+        return True
+
+
+class GradBuffer(StepStats):
     """One flat gradient buffer per parameter dtype (fp32 masters in every precision);
     parameters' .grad are views into it, cut into buckets (train.reduce) whose SUMs launch while
     backward still runs.
 
     Backward accumulates straight into the buffer and the reduction runs on it in place: no
-    per-step gather or scatter of gradients. A small float64 buffer carries the loss sum, the
-    tally of the samples read (exact sums of integers) and the micro-batch gradient norms the
-    noise scale needs.
+    per-step gather or scatter of gradients. The step's statistics (StepStats) reduce with it.
 
     Overlap: `arm()` before the rank's last backward of the step; from then on each parameter's
     post-accumulate-grad hook counts down its bucket, and a bucket whose gradients are all final
@@ -95,13 +136,7 @@ class GradBuffer:
                 self._members.append([p for p, at in zip(params, starts) if lo <= at < hi])
                 ranges.append((len(self.flats), lo, hi))
             self.flats.append(flat)
-        # [tally count, sum, hashed sum; sum of micro-batch |g_b|^2, sum of 1/b, micro-batches; loss sum;
-        #  snapshot pace: cost seconds, step seconds, ranks offering them (checkpoint.interval);
-        #  held-out evaluation: loss sum, windows (train.evaluate)]
-        self.stats = torch.zeros(12, dtype=torch.float64, device=self.flats[0].device)
-        self.tally, self.norms, self.loss = self.stats[:3], self.stats[3:6], self.stats[6:7]
-        self.pace, self.evals = self.stats[7:10], self.stats[10:12]
-        self.offer: tuple[float, float, float] = (0.0, 0.0, 0.0)  # this rank's pace figures for the next step
+        super().__init__(self.flats[0].device)
         self.sums = [torch.zeros_like(f) for f in self.flats] if micro_batch_norms else None
         self._sum_views = [self.sums[f][lo:hi] for f, lo, hi in ranges] if self.sums is not None else []
         self.overlap = overlap
@@ -143,10 +178,9 @@ class GradBuffer:
 
     def zero(self) -> None:
         """Start a step: empty buffers but for this rank's `offer`, nothing armed."""
-        for buffer in self.buffers:
-            buffer.zero_()
-        if any(self.offer):
-            self.pace.copy_(torch.tensor(self.offer, dtype=torch.float64))
+        for flat in self.flats:
+            flat.zero_()
+        super().zero()
         self._launched, self._folded = len(self.buckets), 0
 
     def arm(self) -> None:
@@ -182,15 +216,6 @@ class GradBuffer:
         if last_size is not None and self.sums is not None:
             self._record_norm(cast(torch.Tensor, sum(self._last_sq)), last_size, global_batch_size, loss_scale)
         self._last_sq = []
-
-    def add_loss(self, loss_sum: torch.Tensor) -> None:
-        self.loss += loss_sum.to(torch.float64)
-
-    def loss_sum(self) -> float:
-        return float(self.loss)
-
-    def read(self, counts: tuple[int, int, int]) -> None:
-        self.tally += torch.tensor(counts, dtype=torch.float64, device=self.tally.device)
 
     def all_reduce(self) -> bool:
         """Complete the step's SUM over the default process group: the buckets `close` launched
@@ -229,7 +254,7 @@ class StepContext:
     seed: int
     grad_clip_norm: float | None = None
     precision: str = "fp32"
-    reduce: Callable[[GradBuffer], bool] = GradBuffer.all_reduce
+    reduce: Callable[[StepStats], bool] = lambda stats: stats.all_reduce()  # a GradBuffer's reduces its gradients too
     before_reduce: Callable[[], None] | None = None
     evaluation: Evaluation | None = None  # held-out evaluation, at the steps it is due
 
@@ -249,9 +274,7 @@ def train_step(
     S = scaler.scale if scaler is not None else 1.0
     autocast = AUTOCAST[ctx.precision]
     if ctx.evaluation is not None and ctx.evaluation.due(at.samples_seen, G):
-        total, count = ctx.evaluation.share(model, ctx.recipe, rank, plan.world_size, ctx.precision)
-        grads.evals[0] += total
-        grads.evals[1] += count
+        grads.evaluated(*ctx.evaluation.share(model, ctx.recipe, rank, plan.world_size, ctx.precision))
     micro_batches = plan.for_rank(rank)
     if micro_batches:  # this rank's micro-batches are contiguous positions: index them in one call
         first = micro_batches[0].start
@@ -278,8 +301,7 @@ def train_step(
         return None
     counts = tuple(int(v) for v in grads.tally.tolist())
     loss = grads.loss_sum() / G
-    eval_sum, eval_count = grads.evals.tolist()
-    eval_loss = eval_sum / eval_count if eval_count else None
+    eval_loss = grads.eval_loss()
     if scaler is not None:
         found_inf = unscale_and_check(grads.flats, S)
         scaler.update(found_inf)
