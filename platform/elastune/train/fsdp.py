@@ -33,12 +33,10 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from elastune.batch_plan import BatchPlan
-from elastune.data.sampler import positions, sample_indices, tally
 from elastune.recipes import to_device
 from elastune.train.precision import AUTOCAST
-from elastune.train.rng import micro_batch_seed, seed_device
 from elastune.train.state import Progress, TrainState, without_memory
-from elastune.train.step import StepContext, StepResult, StepStats
+from elastune.train.step import StepContext, StepResult, StepStats, open_step
 
 # FSDP2's mixed precision: parameters gathered and computed in bf16, gradients reduced and
 # optimizer masters kept in fp32 (the step's `precision`).
@@ -88,30 +86,20 @@ def fsdp_step(
     """This rank's share of the step after `at` on a sharded model (`shard_model`), and the update
     (the lr is already set). Every rank of the group calls it with the same plan. None: the
     statistics' reduction (`ctx.reduce`) said no, and nothing was applied."""
-    model, source, seed, step = ctx.forward, ctx.source, ctx.seed, at.step
+    model = ctx.forward
     assert isinstance(model, FSDPModule), "fsdp_step trains a model sharded by shard_model"
-    if state.scaler is not None:
-        raise ValueError("the fsdp layout trains in fp32 or bf16, not fp16")
+    assert state.scaler is None  # spec.models refuses fp16 with fsdp
     model.train()
     stats.zero()
     device = stats.stats.device
     G = plan.global_batch_size
     autocast = AUTOCAST[ctx.precision]
-    if ctx.evaluation is not None and ctx.evaluation.due(at.samples_seen, G):
-        stats.evaluated(*ctx.evaluation.share(model, ctx.recipe, rank, plan.world_size, ctx.precision, together=True))
+    batch_of = open_step(ctx, stats, plan, rank, at, device, together=True)
     mine = plan.for_rank(rank)
-    if mine:  # this rank's micro-batches are contiguous positions: index them in one call
-        first = mine[0].start
-        indices = sample_indices(positions(at.samples_seen, first, sum(mb.size for mb in mine)), len(source), seed)
-        stats.read(tally(indices))
     passes = max(plan.counts())
     for i in range(passes):
-        if i < len(mine):
-            mb = mine[i]
-            batch = to_device(source.take(indices[mb.start - first : mb.start - first + mb.size]), device)
-            seed_device(micro_batch_seed(seed, step, mb.index), device)
-        else:  # nothing left to read here, but the group gathers and reduces together
-            batch = to_device(source.take(np.arange(0)), device)
+        # Past its own micro-batches a rank reads nothing, but the group gathers and reduces together.
+        batch = batch_of(mine[i]) if i < len(mine) else to_device(ctx.source.take(np.arange(0)), device)
         model.set_requires_gradient_sync(i == passes - 1)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             total = ctx.recipe.sample_losses(model, batch).float().sum()

@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from elastune.batch_plan import BatchPlan
+from elastune.batch_plan import BatchPlan, MicroBatch
 from elastune.data.sampler import positions, sample_indices, tally
 from elastune.metrics.noise import noise_estimates
-from elastune.recipes import Recipe, SampleSource, to_device
+from elastune.recipes import Batch, Recipe, SampleSource, to_device
 from elastune.train.evaluate import Evaluation
 from elastune.train.optim import named_params
 from elastune.train.precision import AUTOCAST, unscale_and_check
@@ -259,6 +259,28 @@ class StepContext:
     evaluation: Evaluation | None = None  # held-out evaluation, at the steps it is due
 
 
+def open_step(
+    ctx: StepContext, stats: StepStats, plan: BatchPlan, rank: int, at: Progress, device: torch.device, together: bool = False
+) -> Callable[[MicroBatch], Batch]:
+    """What every layout's step does first on this rank: the held-out evaluation when it is due
+    (`together`: every rank as many forward passes, train.evaluate), then this rank's samples,
+    indexed in one call (its micro-batches are contiguous positions) and tallied. Returns the
+    batch of each of its micro-batches, on `device`, with that micro-batch's randomness seeded."""
+    if ctx.evaluation is not None and ctx.evaluation.due(at.samples_seen, plan.global_batch_size):
+        stats.evaluated(*ctx.evaluation.share(ctx.forward, ctx.recipe, rank, plan.world_size, ctx.precision, together))
+    mine = plan.for_rank(rank)
+    first = mine[0].start if mine else 0
+    indices = sample_indices(positions(at.samples_seen, first, sum(mb.size for mb in mine)), len(ctx.source), ctx.seed)
+    if mine:
+        stats.read(tally(indices))
+
+    def batch_of(mb: MicroBatch) -> Batch:
+        seed_device(micro_batch_seed(ctx.seed, at.step, mb.index), device)
+        return to_device(ctx.source.take(indices[mb.start - first : mb.start - first + mb.size]), device)
+
+    return batch_of
+
+
 def train_step(
     ctx: StepContext, state: TrainState, grads: GradBuffer, plan: BatchPlan, rank: int, at: Progress
 ) -> StepResult | None:
@@ -266,24 +288,18 @@ def train_step(
 
     When `ctx.reduce` says no (a live group lost a peer mid-step), nothing is applied and None is
     returned: the caller runs the step again. fp16 steps scale by `state.scaler`."""
-    model, scaler, source, seed, step = ctx.forward, state.scaler, ctx.source, ctx.seed, at.step
+    model, scaler = ctx.forward, state.scaler
     model.train()
     grads.zero()
     device = grads.flats[0].device
     G = plan.global_batch_size
     S = scaler.scale if scaler is not None else 1.0
     autocast = AUTOCAST[ctx.precision]
-    if ctx.evaluation is not None and ctx.evaluation.due(at.samples_seen, G):
-        grads.evaluated(*ctx.evaluation.share(model, ctx.recipe, rank, plan.world_size, ctx.precision))
+    batch_of = open_step(ctx, grads, plan, rank, at, device)
     micro_batches = plan.for_rank(rank)
-    if micro_batches:  # this rank's micro-batches are contiguous positions: index them in one call
-        first = micro_batches[0].start
-        indices = sample_indices(positions(at.samples_seen, first, sum(mb.size for mb in micro_batches)), len(source), seed)
-        grads.read(tally(indices))
     for mb in micro_batches:
         last = mb is micro_batches[-1]
-        batch = to_device(source.take(indices[mb.start - first : mb.start - first + mb.size]), device)
-        seed_device(micro_batch_seed(seed, step, mb.index), device)
+        batch = batch_of(mb)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             total = ctx.recipe.sample_losses(model, batch).float().sum()
         if last:
