@@ -78,6 +78,22 @@ class Join(Event):
 
 @_kind
 @dataclass(frozen=True, kw_only=True)
+class Memory(Event):
+    """The training state a worker holds after its first step in a group (train.memory): bytes of
+    parameters, gradients and optimizer state, as `layout` divides them over `world_size` ranks."""
+
+    kind: ClassVar[str] = "memory"
+    replica: int
+    step: int
+    world_size: int
+    layout: str
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+
+
+@_kind
+@dataclass(frozen=True, kw_only=True)
 class Leave(Event):
     """A worker of a live group left at a step boundary (its node is draining)."""
 

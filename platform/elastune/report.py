@@ -179,7 +179,8 @@ REPORT_SHOWS: dict[type[ev.Event], str | None] = {
     ev.Checkpoint: "snapshot stall and durable checkpoints plot",
     ev.Start: "world-size timeline (its time origin)",
     **dict.fromkeys(
-        (ev.Join, ev.Leave, ev.Finish, ev.CollectiveFailed, ev.Fault, ev.FailurePolicy, ev.Preemption, ev.RunWarning), None
+        (ev.Join, ev.Memory, ev.Leave, ev.Finish, ev.CollectiveFailed, ev.Fault, ev.FailurePolicy, ev.Preemption, ev.RunWarning),
+        None,
     ),
     **dict.fromkeys((ev.LeaseTakenOver, ev.Fresh, ev.DataPrepared, ev.Resume, ev.End, ev.Population, ev.Exploit), None),
 }

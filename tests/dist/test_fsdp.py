@@ -22,6 +22,7 @@ from elastune.recipes import Recipe
 from elastune.recipes.gpt import sample_losses
 from elastune.spec.models import SGDSpec
 from elastune.train.fsdp import fsdp_step, shard_model
+from elastune.train.memory import held
 from elastune.train.optim import build_optimizer, set_hyper
 from elastune.train.state import Progress, TrainState
 from elastune.train.step import GradBuffer, StepContext, StepStats, train_step
@@ -50,6 +51,11 @@ def _worker(rank: int, world: int, port: int, out: str, dropout: float, recomput
         tensors = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}  # a collective
         local = {f"local/{n}": p.to_local().detach().clone() for n, p in model.named_parameters()}
         tensors |= local | {"loss": torch.tensor([result.loss]), "tally": torch.tensor(result.tally, dtype=torch.float64)}
+        # What the rank holds with AdamW's two moments (its step on the zeroed gradient rows creates them).
+        adam = torch.optim.AdamW(model.parameters())
+        adam.step()
+        mem = held(model, adam)
+        tensors["held"] = torch.tensor([mem.params, mem.grads, mem.optimizer], dtype=torch.float64)
         save_file(tensors, os.path.join(out, f"d{dropout}{'-ac' if recompute else ''}-w{world}-r{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
@@ -83,6 +89,19 @@ def test_the_sharded_update_is_the_full_batch_update(runs, world):
         assert float(got["loss"]) == pytest.approx(loss, rel=1e-6)
         assert tuple(got["tally"].long().tolist()) == tally(idx)  # every sample of the batch read once
     assert rel_err(runs(0.0, world, 0)["tok.weight"], tiny_model().tok.weight.detach()) > 1e-3  # it moved
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
+def test_a_rank_holds_its_rows_of_parameters_gradients_and_moments(runs, world):
+    # Closed form: fp32 rows as torch.chunk cuts dim 0, gradients the same, AdamW's two moments
+    # twice that plus a float32 step count per parameter.
+    params = list(tiny_model().parameters())
+    total = sum(4 * p.numel() for p in params)
+    got = [runs(0.0, world, r)["held"].long().tolist() for r in range(world)]
+    for rank, (p_bytes, g_bytes, o_bytes) in enumerate(got):
+        rows = sum(4 * c.numel() for p in params for c in torch.chunk(p.detach(), world)[rank : rank + 1])
+        assert (p_bytes, g_bytes, o_bytes) == (rows, rows, 2 * rows + 4 * len(params)), (world, rank)
+    assert sum(g[0] for g in got) == total  # every row held once: no padding counted, nothing twice
 
 
 def test_dropout_randomness_belongs_to_micro_batches_not_to_ranks_or_layouts(runs):

@@ -18,10 +18,9 @@ KILL_AT = 5
 
 
 def sharded(spec, faults=()):
-    """`spec` in the fsdp layout (no noise-scale estimate there: spec.models refuses it)."""
+    """`spec` in the fsdp layout (without a noise-scale estimate: off by default there)."""
     raw = spec.to_dict()
     raw["scaling"]["layout"] = "fsdp"
-    raw["metrics"] = {**raw["metrics"], "noise_scale": False}
     raw["faults"] = list(faults)
     return spec.model_validate(raw)
 
@@ -81,3 +80,26 @@ def test_fresh_starts_over(runs, stdlib_dataset):
     _, rows, events = run(spec_for(tmp, stdlib_dataset, "elastic", 1, 2), fresh=True)
     assert [r["step"] for r in rows] == [1, 2]
     assert any(e["kind"] == "fresh" for e in events)
+
+
+def test_each_worker_reports_the_training_state_it_holds(runs):
+    """Memory events against the checkpoint's own tensors: replicated workers hold everything
+    (gradients twice: the noise scale's second buffer), fsdp's two workers share it row by row."""
+    tmp, _, _, (first, second, third) = runs
+    _, tensors = Checkpointer(str(tmp / "elastic" / "ckpt")).load_latest_valid()
+    names = [k.removesuffix("/exp_avg") for k in tensors if k.endswith("/exp_avg")]  # AdamW: one per parameter
+    whole = sum(4 * tensors[f"{n}/exp_avg"].numel() for n in names)
+    adam = 2 * whole + 4 * len(names)  # two fp32 moments and a float32 step count per parameter
+
+    def memory(events):
+        return sorted(
+            (e["replica"], e["param_bytes"], e["grad_bytes"], e["optimizer_bytes"]) for e in events if e["kind"] == "memory"
+        )
+
+    assert memory(second) == [(r, whole, 2 * whole, adam) for r in range(3)]
+    sharded = memory(third)
+    assert [m[0] for m in sharded] == [0, 1]
+    assert sum(m[1] for m in sharded) == whole and sum(m[2] for m in sharded) == whole  # every row once
+    assert sum(m[3] for m in sharded) == 2 * whole + 2 * 4 * len(names)  # each rank keeps a step count per parameter
+    assert max(m[1] for m in sharded) <= 0.6 * whole  # about half each (rows of ceil(d0 / 2))
+    assert memory(first) == sorted(sharded * 2)  # the same shares again in the group after the kill

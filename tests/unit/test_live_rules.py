@@ -121,9 +121,8 @@ def test_live_recovery_needs_the_replicated_layout(layout):
     ("section", "setting", "field"),
     [
         ("step", {"precision": "fp16"}, "step.precision: bf16"),
-        ("step", {"compile": True}, "step.compile: false"),
         ("step", {"reduce_dtype": "bf16"}, "step.reduce_dtype: fp32"),
-        ("metrics", {"noise_scale": True}, "metrics.noise_scale: false"),
+        ("metrics", {"noise_scale": True}, "remove metrics.noise_scale"),
     ],
 )
 def test_fsdp_refuses_what_it_does_not_do_naming_the_setting(section, setting, field):
@@ -133,8 +132,9 @@ def test_fsdp_refuses_what_it_does_not_do_naming_the_setting(section, setting, f
     raw[section] = {**raw.get(section, {}), **setting}
     message = spec_problems(raw)
     assert "fsdp" in message and field in message and "layout: replicated" in message, message
-    ok = {**QUICKSTART, "scaling": {"min_workers": 2, "max_workers": 2, "layout": "fsdp"}, "metrics": {"noise_scale": False}}
-    assert validate_spec(ok).scaling.layout == "fsdp"
+    ok = {**QUICKSTART, "scaling": {"min_workers": 2, "max_workers": 2, "layout": "fsdp"}}
+    assert validate_spec(ok).scaling.layout == "fsdp" and not validate_spec(ok).noise_scale  # off by default in fsdp
+    assert validate_spec({**ok, "scaling": {**ok["scaling"], "layout": "zero1"}}).noise_scale  # on by default elsewhere
 
 
 def test_tally_adds_up_across_any_split_and_tells_samples_apart():

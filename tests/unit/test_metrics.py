@@ -83,6 +83,23 @@ def test_rows_and_events_become_the_values_they_describe():
     assert got[("elastune_lost_steps_total", ())] == 1 and got[("elastune_lost_samples_total", ())] == 12
     assert got[("elastune_checkpoint_bytes_total", ())] == 1000 and got[("elastune_checkpoint_last_durable_step", ())] == 3
     assert got[("elastune_checkpoint_last_durable_timestamp_seconds", ())] == 7.0
+
+
+def test_state_bytes_are_per_worker_and_a_new_group_replaces_the_old_ones():
+    metrics = RunMetrics("j", "r1")
+
+    def memory(replica, world, params):
+        fields = dict(replica=replica, step=1, world_size=world, layout="fsdp", grad_bytes=params, optimizer_bytes=2 * params)
+        return ev("memory", time=1.0, param_bytes=params, **fields)
+
+    metrics.observe([], [memory(r, 3, 100 + r) for r in range(3)])
+    got = scrape(metrics)
+    assert [got[("elastune_worker_state_bytes", (("rank", str(r)), ("state", "params")))] for r in range(3)] == [100, 101, 102]
+    assert got[("elastune_worker_state_bytes", (("rank", "1"), ("state", "optimizer")))] == 202
+    metrics.observe([], [memory(0, 2, 150), memory(1, 2, 151)])  # a group of 2 after a restart: rank 2 is gone
+    got = scrape(metrics)
+    assert {k[1][0][1] for k in got if k[0] == "elastune_worker_state_bytes"} == {"0", "1"}
+    assert got[("elastune_worker_state_bytes", (("rank", "1"), ("state", "grads")))] == 151
     assert {name for name, _ in got} <= series_names()  # nothing outside the catalogue
 
 

@@ -60,6 +60,13 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric("elastune_global_batch_size", "gauge", "Samples per optimizer step (the same at every world size)."),
     Metric("elastune_micro_batches", "gauge", "Micro-batches the worker at this rank ran in the last step.", (*RUN, "rank")),
     Metric("elastune_world_size", "gauge", "Workers that trained the last step."),
+    Metric(
+        "elastune_worker_state_bytes",
+        "gauge",
+        "Training state the worker at this rank holds (state: params, grads or optimizer), as the layout divides it; "
+        "taken after the worker's first step in its group.",
+        (*RUN, "rank", "state"),
+    ),
     Metric("elastune_step_seconds", "histogram", "Wall time of a step on the worker that reported it.", buckets=SECONDS_BUCKETS),
     Metric("elastune_samples_per_second", "gauge", "Throughput of the last step (global batch over its step time)."),
     Metric("elastune_grad_norm", "gauge", "L2 norm of the applied (reduced, pre-clip) gradient of the last step."),

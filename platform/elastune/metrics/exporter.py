@@ -47,6 +47,7 @@ class RunMetrics:
         self.tokens_per_sample = tokens_per_sample
         self.ranks = 0  # ranks with a micro-batch series, to drop those a smaller world no longer has
         self.noise = NoiseScale()
+        self.memory_world = 0  # the world size of the group whose workers' state bytes are shown
         for metric in CATALOGUE:  # counts start at 0 (a run with no failure has 0 failures, not no series)
             if metric.kind != "gauge" and metric.labels == RUN:
                 self._(metric.name)
@@ -117,6 +118,14 @@ class RunMetrics:
     def _resize(self, event: ev.Resize) -> None:
         self._("elastune_resizes").inc()
 
+    def _memory(self, event: ev.Memory) -> None:
+        held = {"params": event.param_bytes, "grads": event.grad_bytes, "optimizer": event.optimizer_bytes}
+        if event.world_size != self.memory_world:  # another group: its workers report afresh, the old ones' go
+            self.m["elastune_worker_state_bytes"].clear()
+            self.memory_world = event.world_size
+        for state, value in held.items():
+            self._("elastune_worker_state_bytes", rank=str(event.replica), state=state).set(value)
+
     def _population(self, event: ev.Population) -> None:
         self._("elastune_population_size").set(event.size)
 
@@ -135,6 +144,7 @@ EXPORTED: dict[type[ev.Event], Callable[[RunMetrics, Any], None] | None] = {
     ev.Recovery: RunMetrics._recovery,
     ev.Resize: RunMetrics._resize,
     ev.Population: RunMetrics._population,
+    ev.Memory: RunMetrics._memory,
     ev.Checkpoint: RunMetrics._checkpoint,
     **dict.fromkeys(
         (

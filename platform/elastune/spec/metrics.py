@@ -20,10 +20,11 @@ class MetricsSpec(Strict):
     port: int = Field(
         0, ge=0, le=65535, description="Port of /metrics; 0 picks a free one (the run prints it and writes a file_sd target)."
     )
-    noise_scale: bool = Field(
-        True,
+    noise_scale: bool | None = Field(
+        None,
         description=(
-            "Estimate the gradient noise scale from micro-batch gradient norms (one more gradient-sized buffer per worker)."
+            "Estimate the gradient noise scale from micro-batch gradient norms (one more gradient-sized buffer per worker). "
+            "Default: on in the replicated and zero1 layouts, off in fsdp (which does not take micro-batch norms)."
         ),
     )
 

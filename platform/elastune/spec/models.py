@@ -309,6 +309,14 @@ class JobSpec(Strict):
                 )
         return self
 
+    @property
+    def noise_scale(self) -> bool:
+        """Whether workers estimate the gradient noise scale: metrics.noise_scale, by default on
+        except in the fsdp layout."""
+        if self.metrics.noise_scale is not None:
+            return self.metrics.noise_scale
+        return self.scaling.layout != "fsdp"
+
     def _check_fsdp(self) -> None:
         """What the fully sharded layout does not do (yet): each with the setting to change."""
         if self.scaling.layout != "fsdp":
@@ -323,14 +331,10 @@ class JobSpec(Strict):
                 f"scaling.layout fsdp reduces gradients in fp32 (FSDP2's reduce-scatter), not step.reduce_dtype "
                 f"{self.step.reduce_dtype}; set step.reduce_dtype: fp32, or layout: replicated"
             )
-        if self.step.compile:
+        if self.metrics.noise_scale:  # on by default in other layouts, off here unless asked for
             raise ValueError(
-                "scaling.layout fsdp does not compile the step yet (step.compile); set step.compile: false, or layout: replicated"
-            )
-        if self.metrics.noise_scale:
-            raise ValueError(
-                "metrics.noise_scale needs each micro-batch's gradient norm, which the fsdp layout does not take "
-                "(gradients are reduced in shards); set metrics.noise_scale: false, or layout: replicated"
+                "metrics.noise_scale needs each micro-batch's gradient norm, which the fsdp layout does not take (gradients "
+                "are reduced in shards); remove metrics.noise_scale (off by default in fsdp), or set layout: replicated"
             )
 
     def _check_phases(self) -> None:

@@ -13,7 +13,11 @@ The step (`fsdp_step`), the same arithmetic as train.step's:
 - FSDP gathers parameters and reduces gradients collectively, so every rank runs as many
   forward/backward passes as the rank with the most micro-batches (known from the plan, no
   collective needed): the passes a rank has no micro-batch for run on an empty batch, which
-  adds exactly nothing, and only the last pass reduces (`set_requires_gradient_sync`);
+  adds exactly nothing;
+- every pass reduce-scatters its gradients into the rank's gradient rows, which the optimizer
+  step leaves in place (zeroed): a rank never holds a whole gradient, whatever its number of
+  micro-batches (skipping the reduction until the last pass would send less and hold each
+  block's whole gradient meanwhile; memory is what this layout is for);
 - the loss sum, the tally of samples read, the snapshot pace and a held-out evaluation's sums
   travel in one float64 all-reduce (train.step.StepStats, through the group's `reduce`); the
   gradient norm (and clipping) is over the whole sharded gradient (torch's DTensor-aware
@@ -34,7 +38,7 @@ from torch.distributed.tensor import DTensor
 
 from elastune.batch_plan import BatchPlan
 from elastune.recipes import to_device
-from elastune.train.precision import AUTOCAST
+from elastune.train.precision import AUTOCAST, compile_in_place
 from elastune.train.state import Progress, TrainState, without_memory
 from elastune.train.step import StepContext, StepResult, StepStats, open_step
 
@@ -64,12 +68,15 @@ def shard_problem(build: Callable[[], nn.Module]) -> str | None:
     return None
 
 
-def shard_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
+def shard_model(model: nn.Module, precision: str = "fp32", compile: bool = False) -> nn.Module:
     """Shard `model` in place over the default process group (every rank calls this). Gradients
-    reduce as a plain SUM: the step's 1/G scaling is the only division."""
+    reduce as a plain SUM: the step's 1/G scaling is the only division. `compile`: each unit is
+    compiled in place first (the root's few modules run eagerly between them)."""
     if precision not in POLICIES:
         raise ValueError(f"the fsdp layout trains in {', '.join(POLICIES)}, not {precision}")
     policy = POLICIES[precision]
+    if compile:
+        compile_in_place(units(model))
     for unit in units(model):
         fully_shard(unit, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
@@ -100,7 +107,6 @@ def fsdp_step(
     for i in range(passes):
         # Past its own micro-batches a rank reads nothing, but the group gathers and reduces together.
         batch = batch_of(mine[i]) if i < len(mine) else to_device(ctx.source.take(np.arange(0)), device)
-        model.set_requires_gradient_sync(i == passes - 1)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             total = ctx.recipe.sample_losses(model, batch).float().sum()
         (total / G).backward()
@@ -115,6 +121,6 @@ def fsdp_step(
     norm = torch.nn.utils.clip_grad_norm_(params, ctx.grad_clip_norm if ctx.grad_clip_norm is not None else math.inf)
     grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     state.step()
-    state.optimizer.zero_grad(set_to_none=True)
+    state.optimizer.zero_grad(set_to_none=False)  # the rows stay allocated, as a replicated layout's buffer does
     counts = tuple(int(v) for v in stats.tally.tolist())
     return StepResult(loss=stats.loss_sum() / G, grad_norm=grad_norm, tally=counts, eval_loss=stats.eval_loss())

@@ -24,13 +24,14 @@ from elastune.checkpoint.payload import BufferSource, read_pieces
 from elastune.checkpoint.snapshot import Snapshotter
 from elastune.data.dataset import TokenWindows
 from elastune.errors import CheckpointError
-from elastune.events import CollectiveFailed, Event, Finish, Join, Leave, Row, RunWarning, Start
+from elastune.events import CollectiveFailed, Event, Finish, Join, Leave, Memory, Row, RunWarning, Start
 from elastune.recipes import Recipe, SampleSource, load_recipe
 from elastune.spec.models import JobSpec
 from elastune.train.evaluate import evaluation_of
 from elastune.train.faults import FaultInjector
 from elastune.train.fsdp import fsdp_step, shard_model
 from elastune.train.group import Group, Membership, StaticGroup
+from elastune.train.memory import Held, held
 from elastune.train.optim import set_hyper
 from elastune.train.precision import LossScale, check_step, compile_model
 from elastune.train.reduce import REDUCE_DTYPES
@@ -82,7 +83,7 @@ def run_worker(config: dict[str, Any]) -> None:
     model = recipe.build_model().to(device)
     sharded = spec.scaling.layout == "fsdp"
     if sharded:  # rows of every parameter on each rank (FSDP2), before the optimizer is built over them
-        model = shard_model(model, spec.step.precision)
+        model = shard_model(model, spec.step.precision, spec.step.compile)
     scaler = (
         LossScale(spec.step.loss_scale.initial, spec.step.loss_scale.growth_interval) if spec.step.precision == "fp16" else None
     )
@@ -92,7 +93,7 @@ def run_worker(config: dict[str, Any]) -> None:
         if sharded  # FSDP2 reduces the gradients itself, in backward
         else GradBuffer(
             model,
-            micro_batch_norms=spec.metrics.noise_scale,
+            micro_batch_norms=spec.noise_scale,
             bucket_bytes=int(spec.step.bucket_mb * 2**20),
             reduce_dtype=REDUCE_DTYPES[spec.step.reduce_dtype],
             overlap=not live,
@@ -145,7 +146,7 @@ def run_worker(config: dict[str, Any]) -> None:
     # The compiled module runs the steps and shares the parameters; state is read and written
     # through `model` itself, under the universal names (a compiled module's would be prefixed).
     step = StepContext(
-        compile_model(model) if spec.step.compile else model,
+        compile_model(model) if spec.step.compile and not sharded else model,  # fsdp: its blocks are
         recipe,
         source,
         spec.seed,
@@ -177,13 +178,16 @@ def run_worker(config: dict[str, Any]) -> None:
         durable = progress.step % c.every_steps == 0 or progress.samples_seen >= budget
         seconds = time.perf_counter() - started
         report.committed(metrics_row(progress, result, lr, plan, seconds), plan)
+        if report.memory_due:  # after the first step: the optimizer's state exists from then on
+            mine = held(model, state.optimizer, None if grads is None else grads.storage)
+            report.memory(replica, progress.step, world, mine, state.layout.name)
         pace.settle(stats.pace.tolist(), seconds, snapshots.drain_costs())
         if durable or snapshot_due(progress.step, pace.interval):
-            held = state_pieces(state)
+            pieces = state_pieces(state)
             turn = progress.step // (pace.interval or c.every_steps)
-            writer = None if live else snapshot_writer(held, turn, world)  # a live group heals from every rank's share
+            writer = None if live else snapshot_writer(pieces, turn, world)  # a live group heals from every rank's share
             snapshots.take(
-                header(progress, durable, result.loss), held, rank, world, report.rows_for_snapshot(rank, writer), live, writer
+                header(progress, durable, result.loss), pieces, rank, world, report.rows_for_snapshot(rank, writer), live, writer
             )
         if live and node in snapshots.draining:  # a preemption notice for this node: leave at this step boundary
             reason = "its node is draining (preemption notice)"
@@ -362,10 +366,26 @@ class Reporter:
         self.membership = Membership() if live else None
         self.rows: list[Row] = []
         self.flushed = time.monotonic()
+        self.memory_due = True
 
     def emit(self, event: Event, key: str | None = None) -> None:
         if self.speaks:
             self.sink.event.remote(event, key)
+
+    def memory(self, replica: int, step: int, world: int, mine: Held, layout: str) -> None:
+        """What this worker holds: every worker tells its own (a sharded layout's ranks differ), once."""
+        self.memory_due = False
+        event = Memory(
+            time=time.time(),
+            replica=replica,
+            step=step,
+            world_size=world,
+            layout=layout,
+            param_bytes=mine.params,
+            grad_bytes=mine.grads,
+            optimizer_bytes=mine.optimizer,
+        )
+        self.sink.event.remote(event)
 
     def failed(self, step: int, world: int, started_at: float, error: str | None) -> None:
         assert self.membership is not None  # live groups only

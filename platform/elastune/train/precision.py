@@ -53,16 +53,28 @@ def compile_problem(device: str) -> str | None:
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """torch.compile `model`, its random numbers drawn as eager mode draws them.
+    """torch.compile `model`, its random numbers drawn as eager mode draws them (`eager_random`)."""
+    eager_random()
+    return torch.compile(model)  # type: ignore[return-value]  # an OptimizedModule: a Module that compiles its forward
 
-    Inductor would otherwise generate dropout masks with its own generator: still seeded per
+
+def compile_in_place(modules: list[torch.nn.Module]) -> None:
+    """Compile each of `modules` in place (`Module.compile`: its names and identity stay), random
+    numbers as eager mode's (`eager_random`). The fsdp layout compiles its blocks so, before
+    sharding them: FSDP's gathers and reductions run between compiled blocks."""
+    eager_random()
+    for module in modules:
+        module.compile()
+
+
+def eager_random() -> None:
+    """Inductor would otherwise generate dropout masks with its own generator: still seeded per
     micro-batch, but other masks than eager mode's, so a compiled and an uncompiled run (or a
     resume that switches) would train on different randomness. With `fallback_random` the masks
     are eager's, bit for bit, at a small cost in fusion."""
     import torch._inductor.config
 
     torch._inductor.config.fallback_random = True
-    return torch.compile(model)  # type: ignore[return-value]  # an OptimizedModule: a Module that compiles its forward
 
 
 def check_step(precision: str, compile: bool, device: str) -> None:

@@ -153,6 +153,7 @@ CONSOLE: dict[type[ev.Event], Callable[[Any], str | None]] = {
     ev.DataPrepared: lambda e: _text(e.message),
     ev.Resume: lambda e: _text(e.message),
     ev.Join: _quiet,  # a worker group's start says who is in it
+    ev.Memory: _quiet,  # the exporter's (elastune_worker_state_bytes)
     ev.Finish: _quiet,  # the progress bar reaches its end
     ev.FailurePolicy: _quiet,  # a give-up decision is the run's error; a retry is a recovery to come
     ev.End: _quiet,  # `elastune run` prints the outcome

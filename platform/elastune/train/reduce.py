@@ -114,7 +114,7 @@ class Bucket:
         mine[: parts.shape[1]].copy_(total)
         if self._gathered is None:
             self._gathered = torch.empty(world * share, dtype=self._recv.dtype, device=self._recv.device)
-        self._work = dist.all_gather_into_tensor(self._gathered, mine, async_op=True)
+        self._work = dist.all_gather_single(self._gathered, mine, async_op=True)
 
     def finish(self) -> None:
         """Wait for the SUM and put it in the bucket."""

@@ -84,6 +84,7 @@ NOT_COUNTED: frozenset[type[ev.Event]] = frozenset(
     {
         ev.Start,
         ev.Join,
+        ev.Memory,
         ev.Leave,
         ev.Finish,
         ev.CollectiveFailed,

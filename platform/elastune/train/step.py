@@ -149,6 +149,11 @@ class GradBuffer(StepStats):
             p.register_post_accumulate_grad_hook(self._final)
 
     @property
+    def storage(self) -> list[torch.Tensor]:
+        """The gradient memory it holds: the flat buffers, and the noise scale's sums where kept."""
+        return [*self.flats, *(self.sums or [])]
+
+    @property
     def buffers(self) -> list[torch.Tensor]:
         """Everything one step reduces, in order."""
         return [*self.flats, self.stats]
