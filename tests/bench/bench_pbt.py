@@ -99,8 +99,22 @@ def start_weights(seed: int) -> np.ndarray:
     return np.random.default_rng((seed, 10**9)).standard_normal(DIM) * 3.0
 
 
-def pbt(seed: int, rank_by: str = "loss") -> dict:
-    base = validate_spec({**JOB, "seed": seed, "tune": {**JOB["tune"], "rank_by": rank_by}})
+# PBT's remedies, each alone on top of the defaults (`--variants`): the tune section's settings.
+VARIANTS: dict[str, dict] = {
+    "margin 0.02": {"exploit_margin": 0.02},
+    "margin 0.05": {"exploit_margin": 0.05},
+    "margin 0.1": {"exploit_margin": 0.1},
+    "quantile 0.125": {"quantile": 0.125},
+    "quantile 0.5": {"quantile": 0.5},
+    "factors 0.5/2": {"perturb_factors": (0.5, 2.0)},
+    "factors 0.9/1.1": {"perturb_factors": (0.9, 1.1)},
+    "resample 0": {"resample_probability": 0.0},
+    "resample 0.5": {"resample_probability": 0.5},
+}
+
+
+def pbt(seed: int, rank_by: str = "loss", **settings) -> dict:
+    base = validate_spec({**JOB, "seed": seed, "tune": {**JOB["tune"], "rank_by": rank_by, **settings}})
     raw, tune = base.to_dict(), base.tune
     rng = random.Random(seed)
     members = {f"m{i}": Member(f"m{i}", v, "") for i, v in enumerate(initial_values(base, rng))}
@@ -170,19 +184,22 @@ def to_target(curve: list[tuple[int, float]], target: float) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--variants", action="store_true", help="also each of PBT's remedies (VARIANTS) alone")
     args = parser.parse_args()
+    variants = VARIANTS if args.variants else {}
     print(
         f"NQM d={DIM}, batch {BATCH}, budget {BUDGET:,} samples, interval {INTERVAL:,}; "
         f"population {JOB['tune']['population']}, grid {len(GRID)} lrs"
     )
-    print(f"{'seed':>4} {'method':<14} {'final loss':>11} {'vs cosine':>9} {'to target':>10} {'exploits':>8} {'compute':>8}")
-    ratios = {"pbt": [], "pbt look-ahead": [], "random": []}
+    print(f"{'seed':>4} {'method':<22} {'final loss':>11} {'vs cosine':>9} {'to target':>10} {'exploits':>8} {'compute':>8}")
+    ratios: dict[str, list[float]] = {"pbt": [], "pbt look-ahead": [], "random": [], **{f"pbt {v}": [] for v in variants}}
     for seed in range(args.seeds):
         grid = grid_cosine(seed)
         target = grid["loss"] * 1.05
         runs = (
             ("pbt", pbt(seed)),
             ("pbt look-ahead", pbt(seed, "predicted_final_loss")),
+            *((f"pbt {name}", pbt(seed, **settings)) for name, settings in variants.items()),
             ("random", random_search(seed)),
             ("grid cosine", grid),
         )
@@ -192,7 +209,7 @@ def main() -> None:
                 ratios[name].append(ratio)
             reached = to_target(result["curve"], target)
             print(
-                f"{seed:>4} {name:<14} {result['loss']:>11.5f} {ratio:>9.3f} {reached if reached else '-':>10} "
+                f"{seed:>4} {name:<22} {result['loss']:>11.5f} {ratio:>9.3f} {reached if reached else '-':>10} "
                 f"{result.get('exploits', '-'):>8} {result['samples'] / (JOB['tune']['population'] * BUDGET):>7.1f}x"
             )
         print(f"     (grid cosine's best peak lr: {grid['lr']:.3f})")
