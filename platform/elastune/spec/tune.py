@@ -66,13 +66,6 @@ class TuneSpec(Strict):
     quantile: float = Field(
         0.25, gt=0, le=0.5, description="Share of trials at the bottom that take over a trial of the top share."
     )
-    exploit_margin: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="A bottom trial takes over a top one only if that one's fitness is better by more than this share "
-        "of its own (0.05: 5 % better); otherwise it goes on as it is.",
-    )
     fitness_samples: int | None = Field(
         None,
         ge=1,

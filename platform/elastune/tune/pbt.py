@@ -70,16 +70,11 @@ def ranked(fitness: Mapping[str, float], mode: Literal["min", "max"] = "min") ->
 
 
 def exploit_pairs(
-    fitness: Mapping[str, float],
-    quantile: float,
-    rng: random.Random,
-    mode: Literal["min", "max"] = "min",
-    margin: float = 0.0,
+    fitness: Mapping[str, float], quantile: float, rng: random.Random, mode: Literal["min", "max"] = "min"
 ) -> list[tuple[str, str]]:
     """(recipient, donor) pairs: every trial in the bottom `quantile` of the ranking takes a donor
-    drawn from the top `quantile`, if the donor is better by more than `margin` (relative to the
-    recipient's fitness: 0.05 means 5 % better); otherwise the recipient goes on as it is. With
-    fewer than 2 trials, or a quantile too small to hold one trial, nobody exploits."""
+    drawn from the top `quantile`. With fewer than 2 trials, or a quantile too small to hold one
+    trial, nobody exploits."""
     if not 0 < quantile <= 0.5:
         raise ValueError(f"quantile {quantile} must be in (0, 0.5]: the top and bottom parts must not overlap")
     order = ranked(fitness, mode)
@@ -87,14 +82,7 @@ def exploit_pairs(
     if k == 0:
         return []
     top, bottom = order[:k], order[-k:]
-    sign = 1.0 if mode == "min" else -1.0
-    pairs = []
-    for recipient in bottom:
-        donor = rng.choice(top)  # drawn whatever the margin decides: the same stream of draws either way
-        gain = sign * (fitness[recipient] - fitness[donor])
-        if margin == 0 or gain > margin * abs(fitness[recipient]) or math.isinf(fitness[recipient]):
-            pairs.append((recipient, donor))
-    return pairs
+    return [(recipient, rng.choice(top)) for recipient in bottom]
 
 
 def explore(

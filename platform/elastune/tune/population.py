@@ -142,7 +142,7 @@ def decide(
     """Who exploits whom after an interval ending at `samples`, and the recipients' new values
     (explored from the donor's; the peak lr follows a changed global batch by tune.lr_scaling)."""
     out = []
-    for recipient, donor in exploit_pairs(scores, tune.quantile, rng, margin=tune.exploit_margin):
+    for recipient, donor in exploit_pairs(scores, tune.quantile, rng):
         old = members[donor].values
         new = {
             k: _native(v) for k, v in explore(old, space_of(tune), rng, tune.resample_probability, tune.perturb_factors).items()
