@@ -260,3 +260,12 @@ def test_ranking_by_predicted_final_loss_prefers_the_member_that_will_anneal(tmp
 
     assert interval("loss") == ("m2", "m1")
     assert interval("predicted_final_loss") == ("m1", "m2")
+
+
+def test_fitness_is_held_out_loss_by_default_where_the_job_evaluates():
+    spec = tuned(**{"optimizer.lr": LR})
+    assert spec.search_fitness == "loss"  # no eval section
+    raw = spec.to_dict() | {"eval": {"every_samples": 480, "samples": 64}}
+    assert validate_spec(raw).search_fitness == "eval_loss"
+    for tune in ({"fitness": "loss"}, {"rank_by": "predicted_final_loss"}):  # chosen, or a ranking held-out loss does not feed
+        assert validate_spec(raw | {"tune": raw["tune"] | tune}).search_fitness == "loss"

@@ -310,6 +310,16 @@ class JobSpec(Strict):
         return self
 
     @property
+    def search_fitness(self) -> str:
+        """What ranks a population's members (tune.fitness): as set, else the held-out loss where
+        the job evaluates and the search ranks by fitness, else the training loss."""
+        t = self.tune
+        assert t is not None  # a searched job
+        if t.fitness is not None:
+            return t.fitness
+        return "eval_loss" if self.eval is not None and t.mode == "pbt" and t.rank_by == "loss" else "loss"
+
+    @property
     def noise_scale(self) -> bool:
         """Whether workers estimate the gradient noise scale: metrics.noise_scale, by default on
         except in the fsdp layout."""

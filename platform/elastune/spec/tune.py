@@ -72,12 +72,13 @@ class TuneSpec(Strict):
         le=MAX_SAMPLES,
         description="Fitness is the mean loss over this many last samples of each interval (default: a quarter of it).",
     )
-    fitness: Literal["loss", "eval_loss"] = Field(
-        "loss",
+    fitness: Literal["loss", "eval_loss"] | None = Field(
+        None,
         description=(
             "loss: the mean training loss over each interval's last fitness_samples (each step's loss is taken before "
             "its update, on samples not yet trained on this epoch). eval_loss: the held-out loss of the member's "
-            "parameters at the interval's end, over the eval section's windows (needs `eval:` and a held-out split)."
+            "parameters at the interval's end, over the eval section's windows (needs `eval:` and a held-out split). "
+            "Default: eval_loss where the job has an eval section (mode pbt, rank_by loss), else loss."
         ),
     )
     rank_by: Literal["loss", "predicted_final_loss"] = Field(

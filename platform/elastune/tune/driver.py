@@ -184,7 +184,7 @@ def _fit(plan: SearchPlan, spec_dir: str, concurrent: int, console: Console, ver
         spec_dir=spec_dir,
         fitness_samples=window,
         log_dir=str(Path(plan.tune_dir) / "logs"),
-        fitness_of=t.fitness,
+        fitness_of=spec.search_fitness,
     )
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": TRIAL_CPUS}),
