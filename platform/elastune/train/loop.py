@@ -146,7 +146,7 @@ def run_worker(config: dict[str, Any]) -> None:
     # The compiled module runs the steps and shares the parameters; state is read and written
     # through `model` itself, under the universal names (a compiled module's would be prefixed).
     step = StepContext(
-        compile_model(model) if spec.step.compile and not sharded else model,  # fsdp: its blocks are
+        compile_model(model) if spec.step.compile and not sharded else model,  # fsdp: shard_model compiled its blocks
         recipe,
         source,
         spec.seed,

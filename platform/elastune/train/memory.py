@@ -1,5 +1,5 @@
 """What training state a worker holds in memory, in bytes: its parameters, gradients and optimizer
-state, as the layout divides them (docs/scaling.md#memory).
+state, as the layout divides them (docs/checkpoints.md#memory-per-worker).
 
 Counted from the tensors themselves, after a step (the optimizer's state exists from its first
 step): a sharded tensor (fsdp) counts the rows this rank holds, a tensor shared by two names
@@ -34,7 +34,8 @@ class Held:
 
 
 def nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of what this rank holds of each tensor (its rows of a sharded one), each storage once."""
+    """Bytes of what this rank holds of each tensor (its rows of a sharded one); a tensor given twice
+    (the same storage and offset: a tied weight) counts once."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for whole in tensors:
