@@ -130,7 +130,7 @@ def pbt(seed: int, rank_by: str = "loss", **settings) -> dict:
             scores[m] = fitness(typed, end, tune.fitness_samples or INTERVAL // 4)
             curves[m].append((end, loss_of(weights[m])))
         if end < BUDGET:
-            if rank_by == "predicted_final_loss":  # as the searcher does (search.PopulationSearcher._predicted)
+            if rank_by == "predicted_final_loss":  # as the searcher does (search.Population._predicted)
                 past = {m: ([r["lr"] for r in h][:-1], [r["loss"] for r in h][1:]) for m, h in history.items()}
                 future = {
                     m: [history[m][-1]["lr"]]

@@ -1,7 +1,8 @@
-"""The population as a Ray Tune search algorithm: one Tune trial per member per interval.
+"""The population (`Population`) and Ray Tune's search algorithm over it: one Tune trial per member
+per interval.
 
-Ray Tune runs the trials (placement, concurrency, retries, its experiment records); this searcher
-decides what each trial trains. Every member trains one interval (a segment: an Elastune run
+Ray Tune runs the trials (placement, concurrency, retries, its experiment records); the searcher
+hands them what the population decides each trains. Every member trains one interval (a segment: an Elastune run
 from its checkpoint root to the interval's end, `segment.py`); once all have, the bottom
 quantile exploits the top one and explores, and the next interval's trials are suggested. The
 generations are synchronous, so the search replays exactly from its seed whatever the order trials
@@ -92,9 +93,13 @@ def segment_spec(plan: SearchPlan, member: Member, end: int) -> dict[str, Any]:
     return out
 
 
-class PopulationSearcher(Searcher):
+class Population:
+    """A population search's synchronous generations, apart from who runs the trials: each member
+    trains the interval (`configs`), reports how it ended (`finished`), and once all have, the
+    bottom quantile exploits the top one by clone and explores, and the next interval begins (or
+    the search ends with its best member). The lineage (lineage.json) records all of it."""
+
     def __init__(self, plan: SearchPlan):
-        super().__init__(metric="fitness", mode="min")
         self.plan = plan
         spec = plan.spec
         self.rng = random.Random(spec.seed)
@@ -106,29 +111,33 @@ class PopulationSearcher(Searcher):
         self.ends = plan.boundaries()
         self.generation = 0
         self.done = False
-        self.queue: list[dict[str, Any]] = []
-        self.running: dict[str, str] = {}  # trial id -> member
         self.scores: dict[str, float] = {}
         self.lineage: dict[str, Any] = {"job": spec.name, "boundaries": self.ends, "segments": [], "exploits": [], "best": None}
-        self._queue_generation()
 
-    # ------------------------------------------------------------------ Tune's side
+    def span(self) -> tuple[int, int]:
+        """The current interval, in samples."""
+        return (self.ends[self.generation - 1] if self.generation else 0), self.ends[self.generation]
 
-    # Ray annotates suggest() as Optional[Dict], yet documents Searcher.FINISHED (a str) as its way to end a search.
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
-        if self.queue:
-            config = self.queue.pop(0)
-            self.running[trial_id] = config["member"]
-            return config
-        if not self.running and self.done:
-            return Searcher.FINISHED
-        return None  # the interval's last trials still run; ask again later
+    def configs(self) -> list[dict[str, Any]]:
+        """What each member trains in the current interval (a trial's config)."""
+        start, end = self.span()
+        return [
+            {
+                "member": m.id,
+                "generation": self.generation,
+                "from_samples": start,
+                "to_samples": end,
+                "values": dict(m.values),
+                "spec": segment_spec(self.plan, m, end),
+                "metrics_actor": self.plan.metrics_actor,
+            }
+            for m in self.members.values()
+        ]
 
-    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        member = self.running.pop(trial_id, None)
-        if member is None:
-            return
-        start, end = self._span()
+    def finished(self, member: str, result: dict[str, Any] | None, error: bool) -> None:
+        """`member` ended the current interval with `result` (its trial's report), or failed. The
+        last member to finish closes the interval."""
+        start, end = self.span()
         # A member whose trial failed after Tune's retries ranks last: it takes over a donor's state.
         score = result["fitness"] if result and not error and "fitness" in result else math.inf
         self.scores[member] = score
@@ -149,39 +158,11 @@ class PopulationSearcher(Searcher):
                 or None,  # Tune flattens results
             }
         )
-        if not self.running and not self.queue:
+        if len(self.scores) == len(self.members):
             self._interval_done()
 
-    def save(self, checkpoint_path: str) -> None:
-        # Tune records its searcher with each experiment checkpoint; the lineage is that record (no pickle).
-        Path(checkpoint_path).write_text(json.dumps(self.lineage))
-
-    def restore(self, checkpoint_path: str) -> None:
-        raise NotImplementedError("a search resumes from its tune directory, not from Tune's experiment state")
-
-    # ------------------------------------------------------------------ the population
-
-    def _span(self) -> tuple[int, int]:
-        return (self.ends[self.generation - 1] if self.generation else 0), self.ends[self.generation]
-
-    def _queue_generation(self) -> None:
-        start, end = self._span()
-        self.scores = {}
-        for m in self.members.values():
-            self.queue.append(
-                {
-                    "member": m.id,
-                    "generation": self.generation,
-                    "from_samples": start,
-                    "to_samples": end,
-                    "values": dict(m.values),
-                    "spec": segment_spec(self.plan, m, end),
-                    "metrics_actor": self.plan.metrics_actor,
-                }
-            )
-
     def _interval_done(self) -> None:
-        start, end = self._span()
+        start, end = self.span()
         if self.plan.tune.rank_by == "predicted_final_loss" and end < self.ends[-1]:
             self.scores = self._predicted(end)
         order = sorted(self.scores, key=lambda m: (self.scores[m], m))
@@ -206,7 +187,7 @@ class PopulationSearcher(Searcher):
             for exploit in decide(self.members, self.scores, end, self.plan.tune, self.rng):
                 self._exploit(exploit, self.generation)
             self.generation += 1
-            self._queue_generation()
+            self.scores = {}
         self._write()
 
     def _predicted(self, end: int) -> dict[str, float]:
@@ -283,6 +264,44 @@ class PopulationSearcher(Searcher):
 
     def _write(self) -> None:
         write_json(Path(self.plan.tune_dir) / LINEAGE, self.lineage)
+
+
+class PopulationSearcher(Searcher):
+    """The population as Ray Tune's search algorithm: Tune runs the trials (placement,
+    concurrency, retries), the population decides what each trains, one interval at a time."""
+
+    def __init__(self, plan: SearchPlan):
+        super().__init__(metric="fitness", mode="min")
+        self.population = Population(plan)
+        self.members = self.population.members
+        self.queue: list[dict[str, Any]] = self.population.configs()
+        self.running: dict[str, str] = {}  # trial id -> member
+
+    # Ray annotates suggest() as Optional[Dict], yet documents Searcher.FINISHED (a str) as its way to end a search.
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
+        if self.queue:
+            config = self.queue.pop(0)
+            self.running[trial_id] = config["member"]
+            return config
+        if not self.running and self.population.done:
+            return Searcher.FINISHED
+        return None  # the interval's last trials still run; ask again later
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        member = self.running.pop(trial_id, None)
+        if member is None:
+            return
+        generation = self.population.generation
+        self.population.finished(member, result, error)
+        if self.population.generation != generation:  # the interval closed and the next one begins
+            self.queue = self.population.configs()
+
+    def save(self, checkpoint_path: str) -> None:
+        # Tune records its searcher with each experiment checkpoint; the lineage is that record (no pickle).
+        Path(checkpoint_path).write_text(json.dumps(self.population.lineage))
+
+    def restore(self, checkpoint_path: str) -> None:
+        raise NotImplementedError("a search resumes from its tune directory, not from Tune's experiment state")
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
