@@ -234,7 +234,7 @@ def test_ranking_by_predicted_final_loss_prefers_the_member_that_will_anneal(tmp
         configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(3)}
         for trial, config in configs.items():
             m = config["member"]
-            member = searcher.members[m]
+            member = searcher.population.members[m]
             member.values = base_values(spec) | {"schedule.name": values[m][0], "optimizer.lr": values[m][1]}
             plan = validate_spec(member_spec(raw, member.values))
             lrs = [step_values(plan, 24 * i).lr for i in range(20)]

@@ -2,11 +2,12 @@
 per interval.
 
 Ray Tune runs the trials (placement, concurrency, retries, its experiment records); the searcher
-hands them what the population decides each trains. Every member trains one interval (a segment: an Elastune run
-from its checkpoint root to the interval's end, `segment.py`); once all have, the bottom
-quantile exploits the top one and explores, and the next interval's trials are suggested. The
-generations are synchronous, so the search replays exactly from its seed whatever the order trials
-finish in, and it cannot deadlock on a cluster that runs fewer trials at once than the population.
+hands them what the population decides each trains. Every member trains one interval (a
+segment: an Elastune run from its checkpoint root to the interval's end, `segment.py`); once all
+have, the bottom quantile exploits the top one and explores, and the next interval's trials are
+suggested. The generations are synchronous, so the search replays exactly from its seed whatever
+the order trials finish in, and it cannot deadlock on a cluster that runs fewer trials at once
+than the population.
 
 Exploit happens here, between intervals, never inside Tune's trial restore: the recipient gets a
 fresh checkpoint root holding a clone of the donor's checkpoint at the interval's end (a manifest
@@ -273,7 +274,6 @@ class PopulationSearcher(Searcher):
     def __init__(self, plan: SearchPlan):
         super().__init__(metric="fitness", mode="min")
         self.population = Population(plan)
-        self.members = self.population.members
         self.queue: list[dict[str, Any]] = self.population.configs()
         self.running: dict[str, str] = {}  # trial id -> member
 
