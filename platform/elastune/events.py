@@ -313,6 +313,26 @@ class Exploit(Event):
     donor: str
 
 
+@_kind
+@dataclass(frozen=True, kw_only=True)
+class Boundary(Event):
+    """A search member's workers met the population at an interval boundary (train.member):
+    `waited_seconds` from handing the boundary's state over to the decision; `donor`, the member
+    whose state it took there (None: it went on with its own), loaded from `tier` (0: the donor's
+    checkpoint service's memory, 1: the clone in its own root) in `load_seconds`; `stop`: the
+    search ended without it."""
+
+    kind: ClassVar[str] = "boundary"
+    member: str
+    samples_seen: int
+    step: int
+    waited_seconds: float
+    donor: str | None = None
+    tier: int | None = None
+    load_seconds: float | None = None
+    stop: bool = False
+
+
 @dataclass(frozen=True, kw_only=True)
 class Row:
     """One committed step, as every rank computed it (the timings are the sending rank's)."""

@@ -182,7 +182,9 @@ REPORT_SHOWS: dict[type[ev.Event], str | None] = {
         (ev.Join, ev.Memory, ev.Leave, ev.Finish, ev.CollectiveFailed, ev.Fault, ev.FailurePolicy, ev.Preemption, ev.RunWarning),
         None,
     ),
-    **dict.fromkeys((ev.LeaseTakenOver, ev.Fresh, ev.DataPrepared, ev.Resume, ev.End, ev.Population, ev.Exploit), None),
+    **dict.fromkeys(
+        (ev.LeaseTakenOver, ev.Fresh, ev.DataPrepared, ev.Resume, ev.End, ev.Population, ev.Exploit, ev.Boundary), None
+    ),
 }
 
 

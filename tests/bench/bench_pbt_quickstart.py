@@ -2,7 +2,8 @@
 random search over fixed schedules and a grid-tuned cosine, at equal compute, in one invocation.
 
 Everything trains through the system: Ray Tune trials that are Elastune runs (Ray Train workers,
-checkpoint service, clones on exploit), on one embedded local Ray.
+checkpoint service; a PBT member is one run for the whole search, exploiting in place), on one
+embedded local Ray.
 
 - PBT: `jobs/pbt.yaml`'s search (peak lr, weight decay, schedule family, decay fraction; sqrt lr
   scaling) at P members x the budget, exploit decisions every interval.
@@ -15,25 +16,35 @@ Validation: the quickstart trains on the first 8,000,000 bytes of this Python's 
 sources; the validation windows are cut from the whole files that follow (never trained on). Each
 method's result is its best member's (or grid point's) final model by validation loss, evaluated
 in eval mode (no dropout). Also reported: samples to reach the target (a member's training-loss
-window mean of fitness_samples, along its lineage), exploits, exploit latency (a clone's start
-to the recipient's first step, and as a share of the interval it then trains: wall time from the
-clone to the interval's last step), and checkpoint bytes (payload bytes the runs' checkpoints
-wrote, and what the clones wrote: manifests only).
+window mean of fitness_samples, along its lineage), exploits, exploit latency (the population's
+decision to the recipient's first step, and as a share of the interval it then trains: wall time
+from the decision to the interval's last step), every boundary's pause (a member's last step
+before it to its first step after, waiting for slower members included) and the population's
+close (deciding, making the boundary durable, cloning), and checkpoint bytes (payload bytes the
+runs' checkpoints wrote, and what the clones wrote: manifests only).
 
-    .venv/bin/python tests/bench/bench_pbt_quickstart.py [--seeds 2] [--budget 6400]
+`--against COMMIT`: also the whole PBT search's wall time, each seed, through `elastune tune` in
+a process of its own, on this code and on COMMIT's (a git worktree), one after the other.
+
+    .venv/bin/python tests/bench/bench_pbt_quickstart.py [--seeds 2] [--budget 6400] [--against da6f060]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from rich.console import Console
 
 import ray
@@ -49,7 +60,7 @@ from elastune.spec import load_spec, validate_spec  # noqa: E402
 from elastune.train.driver import run_job  # noqa: E402
 from elastune.train.run_dir import read_jsonl  # noqa: E402
 from elastune.tune.driver import run_tune  # noqa: E402
-from elastune.tune.lineage import path_of, read_lineage  # noqa: E402
+from elastune.tune.lineage import read_lineage, stitched  # noqa: E402
 from elastune.tune.population import member_spec  # noqa: E402
 
 GRID = [0.001, 0.002, 0.004, 0.008, 0.016, 0.032]  # cosine peak lrs
@@ -110,7 +121,7 @@ def search(spec_raw: dict, windows: torch.Tensor, workdir: str) -> dict:
     finals = {m: next(s for s in lineage["segments"] if s["member"] == m and s["generation"] == last) for m in members}
     losses = {m: val_loss(spec, finals[m]["root"], windows) for m in members}
     best = min(losses, key=losses.get)
-    rows = [r for seg in path_of(lineage, best) for r in read_jsonl(Path(seg["run_dir"]) / "metrics.jsonl")]
+    rows = [dataclasses.asdict(r) for r in stitched(lineage, best)]
     return {
         "loss": losses[best],
         "rows": rows,
@@ -146,27 +157,65 @@ def grid_cosine(spec_raw: dict, windows: torch.Tensor, workdir: str) -> dict:
     return min(out, key=lambda r: r["loss"])
 
 
+def member_rows(lineage: dict, member: str) -> list[dict]:
+    """A member's own metrics rows, every run directory it trained in (a later run's row of a step wins)."""
+    dirs = dict.fromkeys(d for s in lineage["segments"] if s["member"] == member for d in s["run_dirs"])
+    steps = {r["step"]: r for d in dirs for r in read_jsonl(Path(d) / "metrics.jsonl")}
+    return [steps[k] for k in sorted(steps)]
+
+
 def exploit_latencies(lineage: dict) -> list[tuple[float, float]]:
-    """(seconds from a clone's start to the recipient's first step, that as a share of the wall
-    time from the clone's start to the end of the interval the recipient then trains)."""
+    """(seconds from the population's decision to the recipient's first step, that as a share
+    of the wall time from the decision to the end of the interval the recipient then trains)."""
+    decided = {c["boundary"]: c["decided"] for c in lineage["closes"]}
     out = []
     for e in lineage["exploits"]:
-        seg = next(s for s in lineage["segments"] if s["member"] == e["recipient"] and s["generation"] == e["generation"] + 1)
-        rows = read_jsonl(Path(seg["run_dir"]) / "metrics.jsonl")
-        start = e["time"] - e["clone_seconds"]
-        out.append((rows[0]["time"] - start, (rows[0]["time"] - start) / (rows[-1]["time"] - start)))
+        after = [r for r in member_rows(lineage, e["recipient"]) if r["samples_seen"] > e["samples"]]
+        end = next(b for b in lineage["boundaries"] if b > e["samples"])
+        interval = [r for r in after if r["samples_seen"] <= end]
+        first_start = interval[0]["time"] - interval[0]["step_seconds"]
+        t0 = decided[e["samples"]]
+        out.append((first_start - t0, (first_start - t0) / (interval[-1]["time"] - t0)))
     return out
+
+
+def boundary_pauses(lineage: dict) -> tuple[list[float], list[float]]:
+    """(every member's pause at every boundary but the last: its boundary step's end to its next
+    step's start; the population's closes: all reported -> decided, in seconds)."""
+    pauses = []
+    for member in {s["member"] for s in lineage["segments"]}:
+        rows = member_rows(lineage, member)
+        for b in lineage["boundaries"][:-1]:
+            at = next((i for i, r in enumerate(rows) if r["samples_seen"] == b), None)
+            if at is not None and at + 1 < len(rows):
+                pauses.append(rows[at + 1]["time"] - rows[at + 1]["step_seconds"] - rows[at]["time"])
+    return pauses, [c["decided"] - c["started"] for c in lineage["closes"]]
 
 
 def checkpoint_bytes(lineage: dict) -> tuple[int, int]:
     """(payload bytes the runs' checkpoints wrote, bytes the clones wrote: a manifest each)."""
-    saved = sum(
-        ev["bytes"]
-        for s in lineage["segments"]
-        for ev in read_jsonl(Path(s["run_dir"]) / "events.jsonl")
-        if ev["kind"] == "checkpoint"
+    dirs = dict.fromkeys(d for s in lineage["segments"] for d in s["run_dirs"])
+    saved = sum(ev["bytes"] for d in dirs for ev in read_jsonl(Path(d) / "events.jsonl") if ev["kind"] == "checkpoint")
+    return saved, sum(e["clone_bytes"] or 0 for e in lineage["exploits"])
+
+
+def search_wall_time(platform_dir: Path, raw: dict, workdir: str) -> float:
+    """Seconds `elastune tune` takes for the search `raw` in a process of its own, importing the
+    package from `platform_dir` (this checkout's, or another commit's worktree)."""
+    spec_file = Path(workdir) / f"{raw['name']}.yaml"
+    spec_file.write_text(yaml.safe_dump({**raw, "output_dir": workdir}))
+    env = {**os.environ, "PYTHONPATH": str(platform_dir)}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "elastune", "tune", str(spec_file)],
+        env=env,
+        cwd=platform_dir.parent,
+        capture_output=True,
+        text=True,
     )
-    return saved, sum(e["clone_bytes"] for e in lineage["exploits"])
+    if done.returncode != 0:
+        raise SystemExit(f"search with {platform_dir} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -174,6 +223,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--budget", type=int, default=6400, help="samples each member trains")
     parser.add_argument("--interval", type=int, default=1600)
+    parser.add_argument("--against", help="a commit whose whole-search wall time to measure beside this code's")
     args = parser.parse_args()
     base = load_spec(ROOT / "jobs" / "pbt.yaml").to_dict()
     base["data"]["path"] = str(ROOT / base["data"]["path"])
@@ -225,9 +275,14 @@ def main() -> None:
             saved, cloned = checkpoint_bytes(pbt["lineage"])
             if latencies:
                 print(
-                    "exploit latency (clone start -> first step): "
-                    + ", ".join(f"{s:.1f} s ({100 * f:.0f} %)" for s, f in latencies)
+                    "exploit latency (decision -> the recipient's first step): "
+                    + ", ".join(f"{s:.3f} s ({100 * f:.1f} %)" for s, f in latencies)
                 )
+            pauses, closes = boundary_pauses(pbt["lineage"])
+            print(
+                f"boundary pauses ({len(pauses)}): median {statistics.median(pauses):.3f} s, max {max(pauses):.3f} s; "
+                f"closes: " + ", ".join(f"{c:.3f} s" for c in closes)
+            )
             print(
                 f"checkpoint bytes: the runs' checkpoints wrote {saved:,} payload bytes; the {len(pbt['exploits'])} clones wrote "
                 f"{cloned:,} bytes of manifests and no payload ({(saved + cloned) / saved:.4f}x)"
@@ -237,9 +292,26 @@ def main() -> None:
                 f"best pbt member {pbt['member']}: {json.dumps(pbt['lineage']['best']['history'])}"
             )
     ray.shutdown()
+    if args.against:
+        compare_wall_time(args, base)
     print()
     for name, values in ratios.items():
         print(f"{name}: val loss / grid-tuned cosine's, mean over seeds {statistics.mean(values):.3f} (max {max(values):.3f})")
+
+
+def compare_wall_time(args, base: dict) -> None:
+    """The whole PBT search through `elastune tune`, on this code and on `args.against`'s."""
+    with tempfile.TemporaryDirectory(prefix="bench-pbt-wall-") as workdir:
+        other = Path(workdir) / "against"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(other), args.against], check=True)
+        try:
+            for seed in range(args.seeds):
+                raw = {**base, "seed": seed, "name": f"wall-{seed}", "tune": {**base["tune"], "interval_samples": args.interval}}
+                now = search_wall_time(ROOT / "platform", {**raw, "name": f"now-{seed}"}, workdir)
+                then = search_wall_time(other / "platform", {**raw, "name": f"then-{seed}"}, workdir)
+                print(f"seed {seed}: whole search {now:.0f} s on this code, {then:.0f} s on {args.against} ({then / now:.2f}x)")
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(other)], check=False)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,22 @@
-"""Population-based search (`elastune tune`) on Ray Tune: a crippled member (a huge peak lr) is
-exploited after the first interval, the recipient continues from the donor's exact state (same
-state hash, same next-step loss), Tune holds only pointers to the checkpoints, the best member's
-schedule, written as a job spec, replays from scratch step for step, and the search's report
-draws its lineage in headless Chromium. A real Prometheus scrapes the search's exporter: every
-query of the Tuning dashboard returns series, with the exploit counted for its recipient."""
+"""Population-based search (`elastune tune`) on Ray Tune, each member one run that stays up, and
+a search that survives its driver: the search starts in a process of its own, which is SIGKILLed
+with its embedded Ray as soon as the first interval has closed, and `elastune tune` run again
+resumes it. A crippled member (a huge peak lr) is exploited at the first boundary; each recipient
+continues from its donor's exact state (same state hash, same next-step loss as the donor's own
+next step), the second boundary's exploit loaded in place from the donor's memory; the resumed
+search decides as an uninterrupted population fed the same fitness; Tune holds only pointers to
+the checkpoints; the best member's schedule, written as a job spec, replays from scratch step for
+step across the driver's death; and the search's report draws its lineage in headless Chromium.
+A real Prometheus scrapes the resumed search's exporter: every query of the Tuning dashboard
+returns series, with the exploits counted for their recipients."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,13 +34,15 @@ from tests.helpers import dashboard_queries, report_in_chromium
 from tests.ray.conftest import prometheus_scraping
 from tests.ray.jobs import run, spec_for
 
-G, INTERVAL, BUDGET = 12, 60, 120  # two intervals of 5 steps
+G, INTERVAL, BUDGET = 12, 60, 180  # three intervals of 5 steps
 GOOD_LR, CRIPPLED_LR = 0.01, 50.0
 
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory, stdlib_dataset):
-    """The search, scraped by a real Prometheus; yields (outcome, lineage, query or skip reason, (start, end) times)."""
+    """The search, killed after its first interval and resumed here, the resumed one scraped by a
+    real Prometheus; yields (outcome, lineage, query or skip reason, (start, end) times of the
+    resumed search, what it printed, the job spec)."""
     tmp = tmp_path_factory.mktemp("tune")
     raw = spec_for(tmp, stdlib_dataset, "pbt", 1, 1).to_dict()
     raw["stop"] = {"max_samples": BUDGET}
@@ -45,27 +56,76 @@ def search(tmp_path_factory, stdlib_dataset):
         "resample_probability": 0.0,
         "search": {"optimizer.lr": {"scale": "log", "low": 0.001, "high": 0.1}},
     }
-    spec = validate_spec(raw)
-    start = [base_values(spec) | {"optimizer.lr": GOOD_LR}, base_values(spec) | {"optimizer.lr": CRIPPLED_LR}]
-    with prometheus_scraping(tmp / "runs" / "prometheus-targets", tmp) as query, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(search_module, "initial_values", lambda spec, rng: start)  # the population's starting values, not random draws
+    spec_file = tmp / "pbt.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "tests.ray.tune_cli", str(spec_file), str(GOOD_LR), str(CRIPPLED_LR)]
+    with prometheus_scraping(tmp / "runs" / "prometheus-targets", tmp) as query:
+        with (tmp / "killed.log").open("w") as log:
+            first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                lineage_file = _await(lambda: next((tmp / "runs" / "pbt").glob("tune-*/lineage.json"), None), first)
+                # The first interval closed, and its rows are in the members' run directories (the
+                # driver writes what the sink holds every 0.25 s: a driver killed sooner loses them).
+                _await(lambda: "closes" in read_lineage(lineage_file.parent) and _rows_through(tmp, INTERVAL), first)
+            finally:
+                for pid in [first.pid, *descendants(first.pid)]:  # the driver and the embedded Ray it started
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                first.wait()
+        killed = read_lineage(lineage_file.parent)
+        assert not (lineage_file.parent / "result.json").exists() and len(killed["closes"]) == 1, killed
         began = time.time()
-        outcome = run_tune(spec, os.getcwd(), console=Console(width=200))
+        console = Console(width=200, record=True)
+        outcome = run_tune(validate_spec(yaml.safe_load(spec_file.read_text())), os.getcwd(), console=console)
         assert outcome.status == "succeeded", outcome.error
-        yield outcome, read_lineage(outcome.tune_dir), query, (began, time.time())
+        yield outcome, read_lineage(outcome.tune_dir), query, (began, time.time()), console.export_text(), raw
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc: Ray's daemons leave the driver's process group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _rows_through(tmp: Path, samples: int) -> bool:
+    runs = list((tmp / "runs" / "pbt").glob("tune-*/runs/pbt-m*/*/metrics.jsonl"))
+    return len(runs) == 2 and all(any(r["samples_seen"] == samples for r in read_jsonl(f)) for f in runs)
+
+
+def _await(found, process: subprocess.Popen, timeout: float = 300):
+    """Poll `found()` until it is truthy (the search writes its lineage as it goes), while `process` runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):  # lineage.json is replaced whole; a read may race its first write
+            if value := found():
+                return value
+        assert process.poll() is None, "the search ended before it was killed"
+        time.sleep(0.02)
+    raise AssertionError(f"not seen within {timeout} s")
 
 
 def segment_rows(lineage, member, generation):
+    """The member's own metrics rows of one interval (its run directories, that interval's samples)."""
     seg = next(s for s in lineage["segments"] if (s["member"], s["generation"]) == (member, generation))
-    return read_jsonl(Path(seg["run_dir"]) / "metrics.jsonl"), read_jsonl(Path(seg["run_dir"]) / "events.jsonl")
+    rows = [r for d in seg["run_dirs"] for r in read_jsonl(Path(d) / "metrics.jsonl")]
+    return [r for r in rows if seg["from_samples"] < r["samples_seen"] <= seg["to_samples"]]
 
 
 def test_the_crippled_member_is_exploited(search):
     _, lineage, *_ = search
-    assert [(e["recipient"], e["donor"], e["generation"], e["samples"]) for e in lineage["exploits"]] == [
-        ("m1", "m0", 0, INTERVAL)
-    ]
-    assert lineage["boundaries"] == [INTERVAL, BUDGET]
+    first, second = lineage["exploits"]
+    assert (first["recipient"], first["donor"], first["generation"], first["samples"]) == ("m1", "m0", 0, INTERVAL)
+    assert second["samples"] == 2 * INTERVAL  # a population of 2 at quantile 0.5: the worse takes the better's state
+    assert lineage["boundaries"] == [INTERVAL, 2 * INTERVAL, BUDGET]
     exploit = lineage["exploits"][0]
     assert exploit["recipient_fitness"] > 2 * exploit["donor_fitness"]  # the huge lr really crippled it
 
@@ -89,6 +149,8 @@ def test_fitness_is_the_held_out_loss_where_each_interval_ends(search, stdlib_da
     checked = set()
     for segment in lineage["segments"]:
         pointer = segment["checkpoint"]
+        if pointer is None:  # a recipient's state at the boundary: replaced by the donor's before it was made durable
+            continue
         ckpt = Checkpointer(pointer["uri"])
         if pointer["step"] not in ckpt.committed_steps():  # retention (keep_last: 1) has removed it since
             continue
@@ -105,35 +167,85 @@ def test_fitness_is_the_held_out_loss_where_each_interval_ends(search, stdlib_da
         want = want if math.isfinite(want) else math.inf
         assert segment["fitness"] == pytest.approx(want, rel=1e-5), segment["member"]
         assert segment["eval_loss"] == segment["fitness"] or not math.isfinite(want)
-    assert {("m0", 1), ("m1", 1)} <= checked  # both members' last intervals at least
+    assert {("m0", 2), ("m1", 2)} <= checked  # both members' last intervals at least
 
 
 def test_the_recipient_continues_from_the_donors_exact_state(search):
+    """At each exploit the recipient's next step has the donor's next step's loss (same parameters,
+    samples and randomness) at its own lr; the first boundary's recipient loaded the donor's state
+    from memory or (restarted by the resumed search) from the clone in its root, the second's,
+    inside the resumed search, from the donor's memory (tier 0)."""
     _, lineage, *_ = search
-    exploit = lineage["exploits"][0]
-    # Content hashes read the bytes through each checkpoint's own fragments (test_tune_population
-    # shows one tells a clone that points at the wrong bytes).
-    assert exploit["recipient_checkpoint"]["content_hash"] == exploit["donor_checkpoint"]["content_hash"]
-    assert (
-        exploit["donor_checkpoint"]["content_hash"]
-        == next(s for s in lineage["segments"] if s["member"] == "m0")["checkpoint"]["content_hash"]
+    for exploit in lineage["exploits"]:
+        # Content hashes read the bytes through each checkpoint's own fragments (test_tune_population
+        # shows one tells a clone that points at the wrong bytes).
+        assert exploit["recipient_checkpoint"]["content_hash"] == exploit["donor_checkpoint"]["content_hash"]
+        generation, samples = exploit["generation"], exploit["samples"]
+        ended = next(s for s in lineage["segments"] if (s["member"], s["generation"]) == (exploit["donor"], generation))
+        assert exploit["donor_checkpoint"]["content_hash"] == ended["checkpoint"]["content_hash"]
+        donor = segment_rows(lineage, exploit["donor"], generation + 1)
+        recipient = segment_rows(lineage, exploit["recipient"], generation + 1)
+        assert recipient[0]["step"] == donor[0]["step"] == samples // G + 1
+        assert recipient[0]["loss"] == pytest.approx(donor[0]["loss"], rel=1e-6)  # same params, same samples, same randomness
+        assert recipient[0]["lr"] != pytest.approx(donor[0]["lr"])
+        run_dirs = next(
+            s for s in lineage["segments"] if (s["member"], s["generation"]) == (exploit["recipient"], generation + 1)
+        )["run_dirs"]
+        met = [
+            e
+            for d in run_dirs
+            for e in read_jsonl(Path(d) / "events.jsonl")
+            if e["kind"] == "boundary" and e["samples_seen"] == samples
+        ]
+        assert met and all(e["donor"] == exploit["donor"] for e in met)
+        assert met[-1]["tier"] == (0 if generation else met[-1]["tier"]) and met[-1]["tier"] in (0, 1)
+    # Explore moved the first recipient's peak lr a step away from the donor's (perturbed, not resampled).
+    assert lineage["exploits"][0]["values"]["optimizer.lr"] in (pytest.approx(GOOD_LR * 0.8), pytest.approx(GOOD_LR * 1.2))
+
+
+def test_the_resumed_search_decides_as_an_uninterrupted_population(search, tmp_path):
+    """The reference: a population that never stopped (same seed, same starting values), told
+    each interval's fitness as the search recorded it. Its exploits (who, whom, the explored
+    values: the random state the resumed search restored) and best member are the search's."""
+    from elastune.tune.search import Population, SearchPlan
+
+    outcome, lineage, _, _, printed, raw = search
+    assert f"Resuming the unfinished search {outcome.tune_dir}" in printed.replace("\n", "")
+    spec = validate_spec(raw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            search_module,
+            "initial_values",
+            lambda spec, rng: [base_values(spec) | {"optimizer.lr": lr} for lr in (GOOD_LR, CRIPPLED_LR)],
+        )
+        reference = Population(
+            SearchPlan(validate_spec(yaml.safe_load((outcome.tune_dir / "spec.yaml").read_text())).to_dict(), str(tmp_path))
+        )
+    for generation in range(len(lineage["boundaries"])):
+        for segment in (s for s in lineage["segments"] if s["generation"] == generation):
+            reference.report(segment["member"], {"fitness": segment["fitness"]})
+        for exploit in reference.close():
+            reference.exploited(exploit, {}, {}, 0.0)
+
+    def decisions(record):
+        return [(e["recipient"], e["donor"], e["generation"], e["samples"], e["values"]) for e in record["exploits"]]
+
+    assert len(lineage["exploits"]) == 2 and decisions(lineage) == decisions(reference.lineage)
+    assert [(s["member"], s["values"]) for s in lineage["segments"]] == [
+        (s["member"], s["values"]) for s in reference.lineage["segments"]
+    ]
+    assert (lineage["best"]["member"], lineage["best"]["history"]) == (
+        reference.lineage["best"]["member"],
+        reference.lineage["best"]["history"],
     )
-    donor, _ = segment_rows(lineage, "m0", 1)
-    recipient, events = segment_rows(lineage, "m1", 1)
-    start = next(e for e in events if e["kind"] == "start")
-    assert (start["resumed_from_step"], start["resumed_samples_seen"]) == (INTERVAL // G, INTERVAL)
-    assert recipient[0]["step"] == donor[0]["step"] == INTERVAL // G + 1
-    assert recipient[0]["loss"] == pytest.approx(donor[0]["loss"], rel=1e-6)  # same params, same samples, same randomness
-    # Explore moved the recipient's peak lr a step away from the donor's (perturbed, not resampled).
-    assert exploit["values"]["optimizer.lr"] in (pytest.approx(GOOD_LR * 0.8), pytest.approx(GOOD_LR * 1.2))
-    assert recipient[0]["lr"] != pytest.approx(donor[0]["lr"])
+    assert spec.tune.population == len(lineage["state"]["members"])
 
 
 def test_tune_holds_pointers_not_tensors(search):
     outcome, *_ = search
     tune_storage = outcome.tune_dir / "ray"
     pointers = list(tune_storage.rglob("elastune-checkpoint.json"))
-    assert len(pointers) == 4  # one per member per interval
+    assert len(pointers) == 2  # one per member
     assert not list(tune_storage.rglob("*.safetensors"))
 
 
@@ -157,13 +269,16 @@ def test_the_search_report_draws_the_lineage(search, chromium, tmp_path):
 
 
 def test_every_tuning_panel_query_returns_series(search):
-    _, _, query, (began, ended) = search
+    _, lineage, query, (began, ended), *_ = search
     if isinstance(query, str):
         pytest.skip(query)
     over = lambda expr: query("/api/v1/query_range", query=expr, start=began, end=ended + 5, step=1)["result"]  # noqa: E731
     empty = [(title, expr) for title, expr in dashboard_queries("tuning") if not over(expr)]
     assert not empty, f"panels without data: {empty}"
-    exploits = {r["metric"]["trial"]: float(r["values"][-1][1]) for r in over("elastune_exploits_total")}
-    assert exploits == {"m0": 0.0, "m1": 1.0}
+    exploits: dict[str, float] = {}
+    for r in over("elastune_exploits_total"):  # the killed search's exporter (same run label) counted less
+        exploits[r["metric"]["trial"]] = max(exploits.get(r["metric"]["trial"], 0.0), float(r["values"][-1][1]))
+    taken = [e["recipient"] for e in lineage["exploits"]]  # the killed search's count carried into the resumed one's
+    assert exploits == {m: float(taken.count(m)) for m in ("m0", "m1")}
     assert {float(r["values"][-1][1]) for r in over("elastune_population_size")} == {2.0}
     assert {r["metric"]["trial"] for r in over("elastune_trial_loss")} == {"m0", "m1"}

@@ -163,52 +163,94 @@ def test_bad_search_ranges_are_refused(search, words):
     assert all(w in problems for w in words), problems
 
 
-# --------------------------------------------------------------------------- the searcher, on real storage
+# --------------------------------------------------------------------------- the population, on real storage
 
 
-def _finish_interval(searcher, configs, scores: dict[str, float | None]):
-    """Every member's interval ends: its checkpoint at the interval's end, then Tune's report
-    (None: the trial failed)."""
-    for trial, config in configs.items():
-        member, end = config["member"], config["to_samples"]
-        if scores[member] is not None:
-            state = {"model/w": torch.full((4,), float(int(member[1:]) + end))}
-            Checkpointer(config["spec"]["checkpoint"]["path"]).save(Manifest(end // 24, end, "h", {}, {}), state)
-        searcher.on_trial_complete(
-            trial, None if scores[member] is None else {"fitness": scores[member]}, error=scores[member] is None
-        )
+def _save(root: str, step: int, samples: int, value: float) -> Checkpointer:
+    ckpt = Checkpointer(root)
+    ckpt.save(Manifest(step, samples, "h", {}, {}), {"model/w": torch.full((4,), value)})
+    return ckpt
 
 
-def test_the_searcher_runs_synchronous_intervals_and_exploits_by_clone(tmp_path):
-    from elastune.tune.search import PopulationSearcher, SearchPlan
+def _report_all(pop, scores: dict[str, float | None]) -> bool:
+    """Every member reports at the current boundary (None: its trial failed)."""
+    closed = False
+    for m, score in scores.items():
+        closed = pop.report(m, None if score is None else {"fitness": score, "service": f"svc-{m}", "run_dir": f"/runs/{m}"})
+    return closed
 
-    spec = tuned(**{"optimizer.lr": LR})
-    searcher = PopulationSearcher(SearchPlan(spec.to_dict(), str(tmp_path)))
-    configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(4)}
-    assert searcher.suggest("t4") is None  # the interval's trials still run
-    assert sorted(c["member"] for c in configs.values()) == ["m0", "m1", "m2", "m3"]
-    assert {c["spec"]["stop"]["max_samples"] for c in configs.values()} == {480}
-    _finish_interval(searcher, configs, {"m0": 1.0, "m1": 2.0, "m2": 3.0, "m3": 4.0})
 
-    (exploit,) = read_lineage(tmp_path)["exploits"]
-    assert (exploit["recipient"], exploit["donor"], exploit["samples"]) == ("m3", "m0", 480)
-    donor = Checkpointer(str(tmp_path / "checkpoints" / "m0-0"))
-    clone = Checkpointer(str(tmp_path / "checkpoints" / "m3-1"))
-    assert clone.content_hash(clone.latest()) == donor.content_hash(donor.latest()) == exploit["donor_checkpoint"]["content_hash"]
-    assert exploit["recipient_checkpoint"]["content_hash"] == exploit["donor_checkpoint"]["content_hash"]
-    assert clone.load(clone.latest())["model/w"].tolist() == [480.0] * 4  # the donor's tensor, read through the clone
-    assert not list((tmp_path / "checkpoints" / "m3-1" / "step-000000020").glob("*.safetensors"))  # no byte copied
-    assert Checkpointer(str(tmp_path / "checkpoints" / "m3-0")).committed_steps() == []  # its old lineage is gone
-    donor.prune()
+def test_the_population_closes_synchronous_intervals_and_exploits_by_clone(tmp_path):
+    from elastune.tune.search import Population, SearchPlan
+
+    pop = Population(SearchPlan(tuned(**{"optimizer.lr": LR}).to_dict(), str(tmp_path)))
+    assert pop.span() == (0, 480) and pop.ends == [480, 960, 1440, 1920, 2400]
+    assert not _report_all(pop, {"m0": 1.0, "m1": 2.0, "m2": 3.0})  # m3 still trains
+    assert _report_all(pop, {"m3": 4.0, "m0": 9.0})  # a second report (a restarted worker's) does not count
+    (exploit,) = pop.close()
+    assert (exploit.recipient, exploit.donor, exploit.samples) == ("m3", "m0", 480)
+    decisions = {m: pop.decision(m, 480) for m in pop.members}
+    assert decisions["m3"].donor == "m0" and decisions["m3"].donor_service == "svc-m0"
+    assert decisions["m3"].values == exploit.values != pop.members["m0"].values  # explored from the donor's
+    assert all(decisions[m].donor is None and decisions[m].values == pop.members[m].values for m in ("m0", "m1", "m2"))
+    assert pop.members["m3"].history == [*pop.members["m0"].history, {"from_samples": 480, "values": exploit.values}]
+    assert pop.members["m3"].values_at(480) == exploit.values and pop.span() == (480, 960)
+
+    # The clone the coordinator has the recipient's service make (Checkpointer.adopt): the donor's
+    # step 20 (480 samples at batch 24), while the recipient's own older checkpoint numbers higher
+    # (step 40 at 240 samples, batch 6) and must not look newer.
+    donor = _save(pop.members["m0"].root, 20, 480, 480.0)
+    own = _save(pop.members["m3"].root, 40, 240, -1.0)
+    clone = own.adopt(donor.uri, 20, {"exploit": {"donor": "m0"}})
+    assert own.committed_steps() == [20] and own.latest().samples_seen == 480  # its old lineage is gone
+    assert own.content_hash(clone) == donor.content_hash(donor.latest())
+    assert own.load(own.latest())["model/w"].tolist() == [480.0] * 4  # the donor's tensor, read through the clone
+    assert not list((tmp_path / "checkpoints" / "m3" / "step-000000020").glob("*.safetensors"))  # no byte copied
+    assert own.adopt(donor.uri, 20, {}).to_json() == clone.to_json()  # carried out again: nothing changes
+    donor.prune(replace(donor.policy, keep_last=0))
     assert donor.committed_steps() == [20]  # kept while the clone reads it
 
-    configs = {f"u{i}": searcher.suggest(f"u{i}") for i in range(4)}
-    by_member = {c["member"]: c for c in configs.values()}
-    assert by_member["m3"]["spec"]["checkpoint"]["path"].endswith("m3-1") and by_member["m3"]["from_samples"] == 480
-    assert by_member["m3"]["values"]["optimizer.lr"] != by_member["m0"]["values"]["optimizer.lr"]  # explored
-    _finish_interval(searcher, configs, dict.fromkeys(by_member))  # every member fails
-    assert searcher.suggest("v0") == "FINISHED"
-    assert "every member failed interval 2" in read_lineage(tmp_path)["error"]
+    pop.exploited(exploit, {"content_hash": "d"}, {"content_hash": "d"}, 0.001)
+    pop.write()
+    lineage = read_lineage(tmp_path)
+    assert [(e["recipient"], e["donor"], e["generation"]) for e in lineage["exploits"]] == [("m3", "m0", 0)]
+    assert [s["member"] for s in lineage["segments"]] == ["m0", "m1", "m2", "m3"]
+    assert _report_all(pop, dict.fromkeys(pop.members))  # every member fails
+    assert pop.close() == [] and pop.done
+    assert "every member failed interval 2" in pop.lineage["error"]
+    assert all(pop.decision(m, 960).stop for m in pop.members)
+
+
+def test_a_resumed_population_decides_as_the_uninterrupted_one(tmp_path):
+    """The driver dies after the first interval's lineage.json: the population rebuilt from it
+    makes the second interval's decisions (who, whom, the explored values: the random state) as
+    the population that went on."""
+    from elastune.tune.search import Population, SearchPlan
+
+    plan = SearchPlan(
+        tuned(**{"optimizer.lr": LR, "optimizer.weight_decay": {"scale": "linear", "low": 0, "high": 0.1}}).to_dict(),
+        str(tmp_path),
+    )
+    on = Population(plan)
+    _report_all(on, {"m0": 1.0, "m1": 2.0, "m2": 3.0, "m3": 4.0})
+    on.close()
+    on.write()
+    resumed = Population.resume(plan, read_lineage(tmp_path))
+    assert resumed.span() == on.span() == (480, 960)
+    assert {m: r.values for m, r in resumed.members.items()} == {m: r.values for m, r in on.members.items()}
+    for pop in (on, resumed):
+        _report_all(pop, {"m0": 4.0, "m1": 3.0, "m2": 2.0, "m3": 1.0})
+    went_on, again = on.close(), resumed.close()
+    assert went_on == again and went_on[0].recipient == "m0" and went_on[0].donor == "m3"
+    assert resumed.decision("m3", 480) == on.decision("m3", 480)  # a member arriving again gets the same answer
+    assert resumed.lineage["segments"] == on.lineage["segments"]
+
+
+def test_a_population_needs_all_its_members_at_once():
+    raw = tuned(**{"optimizer.lr": LR}).to_dict()
+    raw["tune"]["max_concurrent_trials"] = 2
+    problems = spec_problems(raw)
+    assert "max_concurrent_trials (2) is below tune.population (4)" in problems and "remove max_concurrent_trials" in problems
 
 
 def test_ranking_by_predicted_final_loss_prefers_the_member_that_will_anneal(tmp_path):
@@ -220,7 +262,7 @@ def test_ranking_by_predicted_final_loss_prefers_the_member_that_will_anneal(tmp
     import json
 
     from elastune.tune.annealing import AnnealingLaw
-    from elastune.tune.search import PopulationSearcher, SearchPlan
+    from elastune.tune.search import Population, SearchPlan
 
     law = AnnealingLaw(2.0, 1.5, 0.5, 5.0, skip=2)  # skip: tuned()'s 48-sample warmup, 2 steps
     values = {"m0": ("wsd", 0.01), "m1": ("constant", 0.012), "m2": ("cosine", 0.01)}
@@ -230,11 +272,8 @@ def test_ranking_by_predicted_final_loss_prefers_the_member_that_will_anneal(tmp
         raw = spec.to_dict()
         raw["tune"] |= {"population": 3, "quantile": 0.5, "rank_by": rank_by}
         folder = tmp_path / rank_by
-        searcher = PopulationSearcher(SearchPlan(raw, str(folder)))
-        configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(3)}
-        for trial, config in configs.items():
-            m = config["member"]
-            member = searcher.population.members[m]
+        pop = Population(SearchPlan(raw, str(folder)))
+        for m, member in pop.members.items():
             member.values = base_values(spec) | {"schedule.name": values[m][0], "optimizer.lr": values[m][1]}
             plan = validate_spec(member_spec(raw, member.values))
             lrs = [step_values(plan, 24 * i).lr for i in range(20)]
@@ -252,11 +291,9 @@ def test_ranking_by_predicted_final_loss_prefers_the_member_that_will_anneal(tmp
             run_dir = folder / "runs" / m
             run_dir.mkdir(parents=True)
             (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            Checkpointer(config["spec"]["checkpoint"]["path"]).save(Manifest(20, 480, "h", {}, {}), {"model/w": torch.zeros(2)})
-            fit = fitness([row(**r) for r in rows], 480, 120)
-            searcher.on_trial_complete(trial, {"fitness": fit, "run_dir": str(run_dir)})
-        (exploit,) = read_lineage(folder)["exploits"]
-        return exploit["recipient"], exploit["donor"]
+            pop.report(m, {"fitness": fitness([row(**r) for r in rows], 480, 120), "run_dir": str(run_dir)})
+        (exploit,) = pop.close()
+        return exploit.recipient, exploit.donor
 
     assert interval("loss") == ("m2", "m1")
     assert interval("predicted_final_loss") == ("m1", "m2")

@@ -339,6 +339,22 @@ class Checkpointer:
         dst.storage.commit_bytes(f"{step_dir(target)}/{MANIFEST}", clone.to_json())
         return clone
 
+    def adopt(self, donor_uri: str, step: int, meta: dict | None = None) -> Manifest:
+        """A search member exploits the donor at a boundary: this root gets a clone of the donor's
+        checkpoint of `step` and keeps none of its own older lineage but what other clones read
+        (its step numbers may run past the donor's: they must not look newer). A clone of the
+        same source already here is kept, so a decision carried out again changes nothing."""
+        donor = Checkpointer(donor_uri)
+        clone = None
+        if step in self.committed_steps():
+            here = self.read_manifest(step)
+            clone = here if here.meta.get("cloned_from") == {"uri": donor.location, "step": step} else None
+        clone = clone or donor.clone(step, self, meta=meta)
+        others = [self.info(s) for s in self.committed_steps() if s != clone.step]
+        for old in decide_retention(others, RetentionPolicy(keep_last=0)).delete:
+            self._delete(step_dir(old))
+        return clone
+
     @property
     def location(self) -> str:
         """This root as a URI any process can open: an absolute path on local disks."""

@@ -133,6 +133,7 @@ class CheckpointService:
         self.reports: list[dict[str, Any]] = []
         self.draining: set[str] = set()  # node ids with a preemption notice
         self.frozen = False  # the run is being stopped: no more snapshots
+        self.pins: dict[int, Snapshot] = {}  # samples -> a search member's boundary state that others may load (`persist`)
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="elastune-persist")
         self.sealer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="elastune-seal")  # its own: writers wait on it
         threading.Thread(target=self._persist_loop, name="elastune-persist", daemon=True).start()
@@ -243,6 +244,55 @@ class CheckpointService:
             self.cv.wait_for(lambda: self.tier0 is not None and self.tier0.step >= step, timeout=timeout_s)
             snap = self.tier0
         return snap.handle() if snap is not None and snap.step == step else None
+
+    # ------------------------------------------------------------------ a search member's boundaries (tune.coordinator)
+
+    def persist(self, samples: int, timeout_s: float) -> dict[str, Any]:
+        """Make the complete in-memory snapshot at `samples` durable (unless it is already), pin it
+        (`pinned`, for members that exploit this one) and wait until it is committed. Returns
+        {"uri", "step", "content_hash"} once it is durable here, or {"uri", "error"}."""
+        with self.cv:
+            self.cv.wait_for(lambda: self.tier0 is not None and self.tier0.header["samples_seen"] >= samples, timeout=timeout_s)
+            self._send_rows([], now=True)  # the interval's rows (they travel with snapshots) with the run's sink
+            snap = self.tier0
+            if snap is None or snap.header["samples_seen"] != samples:
+                return {"uri": self.ckpt.uri, "error": f"no complete in-memory snapshot at {samples} samples"}
+            self.pins[samples] = snap
+            self._persist_tier0("boundary")
+            self.cv.wait_for(lambda: not self.queue and not self.busy, timeout=timeout_s)
+        if snap.step not in self.ckpt.committed_steps():
+            return {"uri": self.ckpt.uri, "error": f"step {snap.step} is not durable"}
+        return {
+            "uri": self.ckpt.uri,
+            "step": snap.step,
+            "content_hash": self.ckpt.content_hash(self.ckpt.read_manifest(snap.step)),
+        }
+
+    def pinned(self, samples: int) -> dict[str, Any] | None:
+        """The pinned snapshot at `samples` (`persist`), for another member to load in place."""
+        snap = self.pins.get(samples)
+        return None if snap is None else snap.handle()
+
+    def unpin(self, samples: int) -> None:
+        self.pins.pop(samples, None)
+
+    def adopt(self, donor_uri: str, step: int, meta: dict[str, Any]) -> dict[str, Any]:
+        """This member exploits a donor: its root gets a clone of the donor's durable checkpoint of
+        `step` (Checkpointer.adopt), and the in-memory snapshot of its own state there is dropped,
+        so a restart from here on resumes from the donor's state. Returns {"uri", "step",
+        "content_hash", "bytes"}."""
+        with self.cv:
+            self.cv.wait_for(lambda: not self.queue and not self.busy)
+            self._send_rows([], now=True)  # the interval's rows (they travel with snapshots) with the run's sink
+            clone = self.ckpt.adopt(donor_uri, step, meta)
+            if self.tier0 is not None and self.tier0.header["samples_seen"] <= clone.samples_seen:
+                self.tier0 = None
+        return {
+            "uri": self.ckpt.uri,
+            "step": clone.step,
+            "content_hash": self.ckpt.content_hash(clone),
+            "bytes": len(clone.to_json()),  # what the clone wrote: its manifest, no payload
+        }
 
     # ------------------------------------------------------------------ tier 1
 

@@ -45,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser(
         "tune",
         help="population-based search over the job's schedule (its tune: section)",
-        description="Search the job's schedule with population-based training on Ray Tune (docs/tuning.md).",
+        description="Search the job's schedule with population-based training on Ray Tune (docs/tuning.md). "
+        "Resumes the newest unfinished search of the same spec (its driver died) unless --fresh.",
     )
     tune.add_argument("job", help="job spec YAML with a tune: section")
+    tune.add_argument("--fresh", action="store_true", help="start a new search even if an unfinished one of this spec exists")
     tune.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     tune.add_argument("--verbose", action="store_true", help="show Ray Tune's own progress and Ray's logs")
     tune.set_defaults(handler=cmd_tune)
@@ -194,7 +196,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from elastune.tune.driver import run_tune
 
     console = Console(soft_wrap=True)
-    outcome = run_tune(spec, spec_dir_of(args.job), address=args.address, console=console, verbose=args.verbose)
+    outcome = run_tune(spec, spec_dir_of(args.job), address=args.address, console=console, verbose=args.verbose, fresh=args.fresh)
     if outcome.status == "succeeded":
         console.print(f"Done in {outcome.seconds:.1f} s. Search directory: {outcome.tune_dir}", highlight=False)
         return EXIT_OK

@@ -161,7 +161,7 @@ EXPORTED: dict[type[ev.Event], Callable[[RunMetrics, Any], None] | None] = {
         ),
         None,
     ),
-    **dict.fromkeys((ev.Fresh, ev.DataPrepared, ev.Resume, ev.End, ev.Exploit), None),
+    **dict.fromkeys((ev.Fresh, ev.DataPrepared, ev.Resume, ev.End, ev.Exploit, ev.Boundary), None),
 }
 
 

@@ -99,7 +99,11 @@ class TuneSpec(Strict):
         "sqrt", description="How the peak lr follows a changed global batch: linear (SGD), sqrt (Adam) or none."
     )
     max_concurrent_trials: int | None = Field(
-        None, ge=1, le=256, description="Trials running at once; default: as many as the cluster's CPUs hold."
+        None,
+        ge=1,
+        le=256,
+        description="Trials running at once (wsd_branches); default: as many as the cluster's CPUs hold. A pbt "
+        "population's members all run at once.",
     )
     search: dict[str, SearchRange] = Field(
         default_factory=dict, description=f"Searched values by spec path (pbt): {', '.join(SEARCHABLE)}."
@@ -114,6 +118,12 @@ class TuneSpec(Strict):
                 )
             if not self.search:
                 raise ValueError(f"tune.search is empty; name at least one of {', '.join(SEARCHABLE)}")
+            if self.max_concurrent_trials is not None and self.max_concurrent_trials < self.population:
+                raise ValueError(
+                    f"tune.max_concurrent_trials ({self.max_concurrent_trials}) is below tune.population "
+                    f"({self.population}): a population's members all train at once and meet at every boundary; "
+                    f"remove max_concurrent_trials or lower the population"
+                )
         else:
             if not self.budgets:
                 raise ValueError(

@@ -87,7 +87,9 @@ class PublishController(ControllerCallback, WorkerGroupCallback):
         ray.get(ray.get_actor(self.sink_name).add_placement_group.remote(group))
 
 
-def make_trainer(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, driver_node: str, console: Console):
+def make_trainer(
+    spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, driver_node: str, console: Console, member: Any = None
+):
     """Ray Train's trainer for the run: every worker runs `run_worker`; recovery restart lets Ray
     Train restart the group (max_failures restarts) and resize it between min and max workers;
     recovery live runs every worker as its own torchft replica group, under train.failure_policy."""
@@ -127,6 +129,8 @@ def make_trainer(spec: JobSpec, spec_dir: str, run_id: str, run_dir: RunDir, dri
             service_name=service_name(run_id),
             run_id=run_id,
             driver_node=driver_node,
+            member=None if member is None else member.__dict__,
+            run_dir=str(run_dir.path),
         ).__dict__,
         torch_config=torch_config,
         scaling_config=ScalingConfig(  # type: ignore[call-arg]  # Ray Train v2's ScalingConfig (elastic num_workers); mypy reads v1's

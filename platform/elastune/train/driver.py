@@ -67,9 +67,12 @@ def run_job(
     console: Console | None = None,
     verbose: bool = False,
     observe: Callable[[list[Row], list[Event]], None] | None = None,
+    member: Any = None,
 ) -> RunOutcome:
     """Train `spec` to its stop; `observe(rows, events)`, when given, sees every batch of metrics
-    rows and events as the driver drains them (a search forwards its trials' to its exporter).
+    rows and events as the driver drains them (a search forwards its trials' to its exporter);
+    `member` (train.member.MemberLink): the run is a search member, which meets its population at
+    every interval boundary.
 
     Before anything starts, the run takes its checkpoint root's lease (LeaseHeld: another run
     holds it) and decides what to do with the checkpoint there (train.resume): a checkpoint of
@@ -85,7 +88,7 @@ def run_job(
     lease = Lease(ckpt.storage, this_process(run_id, spec.name))
     lease.acquire()
     try:
-        return _run(spec, spec_dir, recipe, run_id, ckpt, lease, address, fresh, console, verbose, observe)
+        return _run(spec, spec_dir, recipe, run_id, ckpt, lease, address, fresh, console, verbose, observe, member)
     finally:
         lease.release()
 
@@ -102,6 +105,7 @@ def _run(
     console: Console,
     verbose: bool,
     observe,
+    member,
 ) -> RunOutcome:
     for event in (events := settle_root(ckpt, lease, fresh)):
         console.print(describe_event(event), highlight=False)
@@ -134,7 +138,7 @@ def _run(
         start = {"step": resume.step, "samples_seen": resume.samples_seen} if resume else {"step": 0, "samples_seen": 0}
         tokens = spec.data.window - 1 if recipe.dataset is None else None  # predicted tokens per token window
         with StopRequest() as stop:
-            return _train(spec, spec_dir, run_id, run_dir, console, start, tokens, observe, lease, stop)
+            return _train(spec, spec_dir, run_id, run_dir, console, start, tokens, observe, lease, stop, member)
     finally:
         if connected:
             ray.shutdown()
@@ -151,6 +155,7 @@ def _train(
     observe,
     lease: Lease,
     stop: StopRequest,
+    member=None,
 ) -> RunOutcome:
     # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
     # default), so a run's end and a dead worker are noticed up to that late. 0.5 s costs the
@@ -159,7 +164,7 @@ def _train(
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_S))
     actors = RunActors.start(spec, run_id, tokens_per_sample, console)
     sink, service, exporter = actors.sink, actors.service, actors.exporter
-    trainer = make_trainer(spec, spec_dir, run_id, run_dir, actors.driver_node, console)
+    trainer = make_trainer(spec, spec_dir, run_id, run_dir, actors.driver_node, console, member)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:

@@ -31,6 +31,7 @@ from elastune.train.evaluate import evaluation_of
 from elastune.train.faults import FaultInjector
 from elastune.train.fsdp import fsdp_step, shard_model
 from elastune.train.group import Group, Membership, StaticGroup
+from elastune.train.member import MemberLink, MemberWorker
 from elastune.train.memory import Held, held
 from elastune.train.optim import set_hyper
 from elastune.train.precision import LossScale, check_step, compile_model
@@ -52,6 +53,8 @@ class WorkerConfig:
     service_name: str
     run_id: str
     driver_node: str  # Ray node id of the driver's node (where the run's actors live)
+    member: dict[str, Any] | None = None  # a search member's link to its population (train.member.MemberLink)
+    run_dir: str = ""
 
 
 def run_worker(config: dict[str, Any]) -> None:
@@ -100,18 +103,34 @@ def run_worker(config: dict[str, Any]) -> None:
         )
     )
     stats = grads or StepStats(device)
-    progress, restored = restore(service, Checkpointer(spec.checkpoint_path), state, keep_partial=live)
+    ckpt = Checkpointer(spec.checkpoint_path)
+    progress, restored = restore(service, ckpt, state, keep_partial=live)
+    member = MemberWorker(MemberLink(**job.member), job.service_name, job.run_dir) if job.member else None
+    trains = spec if member is None else member.spec_at(progress.samples_seen)  # a search member's own values (train.member)
+
+    def load(handle: dict[str, Any] | None) -> tuple[Progress, int]:  # a donor's state, at a search member's boundary
+        if handle is not None:
+            return progress_of(load_snapshot(handle, state)[0]), 0
+        mine, found = restore(service, ckpt, state)
+        return mine, found["resumed_from_tier"]
+
     if not live or ray.get(sink.claim.remote("start")):  # a live group's replacements only join
         first = step_values(spec, progress.samples_seen).global_batch_size
         for event in announce(batch_plan(first, spec.batch.micro_batch_size, workers), restored, dataset_identity(source)):
             report.emit(event)
     base = snapshot_base(spec, state.layout.name, dataset_identity(source))
 
-    def header(p: Progress, durable: bool = False, loss: float | None = None) -> dict[str, Any]:
-        meta = (
-            {**base["meta"], "metrics": {"loss": loss}} if loss is not None else base["meta"]
-        )  # loss ranks checkpoints for keep_best
+    def header(
+        p: Progress, durable: bool = False, loss: float | None = None, boundary: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        meta = {**base["meta"], "metrics": {"loss": loss}} if loss is not None else base["meta"]  # loss ranks for keep_best
+        if boundary is not None:  # a search member's report there: a worker restarted at the boundary sends the same
+            meta = {**meta, "boundary_report": boundary}
         return {**base, "step": p.step, "samples_seen": p.samples_seen, "durable": durable, "meta": meta}
+
+    if member is not None and member.due(progress.samples_seen):  # restarted at a boundary: its decision first
+        trains, progress, met = member.meet(progress, restored.get("boundary_report"), load)
+        report.emit(met)
 
     group: Group
     if live:
@@ -161,7 +180,7 @@ def run_worker(config: dict[str, Any]) -> None:
         progress, rank, world = group.begin(progress)  # live: this step's quorum; a worker behind heals here
         if progress.samples_seen >= budget:
             break
-        values = step_values(spec, progress.samples_seen)  # peak lr x schedule, weight decay, global batch (spec phases)
+        values = step_values(trains, progress.samples_seen)  # peak lr x schedule, weight decay, global batch (spec phases)
         plan, lr = batch_plan(values.global_batch_size, spec.batch.micro_batch_size, world), values.lr
         set_hyper(state.optimizer, lr, values.weight_decay)
         started, started_at = time.perf_counter(), time.time()
@@ -175,20 +194,38 @@ def run_worker(config: dict[str, Any]) -> None:
             report.failed(progress.step + 1, world, started_at, group.error())
             continue
         progress = progress.advance(plan.global_batch_size)
-        durable = progress.step % c.every_steps == 0 or progress.samples_seen >= budget
         seconds = time.perf_counter() - started
-        report.committed(metrics_row(progress, result, lr, plan, seconds), plan)
+        row = metrics_row(progress, result, lr, plan, seconds)
+        report.committed(row, plan)
+        if member is not None:
+            member.keep(row)
+        boundary = member.report(step, rank, world, sharded) if member and member.due(progress.samples_seen) else None
+        # A search member's boundary becomes durable once the population has decided (tune.coordinator).
+        durable = progress.samples_seen >= budget or (progress.step % c.every_steps == 0 and boundary is None)
         if report.memory_due:  # after the first step: the optimizer's state exists from then on
             mine = held(model, state.optimizer, None if grads is None else grads.storage)
             report.memory(replica, progress.step, world, mine, state.layout.name)
         pace.settle(stats.pace.tolist(), seconds, snapshots.drain_costs())
-        if durable or snapshot_due(progress.step, pace.interval):
+        if durable or snapshot_due(progress.step, pace.interval) or boundary is not None:
             pieces = state_pieces(state)
             turn = progress.step // (pace.interval or c.every_steps)
             writer = None if live else snapshot_writer(pieces, turn, world)  # a live group heals from every rank's share
             snapshots.take(
-                header(progress, durable, result.loss), pieces, rank, world, report.rows_for_snapshot(rank, writer), live, writer
+                header(progress, durable, result.loss, boundary),
+                pieces,
+                rank,
+                world,
+                report.rows_for_snapshot(rank, writer),
+                live,
+                writer,
             )
+        if member is not None and boundary is not None:
+            snapshots.wait()  # the boundary's state is with the service before the population hears of it
+            report.flush(wait=True)  # and the interval's rows with the run's sink (the driver writes them on its next drain)
+            trains, progress, met = member.meet(progress, boundary, load)
+            report.emit(met)
+            if met.stop:
+                break
         if live and node in snapshots.draining:  # a preemption notice for this node: leave at this step boundary
             reason = "its node is draining (preemption notice)"
             report.emit(Leave(time=time.time(), replica=replica, node=node, step=progress.step, reason=reason))
@@ -215,7 +252,7 @@ def announce(plan: BatchPlan, restored: dict[str, Any], dataset: dict[str, Any])
     """What a worker group says as it starts: its plan and what `restore` found, then a loud
     warning for each corrupt checkpoint passed over and for a dataset that changed since."""
     now = time.time()
-    found = {k: v for k, v in restored.items() if k not in ("dataset", "skipped_checkpoints")}
+    found = {k: v for k, v in restored.items() if k not in ("dataset", "skipped_checkpoints", "boundary_report")}
     out: list[Event] = [
         Start(time=now, world_size=plan.world_size, plan=plan.describe(), micro_batches=tuple(plan.counts()), **found)
     ]
@@ -272,6 +309,7 @@ def restore(service, ckpt: Checkpointer, state: TrainState, keep_partial: bool =
         "load_seconds": round(time.perf_counter() - started, 4),
         "load_bytes": nbytes,
         "skipped_checkpoints": skipped,
+        "boundary_report": manifest.meta.get("boundary_report"),  # a search member's (train.member)
     }
 
 
@@ -417,8 +455,11 @@ class Reporter:
         rows, self.rows = self.rows, []
         return rows if self.live or rank == (writer or 0) else None
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
+        """Rows kept so far to the sink (`wait`: and in it before this returns)."""
         if self.rows:
-            self.sink.record.remote(self.rows, self.live)
+            sent = self.sink.record.remote(self.rows, self.live)
             self.rows = []
+            if wait:
+                ray.get(sent)
         self.flushed = time.monotonic()

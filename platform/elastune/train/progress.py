@@ -159,4 +159,13 @@ CONSOLE: dict[type[ev.Event], Callable[[Any], str | None]] = {
     ev.End: _quiet,  # `elastune run` prints the outcome
     ev.Population: _quiet,  # the tuner's own lines
     ev.Exploit: _quiet,
+    ev.Boundary: lambda e: (
+        f"Boundary at {e.samples_seen:,} samples (waited {e.waited_seconds:.2f} s): "
+        + (
+            f"took {_text(e.donor)}'s state ({'from its memory' if e.tier == 0 else 'from the clone in this root'}, "
+            f"{e.load_seconds:.3f} s)"
+            if e.donor
+            else ("the search ended" if e.stop else "goes on")
+        )
+    ),
 }

@@ -94,7 +94,7 @@ NOT_COUNTED: frozenset[type[ev.Event]] = frozenset(
         ev.Preemption,
         ev.RunWarning,
     }
-    | {ev.LeaseTakenOver, ev.Fresh, ev.DataPrepared, ev.Resume, ev.End, ev.Population, ev.Exploit}
+    | {ev.LeaseTakenOver, ev.Fresh, ev.DataPrepared, ev.Resume, ev.End, ev.Population, ev.Exploit, ev.Boundary}
 )
 
 

@@ -1,15 +1,18 @@
 """`elastune tune JOB`: population-based search over schedules on Ray Tune.
 
-Lays out the search directory, checks the search space, joins or starts Ray, and runs a Tuner
-whose search algorithm is the population (search.py) and whose trials are intervals of Elastune
-runs (segment.py). Results, in <output_dir>/<job>/tune-<id>/:
+Lays out the search directory (or finds the unfinished one to resume), checks the search space,
+joins or starts Ray, and runs a Tuner: for pbt, one trial per member for the whole search (a run
+that stays up, train.member) and the population actor they meet at each boundary
+(tune.coordinator); for wsd_branches, the trunk's and branches' stretches (tune.branches).
+Results, in <output_dir>/<job>/tune-<id>/:
 
   spec.yaml      the job as searched (paths resolved)
-  lineage.json   every interval of every member (values, fitness, run directory, checkpoint
-                 pointer) and every exploit (donor -> recipient, samples, state hashes, diff)
+  lineage.json   every interval of every member (values, fitness, run directories, checkpoint
+                 pointer) and every exploit (donor -> recipient, samples, state hashes, diff),
+                 with the population's state a resumed search goes on from
   best.yaml      the best member's whole schedule as a job spec: `elastune run best.yaml`
                  trains it from scratch to the end (its changes are `phases`)
-  runs/          each interval's run directory; checkpoints/ the members' roots; ray/ Tune's own
+  runs/          the members' run directories; checkpoints/ their roots; ray/ Tune's own
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import functools
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,16 +33,19 @@ from rich.console import Console
 import ray
 from elastune.cluster import connect_ray
 from elastune.data.prepare import ensure_prepared
-from elastune.events import Population
+from elastune.errors import SpecError
+from elastune.events import Exploit, Population
 from elastune.metrics.exporter import RunExporter
 from elastune.recipes import load_recipe
+from elastune.spec.load import validate_spec
 from elastune.spec.models import JobSpec
 from elastune.train.driver import resolve_paths
 from elastune.train.run_dir import new_run_id
 from elastune.tune.branches import BRANCHES, BranchSearcher, fork_points
+from elastune.tune.coordinator import coordinator_name, start_coordinator
 from elastune.tune.population import check_search
-from elastune.tune.search import LINEAGE, PopulationSearcher, SearchPlan
-from elastune.tune.segment import train_segment
+from elastune.tune.search import LINEAGE, PopulationSearcher, SearchPlan, read_json
+from elastune.tune.segment import train_member, train_segment
 
 TRIAL_CPUS = 0.01  # a trial only waits for its Ray Train run, whose workers ask for their own CPUs (Tune wants > 0)
 
@@ -53,8 +60,16 @@ class TuneOutcome:
 
 
 def run_tune(
-    spec: JobSpec, spec_dir: str, *, address: str | None = None, console: Console | None = None, verbose: bool = False
+    spec: JobSpec,
+    spec_dir: str,
+    *,
+    address: str | None = None,
+    console: Console | None = None,
+    verbose: bool = False,
+    fresh: bool = False,
 ) -> TuneOutcome:
+    """Run the search; a population search whose driver died (an unfinished search directory of
+    the same spec) is resumed unless `fresh`."""
     console = console or Console()
     check_search(spec)
     spec = resolve_paths(spec)
@@ -65,25 +80,41 @@ def run_tune(
     recipe = load_recipe(spec.model, spec_dir, spec.data.path)
     if recipe.dataset is None:
         ensure_prepared(spec.data)  # once, before members start side by side
-    tune_dir = Path(spec.output_dir) / spec.name / f"tune-{new_run_id()}"
-    tune_dir.mkdir(parents=True)
     raw = spec.to_dict()
-    (tune_dir / "spec.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    console.print(f"Search directory: {tune_dir}", highlight=False)
+    resumed = None if fresh or t.mode != "pbt" else unfinished_search(spec)
+    if resumed is not None:
+        tune_dir = resumed
+        console.print(
+            f"Resuming the unfinished search {tune_dir} (its driver stopped); its members resume from their checkpoints. "
+            f"To start over instead: --fresh",
+            highlight=False,
+        )
+    else:
+        tune_dir = Path(spec.output_dir) / spec.name / f"tune-{new_run_id()}"
+        tune_dir.mkdir(parents=True)
+        (tune_dir / "spec.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        console.print(f"Search directory: {tune_dir}", highlight=False)
     per_member = spec.scaling.max_workers * spec.scaling.cpus_per_worker
     side_by_side = t.population if t.mode == "pbt" else 2  # wsd_branches: the trunk and the branch it just forked
     started_ray = connect_ray(spec, address, console, verbose, cpus=side_by_side * (per_member + TRIAL_CPUS) + 1)
     started = time.time()
     exporter = None
     try:
-        exporter = search_exporter(spec, tune_dir.name, console)
+        prior = (read_json(tune_dir / LINEAGE) or {}) if resumed is not None else {}
+        exporter = search_exporter(spec, tune_dir.name, console, [e["recipient"] for e in prior.get("exploits", [])])
         plan = SearchPlan(raw, str(tune_dir), None if exporter is None else exporter.name)
         room = ray.cluster_resources().get("CPU", 1) - side_by_side * TRIAL_CPUS
         concurrent = t.max_concurrent_trials or max(1, min(side_by_side, int(room // per_member)))
         if t.mode == "pbt":
+            if room // per_member < t.population:
+                raise SpecError(
+                    f"tune.population is {t.population}, whose members all train at once ({per_member:g} CPUs each: "
+                    f"scaling.max_workers x scaling.cpus_per_worker), but the cluster holds {int(room // per_member)}; "
+                    f"lower tune.population or scaling.max_workers, or add nodes"
+                )
             console.print(
                 f"Population {t.population}, {len(plan.boundaries())} intervals of {t.interval_samples:,} samples, "
-                f"{concurrent} member(s) at a time.",
+                f"every member one run for the whole search.",
                 highlight=False,
             )
         else:
@@ -92,7 +123,7 @@ def run_tune(
                 f"WSD branches for budgets {', '.join(f'{b:,}' for b in t.budgets)} samples from one constant-lr trunk.",
                 highlight=False,
             )
-        error = _fit(plan, spec_dir, concurrent, console, verbose)
+        error = _fit(plan, spec_dir, concurrent, console, verbose, resumed is not None)
     finally:
         if exporter is not None:
             exporter.close(tune_dir / "metrics.prom")
@@ -100,7 +131,7 @@ def run_tune(
             ray.shutdown()
     if t.mode == "wsd_branches":
         return _branches_outcome(tune_dir, console, round(time.time() - started, 3), error)
-    lineage = json.loads((tune_dir / LINEAGE).read_text()) if (tune_dir / LINEAGE).exists() else {}
+    lineage = read_json(tune_dir / LINEAGE) or {}
     best = lineage.get("best")
     if best:
         (tune_dir / "best.yaml").write_text(yaml.safe_dump(best["spec"], sort_keys=False))
@@ -143,9 +174,10 @@ def _branches_outcome(tune_dir: Path, console: Console, seconds: float, error: s
     return _finished(TuneOutcome(tune_dir, "succeeded" if ok else "failed", None, seconds, record.get("error") or error))
 
 
-def search_exporter(spec: JobSpec, search_id: str, console: Console) -> RunExporter | None:
+def search_exporter(spec: JobSpec, search_id: str, console: Console, exploited: Sequence[str] = ()) -> RunExporter | None:
     """The search's Prometheus exporter (`metrics:` in the spec; run label: the search's id):
-    population size, each trial's loss and lr as it trains, exploits per trial. Trials find it by
+    population size, each trial's loss and lr as it trains, exploits per trial (`exploited`: the
+    recipients of a resumed search's exploits so far, so its counts go on). Trials find it by
     name; their own runs serve no exporter."""
     m, t = spec.metrics, spec.tune
     if not m.enabled:
@@ -158,8 +190,9 @@ def search_exporter(spec: JobSpec, search_id: str, console: Console) -> RunExpor
     )
     if t.mode == "pbt":
         exporter.observe([], [Population(time=time.time(), size=t.population)])
-        for i in range(t.population):
-            exporter.actor.observe_trial.remote(f"m{i}", [], [])  # every trial's exploit count starts at 0
+        for i in range(t.population):  # every trial's exploit count starts at 0, or where a resumed search's stood
+            before = [Exploit(time=time.time(), recipient=f"m{i}", donor="") for m in exploited if m == f"m{i}"]
+            exporter.actor.observe_trial.remote(f"m{i}", [], before)
     else:
         assert t.budgets is not None  # TuneSpec requires them of wsd_branches
         trunk_and_branches = Population(time=time.time(), size=len(t.budgets) + 1)
@@ -168,7 +201,24 @@ def search_exporter(spec: JobSpec, search_id: str, console: Console) -> RunExpor
     return exporter
 
 
-def _fit(plan: SearchPlan, spec_dir: str, concurrent: int, console: Console, verbose: bool) -> str | None:
+def unfinished_search(spec: JobSpec) -> Path | None:
+    """The newest search directory of this very spec that has a population's state but no
+    result (its driver died mid-search), if any."""
+    raw = spec.to_dict()
+    for folder in sorted((Path(spec.output_dir) / spec.name).glob("tune-*"), reverse=True):
+        lineage = read_json(folder / LINEAGE)
+        if (folder / "result.json").exists() or lineage is None or "state" not in lineage:
+            continue
+        try:
+            same = validate_spec(yaml.safe_load((folder / "spec.yaml").read_text())).to_dict() == raw
+        except (OSError, yaml.YAMLError, SpecError):
+            same = False
+        if same:
+            return folder
+    return None
+
+
+def _fit(plan: SearchPlan, spec_dir: str, concurrent: int, console: Console, verbose: bool, resume: bool) -> str | None:
     from ray import tune
 
     if not verbose:
@@ -178,26 +228,39 @@ def _fit(plan: SearchPlan, spec_dir: str, concurrent: int, console: Console, ver
     spec = plan.spec
     t = spec.tune
     assert t is not None  # the searched job (run_tune)
-    window = t.fitness_samples or max(1, (t.interval_samples or 4) // 4)  # wsd_branches: each trial says its own
-    trainable = functools.partial(
-        train_segment,
-        spec_dir=spec_dir,
-        fitness_samples=window,
-        log_dir=str(Path(plan.tune_dir) / "logs"),
-        fitness_of=spec.search_fitness,
-    )
+    log_dir = str(Path(plan.tune_dir) / "logs")
+    searcher: PopulationSearcher | BranchSearcher
+    if t.mode == "pbt":
+        name = coordinator_name(Path(plan.tune_dir).name)
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        coordinator = start_coordinator(plan, Path(plan.tune_dir).name, resume, here)
+        searcher = PopulationSearcher(plan, name, ray.get(coordinator.configs.remote()))
+        trainable: Any = functools.partial(
+            train_member,
+            spec_dir=spec_dir,
+            log_dir=log_dir,
+            coordinator=name,
+            boundaries=tuple(plan.boundaries()),
+            held_out=spec.search_fitness == "eval_loss",
+        )
+        concurrent = t.population  # every member stays up (run_tune checked the cluster holds them)
+    else:
+        searcher = BranchSearcher(plan)
+        trainable = functools.partial(
+            train_segment, spec_dir=spec_dir, fitness_samples=plan.window, log_dir=log_dir, fitness_of=spec.search_fitness
+        )
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": TRIAL_CPUS}),
         tune_config=tune.TuneConfig(
             # Tune pickles the search algorithm with its own state: it prints with print().
-            search_alg=PopulationSearcher(plan) if t.mode == "pbt" else BranchSearcher(plan),
+            search_alg=searcher,
             num_samples=-1,
             max_concurrent_trials=concurrent,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
-            name=Path(plan.tune_dir).name,
+            name=f"{Path(plan.tune_dir).name}-{new_run_id()}" if resume else Path(plan.tune_dir).name,
             storage_path=str(Path(plan.tune_dir) / "ray"),
             verbose=1 if verbose else 0,
             failure_config=tune.FailureConfig(max_failures=spec.scaling.max_failures if spec.scaling.max_failures >= 0 else -1),
@@ -210,4 +273,6 @@ def _fit(plan: SearchPlan, spec_dir: str, concurrent: int, console: Console, ver
 
 
 def _trial_name(trial) -> str:
-    return f"{trial.config['member']}-interval{trial.config['generation'] + 1}-{trial.trial_id}"
+    if "generation" in trial.config:  # a wsd_branches stretch
+        return f"{trial.config['member']}-interval{trial.config['generation'] + 1}-{trial.trial_id}"
+    return f"{trial.config['member']}-{trial.trial_id}"

@@ -33,5 +33,15 @@ def path_of(lineage: dict[str, Any], member: str) -> list[dict[str, Any]]:
 
 
 def stitched(lineage: dict[str, Any], member: str) -> list[Row]:
-    """Metrics rows of `member`'s lineage, in order (each interval's run directory in turn)."""
-    return [r for segment in path_of(lineage, member) for r in read_rows(Path(segment["run_dir"]))]
+    """Metrics rows of `member`'s lineage, in order: each interval's steps, from the run
+    directories of the member that trained it (a later run's row of a step, redone after a
+    restart, replaces an earlier one's)."""
+    out: list[Row] = []
+    for segment in path_of(lineage, member):
+        steps: dict[int, Row] = {}
+        for run_dir in segment["run_dirs"]:
+            for row in read_rows(Path(run_dir)):
+                if segment["from_samples"] < row.samples_seen <= segment["to_samples"]:
+                    steps[row.step] = row
+        out += [steps[s] for s in sorted(steps)]
+    return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +32,14 @@ ALWAYS = ("optimizer.lr", "batch.global_batch_size")  # tied by tune.lr_scaling,
 class Member:
     id: str
     values: dict[str, Any]
-    root: str  # checkpoint root its next interval trains into
+    root: str  # its checkpoint root, for the whole search
     history: list[dict[str, Any]] = field(default_factory=list)  # [{"from_samples", "values"}] along its lineage
+    service: str | None = None  # its run's checkpoint service (the actor's name), once it has reported
+    runs: list[str] = field(default_factory=list)  # its run directories, in order (a restarted trial adds one)
+
+    def values_at(self, samples: int) -> dict[str, Any]:
+        """What it trains with from `samples` on: the newest history entry that has begun."""
+        return next(h["values"] for h in reversed(self.history) if h["from_samples"] <= samples)
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,18 @@ class Exploit:
     samples: int
     values: dict[str, Any]
     diff: dict[str, tuple[Any, Any]]  # path -> (donor's value, recipient's new value)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a member does at a boundary: go on with `values`, after loading `donor`'s state there
+    (from its checkpoint service `donor_service`, or the clone in its own root) if `donor`; or,
+    `stop`, end its run (the search ended without it)."""
+
+    values: dict[str, Any]
+    donor: str | None = None
+    donor_service: str | None = None
+    stop: bool = False
 
 
 def space_of(tune: TuneSpec) -> list[Dimension]:
@@ -130,7 +148,12 @@ def fitness(rows: Iterable[Row], end_samples: int, window_samples: int) -> float
     """Mean loss of the steps that started within the last `window_samples` before `end_samples`.
     Each step's loss is measured before its update on samples the model has not yet trained on in
     this epoch, so it estimates held-out loss. A diverged member (no finite loss) is +inf."""
-    losses = [r.loss for r in rows if r.samples_seen - r.global_batch_size >= end_samples - window_samples]
+    return loss_fitness([(r.samples_seen, r.global_batch_size, r.loss) for r in rows], end_samples, window_samples)
+
+
+def loss_fitness(steps: Iterable[Sequence[float]], end_samples: int, window_samples: int) -> float:
+    """`fitness` of steps given as (samples_seen, global batch, loss), as a member reports them."""
+    losses = [loss for samples, batch, loss in steps if samples - batch >= end_samples - window_samples]
     if not losses or not all(math.isfinite(x) for x in losses):
         return math.inf
     return sum(losses) / len(losses)

@@ -1,5 +1,7 @@
-"""One Tune trial: a member trains one interval as an ordinary Elastune run (Ray Train workers,
-exact global batch, resumable at any world size) and reports its fitness.
+"""Tune trials. `train_member` (pbt): a member's run for the whole search, meeting its population
+at every boundary (train.member). `train_segment` (wsd_branches): a trunk or branch trains one
+stretch as an ordinary Elastune run (Ray Train workers, exact global batch, resumable at any
+world size) and reports its fitness.
 
 The run resumes from the member's checkpoint root (its own last interval's end, or the clone of
 a donor's) and stops at the interval's end, which it makes durable. Tune is handed a pointer to
@@ -23,6 +25,7 @@ from elastune.events import Event, Row, read_rows
 from elastune.spec.load import validate_spec
 from elastune.train.driver import run_job
 from elastune.train.evaluate import checkpoint_eval_loss
+from elastune.train.member import MemberLink
 from elastune.tune.population import fitness
 
 POINTER = "elastune-checkpoint.json"
@@ -65,6 +68,51 @@ def train_segment(config: dict[str, Any], *, spec_dir: str, fitness_samples: int
         "member": config["member"],
         "generation": config["generation"],
         "run_dir": str(outcome.run_dir),
+        "elastune_checkpoint": pointer,  # ("checkpoint" is a key Tune keeps for itself)
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / POINTER).write_text(json.dumps(pointer))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def train_member(
+    config: dict[str, Any], *, spec_dir: str, log_dir: str, coordinator: str, boundaries: tuple[int, ...], held_out: bool
+) -> None:
+    """A member's trial: its run from wherever its root stands to the budget. A trial Tune retries
+    resumes from the root (the last durable boundary, or a step after it)."""
+    import ray
+    from ray import tune
+
+    member = config["member"]
+    spec = validate_spec(config["spec"])
+    link = MemberLink(coordinator, member, tuple(boundaries), held_out)
+    log = Path(log_dir) / f"{member}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    observe = trial_observer(config["metrics_actor"], member) if config.get("metrics_actor") else None
+    with log.open("a") as out:
+        outcome = run_job(spec, spec_dir, console=Console(file=out, width=160, soft_wrap=True), observe=observe, member=link)
+    ckpt = Checkpointer(spec.checkpoint_path)
+    end = ckpt.latest()
+    if outcome.status == "complete" and end is not None:  # ended at the budget before it reported there
+        ray.get(ray.get_actor(coordinator).arrive.remote(member, end.samples_seen, end.meta.get("boundary_report")))
+    elif outcome.status != "succeeded":
+        raise ElastuneError(f"member {member} failed: {outcome.error} (log: {log})")
+    assert end is not None  # a run that succeeded made its final step durable
+    pointer = {
+        "uri": spec.checkpoint_path,
+        "step": end.step,
+        "samples_seen": end.samples_seen,
+        "content_hash": ckpt.content_hash(end),
+    }
+    lineage: Any = ray.get(ray.get_actor(coordinator).lineage.remote())
+    ended = next(s for s in reversed(lineage["segments"]) if s["member"] == member)
+    metrics = {
+        "fitness": ended["fitness"],
+        "eval_loss": ended["eval_loss"],
+        "loss": ended["loss"],
+        "samples_seen": end.samples_seen,
+        "member": member,
+        "run_dir": None if outcome.run_dir is None else str(outcome.run_dir),
         "elastune_checkpoint": pointer,  # ("checkpoint" is a key Tune keeps for itself)
     }
     with tempfile.TemporaryDirectory() as folder:
