@@ -26,7 +26,7 @@ runs' checkpoints wrote, and what the clones wrote: manifests only).
 `--against COMMIT`: also the whole PBT search's wall time, each seed, through `elastune tune` in
 a process of its own, on this code and on COMMIT's (a git worktree), one after the other.
 
-    .venv/bin/python tests/bench/bench_pbt_quickstart.py [--seeds 2] [--budget 6400] [--against da6f060]
+    .venv/bin/python tests/bench/bench_pbt_quickstart.py [--seeds 2] [--first-seed 0] [--budget 6400] [--against da6f060]
 """
 
 from __future__ import annotations
@@ -221,6 +221,7 @@ def search_wall_time(platform_dir: Path, raw: dict, workdir: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--budget", type=int, default=6400, help="samples each member trains")
     parser.add_argument("--interval", type=int, default=1600)
     parser.add_argument("--against", help="a commit whose whole-search wall time to measure beside this code's")
@@ -239,7 +240,7 @@ def main() -> None:
     ratios: dict[str, list[float]] = {"pbt": [], "random": []}
     fitness_window = args.interval // 4
     with tempfile.TemporaryDirectory(prefix="bench-pbt-") as workdir:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             pbt_raw = {**base, "seed": seed, "name": f"pbt-{seed}", "tune": {**base["tune"], "interval_samples": args.interval}}
             random_raw = {
                 **base,
@@ -305,7 +306,7 @@ def compare_wall_time(args, base: dict) -> None:
         other = Path(workdir) / "against"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(other), args.against], check=True)
         try:
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 raw = {**base, "seed": seed, "name": f"wall-{seed}", "tune": {**base["tune"], "interval_samples": args.interval}}
                 now = search_wall_time(ROOT / "platform", {**raw, "name": f"now-{seed}"}, workdir)
                 then = search_wall_time(other / "platform", {**raw, "name": f"then-{seed}"}, workdir)

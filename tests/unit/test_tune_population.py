@@ -185,7 +185,8 @@ def test_the_population_closes_synchronous_intervals_and_exploits_by_clone(tmp_p
 
     pop = Population(SearchPlan(tuned(**{"optimizer.lr": LR}).to_dict(), str(tmp_path)))
     assert pop.span() == (0, 480) and pop.ends == [480, 960, 1440, 1920, 2400]
-    assert not _report_all(pop, {"m0": 1.0, "m1": 2.0, "m2": 3.0})  # m3 still trains
+    assert not _report_all(pop, {"m0": None, "m1": 2.0, "m2": 3.0})  # m3 still trains; m0's trial failed
+    assert not _report_all(pop, {"m0": 1.0})  # m0, started again, got there after all: its report replaces the failure
     assert _report_all(pop, {"m3": 4.0, "m0": 9.0})  # a second report (a restarted worker's) does not count
     (exploit,) = pop.close()
     assert (exploit.recipient, exploit.donor, exploit.samples) == ("m3", "m0", 480)
@@ -306,3 +307,40 @@ def test_fitness_is_held_out_loss_by_default_where_the_job_evaluates():
     assert validate_spec(raw).search_fitness == "eval_loss"
     for tune in ({"fitness": "loss"}, {"rank_by": "predicted_final_loss"}):  # chosen, or a ranking held-out loss does not feed
         assert validate_spec(raw | {"tune": raw["tune"] | tune}).search_fitness == "loss"
+
+
+def test_an_unfinished_search_of_the_same_spec_is_found_to_resume(tmp_path):
+    """`elastune tune JOB` again resumes the newest search directory of the same spec that has a
+    population's state, no result, and no driver still running; anything else starts anew."""
+    import dataclasses
+    import json
+
+    import yaml
+
+    from elastune.checkpoint.lease import this_process
+    from elastune.tune.driver import DRIVER, unfinished_search
+
+    raw = tuned(**{"optimizer.lr": LR}).to_dict() | {"output_dir": str(tmp_path)}
+    spec = validate_spec(raw)
+    dead = dataclasses.asdict(this_process("x", "job")) | {"pid": 2**22 + 7, "pid_started": "1"}  # no such process
+
+    def search(name: str, job: dict, lineage: dict | None, driver: dict | None = dead, result: bool = False):
+        folder = tmp_path / raw["name"] / name
+        folder.mkdir(parents=True)
+        (folder / "spec.yaml").write_text(yaml.safe_dump(job))
+        if lineage is not None:
+            (folder / "lineage.json").write_text(json.dumps(lineage))
+        if driver is not None:
+            (folder / DRIVER).write_text(json.dumps(driver))
+        if result:
+            (folder / "result.json").write_text("{}")
+        return folder
+
+    assert unfinished_search(spec) is None
+    state = {"state": {"generation": 1}}
+    wanted = search("tune-20260101-000000-aaaa", raw, state)
+    search("tune-20260102-000000-bbbb", raw, state, result=True)  # finished
+    search("tune-20260103-000000-cccc", raw, {"segments": []})  # written before populations kept their state
+    search("tune-20260104-000000-dddd", raw | {"seed": 99}, state)  # another spec
+    search("tune-20260105-000000-eeee", raw, state, driver=dataclasses.asdict(this_process("y", "job")))  # driven now
+    assert unfinished_search(spec) == wanted

@@ -108,11 +108,11 @@ def run_worker(config: dict[str, Any]) -> None:
     member = MemberWorker(MemberLink(**job.member), job.service_name, job.run_dir) if job.member else None
     trains = spec if member is None else member.spec_at(progress.samples_seen)  # a search member's own values (train.member)
 
-    def load(handle: dict[str, Any] | None) -> tuple[Progress, int]:  # a donor's state, at a search member's boundary
+    def load(handle: dict[str, Any] | None) -> tuple[Progress, int | None]:  # a donor's state, at a search member's boundary
         if handle is not None:
             return progress_of(load_snapshot(handle, state)[0]), 0
         mine, found = restore(service, ckpt, state)
-        return mine, found["resumed_from_tier"]
+        return mine, found.get("resumed_from_tier")
 
     if not live or ray.get(sink.claim.remote("start")):  # a live group's replacements only join
         first = step_values(spec, progress.samples_seen).global_batch_size
@@ -129,7 +129,8 @@ def run_worker(config: dict[str, Any]) -> None:
         return {**base, "step": p.step, "samples_seen": p.samples_seen, "durable": durable, "meta": meta}
 
     if member is not None and member.due(progress.samples_seen):  # restarted at a boundary: its decision first
-        trains, progress, met = member.meet(progress, restored.get("boundary_report"), load)
+        told, progress, met = member.meet(progress, restored.get("boundary_report"), load)
+        trains = told or trains
         report.emit(met)
 
     group: Group
@@ -197,9 +198,7 @@ def run_worker(config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - started
         row = metrics_row(progress, result, lr, plan, seconds)
         report.committed(row, plan)
-        if member is not None:
-            member.keep(row)
-        boundary = member.report(step, rank, world, sharded) if member and member.due(progress.samples_seen) else None
+        boundary = member.after(row, step, rank, world, sharded) if member is not None else None  # its report there
         # A search member's boundary becomes durable once the population has decided (tune.coordinator).
         durable = progress.samples_seen >= budget or (progress.step % c.every_steps == 0 and boundary is None)
         if report.memory_due:  # after the first step: the optimizer's state exists from then on
@@ -222,7 +221,8 @@ def run_worker(config: dict[str, Any]) -> None:
         if member is not None and boundary is not None:
             snapshots.wait()  # the boundary's state is with the service before the population hears of it
             report.flush(wait=True)  # and the interval's rows with the run's sink (the driver writes them on its next drain)
-            trains, progress, met = member.meet(progress, boundary, load)
+            told, progress, met = member.meet(progress, boundary, load)
+            trains = told or trains
             report.emit(met)
             if met.stop:
                 break

@@ -66,13 +66,14 @@ class MemberWorker:
     def due(self, samples: int) -> bool:
         return samples in self.link.boundaries
 
-    def keep(self, row: Row) -> None:
+    def after(self, row: Row, step: StepContext, rank: int, world: int, sharded: bool) -> dict[str, Any] | None:
+        """After each step (its metrics `row`): at a boundary, this member's report there (the
+        same on every rank): the interval's steps as [samples_seen, global batch, loss], the
+        held-out loss if the search ranks by it, and where its checkpoint service and run
+        directory are; else None."""
         self.rows.append(row)
-
-    def report(self, step: StepContext, rank: int, world: int, sharded: bool) -> dict[str, Any]:
-        """This member's report at a boundary (the same on every rank): the interval's steps
-        as [samples_seen, global batch, loss], the held-out loss if the search ranks by it, and
-        where its checkpoint service and run directory are."""
+        if not self.due(row.samples_seen):
+            return None
         losses = [[r.samples_seen, r.global_batch_size, r.loss] for r in self.rows]
         self.rows = []
         return {
@@ -83,14 +84,18 @@ class MemberWorker:
         }
 
     def meet(
-        self, progress: Progress, report: dict[str, Any] | None, load: Callable[[dict[str, Any] | None], tuple[Progress, int]]
-    ) -> tuple[JobSpec, Progress, Boundary]:
+        self,
+        progress: Progress,
+        report: dict[str, Any] | None,
+        load: Callable[[dict[str, Any] | None], tuple[Progress, int | None]],
+    ) -> tuple[JobSpec | None, Progress, Boundary]:
         """At the boundary `progress`: wait until every member has reported there (`report`: this
         member's; None from a worker restarted there whose snapshot held none) and the population
         has decided, then carry the decision out: load the donor's state if it exploits one
         (`load(handle)`: the donor's pinned in-memory snapshot, or None: what this member's own
-        checkpoint service and root hold now, the clone), returning the job as trained from here,
-        the progress (a donor's steps may number otherwise) and what happened."""
+        checkpoint service and root hold now, the clone), returning the job as trained from here
+        (None: the run stops here), the progress (a donor's steps may number otherwise) and what
+        happened."""
         started = time.perf_counter()
         decision: Instruction = ray.get(self.actor.arrive.remote(self.link.member, progress.samples_seen, report))
         waited = time.perf_counter() - started
@@ -116,7 +121,7 @@ class MemberWorker:
             load_seconds=None if seconds is None else round(seconds, 6),
             stop=decision.stop,
         )
-        return JobSpec.model_validate(decision.spec), progress, event
+        return (JobSpec.model_validate(decision.spec) if decision.spec else None), progress, event
 
 
 def held_out_loss(step: StepContext, rank: int, world: int, sharded: bool) -> float:

@@ -48,7 +48,7 @@ class Coordinator:
         return member_trial_spec(self.population.plan, m, m.values_at(samples))
 
     async def arrive(self, member: str, boundary: int, report: dict[str, Any] | None) -> Instruction:
-        """`member` is at `boundary` with `report` (train.member.MemberWorker.report; None: its
+        """`member` is at `boundary` with `report` (train.member.MemberWorker.after; None: its
         worker restarted there and found none). Returns once every member has reported there
         and the interval is closed."""
         pop = self.population

@@ -22,7 +22,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 
 import ray
+from elastune.checkpoint.lease import Holder, process_alive, this_process
 from elastune.cluster import connect_ray
 from elastune.data.prepare import ensure_prepared
 from elastune.errors import SpecError
@@ -44,9 +45,10 @@ from elastune.train.run_dir import new_run_id
 from elastune.tune.branches import BRANCHES, BranchSearcher, fork_points
 from elastune.tune.coordinator import coordinator_name, start_coordinator
 from elastune.tune.population import check_search
-from elastune.tune.search import LINEAGE, PopulationSearcher, SearchPlan, read_json
+from elastune.tune.search import LINEAGE, PopulationSearcher, SearchPlan, read_json, write_json
 from elastune.tune.segment import train_member, train_segment
 
+DRIVER = "driver.json"  # the process driving the search: a search is resumed only once it is gone
 TRIAL_CPUS = 0.01  # a trial only waits for its Ray Train run, whose workers ask for their own CPUs (Tune wants > 0)
 
 
@@ -94,6 +96,7 @@ def run_tune(
         tune_dir.mkdir(parents=True)
         (tune_dir / "spec.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         console.print(f"Search directory: {tune_dir}", highlight=False)
+    write_json(tune_dir / DRIVER, asdict(this_process(tune_dir.name, spec.name)))  # who drives it now (unfinished_search)
     per_member = spec.scaling.max_workers * spec.scaling.cpus_per_worker
     side_by_side = t.population if t.mode == "pbt" else 2  # wsd_branches: the trunk and the branch it just forked
     started_ray = connect_ray(spec, address, console, verbose, cpus=side_by_side * (per_member + TRIAL_CPUS) + 1)
@@ -203,11 +206,13 @@ def search_exporter(spec: JobSpec, search_id: str, console: Console, exploited: 
 
 def unfinished_search(spec: JobSpec) -> Path | None:
     """The newest search directory of this very spec that has a population's state but no
-    result (its driver died mid-search), if any."""
+    result and whose driver is not running on this host (it died mid-search), if any."""
     raw = spec.to_dict()
     for folder in sorted((Path(spec.output_dir) / spec.name).glob("tune-*"), reverse=True):
-        lineage = read_json(folder / LINEAGE)
+        lineage, driver = read_json(folder / LINEAGE), read_json(folder / DRIVER)
         if (folder / "result.json").exists() or lineage is None or "state" not in lineage:
+            continue
+        if driver is not None and process_alive(Holder(**driver)):  # another `elastune tune` drives it now
             continue
         try:
             same = validate_spec(yaml.safe_load((folder / "spec.yaml").read_text())).to_dict() == raw

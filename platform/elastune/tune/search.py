@@ -157,11 +157,12 @@ class Population:
 
     def report(self, member: str, result: dict[str, Any] | None) -> bool:
         """`member` reached the current boundary with `result` (fitness, loss, eval_loss, service,
-        run_dir, arrived_at), or failed (None) and ranks last. The first report counts. True: every
-        member has reported, and the interval can `close`."""
+        run_dir, arrived_at), or failed (None) and ranks last. The first report counts, but a real
+        one replaces a failure (the member's trial, started again, got there after all). True:
+        every member has reported, and the interval can `close`."""
         start, end = self.span()
         m = self.members[member]
-        if member not in self.pending:
+        if member not in self.pending or (self.pending[member]["error"] and result):
             result = result or {}
             if result.get("service"):
                 m.service = result["service"]
