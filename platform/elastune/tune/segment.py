@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 
 from elastune.checkpoint.checkpointer import Checkpointer
+from elastune.checkpoint.format import Manifest
 from elastune.errors import ElastuneError
 from elastune.events import Event, Row, read_rows
 from elastune.spec.load import validate_spec
@@ -34,8 +35,6 @@ POINTER = "elastune-checkpoint.json"
 def train_segment(config: dict[str, Any], *, spec_dir: str, fitness_samples: int, log_dir: str, fitness_of: str = "loss") -> None:
     """`fitness_of` (tune.fitness): "loss", the mean training loss over the interval's last
     `fitness_samples`, or "eval_loss", the held-out loss of the parameters it ends with."""
-    from ray import tune
-
     spec = validate_spec(config["spec"])
     log = Path(log_dir) / f"{config['member']}-g{config['generation']}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -49,12 +48,7 @@ def train_segment(config: dict[str, Any], *, spec_dir: str, fitness_samples: int
     ckpt = Checkpointer(spec.checkpoint_path)
     end = ckpt.latest()
     assert end is not None  # a run that succeeded made its final step durable
-    pointer = {
-        "uri": spec.checkpoint_path,
-        "step": end.step,
-        "samples_seen": end.samples_seen,
-        "content_hash": ckpt.content_hash(end),
-    }
+    pointer = pointer_of(ckpt, end)
     eval_loss = checkpoint_eval_loss(spec, spec_dir, ckpt, end) if fitness_of == "eval_loss" else None
     if eval_loss is not None:
         score = eval_loss if math.isfinite(eval_loss) else math.inf  # a diverged member ranks last
@@ -70,9 +64,7 @@ def train_segment(config: dict[str, Any], *, spec_dir: str, fitness_samples: int
         "run_dir": str(outcome.run_dir),
         "elastune_checkpoint": pointer,  # ("checkpoint" is a key Tune keeps for itself)
     }
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / POINTER).write_text(json.dumps(pointer))
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    report_pointer(metrics, pointer)
 
 
 def train_member(
@@ -81,7 +73,6 @@ def train_member(
     """A member's trial: its run from wherever its root stands to the budget. A trial Tune retries
     resumes from the root (the last durable boundary, or a step after it)."""
     import ray
-    from ray import tune
 
     member = config["member"]
     spec = validate_spec(config["spec"])
@@ -98,12 +89,7 @@ def train_member(
     elif outcome.status != "succeeded":
         raise ElastuneError(f"member {member} failed: {outcome.error} (log: {log})")
     assert end is not None  # a run that succeeded made its final step durable
-    pointer = {
-        "uri": spec.checkpoint_path,
-        "step": end.step,
-        "samples_seen": end.samples_seen,
-        "content_hash": ckpt.content_hash(end),
-    }
+    pointer = pointer_of(ckpt, end)
     lineage: Any = ray.get(ray.get_actor(coordinator).lineage.remote())
     ended = next(s for s in reversed(lineage["segments"]) if s["member"] == member)
     metrics = {
@@ -115,6 +101,23 @@ def train_member(
         "run_dir": None if outcome.run_dir is None else str(outcome.run_dir),
         "elastune_checkpoint": pointer,  # ("checkpoint" is a key Tune keeps for itself)
     }
+    report_pointer(metrics, pointer)
+
+
+def pointer_of(ckpt: Checkpointer, manifest: Manifest) -> dict[str, Any]:
+    """What Tune is told of a trial's checkpoint: where it is and what it holds, no tensor."""
+    return {
+        "uri": ckpt.uri,
+        "step": manifest.step,
+        "samples_seen": manifest.samples_seen,
+        "content_hash": ckpt.content_hash(manifest),
+    }
+
+
+def report_pointer(metrics: dict[str, Any], pointer: dict[str, Any]) -> None:
+    """Report a trial's metrics to Tune with a checkpoint folder that holds only `pointer`."""
+    from ray import tune
+
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / POINTER).write_text(json.dumps(pointer))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
