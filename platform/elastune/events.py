@@ -333,6 +333,24 @@ class Boundary(Event):
     stop: bool = False
 
 
+@_kind
+@dataclass(frozen=True, kw_only=True)
+class BatchChange(Event):
+    """An adaptive batch moved (train.adaptive): from the step after `step` (`samples_seen`
+    samples) on, global batch `global_batch_size` (was `previous`) and the peak lr times
+    `lr_factor`, where the smoothed noise scale was `b_simple`. `history`: every change of the run
+    so far, (from_samples, global batch, lr factor, b_simple), as its replay.yaml holds them."""
+
+    kind: ClassVar[str] = "batch_change"
+    step: int
+    samples_seen: int
+    previous: int
+    global_batch_size: int
+    lr_factor: float
+    b_simple: float
+    history: tuple[tuple[int, int, float, float], ...]
+
+
 @dataclass(frozen=True, kw_only=True)
 class Row:
     """One committed step, as every rank computed it (the timings are the sending rank's)."""
@@ -388,13 +406,18 @@ def _build(cls: type[R], obj: Mapping[str, Any], format: int) -> R:
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # cls is one of the dataclasses above
         if f.name in obj:
             value = obj[f.name]
-            values[f.name] = tuple(value) if isinstance(value, list) else value
+            values[f.name] = _tuples(value)
         elif format < FORMAT and f.default is dataclasses.MISSING:
             values[f.name] = None  # a field version 1 did not write
     try:
         return cls(**values)
     except TypeError as exc:
         raise ValueError(f"{getattr(cls, 'kind', 'row')} record {dict(obj)}: {exc}") from None
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples records hold, nested ones too (BatchChange.history)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 # ---------------------------------------------------------------------- the run directory's files

@@ -2,7 +2,9 @@
 
 Plots are inline SVG (matplotlib, no script, no external file). A run: loss and learning rate
 against samples seen; world size over time with failures and resizes marked; throughput; snapshot
-stall and durable checkpoints; then the recoveries and resizes with what they cost, and the spec.
+stall and durable checkpoints; the global batch and the smoothed gradient noise scale against samples
+seen (where steps measure it); then the recoveries and resizes with what they cost, an adaptive
+batch's changes, and the spec.
 A search (`elastune tune`'s directory): the lineage tree (members over samples, an arrow from donor
 to recipient at each exploit), every member's loss and learning rate stitched along its lineage,
 the exploits with their changes, and the best schedule. A WSD-branches search: its loss-vs-budget
@@ -18,8 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from elastune import events as ev
 from elastune.errors import ElastuneError
+from elastune.train.adaptive import smoothed_noise_scale
 from elastune.train.run_dir import summarize
 from elastune.tune.lineage import path_of, read_lineage, stitched
 
@@ -76,14 +81,39 @@ def render(run_dir: Path) -> str:
             ("Throughput per step", throughput(rows)),
             ("In-memory snapshot stall per step (rank 0) and durable checkpoints", checkpoints(rows, events)),
         ]
+        if any(r.noise is not None for r in rows):
+            caption = "Global batch and the smoothed gradient noise scale B_simple against samples seen"
+            figures.append((caption, batch_and_noise(rows, smoothing_of(run_dir, rows))))
         parts += _figures(figures)
     else:
         parts.append("<p>No step completed: nothing to plot.</p>")
     changes = [e for e in events if isinstance(e, ev.Change)]
     parts.append("<h2>Failures and resizes</h2>")
     parts.append(table([change_row(e) for e in changes]) if changes else "<p>None.</p>")
+    moved = [e for e in events if isinstance(e, ev.BatchChange)]
+    if moved:
+        parts.append("<h2>Batch changes (batch.adaptive; replay.yaml trains them again)</h2>")
+        parts.append(table([batch_row(e) for e in moved]))
     parts.append("<h2>Spec</h2><pre>" + html.escape((run_dir / "spec.yaml").read_text()) + "</pre>")
     return _page(title, parts)
+
+
+def smoothing_of(run_dir: Path, rows: list[ev.Row]) -> int:
+    """The noise scale's time constant in samples: the adaptive batch's, else 20 first batches
+    (the exporter's gauge: 0.95 per step)."""
+    spec = yaml.safe_load((run_dir / "spec.yaml").read_text()) or {}
+    adaptive = (spec.get("batch") or {}).get("adaptive") or {}
+    return int(adaptive.get("smoothing_samples") or adaptive.get("every_samples") or 20 * rows[0].global_batch_size)
+
+
+def batch_row(e: ev.BatchChange) -> dict[str, Any]:
+    return {
+        "after step": e.step,
+        "from samples": f"{e.samples_seen:,}",
+        "global batch": f"{e.previous} -> {e.global_batch_size}",
+        "smoothed B_simple": f"{e.b_simple:.1f}",
+        "peak lr factor": f"{e.lr_factor:.4g}",
+    }
 
 
 def render_search(tune_dir: Path) -> str:
@@ -178,6 +208,7 @@ REPORT_SHOWS: dict[type[ev.Event], str | None] = {
     ev.Resize: "world-size timeline (blue) and the failures and resizes table",
     ev.Checkpoint: "snapshot stall and durable checkpoints plot",
     ev.Start: "world-size timeline (its time origin)",
+    ev.BatchChange: "global batch and noise scale plot (its steps) and the batch changes table",
     **dict.fromkeys(
         (ev.Join, ev.Memory, ev.Leave, ev.Finish, ev.CollectiveFailed, ev.Fault, ev.FailurePolicy, ev.Preemption, ev.RunWarning),
         None,
@@ -227,6 +258,19 @@ def loss_and_lr(rows: list[ev.Row]) -> str:
     lr = ax.twinx()
     lr.plot(samples, [r.lr for r in rows], color="#ff7f0e", label="learning rate")
     lr.set_ylabel("learning rate", color="#ff7f0e")
+    return _svg(plt, fig)
+
+
+def batch_and_noise(rows: list[ev.Row], tau: int) -> str:
+    plt, fig, ax = _figure()
+    samples = [r.samples_seen - r.global_batch_size for r in rows]  # each step's batch from where it started
+    ax.step(samples, [r.global_batch_size for r in rows], where="post", color="#1f77b4", label="global batch")
+    noise = [(s, b) for s, b in smoothed_noise_scale(rows, tau) if b is not None]
+    if noise:
+        ax.plot(*zip(*noise), color="#d62728", label="smoothed B_simple")
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("samples")
+    ax.legend(loc="upper left", fontsize="small")
     return _svg(plt, fig)
 
 

@@ -130,9 +130,11 @@ def test_a_run_directory_with_every_kind_reads_back_and_reports(tmp_path):
     summary = summarize(run.path)
     assert (summary["failures"], summary["resizes"], summary["steps"]) == (1, 1, 3)
     page = render(run.path)
-    table = page[page.index("<h2>Failures and resizes</h2>") :]
+    table = page[page.index("<h2>Failures and resizes</h2>") : page.index("<h2>Batch changes")]
     assert table.count("<tr>") == 1 + sum(cls in (Recovery, Resize) for cls in EVERY_KIND)  # a header and one row each
-    assert REPORT_SHOWS[Checkpoint] and page.count("<svg") == 4
+    moved = page[page.index("<h2>Batch changes") : page.index("<h2>Spec")]
+    assert moved.count("<tr>") == 2 and "3 -&gt; 3" in moved  # a header and the batch_change
+    assert REPORT_SHOWS[Checkpoint] and page.count("<svg") == 5  # with the batch and noise scale: rows carry `noise`
 
 
 def test_a_version_1_run_directory_still_reads(tmp_path):

@@ -162,6 +162,7 @@ EXPORTED: dict[type[ev.Event], Callable[[RunMetrics, Any], None] | None] = {
         None,
     ),
     **dict.fromkeys((ev.Fresh, ev.DataPrepared, ev.Resume, ev.End, ev.Exploit, ev.Boundary), None),
+    ev.BatchChange: None,  # rows carry the batch (elastune_global_batch_size) and the noise scale
 }
 
 

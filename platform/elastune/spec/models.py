@@ -161,9 +161,54 @@ class DataSpec(Strict):
 # --------------------------------------------------------------------------- batch
 
 
+class AdaptiveBatchSpec(Strict):
+    """`batch.adaptive`: the global batch follows the gradient noise scale (docs/adaptive-batch.md).
+    At most once every `every_samples` samples the batch moves to `fraction` x the smoothed
+    B_simple, in whole micro-batches within [min, max] (only upward unless `decrease`), and the
+    peak lr follows it by `lr_scaling`. Each change is a phase of the run (replay.yaml)."""
+
+    max: int = Field(ge=1, le=MAX_BATCH, description="Largest global batch; a multiple of batch.micro_batch_size.")
+    min: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_BATCH,
+        description="Smallest global batch (a multiple of micro_batch_size); default: batch.global_batch_size.",
+    )
+    fraction: float = Field(
+        gt=0,
+        le=1024,
+        description="The target batch is fraction x B_simple, the smoothed simple gradient noise scale (McCandlish et al. "
+        "take the critical batch to be about B_simple: fraction 1).",
+    )
+    every_samples: int = Field(
+        ge=1, le=MAX_SAMPLES, description="At most one change per this many samples; none before the first such span."
+    )
+    smoothing_samples: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_SAMPLES,
+        description="Time constant, in samples, of the moving averages of tr(Sigma) and |G|^2; default every_samples.",
+    )
+    decrease: bool = Field(False, description="Also move down when the target falls below the batch (default: only up).")
+    lr_scaling: Literal["linear", "sqrt", "adascale", "none"] | None = Field(
+        None,
+        description="How the peak lr follows the batch B against the job's first batch B0: linear (B/B0), sqrt, adascale "
+        "(the gain (b/B0 + 1) / (b/B + 1), b the noise scale at the change) or none; default sqrt for adamw, linear for sgd.",
+    )
+
+    @property
+    def smoothing(self) -> int:
+        return self.smoothing_samples or self.every_samples
+
+
 class BatchSpec(Strict):
-    global_batch_size: int = Field(ge=1, le=MAX_BATCH, description="Samples per optimizer step, at every world size.")
+    global_batch_size: int = Field(
+        ge=1, le=MAX_BATCH, description="Samples per optimizer step, at every world size (with adaptive: the first)."
+    )
     micro_batch_size: int = Field(ge=1, le=MAX_BATCH, description="Most samples in one forward/backward pass.")
+    adaptive: AdaptiveBatchSpec | None = Field(
+        None, description="A global batch that follows the gradient noise scale (off unless given)."
+    )
 
     @property
     def num_micro_batches(self) -> int:
@@ -182,7 +227,33 @@ class BatchSpec(Strict):
                 f"{self.num_micro_batches:,} micro-batches, over {MAX_MICRO_BATCHES:,} per step; "
                 f"set micro_batch_size >= {math.ceil(self.global_batch_size / MAX_MICRO_BATCHES)}"
             )
+        if self.adaptive is not None:
+            self._check_adaptive(self.adaptive)
         return self
+
+    def _check_adaptive(self, a: AdaptiveBatchSpec) -> None:
+        # Messages start with the field they blame, relative to `batch` (spec.load names it in full).
+        m = self.micro_batch_size
+        lowest = self.global_batch_size if a.min is None else a.min
+        for field, value in (("global_batch_size", self.global_batch_size), ("adaptive.min", a.min), ("adaptive.max", a.max)):
+            if value is not None and value % m:
+                raise ValueError(
+                    f"{field} ({value}) is not a multiple of micro_batch_size ({m}): an adaptive batch moves in whole "
+                    f"micro-batches; use {max(m, value // m * m)} or {(value // m + 1) * m}"
+                )
+        if lowest > a.max:
+            blamed = "adaptive.min" if a.min is not None else "global_batch_size"
+            raise ValueError(f"{blamed} ({lowest}) is above adaptive.max ({a.max}); raise adaptive.max or lower {blamed}")
+        if not lowest <= self.global_batch_size <= a.max:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) is the first batch, outside adaptive's [min {lowest}, "
+                f"max {a.max}]; start at adaptive.min or lower it, or raise adaptive.max"
+            )
+        if a.max // m > MAX_MICRO_BATCHES:
+            raise ValueError(
+                f"adaptive.max ({a.max}) makes {a.max // m:,} micro-batches of {m}, over {MAX_MICRO_BATCHES:,}; "
+                f"lower it or raise micro_batch_size"
+            )
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -286,6 +357,7 @@ class JobSpec(Strict):
             )
         self._check_phases()
         self._check_fsdp()
+        self._check_adaptive()
         if self.eval is not None and self.data.source is not None and self.data.eval_fraction is None:
             raise ValueError(
                 "eval needs held-out documents, but data.eval_fraction is not set, so the dataset prepared from data.source "
@@ -345,6 +417,50 @@ class JobSpec(Strict):
             raise ValueError(
                 "metrics.noise_scale needs each micro-batch's gradient norm, which the fsdp layout does not take (gradients "
                 "are reduced in shards); remove metrics.noise_scale (off by default in fsdp), or set layout: replicated"
+            )
+
+    def _check_adaptive(self) -> None:
+        """What an adaptive batch needs of the rest of the job: a budget in samples, the batch its
+        own (no phase sets one), the noise scale measured, and every batch it may choose splittable
+        over every worker."""
+        a = self.batch.adaptive
+        if a is None:
+            return
+        if self.stop.max_steps is not None:
+            raise ValueError(
+                f"stop.max_steps ({self.stop.max_steps}) does not say how many samples to train when batch.adaptive "
+                f"changes the global batch; set stop.max_samples instead"
+            )
+        for i, phase in enumerate(self.phases):
+            if phase.global_batch_size is not None:
+                raise ValueError(
+                    f"phases.{i}.global_batch_size ({phase.global_batch_size}) sets the batch, which batch.adaptive "
+                    f"chooses; remove one of the two (a phase may still change lr, weight_decay or schedule)"
+                )
+        if self.scaling.layout == "fsdp":
+            raise ValueError(
+                "scaling.layout (fsdp) reduces gradients in shards and measures no gradient noise scale, which "
+                "batch.adaptive follows; set scaling.layout: replicated or zero1, or remove batch.adaptive"
+            )
+        if not self.noise_scale:
+            raise ValueError(
+                "metrics.noise_scale (false) turns off the gradient noise scale, which batch.adaptive follows; "
+                "remove metrics.noise_scale: false"
+            )
+        m = self.batch.micro_batch_size
+        lowest = (a.min or self.batch.global_batch_size) // m
+        if lowest < max(2, self.scaling.max_workers):
+            blamed = "batch.adaptive.min" if a.min is not None else "batch.global_batch_size"
+            raise ValueError(
+                f"{blamed} ({lowest * m}) is the smallest adaptive batch, {lowest} micro-batch(es) of {m}, and the noise "
+                f"scale needs at least 2 per step and each of scaling.max_workers ({self.scaling.max_workers}) at least "
+                f"one; raise {blamed} to {max(2, self.scaling.max_workers) * m}"
+            )
+        if self.tune is not None:
+            raise ValueError(
+                f"tune (mode {self.tune.mode}) cannot search a job with batch.adaptive (a member's batch would follow "
+                f"its own noise scale between the population's decisions); remove batch.adaptive, or search "
+                f"batch.global_batch_size"
             )
 
     def _check_phases(self) -> None:

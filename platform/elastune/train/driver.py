@@ -18,18 +18,19 @@ from typing import Any
 from rich.console import Console
 
 import ray
-from elastune.batch_plan import batch_plan
+from elastune.batch_plan import BatchSchedule, batch_plan
 from elastune.checkpoint.checkpointer import Checkpointer
 from elastune.checkpoint.format import step_dir
 from elastune.checkpoint.lease import Lease, this_process
 from elastune.cluster import DrainWatch, connect_ray
 from elastune.data.progress_bar import preparing
 from elastune.errors import LeaseHeld, SpecError
-from elastune.events import End, Event, FailurePolicy, Finish, Row, RunWarning
+from elastune.events import BatchChange, End, Event, FailurePolicy, Finish, Row, RunWarning
 from elastune.recipes import load_recipe
 from elastune.spec.load import validate_spec
 from elastune.spec.models import JobSpec
 from elastune.train.actors import RunActors
+from elastune.train.adaptive import Decision, decisions_of, replay_spec, with_decisions
 from elastune.train.controller import make_trainer
 from elastune.train.fsdp import shard_problem
 from elastune.train.outcome import RunOutcome, conclude
@@ -122,6 +123,9 @@ def _run(
         return RunOutcome(None, "complete", resume.step, resume.samples_seen, None, 0.0, durable_step=resume.step, uri=ckpt.uri)
     run_dir = RunDir.create(spec.output_dir, spec.name, run_id)
     run_dir.write_spec(spec.to_dict())
+    history = decisions_of(latest.meta) if latest is not None and resume is not None else []  # an adaptive batch's
+    if spec.batch.adaptive is not None:  # the history the resumed checkpoint holds, until the run changes it
+        run_dir.write_replay(replay_spec(spec, history))
     saved = latest.meta.get("dataset") if latest is not None and resume is not None else None
     with preparing(console) as on_progress:
         more = prepare_data(spec, recipe, saved, on_progress)
@@ -138,7 +142,8 @@ def _run(
         start = {"step": resume.step, "samples_seen": resume.samples_seen} if resume else {"step": 0, "samples_seen": 0}
         tokens = spec.data.window - 1 if recipe.dataset is None else None  # predicted tokens per token window
         with StopRequest() as stop:
-            return _train(spec, spec_dir, run_id, run_dir, console, start, tokens, observe, lease, stop, member)
+            batches = with_decisions(spec, history).batches
+            return _train(spec, spec_dir, run_id, run_dir, console, start, batches, tokens, observe, lease, stop, member)
     finally:
         if connected:
             ray.shutdown()
@@ -151,6 +156,7 @@ def _train(
     run_dir: RunDir,
     console: Console,
     start: dict[str, int],
+    batches: BatchSchedule,
     tokens_per_sample: int | None,
     observe,
     lease: Lease,
@@ -175,10 +181,10 @@ def _train(
         except SystemExit:  # Ray disconnected under a fit the driver stopped waiting for
             return
 
-    view = ProgressView(console, spec.max_steps)
+    view = ProgressView(console, None if spec.batch.adaptive else spec.max_steps)  # adaptive: steps unknown ahead
     started = time.time()
     last: Row | None = None
-    recoveries = RecoveryTracker(spec.batches, live=spec.scaling.recovery == "live")
+    recoveries = RecoveryTracker(batches, live=spec.scaling.recovery == "live")  # the batch at each sample, as known
     thread = threading.Thread(target=fit, name="elastune-fit", daemon=True)
     thread.start()
     finished_at: float | None = None
@@ -216,6 +222,8 @@ def _train(
                 rows = [r for r in rows if r.step <= stopping["keep_rows_to"]]  # later steps are redone on resume
             run_dir.append_metrics(rows)
             run_dir.append_events(events)
+            if moved := [e for e in events if isinstance(e, BatchChange)]:
+                run_dir.write_replay(replay_spec(spec, [Decision(*h) for h in moved[-1].history]))
             if exporter is not None:
                 exporter.observe(rows, events)
             if observe is not None:

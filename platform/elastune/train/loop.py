@@ -27,6 +27,7 @@ from elastune.errors import CheckpointError
 from elastune.events import CollectiveFailed, Event, Finish, Join, Leave, Memory, Row, RunWarning, Start
 from elastune.recipes import Recipe, SampleSource, load_recipe
 from elastune.spec.models import JobSpec
+from elastune.train.adaptive import AdaptiveBatch
 from elastune.train.evaluate import evaluation_of
 from elastune.train.faults import FaultInjector
 from elastune.train.fsdp import fsdp_step, shard_model
@@ -107,6 +108,8 @@ def run_worker(config: dict[str, Any]) -> None:
     progress, restored = restore(service, ckpt, state, keep_partial=live)
     member = MemberWorker(MemberLink(**job.member), job.service_name, job.run_dir) if job.member else None
     trains = spec if member is None else member.spec_at(progress.samples_seen)  # a search member's own values (train.member)
+    adaptive = AdaptiveBatch(spec, restored.get("adaptive")) if spec.batch.adaptive else None  # its batch history so far
+    trains = adaptive.trains if adaptive is not None else trains
 
     def load(handle: dict[str, Any] | None) -> tuple[Progress, int | None]:  # a donor's state, at a search member's boundary
         if handle is not None:
@@ -115,7 +118,7 @@ def run_worker(config: dict[str, Any]) -> None:
         return mine, found.get("resumed_from_tier")
 
     if not live or ray.get(sink.claim.remote("start")):  # a live group's replacements only join
-        first = step_values(spec, progress.samples_seen).global_batch_size
+        first = step_values(trains, progress.samples_seen).global_batch_size
         for event in announce(batch_plan(first, spec.batch.micro_batch_size, workers), restored, dataset_identity(source)):
             report.emit(event)
     base = snapshot_base(spec, state.layout.name, dataset_identity(source))
@@ -126,12 +129,21 @@ def run_worker(config: dict[str, Any]) -> None:
         meta = {**base["meta"], "metrics": {"loss": loss}} if loss is not None else base["meta"]  # loss ranks for keep_best
         if boundary is not None:  # a search member's report there: a worker restarted at the boundary sends the same
             meta = {**meta, "boundary_report": boundary}
+        if adaptive is not None:  # the batch history to here: a restart or a resume goes on with it
+            meta = {**meta, "adaptive": adaptive.state()}
         return {**base, "step": p.step, "samples_seen": p.samples_seen, "durable": durable, "meta": meta}
 
     if member is not None and member.due(progress.samples_seen):  # restarted at a boundary: its decision first
         told, progress, met = member.meet(progress, restored.get("boundary_report"), load)
         trains = told or trains
         report.emit(met)
+
+    def heal(manifest: Manifest) -> Progress:  # a live worker behind takes its peers' state, batch history included
+        nonlocal trains
+        if adaptive is not None:
+            adaptive.restore(manifest.meta.get("adaptive"))
+            trains = adaptive.trains
+        return progress_of(manifest)
 
     group: Group
     if live:
@@ -143,7 +155,7 @@ def run_worker(config: dict[str, Any]) -> None:
             service,
             header,
             lambda: (progress, state_pieces(state)),
-            lambda found: progress_of(load_snapshot(found, state)[0]),
+            lambda found: heal(load_snapshot(found, state)[0]),
             progress,
             spec.scaling.gpus_per_worker > 0,
         )
@@ -198,6 +210,9 @@ def run_worker(config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - started
         row = metrics_row(progress, result, lr, plan, seconds)
         report.committed(row, plan)
+        if adaptive is not None and adaptive.observe(progress.samples_seen, plan.global_batch_size, result.noise):
+            trains = adaptive.trains  # the next step trains the new batch
+            report.emit(adaptive.event(progress.step, plan.global_batch_size))
         boundary = member.after(row, step, rank, world, sharded) if member is not None else None  # its report there
         # A search member's boundary becomes durable once the population has decided (tune.coordinator).
         durable = progress.samples_seen >= budget or (progress.step % c.every_steps == 0 and boundary is None)
@@ -252,7 +267,7 @@ def announce(plan: BatchPlan, restored: dict[str, Any], dataset: dict[str, Any])
     """What a worker group says as it starts: its plan and what `restore` found, then a loud
     warning for each corrupt checkpoint passed over and for a dataset that changed since."""
     now = time.time()
-    found = {k: v for k, v in restored.items() if k not in ("dataset", "skipped_checkpoints", "boundary_report")}
+    found = {k: v for k, v in restored.items() if k not in ("dataset", "skipped_checkpoints", "boundary_report", "adaptive")}
     out: list[Event] = [
         Start(time=now, world_size=plan.world_size, plan=plan.describe(), micro_batches=tuple(plan.counts()), **found)
     ]
@@ -310,6 +325,7 @@ def restore(service, ckpt: Checkpointer, state: TrainState, keep_partial: bool =
         "load_bytes": nbytes,
         "skipped_checkpoints": skipped,
         "boundary_report": manifest.meta.get("boundary_report"),  # a search member's (train.member)
+        "adaptive": manifest.meta.get("adaptive"),  # an adaptive batch's history (train.adaptive)
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,11 +15,12 @@ from elastune import events as ev
 
 
 class ProgressView:
-    def __init__(self, console: Console, total_steps: int, every_s: float = 5.0):
+    def __init__(self, console: Console, total_steps: int | None, every_s: float = 5.0):
+        """`total_steps` None: not known ahead (an adaptive batch); lines then say samples and batch."""
         self.console = console
         self.total = total_steps
         self.every_s = every_s
-        self._last_line = 0.0
+        self._last_line = -math.inf  # the first row always gets its line (monotonic time may start near 0)
         self._bar: Progress | None = None
         if console.is_terminal:
             self._bar = Progress(
@@ -41,12 +43,17 @@ class ProgressView:
         if self._bar is not None:
             self._bar.update(self._task, completed=row.step, stats=stats)
             if row.eval_loss is not None:
-                self.say(f"step {row.step}/{self.total}  {stats}")
+                self.say(f"{self._where(row)}  {stats}")
             return
         now = time.monotonic()
         if now - self._last_line >= self.every_s or row.step == self.total or row.eval_loss is not None:
             self._last_line = now
-            self.console.print(f"step {row.step}/{self.total}  {stats}", highlight=False, soft_wrap=True)
+            self.console.print(f"{self._where(row)}  {stats}", highlight=False, soft_wrap=True)
+
+    def _where(self, row: ev.Row) -> str:
+        if self.total is None:
+            return f"step {row.step} ({row.samples_seen:,} samples, batch {row.global_batch_size})"
+        return f"step {row.step}/{self.total}"
 
     def say(self, message: str) -> None:
         self.console.print(message, highlight=False, soft_wrap=True)
@@ -157,6 +164,10 @@ CONSOLE: dict[type[ev.Event], Callable[[Any], str | None]] = {
     ev.Finish: _quiet,  # the progress bar reaches its end
     ev.FailurePolicy: _quiet,  # a give-up decision is the run's error; a retry is a recovery to come
     ev.End: _quiet,  # `elastune run` prints the outcome
+    ev.BatchChange: lambda e: (
+        f"Batch {e.previous} -> {e.global_batch_size} from sample {e.samples_seen:,} (after step {e.step}): smoothed "
+        f"noise scale {e.b_simple:.1f}, peak lr x{e.lr_factor:.3g}."
+    ),
     ev.Population: _quiet,  # the tuner's own lines
     ev.Exploit: _quiet,
     ev.Boundary: lambda e: (

@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 
 from elastune.batch_plan import BatchSchedule
-from elastune.events import Change, CollectiveFailed, Event, Fault, Join, Leave, Recovery, Resize, Row, Start
+from elastune.events import BatchChange, Change, CollectiveFailed, Event, Fault, Join, Leave, Recovery, Resize, Row, Start
 
 FINISH_GRACE_S = 5.0  # after the last step, how long a live group's Ray Train run may take to end before it is ended
 
@@ -75,6 +75,8 @@ class RecoveryTracker:
                 self.completed = max(self.completed, event.step - 1)
             elif isinstance(event, Leave):
                 self.last_leave = event
+            elif isinstance(event, BatchChange):  # an adaptive batch moved: later samples are in steps of the new one
+                self.batches = BatchSchedule(self.batches.base, tuple((h[0], h[1]) for h in event.history))
             elif isinstance(event, Recovery) and event.recovery == "live":
                 out.append(self._narrow(event))
                 continue

@@ -1,6 +1,7 @@
 """The run directory: runs/<job>/<run-id>/ with the resolved spec, metrics, events and result.
 
 spec.yaml       the spec exactly as run (overrides applied, paths resolved)
+replay.yaml     batch.adaptive only: the spec with the batch changes so far as phases (`elastune run` retrains them)
 metrics.jsonl   one `events.Row` per step: step, samples_seen, loss, lr, world_size, global_batch_size, ...
 events.jsonl    one `events.Event` per line: starts, recoveries, resizes, checkpoints, the end; each with `time` and `kind`
 format.json     the format version of the two (events.FORMAT)
@@ -40,6 +41,12 @@ class RunDir:
 
     def write_spec(self, spec_dict: dict[str, Any]) -> None:
         (self.path / "spec.yaml").write_text(yaml.safe_dump(spec_dict, sort_keys=False))
+
+    def write_replay(self, spec_dict: dict[str, Any]) -> None:
+        """replay.yaml, replaced whole (a reader never sees half of it)."""
+        part = self.path / "replay.yaml.part"
+        part.write_text(yaml.safe_dump(spec_dict, sort_keys=False))
+        part.replace(self.path / "replay.yaml")
 
     def append_metrics(self, rows: Iterable[ev.Row]) -> None:
         ev.append_jsonl(self.path / "metrics.jsonl", rows)
@@ -94,7 +101,7 @@ NOT_COUNTED: frozenset[type[ev.Event]] = frozenset(
         ev.Preemption,
         ev.RunWarning,
     }
-    | {ev.LeaseTakenOver, ev.Fresh, ev.DataPrepared, ev.Resume, ev.End, ev.Population, ev.Exploit, ev.Boundary}
+    | {ev.LeaseTakenOver, ev.Fresh, ev.DataPrepared, ev.Resume, ev.End, ev.Population, ev.Exploit, ev.Boundary, ev.BatchChange}
 )
 
 
