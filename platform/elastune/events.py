@@ -338,8 +338,10 @@ class Boundary(Event):
 class BatchChange(Event):
     """An adaptive batch moved (train.adaptive): from the step after `step` (`samples_seen`
     samples) on, global batch `global_batch_size` (was `previous`) and the peak lr times
-    `lr_factor`, where the smoothed noise scale was `b_simple`. `history`: every change of the run
-    so far, (from_samples, global batch, lr factor, b_simple), as its replay.yaml holds them."""
+    `lr_factor`, where the smoothed noise scale was `b_simple`; by the goodput rule, the step
+    figures it chose by (`overhead_seconds` every step pays, `micro_batch_seconds` per micro-batch
+    on a rank). `history`: every change of the run so far, (from_samples, global batch, lr factor,
+    b_simple), as its replay.yaml holds them."""
 
     kind: ClassVar[str] = "batch_change"
     step: int
@@ -349,6 +351,8 @@ class BatchChange(Event):
     lr_factor: float
     b_simple: float
     history: tuple[tuple[int, int, float, float], ...]
+    overhead_seconds: float | None = None
+    micro_batch_seconds: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

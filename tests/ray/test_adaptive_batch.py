@@ -18,15 +18,17 @@ import yaml
 
 from elastune.spec import validate_spec
 from tests.ray.jobs import run, spec_for
+from tests.ray.live_cases import assert_read_once
 
 BUDGET = 624  # samples
 RESUME = 30  # the resumed run starts from the uninterrupted run's durable checkpoint of this step (372 samples)
 ADAPTIVE = {"max": 36, "fraction": 1.0, "every_samples": 72, "smoothing_samples": 48}
+GOODPUT = {"max": 48, "goodput": True, "every_samples": 72, "smoothing_samples": 48}
 
 
-def adaptive(tmp, data, name: str, workers: int):
+def adaptive(tmp, data, name: str, workers: int, rule: dict = ADAPTIVE):
     raw = spec_for(tmp, data, name, workers, 1).to_dict()
-    raw["batch"]["adaptive"] = dict(ADAPTIVE)
+    raw["batch"]["adaptive"] = dict(rule)
     raw["stop"] = {"max_samples": BUDGET}
     raw["schedule"]["horizon_samples"] = BUDGET
     raw["checkpoint"]["keep_last"] = 10
@@ -46,7 +48,14 @@ def runs(tmp_path_factory, stdlib_dataset):
     resumed = run(adaptive(tmp, stdlib_dataset, "resumed", 3))
     replay = yaml.safe_load((whole.run_dir / "replay.yaml").read_text())
     _, replayed, _ = run(validate_spec(replay))
-    return {"whole": (whole, whole_rows, whole_events), "resumed": resumed, "replayed": replayed, "replay": replay}
+    goodput = run(adaptive(tmp, stdlib_dataset, "goodput", 3, GOODPUT))
+    return {
+        "whole": (whole, whole_rows, whole_events),
+        "resumed": resumed,
+        "replayed": replayed,
+        "replay": replay,
+        "goodput": goodput,
+    }
 
 
 def changes(events):
@@ -119,3 +128,21 @@ def test_the_report_draws_batch_and_noise_scale(runs):
     page = write_report(whole.run_dir).read_text()
     assert "Global batch and the smoothed gradient noise scale" in page and "Batch changes" in page
     assert os.path.getsize(whole.run_dir / "report.html") > 10_000
+
+
+def test_goodput_chooses_from_the_step_figures_every_rank_agreed_on(runs, stdlib_dataset):
+    """3 workers, the goodput rule: each change is the batch goodput_batch picks from the noise
+    scale and step figures it recorded; every step read exactly its global batch (the ranks agreed
+    on every batch: a rank on another plan would read other samples)."""
+    from elastune.train.adaptive import goodput_batch
+
+    _, rows, events = runs["goodput"]
+    moved = [e for e in events if e["kind"] == "batch_change"]
+    assert moved, "the goodput rule made no change"
+    for e in moved:
+        assert e["overhead_seconds"] is not None and e["micro_batch_seconds"] > 0
+        want = goodput_batch(e["b_simple"], 12, 2, 3, 12, GOODPUT["max"], e["overhead_seconds"], e["micro_batch_seconds"])
+        assert e["global_batch_size"] == want
+        assert e["lr_factor"] == pytest.approx((want / 12) ** 0.5, rel=1e-12)
+    assert {r["world_size"] for r in rows} == {3}
+    assert_read_once(rows, stdlib_dataset, 5)  # each step's tally is the sampler's for its own batch

@@ -7,6 +7,9 @@ next step), the second boundary's exploit loaded in place from the donor's memor
 search decides as an uninterrupted population fed the same fitness; Tune holds only pointers to
 the checkpoints; the best member's schedule, written as a job spec, replays from scratch step for
 step across the driver's death; and the search's report draws its lineage in headless Chromium.
+The job's batch is adaptive (batch.adaptive, its fraction searched too): each member's batch
+moves at boundaries only, to batches that divide them; a recipient takes its donor's batch history
+with its state, and best.yaml holds the best lineage's batch changes.
 A real Prometheus scrapes the resumed search's exporter: every query of the Tuning dashboard
 returns series, with the exploits counted for their recipients."""
 
@@ -34,7 +37,11 @@ from tests.helpers import dashboard_queries, report_in_chromium
 from tests.ray.conftest import prometheus_scraping
 from tests.ray.jobs import run, spec_for
 
-G, INTERVAL, BUDGET = 12, 60, 180  # three intervals of 5 steps
+G, INTERVAL, BUDGET = 12, 60, 180  # three intervals, the first of 5 steps
+# Members start at the job's fraction (tests/ray/tune_cli.py fixes their first values): 30 x B_simple
+# (about 1 this early in this model) moves the batch at the first boundary, to 20, 30 or 60 (which
+# divide 60); the fraction is searched too (explored at the exploits).
+ADAPTIVE = {"max": 60, "fraction": 30.0, "every_samples": 60, "smoothing_samples": 36}
 GOOD_LR, CRIPPLED_LR = 0.01, 50.0
 
 
@@ -48,13 +55,17 @@ def search(tmp_path_factory, stdlib_dataset):
     raw["stop"] = {"max_samples": BUDGET}
     raw["schedule"].pop("horizon_samples")
     raw["checkpoint"] = {"every_steps": 1000, "keep_last": 1}
+    raw["batch"]["adaptive"] = ADAPTIVE
     raw["tune"] = {
         "population": 2,
         "quantile": 0.5,
         "interval_samples": INTERVAL,
         "fitness": "eval_loss",  # ranked by held-out loss at each interval's end (the job's eval: 24 windows)
         "resample_probability": 0.0,
-        "search": {"optimizer.lr": {"scale": "log", "low": 0.001, "high": 0.1}},
+        "search": {
+            "optimizer.lr": {"scale": "log", "low": 0.001, "high": 0.1},
+            "batch.adaptive.fraction": {"scale": "log", "low": 10.0, "high": 60.0},
+        },
     }
     spec_file = tmp / "pbt.yaml"
     spec_file.write_text(yaml.safe_dump(raw))
@@ -185,7 +196,8 @@ def test_the_recipient_continues_from_the_donors_exact_state(search):
         assert exploit["donor_checkpoint"]["content_hash"] == ended["checkpoint"]["content_hash"]
         donor = segment_rows(lineage, exploit["donor"], generation + 1)
         recipient = segment_rows(lineage, exploit["recipient"], generation + 1)
-        assert recipient[0]["step"] == donor[0]["step"] == samples // G + 1
+        assert recipient[0]["step"] == donor[0]["step"] and donor[0]["samples_seen"] - donor[0]["global_batch_size"] == samples
+        assert recipient[0]["global_batch_size"] == donor[0]["global_batch_size"]  # the donor's batch history came along
         assert recipient[0]["loss"] == pytest.approx(donor[0]["loss"], rel=1e-6)  # same params, same samples, same randomness
         assert recipient[0]["lr"] != pytest.approx(donor[0]["lr"])
         run_dirs = next(
@@ -241,6 +253,24 @@ def test_the_resumed_search_decides_as_an_uninterrupted_population(search, tmp_p
     assert spec.tune.population == len(lineage["state"]["members"])
 
 
+def test_members_batches_move_at_boundaries_only(search):
+    """Each member's adaptive batch changed only at a boundary, to a batch dividing the interval,
+    and the best lineage's changes are best.yaml's batch phases."""
+    outcome, lineage, *_ = search
+    changes = {
+        (e["samples_seen"], e["global_batch_size"])
+        for s in lineage["segments"]
+        for d in s["run_dirs"]
+        for e in read_jsonl(Path(d) / "events.jsonl")
+        if e["kind"] == "batch_change"
+    }
+    assert changes and all(s in (INTERVAL, 2 * INTERVAL) and INTERVAL % g == 0 and g > G for s, g in changes)
+    best = yaml.safe_load((outcome.tune_dir / "best.yaml").read_text())
+    assert "adaptive" not in best["batch"]
+    moved = {(p["from_samples"], p["global_batch_size"]) for p in best["phases"] if "global_batch_size" in p}
+    assert moved and moved <= changes
+
+
 def test_tune_holds_pointers_not_tensors(search):
     outcome, *_ = search
     tune_storage = outcome.tune_dir / "ray"
@@ -255,7 +285,8 @@ def test_the_best_schedule_replays_exactly(search):
     replay = validate_spec(yaml.safe_load((outcome.tune_dir / "best.yaml").read_text()))
     _, rows, _ = run(replay)
     want = stitched(lineage, best["member"])  # typed rows (events.Row)
-    assert [r["step"] for r in rows] == [r.step for r in want] == list(range(1, BUDGET // G + 1))
+    assert [r["step"] for r in rows] == [r.step for r in want] == list(range(1, len(want) + 1))
+    assert [r["global_batch_size"] for r in rows] == [r.global_batch_size for r in want]
     for got, ref in zip(rows, want):
         assert got["lr"] == pytest.approx(ref.lr, rel=1e-12)
         assert got["loss"] == pytest.approx(ref.loss, rel=1e-6)

@@ -15,6 +15,9 @@ from elastune.train.adaptive import (
     AdaptiveBatch,
     Decision,
     Smoothed,
+    Speed,
+    efficiency,
+    goodput_batch,
     lr_factor,
     replay_spec,
     smoothed_noise_scale,
@@ -81,6 +84,9 @@ def test_smoothing_weighs_samples_not_steps():
     assert one.trace == pytest.approx(10 + w * 20, rel=1e-14)
     assert one.b_simple == pytest.approx(one.trace / one.grad_sq)
     assert Smoothed(trace=5.0, grad_sq=-1.0).b_simple is None  # the gradient lost in its noise: no estimate
+    one.update((math.nan, 1.0), 8, 100)  # a diverged step's estimates move nothing
+    one.update((1.0, math.inf), 8, 100)
+    assert one.trace == pytest.approx(10 + w * 20, rel=1e-14)
     rows = [row(samples_seen=8 * i, global_batch_size=8, noise=(10.0, 1.0)) for i in (1, 2)]
     assert smoothed_noise_scale(rows, 100) == [(8, 10.0), (16, 10.0)]
 
@@ -103,7 +109,7 @@ def feed(adaptive: AdaptiveBatch, b_true, steps: int, rng, dim: int = 20, start:
         g = per_sample.mean(axis=0)
         est = noise_estimates(sum(float(p @ p) for p in parts), len(parts) / m, len(parts), float(g @ g), G)
         samples += G
-        adaptive.observe(samples, G, est)
+        adaptive.observe(samples, G, 1, est)
         out.append((samples, G))
     return out
 
@@ -169,6 +175,63 @@ def test_a_restored_state_decides_as_the_uninterrupted_rule():
     assert resumed.decisions == whole.decisions and len(whole.decisions) >= 2
 
 
+# ---------------------------------------------------------------- goodput
+
+
+def test_efficiency_is_pollux_closed_form():
+    assert efficiency(100.0, 16, 16) == 1.0
+    assert efficiency(100.0, 16, 116) == pytest.approx(116 / 216)
+    assert efficiency(0.0, 16, 64) == pytest.approx(0.25)  # no noise: a 4x batch makes a quarter of the progress per sample
+
+
+@pytest.mark.parametrize("overhead, per_micro, b", [(0.1, 0.01, 400.0), (0.05, 0.02, 1000.0), (0.5, 0.001, 60.0)])
+def test_goodput_picks_the_optimum_of_its_closed_form(overhead, per_micro, b):
+    """goodput(M) = M / (a + g M) x (b + M0) / (b + M), g = per_micro / (m W), peaks at
+    M* = sqrt(a b / g); the choice is the candidate (whole micro-batches on every rank) nearest
+    it from either side, whichever has more goodput."""
+    m, world, low, high = 8, 2, 16, 4096
+    got = goodput_batch(b, 16, m, world, low, high, overhead, per_micro)
+    best = math.sqrt(overhead * b * m * world / per_micro)
+    step = m * world
+    below, above = max(low, int(best // step) * step), math.ceil(best / step) * step
+
+    def value(batch):
+        return batch / (overhead + per_micro * math.ceil(batch / m / world)) * efficiency(b, 16, batch)
+
+    assert got in (below, above) and value(got) == max(value(below), value(above))
+    assert goodput_batch(b, 16, m, world, low, high, 0.0, per_micro) == low  # nothing to amortise: the smallest
+    assert goodput_batch(b, 16, m, world, low, 64, overhead, per_micro) <= 64
+
+
+def test_speed_is_read_from_every_ranks_figures():
+    s = Speed()
+    s.update([0.0, 0.0, 0.0, 0.0], 2, 32, 100)  # no figures yet
+    assert s.overhead is None
+    # two ranks, 3 and 2 micro-batches of 0.1 s each, steps of 0.4 s: the busiest does 0.3 s of passes
+    s.update([0.8, 0.5, 5.0, 2.0], 2, 40, 100)
+    assert s.per_micro == pytest.approx(0.1) and s.overhead == pytest.approx(0.1)
+    s.update([0.8, 0.5, 5.0, 2.0], 3, 40, 100)  # a third rank joined: two ranks' figures of a step at 2, started over
+    assert s.world == 3 and s.overhead is None
+
+
+def test_goodput_decides_from_the_measured_speed():
+    raw = adaptive_job(
+        **{
+            "batch.global_batch_size": 16,
+            "batch.micro_batch_size": 8,
+            "batch.adaptive": {"max": 256, "goodput": True, "every_samples": 64},
+        }
+    )
+    a = AdaptiveBatch(validate_spec(raw))
+    samples = 0
+    moved = None
+    for _ in range(10):  # per micro-batch 0.01 s, 0.1 s more per step; B_simple 400
+        samples += 16
+        moved = a.observe(samples, 16, 2, (400.0, 1.0), [2 * 0.12, 2 * 0.01, 2.0, 2.0]) or moved
+    assert moved is not None and moved.global_batch_size == goodput_batch(400.0, 16, 8, 2, 16, 256, 0.1, 0.01)
+    assert moved.global_batch_size > 16
+
+
 # ---------------------------------------------------------------- decisions as phases
 
 
@@ -220,9 +283,14 @@ def test_decisions_merge_into_the_jobs_phases():
             "raise batch.adaptive.min to 32",
         ),
         (
-            {"tune": {"interval_samples": 96, "search": {"optimizer.lr": {"scale": "log", "low": 1e-4, "high": 1e-2}}}},
-            "tune = mode pbt",
-            "remove batch.adaptive",
+            {"tune": {"interval_samples": 96, "search": {"batch.global_batch_size": {"scale": "choice", "choices": [24, 48]}}}},
+            "tune.search.batch.global_batch_size = searched",
+            "search batch.adaptive.fraction or batch.adaptive.max instead",
+        ),
+        (
+            {"tune": {"mode": "wsd_branches", "budgets": [480]}, "schedule": {"name": "wsd"}},
+            "tune.mode = wsd_branches",
+            "use tune.mode: pbt",
         ),
         ({"batch.adaptive.lr_scaling": "cubic"}, "batch.adaptive.lr_scaling = 'cubic'", "use one of the listed values"),
     ],
@@ -232,16 +300,31 @@ def test_what_an_adaptive_batch_cannot_do_is_refused_with_the_fix(changes, field
     assert field in msg and fix in msg, msg
 
 
-def test_a_rule_without_its_parameters_exits_2_naming_them(tmp_path, capsys):
+@pytest.mark.parametrize("missing", ["fraction", "every_samples", "max"])
+def test_a_rule_without_its_parameters_exits_2_naming_them(tmp_path, capsys, missing):
     import yaml
 
     raw = adaptive_job()
-    del raw["batch"]["adaptive"]["fraction"], raw["batch"]["adaptive"]["every_samples"]
+    del raw["batch"]["adaptive"][missing]
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
     assert main(["validate", str(tmp_path / "job.yaml")]) == 2
     err = capsys.readouterr()
     text = err.out + err.err
-    assert "batch.adaptive.fraction" in text and "batch.adaptive.every_samples" in text and "Traceback" not in text
+    assert f"batch.adaptive.{missing} = " in text and "fix:" in text and "Traceback" not in text
+
+
+def test_searching_the_rule_needs_the_rule():
+    raw = minimal(tune={"interval_samples": 96, "search": {"batch.adaptive.fraction": {"scale": "log", "low": 0.1, "high": 1}}})
+    msg = spec_problems(raw)
+    assert "tune.search.batch.adaptive.fraction = searched" in msg and "add batch.adaptive" in msg
+
+
+def test_goodput_takes_no_fraction():
+    raw = adaptive_job(**{"batch.adaptive.goodput": True})
+    msg = spec_problems(raw)
+    assert "batch.adaptive.fraction = 1.0" in msg and "remove fraction, or goodput" in msg
+    del raw["batch"]["adaptive"]["fraction"]
+    assert validate_spec(raw).batch.adaptive.goodput
 
 
 def test_the_default_lr_rule_follows_the_optimizer():
@@ -250,3 +333,50 @@ def test_the_default_lr_rule_follows_the_optimizer():
     assert lr_rule(validate_spec(adaptive_job())) == "sqrt"
     assert lr_rule(validate_spec(adaptive_job(optimizer={"name": "sgd", "lr": 0.1}))) == "linear"
     assert lr_rule(validate_spec(adaptive_job(**{"batch.adaptive.lr_scaling": "adascale"}))) == "adascale"
+
+
+# ---------------------------------------------------------------- a search member's adaptive batch
+
+
+def test_a_member_changes_its_batch_only_at_boundaries_to_batches_that_divide_them():
+    from elastune.train.adaptive import aligned
+
+    assert aligned(50, 8, 16, 256, 960) == 48  # 960's divisors among 16, 24, ..., 256: 16, 24, 32, 40, 48, 64, 80, 96, ...
+    assert aligned(56, 8, 16, 256, 960) == 48  # 56 and 72 do not divide it: 48 and 64 are nearest, the smaller on a tie
+    assert aligned(500, 8, 16, 256, 960) == 240
+    spec = validate_spec(adaptive_job(**{"batch.global_batch_size": 24, "stop": {"max_samples": 2880}}))
+    a = AdaptiveBatch(spec, boundaries=(960, 1920, 2880))
+    history = feed(a, lambda s: 30 + s / 10, 110, np.random.default_rng(3))
+    assert a.decisions and all(d.from_samples in (960, 1920) for d in a.decisions)
+    assert all(960 % d.global_batch_size == 0 for d in a.decisions)
+    assert all(s % 960 == 0 for s, _ in history if s in (960, 1920)) and {960, 1920} <= {s for s, _ in history}
+
+
+def test_a_member_follows_its_values_and_its_history_replays():
+    """The population's values (a searched fraction and peak lr) rebase the member's phases; the
+    best lineage's spec (tune.population.replay_spec) trains the batches and lrs it did."""
+    from elastune.tune.population import member_spec, replay_spec
+
+    raw = validate_spec(
+        adaptive_job(
+            **{
+                "batch.global_batch_size": 24,
+                "stop": {"max_samples": 2880},
+                "tune": {"interval_samples": 960, "search": {"batch.adaptive.fraction": {"scale": "log", "low": 0.5, "high": 2}}},
+            }
+        )
+    ).to_dict()
+    first = {"optimizer.lr": 0.001, "batch.global_batch_size": 24, "batch.adaptive.fraction": 1.0}
+    later = {"optimizer.lr": 0.002, "batch.global_batch_size": 24, "batch.adaptive.fraction": 0.5}
+    member = validate_spec(member_spec(raw, first))
+    assert member.batch.adaptive.fraction == 1.0 and member.tune is None
+    a = AdaptiveBatch(member, base=member, boundaries=(960, 1920, 2880))
+    a.decisions = [Decision(960, 48, math.sqrt(2), 51.0)]
+    trains = a.rebase(validate_spec(member_spec(raw, later)))
+    assert a.a.fraction == 0.5 and {p.from_samples: p.lr for p in trains.phases} == {960: pytest.approx(0.002 * math.sqrt(2))}
+    history = [{"from_samples": 0, "values": first}, {"from_samples": 1920, "values": later}]
+    replay = validate_spec(replay_spec(raw, history, [[960, 48, math.sqrt(2), 51.0]]))
+    assert replay.batch.adaptive is None and replay.name == "t-best"
+    assert replay.batches.at(959) == 24 and replay.batches.at(960) == 48 and replay.batches.at(2000) == 48
+    phase = {p.from_samples: p for p in replay.phases}
+    assert phase[960].lr == pytest.approx(0.001 * math.sqrt(2)) and phase[1920].lr == pytest.approx(0.002 * math.sqrt(2))

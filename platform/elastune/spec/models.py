@@ -174,11 +174,17 @@ class AdaptiveBatchSpec(Strict):
         le=MAX_BATCH,
         description="Smallest global batch (a multiple of micro_batch_size); default: batch.global_batch_size.",
     )
-    fraction: float = Field(
+    fraction: float | None = Field(
+        None,
         gt=0,
         le=1024,
-        description="The target batch is fraction x B_simple, the smoothed simple gradient noise scale (McCandlish et al. "
-        "take the critical batch to be about B_simple: fraction 1).",
+        description="The noise-scale rule (required unless goodput): the target batch is fraction x B_simple, the "
+        "smoothed simple gradient noise scale (McCandlish et al. take the critical batch to be about B_simple: fraction 1).",
+    )
+    goodput: bool = Field(
+        False,
+        description="The goodput rule instead (Pollux): the batch with the most progress per second at the current world "
+        "size, measured throughput x statistical efficiency (B_simple + B0) / (B_simple + B).",
     )
     every_samples: int = Field(
         ge=1, le=MAX_SAMPLES, description="At most one change per this many samples; none before the first such span."
@@ -199,6 +205,20 @@ class AdaptiveBatchSpec(Strict):
     @property
     def smoothing(self) -> int:
         return self.smoothing_samples or self.every_samples
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> AdaptiveBatchSpec:
+        if self.goodput and self.fraction is not None:
+            raise ValueError(
+                f"fraction ({self.fraction}) is the noise-scale rule's and goodput (true) chooses by goodput; remove "
+                f"fraction, or goodput"
+            )
+        if not self.goodput and self.fraction is None:
+            raise ValueError(
+                "fraction (missing) sets the noise-scale rule's target, fraction x B_simple; add fraction (e.g. 1.0), or "
+                "set goodput: true"
+            )
+        return self
 
 
 class BatchSpec(Strict):
@@ -358,6 +378,15 @@ class JobSpec(Strict):
         self._check_phases()
         self._check_fsdp()
         self._check_adaptive()
+        if (
+            self.tune is not None
+            and self.batch.adaptive is None
+            and (searched := [p for p in self.tune.search if p.startswith("batch.adaptive.")])
+        ):
+            raise ValueError(
+                f"tune.search.{searched[0]} (searched) is a setting of batch.adaptive, which this job does not have; add "
+                f"batch.adaptive (docs/adaptive-batch.md) or remove it from the search"
+            )
         if self.eval is not None and self.data.source is not None and self.data.eval_fraction is None:
             raise ValueError(
                 "eval needs held-out documents, but data.eval_fraction is not set, so the dataset prepared from data.source "
@@ -456,11 +485,15 @@ class JobSpec(Strict):
                 f"scale needs at least 2 per step and each of scaling.max_workers ({self.scaling.max_workers}) at least "
                 f"one; raise {blamed} to {max(2, self.scaling.max_workers) * m}"
             )
-        if self.tune is not None:
+        if self.tune is not None and self.tune.mode == "wsd_branches":
             raise ValueError(
-                f"tune (mode {self.tune.mode}) cannot search a job with batch.adaptive (a member's batch would follow "
-                f"its own noise scale between the population's decisions); remove batch.adaptive, or search "
-                f"batch.global_batch_size"
+                "tune.mode (wsd_branches) forks decay branches of one fixed-batch trunk; remove batch.adaptive, or use "
+                "tune.mode: pbt"
+            )
+        if self.tune is not None and "batch.global_batch_size" in self.tune.search:
+            raise ValueError(
+                "tune.search.batch.global_batch_size (searched) sets the batch, which batch.adaptive chooses; search "
+                "batch.adaptive.fraction or batch.adaptive.max instead"
             )
 
     def _check_phases(self) -> None:

@@ -17,6 +17,8 @@ SEARCHABLE = {
     "schedule.decay_fraction": "WSD decay fraction (wsd only)",
     "schedule.min_lr_ratio": "final lr / peak lr (cosine, linear, wsd, rex)",
     "batch.global_batch_size": "global batch (choices; lr follows tune.lr_scaling)",
+    "batch.adaptive.fraction": "an adaptive batch's target, fraction x the noise scale (batch.adaptive)",
+    "batch.adaptive.max": "an adaptive batch's largest batch (scale int or choice; batch.adaptive)",
 }
 
 

@@ -108,14 +108,30 @@ def run_worker(config: dict[str, Any]) -> None:
     progress, restored = restore(service, ckpt, state, keep_partial=live)
     member = MemberWorker(MemberLink(**job.member), job.service_name, job.run_dir) if job.member else None
     trains = spec if member is None else member.spec_at(progress.samples_seen)  # a search member's own values (train.member)
-    adaptive = AdaptiveBatch(spec, restored.get("adaptive")) if spec.batch.adaptive else None  # its batch history so far
-    trains = adaptive.trains if adaptive is not None else trains
+    adaptive = None
+    if spec.batch.adaptive is not None:  # its batch history so far; a member's changes only at its boundaries
+        boundaries = member.link.boundaries if member is not None else None
+        adaptive = AdaptiveBatch(spec, restored.get("adaptive"), trains, boundaries)
+        trains = adaptive.trains
+
+    def taken(manifest: Manifest) -> Progress:  # another's state loaded (a live peer's, a donor's): its batch history too
+        nonlocal trains
+        if adaptive is not None:
+            trains = adaptive.restore(manifest.meta.get("adaptive"))
+        return progress_of(manifest)
 
     def load(handle: dict[str, Any] | None) -> tuple[Progress, int | None]:  # a donor's state, at a search member's boundary
         if handle is not None:
-            return progress_of(load_snapshot(handle, state)[0]), 0
-        mine, found = restore(service, ckpt, state)
+            return taken(load_snapshot(handle, state)[0]), 0
+        mine, found = restore(service, ckpt, state)  # the clone of the donor's, in this member's root
+        if adaptive is not None:
+            adaptive.restore(found.get("adaptive"))
         return mine, found.get("resumed_from_tier")
+
+    def follow(told: JobSpec | None) -> None:  # a member's values from its boundary on
+        nonlocal trains
+        if told is not None:
+            trains = adaptive.rebase(told) if adaptive is not None else told
 
     if not live or ray.get(sink.claim.remote("start")):  # a live group's replacements only join
         first = step_values(trains, progress.samples_seen).global_batch_size
@@ -135,15 +151,8 @@ def run_worker(config: dict[str, Any]) -> None:
 
     if member is not None and member.due(progress.samples_seen):  # restarted at a boundary: its decision first
         told, progress, met = member.meet(progress, restored.get("boundary_report"), load)
-        trains = told or trains
+        follow(told)
         report.emit(met)
-
-    def heal(manifest: Manifest) -> Progress:  # a live worker behind takes its peers' state, batch history included
-        nonlocal trains
-        if adaptive is not None:
-            adaptive.restore(manifest.meta.get("adaptive"))
-            trains = adaptive.trains
-        return progress_of(manifest)
 
     group: Group
     if live:
@@ -155,7 +164,7 @@ def run_worker(config: dict[str, Any]) -> None:
             service,
             header,
             lambda: (progress, state_pieces(state)),
-            lambda found: heal(load_snapshot(found, state)[0]),
+            lambda found: taken(load_snapshot(found, state)[0]),
             progress,
             spec.scaling.gpus_per_worker > 0,
         )
@@ -187,6 +196,7 @@ def run_worker(config: dict[str, Any]) -> None:
         reduce=group.reduce,
         before_reduce=lambda: faults.at(progress.step + 1, "mid"),
         evaluation=evaluation_of(spec),
+        timed=spec.batch.adaptive is not None and spec.batch.adaptive.goodput,
     )
     budget = spec.budget_samples
     while progress.samples_seen < budget:
@@ -199,6 +209,7 @@ def run_worker(config: dict[str, Any]) -> None:
         started, started_at = time.perf_counter(), time.time()
         faults.at(progress.step + 1, "start")
         stats.offer = pace.offer()  # travels in the step's statistics: every rank agrees on the interval
+        stats.speed_offer = adaptive.offer if adaptive is not None else stats.speed_offer  # goodput's figures, alike
         if grads is None:
             result = fsdp_step(step, state, stats, plan, rank, progress)
         else:
@@ -210,10 +221,13 @@ def run_worker(config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - started
         row = metrics_row(progress, result, lr, plan, seconds)
         report.committed(row, plan)
-        if adaptive is not None and adaptive.observe(progress.samples_seen, plan.global_batch_size, result.noise):
-            trains = adaptive.trains  # the next step trains the new batch
-            report.emit(adaptive.event(progress.step, plan.global_batch_size))
-        boundary = member.after(row, step, rank, world, sharded) if member is not None else None  # its report there
+        if adaptive is not None:
+            adaptive.timed(seconds, result.busy_seconds, len(plan.for_rank(rank)))
+            if adaptive.observe(progress.samples_seen, plan.global_batch_size, world, result.noise, stats.speed.tolist()):
+                trains = adaptive.trains  # the next step trains the new batch
+                report.emit(adaptive.event(progress.step, plan.global_batch_size))
+        batches = adaptive.history() if adaptive is not None else None
+        boundary = member.after(row, step, rank, world, sharded, batches) if member is not None else None  # its report
         # A search member's boundary becomes durable once the population has decided (tune.coordinator).
         durable = progress.samples_seen >= budget or (progress.step % c.every_steps == 0 and boundary is None)
         if report.memory_due:  # after the first step: the optimizer's state exists from then on
@@ -237,7 +251,7 @@ def run_worker(config: dict[str, Any]) -> None:
             snapshots.wait()  # the boundary's state is with the service before the population hears of it
             report.flush(wait=True)  # and the interval's rows with the run's sink (the driver writes them on its next drain)
             told, progress, met = member.meet(progress, boundary, load)
-            trains = told or trains
+            follow(told)
             report.emit(met)
             if met.stop:
                 break

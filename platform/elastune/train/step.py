@@ -8,6 +8,7 @@ whatever the split. A rank with no micro-batch contributes zeros but still joins
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -36,6 +37,7 @@ class StepResult:
     noise: tuple[float, float] | None = None  # metrics.noise.noise_estimates of this step: (tr(Sigma), |G|^2)
     loss_scale: float | None = None  # fp16: the scale this step ran with
     eval_loss: float | None = None  # held-out loss of the parameters the step started from, if it evaluated
+    busy_seconds: float | None = None  # this rank's forward and backward passes (StepContext.timed)
 
     @property
     def skipped(self) -> bool:
@@ -48,19 +50,24 @@ class StepStats:
     sums a rank adds to): [tally count, sum, hashed sum of the samples read; sum of micro-batch
     |g_b|^2, sum of 1/b, micro-batches (the noise scale); loss sum; snapshot pace: cost seconds,
     step seconds, ranks offering them (checkpoint.interval); held-out evaluation: loss sum, windows
-    (train.evaluate)]. `offer`: this rank's pace figures, carried by the next step."""
+    (train.evaluate); speed: step seconds, busy seconds, micro-batches, ranks offering them
+    (train.adaptive's goodput)]. `offer`, `speed_offer`: this rank's figures of its previous
+    step, carried by the next one, so every rank reads back the same sums."""
 
     def __init__(self, device: torch.device):
-        self.stats = torch.zeros(12, dtype=torch.float64, device=device)
+        self.stats = torch.zeros(16, dtype=torch.float64, device=device)
         self.tally, self.norms, self.loss = self.stats[:3], self.stats[3:6], self.stats[6:7]
-        self.pace, self.evals = self.stats[7:10], self.stats[10:12]
+        self.pace, self.evals, self.speed = self.stats[7:10], self.stats[10:12], self.stats[12:16]
         self.offer: tuple[float, float, float] = (0.0, 0.0, 0.0)
+        self.speed_offer: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 
     def zero(self) -> None:
-        """Start a step: nothing summed yet but this rank's `offer`."""
+        """Start a step: nothing summed yet but this rank's offers."""
         self.stats.zero_()
         if any(self.offer):
             self.pace.copy_(torch.tensor(self.offer, dtype=torch.float64))
+        if any(self.speed_offer):
+            self.speed.copy_(torch.tensor(self.speed_offer, dtype=torch.float64))
 
     def add_loss(self, loss_sum: torch.Tensor) -> None:
         self.loss += loss_sum.to(torch.float64)
@@ -262,6 +269,7 @@ class StepContext:
     reduce: Callable[[StepStats], bool] = lambda stats: stats.all_reduce()  # a GradBuffer's reduces its gradients too
     before_reduce: Callable[[], None] | None = None
     evaluation: Evaluation | None = None  # held-out evaluation, at the steps it is due
+    timed: bool = False  # time this rank's forward and backward passes (StepResult.busy_seconds)
 
 
 def open_step(
@@ -302,6 +310,7 @@ def train_step(
     autocast = AUTOCAST[ctx.precision]
     batch_of = open_step(ctx, grads, plan, rank, at, device)
     micro_batches = plan.for_rank(rank)
+    started = time.perf_counter()
     for mb in micro_batches:
         last = mb is micro_batches[-1]
         batch = batch_of(mb)
@@ -316,6 +325,11 @@ def train_step(
         if grads.sums is not None and not last:
             grads.fold(mb.size, G, S)
     grads.close(micro_batches[-1].size if micro_batches else None, G, S)
+    busy = None
+    if ctx.timed:
+        if device.type == "cuda":  # kernels run asynchronously: the passes end when the device is done with them
+            torch.cuda.synchronize(device)
+        busy = time.perf_counter() - started
     if ctx.before_reduce is not None:
         ctx.before_reduce()
     if not ctx.reduce(grads):
@@ -327,7 +341,7 @@ def train_step(
         found_inf = unscale_and_check(grads.flats, S)
         scaler.update(found_inf)
         if found_inf:  # every rank holds the same reduced bytes, so every rank skips
-            return StepResult(loss=loss, grad_norm=None, tally=counts, loss_scale=S, eval_loss=eval_loss)
+            return StepResult(loss=loss, grad_norm=None, tally=counts, loss_scale=S, eval_loss=eval_loss, busy_seconds=busy)
     norm = torch.nn.utils.get_total_norm([p.grad for p in grads.params if p.grad is not None], foreach=True)
     if ctx.grad_clip_norm is not None:
         torch.nn.utils.clip_grads_with_norm_(grads.params, ctx.grad_clip_norm, norm, foreach=True)
@@ -337,5 +351,11 @@ def train_step(
         sum_sq, sum_inv_b, count = grads.norms.tolist()
         noise = noise_estimates(sum_sq, sum_inv_b, int(count), float(norm) ** 2, G)
     return StepResult(
-        loss=loss, grad_norm=float(norm), tally=counts, noise=noise, loss_scale=None if scaler is None else S, eval_loss=eval_loss
+        loss=loss,
+        grad_norm=float(norm),
+        tally=counts,
+        noise=noise,
+        loss_scale=None if scaler is None else S,
+        eval_loss=eval_loss,
+        busy_seconds=busy,
     )

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from elastune.train.adaptive import lr_factor
+
 Scale = Literal["linear", "log", "int", "choice"]
 
 
@@ -102,6 +104,5 @@ def explore(
 
 def scaled_lr(lr: float, old_batch: int, new_batch: int, rule: Literal["linear", "sqrt", "none"]) -> float:
     """The learning rate after the global batch changes from `old_batch` to `new_batch`: linear
-    (SGD: lr grows with the batch), sqrt (Adam: with its square root) or none."""
-    ratio = new_batch / old_batch
-    return lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
+    (SGD: lr grows with the batch), sqrt (Adam: with its square root) or none (train.adaptive's rules)."""
+    return lr * lr_factor(rule, old_batch, new_batch)

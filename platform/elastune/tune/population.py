@@ -23,6 +23,8 @@ from elastune.spec.load import validate_spec
 from elastune.spec.models import JobSpec
 from elastune.spec.schedule import SCHEDULES
 from elastune.spec.tune import TuneSpec
+from elastune.train.adaptive import Decision as Decision_
+from elastune.train.adaptive import with_decisions
 from elastune.tune.pbt import Dimension, exploit_pairs, explore, scaled_lr
 
 ALWAYS = ("optimizer.lr", "batch.global_batch_size")  # tied by tune.lr_scaling, so always tracked
@@ -138,6 +140,9 @@ def member_spec(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
         if section == "schedule":
             if key in SCHEDULES[family].model_fields and value is not None:
                 schedule[key] = value
+        elif section == "batch" and key.startswith("adaptive."):  # batch.adaptive.fraction, ...
+            if out["batch"].get("adaptive") is not None:  # JobSpec refuses searching it without the section
+                out["batch"]["adaptive"][key.split(".", 1)[1]] = value
         else:
             out[section][key] = value
     out["schedule"] = schedule
@@ -179,9 +184,12 @@ def decide(
     return out
 
 
-def replay_spec(raw: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+def replay_spec(raw: dict[str, Any], history: list[dict[str, Any]], batches: Sequence[Sequence[Any]] = ()) -> dict[str, Any]:
     """A job spec that trains a lineage's whole `history` from scratch: its first values as the
-    job's own, each later change as a `phases` entry (JobSpec.phases)."""
+    job's own, each later change as a `phases` entry (JobSpec.phases). With batch.adaptive,
+    `batches` is the lineage's batch history (train.adaptive decisions as BatchChange.history
+    holds them, the best member's at the end): merged in as phases, the rule off."""
+    adaptive = raw["batch"].get("adaptive") is not None
     out = member_spec(raw, history[0]["values"])
     out["name"] = f"{raw['name']}-best"
     out["checkpoint"].pop("path", None)  # its own checkpoints, under output_dir/<name>/
@@ -194,13 +202,16 @@ def replay_spec(raw: dict[str, Any], history: list[dict[str, Any]]) -> dict[str,
                 "from_samples": entry["from_samples"],
                 "lr": spec["optimizer"]["lr"],
                 "weight_decay": spec["optimizer"].get("weight_decay", 0.0),
-                "global_batch_size": spec["batch"]["global_batch_size"],
                 "schedule": schedule,
+                **({} if adaptive else {"global_batch_size": spec["batch"]["global_batch_size"]}),
             }
         )
     out["phases"] = phases
+    if adaptive:  # the batch is the rule's: its decisions along the lineage, as phases
+        merged = with_decisions(JobSpec.model_validate({**out, "phases": phases}), [Decision_(*b[:4]) for b in batches])
+        return {**merged.to_dict(), "name": out["name"], "checkpoint": out["checkpoint"]}
     if (
-        any(p["global_batch_size"] != out["batch"]["global_batch_size"] for p in phases)
+        any(p.get("global_batch_size", out["batch"]["global_batch_size"]) != out["batch"]["global_batch_size"] for p in phases)
         and out["stop"].get("max_steps") is not None
     ):
         out["stop"] = {"max_samples": JobSpec.model_validate(raw).budget_samples}  # a changing batch needs a budget in samples
@@ -208,8 +219,10 @@ def replay_spec(raw: dict[str, Any], history: list[dict[str, Any]]) -> dict[str,
 
 
 def _get(raw: dict[str, Any], path: str) -> Any:
-    section, key = path.split(".", 1)
-    return raw.get(section, {}).get(key)
+    node: Any = raw
+    for key in path.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
 
 
 def _native(value: Any) -> Any:

@@ -179,6 +179,7 @@ class Population:
                 "fitness": score if score is not None and math.isfinite(score) else math.inf,
                 "loss": result.get("loss"),
                 "eval_loss": result.get("eval_loss"),
+                "batch_history": result.get("batch_history"),  # batch.adaptive: its decisions so far
                 "run_dirs": list(m.runs),
                 "error": not result,
                 "arrived_at": result.get("arrived_at"),
@@ -217,11 +218,12 @@ class Population:
             self.done = True
         elif self.generation == len(self.ends) - 1:
             best, self.done = self.members[order[0]], True
+            last = next(s for s in reversed(self.lineage["segments"]) if s["member"] == best.id)
             self.lineage["best"] = {
                 "member": best.id,
                 "fitness": scores[best.id],
                 "history": best.history,
-                "spec": replay_spec(self.plan.raw, best.history),
+                "spec": replay_spec(self.plan.raw, best.history, last.get("batch_history") or ()),
             }
         else:
             exploits = decide(self.members, scores, end, self.plan.tune, self.rng)
