@@ -215,9 +215,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"  {low.describe()}")
     if high.world_size != low.world_size:
         print(f"  {high.describe()}")
+    a = spec.batch.adaptive
+    steps = (
+        f"at most {spec.max_steps} steps (the batch adapts, {a.min or spec.batch.global_batch_size} to {a.max})"
+        if a is not None and not a.decrease
+        else "a number of steps the adaptive batch decides"
+        if a is not None
+        else f"{spec.max_steps} steps"
+    )
     print(
-        f"  stops after {spec.max_steps} steps ({spec.budget_samples:,} samples); "
-        f"schedule {spec.schedule.name} over {spec.horizon_samples:,} samples"
+        f"  stops after {spec.budget_samples:,} samples, {steps}; schedule {spec.schedule.name} over "
+        f"{spec.horizon_samples:,} samples"
     )
     return EXIT_OK
 

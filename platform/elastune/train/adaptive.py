@@ -268,15 +268,15 @@ class AdaptiveBatch:
             self.offer = (step_seconds, busy_seconds, float(micro_batches), 1.0)
 
     def observe(
-        self, samples: int, batch: int, world: int, estimates: tuple[float, float] | None, speed: list[float] | None = None
+        self, samples: int, batch: int, world: int, estimates: tuple[float, float] | None, speed: Any = None
     ) -> Decision | None:
         """After a step of `batch` samples at `world` workers that ended at `samples`, with its
-        noise estimates and the reduced `speed` figures of the step before (goodput): the change
-        from there on, if the rule makes one."""
+        noise estimates and the reduced `speed` figures of the step before (goodput; a tensor or
+        a list, read only then): the change from there on, if the rule makes one."""
         a = self.a
         self.noise.update(estimates, batch, a.smoothing)
         if a.goodput and speed is not None:
-            self.speed.update(speed, world, batch, a.smoothing)
+            self.speed.update(speed.tolist() if hasattr(speed, "tolist") else list(speed), world, batch, a.smoothing)
         since = self.decisions[-1].from_samples if self.decisions else 0
         b = self.noise.b_simple
         if samples - since < a.every_samples or b is None or samples >= self.job.budget_samples:

@@ -209,7 +209,8 @@ def run_worker(config: dict[str, Any]) -> None:
         started, started_at = time.perf_counter(), time.time()
         faults.at(progress.step + 1, "start")
         stats.offer = pace.offer()  # travels in the step's statistics: every rank agrees on the interval
-        stats.speed_offer = adaptive.offer if adaptive is not None else stats.speed_offer  # goodput's figures, alike
+        if adaptive is not None:  # goodput's figures of this rank's previous step, summed alike on every rank
+            stats.speed_offer = adaptive.offer
         if grads is None:
             result = fsdp_step(step, state, stats, plan, rank, progress)
         else:
@@ -223,7 +224,7 @@ def run_worker(config: dict[str, Any]) -> None:
         report.committed(row, plan)
         if adaptive is not None:
             adaptive.timed(seconds, result.busy_seconds, len(plan.for_rank(rank)))
-            if adaptive.observe(progress.samples_seen, plan.global_batch_size, world, result.noise, stats.speed.tolist()):
+            if adaptive.observe(progress.samples_seen, plan.global_batch_size, world, result.noise, stats.speed):
                 trains = adaptive.trains  # the next step trains the new batch
                 report.emit(adaptive.event(progress.step, plan.global_batch_size))
         batches = adaptive.history() if adaptive is not None else None
