@@ -319,6 +319,15 @@ def test_searching_the_rule_needs_the_rule():
     assert "tune.search.batch.adaptive.fraction = searched" in msg and "add batch.adaptive" in msg
 
 
+def test_max_steps_on_the_command_line_is_refused_for_an_adaptive_job(tmp_path, capsys):
+    import yaml
+
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(adaptive_job()))
+    assert main(["run", str(tmp_path / "job.yaml"), "--max-steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-steps (5) cannot stop a job with batch.adaptive" in err and "lower stop.max_samples" in err
+
+
 def test_goodput_takes_no_fraction():
     raw = adaptive_job(**{"batch.adaptive.goodput": True})
     msg = spec_problems(raw)

@@ -138,8 +138,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.max_steps is not None:
         # Stopping early must not bend the schedule: it keeps spanning the spec's own budget, so a
         # run cut short and resumed later follows the same lr curve as one that never stopped.
-        horizon = load_spec(args.job).horizon_samples
-        overrides |= {"stop.max_steps": args.max_steps, "stop.max_samples": None, "schedule.horizon_samples": horizon}
+        job = load_spec(args.job)
+        if job.batch.adaptive is not None:
+            from elastune.errors import SpecError
+
+            raise SpecError(
+                f"--max-steps ({args.max_steps}) cannot stop a job with batch.adaptive: its steps depend on the batches "
+                f"it chooses; lower stop.max_samples in the spec instead (keep schedule.horizon_samples at "
+                f"{job.horizon_samples} so the schedule does not bend)"
+            )
+        overrides |= {"stop.max_steps": args.max_steps, "stop.max_samples": None, "schedule.horizon_samples": job.horizon_samples}
     spec = load_spec(args.job, overrides)
     # torch and Ray are imported only once the spec is known good: a mistake is told in a moment.
     from rich.console import Console
