@@ -66,7 +66,7 @@ def test_every_recording_rule_and_template_variable_returns_series(scraped):
 
 def test_the_report_renders_its_plots_in_headless_chromium(observed, chromium, tmp_path):
     dom = report_in_chromium(chromium, observed[1].run_dir, tmp_path)
-    assert dom.count("<svg") == 4 and "fault: kill rank 1 at step 7" in dom
+    assert dom.count("<svg") == 5 and "fault: kill rank 1 at step 7" in dom  # with the batch and noise scale plot
 
 
 def test_runs_ls_lists_the_run_with_its_failure(observed):
