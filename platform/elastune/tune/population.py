@@ -23,7 +23,7 @@ from elastune.spec.load import validate_spec
 from elastune.spec.models import JobSpec
 from elastune.spec.schedule import SCHEDULES
 from elastune.spec.tune import TuneSpec
-from elastune.train.adaptive import Decision as Decision_
+from elastune.train.adaptive import Decision as BatchDecision
 from elastune.train.adaptive import with_decisions
 from elastune.tune.pbt import Dimension, exploit_pairs, explore, scaled_lr
 
@@ -208,7 +208,7 @@ def replay_spec(raw: dict[str, Any], history: list[dict[str, Any]], batches: Seq
         )
     out["phases"] = phases
     if adaptive:  # the batch is the rule's: its decisions along the lineage, as phases
-        merged = with_decisions(JobSpec.model_validate({**out, "phases": phases}), [Decision_(*b[:4]) for b in batches])
+        merged = with_decisions(JobSpec.model_validate({**out, "phases": phases}), [BatchDecision(*b[:4]) for b in batches])
         return {**merged.to_dict(), "name": out["name"], "checkpoint": out["checkpoint"]}
     if (
         any(p.get("global_batch_size", out["batch"]["global_batch_size"]) != out["batch"]["global_batch_size"] for p in phases)
