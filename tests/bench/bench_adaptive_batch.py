@@ -115,21 +115,11 @@ def reach(curve: list, target: float) -> tuple | None:
 
 def quadratic() -> None:
     import numpy as np
-    from tests.unit.test_adaptive_batch import adaptive_job, feed
+    from tests.unit.test_adaptive_batch import feed, rising_noise_scale
 
     from elastune.train.adaptive import AdaptiveBatch
 
-    spec = validate_spec(
-        adaptive_job(
-            **{
-                "batch.global_batch_size": 32,
-                "batch.micro_batch_size": 8,
-                "batch.adaptive": {"max": 512, "fraction": 1.0, "every_samples": 2000, "smoothing_samples": 2000},
-                "stop": {"max_samples": 200_000},
-            }
-        )
-    )
-    b_true = lambda s: 40 + 360 * min(1.0, s / 120_000)  # noqa: E731
+    spec, b_true = rising_noise_scale()
     for seed in range(8):
         a = AdaptiveBatch(spec)
         history = feed(a, b_true, 800, np.random.default_rng(seed), dim=200)

@@ -31,14 +31,8 @@ ADAPTIVE = {"max": 96, "fraction": 1.0, "every_samples": 48}
 
 
 def adaptive_job(**changes):
-    raw = minimal(**{"batch.adaptive": dict(ADAPTIVE), "stop": {"max_samples": 2400}})
-    for dotted, value in changes.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return raw
+    """`minimal`'s job with an adaptive batch and a budget in samples, then `changes` (dotted keys)."""
+    return minimal(**({"batch.adaptive": dict(ADAPTIVE), "stop": {"max_samples": 2400}} | changes))
 
 
 # ---------------------------------------------------------------- the rules, in closed form
@@ -114,13 +108,9 @@ def feed(adaptive: AdaptiveBatch, b_true, steps: int, rng, dim: int = 20, start:
     return out
 
 
-def test_the_batch_tracks_a_known_critical_batch():
-    """B_simple rises from 40 to 400 over the run (a loss falling); fraction 1 must follow it:
-    from 20,000 samples on (ten smoothing spans), the batch within 20 % of fraction x B_simple.
-    What bounds the error: the lag of averages over 2,000 samples behind a rising value, the
-    rounding to micro-batches of 8, and the estimates' own noise, which an upward-only rule
-    ratchets on (over 8 seeds -13 % to +10 %: tests/bench/bench_adaptive_batch.py --quadratic;
-    with 1,000-sample averages in 20 dimensions, +80 %: the smoothing must span enough steps)."""
+def rising_noise_scale():
+    """The problem whose critical batch is known: B_simple rising 40 -> 400 over 120,000 samples,
+    and a job whose batch follows it (fraction 1, 32 -> 512, changes and averages over 2,000)."""
     spec = validate_spec(
         adaptive_job(
             **{
@@ -131,8 +121,18 @@ def test_the_batch_tracks_a_known_critical_batch():
             }
         )
     )
+    return spec, lambda s: 40 + 360 * min(1.0, s / 120_000)
+
+
+def test_the_batch_tracks_a_known_critical_batch():
+    """B_simple rises from 40 to 400 over the run (a loss falling); fraction 1 must follow it:
+    from 20,000 samples on (ten smoothing spans), the batch within 20 % of fraction x B_simple.
+    What bounds the error: the lag of averages over 2,000 samples behind a rising value, the
+    rounding to micro-batches of 8, and the estimates' own noise, which an upward-only rule
+    ratchets on (over 8 seeds -13 % to +10 %: tests/bench/bench_adaptive_batch.py --quadratic;
+    with 1,000-sample averages in 20 dimensions, +80 %: the smoothing must span enough steps)."""
+    spec, b_true = rising_noise_scale()
     adaptive = AdaptiveBatch(spec)
-    b_true = lambda s: 40 + 360 * min(1.0, s / 120_000)  # noqa: E731
     history = feed(adaptive, b_true, 800, np.random.default_rng(0), dim=200)
     assert len(adaptive.decisions) >= 4
     checked = 0

@@ -289,8 +289,8 @@ class AdaptiveBatch:
         if target is None or target == batch or (target < batch and not a.decrease):
             return None
         factor = lr_factor(self.rule, self.job.batch.global_batch_size, target, b)
-        s = self.speed if a.goodput else Speed()
-        decision = Decision(samples, target, factor, b, s.overhead, s.per_micro)
+        figures = (self.speed.overhead, self.speed.per_micro) if a.goodput else (None, None)
+        decision = Decision(samples, target, factor, b, *figures)
         self.decisions.append(decision)
         self.trains = with_decisions(self.base, self.decisions)
         return decision

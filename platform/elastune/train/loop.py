@@ -227,7 +227,7 @@ def run_worker(config: dict[str, Any]) -> None:
             if adaptive.observe(progress.samples_seen, plan.global_batch_size, world, result.noise, stats.speed):
                 trains = adaptive.trains  # the next step trains the new batch
                 report.emit(adaptive.event(progress.step, plan.global_batch_size))
-        batches = adaptive.history() if adaptive is not None else None
+        batches = adaptive.history if adaptive is not None else None
         boundary = member.after(row, step, rank, world, sharded, batches) if member is not None else None  # its report
         # A search member's boundary becomes durable once the population has decided (tune.coordinator).
         durable = progress.samples_seen >= budget or (progress.step % c.every_steps == 0 and boundary is None)

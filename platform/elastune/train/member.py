@@ -67,12 +67,18 @@ class MemberWorker:
         return samples in self.link.boundaries
 
     def after(
-        self, row: Row, step: StepContext, rank: int, world: int, sharded: bool, batches: list[Any] | None = None
+        self,
+        row: Row,
+        step: StepContext,
+        rank: int,
+        world: int,
+        sharded: bool,
+        batches: Callable[[], list[Any]] | None = None,
     ) -> dict[str, Any] | None:
         """After each step (its metrics `row`): at a boundary, this member's report there (the
         same on every rank): the interval's steps as [samples_seen, global batch, loss], the
         held-out loss if the search ranks by it, where its checkpoint service and run directory
-        are, and an adaptive batch's history to here (`batches`); else None."""
+        are, and an adaptive batch's history to here (`batches()`, asked there only); else None."""
         self.rows.append(row)
         if not self.due(row.samples_seen):
             return None
@@ -83,7 +89,7 @@ class MemberWorker:
             "eval_loss": held_out_loss(step, rank, world, sharded) if self.link.held_out else None,
             "service": self.service,
             "run_dir": self.run_dir,
-            "batch_history": batches,
+            "batch_history": batches() if batches is not None else None,
         }
 
     def meet(

@@ -140,9 +140,8 @@ def member_spec(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
         if section == "schedule":
             if key in SCHEDULES[family].model_fields and value is not None:
                 schedule[key] = value
-        elif section == "batch" and key.startswith("adaptive."):  # batch.adaptive.fraction, ...
-            if out["batch"].get("adaptive") is not None:  # JobSpec refuses searching it without the section
-                out["batch"]["adaptive"][key.split(".", 1)[1]] = value
+        elif section == "batch" and key.startswith("adaptive."):  # batch.adaptive.fraction, ... (JobSpec: the section exists)
+            out["batch"]["adaptive"][key.split(".", 1)[1]] = value
         else:
             out[section][key] = value
     out["schedule"] = schedule
